@@ -1,0 +1,16 @@
+// Device and dtype choices shared by every command.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <string>
+
+namespace longlora {
+
+// "auto" | "cpu" | "cuda": auto picks CUDA when a device is present.
+torch::Device pick_device(const std::string& name);
+// "auto" (bf16 on GPU, fp32 on CPU) | "fp32" | "bf16" | "fp16".
+torch::ScalarType pick_dtype(const std::string& name, const torch::Device& device);
+std::string dtype_string(torch::ScalarType t);
+
+}  // namespace longlora

@@ -1,0 +1,14 @@
+// Filesystem helpers that must not go through std::filesystem::remove_all: PyPI's
+// libtorch.so exports its own copy of the libstdc++fs symbols, the binary binds to
+// it, and that copy crashes removing a non-empty directory (seen with torch 2.11).
+#pragma once
+
+#include <string>
+
+namespace longlora {
+
+// rm -rf: removes `path` and everything below it; a missing path is fine.
+// Returns false (errno set) when something could not be removed.
+bool remove_tree(const std::string& path);
+
+}  // namespace longlora

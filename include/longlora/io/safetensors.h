@@ -1,0 +1,93 @@
+// safetensors: 8-byte little-endian header length, a JSON header
+// {"name": {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}},
+// then the raw bytes. Reader memory-maps the file and validates every entry;
+// writer writes one tensor at a time (streaming) and is used by export and
+// checkpoints. No torch here: torch views are made in io/tensors.h.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace longlora::io {
+
+enum class DType { F32, F16, BF16, I64, I32 };
+
+// Throws longlora::Error (naming `file` and `tensor`) for dtypes we do not take.
+DType parse_dtype(const std::string& s, const std::string& file, const std::string& tensor);
+const char* dtype_name(DType d);
+size_t dtype_size(DType d);
+
+struct TensorInfo {
+  std::string name;
+  DType dtype;
+  std::vector<int64_t> shape;
+  const void* data = nullptr;  // into the mapping
+  size_t nbytes = 0;
+  int64_t numel() const;
+};
+
+// A memory-mapped, validated safetensors file.
+class SafetensorsFile {
+ public:
+  explicit SafetensorsFile(const std::string& path);
+  ~SafetensorsFile();
+  SafetensorsFile(const SafetensorsFile&) = delete;
+  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
+
+  const std::string& path() const { return path_; }
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  const std::vector<TensorInfo>& tensors() const { return tensors_; }
+  bool contains(const std::string& name) const;
+  const TensorInfo& get(const std::string& name) const;  // Error if missing
+
+ private:
+  void release();
+  std::string path_;
+  void* map_ = nullptr;
+  size_t map_size_ = 0;
+  std::map<std::string, std::string> metadata_;
+  std::vector<TensorInfo> tensors_;
+  std::map<std::string, size_t> index_;
+};
+
+// A checkpoint directory or file: one model.safetensors, or shards listed in
+// model.safetensors.index.json. Files stay mapped while this object lives.
+class SafetensorsCheckpoint {
+ public:
+  // `path` is a directory (index.json or model.safetensors inside) or a file.
+  explicit SafetensorsCheckpoint(const std::string& path);
+  std::vector<std::string> names() const;  // sorted
+  bool contains(const std::string& name) const;
+  const TensorInfo& get(const std::string& name) const;
+  const SafetensorsFile& file_of(const std::string& name) const;
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  std::vector<std::shared_ptr<SafetensorsFile>> files_;
+  std::map<std::string, std::shared_ptr<SafetensorsFile>> where_;
+};
+
+// Streaming writer: the header is computed from the declared entries first, then
+// each tensor's bytes are produced by its callback, in order, straight to disk.
+struct TensorToWrite {
+  std::string name;
+  DType dtype;
+  std::vector<int64_t> shape;
+  // Writes exactly numel*dtype_size bytes through `sink`.
+  std::function<void(const std::function<void(const void*, size_t)>& sink)> write;
+};
+
+// Writes `path` (through path + ".tmp" and a rename). Errors name the file.
+void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                       const std::map<std::string, std::string>& metadata = {});
+
+// Byte size of one tensor entry.
+size_t tensor_nbytes(DType dtype, const std::vector<int64_t>& shape);
+
+}  // namespace longlora::io

@@ -1,0 +1,31 @@
+// torch views of safetensors entries (zero-copy; the mapping stays alive as long
+// as any view does), and the safetensors writer fed from torch tensors.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "longlora/io/safetensors.h"
+
+namespace longlora::io {
+
+torch::ScalarType to_torch_dtype(DType d);
+DType from_torch_dtype(torch::ScalarType t, const std::string& what);
+
+// A read-only CPU view of the entry. `owner` is kept alive by the view.
+torch::Tensor view_tensor(const TensorInfo& t, std::shared_ptr<const void> owner);
+
+// Opens a checkpoint and returns every tensor as a view (keeps the files mapped).
+std::map<std::string, torch::Tensor> load_tensors(const std::string& path);
+
+// Writes named tensors (any device, contiguous-ified one at a time) to `path`.
+void save_tensors(const std::string& path,
+                  const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                  const std::map<std::string, std::string>& metadata = {{"format", "pt"}});
+
+}  // namespace longlora::io

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs what longlora-train needs on Debian 12 or Ubuntu 24.04 (idempotent;
+# as root or with sudo): the distribution's packages, and LibTorch through
+# PyPI's torch wheel in .venv/ inside the project -- unless LIBTORCH_DIR points
+# at a LibTorch of your own (an unzipped LibTorch, or torch's share/cmake dir).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+PKGS=(build-essential cmake pkg-config git python3 python3-venv
+      libsentencepiece-dev sentencepiece nlohmann-json3-dev libcli11-dev
+      libspdlog-dev libfmt-dev libgtest-dev)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+
+if [ -n "${LIBTORCH_DIR:-}" ]; then
+  echo "install-deps: using LibTorch at $LIBTORCH_DIR"
+  exit 0
+fi
+
+TORCH_SPEC="${TORCH_SPEC:-torch==2.11.*}"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+  if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
+    # PyPI's Linux wheel is the CUDA 13 build: the kernels compile against it.
+    .venv/bin/pip install --progress-bar off "$TORCH_SPEC"
+  else
+    # No CUDA toolkit: a CUDA LibTorch cannot be configured without one; take the CPU wheel.
+    .venv/bin/pip install --progress-bar off "$TORCH_SPEC" --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+.venv/bin/python -c 'import torch; print("install-deps: torch", torch.__version__, "cuda", torch.version.cuda)'

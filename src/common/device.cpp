@@ -1,0 +1,35 @@
+#include "longlora/common/device.h"
+
+#include "longlora/common/error.h"
+
+namespace longlora {
+
+torch::Device pick_device(const std::string& name) {
+  if (name == "cpu") return torch::kCPU;
+  if (name == "cuda") {
+    if (!torch::cuda::is_available()) throw Error("device: cuda requested but no CUDA device is available");
+    return torch::Device(torch::kCUDA, 0);
+  }
+  if (name == "auto")
+    return torch::cuda::is_available() ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
+  throw Error("device: '" + name + "' is unknown (expected auto, cpu or cuda)");
+}
+
+torch::ScalarType pick_dtype(const std::string& name, const torch::Device& device) {
+  if (name == "auto") return device.is_cuda() ? torch::kBFloat16 : torch::kFloat32;
+  if (name == "fp32") return torch::kFloat32;
+  if (name == "bf16") return torch::kBFloat16;
+  if (name == "fp16") return torch::kFloat16;
+  throw Error("dtype: '" + name + "' is unknown (expected auto, fp32, bf16 or fp16)");
+}
+
+std::string dtype_string(torch::ScalarType t) {
+  switch (t) {
+    case torch::kFloat32: return "fp32";
+    case torch::kBFloat16: return "bf16";
+    case torch::kFloat16: return "fp16";
+    default: return c10::toString(t);
+  }
+}
+
+}  // namespace longlora

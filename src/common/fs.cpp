@@ -1,0 +1,22 @@
+#include "longlora/common/fs.h"
+
+#include <ftw.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+
+namespace longlora {
+
+bool remove_tree(const std::string& path) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) return errno == ENOENT;
+  if (!S_ISDIR(st.st_mode)) return ::unlink(path.c_str()) == 0;
+  // Depth-first (FTW_DEPTH) so directories are empty when removed; no symlink following.
+  return ::nftw(path.c_str(),
+                [](const char* p, const struct stat*, int, struct FTW*) { return std::remove(p); },
+                64, FTW_DEPTH | FTW_PHYS) == 0;
+}
+
+}  // namespace longlora

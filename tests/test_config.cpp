@@ -1,0 +1,130 @@
+// Run config and model config.json: validation names the file, key and expectation.
+#include <nlohmann/json.hpp>
+
+#include "longlora/common/error.h"
+#include "longlora/io/hf_config.h"
+#include "longlora/train/config.h"
+#include "test_util.h"
+
+using namespace longlora;
+using nlohmann::json;
+
+namespace {
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+}  // namespace
+
+TEST(RunConfig, DefaultsAreLongLoRAsRecipe) {
+  train::RunConfig c;
+  EXPECT_EQ(c.lora.r, 8);
+  EXPECT_EQ(c.lora.alpha, 16);
+  EXPECT_EQ(c.lora.dropout, 0.0);
+  EXPECT_EQ(c.lora.targets, (std::vector<std::string>{"q_proj", "k_proj", "v_proj", "o_proj"}));
+  EXPECT_EQ(c.trainable_params, "embed,norm");
+  EXPECT_EQ(c.attention.group_ratio, 0.25);
+  EXPECT_EQ(c.train.lr, 2e-5);
+  EXPECT_EQ(c.train.weight_decay, 0.0);
+  EXPECT_EQ(c.train.warmup_steps, 20);
+  EXPECT_EQ(c.train.scheduler, "constant_with_warmup");
+  EXPECT_EQ(c.train.optimizer, "adamw");
+}
+
+TEST(RunConfig, ErrorsNameFileKeyAndExpectation) {
+  auto e = error_of([] { train::parse_run_config(json::parse(R"({"lora": {"rnk": 4}})"), "my.json"); });
+  EXPECT_EQ(e, "my.json: lora.rnk: unknown key");
+  e = error_of([] { train::parse_run_config(json::parse(R"({"lora": {"r": "eight"}})"), "my.json"); });
+  EXPECT_NE(e.find("my.json: lora.r: expected an integer"), std::string::npos) << e;
+  e = error_of([] { train::parse_run_config(json::parse(R"({"lora": {"r": 0}})"), "my.json"); });
+  EXPECT_NE(e.find("lora.r: expected an integer >= 1"), std::string::npos) << e;
+  e = error_of([] { train::parse_run_config(json::parse(R"({"attention": {"group_ratio": 1.5}})"), "c.json"); });
+  EXPECT_NE(e.find("c.json: attention.group_ratio"), std::string::npos) << e;
+  e = error_of([] { train::parse_run_config(json::parse(R"({"train": {"scheduler": "step"}})"), "c.json"); });
+  EXPECT_NE(e.find("train.scheduler: expected one of constant_with_warmup | cosine | linear"), std::string::npos) << e;
+  e = error_of([] { train::parse_run_config(json::parse(R"({"lora": {"targets": ["q_proj", "qkv"]}})"), "c.json"); });
+  EXPECT_NE(e.find("lora.targets"), std::string::npos) << e;
+  e = error_of([] { train::parse_run_config(json::parse(R"({"lora": 3})"), "c.json"); });
+  EXPECT_NE(e.find("c.json: lora: expected an object"), std::string::npos) << e;
+}
+
+TEST(RunConfig, OverridesUseTheSameValidation) {
+  train::RunConfig c;
+  train::apply_override(c, "lora.r=16");
+  train::apply_override(c, "attention.shift_mode=roll");
+  train::apply_override(c, "lora.targets=[\"q_proj\",\"v_proj\"]");
+  EXPECT_EQ(c.lora.r, 16);
+  EXPECT_EQ(c.attention.shift_mode, "roll");
+  EXPECT_EQ(c.lora.targets.size(), 2u);
+  EXPECT_NE(error_of([&] { train::apply_override(c, "lora.r=abc"); }).find("--set lora.r: expected an integer"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { train::apply_override(c, "lora.rank=4"); }).find("--set lora.rank: unknown key"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { train::apply_override(c, "lora.r"); }).find("key.path=value"), std::string::npos);
+}
+
+TEST(RunConfig, JsonRoundTripAndReference) {
+  train::RunConfig c;
+  c.lora.r = 4;
+  c.data.train = "x.bin";
+  auto back = train::parse_run_config(train::to_json(c), "roundtrip");
+  EXPECT_EQ(train::to_json(back), train::to_json(c));
+  EXPECT_NE(train::config_reference().find("`lora.r`"), std::string::npos);
+}
+
+TEST(RunConfig, CliDryRunAndErrors) {
+  const auto dir = testutil::temp_dir("cfg-cli");
+  testutil::write_file(dir + "/ok.json", R"({"model": {"path": "m"}, "data": {"train": "d.bin", "seq_len": 64}})");
+  auto r = testutil::run_cli("--config " + dir + "/ok.json --set lora.r=4 --dry-run");
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto j = json::parse(r.out);
+  EXPECT_EQ(j["lora"]["r"], 4);
+  EXPECT_EQ(j["data"]["seq_len"], 64);
+  testutil::write_file(dir + "/bad.json", R"({"train": {"lr": -1}})");
+  r = testutil::run_cli("--config " + dir + "/bad.json --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("bad.json: train.lr"), std::string::npos) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  r = testutil::run_cli("--config " + dir + "/ok.json --set data.seq_len=100 --dry-run");
+  EXPECT_EQ(r.code, 1);  // 100 * 1/4 = 25: odd group
+  EXPECT_NE(r.err.find("attention.group_ratio"), std::string::npos) << r.err;
+  r = testutil::run_cli("--version");
+  EXPECT_EQ(r.code, 0);
+  EXPECT_NE(r.out.find("longlora-train"), std::string::npos);
+}
+
+TEST(ModelConfig, BothRopeForms) {
+  auto base = json::parse(R"({"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "model_type": "llama"})");
+  auto j4 = base;
+  j4["rope_theta"] = 500000.0;
+  j4["rope_scaling"] = {{"type", "linear"}, {"factor", 8.0}};
+  auto c4 = io::parse_model_config(j4, "c4");
+  EXPECT_EQ(c4.rope_factor, 8.0);
+  EXPECT_EQ(c4.rope_theta, 500000.0);
+  EXPECT_EQ(c4.head_dim, 16);
+  auto j5 = base;
+  j5["rope_parameters"] = {{"rope_type", "linear"}, {"factor", 4.0}, {"rope_theta", 1e6}};
+  auto c5 = io::parse_model_config(j5, "c5");
+  EXPECT_EQ(c5.rope_factor, 4.0);
+  EXPECT_EQ(c5.rope_theta, 1e6);
+  auto j6 = base;
+  j6["rope_parameters"] = {{"rope_type", "yarn"}, {"factor", 4.0}};
+  EXPECT_NE(error_of([&] { io::parse_model_config(j6, "c6.json"); }).find("c6.json: rope_parameters.rope_type"),
+            std::string::npos);
+  auto j7 = base;
+  j7["attention_bias"] = true;
+  EXPECT_NE(error_of([&] { io::parse_model_config(j7, "c7.json"); }).find("c7.json: attention_bias"),
+            std::string::npos);
+  auto j8 = base;
+  j8["model_type"] = "mistral";
+  EXPECT_NE(error_of([&] { io::parse_model_config(j8, "c8.json"); }).find("model_type"), std::string::npos);
+  auto j9 = base;
+  j9.erase("hidden_size");
+  EXPECT_NE(error_of([&] { io::parse_model_config(j9, "c9.json"); }).find("c9.json: hidden_size: missing"),
+            std::string::npos);
+}

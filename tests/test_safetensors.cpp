@@ -1,0 +1,175 @@
+// safetensors reader/writer: round trip, and every malformed file is a one-line
+// error naming the file and the tensor.
+#include <nlohmann/json.hpp>
+
+#include "longlora/common/error.h"
+#include "longlora/io/safetensors.h"
+#include "longlora/model/loader.h"
+#include "test_util.h"
+
+using namespace longlora;
+
+namespace {
+
+// A file with the given header JSON text and `data_bytes` bytes of data.
+std::string make_file(const std::string& dir, const std::string& name, const std::string& header,
+                      size_t data_bytes, int64_t declared_len = -1) {
+  std::string s;
+  const uint64_t n = declared_len >= 0 ? static_cast<uint64_t>(declared_len) : header.size();
+  for (int i = 0; i < 8; ++i) s.push_back(static_cast<char>((n >> (8 * i)) & 0xff));
+  s += header;
+  s.append(data_bytes, '\0');
+  const std::string path = dir + "/" + name;
+  testutil::write_file(path, s);
+  return path;
+}
+
+void expect_error(const std::string& path, const std::vector<std::string>& needles) {
+  try {
+    io::SafetensorsFile f(path);
+    FAIL() << "accepted malformed " << path;
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_EQ(msg.find('\n'), std::string::npos) << "not one line: " << msg;
+    EXPECT_NE(msg.find(path), std::string::npos) << msg;
+    for (const auto& n : needles) EXPECT_NE(msg.find(n), std::string::npos) << "'" << n << "' not in: " << msg;
+  }
+}
+
+}  // namespace
+
+TEST(Safetensors, RoundTripAllDtypes) {
+  const auto dir = testutil::temp_dir("st-roundtrip");
+  std::vector<std::pair<std::string, torch::Tensor>> ts = {
+      {"a", torch::randn({3, 5})},
+      {"b", torch::randn({7}).to(torch::kBFloat16)},
+      {"c", torch::randn({2, 2, 2}).to(torch::kFloat16)},
+      {"d", torch::arange(10, torch::kInt64)},
+      {"e", torch::randn({4, 6}).t()}};  // non-contiguous input is written contiguous
+  io::save_tensors(dir + "/x.safetensors", ts, {{"format", "pt"}});
+  io::SafetensorsFile f(dir + "/x.safetensors");
+  EXPECT_EQ(f.metadata().at("format"), "pt");
+  auto back = io::load_tensors(dir + "/x.safetensors");
+  for (auto& [n, t] : ts) {
+    ASSERT_TRUE(back.count(n));
+    EXPECT_EQ(back[n].scalar_type(), t.scalar_type()) << n;
+    EXPECT_TRUE(torch::equal(back[n], t)) << n;
+  }
+}
+
+TEST(Safetensors, ReadsTheGoldenShardedCheckpoint) {
+  io::SafetensorsCheckpoint c(testutil::golden("tiny-llama/model"));
+  EXPECT_EQ(c.names().size(), 21u);
+  EXPECT_EQ(c.get("model.embed_tokens.weight").shape, (std::vector<int64_t>{512, 64}));
+}
+
+TEST(SafetensorsMalformed, Truncated) {
+  const auto dir = testutil::temp_dir("st-trunc");
+  testutil::write_file(dir + "/t.safetensors", "abc");
+  expect_error(dir + "/t.safetensors", {"truncated"});
+}
+
+TEST(SafetensorsMalformed, HeaderLengthPastEnd) {
+  const auto dir = testutil::temp_dir("st-hlen");
+  expect_error(make_file(dir, "h.safetensors", "{}", 0, 1000), {"header length 1000"});
+}
+
+TEST(SafetensorsMalformed, BadJson) {
+  const auto dir = testutil::temp_dir("st-json");
+  expect_error(make_file(dir, "j.safetensors", "{\"a\": [", 0), {"bad JSON"});
+}
+
+TEST(SafetensorsMalformed, OffsetsOutOfBounds) {
+  const auto dir = testutil::temp_dir("st-oob");
+  expect_error(make_file(dir, "o.safetensors",
+                         R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", 8),
+               {"tensor 'w'", "out of bounds"});
+}
+
+TEST(SafetensorsMalformed, OverlappingTensors) {
+  const auto dir = testutil::temp_dir("st-overlap");
+  expect_error(make_file(dir, "v.safetensors",
+                         R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                         R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12),
+               {"tensor 'b'", "overlaps tensor 'a'"});
+}
+
+TEST(SafetensorsMalformed, ShapeTimesDtypeMismatch) {
+  const auto dir = testutil::temp_dir("st-size");
+  expect_error(make_file(dir, "s.safetensors",
+                         R"({"w":{"dtype":"BF16","shape":[3,3],"data_offsets":[0,16]}})", 16),
+               {"tensor 'w'", "18 bytes", "16"});
+}
+
+TEST(SafetensorsMalformed, DuplicateNames) {
+  const auto dir = testutil::temp_dir("st-dup");
+  expect_error(make_file(dir, "d.safetensors",
+                         R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+                         R"("w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8),
+               {"tensor 'w'", "duplicate"});
+}
+
+TEST(SafetensorsMalformed, UnsupportedDtype) {
+  const auto dir = testutil::temp_dir("st-dtype");
+  expect_error(make_file(dir, "u.safetensors",
+                         R"({"w":{"dtype":"F64","shape":[1],"data_offsets":[0,8]}})", 8),
+               {"tensor 'w'", "F64"});
+}
+
+TEST(SafetensorsMalformed, MissingTensorInIndexAndModel) {
+  // A shard that lacks a tensor its index lists; then a model missing a weight.
+  const auto dir = testutil::temp_dir("st-missing");
+  io::save_tensors(dir + "/part.safetensors", {{"a", torch::zeros({2})}});
+  testutil::write_file(dir + "/model.safetensors.index.json",
+                       R"({"weight_map": {"a": "part.safetensors", "b": "part.safetensors"}})");
+  try {
+    io::SafetensorsCheckpoint c(dir);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("tensor 'b'"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("part.safetensors"), std::string::npos) << e.what();
+  }
+  // A model directory whose checkpoint lacks lm_head.weight.
+  const auto mdir = testutil::temp_dir("st-missing-model");
+  std::filesystem::copy(testutil::golden("tiny-llama/model/config.json"), mdir + "/config.json");
+  auto all = io::load_tensors(testutil::golden("tiny-llama/model"));
+  std::vector<std::pair<std::string, torch::Tensor>> keep;
+  for (auto& [n, t] : all)
+    if (n != "lm_head.weight") keep.emplace_back(n, t);
+  io::save_tensors(mdir + "/model.safetensors", keep);
+  try {
+    model::load_model(mdir, {});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("tensor 'lm_head.weight'"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("missing"), std::string::npos) << e.what();
+  }
+}
+
+TEST(SafetensorsMalformed, WrongShapeForConfig) {
+  const auto mdir = testutil::temp_dir("st-shape-model");
+  std::filesystem::copy(testutil::golden("tiny-llama/model/config.json"), mdir + "/config.json");
+  auto all = io::load_tensors(testutil::golden("tiny-llama/model"));
+  all["model.norm.weight"] = torch::ones({32});
+  std::vector<std::pair<std::string, torch::Tensor>> v(all.begin(), all.end());
+  io::save_tensors(mdir + "/model.safetensors", v);
+  try {
+    model::load_model(mdir, {});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("tensor 'model.norm.weight'"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("[32]"), std::string::npos) << e.what();
+  }
+}
+
+TEST(SafetensorsMalformed, CliReportsOneLineAndNonZeroExit) {
+  const auto dir = testutil::temp_dir("st-cli");
+  std::filesystem::copy(testutil::golden("tiny-llama/model/config.json"), dir + "/config.json");
+  make_file(dir, "model.safetensors", "{\"a\": [", 0);
+  auto r = testutil::run_cli("eval --model " + dir + " --data " + testutil::golden("tiny-llama/eval.bin") +
+                             " --seq-len 16");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("model.safetensors"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("bad JSON"), std::string::npos) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+}

@@ -1,0 +1,68 @@
+// Helpers shared by the tests: golden data, tensor comparison, running the binary.
+#pragma once
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <string>
+
+#include "longlora/common/fs.h"
+#include "longlora/io/tensors.h"
+
+namespace testutil {
+
+inline std::string data(const std::string& rel) { return std::string(LONGLORA_TEST_DATA) + "/" + rel; }
+inline std::string golden(const std::string& rel) { return data("golden/" + rel); }
+
+inline std::map<std::string, torch::Tensor> load(const std::string& path) {
+  return longlora::io::load_tensors(path);
+}
+
+inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  return (a.to(torch::kCPU, torch::kFloat64) - b.to(torch::kCPU, torch::kFloat64)).abs().max().item<double>();
+}
+
+// A fresh empty directory under the system temp dir.
+inline std::string temp_dir(const std::string& name) {
+  auto p = std::filesystem::temp_directory_path() /
+           ("longlora-test-" + name + "-" + std::to_string(::getpid()));
+  longlora::remove_tree(p.string());  // not std::filesystem::remove_all: see common/fs.h
+  std::filesystem::create_directories(p);
+  return p.string();
+}
+
+inline void write_file(const std::string& path, const std::string& content) {
+  std::ofstream(path, std::ios::binary) << content;
+}
+
+struct RunResult {
+  int code = -1;
+  std::string out;  // stdout
+  std::string err;  // stderr
+};
+
+// Runs the longlora-train binary with `args` (shell-quoted by the caller).
+inline RunResult run_cli(const std::string& args) {
+  static int n = 0;
+  const auto errf = std::filesystem::temp_directory_path() /
+                    ("longlora-stderr-" + std::to_string(::getpid()) + "-" + std::to_string(n++));
+  const std::string cmd = std::string(LONGLORA_BINARY) + " " + args + " 2>" + errf.string();
+  RunResult r;
+  FILE* p = ::popen(cmd.c_str(), "r");
+  std::array<char, 4096> buf{};
+  size_t got;
+  while ((got = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), got);
+  const int status = ::pclose(p);
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  std::ifstream e(errf);
+  r.err.assign((std::istreambuf_iterator<char>(e)), std::istreambuf_iterator<char>());
+  std::filesystem::remove(errf);
+  return r;
+}
+
+}  // namespace testutil
