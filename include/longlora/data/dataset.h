@@ -1,0 +1,57 @@
+// Training rows of seq_len tokens with per-position targets (-1 = not counted):
+//   tokens/text: documents (BOS first) joined with EOS and cut into rows; targets
+//                are the next token inside the row (the last position has none);
+//   sft:         LongAlpaca/Alpaca records {instruction, input?, output}, one per
+//                row: BOS + prompt + output + EOS, loss only on output and EOS,
+//                right-padded (padding never counted), truncated to seq_len.
+// Deterministic order: a Fisher-Yates permutation per epoch from the seed.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace longlora::data {
+
+class Tokenizer;
+
+struct Row {
+  std::vector<int32_t> ids, targets;  // both seq_len long
+};
+
+struct SftRecord {
+  std::string instruction, input, output;
+};
+
+// LongLoRA's prompt (Alpaca's template): with or without an input.
+std::string sft_prompt(const SftRecord& r);
+// Records of a .json (array) or .jsonl file; errors name the record / line.
+std::vector<SftRecord> read_sft_records(const std::string& path);
+
+class Dataset {
+ public:
+  // format: auto | tokens | text | sft.
+  Dataset(const std::string& path, const std::string& format, int64_t seq_len,
+          const Tokenizer* tok, int64_t vocab_size);
+  int64_t size() const { return n_rows_; }
+  int64_t seq_len() const { return seq_len_; }
+  const std::string& kind() const { return kind_; }
+  // The row at absolute position `cursor` of the endless shuffled sequence.
+  Row row_at(int64_t cursor, bool shuffle, uint64_t seed) const;
+
+ private:
+  Row row(int64_t i) const;
+  std::string kind_;
+  int64_t seq_len_ = 0, n_rows_ = 0;
+  int32_t pad_id_ = 0;
+  std::vector<int32_t> stream_;                         // tokens/text
+  std::vector<std::vector<int32_t>> sft_ids_, sft_tgt_;  // sft
+  mutable int64_t perm_epoch_ = -1;                     // this epoch's order, cached
+  mutable uint64_t perm_seed_ = 0;
+  mutable std::vector<int64_t> perm_;
+};
+
+// A deterministic permutation of [0, n) for (seed, epoch).
+std::vector<int64_t> permutation(int64_t n, uint64_t seed, int64_t epoch);
+
+}  // namespace longlora::data

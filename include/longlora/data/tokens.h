@@ -1,0 +1,29 @@
+// Token streams for evaluation and pretraining-style data:
+//   .bin   raw little-endian uint16 token ids (LongLoRA's and nanoGPT's format)
+//   .txt   one document, tokenized with the model's tokenizer.model, BOS first
+//   .jsonl one JSON object per line with a "text" field, each document BOS + tokens
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace longlora::data {
+
+class Tokenizer;
+
+std::vector<int32_t> read_bin(const std::string& path);
+void write_bin(const std::string& path, const std::vector<int32_t>& ids);
+
+// Documents of a .txt (one) or .jsonl (one per line) file, with line numbers in errors.
+std::vector<std::string> read_documents(const std::string& path);
+
+// The whole file as one stream; .txt/.jsonl documents each start with BOS and,
+// when `eos_between` is set, documents are joined with EOS (packing for training).
+std::vector<int32_t> load_token_stream(const std::string& path, const Tokenizer* tok,
+                                       bool eos_between = false);
+
+// Windows for perplexity: starts 0, S, 2S, ... while start + L + 1 <= n.
+std::vector<int64_t> window_starts(int64_t n_tokens, int64_t seq_len, int64_t stride);
+
+}  // namespace longlora::data

@@ -1,0 +1,25 @@
+// Perplexity over a token stream with full attention: windows start at 0, S, 2S, ...
+// while start + L + 1 <= n; each feeds tokens[start, start+L) and predicts
+// tokens[start+1, start+L+1); loss = mean NLL over every prediction of every window.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "longlora/model/llama.h"
+
+namespace longlora::eval {
+
+struct PerplexityResult {
+  double loss = 0, perplexity = 0;
+  int64_t tokens = 0, windows = 0, seq_len = 0;
+};
+
+// `source` names the data in the error for a stream too short for one window.
+PerplexityResult perplexity(model::LlamaForCausalLMImpl& m, const std::vector<int32_t>& tokens,
+                            int64_t seq_len, int64_t stride, const std::string& source,
+                            int64_t loss_chunk = 2048);
+
+}  // namespace longlora::eval

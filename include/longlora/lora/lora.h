@@ -1,0 +1,46 @@
+// LoRA linear layer, named as Hugging Face and peft name things:
+//   <name>.weight           frozen base weight (out, in), stored dtype
+//   <name>.lora_A.weight    (r, in)   Kaiming-uniform(a=sqrt(5)) as peft
+//   <name>.lora_B.weight    (out, r)  zero: at step 0 the model is the base model
+// y = x W^T + scale * (dropout(x) A^T) B^T, scale = alpha / r. LoRA is applied as
+// (x A^T) B^T, never as a merged copy of W.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <string>
+#include <vector>
+
+namespace longlora::lora {
+
+struct LoraSpec {
+  bool enabled = true;
+  int64_t r = 8;
+  double alpha = 16;
+  double dropout = 0.0;
+  std::vector<std::string> targets{"q_proj", "k_proj", "v_proj", "o_proj"};
+  double scale() const { return alpha / static_cast<double>(r); }
+};
+
+// Holds one parameter called `weight` so state-dict keys read "lora_A.weight".
+struct FactorImpl : torch::nn::Module {
+  torch::Tensor weight;
+  explicit FactorImpl(torch::Tensor w) { weight = register_parameter("weight", std::move(w)); }
+};
+TORCH_MODULE(Factor);
+
+struct LinearImpl : torch::nn::Module {
+  LinearImpl(int64_t in_features, int64_t out_features);
+  // Adds lora_A/lora_B (fp32 master weights), A Kaiming-uniform and B zero.
+  void add_lora(int64_t r, double alpha, double dropout);
+  bool has_lora() const { return !lora_A.is_empty(); }
+  torch::Tensor forward(const torch::Tensor& x);
+
+  int64_t in_features, out_features;
+  torch::Tensor weight;  // filled by the loader or random init
+  Factor lora_A{nullptr}, lora_B{nullptr};
+  double scale = 0.0, dropout = 0.0;
+};
+TORCH_MODULE(Linear);
+
+}  // namespace longlora::lora

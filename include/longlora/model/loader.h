@@ -1,0 +1,44 @@
+// Building a LlamaForCausalLM from a Hugging Face checkpoint (or random weights
+// from a config.json alone), and applying peft adapters.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "longlora/io/adapter.h"
+#include "longlora/model/llama.h"
+
+namespace longlora::model {
+
+struct LoadOptions {
+  torch::Device device = torch::kCPU;
+  torch::ScalarType compute_dtype = torch::kFloat32;
+  std::optional<double> rope_factor;  // overrides config.json
+  bool random_init = false;           // weights from a seeded normal(0, 0.02), no safetensors
+  uint64_t seed = 0;
+  // Frozen weights are cast to this dtype on load when set (random init: the dtype
+  // to create them in). Unset: the stored dtype (bf16 checkpoints stay bf16).
+  std::optional<torch::ScalarType> weight_dtype;
+};
+
+// `dir` holds config.json and model.safetensors(.index.json). Every tensor the
+// model needs must be present with the right shape; unexpected ones are refused.
+LlamaForCausalLM load_model(const std::string& dir, const LoadOptions& opt);
+// Random weights from a config.json (for smoke tests and benchmarks).
+LlamaForCausalLM random_model(const io::ModelConfig& cfg, const LoadOptions& opt);
+
+// Adds LoRA (rank, alpha, dropout) to every Linear whose last name is in `targets`.
+void add_lora(LlamaForCausalLMImpl& m, const lora::LoraSpec& spec);
+
+// Applies a peft adapter directory: LoRA on its targets + its modules_to_save.
+// Returns the adapter's description (what it set).
+io::AdapterConfig apply_adapter(LlamaForCausalLMImpl& m, const std::string& dir);
+
+// Whether a parameter name belongs to a module listed in `modules` (peft's
+// modules_to_save / LongLoRA's "embed,norm" substring rule is in train/).
+bool is_module_to_save(const std::string& param_name, const std::vector<std::string>& modules);
+
+}  // namespace longlora::model

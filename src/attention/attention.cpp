@@ -1,0 +1,162 @@
+// S2-Attn reference (libtorch ops, autograd through them), the sdpa baseline and
+// the dispatch. The reference is the oracle the CUDA kernel is tested against.
+#include "longlora/attention/attention.h"
+
+#include <cmath>
+
+#include "longlora/common/error.h"
+
+namespace longlora::attention {
+
+using torch::indexing::Slice;
+
+Mode parse_mode(const std::string& s) {
+  if (s == "full") return Mode::Full;
+  if (s == "segments") return Mode::Segments;
+  if (s == "roll") return Mode::Roll;
+  throw Error("attention mode '" + s + "' is unknown (expected full, segments or roll)");
+}
+
+Backend parse_backend(const std::string& s) {
+  if (s == "auto") return Backend::Auto;
+  if (s == "reference") return Backend::Reference;
+  if (s == "sdpa") return Backend::Sdpa;
+  if (s == "kernel") return Backend::Kernel;
+  throw Error("attention backend '" + s + "' is unknown (expected auto, reference, sdpa, kernel)");
+}
+
+std::string to_string(Mode m) {
+  switch (m) {
+    case Mode::Full: return "full";
+    case Mode::Segments: return "segments";
+    case Mode::Roll: return "roll";
+  }
+  return "?";
+}
+
+std::string to_string(Backend b) {
+  switch (b) {
+    case Backend::Auto: return "auto";
+    case Backend::Reference: return "reference";
+    case Backend::Sdpa: return "sdpa";
+    case Backend::Kernel: return "kernel";
+  }
+  return "?";
+}
+
+int64_t check_s2_shape(int64_t H, int64_t Hkv, int64_t L, int64_t group, Mode mode) {
+  if (Hkv <= 0 || H % Hkv != 0)
+    throw Error("attention: " + std::to_string(H) + " query heads are not a multiple of " +
+                std::to_string(Hkv) + " kv heads");
+  if (mode == Mode::Full) return L;
+  if (group <= 0 || group > L)
+    throw Error("attention.group_ratio: S2 group size " + std::to_string(group) +
+                " must be in [1, seq_len " + std::to_string(L) + "]");
+  if (L % group != 0)
+    throw Error("attention.group_ratio: sequence length " + std::to_string(L) +
+                " is not a multiple of the S2 group size " + std::to_string(group));
+  if (group % 2 != 0)
+    throw Error("attention.group_ratio: S2 group size " + std::to_string(group) +
+                " is odd; the shift of half a group needs it even");
+  if (H % 2 != 0)
+    throw Error("attention: S2-Attn shifts half of the heads; " + std::to_string(H) +
+                " query heads is odd");
+  return group;
+}
+
+namespace {
+
+// Causal attention over the last-but-one dim of q,k,v (..., n, D); softmax in fp32.
+torch::Tensor causal_block(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  const int64_t n = q.size(-2);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
+  auto scores = torch::matmul(q, k.transpose(-2, -1)) * scale;
+  auto mask = torch::ones({n, n}, torch::dtype(torch::kBool).device(q.device())).triu(1);
+  scores = scores.masked_fill(mask, -std::numeric_limits<float>::infinity());
+  // Softmax in at least fp32 (as transformers), in fp64 for fp64 inputs.
+  auto p = torch::softmax(scores, -1, torch::promote_types(q.scalar_type(), torch::kFloat32))
+               .to(q.scalar_type());
+  return torch::matmul(p, v);
+}
+
+torch::Tensor sdpa_block(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  return at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/{}, /*dropout_p=*/0.0,
+                                          /*is_causal=*/true);
+}
+
+using Block = torch::Tensor (*)(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&);
+
+// Causal attention inside consecutive groups of G along L: (B, h, L, D).
+torch::Tensor grouped(Block f, const torch::Tensor& q, const torch::Tensor& k,
+                      const torch::Tensor& v, int64_t G) {
+  const auto B = q.size(0), h = q.size(1), L = q.size(2), D = q.size(3);
+  auto g = [&](const torch::Tensor& t) { return t.reshape({B, h, L / G, G, D}); };
+  return f(g(q), g(k), g(v)).reshape({B, h, L, D});
+}
+
+torch::Tensor s2(Block f, const torch::Tensor& q, torch::Tensor k, torch::Tensor v, Mode mode,
+                 int64_t group) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q, k, v must be 4-D");
+  const int64_t H = q.size(1), Hkv = k.size(1), L = q.size(2);
+  const int64_t G = check_s2_shape(H, Hkv, L, group, mode);
+  if (Hkv != H) {  // grouped-query: query head h reads kv head h / (H / Hkv)
+    k = k.repeat_interleave(H / Hkv, 1);
+    v = v.repeat_interleave(H / Hkv, 1);
+  }
+  // ratio 1 (G = L) is plain full causal attention in both modes, by definition.
+  if (mode == Mode::Full || G == L) return f(q, k, v);
+  const int64_t h2 = H / 2, half = G / 2;
+  auto lo = Slice(0, h2), hi = Slice(h2, H);
+  auto o1 = grouped(f, q.index({Slice(), lo}), k.index({Slice(), lo}), v.index({Slice(), lo}), G);
+  auto q2 = q.index({Slice(), hi}), k2 = k.index({Slice(), hi}), v2 = v.index({Slice(), hi});
+  torch::Tensor o2;
+  if (mode == Mode::Roll) {
+    auto r = [&](const torch::Tensor& t) { return t.roll(-half, 2); };
+    o2 = grouped(f, r(q2), r(k2), r(v2), G).roll(half, 2);
+  } else {
+    // Segments [0, G/2), [G/2, 3G/2), ..., [L - G/2, L).
+    auto seg = [&](const torch::Tensor& t, int64_t a, int64_t b) {
+      return t.index({Slice(), Slice(), Slice(a, b)});
+    };
+    auto first = f(seg(q2, 0, half), seg(k2, 0, half), seg(v2, 0, half));
+    auto last = f(seg(q2, L - half, L), seg(k2, L - half, L), seg(v2, L - half, L));
+    std::vector<torch::Tensor> parts{first};
+    if (L - G > 0)
+      parts.push_back(grouped(f, seg(q2, half, L - half), seg(k2, half, L - half),
+                              seg(v2, half, L - half), G));
+    parts.push_back(last);
+    o2 = torch::cat(parts, 2);
+  }
+  return torch::cat({o1, o2}, 1);
+}
+
+}  // namespace
+
+torch::Tensor attention_reference(const torch::Tensor& q, const torch::Tensor& k,
+                                  const torch::Tensor& v, Mode mode, int64_t group) {
+  return s2(&causal_block, q, k, v, mode, group);
+}
+
+torch::Tensor attention_sdpa(const torch::Tensor& q, const torch::Tensor& k,
+                             const torch::Tensor& v, Mode mode, int64_t group) {
+  return s2(&sdpa_block, q, k, v, mode, group);
+}
+
+torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                        const Options& opt) {
+  Backend b = opt.backend;
+  if (b == Backend::Auto) {
+    const bool kernel_ok = q.is_cuda() && kernel_compiled() &&
+                           (q.scalar_type() == torch::kBFloat16 ||
+                            q.scalar_type() == torch::kHalf) &&
+                           (q.size(3) == 64 || q.size(3) == 128);
+    b = kernel_ok ? Backend::Kernel : (q.is_cuda() ? Backend::Sdpa : Backend::Reference);
+  }
+  switch (b) {
+    case Backend::Kernel: return attention_kernel(q, k, v, opt.mode, opt.group);
+    case Backend::Sdpa: return attention_sdpa(q, k, v, opt.mode, opt.group);
+    default: return attention_reference(q, k, v, opt.mode, opt.group);
+  }
+}
+
+}  // namespace longlora::attention

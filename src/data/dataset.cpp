@@ -1,0 +1,178 @@
+#include "longlora/data/dataset.h"
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "longlora/common/error.h"
+#include "longlora/data/tokenizer.h"
+#include "longlora/data/tokens.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace longlora::data {
+
+std::string sft_prompt(const SftRecord& r) {
+  if (!r.input.empty())
+    return "Below is an instruction that describes a task, paired with an input that provides "
+           "further context. Write a response that appropriately completes the request.\n\n"
+           "### Instruction:\n" + r.instruction + "\n\n### Input:\n" + r.input + "\n\n### Response:";
+  return "Below is an instruction that describes a task. Write a response that appropriately "
+         "completes the request.\n\n### Instruction:\n" + r.instruction + "\n\n### Response:";
+}
+
+namespace {
+
+SftRecord parse_record(const json& j, const std::string& where) {
+  if (!j.is_object()) fail(where, "", "expected an object with instruction and output");
+  auto get = [&](const char* k, bool required) -> std::string {
+    if (!j.contains(k) || j[k].is_null()) {
+      if (required) fail(where, k, "missing");
+      return "";
+    }
+    if (!j[k].is_string()) fail(where, k, "must be a string");
+    return j[k].get<std::string>();
+  };
+  return {get("instruction", true), get("input", false), get("output", true)};
+}
+
+bool looks_like_sft(const std::string& path) {
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    try {
+      auto j = json::parse(line);
+      return j.is_object() && j.contains("instruction");
+    } catch (const json::exception&) {
+      return false;
+    }
+  }
+  return false;
+}
+
+}  // namespace
+
+std::vector<SftRecord> read_sft_records(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) fail(path, "", "cannot open");
+  std::vector<SftRecord> out;
+  if (fs::path(path).extension() == ".json") {
+    json j;
+    try {
+      in >> j;
+    } catch (const json::exception& e) {
+      fail(path, "", std::string("bad JSON: ") + e.what());
+    }
+    if (!j.is_array()) fail(path, "", "expected a JSON array of {instruction, input, output} records");
+    for (size_t i = 0; i < j.size(); ++i)
+      out.push_back(parse_record(j[i], path + ": record " + std::to_string(i)));
+    return out;
+  }
+  std::string line;
+  int64_t n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    const std::string where = path + ":" + std::to_string(n);
+    json j;
+    try {
+      j = json::parse(line);
+    } catch (const json::exception& e) {
+      fail(where, "", std::string("bad JSON: ") + e.what());
+    }
+    out.push_back(parse_record(j, where));
+  }
+  return out;
+}
+
+Dataset::Dataset(const std::string& path, const std::string& format, int64_t L,
+                 const Tokenizer* tok, int64_t vocab) : seq_len_(L) {
+  if (!fs::exists(path)) fail(path, "", "data file not found");
+  const std::string ext = fs::path(path).extension().string();
+  kind_ = format;
+  if (kind_ == "auto") {
+    if (ext == ".bin") kind_ = "tokens";
+    else if (ext == ".txt") kind_ = "text";
+    else if (ext == ".json") kind_ = "sft";
+    else if (ext == ".jsonl") kind_ = looks_like_sft(path) ? "sft" : "text";
+    else fail(path, "", "unknown data extension '" + ext + "' (expected .bin, .txt, .json or .jsonl)");
+  }
+  auto check_ids = [&](const std::vector<int32_t>& ids) {
+    for (auto id : ids)
+      if (id < 0 || id >= vocab)
+        fail(path, "", "token id " + std::to_string(id) + " outside the model's vocab of " +
+                           std::to_string(vocab));
+  };
+  if (kind_ == "tokens" || kind_ == "text") {
+    stream_ = kind_ == "tokens" ? read_bin(path) : load_token_stream(path, tok, /*eos_between=*/true);
+    check_ids(stream_);
+    n_rows_ = static_cast<int64_t>(stream_.size()) / L;
+    if (n_rows_ == 0)
+      fail(path, "", std::to_string(stream_.size()) + " tokens make no complete row of seq_len " +
+                         std::to_string(L));
+    return;
+  }
+  if (!tok) fail(path, "", "instruction data needs the model's tokenizer.model");
+  pad_id_ = tok->eos_id();
+  for (const auto& r : read_sft_records(path)) {
+    std::vector<int32_t> ids{tok->bos_id()};
+    for (int id : tok->encode(sft_prompt(r))) ids.push_back(id);
+    const size_t prompt_len = ids.size();
+    for (int id : tok->encode(r.output)) ids.push_back(id);
+    ids.push_back(tok->eos_id());
+    if (static_cast<int64_t>(ids.size()) > L) ids.resize(L);
+    // targets[i] = ids[i+1] when ids[i+1] belongs to the output (or EOS).
+    std::vector<int32_t> tgt(L, -1);
+    for (size_t i = 0; i + 1 < ids.size(); ++i)
+      if (i + 1 >= prompt_len) tgt[i] = ids[i + 1];
+    ids.resize(L, pad_id_);
+    check_ids(ids);
+    if (std::all_of(tgt.begin(), tgt.end(), [](int32_t t) { return t < 0; })) continue;
+    sft_ids_.push_back(std::move(ids));
+    sft_tgt_.push_back(std::move(tgt));
+  }
+  n_rows_ = static_cast<int64_t>(sft_ids_.size());
+  if (n_rows_ == 0)
+    fail(path, "", "no record has output tokens within seq_len " + std::to_string(L));
+}
+
+Row Dataset::row(int64_t i) const {
+  Row r;
+  if (!sft_ids_.empty()) {
+    r.ids = sft_ids_[i];
+    r.targets = sft_tgt_[i];
+    return r;
+  }
+  const auto* b = stream_.data() + i * seq_len_;
+  r.ids.assign(b, b + seq_len_);
+  r.targets.assign(b + 1, b + seq_len_);
+  r.targets.push_back(-1);
+  return r;
+}
+
+std::vector<int64_t> permutation(int64_t n, uint64_t seed, int64_t epoch) {
+  std::vector<int64_t> p(n);
+  for (int64_t i = 0; i < n; ++i) p[i] = i;
+  std::mt19937_64 rng(seed * 1000003ULL + static_cast<uint64_t>(epoch));
+  for (int64_t i = n - 1; i > 0; --i) {  // Fisher-Yates with our own bounded draw
+    const int64_t j = static_cast<int64_t>(rng() % static_cast<uint64_t>(i + 1));
+    std::swap(p[i], p[j]);
+  }
+  return p;
+}
+
+Row Dataset::row_at(int64_t cursor, bool shuffle, uint64_t seed) const {
+  const int64_t epoch = cursor / n_rows_, pos = cursor % n_rows_;
+  if (!shuffle) return row(pos);
+  if (perm_epoch_ != epoch || perm_seed_ != seed) {
+    perm_ = permutation(n_rows_, seed, epoch);
+    perm_epoch_ = epoch;
+    perm_seed_ = seed;
+  }
+  return row(perm_[pos]);
+}
+
+}  // namespace longlora::data

@@ -1,0 +1,91 @@
+#include "longlora/data/tokens.h"
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "longlora/common/error.h"
+#include "longlora/data/tokenizer.h"
+
+namespace fs = std::filesystem;
+
+namespace longlora::data {
+
+namespace {
+std::string ext_of(const std::string& path) { return fs::path(path).extension().string(); }
+}  // namespace
+
+std::vector<int32_t> read_bin(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail(path, "", "cannot open");
+  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (bytes.size() % 2 != 0)
+    fail(path, "", "odd byte count " + std::to_string(bytes.size()) +
+                       ": not a uint16 token file");
+  std::vector<int32_t> ids(bytes.size() / 2);
+  for (size_t i = 0; i < ids.size(); ++i)
+    ids[i] = static_cast<uint8_t>(bytes[2 * i]) | (static_cast<uint8_t>(bytes[2 * i + 1]) << 8);
+  return ids;
+}
+
+void write_bin(const std::string& path, const std::vector<int32_t>& ids) {
+  std::ofstream out(path, std::ios::binary);
+  if (!out) fail(path, "", "cannot write");
+  for (auto id : ids) {
+    if (id < 0 || id > 65535) fail(path, "", "token id " + std::to_string(id) + " does not fit uint16");
+    const char b[2] = {static_cast<char>(id & 0xff), static_cast<char>((id >> 8) & 0xff)};
+    out.write(b, 2);
+  }
+  if (!out) fail(path, "", "write failed");
+}
+
+std::vector<std::string> read_documents(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) fail(path, "", "cannot open");
+  const std::string ext = ext_of(path);
+  std::vector<std::string> docs;
+  if (ext == ".txt") {
+    docs.emplace_back((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    return docs;
+  }
+  if (ext != ".jsonl")
+    fail(path, "", "unknown data format '" + ext + "' (expected .bin, .txt or .jsonl)");
+  std::string line;
+  int64_t lineno = 0;
+  while (std::getline(in, line)) {
+    ++lineno;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::exception& e) {
+      fail(path + ":" + std::to_string(lineno), "", std::string("bad JSON: ") + e.what());
+    }
+    if (!j.is_object() || !j.contains("text") || !j["text"].is_string())
+      fail(path + ":" + std::to_string(lineno), "text", "missing or not a string");
+    docs.push_back(j["text"].get<std::string>());
+  }
+  return docs;
+}
+
+std::vector<int32_t> load_token_stream(const std::string& path, const Tokenizer* tok,
+                                       bool eos_between) {
+  if (ext_of(path) == ".bin") return read_bin(path);
+  auto docs = read_documents(path);
+  if (!tok) fail(path, "", "text data needs the model's tokenizer.model");
+  std::vector<int32_t> out;
+  for (size_t i = 0; i < docs.size(); ++i) {
+    if (eos_between && i > 0) out.push_back(tok->eos_id());
+    out.push_back(tok->bos_id());
+    for (int id : tok->encode(docs[i])) out.push_back(id);
+  }
+  return out;
+}
+
+std::vector<int64_t> window_starts(int64_t n, int64_t L, int64_t S) {
+  std::vector<int64_t> out;
+  for (int64_t s = 0; s + L + 1 <= n; s += S) out.push_back(s);
+  return out;
+}
+
+}  // namespace longlora::data

@@ -1,0 +1,54 @@
+#include "longlora/eval/perplexity.h"
+
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <cmath>
+
+#include "longlora/common/error.h"
+#include "longlora/data/tokens.h"
+
+namespace longlora::eval {
+
+PerplexityResult perplexity(model::LlamaForCausalLMImpl& m, const std::vector<int32_t>& tokens,
+                            int64_t L, int64_t S, const std::string& source, int64_t loss_chunk) {
+  if (S <= 0) S = L;
+  const auto starts = data::window_starts(static_cast<int64_t>(tokens.size()), L, S);
+  if (starts.empty())
+    throw Error(source + ": " + std::to_string(tokens.size()) +
+                " tokens are too few for one window of seq_len " + std::to_string(L) + " (+1 target)");
+  torch::NoGradGuard no_grad;
+  m.eval();
+  const auto dev = m.head_weight().device();
+  model::ForwardOptions opt;  // full attention
+  double nll = 0;
+  int64_t count = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto last = t0;
+  for (size_t w = 0; w < starts.size(); ++w) {
+    const int64_t s = starts[w];
+    auto window = torch::from_blob(const_cast<int32_t*>(tokens.data() + s), {1, L + 1}, torch::kInt32)
+                      .to(dev, torch::kInt64);
+    auto ids = window.slice(1, 0, L), targets = window.slice(1, 1, L + 1);
+    auto h = m.hidden(ids, opt);
+    auto [sum, n] = model::chunked_nll(m, h, targets, loss_chunk);
+    nll += sum.item<double>();
+    count += n;
+    const auto now = std::chrono::steady_clock::now();
+    if (now - last > std::chrono::seconds(5)) {
+      last = now;
+      const double secs = std::chrono::duration<double>(now - t0).count();
+      spdlog::info("eval seq_len {}: window {}/{}, loss so far {:.4f}, {:.0f} tokens/s", L, w + 1,
+                   starts.size(), nll / count, count / secs);
+    }
+  }
+  PerplexityResult r;
+  r.loss = nll / static_cast<double>(count);
+  r.perplexity = std::exp(r.loss);
+  r.tokens = count;
+  r.windows = static_cast<int64_t>(starts.size());
+  r.seq_len = L;
+  return r;
+}
+
+}  // namespace longlora::eval

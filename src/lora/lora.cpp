@@ -1,0 +1,34 @@
+#include "longlora/lora/lora.h"
+
+#include <cmath>
+
+namespace longlora::lora {
+
+LinearImpl::LinearImpl(int64_t in, int64_t out) : in_features(in), out_features(out) {
+  weight = register_parameter("weight", torch::empty({0}), /*requires_grad=*/false);
+}
+
+void LinearImpl::add_lora(int64_t r, double alpha, double drop) {
+  auto opts = torch::dtype(torch::kFloat32).device(weight.device());
+  // peft: nn.init.kaiming_uniform_(A, a=sqrt(5)) -> bound = 1/sqrt(fan_in).
+  const double bound = 1.0 / std::sqrt(static_cast<double>(in_features));
+  lora_A = register_module("lora_A", Factor(torch::empty({r, in_features}, opts).uniform_(-bound, bound)));
+  lora_B = register_module("lora_B", Factor(torch::zeros({out_features, r}, opts)));
+  scale = alpha / static_cast<double>(r);
+  dropout = drop;
+}
+
+torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
+  const auto dt = x.scalar_type();
+  auto y = torch::matmul(x, (weight.scalar_type() == dt ? weight : weight.to(dt)).t());
+  if (!lora_A.is_empty()) {
+    auto h = dropout > 0 ? torch::dropout(x, dropout, is_training()) : x;
+    // Master weights are fp32; the cast is part of the graph so grads reach them in fp32.
+    h = torch::matmul(h, lora_A->weight.to(dt).t());
+    h = torch::matmul(h, lora_B->weight.to(dt).t());
+    y = y + h * scale;
+  }
+  return y;
+}
+
+}  // namespace longlora::lora

@@ -1,0 +1,275 @@
+#include "longlora/model/llama.h"
+
+#include <cmath>
+
+namespace longlora::model {
+
+using torch::indexing::Slice;
+
+std::pair<torch::Tensor, torch::Tensor> rope_tables(const io::ModelConfig& c, int64_t offset,
+                                                    int64_t L, torch::Device device) {
+  auto f32 = torch::dtype(torch::kFloat32).device(device);
+  const int64_t D = c.head_dim;
+  // As transformers computes it: fp32 inv_freq; linear interpolation divides it by the factor.
+  auto exponent = torch::arange(0, D, 2, torch::dtype(torch::kInt64).device(device)).to(torch::kFloat32) /
+                  static_cast<double>(D);
+  auto inv_freq = 1.0 / torch::pow(torch::scalar_tensor(c.rope_theta, f32), exponent);
+  if (c.rope_factor != 1.0) inv_freq = inv_freq / c.rope_factor;
+  auto pos = torch::arange(offset, offset + L, torch::dtype(torch::kInt64).device(device)).to(torch::kFloat32);
+  auto freqs = torch::outer(pos, inv_freq);
+  auto emb = torch::cat({freqs, freqs}, -1);
+  return {emb.cos(), emb.sin()};
+}
+
+namespace {
+
+torch::Tensor rotate_half(const torch::Tensor& x) {
+  const int64_t h = x.size(-1) / 2;
+  return torch::cat({-x.index({"...", Slice(h, torch::indexing::None)}), x.index({"...", Slice(0, h)})}, -1);
+}
+
+torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  return x * cos + rotate_half(x) * sin;
+}
+
+// Full attention of n new queries against T cached + n new keys (generation).
+torch::Tensor cached_attention(const torch::Tensor& q, torch::Tensor k, torch::Tensor v) {
+  const int64_t H = q.size(1), Hkv = k.size(1), n = q.size(2), T = k.size(2);
+  if (H != Hkv) {
+    k = k.repeat_interleave(H / Hkv, 1);
+    v = v.repeat_interleave(H / Hkv, 1);
+  }
+  auto scores = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(q.size(-1)));
+  if (n > 1) {  // query i (absolute T - n + i) sees keys j <= T - n + i
+    auto mask = torch::ones({n, T}, torch::dtype(torch::kBool).device(q.device())).triu(T - n + 1);
+    scores = scores.masked_fill(mask, -std::numeric_limits<float>::infinity());
+  }
+  return torch::matmul(torch::softmax(scores.to(torch::kFloat32), -1).to(q.scalar_type()), v);
+}
+
+}  // namespace
+
+torch::Tensor EmbeddingImpl::forward(const torch::Tensor& ids) { return torch::embedding(weight, ids); }
+
+torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
+  // As transformers: normalize in fp32, cast back, then scale.
+  auto h = x.to(torch::kFloat32);
+  h = h * torch::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  return weight.to(x.scalar_type()) * h.to(x.scalar_type());
+}
+
+AttentionImpl::AttentionImpl(const io::ModelConfig& c) : cfg(c) {
+  const int64_t hd = c.head_dim;
+  q_proj = register_module("q_proj", lora::Linear(c.hidden_size, c.num_attention_heads * hd));
+  k_proj = register_module("k_proj", lora::Linear(c.hidden_size, c.num_key_value_heads * hd));
+  v_proj = register_module("v_proj", lora::Linear(c.hidden_size, c.num_key_value_heads * hd));
+  o_proj = register_module("o_proj", lora::Linear(c.num_attention_heads * hd, c.hidden_size));
+}
+
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
+                                     const torch::Tensor& sin, const ForwardOptions& opt,
+                                     int64_t layer) {
+  const int64_t B = x.size(0), L = x.size(1), H = cfg.num_attention_heads,
+                Hkv = cfg.num_key_value_heads, D = cfg.head_dim;
+  auto q = q_proj(x).view({B, L, H, D}).transpose(1, 2);
+  auto k = k_proj(x).view({B, L, Hkv, D}).transpose(1, 2);
+  auto v = v_proj(x).view({B, L, Hkv, D}).transpose(1, 2);
+  q = apply_rope(q, cos, sin);
+  k = apply_rope(k, cos, sin);
+  torch::Tensor o;
+  if (opt.cache) {
+    auto& ck = opt.cache->k[layer];
+    auto& cv = opt.cache->v[layer];
+    ck = ck.defined() ? torch::cat({ck, k}, 2) : k;
+    cv = cv.defined() ? torch::cat({cv, v}, 2) : v;
+    o = cached_attention(q, ck, cv);
+  } else {
+    o = attention::attention(q, k, v, opt.attn);
+  }
+  return o_proj(o.transpose(1, 2).reshape({B, L, H * D}));
+}
+
+MLPImpl::MLPImpl(const io::ModelConfig& c) {
+  gate_proj = register_module("gate_proj", lora::Linear(c.hidden_size, c.intermediate_size));
+  up_proj = register_module("up_proj", lora::Linear(c.hidden_size, c.intermediate_size));
+  down_proj = register_module("down_proj", lora::Linear(c.intermediate_size, c.hidden_size));
+}
+
+torch::Tensor MLPImpl::forward(const torch::Tensor& x) {
+  return down_proj(torch::silu(gate_proj(x)) * up_proj(x));
+}
+
+DecoderLayerImpl::DecoderLayerImpl(const io::ModelConfig& c) {
+  self_attn = register_module("self_attn", Attention(c));
+  mlp = register_module("mlp", MLP(c));
+  input_layernorm = register_module("input_layernorm", RMSNorm(c.rms_norm_eps));
+  post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(c.rms_norm_eps));
+}
+
+torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
+                                        const torch::Tensor& sin, const ForwardOptions& opt,
+                                        int64_t layer) {
+  auto h = x + self_attn(input_layernorm(x), cos, sin, opt, layer);
+  return h + mlp(post_attention_layernorm(h));
+}
+
+LlamaModelImpl::LlamaModelImpl(const io::ModelConfig& c) {
+  embed_tokens = register_module("embed_tokens", Embedding());
+  layers = register_module("layers", torch::nn::ModuleList());
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    layer_list.push_back(DecoderLayer(c));
+    layers->push_back(layer_list.back());
+  }
+  norm = register_module("norm", RMSNorm(c.rms_norm_eps));
+}
+
+LlamaForCausalLMImpl::LlamaForCausalLMImpl(const io::ModelConfig& c) : cfg(c) {
+  model = register_module("model", LlamaModel(c));
+  if (!c.tie_word_embeddings)
+    lm_head = register_module("lm_head", lora::Linear(c.hidden_size, c.vocab_size));
+}
+
+torch::Tensor LlamaForCausalLMImpl::head_weight() const {
+  return cfg.tie_word_embeddings ? model->embed_tokens->weight : lm_head->weight;
+}
+
+namespace {
+
+// Activation checkpointing of one decoder layer: forward without keeping the
+// layer's activations, backward recomputes them from the saved input (with the
+// RNG state of the forward, so dropout masks match) and runs the layer's
+// backward, which accumulates parameter grads directly. `anchor` requires grad so
+// the backward runs even when the input does not need a grad (frozen embedding).
+struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor x,
+                               torch::Tensor cos, torch::Tensor sin, torch::Tensor anchor,
+                               DecoderLayerImpl* layer, ForwardOptions opt, int64_t index) {
+    ctx->save_for_backward({x, cos, sin});
+    ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
+    ctx->saved_data["index"] = index;
+    ctx->saved_data["mode"] = static_cast<int64_t>(opt.attn.mode);
+    ctx->saved_data["group"] = opt.attn.group;
+    ctx->saved_data["backend"] = static_cast<int64_t>(opt.attn.backend);
+    ctx->saved_data["offset"] = opt.position_offset;
+    ctx->saved_data["cpu_rng"] = at::detail::getDefaultCPUGenerator().get_state();
+    if (x.is_cuda())
+      ctx->saved_data["cuda_rng"] = at::globalContext().defaultGenerator(x.device()).get_state();
+    return layer->forward(x, cos, sin, opt, index);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_out) {
+    auto saved = ctx->get_saved_variables();
+    auto x = saved[0].detach().requires_grad_(true);
+    auto* layer = reinterpret_cast<DecoderLayerImpl*>(ctx->saved_data["layer"].toInt());
+    ForwardOptions opt;
+    opt.attn.mode = static_cast<attention::Mode>(ctx->saved_data["mode"].toInt());
+    opt.attn.group = ctx->saved_data["group"].toInt();
+    opt.attn.backend = static_cast<attention::Backend>(ctx->saved_data["backend"].toInt());
+    opt.position_offset = ctx->saved_data["offset"].toInt();
+
+    auto cpu_gen = at::detail::getDefaultCPUGenerator();
+    auto cpu_now = cpu_gen.get_state();
+    cpu_gen.set_state(ctx->saved_data["cpu_rng"].toTensor());
+    torch::Tensor cuda_now;
+    if (x.is_cuda()) {
+      at::Generator g = at::globalContext().defaultGenerator(x.device());
+      cuda_now = g.get_state();
+      g.set_state(ctx->saved_data["cuda_rng"].toTensor());
+    }
+    torch::Tensor out;
+    {
+      torch::AutoGradMode enable(true);
+      out = layer->forward(x, saved[1], saved[2], opt, ctx->saved_data["index"].toInt());
+    }
+    torch::autograd::backward({out}, {grad_out[0]});
+    cpu_gen.set_state(cpu_now);
+    if (x.is_cuda()) {
+      at::Generator g = at::globalContext().defaultGenerator(x.device());
+      g.set_state(cuda_now);
+    }
+    return {x.grad(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(),
+            torch::Tensor(), torch::Tensor()};
+  }
+};
+
+}  // namespace
+
+torch::Tensor LlamaForCausalLMImpl::hidden(const torch::Tensor& ids, const ForwardOptions& opt) {
+  const int64_t L = ids.size(1);
+  auto x = model->embed_tokens(ids).to(compute_dtype);
+  auto [cos, sin] = rope_tables(cfg, opt.position_offset, L, ids.device());
+  cos = cos.to(compute_dtype);
+  sin = sin.to(compute_dtype);
+  if (opt.cache && opt.cache->k.empty()) {
+    opt.cache->k.resize(cfg.num_hidden_layers);
+    opt.cache->v.resize(cfg.num_hidden_layers);
+  }
+  const bool ckpt = opt.checkpoint_layers && torch::GradMode::is_enabled() && !opt.cache;
+  torch::Tensor anchor;
+  if (ckpt) anchor = torch::zeros({}, torch::requires_grad());
+  for (int64_t i = 0; i < cfg.num_hidden_layers; ++i) {
+    auto& layer = model->layer_list[i];
+    x = ckpt ? CheckpointedLayer::apply(x, cos, sin, anchor, layer.get(), opt, i)
+             : layer->forward(x, cos, sin, opt, i);
+  }
+  if (opt.cache) opt.cache->length += L;
+  return model->norm(x);
+}
+
+torch::Tensor LlamaForCausalLMImpl::logits(const torch::Tensor& h) {
+  auto w = head_weight();
+  return torch::matmul(h, w.to(h.scalar_type()).t()).to(torch::kFloat32);
+}
+
+namespace {
+
+// Sum of NLL over one chunk; backward recomputes the chunk's logits.
+struct ChunkNLL : torch::autograd::Function<ChunkNLL> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor h,
+                               torch::Tensor w, torch::Tensor targets) {
+    auto logits = torch::matmul(h, w.to(h.scalar_type()).t()).to(torch::kFloat32);  // (N, V)
+    auto lse = torch::logsumexp(logits, -1);
+    auto valid = targets.ge(0);
+    auto picked = logits.gather(1, targets.clamp_min(0).unsqueeze(1)).squeeze(1);
+    auto nll = ((lse - picked) * valid.to(torch::kFloat32)).sum();
+    ctx->save_for_backward({h, w, targets, lse});
+    return nll;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_out) {
+    auto s = ctx->get_saved_variables();
+    auto h = s[0], w = s[1], targets = s[2], lse = s[3];
+    auto wc = w.to(h.scalar_type());
+    auto logits = torch::matmul(h, wc.t()).to(torch::kFloat32);
+    auto p = torch::exp(logits - lse.unsqueeze(1));  // softmax
+    auto valid = targets.ge(0);
+    p.scatter_add_(1, targets.clamp_min(0).unsqueeze(1),
+                   -valid.to(torch::kFloat32).unsqueeze(1));
+    p = p * (valid.to(torch::kFloat32) * grad_out[0]).unsqueeze(1);  // (N, V) dlogits
+    torch::Tensor gh, gw;
+    if (h.requires_grad()) gh = torch::matmul(p.to(h.scalar_type()), wc);
+    if (w.requires_grad()) gw = torch::matmul(p.t(), h.to(torch::kFloat32)).to(w.scalar_type());
+    return {gh, gw, torch::Tensor()};
+  }
+};
+
+}  // namespace
+
+std::pair<torch::Tensor, int64_t> chunked_nll(LlamaForCausalLMImpl& m, const torch::Tensor& hidden,
+                                              const torch::Tensor& targets, int64_t chunk) {
+  auto h = hidden.reshape({-1, hidden.size(-1)});
+  auto t = targets.reshape({-1});
+  const int64_t N = h.size(0);
+  auto w = m.head_weight();
+  torch::Tensor total;
+  for (int64_t s = 0; s < N; s += chunk) {
+    const int64_t e = std::min(N, s + chunk);
+    auto part = ChunkNLL::apply(h.slice(0, s, e), w, t.slice(0, s, e));
+    total = total.defined() ? total + part : part;
+  }
+  return {total, t.ge(0).sum().item<int64_t>()};
+}
+
+}  // namespace longlora::model

@@ -1,0 +1,199 @@
+#include "longlora/model/loader.h"
+
+#include <filesystem>
+#include <set>
+#include <sstream>
+
+#include "longlora/common/error.h"
+#include "longlora/io/tensors.h"
+
+namespace fs = std::filesystem;
+
+namespace longlora::model {
+namespace {
+
+std::string shape_str(c10::IntArrayRef s) {
+  std::ostringstream o;
+  o << "[";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << "]";
+  return o.str();
+}
+
+// The shape every base parameter must have, from the module that owns it.
+std::map<std::string, std::vector<int64_t>> base_shapes(LlamaForCausalLMImpl& m) {
+  std::map<std::string, std::vector<int64_t>> out;
+  const auto& c = m.cfg;
+  for (const auto& item : m.named_modules()) {
+    const std::string& name = item.key();
+    const auto& mod = item.value();
+    const std::string w = name.empty() ? "weight" : name + ".weight";
+    if (auto* l = dynamic_cast<lora::LinearImpl*>(mod.get()))
+      out[w] = {l->out_features, l->in_features};
+    else if (dynamic_cast<EmbeddingImpl*>(mod.get()))
+      out[w] = {c.vocab_size, c.hidden_size};
+    else if (dynamic_cast<RMSNormImpl*>(mod.get()))
+      out[w] = {c.hidden_size};
+  }
+  return out;
+}
+
+torch::Tensor& param_ref(LlamaForCausalLMImpl& m, const std::string& name) {
+  auto* p = m.named_parameters().find(name);
+  TORCH_CHECK(p, "no parameter ", name);
+  return *p;
+}
+
+bool is_float(io::DType d) {
+  return d == io::DType::F32 || d == io::DType::F16 || d == io::DType::BF16;
+}
+
+}  // namespace
+
+LlamaForCausalLM random_model(const io::ModelConfig& cfg, const LoadOptions& opt) {
+  LlamaForCausalLM m(cfg);
+  m->compute_dtype = opt.compute_dtype;
+  const auto dt = opt.weight_dtype.value_or(opt.compute_dtype);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(opt.seed);
+  for (auto& [name, shape] : base_shapes(*m)) {
+    auto& p = param_ref(*m, name);
+    torch::Tensor t;
+    if (shape.size() == 1) {
+      t = torch::ones(shape, torch::dtype(dt).device(opt.device));
+    } else {
+      // Drawn on the CPU generator in fp32 for reproducibility across devices,
+      // one matrix at a time so peak host memory is one matrix.
+      t = at::normal(0.0, 0.02, shape, gen, torch::dtype(torch::kFloat32)).to(opt.device, dt);
+    }
+    p.set_data(t);
+  }
+  return m;
+}
+
+LlamaForCausalLM load_model(const std::string& dir, const LoadOptions& opt) {
+  const std::string cfg_path = (fs::path(dir) / "config.json").string();
+  if (!fs::is_directory(dir)) fail(dir, "", "model directory not found");
+  auto cfg = io::load_model_config(cfg_path);
+  if (opt.rope_factor) cfg.rope_factor = *opt.rope_factor;
+  if (opt.random_init) return random_model(cfg, opt);
+
+  auto ckpt = std::make_shared<io::SafetensorsCheckpoint>(dir);
+  LlamaForCausalLM m(cfg);
+  m->compute_dtype = opt.compute_dtype;
+  auto shapes = base_shapes(*m);
+  for (auto& [name, shape] : shapes) {
+    if (!ckpt->contains(name)) fail(dir, "tensor '" + name + "'", "missing from the checkpoint");
+    const auto& info = ckpt->get(name);
+    const std::string& file = ckpt->file_of(name).path();
+    if (!is_float(info.dtype))
+      fail(file, "tensor '" + name + "'",
+           std::string("dtype ") + io::dtype_name(info.dtype) + " is not a float type");
+    if (info.shape != shape)
+      fail(file, "tensor '" + name + "'",
+           "shape " + shape_str(info.shape) + " but config.json implies " + shape_str(shape));
+    auto t = io::view_tensor(info, ckpt);
+    if (opt.weight_dtype && t.scalar_type() != *opt.weight_dtype) t = t.to(*opt.weight_dtype);
+    if (opt.device != torch::kCPU) t = t.to(opt.device);
+    param_ref(*m, name).set_data(t);
+  }
+  for (const auto& name : ckpt->names()) {
+    if (shapes.count(name)) continue;
+    if (name.find("rotary_emb.inv_freq") != std::string::npos) continue;  // old checkpoints
+    if (cfg.tie_word_embeddings && name == "lm_head.weight") continue;
+    fail(ckpt->file_of(name).path(), "tensor '" + name + "'",
+         "unexpected in a LLaMA checkpoint of this config");
+  }
+  return m;
+}
+
+void add_lora(LlamaForCausalLMImpl& m, const lora::LoraSpec& spec) {
+  std::set<std::string> matched;
+  for (const auto& item : m.named_modules()) {
+    auto* l = dynamic_cast<lora::LinearImpl*>(item.value().get());
+    if (!l) continue;
+    const std::string& name = item.key();
+    const std::string last = name.substr(name.rfind('.') + 1);
+    for (const auto& t : spec.targets) {
+      if (t == last) {
+        TORCH_CHECK(!l->has_lora(), "LoRA added twice to ", name);
+        l->add_lora(spec.r, spec.alpha, spec.dropout);
+        matched.insert(t);
+      }
+    }
+  }
+  for (const auto& t : spec.targets)
+    if (!matched.count(t)) throw Error("lora.targets: '" + t + "' matches no layer of the model");
+}
+
+bool is_module_to_save(const std::string& param, const std::vector<std::string>& modules) {
+  // peft's rule: the module's full name ends with a listed name (on a dot boundary).
+  const auto dot = param.rfind('.');
+  const std::string mod = dot == std::string::npos ? "" : param.substr(0, dot);
+  for (const auto& m : modules) {
+    if (mod == m) return true;
+    if (mod.size() > m.size() && mod.compare(mod.size() - m.size(), m.size(), m) == 0 &&
+        mod[mod.size() - m.size() - 1] == '.')
+      return true;
+  }
+  return false;
+}
+
+io::AdapterConfig apply_adapter(LlamaForCausalLMImpl& m, const std::string& dir) {
+  const fs::path d(dir);
+  if (!fs::is_directory(d)) fail(dir, "", "adapter directory not found");
+  const std::string cfg_path = (d / "adapter_config.json").string();
+  if (!fs::exists(cfg_path)) fail(dir, "adapter_config.json", "missing");
+  auto acfg = io::load_adapter_config(cfg_path);
+  const std::string st_path = (d / "adapter_model.safetensors").string();
+  if (!fs::exists(st_path))
+    fail(dir, "adapter_model.safetensors",
+         "missing (only safetensors adapters are read; convert adapter_model.bin first)");
+  auto file = std::make_shared<io::SafetensorsFile>(st_path);
+
+  lora::LoraSpec spec;
+  spec.r = acfg.r;
+  spec.alpha = acfg.lora_alpha;
+  spec.dropout = acfg.lora_dropout;
+  spec.targets = acfg.target_modules;
+  try {
+    add_lora(m, spec);
+  } catch (const Error& e) {
+    fail(cfg_path, "target_modules", e.what());
+  }
+  const std::string prefix = io::kPeftPrefix;
+  const auto dev = m.head_weight().device();
+  std::set<std::string> used;
+  const auto shapes = base_shapes(m);
+  for (auto& item : m.named_parameters()) {
+    const std::string& name = item.key();
+    const bool is_lora = name.find(".lora_A.") != std::string::npos ||
+                         name.find(".lora_B.") != std::string::npos;
+    const std::string key = prefix + name;
+    if (!is_lora && !file->contains(key)) continue;
+    if (is_lora && !file->contains(key)) fail(st_path, "tensor '" + key + "'", "missing");
+    if (!is_lora && !is_module_to_save(name, acfg.modules_to_save))
+      fail(st_path, "tensor '" + key + "'",
+           "replaces a base weight but its module is not in modules_to_save");
+    const auto& info = file->get(key);
+    if (!is_float(info.dtype))
+      fail(st_path, "tensor '" + key + "'", "dtype is not a float type");
+    auto& p = item.value();
+    const auto want = is_lora ? p.sizes().vec() : shapes.at(name);
+    if (info.shape != want)
+      fail(st_path, "tensor '" + key + "'",
+           "shape " + shape_str(info.shape) + " but the model needs " + shape_str(want));
+    // LoRA factors and saved modules are trainable: fp32 masters, owned memory.
+    p.set_data(io::view_tensor(info, file).to(dev, torch::kFloat32, false, /*copy=*/true));
+    used.insert(key);
+  }
+  for (const auto& t : file->tensors())
+    if (!used.count(t.name))
+      fail(st_path, "tensor '" + t.name + "'", "unexpected: not a LoRA factor or saved module of this model");
+  for (auto& item : m.named_modules()) {
+    if (auto* l = dynamic_cast<lora::LinearImpl*>(item.value().get()); l && l->has_lora())
+      l->scale = acfg.scale();
+  }
+  return acfg;
+}
+
+}  // namespace longlora::model
