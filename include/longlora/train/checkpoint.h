@@ -1,0 +1,55 @@
+// Training checkpoints: OUTPUT/checkpoint-STEP/ holds
+//   adapter_config.json + adapter_model.safetensors  (peft format; LoRA and the
+//                      trainable embed/norm as modules_to_save; `eval --adapter` and
+//                      peft load it) -- or, for full fine-tuning, config.json +
+//                      model.safetensors (a Hugging Face checkpoint);
+//   state.pt           optimizer state and RNG states (libtorch archive);
+//   trainer_state.json format version, step, data cursor, counters;
+//   run_config.json    the resolved run configuration;
+//   COMPLETE           written last: a directory without it is not a checkpoint.
+// Saves go to .tmp-checkpoint-STEP and are renamed into place, so a crash during
+// a save never damages the previous checkpoint.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "longlora/model/llama.h"
+#include "longlora/train/config.h"
+
+namespace longlora::train {
+
+using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
+
+struct TrainerState {
+  int64_t step = 0;
+  int64_t cursor = 0;  // rows consumed
+  int64_t bad_steps = 0;
+  int64_t tokens_seen = 0;
+};
+
+// peft adapter (LoRA + modules_to_save) of the trainable parameters.
+void save_adapter(const std::string& dir, const NamedTensors& trainable, const RunConfig& cfg);
+
+// Writes a complete checkpoint; returns its directory.
+std::string save_checkpoint(const std::string& output_dir, const model::LlamaForCausalLMImpl& m,
+                            const NamedTensors& trainable, torch::optim::Optimizer& opt,
+                            const TrainerState& st, const RunConfig& cfg);
+
+// Newest directory checkpoint-N with COMPLETE under output_dir, if any.
+std::optional<std::string> latest_checkpoint(const std::string& output_dir);
+
+// Restores parameters, optimizer and RNG; refuses a checkpoint that does not fit
+// `cfg` (other model shape, rank, targets, trainable set) saying what differs.
+TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainable,
+                             torch::optim::Optimizer& opt, const RunConfig& cfg,
+                             const io::ModelConfig& model_cfg);
+
+// Keeps the newest `keep` complete checkpoints and removes stale temporaries.
+void prune_checkpoints(const std::string& output_dir, int64_t keep);
+
+}  // namespace longlora::train

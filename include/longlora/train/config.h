@@ -1,0 +1,90 @@
+// The run configuration: JSON mapped to typed structs. Defaults follow
+// LongLoRA's recipe. Every key is declared once in a schema (config.cpp) that
+// validates files and --set overrides alike and documents the key.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+namespace longlora::train {
+
+struct ModelSection {
+  std::string path;               // HF checkpoint directory
+  std::string init = "pretrained";  // pretrained | random
+  std::string config;             // config.json for init=random (default: <path>/config.json)
+  std::string dtype = "auto";     // compute dtype: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+  double rope_factor = 0;         // 0: ceil(seq_len / max_position_embeddings)
+};
+
+struct LoraSection {
+  bool enabled = true;
+  int64_t r = 8;
+  double alpha = 16;
+  double dropout = 0.0;
+  std::vector<std::string> targets{"q_proj", "k_proj", "v_proj", "o_proj"};
+};
+
+struct AttentionSection {
+  bool s2 = true;                 // S2-Attn in training; evaluation is always full
+  double group_ratio = 0.25;
+  std::string shift_mode = "segments";  // segments | roll
+  std::string backend = "auto";   // auto | kernel | sdpa | reference
+};
+
+struct DataSection {
+  std::string train;              // .bin | .txt | .jsonl (text) | .json/.jsonl (instruction records)
+  std::string format = "auto";    // auto | tokens | text | sft
+  int64_t seq_len = 8192;
+  bool shuffle = true;
+  std::string eval;               // optional held-out data for eval_steps
+};
+
+struct TrainSection {
+  std::string optimizer = "adamw";
+  double lr = 2e-5;
+  double weight_decay = 0.0;
+  std::vector<double> betas{0.9, 0.999};
+  double eps = 1e-8;
+  int64_t warmup_steps = 20;
+  std::string scheduler = "constant_with_warmup";  // constant_with_warmup | cosine | linear
+  int64_t max_steps = 1000;
+  int64_t micro_batch_size = 1;
+  int64_t grad_accum = 8;
+  double max_grad_norm = 1.0;
+  int64_t seed = 42;
+  bool activation_checkpointing = true;
+  int64_t max_bad_steps = 10;     // consecutive non-finite steps before stopping
+  int64_t loss_chunk = 2048;      // tokens per chunk of the chunked cross-entropy
+};
+
+struct OutputSection {
+  std::string dir = "runs/longlora";
+  int64_t save_steps = 100;
+  int64_t keep_last = 2;
+  int64_t log_steps = 1;
+};
+
+struct RunConfig {
+  ModelSection model;
+  LoraSection lora;
+  std::string trainable_params = "embed,norm";
+  AttentionSection attention;
+  DataSection data;
+  TrainSection train;
+  OutputSection output;
+  std::string device = "auto";    // auto | cpu | cuda
+};
+
+// Reads and validates a config file (unknown key, wrong type or range: an Error
+// naming the file, the key path and what was expected).
+RunConfig load_run_config(const std::string& path);
+RunConfig parse_run_config(const nlohmann::json& j, const std::string& source);
+// key.path=value; value is JSON if it parses as JSON, a string otherwise.
+void apply_override(RunConfig& c, const std::string& assignment);
+nlohmann::json to_json(const RunConfig& c);
+// Markdown table of every key: path, type, default, meaning (README reference).
+std::string config_reference();
+
+}  // namespace longlora::train

@@ -1,0 +1,277 @@
+#include "longlora/train/config.h"
+
+#include <fstream>
+#include <functional>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "longlora/common/error.h"
+
+using nlohmann::json;
+
+namespace longlora::train {
+namespace {
+
+// One key of the schema: how to read it (with validation), write it, document it.
+struct Field {
+  std::string path, type, doc;
+  std::function<void(RunConfig&, const json&, const std::string& where)> set;
+  std::function<json(const RunConfig&)> get;
+};
+
+[[noreturn]] void bad(const std::string& where, const std::string& expected, const json& v) {
+  throw Error(where + ": expected " + expected + ", got " + v.dump());
+}
+
+template <class T>
+using Ref = std::function<T&(RunConfig&)>;
+
+Field str(std::string path, Ref<std::string> ref, std::string doc,
+          std::vector<std::string> choices = {}) {
+  std::string type = "string";
+  if (!choices.empty()) {
+    type.clear();
+    for (auto& c : choices) type += (type.empty() ? "" : " | ") + c;
+  }
+  return {path, type, doc,
+          [ref, choices, type](RunConfig& c, const json& v, const std::string& w) {
+            if (!v.is_string()) bad(w, choices.empty() ? "a string" : "one of " + type, v);
+            auto s = v.get<std::string>();
+            if (!choices.empty() && std::find(choices.begin(), choices.end(), s) == choices.end())
+              bad(w, "one of " + type, v);
+            ref(c) = s;
+          },
+          [ref](const RunConfig& c) { return json(ref(const_cast<RunConfig&>(c))); }};
+}
+
+Field integer(std::string path, Ref<int64_t> ref, int64_t lo, std::string doc) {
+  return {path, "integer >= " + std::to_string(lo), doc,
+          [ref, lo](RunConfig& c, const json& v, const std::string& w) {
+            if (!v.is_number_integer()) bad(w, "an integer", v);
+            if (v.get<int64_t>() < lo) bad(w, "an integer >= " + std::to_string(lo), v);
+            ref(c) = v.get<int64_t>();
+          },
+          [ref](const RunConfig& c) { return json(ref(const_cast<RunConfig&>(c))); }};
+}
+
+Field number(std::string path, Ref<double> ref, double lo, double hi, bool lo_open,
+             std::string doc) {
+  std::ostringstream range;
+  range << "number in " << (lo_open ? "(" : "[") << lo << ", " << hi << "]";
+  const std::string type = range.str();
+  return {path, type, doc,
+          [ref, lo, hi, lo_open, type](RunConfig& c, const json& v, const std::string& w) {
+            if (!v.is_number()) bad(w, "a " + type, v);
+            const double x = v.get<double>();
+            if (x < lo || x > hi || (lo_open && x == lo)) bad(w, "a " + type, v);
+            ref(c) = x;
+          },
+          [ref](const RunConfig& c) { return json(ref(const_cast<RunConfig&>(c))); }};
+}
+
+Field boolean(std::string path, Ref<bool> ref, std::string doc) {
+  return {path, "boolean", doc,
+          [ref](RunConfig& c, const json& v, const std::string& w) {
+            if (!v.is_boolean()) bad(w, "true or false", v);
+            ref(c) = v.get<bool>();
+          },
+          [ref](const RunConfig& c) { return json(ref(const_cast<RunConfig&>(c))); }};
+}
+
+const std::vector<Field>& schema() {
+  static const std::vector<Field> fields = [] {
+    const double inf = 1e300;
+    std::vector<Field> f;
+    f.push_back(str("model.path", [](RunConfig& c) -> auto& { return c.model.path; },
+                    "Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.model)"));
+    f.push_back(str("model.init", [](RunConfig& c) -> auto& { return c.model.init; },
+                    "`random`: weights drawn from model.config alone (smoke tests, benchmarks)",
+                    {"pretrained", "random"}));
+    f.push_back(str("model.config", [](RunConfig& c) -> auto& { return c.model.config; },
+                    "config.json used with init=random (default: model.path/config.json)"));
+    f.push_back(str("model.dtype", [](RunConfig& c) -> auto& { return c.model.dtype; },
+                    "compute dtype; auto = bf16 on GPU, fp32 on CPU",
+                    {"auto", "fp32", "bf16", "fp16"}));
+    f.push_back(number("model.rope_factor", [](RunConfig& c) -> auto& { return c.model.rope_factor; },
+                       0, 1024, false,
+                       "linear position interpolation factor; 0 = ceil(seq_len / max_position_embeddings)"));
+    f.push_back(boolean("lora.enabled", [](RunConfig& c) -> auto& { return c.lora.enabled; },
+                        "false = full fine-tuning (every parameter trains)"));
+    f.push_back(integer("lora.r", [](RunConfig& c) -> auto& { return c.lora.r; }, 1, "LoRA rank"));
+    f.push_back(number("lora.alpha", [](RunConfig& c) -> auto& { return c.lora.alpha; }, 0, inf,
+                       true, "LoRA alpha; the update is scaled by alpha / r"));
+    f.push_back(number("lora.dropout", [](RunConfig& c) -> auto& { return c.lora.dropout; }, 0, 0.99,
+                       false, "dropout on the LoRA path"));
+    f.push_back({"lora.targets", "list of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj",
+                 "layers that get LoRA adapters",
+                 [](RunConfig& c, const json& v, const std::string& w) {
+                   static const std::vector<std::string> ok{"q_proj", "k_proj", "v_proj", "o_proj",
+                                                            "gate_proj", "up_proj", "down_proj"};
+                   if (!v.is_array() || v.empty()) bad(w, "a non-empty list of layer names", v);
+                   std::vector<std::string> out;
+                   for (const auto& s : v) {
+                     if (!s.is_string() || std::find(ok.begin(), ok.end(), s.get<std::string>()) == ok.end())
+                       bad(w, "names among q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj", s);
+                     out.push_back(s.get<std::string>());
+                   }
+                   c.lora.targets = out;
+                 },
+                 [](const RunConfig& c) { return json(c.lora.targets); }});
+    f.push_back(str("trainable_params", [](RunConfig& c) -> auto& { return c.trainable_params; },
+                    "comma-separated name substrings of extra trainable parameters (LongLoRA's \"embed,norm\")"));
+    f.push_back(boolean("attention.s2", [](RunConfig& c) -> auto& { return c.attention.s2; },
+                        "S2-Attn in training (false: full attention)"));
+    f.push_back(number("attention.group_ratio", [](RunConfig& c) -> auto& { return c.attention.group_ratio; },
+                       0, 1, true, "S2 group size as a fraction of seq_len (1/4 in LongLoRA)"));
+    f.push_back(str("attention.shift_mode", [](RunConfig& c) -> auto& { return c.attention.shift_mode; },
+                    "how the shifted half of the heads is grouped", {"segments", "roll"}));
+    f.push_back(str("attention.backend", [](RunConfig& c) -> auto& { return c.attention.backend; },
+                    "auto = CUDA kernel on GPU, reference on CPU", {"auto", "kernel", "sdpa", "reference"}));
+    f.push_back(str("data.train", [](RunConfig& c) -> auto& { return c.data.train; },
+                    "training data: .bin (uint16 ids), .txt/.jsonl text, .json/.jsonl instruction records"));
+    f.push_back(str("data.format", [](RunConfig& c) -> auto& { return c.data.format; },
+                    "auto: .bin = tokens, .txt = text, .json = sft, .jsonl = text or sft by its fields",
+                    {"auto", "tokens", "text", "sft"}));
+    f.push_back(integer("data.seq_len", [](RunConfig& c) -> auto& { return c.data.seq_len; }, 2,
+                        "training context length in tokens"));
+    f.push_back(boolean("data.shuffle", [](RunConfig& c) -> auto& { return c.data.shuffle; },
+                        "shuffle rows each epoch (deterministic from train.seed)"));
+    f.push_back(str("data.eval", [](RunConfig& c) -> auto& { return c.data.eval; },
+                    "optional held-out data evaluated (full attention) at every save"));
+    f.push_back(str("train.optimizer", [](RunConfig& c) -> auto& { return c.train.optimizer; },
+                    "optimizer", {"adamw"}));
+    f.push_back(number("train.lr", [](RunConfig& c) -> auto& { return c.train.lr; }, 0, 10, true,
+                       "peak learning rate"));
+    f.push_back(number("train.weight_decay", [](RunConfig& c) -> auto& { return c.train.weight_decay; },
+                       0, 10, false, "AdamW weight decay, applied to matrices only"));
+    f.push_back({"train.betas", "[beta1, beta2] each in [0, 1)", "AdamW betas",
+                 [](RunConfig& c, const json& v, const std::string& w) {
+                   if (!v.is_array() || v.size() != 2 || !v[0].is_number() || !v[1].is_number())
+                     bad(w, "[beta1, beta2]", v);
+                   for (const auto& b : v)
+                     if (b.get<double>() < 0 || b.get<double>() >= 1) bad(w, "betas in [0, 1)", v);
+                   c.train.betas = {v[0].get<double>(), v[1].get<double>()};
+                 },
+                 [](const RunConfig& c) { return json(c.train.betas); }});
+    f.push_back(number("train.eps", [](RunConfig& c) -> auto& { return c.train.eps; }, 0, 1, true,
+                       "AdamW epsilon"));
+    f.push_back(integer("train.warmup_steps", [](RunConfig& c) -> auto& { return c.train.warmup_steps; },
+                        0, "linear warmup steps"));
+    f.push_back(str("train.scheduler", [](RunConfig& c) -> auto& { return c.train.scheduler; },
+                    "learning-rate schedule after warmup", {"constant_with_warmup", "cosine", "linear"}));
+    f.push_back(integer("train.max_steps", [](RunConfig& c) -> auto& { return c.train.max_steps; }, 1,
+                        "optimizer steps"));
+    f.push_back(integer("train.micro_batch_size", [](RunConfig& c) -> auto& { return c.train.micro_batch_size; },
+                        1, "rows per forward pass"));
+    f.push_back(integer("train.grad_accum", [](RunConfig& c) -> auto& { return c.train.grad_accum; }, 1,
+                        "micro-batches per optimizer step"));
+    f.push_back(number("train.max_grad_norm", [](RunConfig& c) -> auto& { return c.train.max_grad_norm; },
+                       0, 1e9, false, "gradient-norm clipping; 0 disables"));
+    f.push_back(integer("train.seed", [](RunConfig& c) -> auto& { return c.train.seed; }, 0,
+                        "seed of LoRA init, shuffling and dropout"));
+    f.push_back(boolean("train.activation_checkpointing",
+                        [](RunConfig& c) -> auto& { return c.train.activation_checkpointing; },
+                        "recompute each decoder layer in backward"));
+    f.push_back(integer("train.max_bad_steps", [](RunConfig& c) -> auto& { return c.train.max_bad_steps; },
+                        1, "consecutive non-finite steps skipped before the run stops"));
+    f.push_back(integer("train.loss_chunk", [](RunConfig& c) -> auto& { return c.train.loss_chunk; }, 1,
+                        "tokens per chunk of the cross-entropy (no whole L x vocab logits)"));
+    f.push_back(str("output.dir", [](RunConfig& c) -> auto& { return c.output.dir; },
+                    "run directory: checkpoints, metrics.jsonl"));
+    f.push_back(integer("output.save_steps", [](RunConfig& c) -> auto& { return c.output.save_steps; }, 1,
+                        "checkpoint every N steps (and at the end)"));
+    f.push_back(integer("output.keep_last", [](RunConfig& c) -> auto& { return c.output.keep_last; }, 1,
+                        "checkpoints kept"));
+    f.push_back(integer("output.log_steps", [](RunConfig& c) -> auto& { return c.output.log_steps; }, 1,
+                        "progress line and metrics.jsonl record every N steps"));
+    f.push_back(str("device", [](RunConfig& c) -> auto& { return c.device; },
+                    "auto = CUDA when present", {"auto", "cpu", "cuda"}));
+    return f;
+  }();
+  return fields;
+}
+
+const Field* find_field(const std::string& path) {
+  for (const auto& f : schema())
+    if (f.path == path) return &f;
+  return nullptr;
+}
+
+bool is_section(const std::string& path) {
+  for (const auto& f : schema())
+    if (f.path.rfind(path + ".", 0) == 0) return true;
+  return false;
+}
+
+void walk(RunConfig& c, const json& j, const std::string& prefix, const std::string& source) {
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    const std::string path = prefix.empty() ? it.key() : prefix + "." + it.key();
+    if (const Field* f = find_field(path)) {
+      f->set(c, it.value(), source + ": " + path);
+    } else if (is_section(path)) {
+      if (!it.value().is_object()) bad(source + ": " + path, "an object", it.value());
+      walk(c, it.value(), path, source);
+    } else {
+      throw Error(source + ": " + path + ": unknown key");
+    }
+  }
+}
+
+}  // namespace
+
+RunConfig parse_run_config(const json& j, const std::string& source) {
+  if (!j.is_object()) throw Error(source + ": expected a JSON object");
+  RunConfig c;
+  walk(c, j, "", source);
+  return c;
+}
+
+RunConfig load_run_config(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw Error(path + ": cannot open config file");
+  json j;
+  try {
+    in >> j;
+  } catch (const json::exception& e) {
+    throw Error(path + ": bad JSON: " + e.what());
+  }
+  return parse_run_config(j, path);
+}
+
+void apply_override(RunConfig& c, const std::string& a) {
+  const auto eq = a.find('=');
+  if (eq == std::string::npos || eq == 0)
+    throw Error("--set " + a + ": expected key.path=value");
+  const std::string key = a.substr(0, eq), raw = a.substr(eq + 1);
+  const Field* f = find_field(key);
+  if (!f) throw Error("--set " + key + ": unknown key");
+  json v;
+  try {
+    v = json::parse(raw);
+  } catch (const json::exception&) {
+    v = raw;  // bare words are strings
+  }
+  f->set(c, v, "--set " + key);
+}
+
+json to_json(const RunConfig& c) {
+  json j = json::object();
+  for (const auto& f : schema()) j[json::json_pointer("/" + [&] {
+    std::string p = f.path;
+    std::replace(p.begin(), p.end(), '.', '/');
+    return p;
+  }())] = f.get(c);
+  return j;
+}
+
+std::string config_reference() {
+  RunConfig d;
+  std::ostringstream o;
+  o << "| key | type | default | meaning |\n|---|---|---|---|\n";
+  for (const auto& f : schema())
+    o << "| `" << f.path << "` | " << f.type << " | `" << f.get(d).dump() << "` | " << f.doc << " |\n";
+  return o.str();
+}
+
+}  // namespace longlora::train

@@ -1,0 +1,133 @@
+#include "longlora/train/setup.h"
+
+#include <spdlog/spdlog.h>
+
+#include <cmath>
+#include <filesystem>
+#include <sstream>
+
+#include "longlora/common/device.h"
+#include "longlora/common/error.h"
+#include "longlora/data/tokens.h"
+#include "longlora/model/loader.h"
+
+namespace fs = std::filesystem;
+
+namespace longlora::train {
+
+double resolve_rope_factor(const RunConfig& c, const io::ModelConfig& m) {
+  if (c.model.rope_factor > 0) return c.model.rope_factor;
+  if (c.data.seq_len > m.max_position_embeddings)
+    return std::ceil(static_cast<double>(c.data.seq_len) / static_cast<double>(m.max_position_embeddings));
+  return m.rope_factor;
+}
+
+NamedTensors select_trainable(model::LlamaForCausalLMImpl& m, const RunConfig& c) {
+  std::vector<std::string> subs;
+  std::stringstream ss(c.trainable_params);
+  for (std::string t; std::getline(ss, t, ',');) {
+    t.erase(0, t.find_first_not_of(" \t"));
+    t.erase(t.find_last_not_of(" \t") + 1);
+    if (!t.empty()) subs.push_back(t);
+  }
+  NamedTensors out;
+  torch::NoGradGuard ng;
+  for (auto& item : m.named_parameters()) {
+    const std::string& n = item.key();
+    auto& p = item.value();
+    bool train = !c.lora.enabled || n.find(".lora_A.") != std::string::npos ||
+                 n.find(".lora_B.") != std::string::npos;
+    for (const auto& s : subs) train = train || n.find(s) != std::string::npos;
+    if (train) {
+      // fp32 master weights in memory we own (base weights may be a read-only mapping).
+      p.set_data(p.to(torch::kFloat32, /*non_blocking=*/false, /*copy=*/true));
+      p.requires_grad_(true);
+      out.emplace_back(n, p);
+    } else {
+      p.requires_grad_(false);
+    }
+  }
+  return out;
+}
+
+Session make_session(const RunConfig& c, bool with_data) {
+  Session s;
+  s.device = pick_device(c.device);
+  s.dtype = pick_dtype(c.model.dtype, s.device);
+  torch::manual_seed(static_cast<uint64_t>(c.train.seed));
+
+  const std::string cfg_path =
+      !c.model.config.empty() ? c.model.config : (fs::path(c.model.path) / "config.json").string();
+  auto mcfg = io::load_model_config(cfg_path);
+  model::LoadOptions lo;
+  lo.device = s.device;
+  lo.compute_dtype = s.dtype;
+  lo.rope_factor = resolve_rope_factor(c, mcfg);
+  lo.seed = static_cast<uint64_t>(c.train.seed);
+  // On the CPU frozen weights are cast once to the compute dtype; on the GPU they
+  // stay as stored (bf16) and random ones are made in the compute dtype.
+  if (!s.device.is_cuda() || c.model.init == "random") lo.weight_dtype = s.dtype;
+  if (c.model.init == "random") {
+    mcfg.rope_factor = *lo.rope_factor;
+    s.model = model::random_model(mcfg, lo);
+  } else {
+    s.model = model::load_model(c.model.path, lo);
+  }
+  auto& m = *s.model;
+  if (c.lora.enabled) {
+    lora::LoraSpec spec;
+    spec.r = c.lora.r;
+    spec.alpha = c.lora.alpha;
+    spec.dropout = c.lora.dropout;
+    spec.targets = c.lora.targets;
+    model::add_lora(m, spec);
+  }
+  s.trainable = select_trainable(m, c);
+  int64_t n_train = 0, n_all = 0;
+  for (auto& [n, p] : s.trainable) n_train += p.numel();
+  for (auto& p : m.parameters()) n_all += p.numel();
+  spdlog::info("model: {} layers, hidden {}, {} heads ({} kv), rope factor {}, {} on {}; trainable {:.2f}M of {:.2f}M parameters",
+               m.cfg.num_hidden_layers, m.cfg.hidden_size, m.cfg.num_attention_heads,
+               m.cfg.num_key_value_heads, m.cfg.rope_factor, dtype_string(s.dtype), s.device.str(),
+               n_train / 1e6, n_all / 1e6);
+
+  // AdamW; weight decay on matrices only.
+  std::vector<torch::Tensor> decay, no_decay;
+  for (auto& [n, p] : s.trainable) (p.dim() >= 2 ? decay : no_decay).push_back(p);
+  auto opts = [&](double wd) {
+    return std::make_unique<torch::optim::AdamWOptions>(
+        torch::optim::AdamWOptions(c.train.lr)
+            .betas({c.train.betas[0], c.train.betas[1]})
+            .eps(c.train.eps)
+            .weight_decay(wd));
+  };
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  if (!decay.empty()) groups.emplace_back(decay, opts(c.train.weight_decay));
+  if (!no_decay.empty()) groups.emplace_back(no_decay, opts(0.0));
+  s.optimizer = std::make_unique<torch::optim::AdamW>(groups, torch::optim::AdamWOptions(c.train.lr));
+
+  s.train_forward.checkpoint_layers = c.train.activation_checkpointing;
+  s.train_forward.attn.backend = attention::parse_backend(c.attention.backend);
+  if (c.attention.s2) {
+    s.train_forward.attn.mode = attention::parse_mode(c.attention.shift_mode);
+    s.train_forward.attn.group = std::llround(c.data.seq_len * c.attention.group_ratio);
+    attention::check_s2_shape(m.cfg.num_attention_heads, m.cfg.num_key_value_heads, c.data.seq_len,
+                              s.train_forward.attn.group, s.train_forward.attn.mode);
+  }
+
+  if (with_data) {
+    const auto tok_path = fs::path(c.model.path) / "tokenizer.model";
+    if (!c.model.path.empty() && fs::exists(tok_path))
+      s.tokenizer = std::make_unique<data::Tokenizer>(tok_path.string());
+    s.data = std::make_unique<data::Dataset>(c.data.train, c.data.format, c.data.seq_len,
+                                             s.tokenizer.get(), m.cfg.vocab_size);
+    spdlog::info("data: {} ({}), {} rows of {} tokens", c.data.train, s.data->kind(), s.data->size(),
+                 c.data.seq_len);
+    if (!c.data.eval.empty())
+      s.eval_data = std::make_unique<std::vector<int32_t>>(
+          data::load_token_stream(c.data.eval, s.tokenizer.get()));
+  }
+  return s;
+}
+
+}  // namespace longlora::train

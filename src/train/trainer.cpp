@@ -1,0 +1,217 @@
+// The training loop. Thin on purpose: setup, the step, periodic work, save.
+#include "longlora/train/trainer.h"
+
+#include <spdlog/spdlog.h>
+#include <sys/resource.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <unistd.h>
+
+#include "longlora/common/device.h"
+#include "longlora/common/error.h"
+#include "longlora/data/dataset.h"
+#include "longlora/data/tokenizer.h"
+#include "longlora/eval/perplexity.h"
+#include "longlora/data/tokens.h"
+#include "longlora/model/loader.h"
+#include "longlora/train/checkpoint.h"
+#include "longlora/train/setup.h"
+
+#ifdef LONGLORA_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+namespace fs = std::filesystem;
+
+namespace longlora::train {
+namespace {
+
+std::atomic<int> g_signals{0};
+
+void on_signal(int) {
+  // First signal: finish the step, save, exit 0. Second: leave at once.
+  if (g_signals.fetch_add(1) >= 1) ::_exit(130);
+}
+
+double peak_memory_gib(const torch::Device& d) {
+#ifdef LONGLORA_WITH_CUDA
+  if (d.is_cuda()) {
+    auto s = c10::cuda::CUDACachingAllocator::getDeviceStats(d.index());
+    return s.reserved_bytes[0].peak / double(1 << 30);
+  }
+#endif
+  struct rusage ru {};
+  ::getrusage(RUSAGE_SELF, &ru);
+  return ru.ru_maxrss / double(1 << 20);  // KiB -> GiB (process peak RSS)
+}
+
+std::string eta(double seconds) {
+  const int64_t s = static_cast<int64_t>(seconds);
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%ldh%02ldm%02lds", s / 3600, (s / 60) % 60, s % 60);
+  return buf;
+}
+
+}  // namespace
+
+double lr_at(const TrainSection& t, int64_t step) {
+  // As transformers' schedulers (the first step's multiplier is 0 with warmup).
+  const double w = static_cast<double>(t.warmup_steps);
+  if (step < t.warmup_steps) return t.lr * static_cast<double>(step) / std::max(1.0, w);
+  const double total = static_cast<double>(t.max_steps);
+  const double progress = (step - w) / std::max(1.0, total - w);
+  if (t.scheduler == "cosine") return t.lr * 0.5 * (1.0 + std::cos(M_PI * progress));
+  if (t.scheduler == "linear") return t.lr * std::max(0.0, (total - step) / std::max(1.0, total - w));
+  return t.lr;
+}
+
+void validate_for_training(const RunConfig& c, const std::string& source) {
+  if (c.model.init == "pretrained" && c.model.path.empty())
+    throw Error(source + ": model.path: required (or model.init \"random\" with model.config)");
+  if (c.model.init == "random" && c.model.config.empty() && c.model.path.empty())
+    throw Error(source + ": model.config: required with model.init \"random\"");
+  if (c.data.train.empty()) throw Error(source + ": data.train: required");
+  if (c.attention.s2) {
+    const double g = c.data.seq_len * c.attention.group_ratio;
+    if (std::abs(g - std::round(g)) > 1e-9)
+      throw Error(source + ": attention.group_ratio: seq_len " + std::to_string(c.data.seq_len) +
+                  " x " + std::to_string(c.attention.group_ratio) + " is not a whole group size");
+    const int64_t G = static_cast<int64_t>(std::llround(g));
+    if (G < c.data.seq_len && G % 2 != 0)
+      throw Error(source + ": attention.group_ratio: group size " + std::to_string(G) +
+                  " is odd; the half-group shift needs it even");
+  }
+}
+
+int train(const RunConfig& cfg, const ResumeRequest& resume) {
+  Session s = make_session(cfg);
+  auto& m = *s.model;
+  const auto& tc = cfg.train;
+  fs::create_directories(cfg.output.dir);
+
+  TrainerState st;
+  std::optional<std::string> from;
+  if (!resume.from.empty()) {
+    from = resume.from;
+  } else if (resume.latest) {
+    from = latest_checkpoint(cfg.output.dir);
+    if (!from) spdlog::warn("--resume: no complete checkpoint in {}: starting from step 0", cfg.output.dir);
+  }
+  if (from) {
+    st = load_checkpoint(*from, s.trainable, *s.optimizer, cfg, m.cfg);
+    spdlog::info("resumed from {} at step {}", *from, st.step);
+  }
+
+  std::signal(SIGINT, on_signal);
+  std::signal(SIGTERM, on_signal);
+  std::ofstream metrics(fs::path(cfg.output.dir) / "metrics.jsonl", std::ios::app);
+
+  const int64_t L = cfg.data.seq_len, mbs = tc.micro_batch_size;
+  std::vector<torch::Tensor> params;
+  for (auto& [n, p] : s.trainable) params.push_back(p);
+  int64_t last_saved = from ? st.step : -1;
+  const auto t_start = std::chrono::steady_clock::now();
+  const int64_t first_step = st.step;
+  m.train();
+
+  while (st.step < tc.max_steps) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const double lr = lr_at(tc, st.step);
+    for (auto& g : s.optimizer->param_groups())
+      static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
+
+    // ---- the step: gather rows, normalize by the number of target tokens
+    std::vector<torch::Tensor> ids, tgts;
+    int64_t count = 0;
+    for (int64_t a = 0; a < tc.grad_accum; ++a) {
+      auto ib = torch::empty({mbs, L}, torch::kInt64), tb = torch::empty({mbs, L}, torch::kInt64);
+      for (int64_t b = 0; b < mbs; ++b) {
+        auto row = s.data->row_at(st.cursor++, cfg.data.shuffle, static_cast<uint64_t>(tc.seed));
+        for (int64_t i = 0; i < L; ++i) {
+          ib[b][i] = row.ids[i];
+          tb[b][i] = row.targets[i];
+          count += row.targets[i] >= 0;
+        }
+      }
+      ids.push_back(ib.to(s.device));
+      tgts.push_back(tb.to(s.device));
+    }
+    s.optimizer->zero_grad();
+    double nll = 0;
+    for (size_t a = 0; a < ids.size(); ++a) {
+      auto h = m.hidden(ids[a], s.train_forward);
+      auto [sum, n] = model::chunked_nll(m, h, tgts[a], tc.loss_chunk);
+      (sum / static_cast<double>(std::max<int64_t>(count, 1))).backward();
+      nll += sum.item<double>();
+    }
+    const double loss = nll / std::max<int64_t>(count, 1);
+    const double norm = torch::nn::utils::clip_grad_norm_(
+        params, tc.max_grad_norm > 0 ? tc.max_grad_norm : std::numeric_limits<double>::infinity());
+    const bool finite = std::isfinite(loss) && std::isfinite(norm);
+    if (finite) {
+      s.optimizer->step();
+      st.bad_steps = 0;
+    } else {
+      ++st.bad_steps;
+      spdlog::warn("step {}: non-finite {} ({}), update skipped ({} in a row)", st.step + 1,
+                   std::isfinite(loss) ? "gradient norm" : "loss", std::isfinite(loss) ? norm : loss,
+                   st.bad_steps);
+    }
+    ++st.step;
+    st.tokens_seen += mbs * L * tc.grad_accum;
+    if (st.bad_steps >= tc.max_bad_steps) {
+      spdlog::error("{} non-finite steps in a row: stopping; the last good checkpoint is kept",
+                    st.bad_steps);
+      return 3;
+    }
+
+    // ---- diagnostics
+    const auto now = std::chrono::steady_clock::now();
+    const double step_s = std::chrono::duration<double>(now - t0).count();
+    if (st.step % cfg.output.log_steps == 0 || st.step == tc.max_steps) {
+      const double elapsed = std::chrono::duration<double>(now - t_start).count();
+      const double per_step = elapsed / static_cast<double>(st.step - first_step);
+      const double tps = mbs * L * tc.grad_accum / step_s;
+      const double mem = peak_memory_gib(s.device);
+      spdlog::info("step {}/{} | loss {:.4f} | lr {:.3e} | grad norm {:.3f} | {:.0f} tokens/s | "
+                   "peak mem {:.2f} GiB | ETA {}",
+                   st.step, tc.max_steps, loss, lr, norm, tps, mem,
+                   eta(per_step * static_cast<double>(tc.max_steps - st.step)));
+      nlohmann::json rec = {{"step", st.step},         {"loss", loss},       {"lr", lr},
+                            {"grad_norm", norm},       {"tokens_per_s", tps}, {"peak_mem_gib", mem},
+                            {"step_time_s", step_s},   {"skipped", !finite}, {"tokens_seen", st.tokens_seen}};
+      metrics << rec.dump() << std::endl;
+    }
+
+    // ---- periodic work
+    const bool stop = g_signals.load() > 0;
+    if (st.step % cfg.output.save_steps == 0 || st.step == tc.max_steps || stop) {
+      const auto dir = save_checkpoint(cfg.output.dir, m, s.trainable, *s.optimizer, st, cfg);
+      prune_checkpoints(cfg.output.dir, cfg.output.keep_last);
+      last_saved = st.step;
+      spdlog::info("saved {}", dir);
+      if (s.eval_data) {
+        auto r = eval::perplexity(m, *s.eval_data, L, L, cfg.data.eval, tc.loss_chunk);
+        m.train();
+        spdlog::info("eval at step {}: loss {:.4f}, perplexity {:.3f}", st.step, r.loss, r.perplexity);
+        metrics << nlohmann::json({{"step", st.step}, {"eval_loss", r.loss}, {"eval_perplexity", r.perplexity}}).dump()
+                << std::endl;
+      }
+    }
+    if (stop) {
+      spdlog::info("signal received: checkpoint saved at step {}, exiting", st.step);
+      return 0;
+    }
+  }
+  if (last_saved != st.step) save_checkpoint(cfg.output.dir, m, s.trainable, *s.optimizer, st, cfg);
+  spdlog::info("training done: {} steps", st.step);
+  return 0;
+}
+
+}  // namespace longlora::train

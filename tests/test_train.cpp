@@ -1,0 +1,222 @@
+// Training: the golden S2 loss and gradients, a loss that falls, exact resume,
+// crash safety of saves, clean exit on SIGTERM.
+#include <signal.h>
+#include <sys/wait.h>
+
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "longlora/model/loader.h"
+#include "longlora/train/checkpoint.h"
+#include "longlora/train/setup.h"
+#include "test_util.h"
+
+using namespace longlora;
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+namespace {
+
+json golden_json() {
+  std::ifstream in(testutil::golden("tiny-llama/golden.json"));
+  return json::parse(in);
+}
+
+// Loss of base + golden adapter on the golden input_ids, as transformers computes
+// it (labels = input_ids, shifted inside the model), and its gradients.
+double golden_step(attention::Mode mode, bool checkpointing, std::map<std::string, torch::Tensor>* grads) {
+  auto g = testutil::load(testutil::golden("tiny-llama/golden.safetensors"));
+  auto m = model::load_model(testutil::golden("tiny-llama/model"), {});
+  model::apply_adapter(*m, testutil::golden("tiny-llama/adapter"));
+  train::RunConfig rc;  // LoRA + "embed,norm" trainable, as LongLoRA
+  auto trainable = train::select_trainable(*m, rc);
+  model::ForwardOptions opt;
+  opt.attn.mode = mode;
+  opt.attn.group = 32;
+  opt.checkpoint_layers = checkpointing;
+  auto ids = g["input_ids"];
+  auto targets = torch::cat({ids.slice(1, 1, 128), torch::full({1, 1}, -1, torch::kInt64)}, 1);
+  m->train();
+  auto [sum, n] = model::chunked_nll(*m, m->hidden(ids, opt), targets, 50);
+  auto loss = sum / static_cast<double>(n);
+  loss.backward();
+  if (grads)
+    for (auto& [name, p] : trainable) (*grads)[name] = p.grad();
+  return loss.item<double>();
+}
+
+std::string tiny_config(const std::string& dir, const std::string& extra = "") {
+  const std::string path = dir + "/run.json";
+  testutil::write_file(path, R"({
+    "model": {"path": ")" + testutil::golden("tiny-llama/model") + R"("},
+    "data": {"train": ")" + testutil::golden("tiny-llama/eval.bin") + R"(", "seq_len": 64},
+    "lora": {"r": 4, "dropout": 0.1},
+    "attention": {"shift_mode": "segments"},
+    "train": {"lr": 0.003, "warmup_steps": 2, "max_steps": 6, "grad_accum": 2, "micro_batch_size": 2},
+    "output": {"dir": ")" + dir + R"(/out", "save_steps": 3, "keep_last": 5, "log_steps": 1}
+  })" + extra);
+  return path;
+}
+
+std::vector<double> losses(const std::string& metrics) {
+  std::vector<double> out;
+  std::ifstream in(metrics);
+  for (std::string line; std::getline(in, line);) {
+    auto j = json::parse(line);
+    if (j.contains("loss")) out.push_back(j["loss"].get<double>());
+  }
+  return out;
+}
+
+pid_t spawn(const std::string& args) {
+  pid_t pid = fork();
+  if (pid == 0) {
+    std::string cmd = std::string("exec ") + LONGLORA_BINARY + " " + args + " >/dev/null 2>&1";
+    execl("/bin/sh", "sh", "-c", cmd.c_str(), (char*)nullptr);
+    _exit(127);
+  }
+  return pid;
+}
+
+template <class F>
+bool wait_until(F f, int seconds) {
+  for (int i = 0; i < seconds * 20; ++i) {
+    if (f()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return false;
+}
+
+}  // namespace
+
+TEST(TrainGolden, S2RollLossAndGradientsMatchTransformers) {
+  auto j = golden_json();
+  auto g = testutil::load(testutil::golden("tiny-llama/golden.safetensors"));
+  for (bool ckpt : {false, true}) {
+    std::map<std::string, torch::Tensor> grads;
+    const double loss = golden_step(attention::Mode::Roll, ckpt, &grads);
+    EXPECT_NEAR(loss, j["loss_s2"].get<double>(), 1e-4 * j["loss_s2"].get<double>()) << "checkpointing " << ckpt;
+    int checked = 0;
+    for (auto& [key, want] : g) {
+      if (key.rfind("grad.", 0) != 0) continue;
+      const std::string name = key.substr(5);
+      ASSERT_TRUE(grads.count(name)) << name << " is not trainable";
+      const double d = testutil::max_abs_diff(grads[name], want);
+      const double scale = want.abs().max().item<double>();
+      EXPECT_LE(d, 1e-4 * scale + 1e-7) << name << " checkpointing " << ckpt << " max abs diff " << d;
+      ++checked;
+    }
+    EXPECT_EQ(checked, 5);
+  }
+}
+
+TEST(TrainGolden, EvaluationModeUsesFullAttention) {
+  auto j = golden_json();
+  const double loss = golden_step(attention::Mode::Full, false, nullptr);
+  EXPECT_NEAR(loss, j["loss_full_lora"].get<double>(), 1e-4 * j["loss_full_lora"].get<double>());
+}
+
+TEST(Train, TinyModelLossFallsAndCheckpointLoadsAsAdapter) {
+  const auto dir = testutil::temp_dir("train-falls");
+  auto r = testutil::run_cli("--config " + tiny_config(dir) + " --set train.max_steps=30 --set output.save_steps=30");
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto l = losses(dir + "/out/metrics.jsonl");
+  ASSERT_EQ(l.size(), 30u);
+  const double first = (l[0] + l[1] + l[2]) / 3, last = (l[27] + l[28] + l[29]) / 3;
+  EXPECT_LT(last, first - 0.3) << "first " << first << " last " << last;
+  // The checkpoint is a peft adapter that eval --adapter reads.
+  const std::string ck = dir + "/out/checkpoint-30";
+  ASSERT_TRUE(fs::exists(ck + "/COMPLETE"));
+  auto cfg = json::parse(std::ifstream(ck + "/adapter_config.json"));
+  EXPECT_EQ(cfg["r"], 4);
+  EXPECT_EQ(cfg["modules_to_save"].size(), 4u);  // embed_tokens, input/post layernorm, norm
+  auto e = testutil::run_cli("eval --model " + testutil::golden("tiny-llama/model") + " --adapter " + ck +
+                             " --data " + testutil::golden("tiny-llama/eval.bin") + " --seq-len 64 --json");
+  ASSERT_EQ(e.code, 0) << e.err;
+  auto base = testutil::run_cli("eval --model " + testutil::golden("tiny-llama/model") + " --data " +
+                                testutil::golden("tiny-llama/eval.bin") + " --seq-len 64 --json");
+  EXPECT_LT(json::parse(e.out)["loss"].get<double>(), json::parse(base.out)["loss"].get<double>() - 0.3);
+}
+
+TEST(Train, ResumeIsBitIdentical) {
+  const auto a = testutil::temp_dir("resume-a"), b = testutil::temp_dir("resume-b");
+  auto r = testutil::run_cli("--config " + tiny_config(a));
+  ASSERT_EQ(r.code, 0) << r.err;
+  r = testutil::run_cli("--config " + tiny_config(b) + " --set train.max_steps=3");
+  ASSERT_EQ(r.code, 0) << r.err;
+  r = testutil::run_cli("--config " + tiny_config(b) + " --resume");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("resumed from"), std::string::npos) << r.err;
+  auto la = losses(a + "/out/metrics.jsonl"), lb = losses(b + "/out/metrics.jsonl");
+  ASSERT_EQ(la.size(), 6u);
+  ASSERT_EQ(lb.size(), 6u);
+  for (size_t i = 0; i < 6; ++i) EXPECT_EQ(la[i], lb[i]) << "step " << i + 1;  // bit-identical
+}
+
+TEST(Train, MismatchedCheckpointIsRefused) {
+  const auto d = testutil::temp_dir("resume-mismatch");
+  ASSERT_EQ(testutil::run_cli("--config " + tiny_config(d) + " --set train.max_steps=3").code, 0);
+  auto r = testutil::run_cli("--config " + tiny_config(d) + " --set lora.r=8 --resume");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("does not fit the config"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("lora.r is 4 there, 8 here"), std::string::npos) << r.err;
+}
+
+TEST(Train, KillDuringSaveKeepsLastGoodCheckpoint) {
+  const auto d = testutil::temp_dir("kill-save");
+  setenv("LONGLORA_TEST_SAVE_PAUSE_MS", "3000", 1);
+  pid_t pid = spawn("--config " + tiny_config(d));
+  unsetenv("LONGLORA_TEST_SAVE_PAUSE_MS");
+  // The first save (step 3) completes slowly; kill the second one (step 6) half-way.
+  ASSERT_TRUE(wait_until([&] { return fs::exists(d + "/out/.tmp-checkpoint-6"); }, 120));
+  ::kill(pid, SIGKILL);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  EXPECT_TRUE(fs::exists(d + "/out/checkpoint-3/COMPLETE"));
+  EXPECT_FALSE(fs::exists(d + "/out/checkpoint-6"));
+  EXPECT_EQ(train::latest_checkpoint(d + "/out").value(), d + "/out/checkpoint-3");
+  auto r = testutil::run_cli("--config " + tiny_config(d) + " --resume");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_TRUE(fs::exists(d + "/out/checkpoint-6/COMPLETE"));
+  EXPECT_FALSE(fs::exists(d + "/out/.tmp-checkpoint-6"));  // stale temporary pruned
+}
+
+TEST(Train, SigtermSavesAndExitsCleanly) {
+  const auto d = testutil::temp_dir("sigterm");
+  pid_t pid = spawn("--config " + tiny_config(d) + " --set train.max_steps=100000 --set output.save_steps=100000");
+  ASSERT_TRUE(wait_until([&] { return losses(d + "/out/metrics.jsonl").size() >= 2; }, 120));
+  ::kill(pid, SIGTERM);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  auto ck = train::latest_checkpoint(d + "/out");
+  ASSERT_TRUE(ck.has_value());
+  auto st = json::parse(std::ifstream(*ck + "/trainer_state.json"));
+  EXPECT_GE(st["step"].get<int64_t>(), 2);
+  EXPECT_LT(st["step"].get<int64_t>(), 100000);
+}
+
+TEST(Train, ScheduleFollowsTransformers) {
+  train::TrainSection t;
+  t.lr = 1.0;
+  t.warmup_steps = 10;
+  t.max_steps = 110;
+  EXPECT_DOUBLE_EQ(train::lr_at(t, 0), 0.0);
+  EXPECT_DOUBLE_EQ(train::lr_at(t, 5), 0.5);
+  EXPECT_DOUBLE_EQ(train::lr_at(t, 50), 1.0);
+  t.scheduler = "cosine";
+  EXPECT_DOUBLE_EQ(train::lr_at(t, 60), 0.5);
+  EXPECT_NEAR(train::lr_at(t, 110), 0.0, 1e-12);
+  t.scheduler = "linear";
+  EXPECT_DOUBLE_EQ(train::lr_at(t, 60), 0.5);
+}
+
+TEST(Train, BadDataIsAClearError) {
+  const auto d = testutil::temp_dir("bad-data");
+  testutil::write_file(d + "/sft.jsonl", "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": 3}\n");
+  auto r = testutil::run_cli("--config " + tiny_config(d) + " --set data.train=" + d + "/sft.jsonl");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("sft.jsonl:2"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("instruction"), std::string::npos) << r.err;
+}
