@@ -1,0 +1,267 @@
+// S2-Attention backward, device code (flash-attention-2 style, three kernels).
+//
+// Contract
+//   inputs   q dout o (B, H, L, D), k v (B, Hkv, L, D) bf16/fp16; lse (B, H, L) fp32 from
+//            the forward; D in {64, 128}; query head h reads kv head h / (H / Hkv).
+//   s2_bwd_delta_kernel    delta (B, H, L) fp32      = rowsum(dout * o)           (=)
+//   s2_bwd_kernel          dk, dv (B, Hkv, L, D)      = sum over the H/Hkv query heads
+//                                                      of kv head hk and the visible
+//                                                      rows (=, written once)
+//                          dq_accum (B, H, L, D) fp32 += dS K (atomics; caller zeroes)
+//   s2_bwd_convert_kernel  dq (B, H, L, D)            = dq_accum rounded to T      (=)
+//   mask: S2HeadMask (s2_mask.cuh), the same rule and tile pruning as the forward.
+//
+// Main kernel: grid (ceil(L / kBlockN), Hkv, B). A CTA owns kBlockN keys of one kv
+// head, 16 per warp; K and V stay in shared memory, the dK and dV accumulators in fp32
+// registers. For each query head h of the kv head (GQA: no repeated K/V in memory)
+// and each query tile from s2_query_tiles it stages Q, dO, lse, delta and computes,
+// per warp, transposed (keys x queries):
+//   S^T = K Q^T,  P^T = exp(scale S^T - lse),  dP^T = V dO^T,
+//   dS^T = P^T * (dP^T - delta) * scale,  dV += P^T dO,  dK += dS^T Q,
+// then writes dS to shared memory and all warps compute dQ = dS K, added with fp32
+// atomics. The softmax scale is folded into dS, so dK and dQ need no final scaling.
+#pragma once
+
+#include <cmath>
+
+#include "longlora/attention/kernel/s2_params.h"
+#include "s2_mask.cuh"
+#include "s2_mma.cuh"
+#include "s2_traits.cuh"
+
+namespace longlora::attention::kernel {
+
+// delta[b, h, i] = sum_d dout[b, h, i, d] * o[b, h, i, d]; one warp per row.
+template <typename T, int D>
+__global__ void s2_bwd_delta_kernel(const S2BwdParams p) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.L;
+  if (row >= rows) return;
+  const int i = static_cast<int>(row % p.L);
+  const int h = static_cast<int>((row / p.L) % p.H);
+  const int b = static_cast<int>(row / (static_cast<int64_t>(p.L) * p.H));
+  const T* dop = static_cast<const T*>(p.dout) + b * p.dout_stride.batch +
+                 h * p.dout_stride.head + i * p.dout_stride.row;
+  const T* op = static_cast<const T*>(p.o) + b * p.o_stride.batch + h * p.o_stride.head +
+                i * p.o_stride.row;
+  const int lane = threadIdx.x & 31;
+  float acc = 0.f;
+#pragma unroll
+  for (int d = lane; d < D; d += 32) acc += S2Elem<T>::to_float(dop[d]) * S2Elem<T>::to_float(op[d]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) p.delta[row] = acc;  // delta is (B, H, L) contiguous: row == (b*H+h)*L+i
+}
+
+// dq[b, h, i, d] = dq_accum[b, h, i, d] (contiguous fp32) rounded to T.
+template <typename T, int D>
+__global__ void s2_bwd_convert_kernel(const S2BwdParams p) {
+  const int64_t n = static_cast<int64_t>(p.B) * p.H * p.L * D;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int d = static_cast<int>(idx % D);
+    const int64_t row = idx / D;
+    const int i = static_cast<int>(row % p.L);
+    const int h = static_cast<int>((row / p.L) % p.H);
+    const int b = static_cast<int>(row / (static_cast<int64_t>(p.L) * p.H));
+    T* dq = static_cast<T*>(p.dq) + b * p.dq_stride.batch + h * p.dq_stride.head +
+            i * p.dq_stride.row;
+    dq[d] = S2Elem<T>::from_float(p.dq_accum[idx]);
+  }
+}
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kThreads) s2_bwd_kernel(const S2BwdParams p) {
+  using T = typename Traits::T;
+  constexpr int D = Traits::kHeadDim;
+  constexpr int BM = Traits::kBlockM;
+  constexpr int BN = Traits::kBlockN;
+  constexpr int LD = Traits::kLd;
+  constexpr int LDS = Traits::kLdS;
+  constexpr int kKSteps = D / 16;  // k-steps of S^T = K Q^T and dP^T = V dO^T
+  constexpr int kNQ = BM / 8;      // n-tiles (query columns) of S^T, dP^T
+  constexpr int kND = D / 8;       // n-tiles of dK, dV
+  constexpr int kNDq = Traits::kDqCols / 8;
+
+  extern __shared__ __align__(16) unsigned char s2_smem[];
+  T* sK = reinterpret_cast<T*>(s2_smem);
+  T* sV = sK + Traits::kSmemK;
+  T* sQ = sV + Traits::kSmemK;
+  T* sdO = sQ + Traits::kSmemQ;
+  T* sdS = sdO + Traits::kSmemQ;  // (BM x BN), row = query, col = key
+  float* sLse = reinterpret_cast<float*>(sdS + Traits::kSmemS);
+  float* sDelta = sLse + BM;
+
+  const int n_block = blockIdx.x;
+  const int hk = blockIdx.y;
+  const int b = blockIdx.z;
+  const int k0 = n_block * BN;
+  const int warp = threadIdx.x / 32;
+  const int g = lane_g(), t = lane_t();
+  const int ratio = p.H / p.Hkv;
+  const float scale_log2 = p.softmax_scale * kS2Log2e;
+
+  const T* kp = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
+  const T* vp = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
+  load_tile<BN, D, Traits::kThreads>(sK, LD, kp + k0 * p.k_stride.row, p.k_stride.row,
+                                     p.L - k0);
+  load_tile<BN, D, Traits::kThreads>(sV, LD, vp + k0 * p.v_stride.row, p.v_stride.row,
+                                     p.L - k0);
+
+  float dk[kND][4], dv[kND][4];
+#pragma unroll
+  for (int nd = 0; nd < kND; ++nd)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[nd][e] = dv[nd][e] = 0.f;
+
+  const int jl0 = warp * 16 + g;  // this thread's local keys: jl0 (e < 2), jl0 + 8 (e >= 2)
+
+  for (int hq = 0; hq < ratio; ++hq) {
+    const int h = hk * ratio + hq;
+    const S2HeadMask mask = S2HeadMask::make(p.L, p.group, p.mode, h, p.H);
+    const T* qp = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
+    const T* dop =
+        static_cast<const T*>(p.dout) + b * p.dout_stride.batch + h * p.dout_stride.head;
+    const int64_t bh_row = (static_cast<int64_t>(b) * p.H + h) * p.L;
+    const float* lse = p.lse + bh_row;
+    const float* delta = p.delta + bh_row;
+    float* dq_acc = p.dq_accum + bh_row * D;
+
+    const S2TileSpan span = s2_query_tiles(mask, k0, BM, BN);
+    for (int r = 0; r < span.n; ++r) {
+      for (int m_block = span.begin(r); m_block < span.end(r); ++m_block) {
+        const int q0 = m_block * BM;
+        __syncthreads();  // previous step's readers of sQ / sdO / sdS / sLse are done
+        load_tile<BM, D, Traits::kThreads>(sQ, LD, qp + q0 * p.q_stride.row, p.q_stride.row,
+                                           p.L - q0);
+        load_tile<BM, D, Traits::kThreads>(sdO, LD, dop + q0 * p.dout_stride.row,
+                                           p.dout_stride.row, p.L - q0);
+        for (int x = threadIdx.x; x < BM; x += Traits::kThreads) {
+          const bool in = q0 + x < p.L;
+          sLse[x] = in ? lse[q0 + x] : 0.f;
+          sDelta[x] = in ? delta[q0 + x] : 0.f;
+        }
+        __syncthreads();
+
+        // S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys x BM queries.
+        float st[kNQ][4], dpt[kNQ][4];
+#pragma unroll
+        for (int nt = 0; nt < kNQ; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < kKSteps; ++kk) {
+          uint32_t ak[4], av[4];
+          load_a(ak, sK + warp * 16 * LD + kk * 16, LD);
+          load_a(av, sV + warp * 16 * LD + kk * 16, LD);
+#pragma unroll
+          for (int nt = 0; nt < kNQ; ++nt) {
+            uint32_t bq[2], bo[2];
+            load_b_nk(bq, sQ + nt * 8 * LD + kk * 16, LD);
+            load_b_nk(bo, sdO + nt * 8 * LD + kk * 16, LD);
+            mma_16816<T>(st[nt], ak, bq);
+            mma_16816<T>(dpt[nt], av, bo);
+          }
+        }
+
+        // P^T (into st) and dS^T (into dpt), scale folded into dS.
+        const bool need_mask = s2_tile_needs_mask(mask, q0, k0, BM, BN);
+#pragma unroll
+        for (int nt = 0; nt < kNQ; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int il = nt * 8 + 2 * t + (e & 1);
+            const int jl = jl0 + (e >= 2 ? 8 : 0);
+            float pv = exp2f(st[nt][e] * scale_log2 - sLse[il] * kS2Log2e);
+            if (need_mask && !mask.visible(q0 + il, k0 + jl)) pv = 0.f;
+            st[nt][e] = pv;
+            dpt[nt][e] = pv * (dpt[nt][e] - sDelta[il]) * p.softmax_scale;
+          }
+        }
+
+        // dV += P^T dO, dK += dS^T Q (queries are the k dimension).
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) {
+          uint32_t ap[4], ads[4];
+          pack_a_from_acc<T>(ap, st[2 * kk], st[2 * kk + 1]);
+          pack_a_from_acc<T>(ads, dpt[2 * kk], dpt[2 * kk + 1]);
+#pragma unroll
+          for (int nd = 0; nd < kND; ++nd) {
+            uint32_t bo[2], bq[2];
+            load_b_kn(bo, sdO + kk * 16 * LD + nd * 8, LD);
+            load_b_kn(bq, sQ + kk * 16 * LD + nd * 8, LD);
+            mma_16816<T>(dv[nd], ap, bo);
+            mma_16816<T>(dk[nd], ads, bq);
+          }
+        }
+
+        // dS (queries x keys) to shared memory for dQ.
+#pragma unroll
+        for (int nt = 0; nt < kNQ; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int il = nt * 8 + 2 * t + (e & 1);
+            const int jl = jl0 + (e >= 2 ? 8 : 0);
+            sdS[il * LDS + jl] = S2Elem<T>::from_float(dpt[nt][e]);
+          }
+        }
+        __syncthreads();
+
+        // dQ (BM x D) += dS (BM x BN) K (BN x D); warp -> (row block, column slice).
+        {
+          const int rb = warp % Traits::kRowBlocks;
+          const int c0 = (warp / Traits::kRowBlocks) * Traits::kDqCols;
+          float dq[kNDq][4];
+#pragma unroll
+          for (int nd = 0; nd < kNDq; ++nd)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dq[nd][e] = 0.f;
+#pragma unroll
+          for (int kk = 0; kk < BN / 16; ++kk) {
+            uint32_t a[4];
+            load_a(a, sdS + rb * 16 * LDS + kk * 16, LDS);
+#pragma unroll
+            for (int nd = 0; nd < kNDq; ++nd) {
+              uint32_t bk[2];
+              load_b_kn(bk, sK + kk * 16 * LD + c0 + nd * 8, LD);
+              mma_16816<T>(dq[nd], a, bk);
+            }
+          }
+#pragma unroll
+          for (int rr = 0; rr < 2; ++rr) {
+            const int i = q0 + rb * 16 + g + rr * 8;
+            if (i < p.L) {
+              float* dst = dq_acc + static_cast<int64_t>(i) * D + c0 + 2 * t;
+#pragma unroll
+              for (int nd = 0; nd < kNDq; ++nd) {
+                atomicAdd(dst + nd * 8, dq[nd][2 * rr]);
+                atomicAdd(dst + nd * 8 + 1, dq[nd][2 * rr + 1]);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // Epilogue: dK, dV (=) for this CTA's keys.
+  T* dkp = static_cast<T*>(p.dk) + b * p.dk_stride.batch + hk * p.dk_stride.head;
+  T* dvp = static_cast<T*>(p.dv) + b * p.dv_stride.batch + hk * p.dv_stride.head;
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int j = k0 + jl0 + rr * 8;
+    if (j < p.L) {
+      T* dkrow = dkp + j * p.dk_stride.row;
+      T* dvrow = dvp + j * p.dv_stride.row;
+#pragma unroll
+      for (int nd = 0; nd < kND; ++nd) {
+        *reinterpret_cast<uint32_t*>(dkrow + nd * 8 + 2 * t) =
+            S2Elem<T>::pack(dk[nd][2 * rr], dk[nd][2 * rr + 1]);
+        *reinterpret_cast<uint32_t*>(dvrow + nd * 8 + 2 * t) =
+            S2Elem<T>::pack(dv[nd][2 * rr], dv[nd][2 * rr + 1]);
+      }
+    }
+  }
+}
+
+}  // namespace longlora::attention::kernel

@@ -1,0 +1,185 @@
+// S2-Attention forward, device code (flash-attention-2 style).
+//
+// Contract
+//   q (B, H, L, D), k v (B, Hkv, L, D), bf16/fp16, D in {64, 128}; query head h reads
+//   kv head h / (H / Hkv).
+//   o   (B, H, L, D)  = softmax(scale * q k^T + mask) v          (overwritten)
+//   lse (B, H, L)     = log(sum_j exp(scale * q_i . k_j)) over visible j, fp32 (overwritten)
+//   mask: S2HeadMask (s2_mask.cuh): Full / Segments / Roll, per head.
+//
+// Grid (ceil(L / kBlockM), H, B); a CTA of kNWarps warps owns kBlockM query rows,
+// 16 per warp. Q fragments stay in registers; for each key tile listed by
+// s2_key_tiles, K and V are staged in shared memory, S = Q K^T and O += P V run on
+// mma.sync with the online softmax in fp32 registers (base-2 exponentials of the
+// scaled scores). Only tiles flagged by s2_tile_needs_mask evaluate the mask.
+#pragma once
+
+#include <cmath>
+
+#include "longlora/attention/kernel/s2_params.h"
+#include "s2_mask.cuh"
+#include "s2_mma.cuh"
+#include "s2_traits.cuh"
+
+namespace longlora::attention::kernel {
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kThreads) s2_fwd_kernel(const S2FwdParams p) {
+  using T = typename Traits::T;
+  constexpr int D = Traits::kHeadDim;
+  constexpr int BM = Traits::kBlockM;
+  constexpr int BN = Traits::kBlockN;
+  constexpr int LD = Traits::kLd;
+  constexpr int kKSteps = D / 16;  // k-steps of S = Q K^T
+  constexpr int kNS = BN / 8;      // n-tiles of S
+  constexpr int kNO = D / 8;       // n-tiles of O
+
+  extern __shared__ __align__(16) unsigned char s2_smem[];
+  T* sQ = reinterpret_cast<T*>(s2_smem);
+  T* sK = sQ + Traits::kSmemQ;
+  T* sV = sK + Traits::kSmemKV;
+
+  const int m_block = static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x);
+  const int h = blockIdx.y;
+  const int b = blockIdx.z;
+  const int hk = h / (p.H / p.Hkv);
+  const int q0 = m_block * BM;
+  const int warp = threadIdx.x / 32;
+  const int g = lane_g(), t = lane_t();
+
+  const T* qp = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
+  const T* kp = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
+  const T* vp = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
+  T* op = static_cast<T*>(p.o) + b * p.o_stride.batch + h * p.o_stride.head;
+  float* lse = p.lse + (static_cast<int64_t>(b) * p.H + h) * p.L;
+
+  const S2HeadMask mask = S2HeadMask::make(p.L, p.group, p.mode, h, p.H);
+  const float scale_log2 = p.softmax_scale * kS2Log2e;
+
+  load_tile<BM, D, Traits::kThreads>(sQ, LD, qp + q0 * p.q_stride.row, p.q_stride.row,
+                                     p.L - q0);
+  __syncthreads();
+  uint32_t qf[kKSteps][4];
+#pragma unroll
+  for (int kk = 0; kk < kKSteps; ++kk) load_a(qf[kk], sQ + warp * 16 * LD + kk * 16, LD);
+
+  float o[kNO][4];
+#pragma unroll
+  for (int nd = 0; nd < kNO; ++nd)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[nd][e] = 0.f;
+  // Running max (base-2, scaled) and partial row sum of this thread's columns, for
+  // rows row0 (rr = 0, accumulator elements 0..1) and row0 + 8 (rr = 1, elements 2..3).
+  float m_run[2] = {-INFINITY, -INFINITY};
+  float l_run[2] = {0.f, 0.f};
+  const int row0 = q0 + warp * 16 + g;
+
+  const S2TileSpan span = s2_key_tiles(mask, q0, BM, BN);
+  for (int r = 0; r < span.n; ++r) {
+    for (int n_block = span.begin(r); n_block < span.end(r); ++n_block) {
+      const int k0 = n_block * BN;
+      __syncthreads();  // every warp is done with the previous sK / sV
+      load_tile<BN, D, Traits::kThreads>(sK, LD, kp + k0 * p.k_stride.row, p.k_stride.row,
+                                         p.L - k0);
+      load_tile<BN, D, Traits::kThreads>(sV, LD, vp + k0 * p.v_stride.row, p.v_stride.row,
+                                         p.L - k0);
+      __syncthreads();
+
+      // S = Q K^T for this warp's 16 rows x BN keys.
+      float s[kNS][4];
+#pragma unroll
+      for (int nt = 0; nt < kNS; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kKSteps; ++kk) {
+#pragma unroll
+        for (int nt = 0; nt < kNS; ++nt) {
+          uint32_t bf[2];
+          load_b_nk(bf, sK + nt * 8 * LD + kk * 16, LD);
+          mma_16816<T>(s[nt], qf[kk], bf);
+        }
+      }
+
+      // Scale to base-2 units; mask boundary tiles.
+      const bool need_mask = s2_tile_needs_mask(mask, q0, k0, BM, BN);
+#pragma unroll
+      for (int nt = 0; nt < kNS; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[nt][e] *= scale_log2;
+          if (need_mask) {
+            const int i = row0 + (e >= 2 ? 8 : 0);
+            const int j = k0 + nt * 8 + 2 * t + (e & 1);
+            if (!mask.visible(i, j)) s[nt][e] = -INFINITY;
+          }
+        }
+      }
+
+      // Online softmax. A row's 4 owners are lanes 4g..4g+3 (xor 1, 2).
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < kNS; ++nt)
+          mx = fmaxf(mx, fmaxf(s[nt][2 * rr], s[nt][2 * rr + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run[rr], mx);
+        // A row with nothing visible so far keeps max -inf: subtract 0, not -inf.
+        const float m_use = (m_new == -INFINITY) ? 0.f : m_new;
+        const float alpha = exp2f(m_run[rr] - m_use);
+        m_run[rr] = m_new;
+        float rowsum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kNS; ++nt) {
+#pragma unroll
+          for (int e = 2 * rr; e < 2 * rr + 2; ++e) {
+            s[nt][e] = exp2f(s[nt][e] - m_use);
+            rowsum += s[nt][e];
+          }
+        }
+        l_run[rr] = l_run[rr] * alpha + rowsum;
+#pragma unroll
+        for (int nd = 0; nd < kNO; ++nd) {
+          o[nd][2 * rr] *= alpha;
+          o[nd][2 * rr + 1] *= alpha;
+        }
+      }
+
+      // O += P V (P rounded to T, as the A operand built from the S accumulators).
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        uint32_t a[4];
+        pack_a_from_acc<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+        for (int nd = 0; nd < kNO; ++nd) {
+          uint32_t bf[2];
+          load_b_kn(bf, sV + kk * 16 * LD + nd * 8, LD);
+          mma_16816<T>(o[nd], a, bf);
+        }
+      }
+    }
+  }
+
+  // Epilogue: normalize, store O and the natural-log LSE.
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float l = l_run[rr];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int i = row0 + rr * 8;
+    if (i < p.L) {
+      T* orow = op + i * p.o_stride.row;
+#pragma unroll
+      for (int nd = 0; nd < kNO; ++nd) {
+        *reinterpret_cast<uint32_t*>(orow + nd * 8 + 2 * t) =
+            S2Elem<T>::pack(o[nd][2 * rr] * inv, o[nd][2 * rr + 1] * inv);
+      }
+      if (t == 0) lse[i] = l > 0.f ? m_run[rr] * kS2Ln2 + logf(l) : -INFINITY;
+    }
+  }
+}
+
+}  // namespace longlora::attention::kernel

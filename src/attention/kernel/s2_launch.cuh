@@ -1,0 +1,78 @@
+// Launchers of the S2 kernels: grid, shared-memory attribute, launch, launch check.
+// Callers (the dispatch in s2_fwd.cu / s2_bwd.cu) pick T and D; nothing above this
+// layer sees launch geometry.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "longlora/attention/kernel/s2_params.h"
+#include "s2_bwd_kernel.cuh"
+#include "s2_fwd_kernel.cuh"
+#include "s2_traits.cuh"
+
+// Throws std::runtime_error naming the failing call.
+#define S2_CUDA_CHECK(expr)                                                          \
+  do {                                                                               \
+    const cudaError_t s2_err_ = (expr);                                              \
+    if (s2_err_ != cudaSuccess)                                                      \
+      throw std::runtime_error(std::string("S2 kernel: ") + #expr + ": " +          \
+                               cudaGetErrorString(s2_err_));                         \
+  } while (0)
+
+namespace longlora::attention::kernel {
+
+inline int s2_ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+template <typename Kernel>
+void s2_set_smem(Kernel kernel, int bytes) {
+  if (bytes > 48 * 1024)
+    S2_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+
+template <typename T, int D>
+void launch_s2_fwd(const S2FwdParams& p, cudaStream_t stream) {
+  using Traits = S2FwdConfig<T, D>;
+  if (p.B == 0 || p.H == 0 || p.L == 0) return;
+  auto kernel = s2_fwd_kernel<Traits>;
+  constexpr int smem = Traits::kSmemBytes;
+  s2_set_smem(kernel, smem);
+  const dim3 grid(s2_ceil_div(p.L, Traits::kBlockM), p.H, p.B);
+  kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
+  S2_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename T, int D>
+void launch_s2_bwd(const S2BwdParams& p, cudaStream_t stream) {
+  using Traits = S2BwdConfig<T, D>;
+  if (p.B == 0 || p.H == 0 || p.L == 0) return;
+  const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.L;
+
+  // 1. delta = rowsum(dout * o): 4 warps per block, one row per warp.
+  constexpr int kDeltaThreads = 128;
+  const int64_t delta_blocks = (rows + kDeltaThreads / 32 - 1) / (kDeltaThreads / 32);
+  s2_bwd_delta_kernel<T, D>
+      <<<static_cast<unsigned>(delta_blocks), kDeltaThreads, 0, stream>>>(p);
+  S2_CUDA_CHECK(cudaGetLastError());
+
+  // 2. dK, dV (=), dq_accum (+=).
+  auto kernel = s2_bwd_kernel<Traits>;
+  constexpr int smem = Traits::kSmemBytes;
+  s2_set_smem(kernel, smem);
+  const dim3 grid(s2_ceil_div(p.L, Traits::kBlockN), p.Hkv, p.B);
+  kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
+  S2_CUDA_CHECK(cudaGetLastError());
+
+  // 3. dq = dq_accum (grid-stride loop).
+  constexpr int kConvThreads = 256;
+  const int64_t n = rows * D;
+  const int64_t conv_blocks = std::min<int64_t>((n + kConvThreads - 1) / kConvThreads, 65536);
+  s2_bwd_convert_kernel<T, D><<<static_cast<unsigned>(conv_blocks), kConvThreads, 0, stream>>>(p);
+  S2_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace longlora::attention::kernel

@@ -1,0 +1,140 @@
+// Warp-level tensor-core helpers for the S2 kernels: mma.sync m16n8k16 (bf16/fp16 in,
+// fp32 accumulate), fragment loads from shared memory, tile copies global -> shared.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16, per lane: g = lane / 4, t = lane % 4):
+//   A 16x16 (row): a[0] = A[g][2t..2t+1]    a[1] = A[g+8][2t..2t+1]
+//                  a[2] = A[g][2t+8..2t+9]  a[3] = A[g+8][2t+8..2t+9]
+//   B 16x8  (col): b[0] = B[2t..2t+1][g]    b[1] = B[2t+8..2t+9][g]
+//   C 16x8  (f32): c[0..1] = C[g][2t..2t+1] c[2..3] = C[g+8][2t..2t+1]
+// Two adjacent C tiles (n = 0..7, 8..15) of a 16x16 product are exactly the A fragment
+// of that 16x16 block used as the next product's left operand (pack_a_from_acc).
+// In each packed 32-bit register the lower-index element sits in the low 16 bits.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace longlora::attention::kernel {
+
+template <typename T>
+struct S2Elem;
+template <>
+struct S2Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) {
+    return __float2bfloat16_rn(x);
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) {
+    return __bfloat162float(x);
+  }
+};
+template <>
+struct S2Elem<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+};
+
+// c += a * b for one 16x8x16 tile.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
+                                          const uint32_t (&b)[2]);
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4],
+                                                         const uint32_t (&a)[4],
+                                                         const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4],
+                                                  const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ int lane_g() { return (threadIdx.x & 31) >> 2; }
+__device__ __forceinline__ int lane_t() { return threadIdx.x & 3; }
+
+template <typename T>
+__device__ __forceinline__ uint32_t lds32(const T* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(T lo, T hi) {
+  const uint16_t l = *reinterpret_cast<const uint16_t*>(&lo);
+  const uint16_t h = *reinterpret_cast<const uint16_t*>(&hi);
+  return static_cast<uint32_t>(l) | (static_cast<uint32_t>(h) << 16);
+}
+
+// A(m, k) = s[m * ld + k]: a 16x16 row-major block (k contiguous).
+template <typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* s, int ld) {
+  const int g = lane_g(), t = lane_t();
+  a[0] = lds32(s + g * ld + 2 * t);
+  a[1] = lds32(s + (g + 8) * ld + 2 * t);
+  a[2] = lds32(s + g * ld + 2 * t + 8);
+  a[3] = lds32(s + (g + 8) * ld + 2 * t + 8);
+}
+
+// B(k, n) = s[n * ld + k]: the 16x8 block stored n-major (k contiguous), e.g. K rows
+// for S = Q K^T.
+template <typename T>
+__device__ __forceinline__ void load_b_nk(uint32_t (&b)[2], const T* s, int ld) {
+  const int g = lane_g(), t = lane_t();
+  b[0] = lds32(s + g * ld + 2 * t);
+  b[1] = lds32(s + g * ld + 2 * t + 8);
+}
+
+// B(k, n) = s[k * ld + n]: the 16x8 block stored k-major (n contiguous), e.g. V rows
+// for O = P V. Element loads (conflict-free for ld % 64 == 8).
+template <typename T>
+__device__ __forceinline__ void load_b_kn(uint32_t (&b)[2], const T* s, int ld) {
+  const int g = lane_g(), t = lane_t();
+  b[0] = pack2(s[(2 * t) * ld + g], s[(2 * t + 1) * ld + g]);
+  b[1] = pack2(s[(2 * t + 8) * ld + g], s[(2 * t + 9) * ld + g]);
+}
+
+// The A fragment of the 16x16 block formed by accumulator tiles c0 (cols 0..7) and
+// c1 (cols 8..15), rounded to T.
+template <typename T>
+__device__ __forceinline__ void pack_a_from_acc(uint32_t (&a)[4], const float (&c0)[4],
+                                                const float (&c1)[4]) {
+  a[0] = S2Elem<T>::pack(c0[0], c0[1]);
+  a[1] = S2Elem<T>::pack(c0[2], c0[3]);
+  a[2] = S2Elem<T>::pack(c1[0], c1[1]);
+  a[3] = S2Elem<T>::pack(c1[2], c1[3]);
+}
+
+// Copy rows [0, kRows) x [0, kCols) of a global tile (row stride `gstride` elements)
+// into shared memory (row stride `ld`), 16 bytes per thread per step; rows >= `rows`
+// are zero-filled (so padding never injects NaN/Inf into a product).
+template <int kRows, int kCols, int kThreads, typename T>
+__device__ __forceinline__ void load_tile(T* s, int ld, const T* gp, int64_t gstride,
+                                          int rows) {
+  constexpr int kChunksPerRow = kCols / 8;
+  static_assert(kCols % 8 == 0, "tile width must be a multiple of 8 elements");
+  for (int c = threadIdx.x; c < kRows * kChunksPerRow; c += kThreads) {
+    const int r = c / kChunksPerRow;
+    const int col = (c % kChunksPerRow) * 8;
+    uint4 val = make_uint4(0u, 0u, 0u, 0u);
+    if (r < rows) val = *reinterpret_cast<const uint4*>(gp + r * gstride + col);
+    *reinterpret_cast<uint4*>(s + r * ld + col) = val;
+  }
+}
+
+}  // namespace longlora::attention::kernel

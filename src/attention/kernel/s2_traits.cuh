@@ -1,0 +1,81 @@
+// Compile-time tile shapes of the S2 kernels.
+//
+// Forward: a CTA owns kBlockM query rows (16 per warp) of one (batch, head) and walks
+// the key tiles of kBlockN keys that those rows can see.
+// Backward: a CTA owns kBlockN keys (16 per warp) of one (batch, kv head) and walks,
+// for every query head sharing that kv head, the query tiles of kBlockM rows that can
+// see them.
+// Shared-memory rows are padded by 8 elements (16 bytes) so that fragment loads hit
+// distinct banks and every row stays 16-byte aligned.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace longlora::attention::kernel {
+
+// Softmax in base 2: exp(x) = exp2(x * log2(e)); the LSE is stored in natural log.
+constexpr float kS2Log2e = 1.4426950408889634f;
+constexpr float kS2Ln2 = 0.6931471805599453f;
+
+template <typename T_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
+struct S2FwdTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kThreads = kNWarps * 32;
+  static constexpr int kPad = 8;
+  static constexpr int kLd = kHeadDim + kPad;  // row stride of sQ, sK, sV
+  static constexpr int kSmemQ = kBlockM * kLd;
+  static constexpr int kSmemKV = kBlockN * kLd;
+  static constexpr int kSmemBytes = (kSmemQ + 2 * kSmemKV) * static_cast<int>(sizeof(T));
+
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "head dim must be 64 or 128");
+  static_assert(kBlockM == 16 * kNWarps, "forward: each warp owns 16 query rows");
+  static_assert(kBlockN % 16 == 0 && kBlockN >= 16, "key tile: multiple of 16");
+  static_assert(kLd % 8 == 0, "padded rows must stay 16-byte aligned");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
+};
+
+template <typename T_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
+struct S2BwdTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;  // query rows per step
+  static constexpr int kBlockN = kBlockN_;  // keys per CTA
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kThreads = kNWarps * 32;
+  static constexpr int kPad = 8;
+  static constexpr int kLd = kHeadDim + kPad;  // sQ, sK, sV, sdO
+  static constexpr int kLdS = kBlockN + kPad;  // sdS (kBlockM x kBlockN)
+  // dQ = dS K: warps tile the (kBlockM x kHeadDim) product as kRowBlocks x kColSplits.
+  static constexpr int kRowBlocks = kBlockM / 16;
+  static constexpr int kColSplits = kNWarps / kRowBlocks;
+  static constexpr int kDqCols = kHeadDim / kColSplits;
+
+  static constexpr int kSmemK = kBlockN * kLd;
+  static constexpr int kSmemQ = kBlockM * kLd;
+  static constexpr int kSmemS = kBlockM * kLdS;
+  static constexpr int kSmemElems = 2 * kSmemK + 2 * kSmemQ + kSmemS;
+  static constexpr int kSmemBytes =
+      kSmemElems * static_cast<int>(sizeof(T)) + 2 * kBlockM * static_cast<int>(sizeof(float));
+
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "head dim must be 64 or 128");
+  static_assert(kBlockN == 16 * kNWarps, "backward: each warp owns 16 keys");
+  static_assert(kBlockM % 16 == 0 && kBlockM >= 16, "query step: multiple of 16");
+  static_assert(kNWarps % kRowBlocks == 0, "dQ warp tiling: warps per row block");
+  static_assert(kDqCols % 8 == 0 && kDqCols * kColSplits == kHeadDim, "dQ column split");
+  static_assert(kLd % 8 == 0 && kLdS % 8 == 0, "padded rows must stay 16-byte aligned");
+  static_assert((kSmemElems * sizeof(T)) % 16 == 0, "fp32 scratch must stay aligned");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
+};
+
+// The configurations the dispatch instantiates.
+template <typename T, int D>
+using S2FwdConfig = S2FwdTraits<T, D, 64, 64, 4>;
+template <typename T, int D>
+using S2BwdConfig = S2BwdTraits<T, D, (D == 64 ? 64 : 32), 64, 4>;
+
+}  // namespace longlora::attention::kernel

@@ -1,0 +1,279 @@
+// The S2-Attention CUDA kernel against attention_reference: out, dq, dk, dv.
+//
+// Oracle: attention_reference in fp32 on the bf16/fp16 inputs upcast to fp32.
+// Tolerance from the real limit: the kernel's max abs error against the oracle may be
+// at most 3x the error plain libtorch makes at the input dtype (attention_reference
+// run in bf16/fp16) against the same oracle, plus a small atol.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "longlora/attention/attention.h"
+#include "longlora/common/error.h"
+
+#ifdef LONGLORA_WITH_CUDA
+#include <set>
+
+#include "../src/attention/kernel/s2_mask.cuh"  // white-box: the kernels' index rules
+#endif
+
+namespace {
+
+namespace la = longlora::attention;
+
+struct S2Case {
+  int64_t B, H, Hkv, L, D, G;
+  la::Mode mode;
+  torch::ScalarType dtype;
+};
+
+std::string case_name(const S2Case& c) {
+  std::ostringstream s;
+  s << la::to_string(c.mode) << "_" << (c.dtype == torch::kBFloat16 ? "bf16" : "fp16")
+    << "_B" << c.B << "_H" << c.H << "_Hkv" << c.Hkv << "_L" << c.L << "_D" << c.D << "_G"
+    << c.G;
+  return s.str();
+}
+
+struct Result {
+  torch::Tensor out, dq, dk, dv;
+};
+
+using AttnFn = torch::Tensor (*)(const torch::Tensor&, const torch::Tensor&,
+                                 const torch::Tensor&, la::Mode, int64_t);
+
+Result run(AttnFn fn, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+           const torch::Tensor& dout, la::Mode mode, int64_t G) {
+  auto qq = q.detach().clone().requires_grad_(true);
+  auto kk = k.detach().clone().requires_grad_(true);
+  auto vv = v.detach().clone().requires_grad_(true);
+  auto out = fn(qq, kk, vv, mode, G);
+  auto g = torch::autograd::grad({out}, {qq, kk, vv}, {dout});
+  return {out.detach(), g[0], g[1], g[2]};
+}
+
+double max_abs(const torch::Tensor& a, const torch::Tensor& b) {
+  return (a.to(torch::kFloat32) - b.to(torch::kFloat32)).abs().max().item<double>();
+}
+
+// Compares the kernel on (q, k, v, dout) against the fp32 oracle, with the tolerance
+// set by the low-precision libtorch reference on the same inputs.
+void expect_matches_reference(const std::string& name, const torch::Tensor& q,
+                              const torch::Tensor& k, const torch::Tensor& v,
+                              const torch::Tensor& dout, la::Mode mode, int64_t G) {
+  auto f32 = [](const torch::Tensor& t) { return t.to(torch::kFloat32); };
+  const Result ref = run(&la::attention_reference, f32(q), f32(k), f32(v), f32(dout), mode, G);
+  const Result low = run(&la::attention_reference, q, k, v, dout, mode, G);
+  const Result ker = run(&la::attention_kernel, q, k, v, dout, mode, G);
+
+  ASSERT_EQ(ker.out.sizes(), q.sizes());
+  ASSERT_EQ(ker.dq.sizes(), q.sizes());
+  ASSERT_EQ(ker.dk.sizes(), k.sizes());
+  ASSERT_EQ(ker.dv.sizes(), v.sizes());
+  ASSERT_EQ(ker.out.scalar_type(), q.scalar_type());
+
+  struct Field {
+    const char* name;
+    const torch::Tensor &ref, &low, &ker;
+  };
+  const Field fields[] = {{"out", ref.out, low.out, ker.out},
+                          {"dq", ref.dq, low.dq, ker.dq},
+                          {"dk", ref.dk, low.dk, ker.dk},
+                          {"dv", ref.dv, low.dv, ker.dv}};
+  for (const Field& f : fields) {
+    const char* field = f.name;
+    const auto& r = f.ref;
+    const auto& lo = f.low;
+    const auto& ke = f.ker;
+    const double ref_max = r.abs().max().item<double>();
+    const double err_low = max_abs(lo, r);
+    const double err_ker = max_abs(ke, r);
+    const double tol = 3.0 * err_low + 1e-3 * ref_max + 1e-5;
+    EXPECT_TRUE(torch::isfinite(ke).all().item<bool>()) << name << " " << field
+                                                        << ": non-finite values";
+    EXPECT_LE(err_ker, tol) << name << " " << field << ": kernel max abs diff " << err_ker
+                            << ", libtorch " << torch::toString(q.scalar_type())
+                            << " max abs diff " << err_low << ", tol " << tol
+                            << ", |ref| max " << ref_max;
+  }
+}
+
+class S2KernelVsReference : public ::testing::TestWithParam<S2Case> {};
+
+TEST_P(S2KernelVsReference, OutAndGradsMatch) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device: S2 kernel tests run on the GPU machine";
+  const S2Case c = GetParam();
+  torch::manual_seed(1234);
+  const auto o = torch::TensorOptions().dtype(c.dtype).device(torch::kCUDA);
+  const auto q = torch::randn({c.B, c.H, c.L, c.D}, o);
+  const auto k = torch::randn({c.B, c.Hkv, c.L, c.D}, o);
+  const auto v = torch::randn({c.B, c.Hkv, c.L, c.D}, o);
+  const auto dout = torch::randn({c.B, c.H, c.L, c.D}, o);
+  expect_matches_reference(case_name(c), q, k, v, dout, c.mode, c.G);
+}
+
+std::vector<S2Case> s2_cases() {
+  using la::Mode;
+  const auto bf16 = torch::kBFloat16;
+  const auto fp16 = torch::kHalf;
+  std::vector<S2Case> cs;
+  // Every mode x dtype x head dim on a tiny MHA and a small GQA (B = 2) problem.
+  for (Mode m : {Mode::Full, Mode::Segments, Mode::Roll})
+    for (auto dt : {bf16, fp16})
+      for (int64_t D : {64, 128}) {
+        cs.push_back({1, 4, 4, 64, D, 16, m, dt});
+        cs.push_back({2, 8, 2, 256, D, 64, m, dt});
+      }
+  // Ragged shapes: L not a multiple of the 64-row tiles, half-groups not tile-aligned,
+  // tiny groups, G == L (plain causal in every mode), Hkv = 1.
+  for (Mode m : {Mode::Segments, Mode::Roll}) {
+    cs.push_back({1, 4, 1, 96, 64, 32, m, bf16});
+    cs.push_back({1, 2, 2, 48, 128, 16, m, fp16});
+    cs.push_back({1, 4, 2, 192, 128, 96, m, bf16});
+    cs.push_back({1, 2, 1, 160, 64, 160, m, bf16});
+    cs.push_back({1, 2, 2, 512, 64, 16, m, fp16});
+    cs.push_back({1, 8, 1, 320, 128, 40, m, bf16});
+  }
+  // Larger sequences (fewer at the big end).
+  cs.push_back({1, 8, 2, 1024, 128, 256, Mode::Roll, bf16});
+  cs.push_back({1, 8, 2, 1024, 128, 256, Mode::Segments, bf16});
+  cs.push_back({1, 4, 4, 2048, 64, 512, Mode::Segments, fp16});
+  cs.push_back({1, 4, 4, 2048, 64, 0, Mode::Full, bf16});
+  cs.push_back({1, 4, 2, 4096, 128, 1024, Mode::Roll, bf16});
+  cs.push_back({1, 2, 1, 8192, 64, 2048, Mode::Segments, bf16});
+  cs.push_back({1, 2, 2, 16384, 128, 4096, Mode::Roll, bf16});
+  cs.push_back({1, 2, 1, 16384, 64, 4096, Mode::Segments, fp16});
+  return cs;
+}
+
+INSTANTIATE_TEST_SUITE_P(S2Kernel, S2KernelVsReference, ::testing::ValuesIn(s2_cases()),
+                         [](const ::testing::TestParamInfo<S2Case>& info) {
+                           return case_name(info.param);
+                         });
+
+// Views whose strides are not (B, H, L, D)-contiguous: q k v made (B, L, H, D) and
+// transposed, as a model's projection produces them.
+TEST(S2Kernel, StridedViewsMatch) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device: S2 kernel tests run on the GPU machine";
+  torch::manual_seed(7);
+  const int64_t B = 2, H = 4, Hkv = 2, L = 256, D = 64, G = 64;
+  const auto o = torch::TensorOptions().dtype(torch::kBFloat16).device(torch::kCUDA);
+  const auto q = torch::randn({B, L, H, D}, o).transpose(1, 2);
+  const auto k = torch::randn({B, L, Hkv, D}, o).transpose(1, 2);
+  const auto v = torch::randn({B, L, Hkv, D}, o).transpose(1, 2);
+  const auto dout = torch::randn({B, L, H, D}, o).transpose(1, 2);
+  ASSERT_FALSE(q.is_contiguous());
+  expect_matches_reference("strided_views", q, k, v, dout, la::Mode::Roll, G);
+}
+
+TEST(S2Kernel, RejectsBadInputs) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device: S2 kernel tests run on the GPU machine";
+  if (!la::kernel_compiled()) GTEST_SKIP() << "build without CUDA kernels";
+  const auto o = torch::TensorOptions().dtype(torch::kBFloat16).device(torch::kCUDA);
+  const auto q = torch::randn({1, 2, 64, 64}, o);
+  // Head dim 96, fp32, CPU tensors, H % Hkv != 0: TORCH_CHECK (c10::Error).
+  const auto q96 = torch::randn({1, 2, 64, 96}, o);
+  EXPECT_THROW(la::attention_kernel(q96, q96, q96, la::Mode::Full, 0), c10::Error);
+  const auto q32 = q.to(torch::kFloat32);
+  EXPECT_THROW(la::attention_kernel(q32, q32, q32, la::Mode::Full, 0), c10::Error);
+  const auto qc = q.cpu();
+  EXPECT_THROW(la::attention_kernel(qc, qc, qc, la::Mode::Full, 0), c10::Error);
+  const auto k3 = torch::randn({1, 3, 64, 64}, o);
+  EXPECT_THROW(la::attention_kernel(q, k3, k3, la::Mode::Full, 0), c10::Error);
+  // S2 shape rules: L % G != 0 (longlora::Error from check_s2_shape).
+  EXPECT_THROW(la::attention_kernel(q, q, q, la::Mode::Segments, 24), longlora::Error);
+}
+
+#ifdef LONGLORA_WITH_CUDA
+// The kernels' index rules against the definition in attention.h (Roll via the rolled
+// index itself), exhaustively on small shapes; and the tile pruning: the listed tiles
+// are exactly those holding a visible pair, and unmasked tiles are wholly visible.
+// Host-only: runs without a GPU.
+namespace kn = longlora::attention::kernel;
+
+bool defined_visible(int L, int G, kn::S2Mode mode, int h, int H, int i, int j) {
+  if (i >= L || j >= L) return false;
+  if (mode == kn::S2Mode::Full || G == L) return j <= i;
+  const int half = G / 2;
+  if (h < H / 2) return i / G == j / G && j <= i;
+  if (mode == kn::S2Mode::Segments) {
+    auto seg = [&](int x) { return x < half ? -1 : (x - half) / G; };
+    return seg(i) == seg(j) && j <= i;
+  }
+  const int ri = (i - half + L) % L, rj = (j - half + L) % L;  // roll by -G/2
+  return ri / G == rj / G && rj <= ri;
+}
+
+TEST(S2KernelMask, IndexRulesAndTilePruning) {
+  const int H = 2;
+  for (int L : {16, 48, 64, 96, 160, 192}) {
+    for (int G = 2; G <= L; G += 2) {
+      if (L % G != 0) continue;
+      for (auto mode : {kn::S2Mode::Full, kn::S2Mode::Segments, kn::S2Mode::Roll}) {
+        for (int h = 0; h < H; ++h) {
+          const auto m = kn::S2HeadMask::make(L, G, mode, h, H);
+          const std::string at = "L=" + std::to_string(L) + " G=" + std::to_string(G) +
+                                 " mode=" + std::to_string(static_cast<int>(mode)) +
+                                 " h=" + std::to_string(h);
+          for (int i = 0; i < L + 3; ++i)
+            for (int j = 0; j < L + 3; ++j)
+              ASSERT_EQ(m.visible(i, j), defined_visible(L, G, mode, h, H, i, j))
+                  << at << " i=" << i << " j=" << j;
+          for (int BM : {32, 64}) {
+            const int BN = 64;
+            const int nq = (L + BM - 1) / BM, nk = (L + BN - 1) / BN;
+            auto any_visible = [&](int qt, int kt) {
+              for (int i = qt * BM; i < (qt + 1) * BM; ++i)
+                for (int j = kt * BN; j < (kt + 1) * BN; ++j)
+                  if (m.visible(i, j)) return true;
+              return false;
+            };
+            auto listed = [](const kn::S2TileSpan& s) {
+              std::multiset<int> out;
+              for (int r = 0; r < s.n; ++r)
+                for (int x = s.begin(r); x < s.end(r); ++x) out.insert(x);
+              return out;
+            };
+            for (int qt = 0; qt < nq; ++qt) {
+              std::multiset<int> want;
+              for (int kt = 0; kt < nk; ++kt) {
+                if (any_visible(qt, kt)) want.insert(kt);
+                if (!kn::s2_tile_needs_mask(m, qt * BM, kt * BN, BM, BN))
+                  for (int i = qt * BM; i < (qt + 1) * BM; ++i)
+                    for (int j = kt * BN; j < (kt + 1) * BN; ++j)
+                      ASSERT_TRUE(m.visible(i, j)) << at << " unmasked tile, i=" << i
+                                                   << " j=" << j;
+              }
+              ASSERT_EQ(listed(kn::s2_key_tiles(m, qt * BM, BM, BN)), want)
+                  << at << " key tiles of query tile " << qt << " (BM=" << BM << ")";
+            }
+            for (int kt = 0; kt < nk; ++kt) {
+              std::multiset<int> want;
+              for (int qt = 0; qt < nq; ++qt)
+                if (any_visible(qt, kt)) want.insert(qt);
+              ASSERT_EQ(listed(kn::s2_query_tiles(m, kt * BN, BM, BN)), want)
+                  << at << " query tiles of key tile " << kt << " (BM=" << BM << ")";
+            }
+          }
+        }
+      }
+    }
+  }
+}
+#endif
+
+// Runs everywhere: a build without CUDA kernels throws longlora::Error from the stub;
+// a CUDA build rejects CPU tensors.
+TEST(S2Kernel, StubOrCpuTensorsThrow) {
+  const auto q = torch::randn({1, 2, 64, 64}).to(torch::kBFloat16);
+  if (!la::kernel_compiled()) {
+    EXPECT_THROW(la::attention_kernel(q, q, q, la::Mode::Full, 0), longlora::Error);
+  } else {
+    EXPECT_ANY_THROW(la::attention_kernel(q, q, q, la::Mode::Full, 0));
+  }
+}
+
+}  // namespace
