@@ -38,8 +38,10 @@ std::map<std::string, std::vector<int64_t>> base_shapes(LlamaForCausalLMImpl& m)
   return out;
 }
 
-torch::Tensor& param_ref(LlamaForCausalLMImpl& m, const std::string& name) {
-  auto* p = m.named_parameters().find(name);
+// A handle to the parameter (set_data on it changes the module's parameter).
+torch::Tensor param_ref(LlamaForCausalLMImpl& m, const std::string& name) {
+  auto params = m.named_parameters();
+  auto* p = params.find(name);
   TORCH_CHECK(p, "no parameter ", name);
   return *p;
 }
@@ -56,7 +58,7 @@ LlamaForCausalLM random_model(const io::ModelConfig& cfg, const LoadOptions& opt
   const auto dt = opt.weight_dtype.value_or(opt.compute_dtype);
   auto gen = at::make_generator<at::CPUGeneratorImpl>(opt.seed);
   for (auto& [name, shape] : base_shapes(*m)) {
-    auto& p = param_ref(*m, name);
+    auto p = param_ref(*m, name);
     torch::Tensor t;
     if (shape.size() == 1) {
       t = torch::ones(shape, torch::dtype(dt).device(opt.device));

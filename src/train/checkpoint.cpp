@@ -113,6 +113,9 @@ std::string save_checkpoint(const std::string& output_dir, const model::LlamaFor
     for (const auto& item : m.named_parameters()) all.emplace_back(item.key(), item.value());
     io::save_tensors((tmp / "model.safetensors").string(), all);
     write_text((tmp / "config.json").string(), io::model_config_to_json(m.cfg).dump(2));
+    // A full fine-tune's checkpoint is a complete model directory: bring the tokenizer.
+    const fs::path tok = fs::path(cfg.model.path) / "tokenizer.model";
+    if (!cfg.model.path.empty() && fs::exists(tok)) fs::copy_file(tok, tmp / "tokenizer.model");
   }
   test_pause();
   {
