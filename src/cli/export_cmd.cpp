@@ -1,0 +1,23 @@
+#include <iostream>
+
+#include "longlora/cli/commands.h"
+#include "longlora/io/export.h"
+
+namespace longlora::cli {
+
+int run_export(const ExportArgs& a) {
+  io::ExportOptions o;
+  o.checkpoint = a.checkpoint;
+  o.output = a.output;
+  o.format = a.format;
+  o.dtype = a.dtype;
+  o.max_shard_size = io::parse_size(a.max_shard_size, "--max-shard-size");
+  o.base = a.base;
+  if (a.rope_factor > 0) o.rope_factor = a.rope_factor;
+  o.overwrite = a.overwrite;
+  io::export_checkpoint(o);
+  std::cout << "exported " << a.format << " to " << a.output << std::endl;
+  return 0;
+}
+
+}  // namespace longlora::cli

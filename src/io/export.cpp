@@ -1,0 +1,842 @@
+#include "longlora/io/export.h"
+
+#include <fcntl.h>
+#include <ftw.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <spdlog/spdlog.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <cmath>
+#include <csignal>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "longlora/common/error.h"
+#include "longlora/io/adapter.h"
+#include "longlora/io/hf_config.h"
+#include "longlora/io/safetensors.h"
+#include "longlora/io/tensors.h"
+#include "longlora/model/loader.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using nlohmann::ordered_json;
+
+namespace longlora::io {
+
+// ---------------------------------------------------------------------------
+// --max-shard-size
+
+uint64_t parse_size(const std::string& s, const std::string& what) {
+  auto bad = [&]() -> uint64_t {
+    fail(what, "", "'" + s + "' is not a size (examples: 5GB, 500MB, 100KB, 2GiB, 1048576)");
+  };
+  size_t i = 0;
+  while (i < s.size() && (std::isdigit(static_cast<unsigned char>(s[i])) || s[i] == '.')) ++i;
+  if (i == 0) return bad();
+  double value = 0;
+  try {
+    size_t used = 0;
+    value = std::stod(s.substr(0, i), &used);
+    if (used != i) return bad();
+  } catch (const std::exception&) {
+    return bad();
+  }
+  size_t j = i;
+  while (j < s.size() && s[j] == ' ') ++j;
+  std::string unit;
+  for (; j < s.size(); ++j) unit.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(s[j]))));
+  static const std::map<std::string, double> units = {
+      {"", 1.0},      {"B", 1.0},           {"KB", 1e3},          {"MB", 1e6},
+      {"GB", 1e9},    {"TB", 1e12},         {"KIB", 1024.0},      {"MIB", 1048576.0},
+      {"GIB", 1073741824.0}, {"TIB", 1099511627776.0}};
+  auto it = units.find(unit);
+  if (it == units.end()) return bad();
+  const double bytes = std::floor(value * it->second);
+  if (!(bytes >= 1.0) || bytes > 1.8e19) fail(what, "", "'" + s + "': must be at least 1 byte");
+  return static_cast<uint64_t>(bytes);
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------
+// small helpers
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail(path, "", "cannot open");
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+json read_json(const std::string& path) {
+  const std::string text = read_text(path);
+  try {
+    return json::parse(text);
+  } catch (const json::exception& e) {
+    fail(path, "", std::string("bad JSON: ") + e.what());
+  }
+}
+
+// POSIX writes so a full disk (ENOSPC) or a file size limit (EFBIG) is reported as such.
+void write_text(const std::string& path, const std::string& text) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) fail(path, "", std::string("cannot write: ") + std::strerror(errno));
+  const char* p = text.data();
+  size_t n = text.size();
+  while (n > 0) {
+    ssize_t w = ::write(fd, p, n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) {
+      const std::string why = std::strerror(w < 0 ? errno : ENOSPC);
+      ::close(fd);
+      fail(path, "", "write failed: " + why);
+    }
+    p += w;
+    n -= static_cast<size_t>(w);
+  }
+  if (::fsync(fd) != 0 || ::close(fd) != 0) fail(path, "", std::string("write failed: ") + std::strerror(errno));
+}
+
+void copy_small_file(const fs::path& from, const fs::path& to) {
+  // Through write_text's path (not fs::copy_file) so errors read the same; these files are small.
+  write_text(to.string(), read_text(from.string()));
+}
+
+void fsync_dir(const fs::path& p) {
+  int fd = ::open(p.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
+  }
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string o = "[";
+  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
+  return o + "]";
+}
+
+bool is_float(DType d) { return d == DType::F32 || d == DType::F16 || d == DType::BF16; }
+
+bool ends_with(const std::string& s, const std::string& suf) {
+  return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
+}
+
+DType dtype_from_flag(const std::string& s) {
+  if (s == "bf16" || s == "bfloat16") return DType::BF16;
+  if (s == "fp16" || s == "float16") return DType::F16;
+  if (s == "fp32" || s == "float32") return DType::F32;
+  fail("--dtype", "", "'" + s + "' is not one of bf16, fp16, fp32");
+}
+
+// config.json's torch_dtype -> DType (anything else, e.g. "auto": fp32).
+DType dtype_from_config(const std::string& s) {
+  if (s == "bfloat16") return DType::BF16;
+  if (s == "float16") return DType::F16;
+  return DType::F32;
+}
+
+const char* torch_dtype_name(DType d) {
+  switch (d) {
+    case DType::BF16: return "bfloat16";
+    case DType::F16: return "float16";
+    default: return "float32";
+  }
+}
+
+// Hugging Face order: model.embed_tokens, model.layers.0 ... N (numerically), model.norm, lm_head.
+bool hf_order(const std::string& a, const std::string& b) {
+  const bool la = a.rfind("lm_head", 0) == 0, lb = b.rfind("lm_head", 0) == 0;
+  if (la != lb) return lb;
+  size_t i = 0, j = 0;
+  while (i < a.size() && j < b.size()) {
+    if (std::isdigit(static_cast<unsigned char>(a[i])) && std::isdigit(static_cast<unsigned char>(b[j]))) {
+      size_t ie = i, je = j;
+      while (ie < a.size() && std::isdigit(static_cast<unsigned char>(a[ie]))) ++ie;
+      while (je < b.size() && std::isdigit(static_cast<unsigned char>(b[je]))) ++je;
+      const std::string na = a.substr(i, ie - i), nb = b.substr(j, je - j);
+      if (na.size() != nb.size()) return na.size() < nb.size();
+      if (na != nb) return na < nb;
+      i = ie;
+      j = je;
+      continue;
+    }
+    if (a[i] != b[j]) return a[i] < b[j];
+    ++i;
+    ++j;
+  }
+  return a.size() - i < b.size() - j;
+}
+
+// Drops the pages of [p, p+n) of a read-only file mapping from this process's
+// resident set (they stay in the page cache; touching them again re-reads
+// them). Without this every tensor read through the mapping would stay counted
+// in the RSS until the file is unmapped, and a 70B merge would show ~140 GB
+// resident even though no memory is allocated for it.
+void release_pages(const void* p, size_t n) {
+  if (n == 0) return;
+  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t b = reinterpret_cast<uintptr_t>(p) & ~(page - 1);
+  const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + n + page - 1) & ~(page - 1);
+  ::madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);
+}
+
+// rm -rf. Not std::filesystem::remove_all: in this binary that symbol binds to
+// the copy inside libtorch.so, which crashes on a non-empty directory.
+void remove_tree(const fs::path& p) {
+  struct stat st {};
+  if (::lstat(p.c_str(), &st) != 0) return;
+  if (!S_ISDIR(st.st_mode)) {
+    ::unlink(p.c_str());
+    return;
+  }
+  ::nftw(
+      p.c_str(),
+      [](const char* path, const struct stat*, int type, struct FTW*) {
+        if (type == FTW_DP) ::rmdir(path);
+        else ::unlink(path);
+        return 0;
+      },
+      16, FTW_DEPTH | FTW_PHYS);
+}
+
+// /proc/self/status field in KiB (-1 if unavailable).
+int64_t proc_status_kib(const std::string& key) {
+  std::ifstream in("/proc/self/status");
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind(key + ":", 0) == 0) return std::atoll(line.c_str() + key.size() + 1);
+  return -1;
+}
+
+// ---------------------------------------------------------------------------
+// What to write
+
+using Sink = std::function<void(const void*, size_t)>;
+
+// One output tensor: `src` (memory-mapped) cast to `dtype`, plus scale * B @ A when merged.
+struct OutTensor {
+  std::string name;
+  DType dtype;
+  const TensorInfo* src = nullptr;
+  std::shared_ptr<const void> owner;  // keeps src's mapping alive
+  const TensorInfo* lora_a = nullptr;
+  const TensorInfo* lora_b = nullptr;
+  std::shared_ptr<const void> lora_owner;
+  double scale = 0;
+  bool release = true;  // drop the source pages after writing (large mapped inputs)
+
+  size_t nbytes() const { return tensor_nbytes(dtype, src->shape); }
+};
+
+// Rows per chunk: ~256K elements (1 MB in fp32), so memory is a few chunks whatever the tensor.
+constexpr int64_t kChunkElems = int64_t(1) << 18;
+
+void write_tensor(const OutTensor& t, const Sink& sink) {
+  const TensorInfo& s = *t.src;
+  const int64_t numel = s.numel();
+  if (numel == 0) return;
+  const bool merge = t.lora_a != nullptr;
+  const bool cast = is_float(s.dtype) && s.dtype != t.dtype;
+  if (!merge && !cast) {
+    // Same bytes: straight from the mapping, in chunks so the pages can be dropped as we go.
+    const auto* p = static_cast<const char*>(s.data);
+    const size_t chunk = static_cast<size_t>(kChunkElems) * dtype_size(s.dtype);
+    for (size_t off = 0; off < s.nbytes; off += chunk) {
+      const size_t n = std::min(chunk, s.nbytes - off);
+      sink(p + off, n);
+      if (t.release) release_pages(p + off, n);
+    }
+    return;
+  }
+  const int64_t rows = s.shape.empty() ? 1 : s.shape[0];
+  const int64_t cols = rows == 0 ? 0 : numel / rows;
+  auto src = view_tensor(s, t.owner).reshape({rows, cols});
+  torch::Tensor a, b;
+  if (merge) {
+    a = view_tensor(*t.lora_a, t.lora_owner).to(torch::kFloat32);  // [r, in]
+    b = view_tensor(*t.lora_b, t.lora_owner).to(torch::kFloat32);  // [out, r]
+  }
+  const int64_t step = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(1, cols));
+  const size_t row_bytes = static_cast<size_t>(cols) * dtype_size(s.dtype);
+  const auto out_dtype = to_torch_dtype(t.dtype);
+  torch::NoGradGuard no_grad;
+  // Two scratch buffers of one chunk, reused for every chunk (no allocation per chunk).
+  const int64_t cap = std::min(rows, step) * cols;
+  torch::Tensor acc = merge ? torch::empty({cap}, torch::kFloat32) : torch::Tensor();
+  torch::Tensor cast_buf = (!merge || out_dtype != torch::kFloat32) ? torch::empty({cap}, out_dtype) : torch::Tensor();
+  for (int64_t r0 = 0; r0 < rows; r0 += step) {
+    const int64_t r1 = std::min(rows, r0 + step);
+    const torch::Tensor chunk = src.slice(0, r0, r1);
+    torch::Tensor out;
+    if (merge) {
+      // W' = W + (B @ A) * scale, in fp32 (as peft's merge_and_unload), cast once.
+      auto d = acc.narrow(0, 0, (r1 - r0) * cols).view({r1 - r0, cols});
+      torch::mm_out(d, b.slice(0, r0, r1), a);
+      d.mul_(t.scale);
+      d.add_(chunk);  // a bf16/fp16 W is promoted to fp32 exactly
+      out = d;
+    } else {
+      out = chunk;
+    }
+    if (out.scalar_type() != out_dtype) {
+      auto c = cast_buf.narrow(0, 0, (r1 - r0) * cols).view({r1 - r0, cols});
+      c.copy_(out);
+      out = c;
+    }
+    sink(out.data_ptr(), static_cast<size_t>(out.numel()) * out.element_size());
+    if (t.release)
+      release_pages(static_cast<const char*>(s.data) + static_cast<size_t>(r0) * row_bytes,
+                    static_cast<size_t>(r1 - r0) * row_bytes);
+  }
+}
+
+TensorToWrite to_write(const OutTensor& t) {
+  TensorToWrite w;
+  w.name = t.name;
+  w.dtype = t.dtype;
+  w.shape = t.src->shape;
+  w.write = [&t](const Sink& sink) { write_tensor(t, sink); };
+  return w;
+}
+
+// ---------------------------------------------------------------------------
+// Inputs
+
+struct Source {
+  fs::path dir;
+  bool adapter = false;    // LoRA adapter (training checkpoint or peft dir); else full fine-tuning
+  bool training = false;   // a training checkpoint (run_config.json / trainer_state.json)
+  std::string base;        // base model dir ("" = unknown)
+  std::optional<double> trained_factor;
+};
+
+Source resolve_source(const ExportOptions& opt) {
+  Source s;
+  s.dir = fs::path(opt.checkpoint);
+  const std::string dir = opt.checkpoint;
+  if (!fs::exists(s.dir)) fail(dir, "", "checkpoint directory not found");
+  if (!fs::is_directory(s.dir)) fail(dir, "", "not a directory (expected checkpoint-STEP or a peft adapter directory)");
+  const bool acfg = fs::exists(s.dir / "adapter_config.json");
+  const bool ast = fs::exists(s.dir / "adapter_model.safetensors");
+  const bool full = fs::exists(s.dir / "model.safetensors") || fs::exists(s.dir / "model.safetensors.index.json");
+  s.training = fs::exists(s.dir / "run_config.json") || fs::exists(s.dir / "trainer_state.json");
+  if (acfg || ast) {
+    if (!acfg) fail(dir, "adapter_config.json", "missing (the adapter has weights but no config)");
+    if (!ast)
+      fail(dir, "adapter_model.safetensors",
+           fs::exists(s.dir / "adapter_model.bin")
+               ? "missing (only safetensors adapters are read; convert adapter_model.bin first)"
+               : "missing (the adapter has a config but no weights)");
+    s.adapter = true;
+  } else if (!full) {
+    fail(dir, "adapter_config.json",
+         "missing: neither a LoRA checkpoint / peft adapter (adapter_config.json + "
+         "adapter_model.safetensors) nor a full fine-tuning checkpoint (model.safetensors)");
+  }
+  if (s.training) {
+    if (!fs::exists(s.dir / "COMPLETE"))
+      fail(dir, "COMPLETE", "missing: not a complete training checkpoint (interrupted save?)");
+    const std::string ts_path = (s.dir / "trainer_state.json").string();
+    if (fs::exists(ts_path)) {
+      const json ts = read_json(ts_path);
+      if (ts.contains("rope_factor")) {
+        if (!ts["rope_factor"].is_number() || !(ts["rope_factor"].get<double>() >= 1.0))
+          fail(ts_path, "rope_factor", "expected a number >= 1, got " + ts["rope_factor"].dump());
+        s.trained_factor = ts["rope_factor"].get<double>();
+      }
+    }
+  }
+  std::string from_run_config;
+  const std::string rc_path = (s.dir / "run_config.json").string();
+  if (fs::exists(rc_path)) {
+    const json rc = read_json(rc_path);
+    if (rc.contains("model") && rc["model"].is_object() && rc["model"].contains("path") &&
+        rc["model"]["path"].is_string())
+      from_run_config = rc["model"]["path"].get<std::string>();
+  }
+  if (!opt.base.empty()) {
+    if (!fs::is_directory(opt.base)) fail(opt.base, "", "base model directory not found (--base)");
+    s.base = opt.base;
+  } else if (!from_run_config.empty()) {
+    if (!fs::is_directory(from_run_config)) {
+      if (s.adapter && opt.format == "merged")
+        fail(rc_path, "model.path", "base model directory '" + from_run_config + "' not found; pass --base DIR");
+      spdlog::warn("export: base model '{}' (run_config.json model.path) not found; tokenizer files are not copied",
+                   from_run_config);
+    } else {
+      s.base = from_run_config;
+    }
+  }
+  if (s.base.empty() && s.adapter && opt.format == "merged")
+    fail(dir, "--base", fs::exists(rc_path)
+                            ? "run_config.json names no base model (model.path); pass --base DIR"
+                            : "a peft adapter directory does not say where its base model is; pass --base DIR");
+  return s;
+}
+
+// The merge (or validation) plan of a LoRA adapter against a base checkpoint.
+struct AdapterPlan {
+  AdapterConfig cfg;
+  std::shared_ptr<SafetensorsFile> file;
+  std::string file_path;
+};
+
+AdapterPlan open_adapter(const fs::path& dir) {
+  AdapterPlan p;
+  p.cfg = load_adapter_config((dir / "adapter_config.json").string());
+  p.file_path = (dir / "adapter_model.safetensors").string();
+  p.file = std::make_shared<SafetensorsFile>(p.file_path);
+  const std::string prefix = kPeftPrefix;
+  for (const auto& t : p.file->tensors()) {
+    const std::string field = "tensor '" + t.name + "'";
+    if (t.name.rfind(prefix, 0) != 0)
+      fail(p.file_path, field, "not a peft key (expected the '" + prefix + "' prefix)");
+    if (!is_float(t.dtype)) fail(p.file_path, field, std::string("dtype ") + dtype_name(t.dtype) + " is not a float type");
+  }
+  return p;
+}
+
+// Output tensors of base + adapter, merged; validates every adapter tensor
+// against the base (shapes, targets, modules_to_save) before anything is written.
+std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<SafetensorsCheckpoint>& base,
+                                  const std::string& base_dir, DType out_dtype) {
+  const std::string prefix = kPeftPrefix;
+  const std::string& st = ap.file_path;
+  std::map<std::string, const TensorInfo*> lora_a, lora_b, replace;
+  for (const auto& t : ap.file->tensors()) {
+    const std::string rest = t.name.substr(prefix.size());
+    const std::string field = "tensor '" + t.name + "'";
+    if (ends_with(rest, ".lora_A.weight")) {
+      lora_a[rest.substr(0, rest.size() - 14) + ".weight"] = &t;
+    } else if (ends_with(rest, ".lora_B.weight")) {
+      lora_b[rest.substr(0, rest.size() - 14) + ".weight"] = &t;
+    } else if (rest.find(".lora_") != std::string::npos) {
+      fail(st, field, "unsupported LoRA tensor (only lora_A / lora_B of Linear layers are merged)");
+    } else {
+      if (!model::is_module_to_save(rest, ap.cfg.modules_to_save))
+        fail(st, field, "replaces a base weight but its module is not in modules_to_save");
+      if (!base->contains(rest)) fail(st, field, "no tensor '" + rest + "' in the base model " + base_dir);
+      const auto& w = base->get(rest);
+      if (w.shape != t.shape)
+        fail(st, field, "shape " + shape_str(t.shape) + " but the base model's '" + rest + "' is " +
+                            shape_str(w.shape) + " (" + base->file_of(rest).path() + ")");
+      replace[rest] = &t;
+    }
+  }
+  for (const auto& [w, b] : lora_b)
+    if (!lora_a.count(w))
+      fail(st, "tensor '" + prefix + w.substr(0, w.size() - 7) + ".lora_A.weight'", "missing (lora_B is there)");
+  std::set<std::string> targets_hit;
+  for (const auto& [w, a] : lora_a) {
+    const std::string a_key = a->name;
+    if (!lora_b.count(w))
+      fail(st, "tensor '" + prefix + w.substr(0, w.size() - 7) + ".lora_B.weight'", "missing (lora_A is there)");
+    const TensorInfo* b = lora_b.at(w);
+    if (!base->contains(w)) fail(st, "tensor '" + a_key + "'", "no weight '" + w + "' in the base model " + base_dir);
+    const auto& wi = base->get(w);
+    if (wi.shape.size() != 2)
+      fail(st, "tensor '" + a_key + "'", "base weight '" + w + "' is not a matrix: " + shape_str(wi.shape));
+    const int64_t out = wi.shape[0], in = wi.shape[1];
+    if (a->shape != std::vector<int64_t>{ap.cfg.r, in})
+      fail(st, "tensor '" + a_key + "'",
+           "shape " + shape_str(a->shape) + " does not fit the base weight '" + w + "' " + shape_str(wi.shape) +
+               " with r = " + std::to_string(ap.cfg.r) + " (expected " + shape_str({ap.cfg.r, in}) + "; " +
+               base->file_of(w).path() + ")");
+    if (b->shape != std::vector<int64_t>{out, ap.cfg.r})
+      fail(st, "tensor '" + b->name + "'",
+           "shape " + shape_str(b->shape) + " does not fit the base weight '" + w + "' " + shape_str(wi.shape) +
+               " with r = " + std::to_string(ap.cfg.r) + " (expected " + shape_str({out, ap.cfg.r}) + "; " +
+               base->file_of(w).path() + ")");
+    const std::string mod = w.substr(0, w.size() - 7);
+    targets_hit.insert(mod.substr(mod.rfind('.') + 1));
+  }
+  // Every base Linear that target_modules names must have its factors.
+  for (const auto& name : base->names()) {
+    if (!ends_with(name, ".weight") || base->get(name).shape.size() != 2) continue;
+    const std::string mod = name.substr(0, name.size() - 7);
+    const std::string last = mod.substr(mod.rfind('.') + 1);
+    if (std::find(ap.cfg.target_modules.begin(), ap.cfg.target_modules.end(), last) != ap.cfg.target_modules.end() &&
+        !lora_a.count(name))
+      fail(st, "tensor '" + prefix + mod + ".lora_A.weight'",
+           "missing (adapter_config.json target_modules lists '" + last + "')");
+  }
+  for (const auto& t : ap.cfg.target_modules)
+    if (!targets_hit.count(t))
+      fail(st, "target_modules", "'" + t + "' has no LoRA factors in the adapter / matches no weight of the base model " +
+                                     base_dir);
+
+  std::vector<OutTensor> out;
+  const double scale = ap.cfg.scale();
+  for (const auto& name : base->names()) {
+    if (name.find("rotary_emb.inv_freq") != std::string::npos) continue;  // stale buffer of old checkpoints
+    OutTensor o;
+    o.name = name;
+    if (auto it = replace.find(name); it != replace.end()) {
+      o.src = it->second;
+      o.owner = ap.file;
+      o.release = false;  // small adapter file
+    } else {
+      o.src = &base->get(name);
+      o.owner = base;
+      if (auto a = lora_a.find(name); a != lora_a.end()) {
+        o.lora_a = a->second;
+        o.lora_b = lora_b.at(name);
+        o.lora_owner = ap.file;
+        o.scale = scale;
+      }
+    }
+    o.dtype = is_float(o.src->dtype) ? out_dtype : o.src->dtype;
+    out.push_back(std::move(o));
+  }
+  std::stable_sort(out.begin(), out.end(), [](const OutTensor& a, const OutTensor& b) { return hf_order(a.name, b.name); });
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// config.json of the merged model
+
+struct RopeChoice {
+  bool change = false;  // false: keep the base config's RoPE fields and context as they are
+  double factor = 1.0;
+};
+
+ordered_json merged_config(const std::string& template_path, DType dtype, const RopeChoice& rope) {
+  const std::string text = read_text(template_path);
+  ordered_json j;
+  try {
+    j = ordered_json::parse(text);
+  } catch (const std::exception& e) {
+    fail(template_path, "", std::string("bad JSON: ") + e.what());
+  }
+  const ModelConfig c = parse_model_config(json::parse(text), template_path);
+  if (rope.change) {
+    const double f = rope.factor;
+    // The context the weights were pretrained for: a base that is itself already
+    // interpolated (factor F0, max_position_embeddings = original x F0) is not compounded.
+    const double original = std::round(static_cast<double>(c.max_position_embeddings) / c.rope_factor);
+    j["max_position_embeddings"] = static_cast<int64_t>(std::llround(original * f));
+    if (j.contains("rope_parameters") && !j["rope_parameters"].is_null()) {
+      // transformers 5 form
+      ordered_json r = ordered_json::object();
+      if (f != 1.0) {
+        r["rope_type"] = "linear";
+        r["factor"] = f;
+      } else {
+        r["rope_type"] = "default";
+      }
+      r["rope_theta"] = c.rope_theta;
+      j["rope_parameters"] = r;
+      j.erase("rope_scaling");
+    } else {
+      j["rope_scaling"] = f != 1.0 ? ordered_json{{"type", "linear"}, {"factor", f}} : ordered_json(nullptr);
+    }
+  }
+  j["torch_dtype"] = torch_dtype_name(dtype);
+  if (j.contains("dtype")) j["dtype"] = torch_dtype_name(dtype);  // transformers 5 spelling
+  return j;
+}
+
+bool is_tokenizer_file(const std::string& n) {
+  return n.rfind("tokenizer", 0) == 0 || n == "special_tokens_map.json" || n == "added_tokens.json" ||
+         n == "generation_config.json";
+}
+
+// ---------------------------------------------------------------------------
+// Shards
+
+struct Shard {
+  std::vector<const OutTensor*> tensors;
+  uint64_t bytes = 0;
+};
+
+// Hugging Face's rule: start a new shard when the next tensor would push the
+// current one past the limit; a tensor larger than the limit gets its own shard.
+std::vector<Shard> make_shards(const std::vector<OutTensor>& ts, uint64_t limit) {
+  std::vector<Shard> shards(1);
+  for (const auto& t : ts) {
+    const uint64_t n = t.nbytes();
+    if (!shards.back().tensors.empty() && shards.back().bytes + n > limit) shards.emplace_back();
+    shards.back().tensors.push_back(&t);
+    shards.back().bytes += n;
+  }
+  return shards;
+}
+
+std::string shard_name(size_t i, size_t n) {
+  if (n == 1) return "model.safetensors";
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "model-%05zu-of-%05zu.safetensors", i + 1, n);
+  return buf;
+}
+
+std::string mib(uint64_t bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f MiB", static_cast<double>(bytes) / 1048576.0);
+  return buf;
+}
+
+void write_model(const fs::path& dir, const std::vector<OutTensor>& ts, uint64_t limit) {
+  const auto shards = make_shards(ts, limit);
+  uint64_t total = 0;
+  ordered_json weight_map = ordered_json::object();
+  for (size_t i = 0; i < shards.size(); ++i) {
+    const std::string name = shard_name(i, shards.size());
+    std::vector<TensorToWrite> entries;
+    for (const auto* t : shards[i].tensors) {
+      entries.push_back(to_write(*t));
+      weight_map[t->name] = name;
+    }
+    write_safetensors((dir / name).string(), entries, {{"format", "pt"}});
+    total += shards[i].bytes;
+    spdlog::info("export: wrote shard {}/{} {} ({} tensors, {})", i + 1, shards.size(), name,
+                 shards[i].tensors.size(), mib(shards[i].bytes));
+  }
+  if (shards.size() > 1) {
+    ordered_json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
+    write_text((dir / "model.safetensors.index.json").string(), index.dump(2) + "\n");
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The output directory: built under a temporary name beside it, renamed at the end.
+
+class OutputDir {
+ public:
+  explicit OutputDir(const ExportOptions& opt) : opt_(opt) {
+    fs::path out = fs::absolute(fs::path(opt.output)).lexically_normal();
+    if (out.filename().empty()) out = out.parent_path();
+    final_ = out;
+    std::error_code ec;
+    if (fs::exists(final_, ec) || fs::is_symlink(final_, ec)) {
+      if (!opt.overwrite) fail(opt.output, "", "already exists (pass --overwrite to replace it)");
+      if (!fs::is_directory(final_)) fail(opt.output, "", "exists and is not a directory; not replacing it");
+    }
+    for (const auto& in : {opt.checkpoint, opt.base})
+      if (!in.empty() && fs::exists(final_, ec) && fs::equivalent(final_, in, ec))
+        fail(opt.output, "", "is an input directory (" + in + "); choose another output");
+    const fs::path parent = final_.parent_path();
+    // The topmost missing ancestor: created here, removed again on failure.
+    for (fs::path p = parent; !p.empty() && !fs::exists(p, ec); p = p.parent_path()) {
+      created_top_ = p;
+      if (p == p.parent_path()) break;
+    }
+    tmp_ = parent / ("." + final_.filename().string() + ".tmp-export-" + std::to_string(::getpid()));
+    remove_tree(tmp_);
+    fs::create_directories(tmp_, ec);
+    if (ec) {
+      cleanup();
+      fail(opt.output, "", "cannot create the output directory (" + tmp_.string() + "): " + ec.message());
+    }
+  }
+  ~OutputDir() {
+    if (!committed_) cleanup();
+  }
+  const fs::path& tmp() const { return tmp_; }
+
+  // Runs `write` (which fills tmp()); errors name the final path, not the temporary one.
+  template <class F>
+  void fill(F&& write) {
+    try {
+      write();
+    } catch (const Error& e) {
+      std::string m = e.what();
+      const std::string from = tmp_.string(), to = final_.string();
+      for (size_t pos = 0; (pos = m.find(from, pos)) != std::string::npos; pos += to.size()) m.replace(pos, from.size(), to);
+      throw Error(m);
+    }
+  }
+
+  void commit() {
+    fsync_dir(tmp_);
+    std::error_code ec;
+    if (fs::exists(final_, ec)) {
+      const fs::path old = final_.parent_path() /
+                           ("." + final_.filename().string() + ".old-export-" + std::to_string(::getpid()));
+      remove_tree(old);
+      fs::rename(final_, old, ec);
+      if (ec) fail(opt_.output, "", "cannot move the existing directory aside: " + ec.message());
+      fs::rename(tmp_, final_, ec);
+      if (ec) {
+        std::error_code ec2;
+        fs::rename(old, final_, ec2);
+        fail(opt_.output, "", "cannot rename the export into place: " + ec.message());
+      }
+      remove_tree(old);
+    } else {
+      fs::rename(tmp_, final_, ec);
+      if (ec) fail(opt_.output, "", "cannot rename the export into place: " + ec.message());
+    }
+    fsync_dir(final_.parent_path());
+    committed_ = true;
+  }
+
+ private:
+  void cleanup() {
+    if (!tmp_.empty()) remove_tree(tmp_);
+    if (!created_top_.empty()) remove_tree(created_top_);
+  }
+  const ExportOptions& opt_;
+  fs::path final_, tmp_, created_top_;
+  bool committed_ = false;
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+
+void export_checkpoint(const ExportOptions& opt) {
+  // A file size limit (ulimit -f) must surface as EFBIG from write() and go
+  // through the error path that removes the temporary directory, not kill us.
+  std::signal(SIGXFSZ, SIG_IGN);
+  const bool report_memory = std::getenv("LONGLORA_REPORT_MEMORY") != nullptr;
+  bool hwm_reset = false;
+  if (report_memory) {
+    // Linux >= 4.0: writing 5 to clear_refs resets VmHWM, so the peak below is the export's own.
+    std::ofstream cr("/proc/self/clear_refs");
+    cr << "5";
+    cr.flush();
+    hwm_reset = static_cast<bool>(cr);
+  }
+  const int64_t rss_start = report_memory ? proc_status_kib("VmRSS") : 0;
+  const int64_t anon_start = report_memory ? proc_status_kib("RssAnon") : 0;
+  const int64_t file_start = report_memory ? proc_status_kib("RssFile") : 0;
+
+  if (opt.format != "merged" && opt.format != "peft")
+    fail("--format", "", "'" + opt.format + "' is not one of merged, peft");
+  if (opt.output.empty()) fail("--output", "", "required");
+  if (!opt.overwrite && (fs::exists(opt.output) || fs::is_symlink(opt.output)))
+    fail(opt.output, "", "already exists (pass --overwrite to replace it)");
+  if (opt.max_shard_size == 0) fail("--max-shard-size", "", "must be at least 1 byte");
+  if (opt.rope_factor && !(*opt.rope_factor >= 1.0)) fail("--rope-factor", "", "must be >= 1");
+  const bool has_flag_dtype = !opt.dtype.empty();
+  const DType flag_dtype = has_flag_dtype ? dtype_from_flag(opt.dtype) : DType::F32;
+
+  const Source src = resolve_source(opt);
+  if (!src.adapter && opt.format == "peft")
+    fail(opt.checkpoint, "--format peft", "a full fine-tuning checkpoint has no adapter; use --format merged");
+
+  // Everything is opened and validated before the output directory exists.
+  std::optional<AdapterPlan> ap;
+  if (src.adapter) ap = open_adapter(src.dir);
+  std::shared_ptr<SafetensorsCheckpoint> base_ckpt;
+  if (!src.base.empty() && (src.adapter || opt.format == "merged")) {
+    // Parse the base config first: a broken config.json is reported as such.
+    load_model_config((fs::path(src.base) / "config.json").string());
+    if (src.adapter) base_ckpt = std::make_shared<SafetensorsCheckpoint>(src.base);
+  }
+
+  if (opt.format == "peft") {
+    // Validate against the base when we know it (shapes, targets), then write the adapter.
+    if (base_ckpt) plan_merge(*ap, base_ckpt, src.base, DType::F32);
+    std::vector<OutTensor> ts;
+    for (const auto& t : ap->file->tensors()) {
+      OutTensor o;
+      o.name = t.name;
+      o.src = &t;
+      o.owner = ap->file;
+      o.dtype = has_flag_dtype ? flag_dtype : t.dtype;
+      o.release = false;
+      ts.push_back(std::move(o));
+    }
+    AdapterConfig cfg = ap->cfg;
+    if (cfg.base_model_name_or_path.empty() && !src.base.empty())
+      cfg.base_model_name_or_path = fs::absolute(src.base).lexically_normal().string();
+    spdlog::info("export: peft adapter {} (r {}, lora_alpha {}, {} tensors) -> {}", opt.checkpoint, cfg.r,
+                 cfg.lora_alpha, ts.size(), opt.output);
+    OutputDir out(opt);
+    out.fill([&] {
+      write_text((out.tmp() / "adapter_config.json").string(), adapter_config_to_json(cfg).dump(2) + "\n");
+      std::vector<TensorToWrite> entries;
+      for (const auto& t : ts) entries.push_back(to_write(t));
+      write_safetensors((out.tmp() / "adapter_model.safetensors").string(), entries, {{"format", "pt"}});
+    });
+    out.commit();
+    spdlog::info("export: wrote {}", opt.output);
+    return;
+  }
+
+  // merged
+  const std::string template_cfg =
+      ((src.base.empty() ? src.dir : fs::path(src.base)) / "config.json").string();
+  if (!fs::exists(template_cfg)) fail(template_cfg, "", "missing (the exported config.json is based on it)");
+  const ModelConfig tcfg = load_model_config(template_cfg);
+  const DType out_dtype = has_flag_dtype ? flag_dtype : dtype_from_config(tcfg.torch_dtype);
+
+  RopeChoice rope;
+  if (opt.rope_factor) {
+    rope = {true, *opt.rope_factor};
+  } else if (src.trained_factor) {
+    rope = {true, *src.trained_factor};
+  } else {
+    rope = {false, tcfg.rope_factor};  // the base config's own
+  }
+
+  std::vector<OutTensor> ts;
+  std::shared_ptr<SafetensorsCheckpoint> full;
+  if (src.adapter) {
+    ts = plan_merge(*ap, base_ckpt, src.base, out_dtype);
+  } else {
+    full = std::make_shared<SafetensorsCheckpoint>(src.dir.string());
+    std::shared_ptr<SafetensorsCheckpoint> base_for_check;
+    if (!src.base.empty()) base_for_check = std::make_shared<SafetensorsCheckpoint>(src.base);
+    for (const auto& name : full->names()) {
+      if (name.find("rotary_emb.inv_freq") != std::string::npos) continue;
+      const auto& t = full->get(name);
+      if (base_for_check && base_for_check->contains(name) && base_for_check->get(name).shape != t.shape)
+        fail(full->file_of(name).path(), "tensor '" + name + "'",
+             "shape " + shape_str(t.shape) + " but the base model's is " +
+                 shape_str(base_for_check->get(name).shape) + " (" + base_for_check->file_of(name).path() + ")");
+      OutTensor o;
+      o.name = name;
+      o.src = &t;
+      o.owner = full;
+      o.dtype = is_float(t.dtype) ? out_dtype : t.dtype;
+      ts.push_back(std::move(o));
+    }
+    std::stable_sort(ts.begin(), ts.end(), [](const OutTensor& a, const OutTensor& b) { return hf_order(a.name, b.name); });
+  }
+  const ordered_json config = merged_config(template_cfg, out_dtype, rope);
+  uint64_t total = 0;
+  for (const auto& t : ts) total += t.nbytes();
+  spdlog::info("export: merged {} {}{} -> {} ({}, rope factor {}, {} tensors, {})",
+               src.adapter ? "LoRA adapter" : "full fine-tuning checkpoint", opt.checkpoint,
+               src.base.empty() ? "" : " onto " + src.base, opt.output, torch_dtype_name(out_dtype),
+               rope.factor, ts.size(), mib(total));
+
+  OutputDir out(opt);
+  out.fill([&] {
+    write_model(out.tmp(), ts, opt.max_shard_size);
+    write_text((out.tmp() / "config.json").string(), config.dump(2) + "\n");
+    const fs::path files_from = src.base.empty() ? src.dir : fs::path(src.base);
+    for (const auto& e : fs::directory_iterator(files_from)) {
+      const std::string n = e.path().filename().string();
+      if (e.is_regular_file() && is_tokenizer_file(n)) copy_small_file(e.path(), out.tmp() / n);
+    }
+  });
+  out.commit();
+  spdlog::info("export: wrote {}", opt.output);
+
+  if (report_memory) {
+    // VmHWM counts mapped file pages too; release_pages keeps those from accumulating.
+    spdlog::info("export: memory: peak RSS {} KiB (VmHWM{}), RSS at start {} KiB, RssAnon now {} KiB, "
+                 "tensor data {} KiB; at start RssAnon {} KiB RssFile {} KiB, now RssFile {} KiB",
+                 proc_status_kib("VmHWM"), hwm_reset ? ", reset at start" : ", not reset", rss_start,
+                 proc_status_kib("RssAnon"), total / 1024, anon_start, file_start, proc_status_kib("RssFile"));
+  }
+}
+
+}  // namespace longlora::io
