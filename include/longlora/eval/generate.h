@@ -1,0 +1,56 @@
+// Autoregressive generation with full attention: greedy or temperature + top-p
+// (nucleus) sampling, with or without a KV cache, stopping at EOS or after
+// max_new_tokens. Used by `longlora-train generate` and the passkey test.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "longlora/data/tokenizer.h"
+#include "longlora/model/llama.h"
+
+namespace longlora::eval {
+
+struct GenerateOptions {
+  int64_t max_new_tokens = 512;  // LongLoRA's inference.py max_gen_len
+  double temperature = 0.6;      // 0 = greedy (argmax); LongLoRA's inference.py default
+  double top_p = 0.9;            // nucleus: smallest set of tokens whose probability reaches top_p
+  uint64_t seed = 0;             // sampling RNG (std::mt19937_64)
+  bool use_cache = true;         // false: every step recomputes the whole sequence
+  bool stop_at_eos = true;
+  // With the cache the prompt is fed in chunks of this many tokens (scores are
+  // (heads, chunk, T) at most instead of (heads, T, T)); same result as one pass.
+  int64_t prefill_chunk = 512;
+};
+
+// Generates after `prompt_ids` (used as given: the caller prepends BOS) and returns
+// the new token ids (the EOS that stopped it included). `on_token` is called with
+// each new id as soon as it is chosen; returning false stops generation.
+std::vector<int> generate(model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok,
+                          const std::vector<int>& prompt_ids, const GenerateOptions& o,
+                          const std::function<bool(int)>& on_token = {});
+
+// The next token from one row of logits (vocab,) under `o` (temperature, top_p);
+// `rng` is drawn from only when sampling (temperature > 0). Exposed for tests.
+int sample_token(const torch::Tensor& logits, double temperature, double top_p, std::mt19937_64& rng);
+
+// Turns a stream of generated ids into text pieces to print: each push() returns
+// the text the new id adds (possibly empty while a multi-byte character or a
+// leading-space piece is incomplete). Decoding is done on the whole generated
+// sequence behind a context token, so sentencepiece's word-initial spaces are kept.
+class StreamDecoder {
+ public:
+  StreamDecoder(const data::Tokenizer& tok, int context_id);
+  std::string push(int id);
+  std::string finish();  // whatever is still held back
+
+ private:
+  const data::Tokenizer& tok_;
+  std::vector<int> ids_;
+  size_t skip_ = 0;  // bytes of decode(ids_) already returned (the context's)
+};
+
+}  // namespace longlora::eval

@@ -1,0 +1,76 @@
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include "longlora/cli/commands.h"
+#include "longlora/common/device.h"
+#include "longlora/common/error.h"
+#include "longlora/data/tokenizer.h"
+#include "longlora/eval/generate.h"
+#include "longlora/model/loader.h"
+
+namespace fs = std::filesystem;
+
+namespace longlora::cli {
+
+int run_generate(const GenerateArgs& a) {
+  if (a.model.empty()) throw Error("generate: --model DIR is required");
+  if (a.prompt.empty() == a.prompt_file.empty())
+    throw Error("generate: give exactly one of --prompt TEXT and --prompt-file FILE");
+  if (a.max_new_tokens <= 0)
+    throw Error("generate: --max-new-tokens must be positive, got " + std::to_string(a.max_new_tokens));
+  if (!(a.temperature >= 0)) throw Error("generate: --temperature must be >= 0 (0 = greedy)");
+  if (!(a.top_p > 0 && a.top_p <= 1)) throw Error("generate: --top-p must be in (0, 1]");
+
+  std::string prompt = a.prompt;
+  if (!a.prompt_file.empty()) {
+    std::ifstream in(a.prompt_file, std::ios::binary);
+    if (!in) throw Error(a.prompt_file + ": cannot read the prompt file");
+    std::ostringstream ss;
+    ss << in.rdbuf();
+    prompt = ss.str();
+  }
+
+  const auto tok_path = (fs::path(a.model) / "tokenizer.model").string();
+  if (!fs::exists(tok_path)) throw Error(tok_path + ": no tokenizer.model in the model directory");
+  const data::Tokenizer tok(tok_path);
+
+  const auto device = pick_device(a.device);
+  model::LoadOptions lo;
+  lo.device = device;
+  lo.compute_dtype = pick_dtype(a.dtype, device);
+  if (a.rope_factor > 0) lo.rope_factor = a.rope_factor;
+  auto m = model::load_model(a.model, lo);
+  if (!a.adapter.empty()) model::apply_adapter(*m, a.adapter);
+
+  std::vector<int> ids{tok.bos_id()};
+  const auto body = tok.encode(prompt);
+  ids.insert(ids.end(), body.begin(), body.end());
+
+  eval::GenerateOptions g;
+  g.max_new_tokens = a.max_new_tokens;
+  g.temperature = a.temperature;
+  g.top_p = a.top_p;
+  g.seed = a.seed;
+  g.use_cache = !a.no_cache;
+
+  eval::StreamDecoder dec(tok, ids.back());
+  const int eos = tok.eos_id();
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto out = eval::generate(*m, tok, ids, g, [&](int id) {
+    if (id != eos) std::cout << dec.push(id) << std::flush;
+    return true;
+  });
+  std::cout << dec.finish() << std::endl;
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  spdlog::info("{} prompt tokens, {} new tokens ({}) in {:.2f} s, {:.1f} tokens/s", ids.size(), out.size(),
+               !out.empty() && out.back() == eos ? "stopped at EOS" : "max tokens", secs,
+               static_cast<double>(out.size()) / std::max(secs, 1e-9));
+  return 0;
+}
+
+}  // namespace longlora::cli

@@ -1,0 +1,118 @@
+#include "longlora/eval/generate.h"
+
+#include <algorithm>
+#include <numeric>
+
+#include "longlora/common/error.h"
+
+namespace longlora::eval {
+
+int sample_token(const torch::Tensor& logits, double temperature, double top_p, std::mt19937_64& rng) {
+  if (temperature <= 0) return static_cast<int>(logits.argmax().item<int64_t>());
+  auto p = torch::softmax(logits.reshape({-1}).to(torch::kCPU, torch::kFloat64) / temperature, -1).contiguous();
+  const double* pp = p.data_ptr<double>();
+  const auto V = static_cast<size_t>(p.numel());
+  std::vector<int> order(V);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return pp[a] > pp[b]; });
+  // Nucleus: the most probable tokens until their mass reaches top_p (at least one),
+  // as transformers' TopPLogitsWarper keeps them.
+  double mass = 0;
+  size_t keep = 0;
+  while (keep < V && (keep == 0 || mass < top_p)) mass += pp[order[keep++]];
+  // 53 random bits -> [0, 1), the same on every standard library.
+  const double u = static_cast<double>(rng() >> 11) * 0x1.0p-53 * mass;
+  double acc = 0;
+  for (size_t i = 0; i < keep; ++i) {
+    acc += pp[order[i]];
+    if (u < acc) return order[i];
+  }
+  return order[keep - 1];
+}
+
+std::vector<int> generate(model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok,
+                          const std::vector<int>& prompt_ids, const GenerateOptions& o,
+                          const std::function<bool(int)>& on_token) {
+  if (prompt_ids.empty()) throw Error("generate: the prompt has no tokens");
+  for (int id : prompt_ids)
+    if (id < 0 || id >= m.cfg.vocab_size)
+      throw Error("generate: prompt token id " + std::to_string(id) + " is outside the model's vocab_size " +
+                  std::to_string(m.cfg.vocab_size));
+  std::vector<int> out;
+  if (o.max_new_tokens <= 0) return out;
+
+  torch::NoGradGuard no_grad;
+  m.eval();
+  const auto dev = m.head_weight().device();
+  auto as_tensor = [&](const int* p, int64_t n) {
+    return torch::from_blob(const_cast<int*>(p), {1, n}, torch::kInt32).to(dev, torch::kInt64);
+  };
+  // Logits (vocab,) of the last position only: an (L, vocab) fp32 tensor of a long
+  // prompt would be large and is never needed.
+  auto last_logits = [&](const torch::Tensor& h) { return m.logits(h.slice(1, h.size(1) - 1)).reshape({-1}); };
+
+  std::vector<int> seq = prompt_ids;
+  model::KVCache cache;
+  torch::Tensor logits;
+  auto feed_cached = [&](const int* p, int64_t n) {
+    const int64_t chunk = o.prefill_chunk > 0 ? o.prefill_chunk : n;
+    for (int64_t s = 0; s < n; s += chunk) {
+      const int64_t e = std::min(n, s + chunk);
+      model::ForwardOptions f;  // full attention
+      f.cache = &cache;
+      f.position_offset = cache.length;  // tokens already cached
+      auto h = m.hidden(as_tensor(p + s, e - s), f);
+      if (e == n) logits = last_logits(h);
+    }
+  };
+  if (o.use_cache) feed_cached(seq.data(), static_cast<int64_t>(seq.size()));
+
+  std::mt19937_64 rng(o.seed);
+  const int eos = tok.eos_id();
+  for (int64_t step = 0; step < o.max_new_tokens; ++step) {
+    if (!o.use_cache) logits = last_logits(m.hidden(as_tensor(seq.data(), static_cast<int64_t>(seq.size())), {}));
+    const int id = sample_token(logits, o.temperature, o.top_p, rng);
+    out.push_back(id);
+    seq.push_back(id);
+    const bool go_on = !on_token || on_token(id);
+    if (!go_on || (o.stop_at_eos && id == eos) || step + 1 == o.max_new_tokens) break;
+    if (o.use_cache) feed_cached(&seq.back(), 1);
+  }
+  return out;
+}
+
+namespace {
+
+// decode() marks an incomplete UTF-8 sequence (byte-fallback pieces still to come)
+// with U+FFFD; such a tail is held back until the character is complete.
+bool ends_incomplete(const std::string& s) {
+  return s.size() >= 3 && s.compare(s.size() - 3, 3, "\xEF\xBF\xBD") == 0;
+}
+
+}  // namespace
+
+StreamDecoder::StreamDecoder(const data::Tokenizer& tok, int context_id) : tok_(tok), ids_{context_id} {
+  skip_ = tok_.decode(ids_).size();
+}
+
+std::string StreamDecoder::push(int id) {
+  ids_.push_back(id);
+  const auto text = tok_.decode(ids_);
+  if (ends_incomplete(text)) return {};
+  std::string piece = text.size() > skip_ ? text.substr(skip_) : std::string();
+  // Everything so far is out: restart from the last id as the context, so that
+  // each push decodes a few ids instead of the whole generation.
+  ids_ = {id};
+  skip_ = tok_.decode(ids_).size();
+  return piece;
+}
+
+std::string StreamDecoder::finish() {
+  const auto text = tok_.decode(ids_);
+  std::string piece = text.size() > skip_ ? text.substr(skip_) : std::string();
+  ids_ = {ids_.back()};
+  skip_ = tok_.decode(ids_).size();
+  return piece;
+}
+
+}  // namespace longlora::eval

@@ -1,0 +1,133 @@
+#include "longlora/eval/passkey.h"
+
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <cmath>
+#include <random>
+
+#include "longlora/common/error.h"
+#include "longlora/eval/generate.h"
+
+namespace longlora::eval {
+
+const char* const kPasskeyTask =
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there.";
+const char* const kPasskeyFiller =
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.";
+const char* const kPasskeyQuestion = "What is the pass key? The pass key is";
+
+std::string passkey_info_line(int64_t key) {
+  const auto k = std::to_string(key);
+  return "The pass key is " + k + ". Remember it. " + k + " is the pass key.";
+}
+
+int64_t passkey_filler_chars(int64_t target_tokens, double chars_per_token) {
+  // Python: int(3.75 * L // 1024 * 1024). 3.75 * L and the division by 1024 are
+  // exact in double for any realistic L, so floor() gives the same integer.
+  return static_cast<int64_t>(std::floor(chars_per_token * static_cast<double>(target_tokens) / 1024.0)) * 1024;
+}
+
+double passkey_chars_per_token(const data::Tokenizer& tok) {
+  // Marginal cost of a repetition in the middle of the filler (the first one
+  // carries sentencepiece's dummy-prefix space and is left out).
+  const std::string f = kPasskeyFiller;
+  const auto one = tok.encode(passkey_filler(static_cast<int64_t>(f.size()))).size();
+  const auto eleven = tok.encode(passkey_filler(11 * static_cast<int64_t>(f.size()) + 10)).size();
+  if (eleven <= one) throw Error("passkey: the tokenizer gives no tokens for the filler text");
+  return 10.0 * static_cast<double>(f.size() + 1) / static_cast<double>(eleven - one);
+}
+
+std::string passkey_filler(int64_t chars) {
+  // LongLoRA slices " ".join([filler] * 5000) and asserts it is long enough (about
+  // 445k characters, ~118k tokens); here the repetition simply goes on as needed.
+  std::string s;
+  if (chars <= 0) return s;
+  const std::string f = kPasskeyFiller;
+  s.reserve(static_cast<size_t>(chars) + f.size() + 1);
+  while (static_cast<int64_t>(s.size()) < chars) {
+    if (!s.empty()) s += ' ';
+    s += f;
+  }
+  s.resize(static_cast<size_t>(chars));
+  return s;
+}
+
+PasskeyPrompt passkey_prompt(int64_t target_tokens, int64_t key, int64_t split, double chars_per_token) {
+  if (target_tokens <= 0)
+    throw Error("passkey: length " + std::to_string(target_tokens) + " is not a positive token count");
+  PasskeyPrompt p;
+  p.filler_chars = passkey_filler_chars(target_tokens, chars_per_token);
+  if (split < 0 || split > p.filler_chars)
+    throw Error("passkey: split " + std::to_string(split) + " is outside [0, " +
+                std::to_string(p.filler_chars) + "]");
+  // Both pieces are prefixes of the same filler string (LongLoRA's garbage_inf[:n]).
+  p.prompt = std::string(kPasskeyTask) + "\n" + passkey_filler(split) + "\n" + passkey_info_line(key) +
+             "\n" + passkey_filler(p.filler_chars - split) + "\n" + kPasskeyQuestion;
+  p.answer = std::to_string(key);
+  return p;
+}
+
+PasskeyDraw passkey_draw(int64_t target_tokens, uint64_t seed, int64_t trial, double chars_per_token) {
+  std::seed_seq seq{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32),
+                    static_cast<uint32_t>(trial), static_cast<uint32_t>(static_cast<uint64_t>(trial) >> 32)};
+  std::mt19937_64 rng(seq);
+  // Modulo rather than std::uniform_int_distribution, whose algorithm differs
+  // between standard libraries; the bias (n / 2^64) is nil.
+  const auto n = static_cast<uint64_t>(passkey_filler_chars(target_tokens, chars_per_token));
+  PasskeyDraw d;
+  const uint64_t r_split = rng();
+  d.split = n > 0 ? static_cast<int64_t>(r_split % n) : 0;
+  d.key = 1 + static_cast<int64_t>(rng() % 49999);
+  return d;
+}
+
+bool passkey_trial(model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok, const PasskeyPrompt& p,
+                   bool use_cache, int64_t* prompt_tokens) {
+  std::vector<int> ids{tok.bos_id()};
+  const auto body = tok.encode(p.prompt);
+  ids.insert(ids.end(), body.begin(), body.end());
+  if (prompt_tokens) *prompt_tokens = static_cast<int64_t>(ids.size());
+  // LongLoRA: tokenizer(answer).input_ids[:, 1:], i.e. the key encoded on its own
+  // (with sentencepiece's leading "▁"), BOS dropped; that many tokens are generated.
+  const auto answer = tok.encode(p.answer);
+  GenerateOptions g;
+  g.max_new_tokens = static_cast<int64_t>(answer.size());
+  g.temperature = 0;  // greedy (num_beams=1, no sampling)
+  g.use_cache = use_cache;
+  // An EOS before the last answer token makes the output shorter: a miss either way.
+  const auto out = generate(m, tok, ids, g);
+  return out == answer;
+}
+
+PasskeyResult passkey_eval(model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok,
+                           const PasskeyOptions& o) {
+  if (o.trials <= 0) throw Error("passkey: --trials must be positive, got " + std::to_string(o.trials));
+  PasskeyResult r;
+  r.trials = o.trials;
+  r.chars_per_token = o.chars_per_token > 0 ? o.chars_per_token : passkey_chars_per_token(tok);
+  spdlog::info("passkey: {:.4g} filler characters a token ({})", r.chars_per_token,
+               o.chars_per_token > 0 ? "given" : "measured on the tokenizer; LLaMA's gives LongLoRA's 3.75");
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t L : o.lengths) {
+    int64_t passed = 0, tokens = 0;
+    for (int64_t t = 0; t < o.trials; ++t) {
+      const auto d = passkey_draw(L, o.seed, t, r.chars_per_token);
+      const auto p = passkey_prompt(L, d.key, d.split, r.chars_per_token);
+      int64_t n = 0;
+      const bool ok = passkey_trial(m, tok, p, o.use_cache, &n);
+      passed += ok;
+      tokens += n;
+      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      spdlog::info("passkey length {}: trial {}/{} ({} tokens, key {} after {} of {} filler chars): {} [{:.0f} s]",
+                   L, t + 1, o.trials, n, d.key, d.split, p.filler_chars, ok ? "correct" : "wrong", secs);
+    }
+    r.lengths.push_back(L);
+    r.accuracy.push_back(static_cast<double>(passed) / static_cast<double>(o.trials));
+    r.prompt_tokens.push_back(tokens / o.trials);
+  }
+  return r;
+}
+
+}  // namespace longlora::eval

@@ -1,0 +1,342 @@
+// Passkey retrieval (LongLoRA's test) and generation with / without the KV cache.
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <map>
+
+#include "longlora/common/error.h"
+#include "longlora/data/tokenizer.h"
+#include "longlora/eval/generate.h"
+#include "longlora/eval/passkey.h"
+#include "longlora/model/loader.h"
+#include "test_util.h"
+
+using namespace longlora;
+
+namespace {
+
+// The strings of LongLoRA's passkey_retrivial.py, typed out again on purpose.
+const std::string kTask =
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there.";
+const std::string kFiller =
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.";
+const std::string kQuestion = "What is the pass key? The pass key is";
+
+std::string model_dir() { return testutil::golden("tiny-llama/model"); }
+
+const data::Tokenizer& tokenizer() {
+  static data::Tokenizer tok(testutil::golden("tokenizer.model"));
+  return tok;
+}
+
+model::LlamaForCausalLM tiny() { return model::load_model(model_dir(), {}); }
+
+std::vector<int> with_bos(const std::string& text) {
+  std::vector<int> ids{tokenizer().bos_id()};
+  const auto body = tokenizer().encode(text);
+  ids.insert(ids.end(), body.begin(), body.end());
+  return ids;
+}
+
+size_t count_of(const std::string& s, const std::string& what) {
+  size_t n = 0;
+  for (size_t p = s.find(what); p != std::string::npos; p = s.find(what, p + 1)) ++n;
+  return n;
+}
+
+size_t lines(const std::string& s) { return static_cast<size_t>(std::count(s.begin(), s.end(), '\n')); }
+
+}  // namespace
+
+// ---------------------------------------------------------------- passkey prompt
+
+TEST(PasskeyPrompt, FillerCharsFollowLongLoRAsRatio) {
+  // int(3.75 * L // 1024 * 1024)
+  EXPECT_EQ(eval::passkey_filler_chars(1024), 3072);
+  EXPECT_EQ(eval::passkey_filler_chars(2048), 7168);   // 7680 // 1024 = 7
+  EXPECT_EQ(eval::passkey_filler_chars(4096), 15360);
+  EXPECT_EQ(eval::passkey_filler_chars(32000), 119808);
+  EXPECT_EQ(eval::passkey_filler_chars(273), 0);       // 1023.75 // 1024 = 0
+  EXPECT_EQ(eval::passkey_filler_chars(274), 1024);
+}
+
+TEST(PasskeyPrompt, FillerIsTheSentenceRepeatedWithSpacesAndCutByCharacters) {
+  EXPECT_EQ(eval::passkey_filler(0), "");
+  EXPECT_EQ(eval::passkey_filler(static_cast<int64_t>(kFiller.size())), kFiller);
+  EXPECT_EQ(eval::passkey_filler(static_cast<int64_t>(kFiller.size()) + 5), kFiller + " The ");
+  EXPECT_EQ(eval::passkey_filler(3 * static_cast<int64_t>(kFiller.size()) + 2),
+            kFiller + " " + kFiller + " " + kFiller);
+  const auto long_one = eval::passkey_filler(500000);  // longer than LongLoRA's 5000 repetitions
+  EXPECT_EQ(long_one.size(), 500000u);
+  EXPECT_EQ(long_one.compare(0, kFiller.size() + 1, kFiller + " "), 0);
+}
+
+TEST(PasskeyPrompt, ExactStrings) {
+  const auto p = eval::passkey_prompt(1024, 12345, 100);
+  EXPECT_EQ(p.answer, "12345");
+  EXPECT_EQ(p.filler_chars, 3072);
+  const std::string want = kTask + "\n" + eval::passkey_filler(100) + "\n" +
+                           "The pass key is 12345. Remember it. 12345 is the pass key." + "\n" +
+                           eval::passkey_filler(3072 - 100) + "\n" + kQuestion;
+  EXPECT_EQ(p.prompt, want);
+  EXPECT_EQ(eval::passkey_info_line(7), "The pass key is 7. Remember it. 7 is the pass key.");
+  // The prefix filler is 100 characters: the key line starts right after it.
+  EXPECT_EQ(p.prompt.find("The pass key is 12345."), kTask.size() + 1 + 100 + 1);
+  // Filler repetitions: 3072 characters hold 34 whole sentences (89 + 1 each) in the suffix
+  // (2972 chars: 33 whole) and 1 in the 100-char prefix.
+  EXPECT_EQ(kFiller.size(), 89u);
+  EXPECT_EQ(count_of(p.prompt, kFiller), 1u + (3072 - 100 + 1) / 90);
+  EXPECT_EQ(lines(p.prompt), 4u);  // five lines
+}
+
+TEST(PasskeyPrompt, SplitAtEitherEnd) {
+  const auto a = eval::passkey_prompt(2048, 42, 0);
+  EXPECT_EQ(a.prompt.rfind(kTask + "\n\nThe pass key is 42. Remember it. 42 is the pass key.\n" + kFiller, 0), 0u);
+  const auto b = eval::passkey_prompt(2048, 42, 7168);
+  const std::string tail = "\nThe pass key is 42. Remember it. 42 is the pass key.\n\n" + kQuestion;
+  ASSERT_GE(b.prompt.size(), tail.size());
+  EXPECT_EQ(b.prompt.substr(b.prompt.size() - tail.size()), tail);
+  EXPECT_EQ(a.prompt.size(), b.prompt.size());
+  EXPECT_THROW(eval::passkey_prompt(2048, 42, 7169), Error);
+  EXPECT_THROW(eval::passkey_prompt(2048, 42, -1), Error);
+  EXPECT_THROW(eval::passkey_prompt(0, 42, 0), Error);
+}
+
+TEST(PasskeyPrompt, DrawsAreSeededAndInRange) {
+  std::map<int64_t, int> keys;
+  for (int64_t t = 0; t < 200; ++t) {
+    const auto d = eval::passkey_draw(4096, 0, t);
+    EXPECT_GE(d.key, 1);
+    EXPECT_LT(d.key, 50000);
+    EXPECT_GE(d.split, 0);
+    EXPECT_LT(d.split, eval::passkey_filler_chars(4096));
+    ++keys[d.key];
+    const auto again = eval::passkey_draw(4096, 0, t);
+    EXPECT_EQ(again.key, d.key);
+    EXPECT_EQ(again.split, d.split);
+    // A trial's key does not depend on the length (as LongLoRA's seed = trial index).
+    EXPECT_EQ(eval::passkey_draw(1024, 0, t).key, d.key);
+  }
+  EXPECT_GT(keys.size(), 190u);
+  EXPECT_NE(eval::passkey_draw(4096, 1, 0).key, eval::passkey_draw(4096, 0, 0).key);
+  EXPECT_EQ(eval::passkey_draw(100, 0, 3).split, 0);  // no filler at all
+}
+
+TEST(PasskeyPrompt, TokenCountNearTheTargetWithTheGoldenTokenizer) {
+  // LongLoRA's 3.75 characters a token is LLaMA's tokenizer on this filler; the
+  // golden 512-piece tokenizer cuts it much finer, and the ratio measured on it
+  // brings the prompt near the requested length again.
+  const double cpt = eval::passkey_chars_per_token(tokenizer());
+  EXPECT_GT(cpt, 1.0);
+  EXPECT_LT(cpt, 3.0);
+  for (int64_t L : {1024, 2048, 4096, 8192, 16384}) {
+    const auto d = eval::passkey_draw(L, 0, 0, cpt);
+    const auto p = eval::passkey_prompt(L, d.key, d.split, cpt);
+    const auto n = static_cast<int64_t>(with_bos(p.prompt).size());
+    // Below by up to the 1024 characters rounded off, above by the fixed lines.
+    EXPECT_GT(n, L * 7 / 10) << "L " << L << ", " << cpt << " chars a token";
+    EXPECT_LT(n, L * 12 / 10) << "L " << L << ", " << cpt << " chars a token";
+    if (L >= 4096) EXPECT_NEAR(static_cast<double>(n), static_cast<double>(L), 0.1 * L) << "L " << L;
+    // LongLoRA's own ratio overshoots with this tokenizer: the reason it is measured.
+    const auto q = eval::passkey_prompt(L, d.key, 0);
+    EXPECT_GT(static_cast<int64_t>(with_bos(q.prompt).size()), L * 3 / 2);
+  }
+}
+
+// ---------------------------------------------------------------- generation
+
+TEST(Generate, CachedForwardEqualsFullForward) {
+  // Prefill in pieces through the cache: query i of n new tokens sees keys up to T - n + i.
+  auto m = tiny();
+  torch::NoGradGuard ng;
+  auto ids = torch::randint(3, 512, {1, 37}, at::detail::createCPUGenerator(7), torch::kInt64);
+  auto full = m->forward(ids, {});
+  model::KVCache cache;
+  std::vector<torch::Tensor> parts;
+  for (auto [s, e] : std::vector<std::pair<int64_t, int64_t>>{{0, 10}, {10, 11}, {11, 25}, {25, 26}, {26, 37}}) {
+    model::ForwardOptions f;
+    f.cache = &cache;
+    f.position_offset = cache.length;
+    parts.push_back(m->forward(ids.slice(1, s, e), f));
+  }
+  EXPECT_EQ(cache.length, 37);
+  EXPECT_LE(testutil::max_abs_diff(torch::cat(parts, 1), full), 1e-5);
+}
+
+TEST(Generate, WithCacheEqualsWithoutCacheGreedy) {
+  auto m = tiny();
+  const std::vector<std::string> prompts = {
+      "The grass is green.", "Once upon a time", "What is the pass key? The pass key is",
+      "a", "There is an important info hidden inside a lot of irrelevant text."};
+  for (const auto& text : prompts) {
+    const auto ids = with_bos(text);
+    eval::GenerateOptions o;
+    o.max_new_tokens = 20;
+    o.temperature = 0;
+    o.stop_at_eos = false;
+    o.use_cache = false;
+    const auto plain = eval::generate(*m, tokenizer(), ids, o);
+    o.use_cache = true;
+    const auto cached = eval::generate(*m, tokenizer(), ids, o);
+    o.prefill_chunk = 3;  // the prompt fed through the cache 3 tokens at a time
+    const auto chunked = eval::generate(*m, tokenizer(), ids, o);
+    ASSERT_EQ(plain.size(), 20u) << text;
+    EXPECT_EQ(cached, plain) << text;
+    EXPECT_EQ(chunked, plain) << text;
+  }
+  // Through a peft adapter (LoRA on the projections) too.
+  model::apply_adapter(*m, testutil::golden("tiny-llama/adapter"));
+  const auto ids = with_bos("The sky is blue. The sun is yellow.");
+  eval::GenerateOptions o;
+  o.max_new_tokens = 20;
+  o.temperature = 0;
+  o.stop_at_eos = false;
+  const auto cached = eval::generate(*m, tokenizer(), ids, o);
+  o.use_cache = false;
+  EXPECT_EQ(eval::generate(*m, tokenizer(), ids, o), cached);
+}
+
+TEST(Generate, SamplingIsSeededAndSameWithOrWithoutCache) {
+  auto m = tiny();
+  const auto ids = with_bos("Here we go.");
+  eval::GenerateOptions o;
+  o.max_new_tokens = 20;
+  o.temperature = 0.8;
+  o.top_p = 0.9;
+  o.seed = 5;
+  o.stop_at_eos = false;
+  const auto a = eval::generate(*m, tokenizer(), ids, o);
+  EXPECT_EQ(eval::generate(*m, tokenizer(), ids, o), a);
+  o.use_cache = false;
+  EXPECT_EQ(eval::generate(*m, tokenizer(), ids, o), a);
+  o.use_cache = true;
+  o.seed = 6;
+  EXPECT_NE(eval::generate(*m, tokenizer(), ids, o), a);
+}
+
+TEST(Generate, StopsAtEosMaxTokensOrCallback) {
+  auto m = tiny();
+  const auto ids = with_bos("Once upon a time");
+  eval::GenerateOptions o;
+  o.max_new_tokens = 7;
+  o.temperature = 0;
+  EXPECT_LE(eval::generate(*m, tokenizer(), ids, o).size(), 7u);
+  int calls = 0;
+  const auto out = eval::generate(*m, tokenizer(), ids, o, [&](int) { return ++calls < 3; });
+  EXPECT_EQ(calls, 3);
+  EXPECT_EQ(out.size(), 3u);
+  // Force an EOS: a logits row whose argmax is EOS ends the generation right there.
+  torch::Tensor logits = torch::zeros({512});
+  logits[tokenizer().eos_id()] = 10;
+  std::mt19937_64 rng(0);
+  EXPECT_EQ(eval::sample_token(logits, 0, 1, rng), tokenizer().eos_id());
+}
+
+TEST(Generate, TopPKeepsTheNucleusOnly) {
+  // p = (0.5, 0.3, 0.15, 0.05): top_p 0.7 keeps tokens 0 and 1 (0.5 < 0.7 <= 0.8).
+  auto logits = torch::tensor({0.5, 0.3, 0.15, 0.05}, torch::kFloat64).log().to(torch::kFloat32);
+  std::mt19937_64 rng(1);
+  std::map<int, int> seen;
+  for (int i = 0; i < 4000; ++i) ++seen[eval::sample_token(logits, 1.0, 0.7, rng)];
+  EXPECT_EQ(seen.size(), 2u);
+  EXPECT_NEAR(seen[0] / 4000.0, 0.5 / 0.8, 0.03);
+  // top_p 1: every token, about as often as its probability.
+  seen.clear();
+  for (int i = 0; i < 8000; ++i) ++seen[eval::sample_token(logits, 1.0, 1.0, rng)];
+  EXPECT_NEAR(seen[3] / 8000.0, 0.05, 0.015);
+  // A tiny top_p or temperature 0: the argmax.
+  EXPECT_EQ(eval::sample_token(logits, 1.0, 0.01, rng), 0);
+  EXPECT_EQ(eval::sample_token(logits, 0.0, 0.9, rng), 0);
+}
+
+TEST(Generate, StreamDecoderPiecesJoinToTheDecodedText) {
+  const auto& tok = tokenizer();
+  for (const std::string text : std::vector<std::string>{"Hello world, this is a test.", "The pass key is 12345. Remember it.",
+                                 "caf\xC3\xA9 \xE6\x97\xA5\xE6\x9C\xAC  spaces"}) {
+    const auto ids = tok.encode(text);
+    ASSERT_GE(ids.size(), 2u);
+    eval::StreamDecoder dec(tok, ids[0]);
+    std::string joined;
+    for (size_t i = 1; i < ids.size(); ++i) joined += dec.push(ids[i]);
+    joined += dec.finish();
+    const auto all = tok.decode(ids);
+    const auto first = tok.decode({ids[0]});
+    EXPECT_EQ(first + joined, all) << text;
+  }
+}
+
+// ---------------------------------------------------------------- command line
+
+TEST(GenerateCli, StreamsTheSameTextWithAndWithoutCache) {
+  const std::string base = "generate --model " + model_dir() + " --prompt 'Once upon a time' --max-new-tokens 16 "
+                           "--temperature 0 --device cpu";
+  auto a = testutil::run_cli(base);
+  ASSERT_EQ(a.code, 0) << a.err;
+  auto b = testutil::run_cli(base + " --no-cache");
+  ASSERT_EQ(b.code, 0) << b.err;
+  EXPECT_EQ(a.out, b.out);
+  // The printed text is the decoding of generate()'s ids (EOS not printed).
+  auto m = tiny();
+  eval::GenerateOptions o;
+  o.max_new_tokens = 16;
+  o.temperature = 0;
+  const auto ids = with_bos("Once upon a time");
+  auto out = eval::generate(*m, tokenizer(), ids, o);
+  if (!out.empty() && out.back() == tokenizer().eos_id()) out.pop_back();
+  std::vector<int> ctx{ids.back()};
+  ctx.insert(ctx.end(), out.begin(), out.end());
+  EXPECT_EQ(a.out, tokenizer().decode(ctx).substr(tokenizer().decode({ids.back()}).size()) + "\n");
+
+  const auto dir = testutil::temp_dir("generate-prompt-file");
+  testutil::write_file(dir + "/p.txt", "Once upon a time");
+  auto c = testutil::run_cli("generate --model " + model_dir() + " --prompt-file " + dir +
+                             "/p.txt --max-new-tokens 16 --temperature 0 --device cpu");
+  ASSERT_EQ(c.code, 0) << c.err;
+  EXPECT_EQ(c.out, a.out);
+  longlora::remove_tree(dir);
+}
+
+TEST(GenerateCli, BadInputIsOneLine) {
+  for (const std::string& args : std::vector<std::string>{"generate --prompt hi", "generate --model " + model_dir(),
+        "generate --model " + model_dir() + " --prompt hi --prompt-file /nonexistent",
+        "generate --model " + model_dir() + " --prompt hi --top-p 0",
+        "generate --model " + model_dir() + " --prompt hi --max-new-tokens 0"}) {
+    auto r = testutil::run_cli(args);
+    EXPECT_NE(r.code, 0) << args;
+    EXPECT_EQ(lines(r.err), 1u) << args << "\n" << r.err;
+  }
+}
+
+TEST(PasskeyCli, PrintsJsonAccuracyPerLength) {
+  auto r = testutil::run_cli("eval --task passkey --model " + model_dir() +
+                             " --lengths 300,600 --trials 3 --seed 1 --json --device cpu");
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["task"], "passkey");
+  EXPECT_EQ(j["lengths"], nlohmann::json({300, 600}));
+  EXPECT_EQ(j["trials"], 3);
+  EXPECT_EQ(j["prompt_tokens"].size(), 2u);
+  ASSERT_EQ(j["accuracy"].size(), 2u);
+  for (auto& a : j["accuracy"]) {
+    EXPECT_GE(a.get<double>(), 0.0);
+    EXPECT_LE(a.get<double>(), 1.0);
+  }
+  // Readable form: one line per length.
+  auto t = testutil::run_cli("eval --task passkey --model " + model_dir() + " --lengths 300,600 --trials 1 --device cpu");
+  ASSERT_EQ(t.code, 0) << t.err;
+  EXPECT_EQ(lines(t.out), 2u) << t.out;
+  EXPECT_EQ(t.out.rfind("passkey length 300: accuracy ", 0), 0u) << t.out;
+}
+
+TEST(PasskeyCli, BadInputIsOneLine) {
+  const std::string m = " --model " + model_dir();
+  for (const std::string& args : std::vector<std::string>{"eval --task passkey" + m + " --lengths 0", "eval --task passkey --lengths 1024",
+                                 "eval --task passkey" + m, "eval --task passkey" + m + " --lengths 512 --trials 0",
+                                 "eval --task nope" + m, "eval" + m + " --seq-len 64",
+                                 "eval" + m + " --data x.bin"}) {
+    auto r = testutil::run_cli(args);
+    EXPECT_NE(r.code, 0) << args;
+    EXPECT_EQ(lines(r.err), 1u) << args << "\n" << r.err;
+  }
+}
