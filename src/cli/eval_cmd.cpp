@@ -9,6 +9,7 @@
 #include "longlora/common/error.h"
 #include "longlora/data/tokenizer.h"
 #include "longlora/data/tokens.h"
+#include "longlora/eval/passkey.h"
 #include "longlora/eval/perplexity.h"
 #include "longlora/model/loader.h"
 
@@ -16,7 +17,55 @@ namespace fs = std::filesystem;
 
 namespace longlora::cli {
 
+namespace {
+
+// --task passkey: LongLoRA's passkey retrieval (see eval/passkey.h).
+int run_passkey(const EvalArgs& a, model::LlamaForCausalLMImpl& m) {
+  const auto tok_path = (fs::path(a.model) / "tokenizer.model").string();
+  if (!fs::exists(tok_path)) throw Error(tok_path + ": no tokenizer.model in the model directory");
+  const data::Tokenizer tok(tok_path);
+  eval::PasskeyOptions po;
+  po.lengths = a.lengths;
+  po.trials = a.trials;
+  po.seed = a.seed;
+  const auto r = eval::passkey_eval(m, tok, po);
+  if (a.json) {
+    nlohmann::json j = {{"task", "passkey"},
+                        {"lengths", r.lengths},
+                        {"accuracy", r.accuracy},
+                        {"trials", r.trials},
+                        {"prompt_tokens", r.prompt_tokens},
+                        {"chars_per_token", r.chars_per_token},
+                        {"seed", a.seed},
+                        {"rope_factor", m.cfg.rope_factor}};
+    std::cout << j.dump() << std::endl;
+  } else {
+    for (size_t i = 0; i < r.lengths.size(); ++i)
+      std::cout << "passkey length " << r.lengths[i] << ": accuracy " << r.accuracy[i] << " ("
+                << static_cast<int64_t>(r.accuracy[i] * static_cast<double>(r.trials) + 0.5) << "/"
+                << r.trials << " trials, " << r.prompt_tokens[i] << " prompt tokens on average, rope factor "
+                << m.cfg.rope_factor << ")" << std::endl;
+  }
+  return 0;
+}
+
+}  // namespace
+
 int run_eval(const EvalArgs& a) {
+  // Checked here rather than by CLI11 so that each is one line on stderr.
+  if (a.model.empty()) throw Error("eval: --model DIR is required");
+  if (a.task == "passkey") {
+    if (a.lengths.empty()) throw Error("eval: --task passkey needs --lengths L[,L2,...] (tokens)");
+    for (auto L : a.lengths)
+      if (L <= 0) throw Error("eval: --lengths: " + std::to_string(L) + " is not a positive token count");
+    if (a.trials <= 0) throw Error("eval: --trials must be positive, got " + std::to_string(a.trials));
+  } else if (a.task == "perplexity") {
+    if (a.data.empty()) throw Error("eval: --task perplexity needs --data FILE");
+    if (a.seq_lens.empty()) throw Error("eval: --task perplexity needs --seq-len L[,L2,...]");
+  } else {
+    throw Error("eval: --task must be perplexity or passkey, got '" + a.task + "'");
+  }
+
   const auto device = pick_device(a.device);
   model::LoadOptions lo;
   lo.device = device;
@@ -24,6 +73,7 @@ int run_eval(const EvalArgs& a) {
   if (a.rope_factor > 0) lo.rope_factor = a.rope_factor;
   auto m = model::load_model(a.model, lo);
   if (!a.adapter.empty()) model::apply_adapter(*m, a.adapter);
+  if (a.task == "passkey") return run_passkey(a, *m);
 
   std::unique_ptr<data::Tokenizer> tok;
   const auto tok_path = fs::path(a.model) / "tokenizer.model";

@@ -21,6 +21,21 @@ struct EvalArgs {
   double rope_factor = 0;  // 0 = config.json's
   bool json = false;
   std::string device = "auto", dtype = "auto";
+  // --task passkey
+  std::vector<int64_t> lengths;  // target prompt lengths in tokens
+  int64_t trials = 10;
+  uint64_t seed = 0;
+};
+
+struct GenerateArgs {
+  std::string model, adapter, prompt, prompt_file;
+  int64_t max_new_tokens = 512;     // defaults: LongLoRA's inference.py
+  double temperature = 0.6;         // 0 = greedy
+  double top_p = 0.9;
+  uint64_t seed = 0;
+  double rope_factor = 0;           // 0 = config.json's
+  bool no_cache = false;
+  std::string device = "auto", dtype = "auto";
 };
 
 struct ExportArgs {
@@ -35,5 +50,6 @@ struct ExportArgs {
 int run_train(const TrainArgs& a);
 int run_eval(const EvalArgs& a);
 int run_export(const ExportArgs& a);
+int run_generate(const GenerateArgs& a);
 
 }  // namespace longlora::cli

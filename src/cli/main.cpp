@@ -1,0 +1,175 @@
+// longlora-train: LongLoRA context extension for LLaMA checkpoints.
+#include <CLI/CLI.hpp>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include <c10/util/Exception.h>
+
+#include <iostream>
+
+#include "longlora/attention/bench.h"
+#include "longlora/train/bench.h"
+#include "longlora/data/synthetic.h"
+#include "longlora/train/config.h"
+#include "longlora/cli/commands.h"
+#include "longlora/common/error.h"
+
+using namespace longlora;
+
+int main(int argc, char** argv) {
+  // Logs go to stderr so stdout carries only results (--json).
+  spdlog::set_default_logger(spdlog::stderr_color_mt("longlora"));
+  spdlog::set_pattern("[%H:%M:%S] %v");
+
+  CLI::App app{"longlora-train: extend the context of LLaMA models with LongLoRA "
+               "(LoRA + trainable embed/norm, position interpolation, S2-Attn)"};
+  app.set_version_flag("--version", std::string("longlora-train ") + LONGLORA_VERSION);
+  app.require_subcommand(0, 1);
+
+  cli::TrainArgs train;
+  app.add_option("--config", train.config, "run configuration (JSON), see README")
+      ->check(CLI::ExistingFile);
+  auto* resume = app.add_flag("--resume", train.resume,
+                              "continue from the newest complete checkpoint in output.dir");
+  app.add_option("--resume-from", train.resume_from, "continue from this checkpoint directory")
+      ->excludes(resume);
+  app.add_option("--set", train.overrides, "override a config key: key.path=value (repeatable)");
+  app.add_flag("--dry-run", train.dry_run, "load, validate and print the resolved config; do not train");
+  bool config_reference = false;
+  app.add_flag("--config-reference", config_reference, "print every config key (markdown table) and exit");
+
+  cli::EvalArgs ev;
+  // --model, --data, --seq-len, --lengths are checked in run_eval (one-line errors, per task).
+  auto* eval = app.add_subcommand(
+      "eval", "perplexity of a model (full attention) on a data file, or passkey retrieval (--task passkey)");
+  eval->add_option("--task", ev.task, "perplexity (default) | passkey (LongLoRA's passkey retrieval test)");
+  eval->add_option("--model", ev.model, "Hugging Face model directory (required)");
+  eval->add_option("--adapter", ev.adapter, "peft adapter directory (or training checkpoint)");
+  eval->add_option("--data", ev.data, "perplexity: data: .bin (uint16 ids), .txt or .jsonl (text field)");
+  eval->add_option("--seq-len", ev.seq_lens, "perplexity: window length(s) in tokens; several give one row each")
+      ->delimiter(',')->check(CLI::PositiveNumber);
+  eval->add_option("--lengths", ev.lengths, "passkey: target prompt length(s) in tokens, e.g. 1024,2048,4096")
+      ->delimiter(',');
+  eval->add_option("--trials", ev.trials, "passkey: trials (random key and depth) per length (default 10)");
+  eval->add_option("--seed", ev.seed, "passkey: seed of the keys and depths (default 0)");
+  eval->add_option("--stride", ev.stride, "window stride (default: seq-len)")->check(CLI::PositiveNumber);
+  eval->add_option("--rope-factor", ev.rope_factor, "linear position interpolation factor (overrides config.json)")
+      ->check(CLI::Range(1.0, 1024.0));
+  eval->add_flag("--json", ev.json, "print one JSON object per seq-len (passkey: one for all lengths)");
+  eval->add_option("--device", ev.device, "auto | cpu | cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  eval->add_option("--dtype", ev.dtype, "compute dtype: auto | fp32 | bf16 | fp16")
+      ->check(CLI::IsMember({"auto", "fp32", "bf16", "fp16"}));
+
+  cli::GenerateArgs gen;
+  auto* gen_cmd = app.add_subcommand(
+      "generate", "generate text after a prompt (BOS prepended; full attention, KV cache; streams to stdout)");
+  gen_cmd->add_option("--model", gen.model, "Hugging Face model directory with tokenizer.model (required)");
+  gen_cmd->add_option("--adapter", gen.adapter, "peft adapter directory (or training checkpoint)");
+  gen_cmd->add_option("--prompt", gen.prompt, "prompt text (or --prompt-file)");
+  gen_cmd->add_option("--prompt-file", gen.prompt_file, "file whose whole content is the prompt");
+  gen_cmd->add_option("--max-new-tokens", gen.max_new_tokens, "stop after this many new tokens (default 512) or at EOS");
+  gen_cmd->add_option("--temperature", gen.temperature, "sampling temperature (default 0.6); 0 = greedy");
+  gen_cmd->add_option("--top-p", gen.top_p, "nucleus sampling: keep the most probable tokens up to this mass (default 0.9)");
+  gen_cmd->add_option("--seed", gen.seed, "sampling seed (default 0)");
+  gen_cmd->add_option("--rope-factor", gen.rope_factor, "linear position interpolation factor (overrides config.json)")
+      ->check(CLI::Range(1.0, 1024.0));
+  gen_cmd->add_flag("--no-cache", gen.no_cache, "recompute the whole sequence for every token (no KV cache)");
+  gen_cmd->add_option("--device", gen.device, "auto | cpu | cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  gen_cmd->add_option("--dtype", gen.dtype, "compute dtype: auto | fp32 | bf16 | fp16")
+      ->check(CLI::IsMember({"auto", "fp32", "bf16", "fp16"}));
+
+  cli::ExportArgs ex;
+  auto* exp = app.add_subcommand(
+      "export", "write a checkpoint as a Hugging Face model with the LoRA merged in, or as a peft adapter");
+  exp->add_option("--checkpoint", ex.checkpoint, "training checkpoint (checkpoint-STEP) or peft adapter directory")
+      ->required();
+  exp->add_option("--output", ex.output, "directory to write (refused if it exists, unless --overwrite)")->required();
+  exp->add_option("--format", ex.format, "merged (HF model, LoRA merged into the weights) | peft (adapter)")
+      ->check(CLI::IsMember({"merged", "peft"}));
+  exp->add_option("--dtype", ex.dtype, "output dtype: bf16 | fp16 | fp32 (default: merged: the base's torch_dtype, "
+                                       "peft: as stored)")
+      ->check(CLI::IsMember({"bf16", "fp16", "fp32"}));
+  exp->add_option("--max-shard-size", ex.max_shard_size,
+                  "largest safetensors shard, e.g. 5GB, 500MB, 100KB (powers of 1000) or 2GiB (1024)");
+  exp->add_option("--base", ex.base, "base model directory (default: model.path of the checkpoint's run_config.json)");
+  exp->add_option("--rope-factor", ex.rope_factor,
+                  "linear RoPE factor written to config.json (default: the training run's; peft dir: the base's)")
+      ->check(CLI::Range(1.0, 1024.0));
+  exp->add_flag("--overwrite", ex.overwrite, "replace an existing output directory");
+
+  attention::AttentionBenchOptions ab;
+  data::PasskeyCorpusOptions pc;
+  auto* mk = app.add_subcommand(
+      "make-data", "write a synthetic corpus of passkey documents (.jsonl, \"text\" field) with long-range structure");
+  mk->add_option("--tokenizer", pc.tokenizer, "tokenizer.model (document lengths are counted in its tokens)")
+      ->required()->check(CLI::ExistingFile);
+  mk->add_option("--out", pc.out, "output .jsonl")->required();
+  mk->add_option("--docs", pc.docs, "number of documents")->check(CLI::PositiveNumber);
+  mk->add_option("--min-tokens", pc.min_tokens, "shortest document (tokens)")->check(CLI::PositiveNumber);
+  mk->add_option("--max-tokens", pc.max_tokens, "longest document (tokens)")->check(CLI::PositiveNumber);
+  mk->add_option("--seed", pc.seed, "random seed");
+  train::TrainBenchOptions tb;
+  auto* bench = app.add_subcommand(
+      "bench", "training steps of a random-weight model of a given shape (default recipe, batch 1); "
+               "`bench attention` for the S2-Attn kernel (see docs/benchmarks.md)");
+  auto* bench_attn = bench->add_subcommand("attention", "S2-Attn kernel vs sdpa, forward and forward+backward");
+  bench->require_subcommand(0, 1);
+  bench->add_option("--shape", tb.shape, "model config.json, e.g. configs/shapes/llama2-7b.json")
+      ->check(CLI::ExistingFile);
+  bench->add_option("--seq-len", tb.seq_len, "context length")->check(CLI::PositiveNumber);
+  bench->add_option("--steps", tb.steps, "timed steps")->check(CLI::PositiveNumber);
+  bench->add_option("--warmup", tb.warmup, "untimed steps first")->check(CLI::NonNegativeNumber);
+  bench->add_option("--device", tb.device, "auto | cpu | cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  bench->add_option("--set", tb.overrides, "override a run-config key: key.path=value (repeatable)");
+  bench->add_flag("--json", tb.json, "one JSON object");
+  bench_attn->add_option("--seq-len", ab.seq_len)->check(CLI::PositiveNumber);
+  bench_attn->add_option("--heads", ab.heads)->check(CLI::PositiveNumber);
+  bench_attn->add_option("--kv-heads", ab.kv_heads)->check(CLI::PositiveNumber);
+  bench_attn->add_option("--head-dim", ab.head_dim)->check(CLI::PositiveNumber);
+  bench_attn->add_option("--batch", ab.batch)->check(CLI::PositiveNumber);
+  bench_attn->add_option("--dtype", ab.dtype)->check(CLI::IsMember({"bf16", "fp16"}));
+  bench_attn->add_option("--mode", ab.mode)->check(CLI::IsMember({"segments", "roll", "full"}));
+  bench_attn->add_option("--group-ratio", ab.group_ratio)->check(CLI::Range(0.0, 1.0));
+  bench_attn->add_option("--warmup", ab.warmup)->check(CLI::NonNegativeNumber);
+  bench_attn->add_option("--iters", ab.iters)->check(CLI::PositiveNumber);
+  bench_attn->add_flag("--json", ab.json);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+
+  try {
+    if (*eval) return cli::run_eval(ev);
+    if (*gen_cmd) return cli::run_generate(gen);
+    if (*exp) return cli::run_export(ex);
+    if (*bench_attn) return attention::run_attention_bench(ab);
+    if (*mk) {
+      std::cout << data::write_passkey_corpus(pc) << " documents written to " << pc.out << std::endl;
+      return 0;
+    }
+    if (*bench) {
+      if (tb.shape.empty()) throw Error("bench: --shape FILE is required (or `bench attention`)");
+      return train::run_train_bench(tb);
+    }
+    if (config_reference) {
+      std::cout << train::config_reference();
+      return 0;
+    }
+    if (train.config.empty()) {
+      std::cerr << "error: --config FILE is required (or a subcommand; see --help)\n";
+      return 2;
+    }
+    return cli::run_train(train);
+  } catch (const Error& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 1;
+  } catch (const c10::Error& e) {
+    std::cerr << "error: " << e.what_without_backtrace() << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 1;
+  }
+}

@@ -1,0 +1,157 @@
+#include "longlora/train/bench.h"
+
+#include <spdlog/spdlog.h>
+#include <sys/resource.h>
+
+#include <chrono>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "longlora/common/device.h"
+#include "longlora/common/error.h"
+#include "longlora/train/setup.h"
+
+#ifdef LONGLORA_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+namespace longlora::train {
+namespace {
+
+void sync(const torch::Device& d) {
+#ifdef LONGLORA_WITH_CUDA
+  if (d.is_cuda()) at::cuda::getCurrentCUDAStream().synchronize();
+#endif
+}
+
+std::string device_name(const torch::Device& d) {
+#ifdef LONGLORA_WITH_CUDA
+  if (d.is_cuda()) return at::cuda::getDeviceProperties(d.index())->name;
+#endif
+  return "CPU (" + std::to_string(at::get_num_threads()) + " threads)";
+}
+
+// Dense bf16 peak of known GPUs, for MFU; 0 when unknown.
+double peak_tflops(const std::string& name) {
+  if (name.find("H100") != std::string::npos || name.find("H200") != std::string::npos) return 989.0;
+  if (name.find("A100") != std::string::npos) return 312.0;
+  return 0.0;
+}
+
+double peak_gib(const torch::Device& d) {
+#ifdef LONGLORA_WITH_CUDA
+  if (d.is_cuda())
+    return c10::cuda::CUDACachingAllocator::getDeviceStats(d.index()).allocated_bytes[0].peak / double(1 << 30);
+#endif
+  struct rusage ru {};
+  ::getrusage(RUSAGE_SELF, &ru);
+  return ru.ru_maxrss / double(1 << 20);
+}
+
+template <class F>
+double time_ms(const torch::Device& d, int reps, F f) {
+  sync(d);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < reps; ++i) f();
+  sync(d);
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / reps;
+}
+
+}  // namespace
+
+int run_train_bench(const TrainBenchOptions& o) {
+  RunConfig c;
+  c.model.init = "random";
+  c.model.config = o.shape;
+  c.data.seq_len = o.seq_len;
+  c.train.grad_accum = 1;
+  c.train.micro_batch_size = 1;
+  c.train.max_steps = o.warmup + o.steps;
+  c.device = o.device;
+  for (const auto& s : o.overrides) apply_override(c, s);
+  Session s = make_session(c, /*with_data=*/false);
+  auto& m = *s.model;
+  const auto& mc = m.cfg;
+  const int64_t L = o.seq_len, H = mc.num_attention_heads, Hkv = mc.num_key_value_heads, D = mc.head_dim;
+
+  auto ids = torch::randint(0, mc.vocab_size, {1, L}, torch::dtype(torch::kInt64).device(s.device));
+  auto targets = torch::cat({ids.slice(1, 1, L), torch::full({1, 1}, -1, ids.options())}, 1);
+  m.train();
+  std::vector<torch::Tensor> params;
+  for (auto& [n, p] : s.trainable) params.push_back(p);
+  auto step = [&] {
+    s.optimizer->zero_grad();
+    auto h = m.hidden(ids, s.train_forward);
+    auto [sum, n] = model::chunked_nll(m, h, targets, c.train.loss_chunk);
+    (sum / static_cast<double>(n)).backward();
+    torch::nn::utils::clip_grad_norm_(params, c.train.max_grad_norm);
+    s.optimizer->step();
+  };
+  for (int i = 0; i < o.warmup; ++i) step();
+  const double step_ms = time_ms(s.device, o.steps, step);
+
+  // Breakdown from isolated timings of the same shapes (per layer x layers).
+  auto opts = torch::dtype(s.dtype).device(s.device);
+  auto q = torch::randn({1, H, L, D}, opts).requires_grad_(true);
+  auto k = torch::randn({1, Hkv, L, D}, opts).requires_grad_(true);
+  auto v = torch::randn({1, Hkv, L, D}, opts).requires_grad_(true);
+  const double recompute = c.train.activation_checkpointing ? 1.0 : 0.0;
+  const double attn_fwd = time_ms(s.device, 2, [&] {
+    torch::NoGradGuard ng;
+    attention::attention(q, k, v, s.train_forward.attn);
+  });
+  const double attn_fb = time_ms(s.device, 2, [&] {
+    attention::attention(q, k, v, s.train_forward.attn).sum().backward();
+  });
+  const double attn_ms = (attn_fb + recompute * attn_fwd) * mc.num_hidden_layers;
+  auto x = torch::randn({L, mc.hidden_size}, opts);
+  auto w_in = torch::randn({mc.hidden_size, (H + 2 * Hkv) * D + 2 * mc.intermediate_size}, opts);
+  auto w_out = torch::randn({H * D + mc.intermediate_size, mc.hidden_size}, opts);
+  auto y = torch::randn({L, H * D + mc.intermediate_size}, opts);
+  // forward + recompute + two backward matmuls per weight (dX; dW only for LoRA, small).
+  const double lin_once = time_ms(s.device, 2, [&] {
+    torch::NoGradGuard ng;
+    x.matmul(w_in);
+    y.matmul(w_out);
+  });
+  const double linear_ms = lin_once * (3.0 + recompute) * mc.num_hidden_layers;
+
+  // Model FLOPs: matmul params (6 per token: fwd + bwd) + attention over visible pairs.
+  const double per_layer_w = mc.hidden_size * ((H + 2 * Hkv) * D) + H * D * mc.hidden_size +
+                             3.0 * mc.hidden_size * mc.intermediate_size;
+  const double G = c.attention.s2 ? static_cast<double>(s.train_forward.attn.group) : static_cast<double>(L);
+  const double pairs = L * (G + 1) / 2.0;  // causal inside groups, per head
+  const double flops = 6.0 * L * (per_layer_w * mc.num_hidden_layers + mc.hidden_size * mc.vocab_size) +
+                       mc.num_hidden_layers * 4.0 * 3.0 * H * D * pairs;
+  const std::string dev = device_name(s.device);
+  const double tps = L / (step_ms / 1000.0);
+  const double tflops = flops / (step_ms / 1000.0) / 1e12;
+  const double peak = peak_tflops(dev);
+  const double mem = peak_gib(s.device);
+  nlohmann::json j = {{"device", dev},
+                      {"shape", o.shape},
+                      {"seq_len", L},
+                      {"dtype", dtype_string(s.dtype)},
+                      {"attention_backend", attention::to_string(s.train_forward.attn.backend)},
+                      {"tokens_per_s", tps},
+                      {"step_ms", step_ms},
+                      {"model_tflops", tflops},
+                      {"mfu", peak > 0 ? nlohmann::json(tflops / peak) : nlohmann::json(nullptr)},
+                      {"peak_mem_gib", mem},
+                      {"breakdown_ms", {{"attention", attn_ms}, {"linear", linear_ms},
+                                        {"rest", std::max(0.0, step_ms - attn_ms - linear_ms)}}}};
+  if (o.json) {
+    std::cout << j.dump() << std::endl;
+  } else {
+    std::cout << "device " << dev << ", shape " << o.shape << ", seq_len " << L << ", " << dtype_string(s.dtype)
+              << "\n  " << tps << " tokens/s, step " << step_ms << " ms, " << tflops << " model TFLOP/s"
+              << (peak > 0 ? ", MFU " + std::to_string(100.0 * tflops / peak) + " %" : std::string(", MFU n/a"))
+              << ", peak memory " << mem << " GiB\n  breakdown (isolated timings): attention " << attn_ms
+              << " ms, linear layers " << linear_ms << " ms, rest " << std::max(0.0, step_ms - attn_ms - linear_ms)
+              << " ms" << std::endl;
+  }
+  return 0;
+}
+
+}  // namespace longlora::train
