@@ -1,4 +1,5 @@
 // The README documents every config key and the configs in configs/ load.
+#include <nlohmann/json.hpp>
 #include <regex>
 
 #include "longlora/train/config.h"
@@ -28,4 +29,15 @@ TEST(Docs, ShippedConfigsLoad) {
     ++n;
   }
   EXPECT_GE(n, 6);
+}
+
+TEST(Bench, TrainBenchRunsOnCpuAndReportsEveryFigure) {
+  auto r = testutil::run_cli("bench --shape " + testutil::data("../../configs/shapes/tiny-cpu.json") +
+                             " --seq-len 64 --steps 1 --warmup 0 --device cpu --json");
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  for (const char* k : {"device", "tokens_per_s", "step_ms", "model_tflops", "peak_mem_gib", "breakdown_ms"})
+    EXPECT_TRUE(j.contains(k)) << k;
+  EXPECT_GT(j["tokens_per_s"].get<double>(), 0);
+  EXPECT_EQ(j["seq_len"], 64);
 }

@@ -1,0 +1,66 @@
+// Training rows: packing of token streams and LongAlpaca-style supervised records.
+#include "longlora/common/error.h"
+#include "longlora/data/dataset.h"
+#include "longlora/data/tokenizer.h"
+#include "longlora/data/tokens.h"
+#include <set>
+
+#include "test_util.h"
+
+using namespace longlora;
+
+TEST(Data, TokenRowsPredictTheNextTokenInsideTheRow) {
+  const auto d = testutil::temp_dir("rows");
+  std::vector<int32_t> ids;
+  for (int i = 0; i < 25; ++i) ids.push_back(i + 3);
+  data::write_bin(d + "/t.bin", ids);
+  data::Dataset ds(d + "/t.bin", "auto", 8, nullptr, 512);
+  EXPECT_EQ(ds.kind(), "tokens");
+  ASSERT_EQ(ds.size(), 3);  // 25 tokens: three full rows of 8, the tail dropped
+  auto r = ds.row_at(1, /*shuffle=*/false, 0);
+  EXPECT_EQ(r.ids, (std::vector<int32_t>{11, 12, 13, 14, 15, 16, 17, 18}));
+  EXPECT_EQ(r.targets, (std::vector<int32_t>{12, 13, 14, 15, 16, 17, 18, -1}));
+  // Shuffled order is a permutation per epoch, the same for the same seed.
+  std::set<int32_t> firsts;
+  for (int64_t c = 0; c < 3; ++c) firsts.insert(ds.row_at(c, true, 7).ids[0]);
+  EXPECT_EQ(firsts, (std::set<int32_t>{3, 11, 19}));
+  EXPECT_EQ(ds.row_at(4, true, 7).ids, ds.row_at(4, true, 7).ids);
+  EXPECT_EQ(data::permutation(100, 7, 0), data::permutation(100, 7, 0));
+  EXPECT_NE(data::permutation(100, 7, 0), data::permutation(100, 7, 1));
+}
+
+TEST(Data, TooShortForOneRowIsAClearError) {
+  const auto d = testutil::temp_dir("rows-short");
+  data::write_bin(d + "/t.bin", {1, 2, 3});
+  try {
+    data::Dataset ds(d + "/t.bin", "auto", 8, nullptr, 512);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("t.bin"), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("no complete row"), std::string::npos);
+  }
+}
+
+TEST(Data, SupervisedRecordsCountOnlyTheOutputAndEos) {
+  const auto d = testutil::temp_dir("sft");
+  testutil::write_file(d + "/a.json",
+                       R"([{"instruction": "Say hi.", "output": "hi there"},
+                           {"instruction": "Add", "input": "2 and 3", "output": "5"}])");
+  data::Tokenizer tok(testutil::golden("tokenizer.model"));
+  data::Dataset ds(d + "/a.json", "auto", 128, &tok, 512);
+  EXPECT_EQ(ds.kind(), "sft");
+  ASSERT_EQ(ds.size(), 2);
+  auto r = ds.row_at(0, false, 0);
+  const auto prompt = tok.encode(data::sft_prompt({"Say hi.", "", "hi there"}));
+  const auto out = tok.encode("hi there");
+  const size_t p = 1 + prompt.size();  // BOS + prompt
+  ASSERT_EQ(r.ids.size(), 128u);
+  EXPECT_EQ(r.ids[0], tok.bos_id());
+  // Predictions of prompt tokens are not counted; the output tokens and EOS are.
+  for (size_t i = 0; i + 1 < p; ++i) EXPECT_EQ(r.targets[i], -1) << i;
+  for (size_t k = 0; k < out.size(); ++k) EXPECT_EQ(r.targets[p - 1 + k], out[k]) << k;
+  EXPECT_EQ(r.targets[p - 1 + out.size()], tok.eos_id());
+  // Padding is never counted.
+  for (size_t i = p + out.size(); i < 128; ++i) EXPECT_EQ(r.targets[i], -1) << i;
+  EXPECT_NE(data::sft_prompt({"Add", "2 and 3", "5"}).find("### Input:\n2 and 3"), std::string::npos);
+}
