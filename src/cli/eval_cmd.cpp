@@ -66,13 +66,7 @@ int run_eval(const EvalArgs& a) {
     throw Error("eval: --task must be perplexity or passkey, got '" + a.task + "'");
   }
 
-  const auto device = pick_device(a.device);
-  model::LoadOptions lo;
-  lo.device = device;
-  lo.compute_dtype = pick_dtype(a.dtype, device);
-  if (a.rope_factor > 0) lo.rope_factor = a.rope_factor;
-  auto m = model::load_model(a.model, lo);
-  if (!a.adapter.empty()) model::apply_adapter(*m, a.adapter);
+  auto m = model::load_for_inference(a.model, a.adapter, a.device, a.dtype, a.rope_factor);
   if (a.task == "passkey") return run_passkey(a, *m);
 
   std::unique_ptr<data::Tokenizer> tok;

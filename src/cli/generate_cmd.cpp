@@ -39,13 +39,7 @@ int run_generate(const GenerateArgs& a) {
   if (!fs::exists(tok_path)) throw Error(tok_path + ": no tokenizer.model in the model directory");
   const data::Tokenizer tok(tok_path);
 
-  const auto device = pick_device(a.device);
-  model::LoadOptions lo;
-  lo.device = device;
-  lo.compute_dtype = pick_dtype(a.dtype, device);
-  if (a.rope_factor > 0) lo.rope_factor = a.rope_factor;
-  auto m = model::load_model(a.model, lo);
-  if (!a.adapter.empty()) model::apply_adapter(*m, a.adapter);
+  auto m = model::load_for_inference(a.model, a.adapter, a.device, a.dtype, a.rope_factor);
 
   std::vector<int> ids{tok.bos_id()};
   const auto body = tok.encode(prompt);

@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "longlora/common/error.h"
+#include "longlora/common/json_file.h"
 
 using nlohmann::json;
 
@@ -30,14 +31,7 @@ std::vector<std::string> string_list(const json& j, const std::string& key, cons
 }  // namespace
 
 AdapterConfig load_adapter_config(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) fail(path, "", "cannot open");
-  json j;
-  try {
-    in >> j;
-  } catch (const json::exception& e) {
-    fail(path, "", std::string("bad JSON: ") + e.what());
-  }
+  json j = read_json_file(path);
   if (!j.is_object()) fail(path, "", "expected a JSON object");
   if (j.value("peft_type", std::string("LORA")) != "LORA")
     fail(path, "peft_type", "only LORA adapters are supported");

@@ -24,6 +24,7 @@
 #include <sstream>
 
 #include "longlora/common/error.h"
+#include "longlora/common/json_file.h"
 #include "longlora/io/adapter.h"
 #include "longlora/io/hf_config.h"
 #include "longlora/io/safetensors.h"
@@ -82,14 +83,7 @@ std::string read_text(const std::string& path) {
   return s.str();
 }
 
-json read_json(const std::string& path) {
-  const std::string text = read_text(path);
-  try {
-    return json::parse(text);
-  } catch (const json::exception& e) {
-    fail(path, "", std::string("bad JSON: ") + e.what());
-  }
-}
+json read_json(const std::string& path) { return read_json_file(path); }
 
 // POSIX writes so a full disk (ENOSPC) or a file size limit (EFBIG) is reported as such.
 void write_text(const std::string& path, const std::string& text) {

@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include "longlora/common/error.h"
+#include "longlora/common/json_file.h"
 
 using nlohmann::json;
 
@@ -108,15 +109,7 @@ ModelConfig parse_model_config(const json& j, const std::string& src) {
 }
 
 ModelConfig load_model_config(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) fail(path, "", "cannot open");
-  json j;
-  try {
-    in >> j;
-  } catch (const json::exception& e) {
-    fail(path, "", std::string("bad JSON: ") + e.what());
-  }
-  return parse_model_config(j, path);
+  return parse_model_config(read_json_file(path), path);
 }
 
 json model_config_to_json(const ModelConfig& c) {

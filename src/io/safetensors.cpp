@@ -15,6 +15,7 @@
 #include <set>
 
 #include "longlora/common/error.h"
+#include "longlora/common/json_file.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -199,13 +200,7 @@ SafetensorsCheckpoint::SafetensorsCheckpoint(const std::string& path) : path_(pa
   const fs::path dir(path);
   const fs::path index = dir / "model.safetensors.index.json";
   if (fs::exists(index)) {
-    json j;
-    std::ifstream in(index);
-    try {
-      in >> j;
-    } catch (const json::exception& e) {
-      fail(index.string(), "", std::string("bad JSON: ") + e.what());
-    }
+    json j = read_json_file(index.string());
     if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
       fail(index.string(), "weight_map", "missing or not an object");
     std::map<std::string, std::shared_ptr<SafetensorsFile>> opened;

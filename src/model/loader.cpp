@@ -4,7 +4,11 @@
 #include <set>
 #include <sstream>
 
+#include "longlora/common/device.h"
 #include "longlora/common/error.h"
+#include "longlora/common/json_file.h"
+
+#include <spdlog/spdlog.h>
 #include "longlora/io/tensors.h"
 
 namespace fs = std::filesystem;
@@ -105,6 +109,28 @@ LlamaForCausalLM load_model(const std::string& dir, const LoadOptions& opt) {
     fail(ckpt->file_of(name).path(), "tensor '" + name + "'",
          "unexpected in a LLaMA checkpoint of this config");
   }
+  return m;
+}
+
+LlamaForCausalLM load_for_inference(const std::string& dir, const std::string& adapter,
+                                    const std::string& device, const std::string& dtype,
+                                    double rope_factor) {
+  LoadOptions lo;
+  lo.device = pick_device(device);
+  lo.compute_dtype = pick_dtype(dtype, lo.device);
+  if (rope_factor > 0) {
+    lo.rope_factor = rope_factor;
+  } else if (!adapter.empty() && fs::exists(fs::path(adapter) / "trainer_state.json")) {
+    // A training checkpoint knows the RoPE factor it was trained with; evaluating
+    // its adapter at another factor would be silently wrong.
+    const auto st = read_json_file((fs::path(adapter) / "trainer_state.json").string());
+    if (st.contains("rope_factor") && st["rope_factor"].is_number()) {
+      lo.rope_factor = st["rope_factor"].get<double>();
+      spdlog::info("rope factor {} from {}", *lo.rope_factor, adapter);
+    }
+  }
+  auto m = load_model(dir, lo);
+  if (!adapter.empty()) apply_adapter(*m, adapter);
   return m;
 }
 

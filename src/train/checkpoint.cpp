@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "longlora/common/error.h"
+#include "longlora/common/json_file.h"
 #include "longlora/common/fs.h"
 #include "longlora/io/adapter.h"
 #include "longlora/io/tensors.h"
@@ -46,15 +47,7 @@ void write_text(const std::string& path, const std::string& text) {
   fsync_path(path);
 }
 
-json read_json(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw Error(path + ": cannot open");
-  try {
-    return json::parse(in);
-  } catch (const json::exception& e) {
-    throw Error(path + ": bad JSON: " + e.what());
-  }
-}
+json read_json(const std::string& path) { return read_json_file(path); }
 
 // Optional pause between files of a save, so a test can kill the process mid-save.
 void test_pause() {

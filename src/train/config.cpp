@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "longlora/common/error.h"
+#include "longlora/common/json_file.h"
 
 using nlohmann::json;
 
@@ -228,15 +229,7 @@ RunConfig parse_run_config(const json& j, const std::string& source) {
 }
 
 RunConfig load_run_config(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw Error(path + ": cannot open config file");
-  json j;
-  try {
-    in >> j;
-  } catch (const json::exception& e) {
-    throw Error(path + ": bad JSON: " + e.what());
-  }
-  return parse_run_config(j, path);
+  return parse_run_config(read_json_file(path), path);
 }
 
 void apply_override(RunConfig& c, const std::string& a) {

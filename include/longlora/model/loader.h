@@ -27,6 +27,12 @@ struct LoadOptions {
 // `dir` holds config.json and model.safetensors(.index.json). Every tensor the
 // model needs must be present with the right shape; unexpected ones are refused.
 LlamaForCausalLM load_model(const std::string& dir, const LoadOptions& opt);
+// What eval and generate do: the model on `device` ("auto" | "cpu" | "cuda") in
+// `dtype` ("auto" | "fp32" | "bf16" | "fp16"), RoPE factor overridden when > 0,
+// with the peft adapter (or training checkpoint) `adapter` applied when not empty.
+LlamaForCausalLM load_for_inference(const std::string& dir, const std::string& adapter,
+                                    const std::string& device, const std::string& dtype,
+                                    double rope_factor);
 // Random weights from a config.json (for smoke tests and benchmarks).
 LlamaForCausalLM random_model(const io::ModelConfig& cfg, const LoadOptions& opt);
 
