@@ -220,3 +220,16 @@ TEST(Train, BadDataIsAClearError) {
   EXPECT_NE(r.err.find("sft.jsonl:2"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("instruction"), std::string::npos) << r.err;
 }
+
+TEST(Train, EvalOfACheckpointUsesItsTrainedRopeFactor) {
+  const auto d = testutil::temp_dir("rope-ckpt");
+  ASSERT_EQ(testutil::run_cli("--config " + tiny_config(d) + " --set train.max_steps=1 --set model.rope_factor=2").code, 0);
+  const std::string args = "eval --model " + testutil::golden("tiny-llama/model") + " --adapter " + d +
+                           "/out/checkpoint-1 --data " + testutil::golden("tiny-llama/eval.bin") + " --seq-len 64 --json";
+  auto r = testutil::run_cli(args);
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(json::parse(r.out)["rope_factor"].get<double>(), 2.0);
+  r = testutil::run_cli(args + " --rope-factor 3");  // an explicit flag wins
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(json::parse(r.out)["rope_factor"].get<double>(), 3.0);
+}
