@@ -75,12 +75,7 @@ Session make_session(const RunConfig& c, bool with_data) {
   }
   auto& m = *s.model;
   if (c.lora.enabled) {
-    lora::LoraSpec spec;
-    spec.r = c.lora.r;
-    spec.alpha = c.lora.alpha;
-    spec.dropout = c.lora.dropout;
-    spec.targets = c.lora.targets;
-    model::add_lora(m, spec);
+    model::add_lora(m, c.lora);
   }
   s.trainable = select_trainable(m, c);
   int64_t n_train = 0, n_all = 0;

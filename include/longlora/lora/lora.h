@@ -11,16 +11,9 @@
 #include <string>
 #include <vector>
 
-namespace longlora::lora {
+#include "longlora/lora/spec.h"
 
-struct LoraSpec {
-  bool enabled = true;
-  int64_t r = 8;
-  double alpha = 16;
-  double dropout = 0.0;
-  std::vector<std::string> targets{"q_proj", "k_proj", "v_proj", "o_proj"};
-  double scale() const { return alpha / static_cast<double>(r); }
-};
+namespace longlora::lora {
 
 // Holds one parameter called `weight` so state-dict keys read "lora_A.weight".
 struct FactorImpl : torch::nn::Module {

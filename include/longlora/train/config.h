@@ -8,6 +8,8 @@
 
 #include <nlohmann/json_fwd.hpp>
 
+#include "longlora/lora/spec.h"
+
 namespace longlora::train {
 
 struct ModelSection {
@@ -18,13 +20,7 @@ struct ModelSection {
   double rope_factor = 0;         // 0: ceil(seq_len / max_position_embeddings)
 };
 
-struct LoraSection {
-  bool enabled = true;
-  int64_t r = 8;
-  double alpha = 16;
-  double dropout = 0.0;
-  std::vector<std::string> targets{"q_proj", "k_proj", "v_proj", "o_proj"};
-};
+using LoraSection = lora::LoraSpec;
 
 struct AttentionSection {
   bool s2 = true;                 // S2-Attn in training; evaluation is always full
