@@ -38,6 +38,9 @@ std::string case_name(const S2Case& c) {
   return s.str();
 }
 
+// gtest (and ctest's test names) print the case readably instead of as raw bytes.
+void PrintTo(const S2Case& c, std::ostream* os) { *os << case_name(c); }
+
 struct Result {
   torch::Tensor out, dq, dk, dv;
 };
