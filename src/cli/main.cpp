@@ -16,6 +16,21 @@
 
 using namespace longlora;
 
+namespace {
+// The options every command that loads a model for inference takes.
+void add_model_options(CLI::App* cmd, std::string& model, std::string& adapter, double& rope_factor,
+                       std::string& device, std::string& dtype, const std::string& model_help) {
+  cmd->add_option("--model", model, model_help);
+  cmd->add_option("--adapter", adapter, "peft adapter directory (or training checkpoint)");
+  cmd->add_option("--rope-factor", rope_factor,
+                  "linear position interpolation factor (overrides config.json and a checkpoint's)")
+      ->check(CLI::Range(1.0, 1024.0));
+  cmd->add_option("--device", device, "auto | cpu | cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  cmd->add_option("--dtype", dtype, "compute dtype: auto | fp32 | bf16 | fp16")
+      ->check(CLI::IsMember({"auto", "fp32", "bf16", "fp16"}));
+}
+}  // namespace
+
 int main(int argc, char** argv) {
   // Logs go to stderr so stdout carries only results (--json).
   spdlog::set_default_logger(spdlog::stderr_color_mt("longlora"));
@@ -43,8 +58,8 @@ int main(int argc, char** argv) {
   auto* eval = app.add_subcommand(
       "eval", "perplexity of a model (full attention) on a data file, or passkey retrieval (--task passkey)");
   eval->add_option("--task", ev.task, "perplexity (default) | passkey (LongLoRA's passkey retrieval test)");
-  eval->add_option("--model", ev.model, "Hugging Face model directory (required)");
-  eval->add_option("--adapter", ev.adapter, "peft adapter directory (or training checkpoint)");
+  add_model_options(eval, ev.model, ev.adapter, ev.rope_factor, ev.device, ev.dtype,
+                    "Hugging Face model directory (required)");
   eval->add_option("--data", ev.data, "perplexity: data: .bin (uint16 ids), .txt or .jsonl (text field)");
   eval->add_option("--seq-len", ev.seq_lens, "perplexity: window length(s) in tokens; several give one row each")
       ->delimiter(',')->check(CLI::PositiveNumber);
@@ -53,30 +68,20 @@ int main(int argc, char** argv) {
   eval->add_option("--trials", ev.trials, "passkey: trials (random key and depth) per length (default 10)");
   eval->add_option("--seed", ev.seed, "passkey: seed of the keys and depths (default 0)");
   eval->add_option("--stride", ev.stride, "window stride (default: seq-len)")->check(CLI::PositiveNumber);
-  eval->add_option("--rope-factor", ev.rope_factor, "linear position interpolation factor (overrides config.json)")
-      ->check(CLI::Range(1.0, 1024.0));
   eval->add_flag("--json", ev.json, "print one JSON object per seq-len (passkey: one for all lengths)");
-  eval->add_option("--device", ev.device, "auto | cpu | cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
-  eval->add_option("--dtype", ev.dtype, "compute dtype: auto | fp32 | bf16 | fp16")
-      ->check(CLI::IsMember({"auto", "fp32", "bf16", "fp16"}));
 
   cli::GenerateArgs gen;
   auto* gen_cmd = app.add_subcommand(
       "generate", "generate text after a prompt (BOS prepended; full attention, KV cache; streams to stdout)");
-  gen_cmd->add_option("--model", gen.model, "Hugging Face model directory with tokenizer.model (required)");
-  gen_cmd->add_option("--adapter", gen.adapter, "peft adapter directory (or training checkpoint)");
+  add_model_options(gen_cmd, gen.model, gen.adapter, gen.rope_factor, gen.device, gen.dtype,
+                    "Hugging Face model directory with tokenizer.model (required)");
   gen_cmd->add_option("--prompt", gen.prompt, "prompt text (or --prompt-file)");
   gen_cmd->add_option("--prompt-file", gen.prompt_file, "file whose whole content is the prompt");
   gen_cmd->add_option("--max-new-tokens", gen.max_new_tokens, "stop after this many new tokens (default 512) or at EOS");
   gen_cmd->add_option("--temperature", gen.temperature, "sampling temperature (default 0.6); 0 = greedy");
   gen_cmd->add_option("--top-p", gen.top_p, "nucleus sampling: keep the most probable tokens up to this mass (default 0.9)");
   gen_cmd->add_option("--seed", gen.seed, "sampling seed (default 0)");
-  gen_cmd->add_option("--rope-factor", gen.rope_factor, "linear position interpolation factor (overrides config.json)")
-      ->check(CLI::Range(1.0, 1024.0));
   gen_cmd->add_flag("--no-cache", gen.no_cache, "recompute the whole sequence for every token (no KV cache)");
-  gen_cmd->add_option("--device", gen.device, "auto | cpu | cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
-  gen_cmd->add_option("--dtype", gen.dtype, "compute dtype: auto | fp32 | bf16 | fp16")
-      ->check(CLI::IsMember({"auto", "fp32", "bf16", "fp16"}));
 
   cli::ExportArgs ex;
   auto* exp = app.add_subcommand(

@@ -2,6 +2,12 @@
 
 #include "longlora/common/error.h"
 
+#include <sys/resource.h>
+
+#ifdef LONGLORA_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
 namespace longlora {
 
 torch::Device pick_device(const std::string& name) {
@@ -30,6 +36,17 @@ std::string dtype_string(torch::ScalarType t) {
     case torch::kFloat16: return "fp16";
     default: return c10::toString(t);
   }
+}
+
+double peak_memory_gib(const torch::Device& d) {
+#ifdef LONGLORA_WITH_CUDA
+  if (d.is_cuda())
+    return c10::cuda::CUDACachingAllocator::getDeviceStats(d.index()).reserved_bytes[0].peak /
+           double(1 << 30);
+#endif
+  struct rusage ru {};
+  ::getrusage(RUSAGE_SELF, &ru);
+  return ru.ru_maxrss / double(1 << 20);  // KiB -> GiB
 }
 
 }  // namespace longlora

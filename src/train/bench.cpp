@@ -1,7 +1,6 @@
 #include "longlora/train/bench.h"
 
 #include <spdlog/spdlog.h>
-#include <sys/resource.h>
 
 #include <chrono>
 #include <iostream>
@@ -13,7 +12,6 @@
 
 #ifdef LONGLORA_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDACachingAllocator.h>
 #endif
 
 namespace longlora::train {
@@ -39,15 +37,6 @@ double peak_tflops(const std::string& name) {
   return 0.0;
 }
 
-double peak_gib(const torch::Device& d) {
-#ifdef LONGLORA_WITH_CUDA
-  if (d.is_cuda())
-    return c10::cuda::CUDACachingAllocator::getDeviceStats(d.index()).allocated_bytes[0].peak / double(1 << 30);
-#endif
-  struct rusage ru {};
-  ::getrusage(RUSAGE_SELF, &ru);
-  return ru.ru_maxrss / double(1 << 20);
-}
 
 template <class F>
 double time_ms(const torch::Device& d, int reps, F f) {
@@ -128,7 +117,7 @@ int run_train_bench(const TrainBenchOptions& o) {
   const double tps = L / (step_ms / 1000.0);
   const double tflops = flops / (step_ms / 1000.0) / 1e12;
   const double peak = peak_tflops(dev);
-  const double mem = peak_gib(s.device);
+  const double mem = peak_memory_gib(s.device);
   nlohmann::json j = {{"device", dev},
                       {"shape", o.shape},
                       {"seq_len", L},

@@ -2,7 +2,6 @@
 #include "longlora/train/trainer.h"
 
 #include <spdlog/spdlog.h>
-#include <sys/resource.h>
 
 #include <atomic>
 #include <chrono>
@@ -23,9 +22,6 @@
 #include "longlora/train/checkpoint.h"
 #include "longlora/train/setup.h"
 
-#ifdef LONGLORA_WITH_CUDA
-#include <c10/cuda/CUDACachingAllocator.h>
-#endif
 
 namespace fs = std::filesystem;
 
@@ -37,18 +33,6 @@ std::atomic<int> g_signals{0};
 void on_signal(int) {
   // First signal: finish the step, save, exit 0. Second: leave at once.
   if (g_signals.fetch_add(1) >= 1) ::_exit(130);
-}
-
-double peak_memory_gib(const torch::Device& d) {
-#ifdef LONGLORA_WITH_CUDA
-  if (d.is_cuda()) {
-    auto s = c10::cuda::CUDACachingAllocator::getDeviceStats(d.index());
-    return s.reserved_bytes[0].peak / double(1 << 30);
-  }
-#endif
-  struct rusage ru {};
-  ::getrusage(RUSAGE_SELF, &ru);
-  return ru.ru_maxrss / double(1 << 20);  // KiB -> GiB (process peak RSS)
 }
 
 std::string eta(double seconds) {
