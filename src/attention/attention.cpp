@@ -80,6 +80,15 @@ torch::Tensor causal_block(const torch::Tensor& q, const torch::Tensor& k, const
 }
 
 torch::Tensor sdpa_block(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  if (q.dim() > 4) {
+    // The fused (flash / memory-efficient) kernels take 4-D inputs only; 5-D groups
+    // (B, h, n, G, D) fell back to the math path, which materialises every G x G score
+    // matrix (156 GiB at 100k). The groups become heads of a 4-D call instead.
+    auto four = [](const torch::Tensor& t) {
+      return t.reshape({-1, t.size(-3), t.size(-2), t.size(-1)});
+    };
+    return sdpa_block(four(q), four(k), four(v)).reshape(q.sizes());
+  }
   return at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/{}, /*dropout_p=*/0.0,
                                           /*is_causal=*/true);
 }

@@ -155,12 +155,14 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd_kernel(const S2BwdPar
           load_a(ak, sK + warp * 16 * LD + kk * 16, LD);
           load_a(av, sV + warp * 16 * LD + kk * 16, LD);
 #pragma unroll
-          for (int nt = 0; nt < kNQ; ++nt) {
-            uint32_t bq[2], bo[2];
-            load_b_nk(bq, sQ + nt * 8 * LD + kk * 16, LD);
-            load_b_nk(bo, sdO + nt * 8 * LD + kk * 16, LD);
-            mma_16816<T>(st[nt], ak, bq);
-            mma_16816<T>(dpt[nt], av, bo);
+          for (int nt = 0; nt < kNQ; nt += 2) {
+            uint32_t bq[2][2], bo[2][2];
+            load_b_nk2(bq[0], bq[1], sQ + nt * 8 * LD + kk * 16, LD);
+            mma_16816<T>(st[nt], ak, bq[0]);
+            mma_16816<T>(st[nt + 1], ak, bq[1]);
+            load_b_nk2(bo[0], bo[1], sdO + nt * 8 * LD + kk * 16, LD);
+            mma_16816<T>(dpt[nt], av, bo[0]);
+            mma_16816<T>(dpt[nt + 1], av, bo[1]);
           }
         }
 
@@ -186,12 +188,14 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd_kernel(const S2BwdPar
           pack_a_from_acc<T>(ap, st[2 * kk], st[2 * kk + 1]);
           pack_a_from_acc<T>(ads, dpt[2 * kk], dpt[2 * kk + 1]);
 #pragma unroll
-          for (int nd = 0; nd < kND; ++nd) {
-            uint32_t bo[2], bq[2];
-            load_b_kn(bo, sdO + kk * 16 * LD + nd * 8, LD);
-            load_b_kn(bq, sQ + kk * 16 * LD + nd * 8, LD);
-            mma_16816<T>(dv[nd], ap, bo);
-            mma_16816<T>(dk[nd], ads, bq);
+          for (int nd = 0; nd < kND; nd += 2) {
+            uint32_t bo[2][2], bq[2][2];
+            load_b_kn2(bo[0], bo[1], sdO + kk * 16 * LD + nd * 8, LD);
+            mma_16816<T>(dv[nd], ap, bo[0]);
+            mma_16816<T>(dv[nd + 1], ap, bo[1]);
+            load_b_kn2(bq[0], bq[1], sQ + kk * 16 * LD + nd * 8, LD);
+            mma_16816<T>(dk[nd], ads, bq[0]);
+            mma_16816<T>(dk[nd + 1], ads, bq[1]);
           }
         }
 
@@ -221,10 +225,11 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd_kernel(const S2BwdPar
             uint32_t a[4];
             load_a(a, sdS + rb * 16 * LDS + kk * 16, LDS);
 #pragma unroll
-            for (int nd = 0; nd < kNDq; ++nd) {
-              uint32_t bk[2];
-              load_b_kn(bk, sK + kk * 16 * LD + c0 + nd * 8, LD);
-              mma_16816<T>(dq[nd], a, bk);
+            for (int nd = 0; nd < kNDq; nd += 2) {
+              uint32_t bk[2][2];
+              load_b_kn2(bk[0], bk[1], sK + kk * 16 * LD + c0 + nd * 8, LD);
+              mma_16816<T>(dq[nd], a, bk[0]);
+              mma_16816<T>(dq[nd + 1], a, bk[1]);
             }
           }
 #pragma unroll

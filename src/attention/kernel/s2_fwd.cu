@@ -1,5 +1,6 @@
 // S2-Attention forward: dispatch of the runtime (dtype, head dim) to the templated
 // launcher. Contract of the kernel: s2_fwd_kernel.cuh; of the parameters: s2_params.h.
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -8,11 +9,30 @@
 
 namespace longlora::attention::kernel {
 
+// Query rows per CTA: 64 (4 warps, the default) or 128 (8 warps sharing each K/V
+// tile), from LONGLORA_S2_FWD_BLOCK_M; a tuning knob for `bench attention`.
+static bool wide_query_tiles() {
+  static const bool wide = [] {
+    const char* e = std::getenv("LONGLORA_S2_FWD_BLOCK_M");
+    return e != nullptr && std::string(e) == "128";
+  }();
+  return wide;
+}
+
+template <typename T, int D>
+static void s2_fwd_dim(const S2FwdParams& p, cudaStream_t stream) {
+  if (wide_query_tiles()) {
+    launch_s2_fwd<S2FwdTraits<T, D, 128, 64, 8>>(p, stream);
+  } else {
+    launch_s2_fwd<S2FwdConfig<T, D>>(p, stream);
+  }
+}
+
 template <typename T>
 static void s2_fwd_dtype(const S2FwdParams& p, cudaStream_t stream) {
   switch (p.D) {
-    case 64: launch_s2_fwd<T, 64>(p, stream); return;
-    case 128: launch_s2_fwd<T, 128>(p, stream); return;
+    case 64: s2_fwd_dim<T, 64>(p, stream); return;
+    case 128: s2_fwd_dim<T, 128>(p, stream); return;
     default: throw std::runtime_error("s2_fwd: head dim " + std::to_string(p.D) + " not in {64, 128}");
   }
 }

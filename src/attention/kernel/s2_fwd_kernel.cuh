@@ -93,12 +93,13 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_fwd_kernel(const S2FwdPar
         for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < kKSteps; ++kk) {
+        // All of a k-step's fragments first, so the loads overlap and the mmas issue back to back.
+        uint32_t bf[kNS][2];
 #pragma unroll
-        for (int nt = 0; nt < kNS; ++nt) {
-          uint32_t bf[2];
-          load_b_nk(bf, sK + nt * 8 * LD + kk * 16, LD);
-          mma_16816<T>(s[nt], qf[kk], bf);
-        }
+        for (int nt = 0; nt < kNS; nt += 2)
+          load_b_nk2(bf[nt], bf[nt + 1], sK + nt * 8 * LD + kk * 16, LD);
+#pragma unroll
+        for (int nt = 0; nt < kNS; ++nt) mma_16816<T>(s[nt], qf[kk], bf[nt]);
       }
 
       // Scale to base-2 units; mask boundary tiles.
@@ -152,12 +153,12 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_fwd_kernel(const S2FwdPar
       for (int kk = 0; kk < BN / 16; ++kk) {
         uint32_t a[4];
         pack_a_from_acc<T>(a, s[2 * kk], s[2 * kk + 1]);
+        uint32_t bf[kNO][2];
 #pragma unroll
-        for (int nd = 0; nd < kNO; ++nd) {
-          uint32_t bf[2];
-          load_b_kn(bf, sV + kk * 16 * LD + nd * 8, LD);
-          mma_16816<T>(o[nd], a, bf);
-        }
+        for (int nd = 0; nd < kNO; nd += 2)
+          load_b_kn2(bf[nd], bf[nd + 1], sV + kk * 16 * LD + nd * 8, LD);
+#pragma unroll
+        for (int nd = 0; nd < kNO; ++nd) mma_16816<T>(o[nd], a, bf[nd]);
       }
     }
   }

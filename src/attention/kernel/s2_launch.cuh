@@ -34,9 +34,8 @@ void s2_set_smem(Kernel kernel, int bytes) {
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
-template <typename T, int D>
+template <typename Traits>
 void launch_s2_fwd(const S2FwdParams& p, cudaStream_t stream) {
-  using Traits = S2FwdConfig<T, D>;
   if (p.B == 0 || p.H == 0 || p.L == 0) return;
   auto kernel = s2_fwd_kernel<Traits>;
   constexpr int smem = Traits::kSmemBytes;

@@ -70,43 +70,52 @@ __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t 
 __device__ __forceinline__ int lane_g() { return (threadIdx.x & 31) >> 2; }
 __device__ __forceinline__ int lane_t() { return threadIdx.x & 3; }
 
-template <typename T>
-__device__ __forceinline__ uint32_t lds32(const T* p) {
-  return *reinterpret_cast<const uint32_t*>(p);
-}
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(T lo, T hi) {
-  const uint16_t l = *reinterpret_cast<const uint16_t*>(&lo);
-  const uint16_t h = *reinterpret_cast<const uint16_t*>(&hi);
-  return static_cast<uint32_t>(l) | (static_cast<uint32_t>(h) << 16);
+// Fragment loads use ldmatrix: one instruction moves two or four 8x8 blocks of 16-bit
+// elements from shared memory into exactly the mma fragment layout (lane l supplies
+// the address of row l % 8 of block l / 8; every row address must be 16-byte aligned,
+// which the padded row strides and the 8-element column offsets of all callers keep).
+// With .trans each block arrives transposed. (Scalar loads took 4-8 shared-memory
+// instructions per fragment and left the first kernel load-bound on an H200.)
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
 // A(m, k) = s[m * ld + k]: a 16x16 row-major block (k contiguous).
+// Blocks: 0 = rows 0-7 / cols 0-7, 1 = rows 8-15 / cols 0-7, 2 = rows 0-7 / cols 8-15,
+// 3 = rows 8-15 / cols 8-15, i.e. a[0..3] of the fragment layout above.
 template <typename T>
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* s, int ld) {
-  const int g = lane_g(), t = lane_t();
-  a[0] = lds32(s + g * ld + 2 * t);
-  a[1] = lds32(s + (g + 8) * ld + 2 * t);
-  a[2] = lds32(s + g * ld + 2 * t + 8);
-  a[3] = lds32(s + (g + 8) * ld + 2 * t + 8);
+  const int l = threadIdx.x & 31;
+  const T* row = s + ((l & 7) + ((l >> 3) & 1) * 8) * ld + (l >> 4) * 8;
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+               : "r"(smem_addr(row)));
 }
 
-// B(k, n) = s[n * ld + k]: the 16x8 block stored n-major (k contiguous), e.g. K rows
-// for S = Q K^T.
+// Two adjacent 16x8 B fragments (n 0-7 -> b0, n 8-15 -> b1) per instruction.
+// B(k, n) = s[n * ld + k]: stored n-major (k contiguous), e.g. K rows for S = Q K^T.
+// Blocks: 0 = n 0-7 / k 0-7, 1 = n 0-7 / k 8-15, 2 = n 8-15 / k 0-7, 3 = n 8-15 / k 8-15.
 template <typename T>
-__device__ __forceinline__ void load_b_nk(uint32_t (&b)[2], const T* s, int ld) {
-  const int g = lane_g(), t = lane_t();
-  b[0] = lds32(s + g * ld + 2 * t);
-  b[1] = lds32(s + g * ld + 2 * t + 8);
+__device__ __forceinline__ void load_b_nk2(uint32_t (&b0)[2], uint32_t (&b1)[2], const T* s,
+                                           int ld) {
+  const int l = threadIdx.x & 31;
+  const T* row = s + ((l & 7) + (l >> 4) * 8) * ld + ((l >> 3) & 1) * 8;
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(b0[0]), "=r"(b0[1]), "=r"(b1[0]), "=r"(b1[1])
+               : "r"(smem_addr(row)));
 }
 
-// B(k, n) = s[k * ld + n]: the 16x8 block stored k-major (n contiguous), e.g. V rows
-// for O = P V. Element loads (conflict-free for ld % 64 == 8).
+// B(k, n) = s[k * ld + n]: stored k-major (n contiguous), e.g. V rows for O = P V;
+// the blocks arrive transposed. Blocks: 0 = k 0-7 / n 0-7, 1 = k 8-15 / n 0-7,
+// 2 = k 0-7 / n 8-15, 3 = k 8-15 / n 8-15.
 template <typename T>
-__device__ __forceinline__ void load_b_kn(uint32_t (&b)[2], const T* s, int ld) {
-  const int g = lane_g(), t = lane_t();
-  b[0] = pack2(s[(2 * t) * ld + g], s[(2 * t + 1) * ld + g]);
-  b[1] = pack2(s[(2 * t + 8) * ld + g], s[(2 * t + 9) * ld + g]);
+__device__ __forceinline__ void load_b_kn2(uint32_t (&b0)[2], uint32_t (&b1)[2], const T* s,
+                                           int ld) {
+  const int l = threadIdx.x & 31;
+  const T* row = s + ((l & 7) + ((l >> 3) & 1) * 8) * ld + (l >> 4) * 8;
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(b0[0]), "=r"(b0[1]), "=r"(b1[0]), "=r"(b1[1])
+               : "r"(smem_addr(row)));
 }
 
 // The A fragment of the 16x16 block formed by accumulator tiles c0 (cols 0..7) and

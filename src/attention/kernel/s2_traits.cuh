@@ -66,7 +66,8 @@ struct S2BwdTraits {
   static_assert(kBlockN == 16 * kNWarps, "backward: each warp owns 16 keys");
   static_assert(kBlockM % 16 == 0 && kBlockM >= 16, "query step: multiple of 16");
   static_assert(kNWarps % kRowBlocks == 0, "dQ warp tiling: warps per row block");
-  static_assert(kDqCols % 8 == 0 && kDqCols * kColSplits == kHeadDim, "dQ column split");
+  static_assert(kDqCols % 16 == 0 && kDqCols * kColSplits == kHeadDim,
+                "dQ column split (pairs of 8-wide tiles per ldmatrix.x4)");
   static_assert(kLd % 8 == 0 && kLdS % 8 == 0, "padded rows must stay 16-byte aligned");
   static_assert((kSmemElems * sizeof(T)) % 16 == 0, "fp32 scratch must stay aligned");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");

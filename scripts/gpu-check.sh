@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, in one go, for a short lease on a GPU machine:
+# build, the S2 kernel tests, the attention and training benchmarks, then the rest
+# of the test suite on the GPU. Logs go to $OUT (default ./gpu-out); a summary is
+# printed last. Stages are skipped once DEADLINE seconds (default 400) would be
+# passed, so a slow stage cannot eat the others' time.
+#   STAGES="build kernel attn train suite" scripts/gpu-check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu-out}"
+mkdir -p "$OUT"
+B="${BUILD_DIR:-/tmp/longlora-gpu-build}"
+DEADLINE="${DEADLINE:-400}"
+STAGES="${STAGES:-build kernel attn train suite}"
+TRAIN_LENS="${TRAIN_LENS:-32768 8192 131072}"
+ATTN_LENS="${ATTN_LENS:-8192 32768 102400}"
+export PATH="/usr/local/cuda/bin:$PATH"
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+note() { echo "$*" | tee -a "$SUMMARY"; }
+left() { echo $((DEADLINE - SECONDS)); }
+want() { [[ " $STAGES " == *" $1 "* ]] && [ "$(left)" -gt "${2:-20}" ]; }
+
+note "== $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1)"
+
+if want build; then
+  PREFIX="$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+  gen=()
+  command -v ninja >/dev/null && gen=(-G Ninja)
+  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+  t0=$SECONDS
+  if cmake -S . -B "$B" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$PREFIX" \
+       -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90}" >"$OUT/build.log" 2>&1 &&
+     cmake --build "$B" -j"$(nproc)" >>"$OUT/build.log" 2>&1; then
+    note "build: ok in $((SECONDS - t0)) s"
+  else
+    tail -40 "$OUT/build.log"
+    note "build: FAILED"
+    exit 1
+  fi
+fi
+BIN="$B/longlora-train"
+
+if want kernel; then
+  timeout 200 ctest --test-dir "$B" -R 'S2Kernel' -j4 --output-on-failure >"$OUT/kernel.log" 2>&1
+  note "kernel tests: $(grep -E 'tests passed|tests failed' "$OUT/kernel.log")"
+  grep -E 'kernel max abs diff|non-finite|Failed|\*\*\*' "$OUT/kernel.log" | head -40 | tee -a "$SUMMARY"
+fi
+
+if want attn 30; then
+  for L in $ATTN_LENS; do
+    [ "$(left)" -gt 20 ] || break
+    for mode in segments roll; do
+      [ "$mode" = roll ] && [ "$L" != 32768 ] && continue
+      note "-- attention L=$L mode=$mode"
+      timeout 90 "$BIN" bench attention --seq-len "$L" --heads 32 --kv-heads 32 --head-dim 128 \
+        --dtype bf16 --mode "$mode" 2>&1 | tee -a "$OUT/attn.log" | tail -3 >>"$SUMMARY"
+    done
+  done
+fi
+
+if want train 40; then
+  for L in $TRAIN_LENS; do
+    [ "$(left)" -gt 40 ] || break
+    note "-- train bench 7B L=$L"
+    timeout 150 "$BIN" bench --shape configs/shapes/llama2-7b.json --seq-len "$L" --steps 3 \
+      --warmup 1 --json >"$OUT/train_$L.log" 2>&1
+    tail -2 "$OUT/train_$L.log" | tee -a "$SUMMARY"
+  done
+fi
+
+if want suite 40; then
+  t=$(( $(left) - 10 ))
+  timeout "$t" ctest --test-dir "$B" -E 'S2Kernel' -j8 --timeout 120 --output-on-failure \
+    >"$OUT/suite.log" 2>&1
+  note "suite on GPU: $(grep -E 'tests passed|tests failed' "$OUT/suite.log")"
+  grep -E '^\s+[0-9]+ - ' "$OUT/suite.log" | head -30 | tee -a "$SUMMARY"
+fi
+note "== done in $SECONDS s"
+cat "$SUMMARY" >/dev/null
