@@ -12,8 +12,6 @@ mkdir -p "$OUT"
 B="${BUILD_DIR:-/tmp/longlora-gpu-build}"
 DEADLINE="${DEADLINE:-400}"
 STAGES="${STAGES:-build kernel attn train suite}"
-TRAIN_LENS="${TRAIN_LENS:-32768 8192 131072}"
-ATTN_LENS="${ATTN_LENS:-8192 32768 102400}"
 export PATH="/usr/local/cuda/bin:$PATH"
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
@@ -42,37 +40,49 @@ fi
 BIN="$B/longlora-train"
 
 if want kernel; then
-  timeout 200 ctest --test-dir "$B" -R 'S2Kernel' -j4 --output-on-failure >"$OUT/kernel.log" 2>&1
+  timeout 200 ctest --test-dir "$B" -R 'S2Kernel|TrainMemory|TrainGolden' -j4 --output-on-failure \
+    >"$OUT/kernel.log" 2>&1
   note "kernel tests: $(grep -E 'tests passed|tests failed' "$OUT/kernel.log")"
   grep -E 'kernel max abs diff|non-finite|Failed|\*\*\*' "$OUT/kernel.log" | head -40 | tee -a "$SUMMARY"
 fi
 
+# One attention run per line: seq_len mode [VAR=value ...] (environment for the run).
+ATTN_RUNS="${ATTN_RUNS:-8192 segments
+32768 segments
+32768 segments LONGLORA_S2_FWD_BLOCK_M=128
+32768 roll
+102400 segments}"
 if want attn 30; then
-  for L in $ATTN_LENS; do
-    [ "$(left)" -gt 20 ] || break
-    for mode in segments roll; do
-      [ "$mode" = roll ] && [ "$L" != 32768 ] && continue
-      note "-- attention L=$L mode=$mode"
-      timeout 90 "$BIN" bench attention --seq-len "$L" --heads 32 --kv-heads 32 --head-dim 128 \
-        --dtype bf16 --mode "$mode" 2>&1 | tee -a "$OUT/attn.log" | tail -3 >>"$SUMMARY"
-    done
-  done
+  while read -r L mode envs; do
+    [ -n "$L" ] && [ "$(left)" -gt 20 ] || continue
+    note "-- attention L=$L mode=$mode $envs"
+    env $envs timeout 90 "$BIN" bench attention --seq-len "$L" --heads 32 --kv-heads 32 \
+      --head-dim 128 --dtype bf16 --mode "$mode" 2>&1 | tee -a "$OUT/attn.log" | tail -3 | tee -a "$SUMMARY"
+  done <<<"$ATTN_RUNS"
 fi
 
+# One 7B training bench per line: seq_len steps warmup [--set key=value ...].
+TRAIN_RUNS="${TRAIN_RUNS:-32768 3 1
+32768 3 1 --set train.offload_activations=true
+32768 2 1 --set attention.backend=sdpa
+8192 3 1
+131072 1 0 --set train.offload_activations=true}"
 if want train 40; then
-  for L in $TRAIN_LENS; do
-    [ "$(left)" -gt 40 ] || break
-    note "-- train bench 7B L=$L"
-    timeout 150 "$BIN" bench --shape configs/shapes/llama2-7b.json --seq-len "$L" --steps 3 \
-      --warmup 1 --json >"$OUT/train_$L.log" 2>&1
-    tail -2 "$OUT/train_$L.log" | tee -a "$SUMMARY"
-  done
+  n=0
+  while read -r L steps warmup extra; do
+    [ -n "$L" ] && [ "$(left)" -gt 40 ] || continue
+    n=$((n + 1))
+    note "-- train bench 7B L=$L $extra"
+    timeout 150 "$BIN" bench --shape configs/shapes/llama2-7b.json --seq-len "$L" --steps "$steps" \
+      --warmup "$warmup" --json $extra >"$OUT/train_$n.log" 2>&1
+    tail -1 "$OUT/train_$n.log" | tee -a "$SUMMARY"
+  done <<<"$TRAIN_RUNS"
 fi
 
 if want suite 40; then
   t=$(( $(left) - 10 ))
-  timeout "$t" ctest --test-dir "$B" -E 'S2Kernel' -j8 --timeout 120 --output-on-failure \
-    >"$OUT/suite.log" 2>&1
+  timeout "$t" ctest --test-dir "$B" -E 'S2Kernel|TrainMemory|TrainGolden' -j8 --timeout 120 --output-on-failure \
+    ${SUITE_ARGS:-} >"$OUT/suite.log" 2>&1
   note "suite on GPU: $(grep -E 'tests passed|tests failed' "$OUT/suite.log")"
   grep -E '^\s+[0-9]+ - ' "$OUT/suite.log" | head -30 | tee -a "$SUMMARY"
 fi

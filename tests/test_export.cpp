@@ -26,7 +26,9 @@ const std::string kEvalBin = testutil::golden("tiny-llama/eval.bin");
 json read_json(const std::string& path) { return json::parse(std::ifstream(path)); }
 
 double eval_loss(const std::string& args) {
-  auto r = testutil::run_cli("eval " + args + " --data " + kEvalBin + " --seq-len 128 --json");
+  // On the CPU in fp32: the 1e-5 agreement of merged and adapter is a statement about
+  // the merge; on a GPU the two paths round differently (1.2e-5 seen on an H200).
+  auto r = testutil::run_cli("eval " + args + " --data " + kEvalBin + " --seq-len 128 --json --device cpu");
   EXPECT_EQ(r.code, 0) << args << "\n" << r.err;
   if (r.code != 0) return std::nan("");
   return json::parse(r.out)["loss"].get<double>();

@@ -24,24 +24,35 @@ json golden_json() {
 
 // Loss of base + golden adapter on the golden input_ids, as transformers computes
 // it (labels = input_ids, shifted inside the model), and its gradients.
-double golden_step(attention::Mode mode, bool checkpointing, std::map<std::string, torch::Tensor>* grads) {
+struct StepOptions {
+  bool checkpointing = false;
+  int64_t mlp_chunk = 0;
+  bool offload = false;
+  torch::Device device = torch::kCPU;
+};
+
+double golden_step(attention::Mode mode, const StepOptions& so, std::map<std::string, torch::Tensor>* grads) {
   auto g = testutil::load(testutil::golden("tiny-llama/golden.safetensors"));
-  auto m = model::load_model(testutil::golden("tiny-llama/model"), {});
+  model::LoadOptions lo;
+  lo.device = so.device;
+  auto m = model::load_model(testutil::golden("tiny-llama/model"), lo);
   model::apply_adapter(*m, testutil::golden("tiny-llama/adapter"));
   train::RunConfig rc;  // LoRA + "embed,norm" trainable, as LongLoRA
   auto trainable = train::select_trainable(*m, rc);
   model::ForwardOptions opt;
   opt.attn.mode = mode;
   opt.attn.group = 32;
-  opt.checkpoint_layers = checkpointing;
-  auto ids = g["input_ids"];
-  auto targets = torch::cat({ids.slice(1, 1, 128), torch::full({1, 1}, -1, torch::kInt64)}, 1);
+  opt.checkpoint_layers = so.checkpointing;
+  opt.mlp_chunk = so.mlp_chunk;
+  opt.offload_layers = so.offload;
+  auto ids = g["input_ids"].to(so.device);
+  auto targets = torch::cat({ids.slice(1, 1, 128), torch::full({1, 1}, -1, ids.options())}, 1);
   m->train();
   auto [sum, n] = model::chunked_nll(*m, m->hidden(ids, opt), targets, 50);
   auto loss = sum / static_cast<double>(n);
   loss.backward();
   if (grads)
-    for (auto& [name, p] : trainable) (*grads)[name] = p.grad();
+    for (auto& [name, p] : trainable) (*grads)[name] = p.grad().cpu();
   return loss.item<double>();
 }
 
@@ -92,9 +103,14 @@ bool wait_until(F f, int seconds) {
 TEST(TrainGolden, S2RollLossAndGradientsMatchTransformers) {
   auto j = golden_json();
   auto g = testutil::load(testutil::golden("tiny-llama/golden.safetensors"));
-  for (bool ckpt : {false, true}) {
+  // Without and with checkpointing, and with the recompute's MLP in ragged chunks.
+  for (int variant : {0, 1, 2}) {
+    StepOptions so;
+    so.checkpointing = variant >= 1;
+    so.mlp_chunk = variant == 2 ? 48 : 0;
+    const std::string ckpt = std::to_string(variant);
     std::map<std::string, torch::Tensor> grads;
-    const double loss = golden_step(attention::Mode::Roll, ckpt, &grads);
+    const double loss = golden_step(attention::Mode::Roll, so, &grads);
     EXPECT_NEAR(loss, j["loss_s2"].get<double>(), 1e-4 * j["loss_s2"].get<double>()) << "checkpointing " << ckpt;
     int checked = 0;
     for (auto& [key, want] : g) {
@@ -103,7 +119,7 @@ TEST(TrainGolden, S2RollLossAndGradientsMatchTransformers) {
       ASSERT_TRUE(grads.count(name)) << name << " is not trainable";
       const double d = testutil::max_abs_diff(grads[name], want);
       const double scale = want.abs().max().item<double>();
-      EXPECT_LE(d, 1e-4 * scale + 1e-7) << name << " checkpointing " << ckpt << " max abs diff " << d;
+      EXPECT_LE(d, 1e-4 * scale + 1e-7) << name << " variant " << ckpt << " max abs diff " << d;
       ++checked;
     }
     EXPECT_EQ(checked, 5);
@@ -112,8 +128,47 @@ TEST(TrainGolden, S2RollLossAndGradientsMatchTransformers) {
 
 TEST(TrainGolden, EvaluationModeUsesFullAttention) {
   auto j = golden_json();
-  const double loss = golden_step(attention::Mode::Full, false, nullptr);
+  const double loss = golden_step(attention::Mode::Full, {}, nullptr);
   EXPECT_NEAR(loss, j["loss_full_lora"].get<double>(), 1e-4 * j["loss_full_lora"].get<double>());
+}
+
+// Every trainable grad (the post-attention norms too, which the golden set lacks):
+// the chunked MLP recompute equals the whole-sequence one up to fp32 rounding.
+TEST(TrainMemory, ChunkedMlpRecomputeGivesTheSameGrads) {
+  std::map<std::string, torch::Tensor> whole, chunked;
+  StepOptions a;
+  a.checkpointing = true;
+  StepOptions b = a;
+  b.mlp_chunk = 40;
+  const double la = golden_step(attention::Mode::Segments, a, &whole);
+  const double lb = golden_step(attention::Mode::Segments, b, &chunked);
+  EXPECT_NEAR(la, lb, 1e-6 * la);
+  ASSERT_EQ(whole.size(), chunked.size());
+  int norms = 0;
+  for (auto& [name, w] : whole) {
+    if (name.find("post_attention_layernorm") != std::string::npos) ++norms;
+    const double scale = w.abs().max().item<double>();
+    EXPECT_LE(testutil::max_abs_diff(chunked[name], w), 1e-5 * scale + 1e-8) << name;
+  }
+  EXPECT_GT(norms, 0);
+}
+
+// Offloading the checkpointed inputs to pinned host memory is a copy there and
+// back: loss and grads are bit-identical to keeping them on the GPU.
+TEST(TrainMemory, OffloadedCheckpointsGiveIdenticalGradsOnGpu) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device: offload runs on the GPU machine";
+  std::map<std::string, torch::Tensor> kept, off;
+  StepOptions a;
+  a.checkpointing = true;
+  a.device = torch::Device(torch::kCUDA, 0);
+  StepOptions b = a;
+  b.offload = true;
+  b.mlp_chunk = 40;
+  a.mlp_chunk = 40;
+  const double la = golden_step(attention::Mode::Segments, a, &kept);
+  const double lb = golden_step(attention::Mode::Segments, b, &off);
+  EXPECT_EQ(la, lb);
+  for (auto& [name, w] : kept) EXPECT_TRUE(torch::equal(off[name], w)) << name;
 }
 
 TEST(Train, TinyModelLossFallsAndCheckpointLoadsAsAdapter) {

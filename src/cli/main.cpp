@@ -1,4 +1,5 @@
 // longlora-train: LongLoRA context extension for LLaMA checkpoints.
+#include <cstdlib>
 #include <CLI/CLI.hpp>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
@@ -32,6 +33,10 @@ void add_model_options(CLI::App* cmd, std::string& model, std::string& adapter, 
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Long contexts allocate tensors of many sizes; growable segments keep the caching
+  // allocator from reserving far more than it holds. The user's own setting wins.
+  if (!std::getenv("PYTORCH_CUDA_ALLOC_CONF") && !std::getenv("PYTORCH_ALLOC_CONF"))
+    setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True", 0);
   // Logs go to stderr so stdout carries only results (--json).
   spdlog::set_default_logger(spdlog::stderr_color_mt("longlora"));
   spdlog::set_pattern("[%H:%M:%S] %v");

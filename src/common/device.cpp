@@ -49,4 +49,13 @@ double peak_memory_gib(const torch::Device& d) {
   return ru.ru_maxrss / double(1 << 20);  // KiB -> GiB
 }
 
+double peak_allocated_gib(const torch::Device& d) {
+#ifdef LONGLORA_WITH_CUDA
+  if (d.is_cuda())
+    return c10::cuda::CUDACachingAllocator::getDeviceStats(d.index()).allocated_bytes[0].peak /
+           double(1 << 30);
+#endif
+  return peak_memory_gib(d);
+}
+
 }  // namespace longlora

@@ -1,6 +1,13 @@
 #include "longlora/model/llama.h"
 
+#include <algorithm>
 #include <cmath>
+
+#ifdef LONGLORA_WITH_CUDA
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 namespace longlora::model {
 
@@ -28,9 +35,55 @@ torch::Tensor rotate_half(const torch::Tensor& x) {
   return torch::cat({-x.index({"...", Slice(h, torch::indexing::None)}), x.index({"...", Slice(0, h)})}, -1);
 }
 
+// Rotary embedding as an autograd function that saves only the (L, D) tables: the
+// generic graph kept x and rotate_half(x) for q and k, 4 activation-sized tensors
+// per layer. rotate_half is orthogonal with inverse -rotate_half, so
+// d/dx = g * cos - rotate_half(g * sin).
+struct Rope : torch::autograd::Function<Rope> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& cos, const torch::Tensor& sin) {
+    ctx->save_for_backward({cos, sin});
+    return x * cos + rotate_half(x) * sin;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list g) {
+    auto s = ctx->get_saved_variables();
+    return {g[0] * s[0] - rotate_half(g[0] * s[1]), torch::Tensor(), torch::Tensor()};
+  }
+};
+
 torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
-  return x * cos + rotate_half(x) * sin;
+  if (!torch::GradMode::is_enabled() || !x.requires_grad()) return x * cos + rotate_half(x) * sin;
+  return Rope::apply(x, cos, sin);
 }
+
+// RMSNorm as transformers computes it (fp32 statistics, cast back, then the weight),
+// as an autograd function that saves the input and the fp32 1/rms per token instead
+// of the fp32 copies the generic graph keeps (3 activation-sized fp32 tensors).
+struct RmsNormFn : torch::autograd::Function<RmsNormFn> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& w, double eps) {
+    auto xf = x.to(torch::kFloat32);
+    auto r = torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
+    ctx->save_for_backward({x, w, r});
+    return w.to(x.scalar_type()) * (xf * r).to(x.scalar_type());
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad) {
+    auto s = ctx->get_saved_variables();
+    const auto &x = s[0], &w = s[1], &r = s[2];
+    const auto& g = grad[0];
+    auto xhat = x.to(torch::kFloat32) * r;
+    torch::Tensor gw;
+    if (w.requires_grad()) {
+      auto prod = g.to(torch::kFloat32) * xhat.to(x.scalar_type()).to(torch::kFloat32);
+      gw = prod.reshape({-1, prod.size(-1)}).sum(0).to(w.scalar_type());
+    }
+    auto gh = (g * w.to(g.scalar_type())).to(torch::kFloat32);
+    auto gx = r * (gh - xhat * (gh * xhat).mean(-1, /*keepdim=*/true));
+    return {gx.to(x.scalar_type()), gw, torch::Tensor()};
+  }
+};
 
 // Full attention of n new queries against T cached + n new keys (generation).
 torch::Tensor cached_attention(const torch::Tensor& q, torch::Tensor k, torch::Tensor v) {
@@ -52,6 +105,8 @@ torch::Tensor cached_attention(const torch::Tensor& q, torch::Tensor k, torch::T
 torch::Tensor EmbeddingImpl::forward(const torch::Tensor& ids) { return torch::embedding(weight, ids); }
 
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
+  if (torch::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad()))
+    return RmsNormFn::apply(x, weight, eps);
   // As transformers: normalize in fp32, cast back, then scale.
   auto h = x.to(torch::kFloat32);
   h = h * torch::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);
@@ -106,11 +161,27 @@ DecoderLayerImpl::DecoderLayerImpl(const io::ModelConfig& c) {
   post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(c.rms_norm_eps));
 }
 
+torch::Tensor DecoderLayerImpl::attn_residual(const torch::Tensor& x, const torch::Tensor& cos,
+                                              const torch::Tensor& sin, const ForwardOptions& opt,
+                                              int64_t layer) {
+  return x + self_attn(input_layernorm(x), cos, sin, opt, layer);
+}
+
 torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
                                         const torch::Tensor& sin, const ForwardOptions& opt,
                                         int64_t layer) {
-  auto h = x + self_attn(input_layernorm(x), cos, sin, opt, layer);
-  return h + mlp(post_attention_layernorm(h));
+  auto h = attn_residual(x, cos, sin, opt, layer);
+  const int64_t L = h.size(1);
+  if (torch::GradMode::is_enabled() || opt.mlp_chunk <= 0 || opt.mlp_chunk >= L)
+    return h + mlp_branch(h);
+  // No graph is kept: only one chunk's (chunk x intermediate) tensors are alive.
+  auto out = torch::empty_like(h);
+  for (int64_t s = 0; s < L; s += opt.mlp_chunk) {
+    const int64_t n = std::min(opt.mlp_chunk, L - s);
+    auto hc = h.narrow(1, s, n);
+    out.narrow(1, s, n).copy_(hc + mlp_branch(hc));
+  }
+  return out;
 }
 
 LlamaModelImpl::LlamaModelImpl(const io::ModelConfig& c) {
@@ -140,11 +211,59 @@ namespace {
 // RNG state of the forward, so dropout masks match) and runs the layer's
 // backward, which accumulates parameter grads directly. `anchor` requires grad so
 // the backward runs even when the input does not need a grad (frozen embedding).
+#ifdef LONGLORA_WITH_CUDA
+// Device-to-host copies of offloaded layer inputs run here, beside the compute.
+c10::cuda::CUDAStream offload_stream() {
+  static c10::cuda::CUDAStream s = c10::cuda::getStreamFromPool();
+  return s;
+}
+#endif
+
+// x in pinned host memory, copied on the side stream once x is ready; x's memory is
+// not reused before the copy has read it (record_stream).
+torch::Tensor offload_to_host(const torch::Tensor& x) {
+#ifdef LONGLORA_WITH_CUDA
+  auto host = torch::empty(x.sizes(), x.options().device(torch::kCPU).pinned_memory(true));
+  auto side = offload_stream();
+  at::cuda::CUDAEvent ready;
+  ready.record(c10::cuda::getCurrentCUDAStream(x.device().index()));
+  ready.block(side);
+  {
+    c10::cuda::CUDAStreamGuard guard(side);
+    host.copy_(x, /*non_blocking=*/true);
+  }
+  x.record_stream(side);
+  return host;
+#else
+  return x;
+#endif
+}
+
+// The saved input back on `device`, after the side stream's copies are done.
+torch::Tensor fetch_from_host(const torch::Tensor& host, const torch::Device& device) {
+#ifdef LONGLORA_WITH_CUDA
+  at::cuda::CUDAEvent copied;
+  copied.record(offload_stream());
+  copied.block(c10::cuda::getCurrentCUDAStream(device.index()));
+  return host.to(device, /*non_blocking=*/true);
+#else
+  return host.to(device);
+#endif
+}
+
 struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor x,
                                torch::Tensor cos, torch::Tensor sin, torch::Tensor anchor,
                                DecoderLayerImpl* layer, ForwardOptions opt, int64_t index) {
-    ctx->save_for_backward({x, cos, sin});
+    const bool offload = opt.offload_layers && x.is_cuda();
+    if (offload) {
+      ctx->save_for_backward({cos, sin});
+      ctx->saved_data["host_x"] = offload_to_host(x);
+      ctx->saved_data["device"] = static_cast<int64_t>(x.device().index());
+    } else {
+      ctx->save_for_backward({cos, sin, x});
+    }
+    ctx->saved_data["mlp_chunk"] = opt.mlp_chunk;
     ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
     ctx->saved_data["index"] = index;
     ctx->saved_data["mode"] = static_cast<int64_t>(opt.attn.mode);
@@ -160,13 +279,21 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_out) {
     auto saved = ctx->get_saved_variables();
-    auto x = saved[0].detach().requires_grad_(true);
+    torch::Tensor x;
+    if (ctx->saved_data.count("host_x")) {
+      const auto dev = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(ctx->saved_data["device"].toInt()));
+      x = fetch_from_host(ctx->saved_data["host_x"].toTensor(), dev);
+    } else {
+      x = saved[2].detach();
+    }
+    x.requires_grad_(true);
     auto* layer = reinterpret_cast<DecoderLayerImpl*>(ctx->saved_data["layer"].toInt());
     ForwardOptions opt;
     opt.attn.mode = static_cast<attention::Mode>(ctx->saved_data["mode"].toInt());
     opt.attn.group = ctx->saved_data["group"].toInt();
     opt.attn.backend = static_cast<attention::Backend>(ctx->saved_data["backend"].toInt());
     opt.position_offset = ctx->saved_data["offset"].toInt();
+    const int64_t chunk = ctx->saved_data["mlp_chunk"].toInt();
 
     auto cpu_gen = at::detail::getDefaultCPUGenerator();
     auto cpu_now = cpu_gen.get_state();
@@ -177,12 +304,29 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
       cuda_now = g.get_state();
       g.set_state(ctx->saved_data["cuda_rng"].toTensor());
     }
-    torch::Tensor out;
     {
       torch::AutoGradMode enable(true);
-      out = layer->forward(x, saved[1], saved[2], opt, ctx->saved_data["index"].toInt());
+      const int64_t index = ctx->saved_data["index"].toInt();
+      const auto& g = grad_out[0];
+      const int64_t L = x.size(1);
+      if (chunk <= 0 || chunk >= L) {
+        torch::autograd::backward({layer->forward(x, saved[0], saved[1], opt, index)}, {g});
+      } else {
+        // out = h + mlp(norm(h)): the MLP half recomputed and back-propagated chunk by
+        // chunk into dh, then the attention half with dh, so no whole-sequence
+        // intermediate-size activation exists.
+        auto h = layer->attn_residual(x, saved[0], saved[1], opt, index);
+        auto dh = g.clone();
+        auto hd = h.detach();
+        for (int64_t s = 0; s < L; s += chunk) {
+          const int64_t n = std::min(chunk, L - s);
+          auto hc = hd.narrow(1, s, n).detach().requires_grad_(true);
+          torch::autograd::backward({layer->mlp_branch(hc)}, {g.narrow(1, s, n)});
+          dh.narrow(1, s, n).add_(hc.grad());
+        }
+        torch::autograd::backward({h}, {dh});
+      }
     }
-    torch::autograd::backward({out}, {grad_out[0]});
     cpu_gen.set_state(cpu_now);
     if (x.is_cuda()) {
       at::Generator g = at::globalContext().defaultGenerator(x.device());

@@ -98,13 +98,14 @@ int run_train_bench(const TrainBenchOptions& o) {
   auto w_in = torch::randn({mc.hidden_size, (H + 2 * Hkv) * D + 2 * mc.intermediate_size}, opts);
   auto w_out = torch::randn({H * D + mc.intermediate_size, mc.hidden_size}, opts);
   auto y = torch::randn({L, H * D + mc.intermediate_size}, opts);
-  // forward + recompute + two backward matmuls per weight (dX; dW only for LoRA, small).
+  // Frozen weights: forward, recompute and one backward matmul (dX; no dW, the LoRA
+  // factors' grads are small) per weight.
   const double lin_once = time_ms(s.device, 2, [&] {
     torch::NoGradGuard ng;
     x.matmul(w_in);
     y.matmul(w_out);
   });
-  const double linear_ms = lin_once * (3.0 + recompute) * mc.num_hidden_layers;
+  const double linear_ms = lin_once * (2.0 + recompute) * mc.num_hidden_layers;
 
   // Model FLOPs: matmul params (6 per token: fwd + bwd) + attention over visible pairs.
   const double per_layer_w = mc.hidden_size * ((H + 2 * Hkv) * D) + H * D * mc.hidden_size +
@@ -128,6 +129,10 @@ int run_train_bench(const TrainBenchOptions& o) {
                       {"model_tflops", tflops},
                       {"mfu", peak > 0 ? nlohmann::json(tflops / peak) : nlohmann::json(nullptr)},
                       {"peak_mem_gib", mem},
+                      {"peak_allocated_gib", peak_allocated_gib(s.device)},
+                      {"activation_checkpointing", c.train.activation_checkpointing},
+                      {"offload_activations", c.train.offload_activations},
+                      {"mlp_chunk", c.train.mlp_chunk},
                       {"breakdown_ms", {{"attention", attn_ms}, {"linear", linear_ms},
                                         {"rest", std::max(0.0, step_ms - attn_ms - linear_ms)}}}};
   if (o.json) {

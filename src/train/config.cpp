@@ -174,6 +174,11 @@ const std::vector<Field>& schema() {
     f.push_back(boolean("train.activation_checkpointing",
                         [](RunConfig& c) -> auto& { return c.train.activation_checkpointing; },
                         "recompute each decoder layer in backward"));
+    f.push_back(boolean("train.offload_activations",
+                        [](RunConfig& c) -> auto& { return c.train.offload_activations; },
+                        "keep checkpointed layer inputs in pinned host memory (CUDA; for the longest contexts)"));
+    f.push_back(integer("train.mlp_chunk", [](RunConfig& c) -> auto& { return c.train.mlp_chunk; }, 0,
+                        "tokens per MLP chunk in recompute and no-grad forward (0 = whole sequence)"));
     f.push_back(integer("train.max_bad_steps", [](RunConfig& c) -> auto& { return c.train.max_bad_steps; },
                         1, "consecutive non-finite steps skipped before the run stops"));
     f.push_back(integer("train.loss_chunk", [](RunConfig& c) -> auto& { return c.train.loss_chunk; }, 1,

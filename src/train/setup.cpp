@@ -102,6 +102,8 @@ Session make_session(const RunConfig& c, bool with_data) {
   s.optimizer = std::make_unique<torch::optim::AdamW>(groups, torch::optim::AdamWOptions(c.train.lr));
 
   s.train_forward.checkpoint_layers = c.train.activation_checkpointing;
+  s.train_forward.offload_layers = c.train.offload_activations;
+  s.train_forward.mlp_chunk = c.train.mlp_chunk;
   s.train_forward.attn.backend = attention::parse_backend(c.attention.backend);
   if (c.attention.s2) {
     s.train_forward.attn.mode = attention::parse_mode(c.attention.shift_mode);

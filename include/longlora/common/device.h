@@ -17,5 +17,7 @@ std::string dtype_string(torch::ScalarType t);
 // peak (what the device really held, fragmentation included); on the CPU the
 // process's peak resident set.
 double peak_memory_gib(const torch::Device& d);
+// Peak of the bytes tensors really held (GPU); the CPU figure as above.
+double peak_allocated_gib(const torch::Device& d);
 
 }  // namespace longlora

@@ -31,6 +31,12 @@ struct ForwardOptions {
   int64_t position_offset = 0; // first token's position (generation with a cache)
   KVCache* cache = nullptr;    // full attention only
   bool checkpoint_layers = false;  // recompute each decoder layer in backward
+  // Checkpointed layers keep their saved input in pinned host memory (CUDA only).
+  bool offload_layers = false;
+  // Tokens per chunk of the MLP block where no autograd graph is kept (forward under
+  // no-grad, and the recompute of a checkpointed layer, whose MLP backward runs chunk
+  // by chunk); 0 = whole sequence. Per-token ops, so chunking is exact.
+  int64_t mlp_chunk = 0;
 };
 
 struct EmbeddingImpl : torch::nn::Module {
@@ -70,6 +76,10 @@ struct DecoderLayerImpl : torch::nn::Module {
   explicit DecoderLayerImpl(const io::ModelConfig& c);
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                         const ForwardOptions& opt, int64_t layer);
+  // The two residual halves of forward: h = x + attn(norm(x)); out = h + mlp(norm(h)).
+  torch::Tensor attn_residual(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                              const ForwardOptions& opt, int64_t layer);
+  torch::Tensor mlp_branch(const torch::Tensor& h) { return mlp(post_attention_layernorm(h)); }
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
   Attention self_attn{nullptr};
   MLP mlp{nullptr};
