@@ -44,6 +44,10 @@ if want kernel; then
     >"$OUT/kernel.log" 2>&1
   note "kernel tests: $(grep -E 'tests passed|tests failed' "$OUT/kernel.log")"
   grep -E 'kernel max abs diff|non-finite|Failed|\*\*\*' "$OUT/kernel.log" | head -40 | tee -a "$SUMMARY"
+  # The forward's 8-warp query tiles, a tuning alternative, must pass the same tests.
+  LONGLORA_S2_FWD_BLOCK_M=128 timeout 100 ctest --test-dir "$B" -R 'S2Kernel' -j4 \
+    --output-on-failure >"$OUT/kernel_bm128.log" 2>&1
+  note "kernel tests, LONGLORA_S2_FWD_BLOCK_M=128: $(grep -E 'tests passed|tests failed' "$OUT/kernel_bm128.log")"
 fi
 
 # One attention run per line: seq_len mode [VAR=value ...] (environment for the run).
@@ -64,9 +68,9 @@ fi
 # One 7B training bench per line: seq_len steps warmup [--set key=value ...].
 TRAIN_RUNS="${TRAIN_RUNS:-32768 3 1
 32768 3 1 --set train.offload_activations=true
-32768 2 1 --set attention.backend=sdpa
+131072 1 0 --set train.offload_activations=true
 8192 3 1
-131072 1 0 --set train.offload_activations=true}"
+32768 2 1 --set attention.backend=sdpa}"
 if want train 40; then
   n=0
   while read -r L steps warmup extra; do
