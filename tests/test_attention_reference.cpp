@@ -139,3 +139,14 @@ TEST(S2Reference, ShapeErrorsAreClear) {
   EXPECT_THROW(attention_reference(q3, k3, k3, Mode::Roll, 8), longlora::Error);
   EXPECT_NO_THROW(attention_reference(q3, k3, k3, Mode::Full, 0));
 }
+
+// Auto runs LibTorch's fused sdpa on a GPU (measured faster than our kernel, see
+// docs/benchmarks.md) and the reference on the CPU; an explicit choice is kept.
+TEST(AttentionDispatch, AutoIsSdpaOnGpuReferenceOnCpu) {
+  using longlora::attention::Backend;
+  using longlora::attention::resolve_backend;
+  EXPECT_EQ(resolve_backend(Backend::Auto, true), Backend::Sdpa);
+  EXPECT_EQ(resolve_backend(Backend::Auto, false), Backend::Reference);
+  EXPECT_EQ(resolve_backend(Backend::Kernel, true), Backend::Kernel);
+  EXPECT_EQ(resolve_backend(Backend::Sdpa, false), Backend::Sdpa);
+}

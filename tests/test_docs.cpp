@@ -41,3 +41,20 @@ TEST(Bench, TrainBenchRunsOnCpuAndReportsEveryFigure) {
   EXPECT_GT(j["tokens_per_s"].get<double>(), 0);
   EXPECT_EQ(j["seq_len"], 64);
 }
+
+// scripts/bench.sh: one table row per length, a failing length reported in its row
+// (seq_len 10 is no multiple of its S2 group, 3 tokens) while the sweep goes on.
+TEST(Bench, SweepScriptAppendsOneRowPerLength) {
+  const auto dir = testutil::temp_dir("bench-sweep");
+  const std::string md = dir + "/bench.md";
+  const std::string cmd = "BIN=" + std::string(LONGLORA_BINARY) +
+                          " SHAPE=" + testutil::data("../../configs/shapes/tiny-cpu.json") +
+                          " LENS='64 10' STEPS=1 WARMUP=0 DEVICE=cpu OUT_MD=" + md + " bash " +
+                          testutil::data("../../scripts/bench.sh") + " 2>/dev/null";
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  std::ifstream in(md);
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find("tiny-cpu.json on CPU"), std::string::npos) << text;
+  EXPECT_TRUE(std::regex_search(text, std::regex("\\| 64 \\| reference \\| [0-9]+ \\|"))) << text;
+  EXPECT_TRUE(std::regex_search(text, std::regex("\\| 10 \\| \\| failed: .*group"))) << text;
+}

@@ -151,16 +151,15 @@ torch::Tensor attention_sdpa(const torch::Tensor& q, const torch::Tensor& k,
   return s2(&sdpa_block, q, k, v, mode, group);
 }
 
+Backend resolve_backend(Backend b, bool cuda) {
+  if (b != Backend::Auto) return b;
+  return cuda ? Backend::Sdpa : Backend::Reference;
+}
+
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                         const Options& opt) {
   Backend b = opt.backend;
-  if (b == Backend::Auto) {
-    const bool kernel_ok = q.is_cuda() && kernel_compiled() &&
-                           (q.scalar_type() == torch::kBFloat16 ||
-                            q.scalar_type() == torch::kHalf) &&
-                           (q.size(3) == 64 || q.size(3) == 128);
-    b = kernel_ok ? Backend::Kernel : (q.is_cuda() ? Backend::Sdpa : Backend::Reference);
-  }
+  b = resolve_backend(b, q.is_cuda());
   switch (b) {
     case Backend::Kernel: return attention_kernel(q, k, v, opt.mode, opt.group);
     case Backend::Sdpa: return attention_sdpa(q, k, v, opt.mode, opt.group);

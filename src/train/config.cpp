@@ -128,7 +128,7 @@ const std::vector<Field>& schema() {
     f.push_back(str("attention.shift_mode", [](RunConfig& c) -> auto& { return c.attention.shift_mode; },
                     "how the shifted half of the heads is grouped", {"segments", "roll"}));
     f.push_back(str("attention.backend", [](RunConfig& c) -> auto& { return c.attention.backend; },
-                    "auto = CUDA kernel on GPU, reference on CPU", {"auto", "kernel", "sdpa", "reference"}));
+                    "auto = sdpa (fused flash) on GPU, reference on CPU; kernel = our S2 CUDA kernel", {"auto", "kernel", "sdpa", "reference"}));
     f.push_back(str("data.train", [](RunConfig& c) -> auto& { return c.data.train; },
                     "training data: .bin (uint16 ids), .txt/.jsonl text, .json/.jsonl instruction records"));
     f.push_back(str("data.format", [](RunConfig& c) -> auto& { return c.data.format; },

@@ -35,8 +35,9 @@ struct ForwardOptions {
   bool offload_layers = false;
   // Tokens per chunk of the MLP block where no autograd graph is kept (forward under
   // no-grad, and the recompute of a checkpointed layer, whose MLP backward runs chunk
-  // by chunk); 0 = whole sequence. Per-token ops, so chunking is exact.
-  int64_t mlp_chunk = 0;
+  // by chunk); 0 = whole sequence. Per-token ops, so chunking is exact. The default
+  // also bounds evaluation and prefill at long contexts.
+  int64_t mlp_chunk = 8192;
 };
 
 struct EmbeddingImpl : torch::nn::Module {

@@ -51,7 +51,7 @@ struct TrainSection {
   double max_grad_norm = 1.0;
   int64_t seed = 42;
   bool activation_checkpointing = true;
-  bool offload_activations = false;  // checkpointed layer inputs in pinned host memory (CUDA)
+  bool offload_activations = true;   // checkpointed layer inputs in pinned host memory (CUDA)
   int64_t mlp_chunk = 8192;          // tokens per MLP chunk where no graph is kept; 0 = whole
   int64_t max_bad_steps = 10;     // consecutive non-finite steps before stopping
   int64_t loss_chunk = 2048;      // tokens per chunk of the chunked cross-entropy
