@@ -40,7 +40,7 @@ fi
 BIN="$B/longlora-train"
 
 if want kernel; then
-  timeout 200 ctest --test-dir "$B" -R 'S2Kernel|TrainMemory|TrainGolden' -j4 --output-on-failure \
+  timeout 200 ctest --test-dir "$B" -R 'S2Kernel|TrainMemory|TrainGolden|GpuTrain' -j4 --output-on-failure \
     >"$OUT/kernel.log" 2>&1
   note "kernel tests: $(grep -E 'tests passed|tests failed' "$OUT/kernel.log")"
   grep -E 'kernel max abs diff|non-finite|Failed|\*\*\*' "$OUT/kernel.log" | head -40 | tee -a "$SUMMARY"
@@ -85,7 +85,7 @@ fi
 
 if want suite 40; then
   t=$(( $(left) - 10 ))
-  timeout "$t" ctest --test-dir "$B" -E 'S2Kernel|TrainMemory|TrainGolden' -j8 --timeout 120 --output-on-failure \
+  timeout "$t" ctest --test-dir "$B" -E 'S2Kernel|TrainMemory|TrainGolden|GpuTrain' -j8 --timeout 120 --output-on-failure \
     ${SUITE_ARGS:-} >"$OUT/suite.log" 2>&1
   note "suite on GPU: $(grep -E 'tests passed|tests failed' "$OUT/suite.log")"
   grep -E '^\s+[0-9]+ - ' "$OUT/suite.log" | head -30 | tee -a "$SUMMARY"

@@ -10,9 +10,12 @@ LinearImpl::LinearImpl(int64_t in, int64_t out) : in_features(in), out_features(
 
 void LinearImpl::add_lora(int64_t r, double alpha, double drop) {
   auto opts = torch::dtype(torch::kFloat32).device(weight.device());
-  // peft: nn.init.kaiming_uniform_(A, a=sqrt(5)) -> bound = 1/sqrt(fan_in).
+  // peft: nn.init.kaiming_uniform_(A, a=sqrt(5)) -> bound = 1/sqrt(fan_in). Drawn on
+  // the CPU generator whatever the device, so a run starts from the same adapter on
+  // the CPU and on a GPU (the GPU-vs-CPU loss-curve test relies on it).
   const double bound = 1.0 / std::sqrt(static_cast<double>(in_features));
-  lora_A = register_module("lora_A", Factor(torch::empty({r, in_features}, opts).uniform_(-bound, bound)));
+  auto a = torch::empty({r, in_features}, torch::kFloat32).uniform_(-bound, bound).to(weight.device());
+  lora_A = register_module("lora_A", Factor(a));
   lora_B = register_module("lora_B", Factor(torch::zeros({out_features, r}, opts)));
   scale = alpha / static_cast<double>(r);
   dropout = drop;

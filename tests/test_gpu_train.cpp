@@ -1,0 +1,114 @@
+// Training on the GPU against the CPU path (issue #7's exactness criteria): bf16 on
+// the GPU must stay within bf16 tolerance of the fp32 results, and a few hundred
+// steps must follow the CPU's loss curve. Skipped where no CUDA device exists; run
+// them on the GPU machine (scripts/gpu-check.sh).
+#include <nlohmann/json.hpp>
+
+#include "longlora/model/loader.h"
+#include "longlora/train/setup.h"
+#include "test_util.h"
+
+using namespace longlora;
+using nlohmann::json;
+
+namespace {
+
+#define SKIP_WITHOUT_CUDA() \
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device: runs on the GPU machine"
+
+double cosine(const torch::Tensor& a, const torch::Tensor& b) {
+  auto x = a.to(torch::kCPU, torch::kFloat64).flatten(), y = b.to(torch::kCPU, torch::kFloat64).flatten();
+  return (x.dot(y) / (x.norm() * y.norm())).item<double>();
+}
+
+std::vector<double> losses(const std::string& metrics) {
+  std::vector<double> out;
+  std::ifstream in(metrics);
+  for (std::string line; std::getline(in, line);) {
+    auto j = json::parse(line);
+    if (j.contains("loss")) out.push_back(j["loss"].get<double>());
+  }
+  return out;
+}
+
+}  // namespace
+
+// The golden S2 (roll) loss and gradients, computed by the model in bf16 with bf16
+// frozen weights and fp32 LoRA masters on the GPU, with the default (sdpa) attention.
+TEST(GpuTrain, Bf16GoldenS2LossAndGradsWithinBf16Tolerance) {
+  SKIP_WITHOUT_CUDA();
+  auto g = testutil::load(testutil::golden("tiny-llama/golden.safetensors"));
+  std::ifstream jin(testutil::golden("tiny-llama/golden.json"));
+  const auto j = json::parse(jin);
+  model::LoadOptions lo;
+  lo.device = torch::Device(torch::kCUDA, 0);
+  lo.compute_dtype = torch::kBFloat16;
+  lo.weight_dtype = torch::kBFloat16;
+  auto m = model::load_model(testutil::golden("tiny-llama/model"), lo);
+  model::apply_adapter(*m, testutil::golden("tiny-llama/adapter"));
+  train::RunConfig rc;
+  std::map<std::string, torch::Tensor> trainable;
+  for (auto& [name, p] : train::select_trainable(*m, rc)) trainable[name] = p;
+  model::ForwardOptions opt;
+  opt.attn.mode = attention::Mode::Roll;
+  opt.attn.group = 32;
+  opt.checkpoint_layers = true;
+  auto ids = g["input_ids"].to(lo.device);
+  auto targets = torch::cat({ids.slice(1, 1, 128), torch::full({1, 1}, -1, ids.options())}, 1);
+  m->train();
+  auto [sum, n] = model::chunked_nll(*m, m->hidden(ids, opt), targets, 50);
+  auto loss = sum / static_cast<double>(n);
+  loss.backward();
+  const double want = j["loss_s2"].get<double>();
+  // bf16 keeps 8 bits of mantissa (relative 4e-3 per rounding); two layers deep.
+  EXPECT_NEAR(loss.item<double>(), want, 1e-2 * want);
+  int checked = 0;
+  for (auto& [key, w] : g) {
+    if (key.rfind("grad.", 0) != 0) continue;
+    const std::string name = key.substr(5);
+    ASSERT_TRUE(trainable.count(name)) << name;
+    const auto got = trainable.at(name).grad();
+    ASSERT_TRUE(got.defined()) << name;
+    EXPECT_GT(cosine(got, w), 0.99) << name;
+    const auto got64 = got.to(torch::kCPU, torch::kFloat64);
+    const auto w64 = w.to(torch::kFloat64);
+    const double rel = (got64 - w64).norm().item<double>() / w64.norm().item<double>();
+    EXPECT_LT(rel, 0.05) << name;
+    ++checked;
+  }
+  EXPECT_EQ(checked, 5);
+}
+
+// 200 steps of LoRA + embed/norm training of the tiny golden model: bf16 on the GPU
+// (sdpa attention, offload on) follows the fp32 CPU run (reference attention) from
+// the same adapter init and data order.
+TEST(GpuTrain, LossCurveFollowsTheCpuRun) {
+  SKIP_WITHOUT_CUDA();
+  auto curve = [](const std::string& device) {
+    const auto dir = testutil::temp_dir("gpu-curve-" + device);
+    const std::string path = dir + "/run.json";
+    testutil::write_file(path, R"({
+      "model": {"path": ")" + testutil::golden("tiny-llama/model") + R"("},
+      "data": {"train": ")" + testutil::golden("tiny-llama/eval.bin") + R"(", "seq_len": 64},
+      "lora": {"r": 8, "dropout": 0.0},
+      "attention": {"shift_mode": "segments"},
+      "train": {"lr": 0.003, "warmup_steps": 10, "max_steps": 200, "grad_accum": 1, "micro_batch_size": 2},
+      "output": {"dir": ")" + dir + R"(/out", "save_steps": 200, "keep_last": 1, "log_steps": 1},
+      "device": ")" + device + R"("
+    })");
+    auto r = testutil::run_cli("--config " + path);
+    EXPECT_EQ(r.code, 0) << r.err;
+    return losses(dir + "/out/metrics.jsonl");
+  };
+  const auto cpu = curve("cpu");
+  const auto gpu = curve("cuda");
+  ASSERT_EQ(cpu.size(), 200u);
+  ASSERT_EQ(gpu.size(), 200u);
+  EXPECT_LT(cpu.back(), 0.93 * cpu.front());  // it does learn (6.52 -> 5.84 on the CPU)
+  // Mean over windows of 20 steps, so single noisy steps do not decide.
+  for (size_t s = 0; s < 200; s += 20) {
+    double c = 0, g = 0;
+    for (size_t i = s; i < s + 20; ++i) c += cpu[i] / 20, g += gpu[i] / 20;
+    EXPECT_NEAR(g, c, 0.03 * c) << "steps " << s << ".." << s + 19;
+  }
+}
