@@ -28,7 +28,8 @@ Grads run(const torch::Tensor& q0, const torch::Tensor& k0, const torch::Tensor&
   return {out.detach(), q.grad(), k.grad(), v.grad()};
 }
 
-// Independent oracle: full L x L scores with an explicit visibility rule per head.
+// Independent oracle: full L x L scores with an explicit visibility rule per head
+// (issue #3's definitions of segments and roll).
 torch::Tensor brute_force(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                           Mode mode, int64_t G) {
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Hkv = k.size(1);
@@ -37,13 +38,16 @@ torch::Tensor brute_force(const torch::Tensor& q, const torch::Tensor& k, const 
     auto mask = torch::zeros({L, L}, torch::kBool);  // true = visible
     auto acc = mask.accessor<bool, 2>();
     for (int64_t i = 0; i < L; ++i)
-      for (int64_t j = 0; j <= i; ++j) {
+      for (int64_t j = 0; j < L; ++j) {
         bool vis;
-        if (mode == Mode::Full || G == L) vis = true;
-        else if (h < H / 2) vis = i / G == j / G;
-        else {  // segments: [0,G/2), [G/2, 3G/2), ...
+        if (mode == Mode::Full || G == L) vis = j <= i;
+        else if (h < H / 2) vis = j <= i && i / G == j / G;
+        else if (mode == Mode::Segments) {  // [0,G/2), [G/2, 3G/2), ...
           auto seg = [&](int64_t t) { return t < G / 2 ? -1 : (t - G / 2) / G; };
-          vis = seg(i) == seg(j);
+          vis = j <= i && seg(i) == seg(j);
+        } else {  // roll by -G/2, causal groups of G in rolled order (the last one wraps)
+          const int64_t ri = (i - G / 2 + L) % L, rj = (j - G / 2 + L) % L;
+          vis = rj <= ri && ri / G == rj / G;
         }
         acc[i][j] = vis;
       }
@@ -89,29 +93,33 @@ class S2Brute : public ::testing::TestWithParam<BruteCase> {};
 TEST_P(S2Brute, MatchesMaskedAttention) {
   auto c = GetParam();
   torch::manual_seed(7);
-  auto q = torch::randn({2, c.H, c.L, 8}, torch::kFloat64);
-  auto k = torch::randn({2, c.Hkv, c.L, 8}, torch::kFloat64);
-  auto v = torch::randn({2, c.Hkv, c.L, 8}, torch::kFloat64);
-  auto want = brute_force(q, k, v, c.mode, c.G);
-  for (Backend b : {Backend::Reference, Backend::Sdpa}) {
-    Options o;
-    o.mode = c.mode;
-    o.group = c.G;
-    o.backend = b;
-    auto got = attention(q, k, v, o);
-    EXPECT_LE(testutil::max_abs_diff(got, want), 1e-9) << "backend " << to_string(b);
+  // (B, L, H, D) memory viewed as (B, H, L, D), as the model's projections give them,
+  // for B = 2 and B = 1 (where the sdpa path's groups are pure views).
+  for (int64_t B : {2, 1}) {
+    auto q = torch::randn({B, c.L, c.H, 8}, torch::kFloat64).transpose(1, 2);
+    auto k = torch::randn({B, c.L, c.Hkv, 8}, torch::kFloat64).transpose(1, 2);
+    auto v = torch::randn({B, c.L, c.Hkv, 8}, torch::kFloat64).transpose(1, 2);
+    auto dout = torch::randn_like(q);
+    auto qa = q.clone().requires_grad_(true), ka = k.clone().requires_grad_(true),
+         va = v.clone().requires_grad_(true);
+    auto want = brute_force(qa, ka, va, c.mode, c.G);
+    want.backward(dout);
+    for (Backend b : {Backend::Reference, Backend::Sdpa}) {
+      Options o;
+      o.mode = c.mode;
+      o.group = c.G;
+      o.backend = b;
+      auto qb = q.detach().requires_grad_(true), kb = k.detach().requires_grad_(true),
+           vb = v.detach().requires_grad_(true);
+      auto got = attention(qb, kb, vb, o);
+      const std::string at = "backend " + to_string(b) + " B=" + std::to_string(B);
+      EXPECT_LE(testutil::max_abs_diff(got, want), 1e-9) << at;
+      got.backward(dout);  // gradients against the brute force's autograd
+      EXPECT_LE(testutil::max_abs_diff(qa.grad(), qb.grad()), 1e-9) << at << " dq";
+      EXPECT_LE(testutil::max_abs_diff(ka.grad(), kb.grad()), 1e-9) << at << " dk";
+      EXPECT_LE(testutil::max_abs_diff(va.grad(), vb.grad()), 1e-9) << at << " dv";
+    }
   }
-  // Gradients against the brute force's autograd.
-  auto qa = q.clone().requires_grad_(true), ka = k.clone().requires_grad_(true),
-       va = v.clone().requires_grad_(true);
-  auto qb = q.clone().requires_grad_(true), kb = k.clone().requires_grad_(true),
-       vb = v.clone().requires_grad_(true);
-  auto dout = torch::randn_like(q);
-  brute_force(qa, ka, va, c.mode, c.G).backward(dout);
-  attention_reference(qb, kb, vb, c.mode, c.G).backward(dout);
-  EXPECT_LE(testutil::max_abs_diff(qa.grad(), qb.grad()), 1e-9);
-  EXPECT_LE(testutil::max_abs_diff(ka.grad(), kb.grad()), 1e-9);
-  EXPECT_LE(testutil::max_abs_diff(va.grad(), vb.grad()), 1e-9);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -119,7 +127,8 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(BruteCase{4, 4, 32, 8, Mode::Segments}, BruteCase{4, 2, 32, 8, Mode::Segments},
                       BruteCase{8, 2, 64, 16, Mode::Segments}, BruteCase{4, 1, 24, 6, Mode::Segments},
                       BruteCase{2, 2, 16, 16, Mode::Segments}, BruteCase{4, 2, 32, 32, Mode::Roll},
-                      BruteCase{4, 2, 40, 8, Mode::Full}));
+                      BruteCase{4, 4, 32, 8, Mode::Roll}, BruteCase{4, 1, 24, 6, Mode::Roll},
+                      BruteCase{2, 2, 16, 4, Mode::Roll}, BruteCase{4, 2, 40, 8, Mode::Full}));
 
 TEST(S2Reference, ShapeErrorsAreClear) {
   auto q = torch::zeros({1, 4, 30, 8}), k = torch::zeros({1, 2, 30, 8});

@@ -79,16 +79,10 @@ torch::Tensor causal_block(const torch::Tensor& q, const torch::Tensor& k, const
   return torch::matmul(p, v);
 }
 
+// 4-D inputs only: the fused (flash / memory-efficient) kernels take nothing else, and
+// 5-D groups fell back to the math path, which materialises every G x G score matrix
+// (156 GiB at 100k, seen on an H200).
 torch::Tensor sdpa_block(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
-  if (q.dim() > 4) {
-    // The fused (flash / memory-efficient) kernels take 4-D inputs only; 5-D groups
-    // (B, h, n, G, D) fell back to the math path, which materialises every G x G score
-    // matrix (156 GiB at 100k). The groups become heads of a 4-D call instead.
-    auto four = [](const torch::Tensor& t) {
-      return t.reshape({-1, t.size(-3), t.size(-2), t.size(-1)});
-    };
-    return sdpa_block(four(q), four(k), four(v)).reshape(q.sizes());
-  }
   return at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/{}, /*dropout_p=*/0.0,
                                           /*is_causal=*/true);
 }
@@ -146,10 +140,62 @@ torch::Tensor attention_reference(const torch::Tensor& q, const torch::Tensor& k
   return s2(&causal_block, q, k, v, mode, group);
 }
 
-torch::Tensor attention_sdpa(const torch::Tensor& q, const torch::Tensor& k,
-                             const torch::Tensor& v, Mode mode, int64_t group) {
-  return s2(&sdpa_block, q, k, v, mode, group);
+namespace {
+
+// Causal sdpa over n consecutive groups of G positions starting at `start`, for heads
+// [h0, h0 + h): the groups become batch entries of one 4-D call. On the (B, L, H, D)
+// memory the projections produce these are strided views, not copies (B = 1, or
+// groups covering all of L); the output goes straight to its place in `out`.
+void sdpa_groups(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                 torch::Tensor& out, int64_t h0, int64_t h, int64_t start, int64_t n, int64_t G) {
+  const int64_t B = q.size(0), D = q.size(3);
+  auto groups = [&](const torch::Tensor& t) {  // (B, h, nG, D) -> (B * n, h, G, D)
+    return t.narrow(1, h0, h).narrow(2, start, n * G).unflatten(2, {n, G}).transpose(1, 2).reshape({B * n, h, G, D});
+  };
+  auto o = sdpa_block(groups(q), groups(k), groups(v));
+  out.narrow(1, h0, h).narrow(2, start, n * G).copy_(o.reshape({B, n, h, G, D}).transpose(1, 2).flatten(2, 3));
 }
+
+}  // namespace
+
+// The production GPU path: the same S2 rule as the reference, each group one causal
+// sdpa call (LibTorch's fused flash kernel on GPUs), without copying q, k, v or
+// rolling them: half groups at the ends (segments) are calls of their own, and roll's
+// wrapped last group is the only gathered copy (2 x G/2 positions).
+torch::Tensor attention_sdpa(const torch::Tensor& q, const torch::Tensor& k_in,
+                             const torch::Tensor& v_in, Mode mode, int64_t group) {
+  TORCH_CHECK(q.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "attention: q, k, v must be 4-D");
+  const int64_t B = q.size(0), H = q.size(1), Hkv = k_in.size(1), L = q.size(2), D = q.size(3);
+  const int64_t G = check_s2_shape(H, Hkv, L, group, mode);
+  torch::Tensor k = k_in, v = v_in;
+  if (Hkv != H) {  // grouped-query: query head h reads kv head h / (H / Hkv)
+    k = k.repeat_interleave(H / Hkv, 1);
+    v = v.repeat_interleave(H / Hkv, 1);
+  }
+  // Full causal attention: one call; ratio 1 (G = L) is the same by definition.
+  if (mode == Mode::Full || G == L) return sdpa_block(q, k, v);
+  // The output in (B, L, H, D) memory, so the o_proj input (B, L, H * D) is a view.
+  auto out = torch::empty({B, L, H, D}, q.options()).transpose(1, 2);
+  const int64_t h2 = H / 2, n = L / G, half = G / 2;
+  sdpa_groups(q, k, v, out, 0, h2, 0, n, G);  // heads [0, H/2): groups [0, G), [G, 2G), ...
+  if (n > 1) sdpa_groups(q, k, v, out, h2, H - h2, half, n - 1, G);  // shifted: [G/2, 3G/2), ...
+  if (mode == Mode::Segments) {
+    sdpa_groups(q, k, v, out, h2, H - h2, 0, 1, half);         // [0, G/2)
+    sdpa_groups(q, k, v, out, h2, H - h2, L - half, 1, half);  // [L - G/2, L)
+  } else {
+    // Roll: the last rolled group is [L - G/2, L) followed by [0, G/2).
+    auto wrap = [&](const torch::Tensor& t) {
+      auto th = t.narrow(1, h2, H - h2);
+      return torch::cat({th.narrow(2, L - half, half), th.narrow(2, 0, half)}, 2);
+    };
+    auto o = sdpa_block(wrap(q), wrap(k), wrap(v));
+    auto oh = out.narrow(1, h2, H - h2);
+    oh.narrow(2, L - half, half).copy_(o.narrow(2, 0, half));
+    oh.narrow(2, 0, half).copy_(o.narrow(2, half, half));
+  }
+  return out;
+}
+
 
 Backend resolve_backend(Backend b, bool cuda) {
   if (b != Backend::Auto) return b;
