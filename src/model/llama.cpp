@@ -135,9 +135,19 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   if (opt.cache) {
     auto& ck = opt.cache->k[layer];
     auto& cv = opt.cache->v[layer];
-    ck = ck.defined() ? torch::cat({ck, k}, 2) : k;
-    cv = cv.defined() ? torch::cat({cv, v}, 2) : v;
-    o = cached_attention(q, ck, cv);
+    const bool prefill = !ck.defined();
+    ck = prefill ? k : torch::cat({ck, k}, 2);
+    cv = prefill ? v : torch::cat({cv, v}, 2);
+    if (prefill) {
+      // The whole prompt at once: full causal attention through the dispatch (the fused
+      // flash kernel on a GPU), never the L x L scores of cached_attention (128 GiB in
+      // fp32 for a 32k passkey prompt of a 7B).
+      attention::Options full = opt.attn;
+      full.mode = attention::Mode::Full;
+      o = attention::attention(q, k, v, full);
+    } else {
+      o = cached_attention(q, ck, cv);
+    }
   } else {
     o = attention::attention(q, k, v, opt.attn);
   }
