@@ -117,6 +117,18 @@ int main(int argc, char** argv) {
   mk->add_option("--docs", pc.docs, "number of documents")->check(CLI::PositiveNumber);
   mk->add_option("--min-tokens", pc.min_tokens, "shortest document (tokens)")->check(CLI::PositiveNumber);
   mk->add_option("--max-tokens", pc.max_tokens, "longest document (tokens)")->check(CLI::PositiveNumber);
+  mk->add_option("--min-keys", pc.min_keys, "fewest keys in a document (each with its info line and questions)")
+      ->check(CLI::PositiveNumber);
+  mk->add_option("--max-keys", pc.max_keys, "most keys in a document (1: LongLoRA's prompt with its answer)")
+      ->check(CLI::PositiveNumber);
+  mk->add_option("--max-asks", pc.max_asks, "each key is asked for 1..N times")->check(CLI::PositiveNumber);
+  mk->add_option("--row-tokens", pc.row_tokens,
+                 "make every document exactly N-2 tokens, so rows of seq_len N are whole documents "
+                 "(--min/--max-tokens unused)")
+      ->check(CLI::NonNegativeNumber);
+  mk->add_option("--copy-frac", pc.copy_frac,
+                 "fraction of documents that are copy drills (a random string repeated line after line)")
+      ->check(CLI::Range(0.0, 1.0));
   mk->add_option("--seed", pc.seed, "random seed");
   train::TrainBenchOptions tb;
   auto* bench = app.add_subcommand(

@@ -1,45 +1,130 @@
 #include "longlora/data/synthetic.h"
 
+#include <algorithm>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <vector>
 
 #include "longlora/common/error.h"
 #include "longlora/data/tokenizer.h"
 #include "longlora/eval/passkey.h"
 
 namespace longlora::data {
+namespace {
+
+// One document's layout: a list of parts, each either fixed text or a stretch of
+// filler whose length is a share (weight) of the document's filler budget.
+struct Part {
+  std::string text;
+  double weight = -1;  // >= 0: filler
+};
+
+std::string render(const std::vector<Part>& parts, int64_t filler_chars) {
+  std::string s;
+  for (const auto& p : parts)
+    s += p.weight >= 0 ? eval::passkey_filler(static_cast<int64_t>(p.weight * static_cast<double>(filler_chars)))
+                       : p.text;
+  return s;
+}
+
+}  // namespace
 
 int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
-  if (o.min_tokens < 16 || o.max_tokens < o.min_tokens)
+  if (o.row_tokens == 0 && (o.min_tokens < 16 || o.max_tokens < o.min_tokens))
     throw Error("make-data: need 16 <= --min-tokens <= --max-tokens");
+  if (o.row_tokens != 0 && o.row_tokens < 64) throw Error("make-data: --row-tokens must be at least 64");
+  if (o.min_keys < 1 || o.max_keys < o.min_keys) throw Error("make-data: need 1 <= --min-keys <= --max-keys");
+  if (o.max_asks < 1) throw Error("make-data: --max-asks must be at least 1");
   Tokenizer tok(o.tokenizer);
   const double cpt = eval::passkey_chars_per_token(tok);
   std::mt19937_64 rng(o.seed);
+  auto uniform = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
   std::ofstream out(o.out);
   if (!out) throw Error(o.out + ": cannot write");
-  for (int64_t d = 0; d < o.docs; ++d) {
-    const int64_t target = std::uniform_int_distribution<int64_t>(o.min_tokens, o.max_tokens)(rng);
-    const int64_t key = std::uniform_int_distribution<int64_t>(1, 49999)(rng);
-    // Filler characters for this length, without LongLoRA's rounding to 1024
-    // characters (short documents would otherwise have none).
-    const int64_t chars = std::max<int64_t>(0, static_cast<int64_t>(cpt * target) - 160);
-    const int64_t split = chars > 0 ? std::uniform_int_distribution<int64_t>(0, chars)(rng) : 0;
-    // The question comes back 1-3 times, each after its own stretch of filler, so a
-    // document carries several long-range retrievals (a denser learning signal).
-    const int64_t asks = std::uniform_int_distribution<int64_t>(1, 3)(rng);
-    std::string text = std::string(eval::kPasskeyTask) + "\n" + eval::passkey_filler(split) + "\n" +
-                       eval::passkey_info_line(key);
-    int64_t left = chars - split;
-    for (int64_t a = 0; a < asks; ++a) {
-      const int64_t n = a + 1 == asks ? left : std::uniform_int_distribution<int64_t>(0, left)(rng);
-      left -= n;
-      text += "\n" + eval::passkey_filler(n) + "\n" + eval::kPasskeyQuestion + " " + std::to_string(key) + ".";
+  int64_t written = 0;
+  while (written < o.docs) {
+    const bool exact = o.row_tokens > 0;
+    const int64_t target = exact ? o.row_tokens - 2 : uniform(o.min_tokens, o.max_tokens);
+    auto count = [&](const std::string& t) { return static_cast<int64_t>(tok.encode(t).size()); };
+    if (o.copy_frac > 0 && std::uniform_real_distribution<double>(0, 1)(rng) < o.copy_frac) {
+      // A copy drill: one random string, one line per repetition, up to the length.
+      static const std::string kChars = "bcdfghjkmpqvwxz0123456789";
+      std::string line;
+      for (int64_t n = uniform(8, 40); n > 0; --n)
+        line += kChars[static_cast<size_t>(uniform(0, static_cast<int64_t>(kChars.size()) - 1))];
+      std::string text = line;
+      if (count(text) > target) continue;
+      while (count(text + "\n" + line) <= target) text += "\n" + line;
+      // The last line cut short to land on the length (exactly, where a cut does).
+      std::string best = text;
+      for (size_t c = 1; c < line.size(); ++c) {
+        const std::string longer = text + "\n" + line.substr(0, c);
+        const int64_t n = count(longer);
+        if (n > target) break;
+        best = longer;
+        if (n == target) break;
+      }
+      text = best;
+      if (exact && count(text) != target) continue;
+      out << nlohmann::json({{"text", text}}).dump() << "\n";
+      ++written;
+      continue;
+    }
+    // Layout: task line, then per key: filler, info line, and 1..max_asks times
+    // (filler, question + answer). Filler shares are random (a key at any depth, its
+    // questions at any distance); lines are joined by "\n" as in LongLoRA's prompt.
+    std::vector<Part> parts{{std::string(eval::kPasskeyTask) + "\n"}};
+    const int64_t keys = uniform(o.min_keys, o.max_keys);
+    for (int64_t k = 0; k < keys; ++k) {
+      const std::string key = std::to_string(uniform(1, 49999));
+      if (k > 0) parts.push_back({"\n"});
+      parts.push_back({"", 0});
+      parts.push_back({"\n" + eval::passkey_info_line(std::stoll(key)) + "\n"});
+      const int64_t asks = uniform(1, o.max_asks);
+      for (int64_t a = 0; a < asks; ++a) {
+        if (a > 0) parts.push_back({"\n"});
+        parts.push_back({"", 0});
+        parts.push_back({"\n" + std::string(eval::kPasskeyQuestion) + " " + key + "."});
+      }
+    }
+    double total = 0;
+    for (auto& p : parts)
+      if (p.weight >= 0) total += (p.weight = std::exponential_distribution<double>(1.0)(rng));
+    for (auto& p : parts)
+      if (p.weight >= 0) p.weight /= total;
+    // The filler budget (characters) whose document comes closest to the target
+    // length from below: token counts grow with it, so a bisection finds it.
+    auto tokens = [&](int64_t f) { return count(render(parts, f)); };
+    int64_t lo = 0, hi = static_cast<int64_t>(cpt * static_cast<double>(target)) + 64;
+    if (tokens(lo) > target) {
+      if (exact) continue;  // the keys and questions alone are too long: draw again
+      hi = lo;
+    }
+    while (lo < hi) {  // largest f with tokens(f) <= target
+      const int64_t mid = (lo + hi + 1) / 2;
+      if (tokens(mid) <= target) lo = mid;
+      else hi = mid - 1;
+    }
+    std::string text = render(parts, lo);
+    if (exact) {
+      // Top up to the exact length with filler after the last answer (a few
+      // characters; the filler's tokens are short, so one of them lands on it).
+      int64_t n = static_cast<int64_t>(tok.encode(text).size());
+      std::string padded = text;
+      for (int64_t c = 1; n != target && c < 64; ++c) {
+        padded = text + "\n" + eval::passkey_filler(c);
+        n = static_cast<int64_t>(tok.encode(padded).size());
+        if (n > target) break;
+      }
+      if (n != target) continue;
+      text = padded;
     }
     out << nlohmann::json({{"text", text}}).dump() << "\n";
+    ++written;
   }
   if (!out) throw Error(o.out + ": write failed");
-  return o.docs;
+  return written;
 }
 
 }  // namespace longlora::data
