@@ -1,8 +1,11 @@
 // Training rows: packing of token streams and LongAlpaca-style supervised records.
 #include "longlora/common/error.h"
 #include "longlora/data/dataset.h"
+#include "longlora/data/synthetic.h"
 #include "longlora/data/tokenizer.h"
 #include "longlora/data/tokens.h"
+#include <fstream>
+#include <iterator>
 #include <set>
 
 #include "test_util.h"
@@ -63,4 +66,30 @@ TEST(Data, SupervisedRecordsCountOnlyTheOutputAndEos) {
   // Padding is never counted.
   for (size_t i = p + out.size(); i < 128; ++i) EXPECT_EQ(r.targets[i], -1) << i;
   EXPECT_NE(data::sft_prompt({"Add", "2 and 3", "5"}).find("### Input:\n2 and 3"), std::string::npos);
+}
+
+TEST(Data, MakeDataRowTokensGiveRowsThatAreWholeDocuments) {
+  const auto d = testutil::temp_dir("make-data");
+  data::PasskeyCorpusOptions o;
+  o.tokenizer = testutil::golden("tokenizer.model");
+  o.out = d + "/c.jsonl";
+  o.docs = 12;
+  o.row_tokens = 384;
+  o.max_keys = 2;
+  o.max_asks = 2;
+  o.copy_frac = 0.5;
+  o.seed = 3;
+  EXPECT_EQ(data::write_passkey_corpus(o), 12);
+  data::Tokenizer tok(o.tokenizer);
+  data::Dataset ds(o.out, "auto", 384, &tok, tok.vocab_size());
+  ASSERT_EQ(ds.size(), 11);  // BOS doc EOS per row; the last document has no EOS after it
+  for (int64_t i = 0; i < ds.size(); ++i) {
+    const auto r = ds.row_at(i, false, 0);
+    EXPECT_EQ(r.ids.front(), tok.bos_id()) << i;
+    EXPECT_EQ(r.ids.back(), tok.eos_id()) << i;
+  }
+  std::ifstream in(o.out);
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find("What is the pass key? The pass key is"), std::string::npos);
+  EXPECT_NE(text.find("\\n"), std::string::npos);
 }
