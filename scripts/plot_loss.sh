@@ -7,11 +7,14 @@ tmp="$(mktemp)"
 i=0
 for spec in "$@"; do
   label="${spec%%=*}"; file="${spec#*=}"
-  # series index, label, step, loss (records without "loss" are eval lines)
-  sed -n 's/.*"loss":\([0-9.eE+-]*\).*"step":\([0-9]*\).*/\2 \1/p' "$file" | awk -v s="$i" -v l="$label" '{print s, l, $1, $2}' >> "$tmp"
+  # series index, label, step, loss (records without "loss" are eval lines), in any key order
+  awk -v s="$i" -v l="$label" 'BEGIN { OFS = "\t" }
+    match($0, /"loss":[0-9.eE+-]+/) { loss = substr($0, RSTART + 7, RLENGTH - 7)
+      if (match($0, /"step":[0-9]+/)) print s, l, substr($0, RSTART + 7, RLENGTH - 7), loss }' "$file" >> "$tmp"
   i=$((i + 1))
 done
-awk -v out="$out" '
+# Tab-separated: labels may hold spaces ("base (256)").
+awk -F '\t' -v out="$out" '
   { s[NR]=$1; lab[$1]=$2; x[NR]=$3; y[NR]=$4; n=NR
     if (NR==1 || $3>xmax) xmax=$3; if (NR==1 || $4>ymax) ymax=$4; if (NR==1 || $4<ymin) ymin=$4 }
   END {

@@ -58,3 +58,25 @@ TEST(Bench, SweepScriptAppendsOneRowPerLength) {
   EXPECT_TRUE(std::regex_search(text, std::regex("\\| 64 \\| reference \\| [0-9]+ \\|"))) << text;
   EXPECT_TRUE(std::regex_search(text, std::regex("\\| 10 \\| \\| failed: .*group"))) << text;
 }
+
+// The demo's loss picture: labels with spaces (the demo's "base (256)") must not shift
+// the columns, which once put the steps on the y axis.
+TEST(Docs, LossPlotKeepsStepsOnTheXAxis) {
+  const auto dir = testutil::temp_dir("loss-plot");
+  testutil::write_file(dir + "/a.jsonl", "{\"step\":10,\"loss\":3.5}\n{\"step\":20,\"loss\":2.5}\n"
+                                         "{\"step\":20,\"eval_loss\":2.9}\n");
+  testutil::write_file(dir + "/b.jsonl", "{\"step\":5,\"loss\":4.0}\n{\"step\":40,\"loss\":1.0}\n");
+  const std::string svg = dir + "/loss.svg";
+  const std::string cmd = "bash " + testutil::data("../../scripts/plot_loss.sh") + " " + svg + " 'base (256)=" +
+                          dir + "/a.jsonl' 'LongLoRA (1024)=" + dir + "/b.jsonl'";
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  std::ifstream in(svg);
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find(">40</text>"), std::string::npos) << text;  // x axis ends at the last step
+  EXPECT_NE(text.find(">base (256)</text>"), std::string::npos) << text;
+  EXPECT_NE(text.find(">LongLoRA (1024)</text>"), std::string::npos) << text;
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(text, m, std::regex("polyline[^>]*points=\"([^\"]*)\""))) << text;
+  const std::string pts = m[1].str();
+  EXPECT_EQ(std::count(pts.begin(), pts.end(), ','), 2) << pts;  // two points each
+}
