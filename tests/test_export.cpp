@@ -23,7 +23,6 @@ const std::string kBase = testutil::golden("tiny-llama/model");
 const std::string kAdapter = testutil::golden("tiny-llama/adapter");
 const std::string kEvalBin = testutil::golden("tiny-llama/eval.bin");
 
-json read_json(const std::string& path) { return json::parse(std::ifstream(path)); }
 
 double eval_loss(const std::string& args) {
   // On the CPU in fp32: the 1e-5 agreement of merged and adapter is a statement about
@@ -165,8 +164,8 @@ TEST(ExportGolden, MergedMatchesPeftMergeAndEvalsLikeTheAdapter) {
     EXPECT_LE(testutil::max_abs_diff(got[name], w), 1e-6) << name;
   }
   // config.json: the base's, no rope scaling (a peft dir without --rope-factor keeps the base's), dtype set.
-  auto cfg = read_json(out + "/config.json");
-  auto base_cfg = read_json(kBase + "/config.json");
+  auto cfg = testutil::read_json(out + "/config.json");
+  auto base_cfg = testutil::read_json(kBase + "/config.json");
   EXPECT_EQ(cfg["torch_dtype"], "float32");
   EXPECT_TRUE(cfg["rope_scaling"].is_null());
   EXPECT_EQ(cfg["max_position_embeddings"], 128);
@@ -177,7 +176,7 @@ TEST(ExportGolden, MergedMatchesPeftMergeAndEvalsLikeTheAdapter) {
   const double merged = eval_loss("--model " + out);
   const double adapter = eval_loss("--model " + kBase + " --adapter " + kAdapter);
   EXPECT_NEAR(merged, adapter, 1e-5 * adapter);
-  const double golden = read_json(testutil::golden("tiny-llama/golden.json"))["eval_loss_lora"].get<double>();
+  const double golden = testutil::golden_json()["eval_loss_lora"].get<double>();
   EXPECT_NEAR(merged, golden, 1e-4 * golden);
 }
 
@@ -186,7 +185,7 @@ TEST(ExportGolden, TransformersFiveConfigGetsRopeParameters) {
   const std::string base = dir + "/base";
   fs::create_directories(base);
   for (const auto& e : fs::directory_iterator(kBase)) fs::copy_file(e.path(), base + "/" + e.path().filename().string());
-  auto c = read_json(kBase + "/config.json");
+  auto c = testutil::read_json(kBase + "/config.json");
   c.erase("rope_scaling");
   c.erase("rope_theta");
   c.erase("torch_dtype");
@@ -198,7 +197,7 @@ TEST(ExportGolden, TransformersFiveConfigGetsRopeParameters) {
   const std::string out = dir + "/merged";
   auto r = testutil::run_cli(export_cmd(kAdapter, out, "--base " + base + " --rope-factor 2 --dtype bf16"));
   ASSERT_EQ(r.code, 0) << r.err;
-  auto cfg = read_json(out + "/config.json");
+  auto cfg = testutil::read_json(out + "/config.json");
   EXPECT_EQ(cfg["rope_parameters"], json({{"rope_type", "linear"}, {"factor", 2.0}, {"rope_theta", 10000.0}}));
   EXPECT_FALSE(cfg.contains("rope_scaling"));
   EXPECT_EQ(cfg["max_position_embeddings"], 256);
@@ -226,7 +225,7 @@ TEST(ExportRoundTrip, TrainedCheckpointMergedAndPeftEvalLikeTheCheckpoint) {
   const std::string merged = dir + "/merged";
   r = testutil::run_cli(export_cmd(ck, merged, "--dtype fp32"));
   ASSERT_EQ(r.code, 0) << r.err;
-  auto cfg = read_json(merged + "/config.json");
+  auto cfg = testutil::read_json(merged + "/config.json");
   EXPECT_EQ(cfg["rope_scaling"], json({{"type", "linear"}, {"factor", 2.0}}));
   EXPECT_EQ(cfg["max_position_embeddings"], 128 * 2);
   EXPECT_EQ(cfg["torch_dtype"], "float32");
@@ -241,11 +240,11 @@ TEST(ExportRoundTrip, TrainedCheckpointMergedAndPeftEvalLikeTheCheckpoint) {
   const std::string peft = dir + "/peft";
   r = testutil::run_cli(export_cmd(ck, peft, "--format peft"));
   ASSERT_EQ(r.code, 0) << r.err;
-  auto acfg = read_json(peft + "/adapter_config.json");
+  auto acfg = testutil::read_json(peft + "/adapter_config.json");
   EXPECT_EQ(acfg["peft_type"], "LORA");
   EXPECT_EQ(acfg["r"], 4);
-  EXPECT_EQ(acfg["lora_alpha"], read_json(ck + "/adapter_config.json")["lora_alpha"]);
-  EXPECT_EQ(acfg["target_modules"].size(), read_json(ck + "/adapter_config.json")["target_modules"].size());
+  EXPECT_EQ(acfg["lora_alpha"], testutil::read_json(ck + "/adapter_config.json")["lora_alpha"]);
+  EXPECT_EQ(acfg["target_modules"].size(), testutil::read_json(ck + "/adapter_config.json")["target_modules"].size());
   EXPECT_EQ(acfg["modules_to_save"].size(), 4u);
   std::set<std::string> files;
   for (const auto& e : fs::directory_iterator(peft)) files.insert(e.path().filename().string());
@@ -277,7 +276,7 @@ TEST(ExportRoundTrip, FullFineTuningCheckpointIsCopiedWithConfig) {
   const std::string out = dir + "/merged";
   r = testutil::run_cli(export_cmd(ck, out, "--dtype fp32"));
   ASSERT_EQ(r.code, 0) << r.err;
-  auto cfg = read_json(out + "/config.json");
+  auto cfg = testutil::read_json(out + "/config.json");
   EXPECT_EQ(cfg["rope_scaling"], json({{"type", "linear"}, {"factor", 2.0}}));
   EXPECT_EQ(cfg["max_position_embeddings"], 256);
   EXPECT_TRUE(fs::exists(out + "/tokenizer.model"));
@@ -296,7 +295,7 @@ TEST(ExportShards, SmallLimitGivesIndexedShardsThatLoadBackIdentically) {
   r = testutil::run_cli(export_cmd(kAdapter, sharded, "--base " + kBase + " --dtype fp32 --max-shard-size 200KB"));
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_FALSE(fs::exists(sharded + "/model.safetensors"));
-  auto index = read_json(sharded + "/model.safetensors.index.json");
+  auto index = testutil::read_json(sharded + "/model.safetensors.index.json");
   std::map<std::string, std::vector<std::string>> by_file;
   for (auto it = index["weight_map"].begin(); it != index["weight_map"].end(); ++it)
     by_file[it.value().get<std::string>()].push_back(it.key());
@@ -400,7 +399,7 @@ TEST(ExportMemory, MergeOfAModelLargerThanAShardStaysSmallInMemory) {
   EXPECT_LT((peak_kib - start_kib) * 1024, model_bytes / 6) << m.err;
 
   // The output: several shards, the merge right.
-  auto index = read_json(out + "/model.safetensors.index.json");
+  auto index = testutil::read_json(out + "/model.safetensors.index.json");
   std::set<std::string> shard_files;
   for (auto it = index["weight_map"].begin(); it != index["weight_map"].end(); ++it)
     shard_files.insert(it.value().get<std::string>());
@@ -444,7 +443,7 @@ TEST(ExportErrors, PeftDirWithoutBase) {
 
 TEST(ExportErrors, BaseWithOtherShapes) {
   const auto dir = testutil::temp_dir("export-err-shapes");
-  auto cfg = read_json(kBase + "/config.json");
+  auto cfg = testutil::read_json(kBase + "/config.json");
   cfg["hidden_size"] = 32;
   cfg["intermediate_size"] = 88;
   write_random_model(dir + "/base32", cfg, 1);

@@ -4,12 +4,10 @@
 // them on the GPU machine (scripts/gpu-check.sh).
 #include <nlohmann/json.hpp>
 
-#include "longlora/model/loader.h"
-#include "longlora/train/setup.h"
+#include "golden_step.h"
 #include "test_util.h"
 
 using namespace longlora;
-using nlohmann::json;
 
 namespace {
 
@@ -21,16 +19,6 @@ double cosine(const torch::Tensor& a, const torch::Tensor& b) {
   return (x.dot(y) / (x.norm() * y.norm())).item<double>();
 }
 
-std::vector<double> losses(const std::string& metrics) {
-  std::vector<double> out;
-  std::ifstream in(metrics);
-  for (std::string line; std::getline(in, line);) {
-    auto j = json::parse(line);
-    if (j.contains("loss")) out.push_back(j["loss"].get<double>());
-  }
-  return out;
-}
-
 }  // namespace
 
 // The golden S2 (roll) loss and gradients, computed by the model in bf16 with bf16
@@ -38,36 +26,22 @@ std::vector<double> losses(const std::string& metrics) {
 TEST(GpuTrain, Bf16GoldenS2LossAndGradsWithinBf16Tolerance) {
   SKIP_WITHOUT_CUDA();
   auto g = testutil::load(testutil::golden("tiny-llama/golden.safetensors"));
-  std::ifstream jin(testutil::golden("tiny-llama/golden.json"));
-  const auto j = json::parse(jin);
-  model::LoadOptions lo;
-  lo.device = torch::Device(torch::kCUDA, 0);
-  lo.compute_dtype = torch::kBFloat16;
-  lo.weight_dtype = torch::kBFloat16;
-  auto m = model::load_model(testutil::golden("tiny-llama/model"), lo);
-  model::apply_adapter(*m, testutil::golden("tiny-llama/adapter"));
-  train::RunConfig rc;
-  std::map<std::string, torch::Tensor> trainable;
-  for (auto& [name, p] : train::select_trainable(*m, rc)) trainable[name] = p;
-  model::ForwardOptions opt;
-  opt.attn.mode = attention::Mode::Roll;
-  opt.attn.group = 32;
-  opt.checkpoint_layers = true;
-  auto ids = g["input_ids"].to(lo.device);
-  auto targets = torch::cat({ids.slice(1, 1, 128), torch::full({1, 1}, -1, ids.options())}, 1);
-  m->train();
-  auto [sum, n] = model::chunked_nll(*m, m->hidden(ids, opt), targets, 50);
-  auto loss = sum / static_cast<double>(n);
-  loss.backward();
+  testutil::StepOptions so;
+  so.checkpointing = true;
+  so.device = torch::Device(torch::kCUDA, 0);
+  so.dtype = torch::kBFloat16;
+  std::map<std::string, torch::Tensor> grads;
+  const double loss = testutil::golden_step(attention::Mode::Roll, so, &grads);
+  const auto j = testutil::golden_json();
   const double want = j["loss_s2"].get<double>();
   // bf16 keeps 8 bits of mantissa (relative 4e-3 per rounding); two layers deep.
-  EXPECT_NEAR(loss.item<double>(), want, 1e-2 * want);
+  EXPECT_NEAR(loss, want, 1e-2 * want);
   int checked = 0;
   for (auto& [key, w] : g) {
     if (key.rfind("grad.", 0) != 0) continue;
     const std::string name = key.substr(5);
-    ASSERT_TRUE(trainable.count(name)) << name;
-    const auto got = trainable.at(name).grad();
+    ASSERT_TRUE(grads.count(name)) << name;
+    const auto got = grads.at(name);
     ASSERT_TRUE(got.defined()) << name;
     EXPECT_GT(cosine(got, w), 0.99) << name;
     const auto got64 = got.to(torch::kCPU, torch::kFloat64);
@@ -98,7 +72,7 @@ TEST(GpuTrain, LossCurveFollowsTheCpuRun) {
     })");
     auto r = testutil::run_cli("--config " + path);
     EXPECT_EQ(r.code, 0) << r.err;
-    return losses(dir + "/out/metrics.jsonl");
+    return testutil::metric_losses(dir + "/out/metrics.jsonl");
   };
   const auto cpu = curve("cpu");
   const auto gpu = curve("cuda");

@@ -10,11 +10,6 @@ using namespace longlora;
 
 namespace {
 
-nlohmann::json golden_json() {
-  std::ifstream in(testutil::golden("tiny-llama/golden.json"));
-  return nlohmann::json::parse(in);
-}
-
 model::LlamaForCausalLM tiny(std::optional<double> rope_factor = std::nullopt) {
   model::LoadOptions o;
   o.rope_factor = rope_factor;
@@ -76,7 +71,7 @@ TEST(ModelGolden, ChunkedNllEqualsFullCrossEntropy) {
 
 
 TEST(EvalGolden, PerplexityFunctionReproducesEvalLoss) {
-  auto j = golden_json();
+  auto j = testutil::golden_json();
   auto tokens = data::read_bin(testutil::golden("tiny-llama/eval.bin"));
   auto m = tiny();
   auto r = eval::perplexity(*m, tokens, 128, 128, "eval.bin");
@@ -85,7 +80,7 @@ TEST(EvalGolden, PerplexityFunctionReproducesEvalLoss) {
 }
 
 TEST(EvalGolden, CliReproducesAllThreeLosses) {
-  auto j = golden_json();
+  auto j = testutil::golden_json();
   const std::string model = testutil::golden("tiny-llama/model");
   const std::string data = testutil::golden("tiny-llama/eval.bin");
   struct Case {

@@ -9,52 +9,16 @@
 #include "longlora/model/loader.h"
 #include "longlora/train/checkpoint.h"
 #include "longlora/train/setup.h"
+#include "golden_step.h"
 #include "test_util.h"
 
 using namespace longlora;
 using nlohmann::json;
+using testutil::golden_step;
+using testutil::StepOptions;
 namespace fs = std::filesystem;
 
 namespace {
-
-json golden_json() {
-  std::ifstream in(testutil::golden("tiny-llama/golden.json"));
-  return json::parse(in);
-}
-
-// Loss of base + golden adapter on the golden input_ids, as transformers computes
-// it (labels = input_ids, shifted inside the model), and its gradients.
-struct StepOptions {
-  bool checkpointing = false;
-  int64_t mlp_chunk = 0;
-  bool offload = false;
-  torch::Device device = torch::kCPU;
-};
-
-double golden_step(attention::Mode mode, const StepOptions& so, std::map<std::string, torch::Tensor>* grads) {
-  auto g = testutil::load(testutil::golden("tiny-llama/golden.safetensors"));
-  model::LoadOptions lo;
-  lo.device = so.device;
-  auto m = model::load_model(testutil::golden("tiny-llama/model"), lo);
-  model::apply_adapter(*m, testutil::golden("tiny-llama/adapter"));
-  train::RunConfig rc;  // LoRA + "embed,norm" trainable, as LongLoRA
-  auto trainable = train::select_trainable(*m, rc);
-  model::ForwardOptions opt;
-  opt.attn.mode = mode;
-  opt.attn.group = 32;
-  opt.checkpoint_layers = so.checkpointing;
-  opt.mlp_chunk = so.mlp_chunk;
-  opt.offload_layers = so.offload;
-  auto ids = g["input_ids"].to(so.device);
-  auto targets = torch::cat({ids.slice(1, 1, 128), torch::full({1, 1}, -1, ids.options())}, 1);
-  m->train();
-  auto [sum, n] = model::chunked_nll(*m, m->hidden(ids, opt), targets, 50);
-  auto loss = sum / static_cast<double>(n);
-  loss.backward();
-  if (grads)
-    for (auto& [name, p] : trainable) (*grads)[name] = p.grad().cpu();
-  return loss.item<double>();
-}
 
 std::string tiny_config(const std::string& dir, const std::string& extra = "") {
   const std::string path = dir + "/run.json";
@@ -67,16 +31,6 @@ std::string tiny_config(const std::string& dir, const std::string& extra = "") {
     "output": {"dir": ")" + dir + R"(/out", "save_steps": 3, "keep_last": 5, "log_steps": 1}
   })" + extra);
   return path;
-}
-
-std::vector<double> losses(const std::string& metrics) {
-  std::vector<double> out;
-  std::ifstream in(metrics);
-  for (std::string line; std::getline(in, line);) {
-    auto j = json::parse(line);
-    if (j.contains("loss")) out.push_back(j["loss"].get<double>());
-  }
-  return out;
 }
 
 pid_t spawn(const std::string& args) {
@@ -101,7 +55,7 @@ bool wait_until(F f, int seconds) {
 }  // namespace
 
 TEST(TrainGolden, S2RollLossAndGradientsMatchTransformers) {
-  auto j = golden_json();
+  auto j = testutil::golden_json();
   auto g = testutil::load(testutil::golden("tiny-llama/golden.safetensors"));
   // Without and with checkpointing, and with the recompute's MLP in ragged chunks.
   for (int variant : {0, 1, 2}) {
@@ -127,7 +81,7 @@ TEST(TrainGolden, S2RollLossAndGradientsMatchTransformers) {
 }
 
 TEST(TrainGolden, EvaluationModeUsesFullAttention) {
-  auto j = golden_json();
+  auto j = testutil::golden_json();
   const double loss = golden_step(attention::Mode::Full, {}, nullptr);
   EXPECT_NEAR(loss, j["loss_full_lora"].get<double>(), 1e-4 * j["loss_full_lora"].get<double>());
 }
@@ -175,7 +129,7 @@ TEST(Train, TinyModelLossFallsAndCheckpointLoadsAsAdapter) {
   const auto dir = testutil::temp_dir("train-falls");
   auto r = testutil::run_cli("--config " + tiny_config(dir) + " --set train.max_steps=30 --set output.save_steps=30");
   ASSERT_EQ(r.code, 0) << r.err;
-  auto l = losses(dir + "/out/metrics.jsonl");
+  auto l = testutil::metric_losses(dir + "/out/metrics.jsonl");
   ASSERT_EQ(l.size(), 30u);
   const double first = (l[0] + l[1] + l[2]) / 3, last = (l[27] + l[28] + l[29]) / 3;
   EXPECT_LT(last, first - 0.3) << "first " << first << " last " << last;
@@ -202,7 +156,7 @@ TEST(Train, ResumeIsBitIdentical) {
   r = testutil::run_cli("--config " + tiny_config(b) + " --resume");
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.err.find("resumed from"), std::string::npos) << r.err;
-  auto la = losses(a + "/out/metrics.jsonl"), lb = losses(b + "/out/metrics.jsonl");
+  auto la = testutil::metric_losses(a + "/out/metrics.jsonl"), lb = testutil::metric_losses(b + "/out/metrics.jsonl");
   ASSERT_EQ(la.size(), 6u);
   ASSERT_EQ(lb.size(), 6u);
   for (size_t i = 0; i < 6; ++i) EXPECT_EQ(la[i], lb[i]) << "step " << i + 1;  // bit-identical
@@ -239,7 +193,7 @@ TEST(Train, KillDuringSaveKeepsLastGoodCheckpoint) {
 TEST(Train, SigtermSavesAndExitsCleanly) {
   const auto d = testutil::temp_dir("sigterm");
   pid_t pid = spawn("--config " + tiny_config(d) + " --set train.max_steps=100000 --set output.save_steps=100000");
-  ASSERT_TRUE(wait_until([&] { return losses(d + "/out/metrics.jsonl").size() >= 2; }, 120));
+  ASSERT_TRUE(wait_until([&] { return testutil::metric_losses(d + "/out/metrics.jsonl").size() >= 2; }, 120));
   ::kill(pid, SIGTERM);
   int status = 0;
   ::waitpid(pid, &status, 0);

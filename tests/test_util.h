@@ -11,6 +11,9 @@
 #include <map>
 #include <string>
 
+#include <nlohmann/json.hpp>
+#include <vector>
+
 #include "longlora/common/fs.h"
 #include "longlora/io/tensors.h"
 
@@ -21,6 +24,21 @@ inline std::string golden(const std::string& rel) { return data("golden/" + rel)
 
 inline std::map<std::string, torch::Tensor> load(const std::string& path) {
   return longlora::io::load_tensors(path);
+}
+
+inline nlohmann::json read_json(const std::string& path) { return nlohmann::json::parse(std::ifstream(path)); }
+// The golden scalars (losses) made with transformers + peft.
+inline nlohmann::json golden_json() { return read_json(golden("tiny-llama/golden.json")); }
+
+// The training losses of a metrics.jsonl, in step order (eval records skipped).
+inline std::vector<double> metric_losses(const std::string& metrics) {
+  std::vector<double> out;
+  std::ifstream in(metrics);
+  for (std::string line; std::getline(in, line);) {
+    auto j = nlohmann::json::parse(line);
+    if (j.contains("loss")) out.push_back(j["loss"].get<double>());
+  }
+  return out;
 }
 
 inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
