@@ -196,7 +196,6 @@ torch::Tensor attention_sdpa(const torch::Tensor& q, const torch::Tensor& k_in,
   return out;
 }
 
-
 Backend resolve_backend(Backend b, bool cuda) {
   if (b != Backend::Auto) return b;
   return cuda ? Backend::Sdpa : Backend::Reference;
@@ -204,9 +203,7 @@ Backend resolve_backend(Backend b, bool cuda) {
 
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                         const Options& opt) {
-  Backend b = opt.backend;
-  b = resolve_backend(b, q.is_cuda());
-  switch (b) {
+  switch (resolve_backend(opt.backend, q.is_cuda())) {
     case Backend::Kernel: return attention_kernel(q, k, v, opt.mode, opt.group);
     case Backend::Sdpa: return attention_sdpa(q, k, v, opt.mode, opt.group);
     default: return attention_reference(q, k, v, opt.mode, opt.group);

@@ -38,24 +38,26 @@ std::string dtype_string(torch::ScalarType t) {
   }
 }
 
-double peak_memory_gib(const torch::Device& d) {
+namespace {
+
+// The caching allocator's peak reserved (or allocated) bytes on a GPU in GiB; the
+// process's peak resident set elsewhere.
+double peak_gib(const torch::Device& d, bool reserved) {
 #ifdef LONGLORA_WITH_CUDA
-  if (d.is_cuda())
-    return c10::cuda::CUDACachingAllocator::getDeviceStats(d.index()).reserved_bytes[0].peak /
-           double(1 << 30);
+  if (d.is_cuda()) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(d.index());
+    return (reserved ? stats.reserved_bytes : stats.allocated_bytes)[0].peak / double(1 << 30);
+  }
 #endif
+  (void)reserved;
   struct rusage ru {};
   ::getrusage(RUSAGE_SELF, &ru);
   return ru.ru_maxrss / double(1 << 20);  // KiB -> GiB
 }
 
-double peak_allocated_gib(const torch::Device& d) {
-#ifdef LONGLORA_WITH_CUDA
-  if (d.is_cuda())
-    return c10::cuda::CUDACachingAllocator::getDeviceStats(d.index()).allocated_bytes[0].peak /
-           double(1 << 30);
-#endif
-  return peak_memory_gib(d);
-}
+}  // namespace
+
+double peak_memory_gib(const torch::Device& d) { return peak_gib(d, /*reserved=*/true); }
+double peak_allocated_gib(const torch::Device& d) { return peak_gib(d, /*reserved=*/false); }
 
 }  // namespace longlora

@@ -216,11 +216,6 @@ torch::Tensor LlamaForCausalLMImpl::head_weight() const {
 
 namespace {
 
-// Activation checkpointing of one decoder layer: forward without keeping the
-// layer's activations, backward recomputes them from the saved input (with the
-// RNG state of the forward, so dropout masks match) and runs the layer's
-// backward, which accumulates parameter grads directly. `anchor` requires grad so
-// the backward runs even when the input does not need a grad (frozen embedding).
 #ifdef LONGLORA_WITH_CUDA
 // Device-to-host copies of offloaded layer inputs run here, beside the compute.
 c10::cuda::CUDAStream offload_stream() {
@@ -261,6 +256,11 @@ torch::Tensor fetch_from_host(const torch::Tensor& host, const torch::Device& de
 #endif
 }
 
+// Activation checkpointing of one decoder layer: forward without keeping the
+// layer's activations, backward recomputes them from the saved input (with the
+// RNG state of the forward, so dropout masks match) and runs the layer's
+// backward, which accumulates parameter grads directly. `anchor` requires grad so
+// the backward runs even when the input does not need a grad (frozen embedding).
 struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor x,
                                torch::Tensor cos, torch::Tensor sin, torch::Tensor anchor,
@@ -327,10 +327,9 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
         // intermediate-size activation exists.
         auto h = layer->attn_residual(x, saved[0], saved[1], opt, index);
         auto dh = g.clone();
-        auto hd = h.detach();
         for (int64_t s = 0; s < L; s += chunk) {
           const int64_t n = std::min(chunk, L - s);
-          auto hc = hd.narrow(1, s, n).detach().requires_grad_(true);
+          auto hc = h.narrow(1, s, n).detach().requires_grad_(true);
           torch::autograd::backward({layer->mlp_branch(hc)}, {g.narrow(1, s, n)});
           dh.narrow(1, s, n).add_(hc.grad());
         }

@@ -38,8 +38,12 @@ double peak_tflops(const std::string& name) {
 }
 
 
+// Mean milliseconds of f over `reps` calls after `warmup` untimed ones (the first
+// flash-attention call loads its kernels: untimed, it once made the isolated
+// attention time exceed the whole step on an H200).
 template <class F>
-double time_ms(const torch::Device& d, int reps, F f) {
+double time_ms(const torch::Device& d, int warmup, int reps, F f) {
+  for (int i = 0; i < warmup; ++i) f();
   sync(d);
   const auto t0 = std::chrono::steady_clock::now();
   for (int i = 0; i < reps; ++i) f();
@@ -77,8 +81,7 @@ int run_train_bench(const TrainBenchOptions& o) {
     torch::nn::utils::clip_grad_norm_(params, c.train.max_grad_norm);
     s.optimizer->step();
   };
-  for (int i = 0; i < o.warmup; ++i) step();
-  const double step_ms = time_ms(s.device, o.steps, step);
+  const double step_ms = time_ms(s.device, o.warmup, o.steps, step);
 
   // Breakdown from isolated timings of the same shapes (per layer x layers).
   auto opts = torch::dtype(s.dtype).device(s.device);
@@ -86,18 +89,11 @@ int run_train_bench(const TrainBenchOptions& o) {
   auto k = torch::randn({1, Hkv, L, D}, opts).requires_grad_(true);
   auto v = torch::randn({1, Hkv, L, D}, opts).requires_grad_(true);
   const double recompute = c.train.activation_checkpointing ? 1.0 : 0.0;
-  // One untimed call each first: the first flash-attention call loads its kernels
-  // (it made the isolated attention time exceed the whole step on an H200).
-  {
-    torch::NoGradGuard ng;
-    attention::attention(q, k, v, s.train_forward.attn);
-  }
-  attention::attention(q, k, v, s.train_forward.attn).sum().backward();
-  const double attn_fwd = time_ms(s.device, 2, [&] {
+  const double attn_fwd = time_ms(s.device, 1, 2, [&] {
     torch::NoGradGuard ng;
     attention::attention(q, k, v, s.train_forward.attn);
   });
-  const double attn_fb = time_ms(s.device, 2, [&] {
+  const double attn_fb = time_ms(s.device, 1, 2, [&] {
     attention::attention(q, k, v, s.train_forward.attn).sum().backward();
   });
   const double attn_ms = (attn_fb + recompute * attn_fwd) * mc.num_hidden_layers;
@@ -107,11 +103,7 @@ int run_train_bench(const TrainBenchOptions& o) {
   auto y = torch::randn({L, H * D + mc.intermediate_size}, opts);
   // Frozen weights: forward, recompute and one backward matmul (dX; no dW, the LoRA
   // factors' grads are small) per weight.
-  {
-    torch::NoGradGuard ng;
-    x.matmul(w_in);
-  }
-  const double lin_once = time_ms(s.device, 2, [&] {
+  const double lin_once = time_ms(s.device, 1, 2, [&] {
     torch::NoGradGuard ng;
     x.matmul(w_in);
     y.matmul(w_out);

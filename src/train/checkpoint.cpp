@@ -47,8 +47,6 @@ void write_text(const std::string& path, const std::string& text) {
   fsync_path(path);
 }
 
-json read_json(const std::string& path) { return read_json_file(path); }
-
 // Optional pause between files of a save, so a test can kill the process mid-save.
 void test_pause() {
   if (const char* ms = std::getenv("LONGLORA_TEST_SAVE_PAUSE_MS"))
@@ -179,7 +177,7 @@ TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainab
                              const io::ModelConfig& model_cfg) {
   const fs::path d(dir);
   if (!fs::exists(d / "COMPLETE")) throw Error(dir + ": not a complete checkpoint (no COMPLETE marker)");
-  const json ts = read_json((d / "trainer_state.json").string());
+  const json ts = read_json_file((d / "trainer_state.json").string());
   if (ts.value("format_version", 0) != kFormatVersion)
     throw Error((d / "trainer_state.json").string() + ": format_version " +
                 ts.value("format_version", json(nullptr)).dump() + " is not " + std::to_string(kFormatVersion));
@@ -190,7 +188,7 @@ TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainab
     if (ts["model"].value(it.key(), json(nullptr)) != it.value())
       diffs.push_back("model " + it.key() + " is " + ts["model"].value(it.key(), json(nullptr)).dump() +
                       " there, " + it.value().dump() + " here");
-  const json saved = read_json((d / "run_config.json").string());
+  const json saved = read_json_file((d / "run_config.json").string());
   const json now = to_json(cfg);
   for (const char* k : {"/lora/enabled", "/lora/r", "/lora/alpha", "/lora/targets", "/trainable_params"}) {
     json::json_pointer p(k);
