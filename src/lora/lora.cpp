@@ -28,8 +28,12 @@ torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
     auto h = dropout > 0 ? torch::dropout(x, dropout, is_training()) : x;
     // Master weights are fp32; the cast is part of the graph so grads reach them in fp32.
     h = torch::matmul(h, lora_A->weight.to(dt).t());
-    h = torch::matmul(h, lora_B->weight.to(dt).t());
-    y = y + h * scale;
+    // y + scale * h B^T as one GEMM that accumulates into y: no activation-sized
+    // h B^T and scaled copy, forward or backward.
+    const auto sizes = y.sizes().vec();
+    y = torch::addmm(y.reshape({-1, out_features}), h.reshape({-1, h.size(-1)}), lora_B->weight.to(dt).t(),
+                     /*beta=*/1.0, /*alpha=*/scale)
+            .view(sizes);
   }
   return y;
 }

@@ -1,5 +1,7 @@
 #include "longlora/model/llama.h"
 
+#include "longlora/model/fused.h"
+
 #include <algorithm>
 #include <cmath>
 
@@ -43,17 +45,22 @@ struct Rope : torch::autograd::Function<Rope> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
                                const torch::Tensor& cos, const torch::Tensor& sin) {
     ctx->save_for_backward({cos, sin});
+    if (fused::rope_fits(x)) return fused::rope(x, cos, sin, /*backward=*/false);
     return x * cos + rotate_half(x) * sin;
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list g) {
     auto s = ctx->get_saved_variables();
+    if (fused::rope_fits(g[0])) return {fused::rope(g[0], s[0], s[1], /*backward=*/true), torch::Tensor(), torch::Tensor()};
     return {g[0] * s[0] - rotate_half(g[0] * s[1]), torch::Tensor(), torch::Tensor()};
   }
 };
 
 torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
-  if (!torch::GradMode::is_enabled() || !x.requires_grad()) return x * cos + rotate_half(x) * sin;
+  if (!torch::GradMode::is_enabled() || !x.requires_grad()) {
+    if (fused::rope_fits(x)) return fused::rope(x, cos, sin, /*backward=*/false);
+    return x * cos + rotate_half(x) * sin;
+  }
   return Rope::apply(x, cos, sin);
 }
 
@@ -63,6 +70,12 @@ torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const
 struct RmsNormFn : torch::autograd::Function<RmsNormFn> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
                                const torch::Tensor& w, double eps) {
+    if (fused::rms_norm_fits(x)) {  // one pass; saves x and the fp32 1/rms per row
+      auto [y, rstd] = fused::rms_norm_forward(x, w, eps);
+      ctx->save_for_backward({x, w, rstd});
+      ctx->saved_data["fused"] = true;
+      return y;
+    }
     auto xf = x.to(torch::kFloat32);
     auto r = torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
     ctx->save_for_backward({x, w, r});
@@ -73,6 +86,10 @@ struct RmsNormFn : torch::autograd::Function<RmsNormFn> {
     auto s = ctx->get_saved_variables();
     const auto &x = s[0], &w = s[1], &r = s[2];
     const auto& g = grad[0];
+    if (ctx->saved_data.count("fused")) {
+      auto [gx, gw] = fused::rms_norm_backward(g.contiguous(), x, w, r, w.requires_grad());
+      return {gx, gw.defined() ? gw.to(w.scalar_type()) : gw, torch::Tensor()};
+    }
     auto xhat = x.to(torch::kFloat32) * r;
     torch::Tensor gw;
     if (w.requires_grad()) {
@@ -84,6 +101,27 @@ struct RmsNormFn : torch::autograd::Function<RmsNormFn> {
     return {gx.to(x.scalar_type()), gw, torch::Tensor()};
   }
 };
+
+// silu(a) * b saving only a and b (autograd kept silu(a) too), one fused pass each way.
+struct SwiGluFn : torch::autograd::Function<SwiGluFn> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& a,
+                               const torch::Tensor& b) {
+    ctx->save_for_backward({a, b});
+    return fused::swiglu_forward(a, b);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list g) {
+    auto s = ctx->get_saved_variables();
+    auto [da, db] = fused::swiglu_backward(g[0].contiguous(), s[0], s[1]);
+    return {da, db};
+  }
+};
+
+torch::Tensor swiglu(const torch::Tensor& a, const torch::Tensor& b) {
+  if (!fused::swiglu_fits(a) || a.sizes() != b.sizes()) return torch::silu(a) * b;
+  if (torch::GradMode::is_enabled() && (a.requires_grad() || b.requires_grad())) return SwiGluFn::apply(a, b);
+  return fused::swiglu_forward(a, b);
+}
 
 // Full attention of n new queries against T cached + n new keys (generation).
 torch::Tensor cached_attention(const torch::Tensor& q, torch::Tensor k, torch::Tensor v) {
@@ -107,6 +145,7 @@ torch::Tensor EmbeddingImpl::forward(const torch::Tensor& ids) { return torch::e
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
   if (torch::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad()))
     return RmsNormFn::apply(x, weight, eps);
+  if (fused::rms_norm_fits(x)) return fused::rms_norm_forward(x, weight, eps).first;
   // As transformers: normalize in fp32, cast back, then scale.
   auto h = x.to(torch::kFloat32);
   h = h * torch::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);
@@ -161,7 +200,7 @@ MLPImpl::MLPImpl(const io::ModelConfig& c) {
 }
 
 torch::Tensor MLPImpl::forward(const torch::Tensor& x) {
-  return down_proj(torch::silu(gate_proj(x)) * up_proj(x));
+  return down_proj(swiglu(gate_proj(x), up_proj(x)));
 }
 
 DecoderLayerImpl::DecoderLayerImpl(const io::ModelConfig& c) {
