@@ -1,4 +1,5 @@
 // The README documents every config key and the configs in configs/ load.
+#include <algorithm>
 #include <nlohmann/json.hpp>
 #include <regex>
 
@@ -40,6 +41,20 @@ TEST(Bench, TrainBenchRunsOnCpuAndReportsEveryFigure) {
     EXPECT_TRUE(j.contains(k)) << k;
   EXPECT_GT(j["tokens_per_s"].get<double>(), 0);
   EXPECT_EQ(j["seq_len"], 64);
+}
+
+// --profile: one more step under the profiler, a table of where its time went. On the
+// CPU, self time per op; the model's matrix products must be among the rows.
+TEST(Bench, ProfilePrintsWhereTheStepTimeGoes) {
+  auto r = testutil::run_cli("bench --shape " + testutil::data("../../configs/shapes/tiny-cpu.json") +
+                             " --seq-len 64 --steps 1 --warmup 0 --device cpu --profile 40");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("CPU self time by op (total "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("| op | ms | % | calls |"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("| aten::mm |"), std::string::npos) << r.out;
+  // At most 40 rows under the header.
+  const auto table = r.out.substr(r.out.find("|---|"));
+  EXPECT_LE(std::count(table.begin(), table.end(), '\n'), 41);
 }
 
 // scripts/bench.sh: one table row per length, a failing length reported in its row

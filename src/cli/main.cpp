@@ -144,6 +144,9 @@ int main(int argc, char** argv) {
   bench->add_option("--device", tb.device, "auto | cpu | cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   bench->add_option("--set", tb.overrides, "override a run-config key: key.path=value (repeatable)");
   bench->add_flag("--json", tb.json, "one JSON object");
+  bench->add_option("--profile", tb.profile,
+                    "profile one more step; print the N largest kernels and ops (to stderr with --json)")
+      ->check(CLI::NonNegativeNumber);
   bench_attn->add_option("--seq-len", ab.seq_len)->check(CLI::PositiveNumber);
   bench_attn->add_option("--heads", ab.heads)->check(CLI::PositiveNumber);
   bench_attn->add_option("--kv-heads", ab.kv_heads)->check(CLI::PositiveNumber);

@@ -2,12 +2,14 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <chrono>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
 #include "longlora/common/device.h"
 #include "longlora/common/error.h"
+#include "longlora/train/profile.h"
 #include "longlora/train/setup.h"
 
 #ifdef LONGLORA_WITH_CUDA
@@ -82,6 +84,9 @@ int run_train_bench(const TrainBenchOptions& o) {
     s.optimizer->step();
   };
   const double step_ms = time_ms(s.device, o.warmup, o.steps, step);
+  // Read before the isolated timings below, whose tensors (an L x 34k product at 256k)
+  // are not the training step's.
+  const double mem = peak_memory_gib(s.device), mem_allocated = peak_allocated_gib(s.device);
 
   // Breakdown from isolated timings of the same shapes (per layer x layers).
   auto opts = torch::dtype(s.dtype).device(s.device);
@@ -97,10 +102,13 @@ int run_train_bench(const TrainBenchOptions& o) {
     attention::attention(q, k, v, s.train_forward.attn).sum().backward();
   });
   const double attn_ms = (attn_fb + recompute * attn_fwd) * mc.num_hidden_layers;
-  auto x = torch::randn({L, mc.hidden_size}, opts);
+  // Linear cost is linear in L: timed on at most 32k rows and scaled, so the isolated
+  // products stay small next to the step's memory at 256k.
+  const int64_t Lc = std::min<int64_t>(L, 32768);
+  auto x = torch::randn({Lc, mc.hidden_size}, opts);
   auto w_in = torch::randn({mc.hidden_size, (H + 2 * Hkv) * D + 2 * mc.intermediate_size}, opts);
   auto w_out = torch::randn({H * D + mc.intermediate_size, mc.hidden_size}, opts);
-  auto y = torch::randn({L, H * D + mc.intermediate_size}, opts);
+  auto y = torch::randn({Lc, H * D + mc.intermediate_size}, opts);
   // Frozen weights: forward, recompute and one backward matmul (dX; no dW, the LoRA
   // factors' grads are small) per weight.
   const double lin_once = time_ms(s.device, 1, 2, [&] {
@@ -108,7 +116,7 @@ int run_train_bench(const TrainBenchOptions& o) {
     x.matmul(w_in);
     y.matmul(w_out);
   });
-  const double linear_ms = lin_once * (2.0 + recompute) * mc.num_hidden_layers;
+  const double linear_ms = lin_once * (static_cast<double>(L) / Lc) * (2.0 + recompute) * mc.num_hidden_layers;
 
   // Model FLOPs: matmul params (6 per token: fwd + bwd) + attention over visible pairs.
   const double per_layer_w = mc.hidden_size * ((H + 2 * Hkv) * D) + H * D * mc.hidden_size +
@@ -121,7 +129,6 @@ int run_train_bench(const TrainBenchOptions& o) {
   const double tps = L / (step_ms / 1000.0);
   const double tflops = flops / (step_ms / 1000.0) / 1e12;
   const double peak = peak_tflops(dev);
-  const double mem = peak_memory_gib(s.device);
   nlohmann::json j = {{"device", dev},
                       {"shape", o.shape},
                       {"seq_len", L},
@@ -133,7 +140,7 @@ int run_train_bench(const TrainBenchOptions& o) {
                       {"model_tflops", tflops},
                       {"mfu", peak > 0 ? nlohmann::json(tflops / peak) : nlohmann::json(nullptr)},
                       {"peak_mem_gib", mem},
-                      {"peak_allocated_gib", peak_allocated_gib(s.device)},
+                      {"peak_allocated_gib", mem_allocated},
                       {"activation_checkpointing", c.train.activation_checkpointing},
                       {"offload_activations", c.train.offload_activations},
                       {"mlp_chunk", c.train.mlp_chunk},
@@ -148,6 +155,10 @@ int run_train_bench(const TrainBenchOptions& o) {
               << ", peak memory " << mem << " GiB\n  breakdown (isolated timings): attention " << attn_ms
               << " ms, linear layers " << linear_ms << " ms, rest " << std::max(0.0, step_ms - attn_ms - linear_ms)
               << " ms" << std::endl;
+  }
+  if (o.profile > 0) {
+    const auto tables = profile_tables([&] { step(); sync(s.device); }, o.profile, s.device.is_cuda());
+    (o.json ? std::cerr : std::cout) << tables << std::flush;
   }
   return 0;
 }

@@ -13,6 +13,7 @@ struct TrainBenchOptions {
   int64_t seq_len = 32768;
   int steps = 5, warmup = 2;
   bool json = false;
+  int profile = 0;  // > 0: one more step under the profiler, its top rows printed
   std::string device = "auto";
   std::vector<std::string> overrides;  // --set key=value on the run config
 };
