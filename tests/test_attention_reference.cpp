@@ -122,6 +122,27 @@ TEST_P(S2Brute, MatchesMaskedAttention) {
   }
 }
 
+// The sdpa path hands dq, dk, dv back in the (B, L, H, D) memory order the
+// projections produced them in, so their matmuls take the gradient without a copy
+// (it used to return (B, H, L, D)-ordered sums of zero-padded per-view gradients).
+TEST(S2Sdpa, GradientsKeepTheProjectionsMemoryOrder) {
+  for (Mode mode : {Mode::Segments, Mode::Roll}) {
+    const int64_t B = 1, L = 32, H = 4, Hkv = 4, D = 8;
+    auto base_q = torch::randn({B, L, H, D}, torch::kFloat64).requires_grad_(true);
+    auto base_k = torch::randn({B, L, Hkv, D}, torch::kFloat64).requires_grad_(true);
+    auto base_v = torch::randn({B, L, Hkv, D}, torch::kFloat64).requires_grad_(true);
+    auto q = base_q.transpose(1, 2), k = base_k.transpose(1, 2), v = base_v.transpose(1, 2);
+    Options o;
+    o.mode = mode;
+    o.group = 8;
+    o.backend = Backend::Sdpa;
+    auto out = attention(q, k, v, o);
+    EXPECT_TRUE(out.transpose(1, 2).is_contiguous()) << "output in (B, L, H, D) memory";
+    auto g = torch::autograd::grad({out}, {q, k, v}, {torch::randn_like(out)});
+    for (const auto& t : g) EXPECT_TRUE(t.transpose(1, 2).is_contiguous()) << to_string(mode) << " " << t.strides();
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Shapes, S2Brute,
     ::testing::Values(BruteCase{4, 4, 32, 8, Mode::Segments}, BruteCase{4, 2, 32, 8, Mode::Segments},

@@ -142,58 +142,65 @@ torch::Tensor attention_reference(const torch::Tensor& q, const torch::Tensor& k
 
 namespace {
 
-// Causal sdpa over n consecutive groups of G positions starting at `start`, for heads
-// [h0, h0 + h): the groups become batch entries of one 4-D call. On the (B, L, H, D)
-// memory the projections produce these are strided views, not copies (B = 1, or
-// groups covering all of L); the output goes straight to its place in `out`.
-void sdpa_groups(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                 torch::Tensor& out, int64_t h0, int64_t h, int64_t start, int64_t n, int64_t G) {
-  const int64_t B = q.size(0), D = q.size(3);
-  auto groups = [&](const torch::Tensor& t) {  // (B, h, nG, D) -> (B * n, h, G, D)
-    return t.narrow(1, h0, h).narrow(2, start, n * G).unflatten(2, {n, G}).transpose(1, 2).reshape({B * n, h, G, D});
-  };
-  auto o = sdpa_block(groups(q), groups(k), groups(v));
-  out.narrow(1, h0, h).narrow(2, start, n * G).copy_(o.reshape({B, n, h, G, D}).transpose(1, 2).flatten(2, 3));
+// Positions (B, n*G, h, D) in groups of G -> (B*n, h, G, D), one sdpa batch entry per
+// group: a view on the projections' memory when B = 1 or the groups cover all of L.
+torch::Tensor to_groups(const torch::Tensor& t, int64_t n, int64_t G) {
+  return t.reshape({t.size(0) * n, G, t.size(2), t.size(3)}).transpose(1, 2);
+}
+
+// Causal sdpa inside consecutive groups of G of the positions of (B, n*G, h, D)
+// tensors; the output in the same order.
+torch::Tensor sdpa_grouped(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t G) {
+  const int64_t B = q.size(0), n = q.size(1) / G;
+  auto o = sdpa_block(to_groups(q, n, G), to_groups(k, n, G), to_groups(v, n, G));
+  return o.transpose(1, 2).reshape({B, n * G, q.size(2), q.size(3)});
 }
 
 }  // namespace
 
 // The production GPU path: the same S2 rule as the reference, each group one causal
-// sdpa call (LibTorch's fused flash kernel on GPUs), without copying q, k, v or
-// rolling them: half groups at the ends (segments) are calls of their own, and roll's
-// wrapped last group is the only gathered copy (2 x G/2 positions).
+// sdpa call (LibTorch's fused flash/cuDNN kernel on GPUs), without copying or rolling
+// q, k, v. It works in the (B, L, H, D) order of the projections' memory: the head
+// halves and the shifted half's [0, G/2) | [G/2, L - G/2) | [L - G/2, L) are split
+// views, and the output is put together by cat. So the backward is one cat per
+// split (not a zero-filled full-size gradient per view, summed) and hands dq, dk, dv
+// back in that same memory order, which the projections' matmuls take without a copy.
+// Roll's wrapped last group is the only gathered copy (2 x G/2 positions).
 torch::Tensor attention_sdpa(const torch::Tensor& q, const torch::Tensor& k_in,
                              const torch::Tensor& v_in, Mode mode, int64_t group) {
   TORCH_CHECK(q.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "attention: q, k, v must be 4-D");
-  const int64_t B = q.size(0), H = q.size(1), Hkv = k_in.size(1), L = q.size(2), D = q.size(3);
+  const int64_t H = q.size(1), Hkv = k_in.size(1), L = q.size(2);
   const int64_t G = check_s2_shape(H, Hkv, L, group, mode);
-  torch::Tensor k = k_in, v = v_in;
-  if (Hkv != H) {  // grouped-query: query head h reads kv head h / (H / Hkv)
-    k = k.repeat_interleave(H / Hkv, 1);
-    v = v.repeat_interleave(H / Hkv, 1);
-  }
   // Full causal attention: one call; ratio 1 (G = L) is the same by definition.
-  if (mode == Mode::Full || G == L) return sdpa_block(q, k, v);
-  // The output in (B, L, H, D) memory, so the o_proj input (B, L, H * D) is a view.
-  auto out = torch::empty({B, L, H, D}, q.options()).transpose(1, 2);
-  const int64_t h2 = H / 2, n = L / G, half = G / 2;
-  sdpa_groups(q, k, v, out, 0, h2, 0, n, G);  // heads [0, H/2): groups [0, G), [G, 2G), ...
-  if (n > 1) sdpa_groups(q, k, v, out, h2, H - h2, half, n - 1, G);  // shifted: [G/2, 3G/2), ...
+  if (mode == Mode::Full || G == L) {
+    if (Hkv == H) return sdpa_block(q, k_in, v_in);
+    return sdpa_block(q, k_in.repeat_interleave(H / Hkv, 1), v_in.repeat_interleave(H / Hkv, 1));
+  }
+  auto Q = q.transpose(1, 2), K = k_in.transpose(1, 2), V = v_in.transpose(1, 2);  // (B, L, H, D)
+  if (Hkv != H) {  // grouped-query: query head h reads kv head h / (H / Hkv)
+    K = K.repeat_interleave(H / Hkv, 2);
+    V = V.repeat_interleave(H / Hkv, 2);
+  }
+  const int64_t h2 = H / 2, half = G / 2;
+  auto heads = [&](const torch::Tensor& t) { return t.split_with_sizes({h2, H - h2}, 2); };
+  auto qh = heads(Q), kh = heads(K), vh = heads(V);
+  auto o_lo = sdpa_grouped(qh[0], kh[0], vh[0], G);  // heads [0, H/2): [0, G), [G, 2G), ...
+  // Shifted heads: [0, G/2) | groups [G/2, 3G/2), ... up to L - G/2 | [L - G/2, L).
+  auto shifted = [&](const torch::Tensor& t) { return t.split_with_sizes({half, L - G, half}, 1); };
+  auto qs = shifted(qh[1]), ks = shifted(kh[1]), vs = shifted(vh[1]);
+  std::vector<torch::Tensor> parts(3);
+  parts[1] = sdpa_grouped(qs[1], ks[1], vs[1], G);  // G < L divides L, so L - G >= G
   if (mode == Mode::Segments) {
-    sdpa_groups(q, k, v, out, h2, H - h2, 0, 1, half);         // [0, G/2)
-    sdpa_groups(q, k, v, out, h2, H - h2, L - half, 1, half);  // [L - G/2, L)
+    parts[0] = sdpa_grouped(qs[0], ks[0], vs[0], half);
+    parts[2] = sdpa_grouped(qs[2], ks[2], vs[2], half);
   } else {
     // Roll: the last rolled group is [L - G/2, L) followed by [0, G/2).
-    auto wrap = [&](const torch::Tensor& t) {
-      auto th = t.narrow(1, h2, H - h2);
-      return torch::cat({th.narrow(2, L - half, half), th.narrow(2, 0, half)}, 2);
-    };
-    auto o = sdpa_block(wrap(q), wrap(k), wrap(v));
-    auto oh = out.narrow(1, h2, H - h2);
-    oh.narrow(2, L - half, half).copy_(o.narrow(2, 0, half));
-    oh.narrow(2, 0, half).copy_(o.narrow(2, half, half));
+    auto wrap = [](const std::vector<torch::Tensor>& t) { return torch::cat({t[2], t[0]}, 1); };
+    auto o = sdpa_grouped(wrap(qs), wrap(ks), wrap(vs), G).split_with_sizes({half, half}, 1);
+    parts[2] = o[0];
+    parts[0] = o[1];
   }
-  return out;
+  return torch::cat({o_lo, torch::cat(parts, 1)}, 2).transpose(1, 2);
 }
 
 Backend resolve_backend(Backend b, bool cuda) {
