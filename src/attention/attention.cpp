@@ -87,19 +87,19 @@ torch::Tensor sdpa_block(const torch::Tensor& q, const torch::Tensor& k, const t
                                           /*is_causal=*/true);
 }
 
-using Block = torch::Tensor (*)(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&);
-
 // Causal attention inside consecutive groups of G along L: (B, h, L, D).
-torch::Tensor grouped(Block f, const torch::Tensor& q, const torch::Tensor& k,
-                      const torch::Tensor& v, int64_t G) {
+torch::Tensor grouped(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t G) {
   const auto B = q.size(0), h = q.size(1), L = q.size(2), D = q.size(3);
   auto g = [&](const torch::Tensor& t) { return t.reshape({B, h, L / G, G, D}); };
-  return f(g(q), g(k), g(v)).reshape({B, h, L, D});
+  return causal_block(g(q), g(k), g(v)).reshape({B, h, L, D});
 }
 
-torch::Tensor s2(Block f, const torch::Tensor& q, torch::Tensor k, torch::Tensor v, Mode mode,
-                 int64_t group) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q, k, v must be 4-D");
+}  // namespace
+
+torch::Tensor attention_reference(const torch::Tensor& q, const torch::Tensor& k_in,
+                                  const torch::Tensor& v_in, Mode mode, int64_t group) {
+  TORCH_CHECK(q.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "attention: q, k, v must be 4-D");
+  torch::Tensor k = k_in, v = v_in;
   const int64_t H = q.size(1), Hkv = k.size(1), L = q.size(2);
   const int64_t G = check_s2_shape(H, Hkv, L, group, mode);
   if (Hkv != H) {  // grouped-query: query head h reads kv head h / (H / Hkv)
@@ -107,37 +107,29 @@ torch::Tensor s2(Block f, const torch::Tensor& q, torch::Tensor k, torch::Tensor
     v = v.repeat_interleave(H / Hkv, 1);
   }
   // ratio 1 (G = L) is plain full causal attention in both modes, by definition.
-  if (mode == Mode::Full || G == L) return f(q, k, v);
+  if (mode == Mode::Full || G == L) return causal_block(q, k, v);
   const int64_t h2 = H / 2, half = G / 2;
   auto lo = Slice(0, h2), hi = Slice(h2, H);
-  auto o1 = grouped(f, q.index({Slice(), lo}), k.index({Slice(), lo}), v.index({Slice(), lo}), G);
+  auto o1 = grouped(q.index({Slice(), lo}), k.index({Slice(), lo}), v.index({Slice(), lo}), G);
   auto q2 = q.index({Slice(), hi}), k2 = k.index({Slice(), hi}), v2 = v.index({Slice(), hi});
   torch::Tensor o2;
   if (mode == Mode::Roll) {
     auto r = [&](const torch::Tensor& t) { return t.roll(-half, 2); };
-    o2 = grouped(f, r(q2), r(k2), r(v2), G).roll(half, 2);
+    o2 = grouped(r(q2), r(k2), r(v2), G).roll(half, 2);
   } else {
     // Segments [0, G/2), [G/2, 3G/2), ..., [L - G/2, L).
     auto seg = [&](const torch::Tensor& t, int64_t a, int64_t b) {
       return t.index({Slice(), Slice(), Slice(a, b)});
     };
-    auto first = f(seg(q2, 0, half), seg(k2, 0, half), seg(v2, 0, half));
-    auto last = f(seg(q2, L - half, L), seg(k2, L - half, L), seg(v2, L - half, L));
+    auto first = causal_block(seg(q2, 0, half), seg(k2, 0, half), seg(v2, 0, half));
+    auto last = causal_block(seg(q2, L - half, L), seg(k2, L - half, L), seg(v2, L - half, L));
     std::vector<torch::Tensor> parts{first};
     if (L - G > 0)
-      parts.push_back(grouped(f, seg(q2, half, L - half), seg(k2, half, L - half),
-                              seg(v2, half, L - half), G));
+      parts.push_back(grouped(seg(q2, half, L - half), seg(k2, half, L - half), seg(v2, half, L - half), G));
     parts.push_back(last);
     o2 = torch::cat(parts, 2);
   }
   return torch::cat({o1, o2}, 1);
-}
-
-}  // namespace
-
-torch::Tensor attention_reference(const torch::Tensor& q, const torch::Tensor& k,
-                                  const torch::Tensor& v, Mode mode, int64_t group) {
-  return s2(&causal_block, q, k, v, mode, group);
 }
 
 namespace {
