@@ -40,6 +40,12 @@ torch::Tensor rotate_half(const torch::Tensor& x) {
   return torch::cat({-x.index({"...", Slice(h, torch::indexing::None)}), x.index({"...", Slice(0, h)})}, -1);
 }
 
+// x * cos + rotate_half(x) * sin: the fused kernel where it fits, LibTorch ops otherwise.
+torch::Tensor rope_forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  if (fused::rope_fits(x)) return fused::rope(x, cos, sin, /*backward=*/false);
+  return x * cos + rotate_half(x) * sin;
+}
+
 // Rotary embedding as an autograd function that saves only the (L, D) tables: the
 // generic graph kept x and rotate_half(x) for q and k, 4 activation-sized tensors
 // per layer. rotate_half is orthogonal with inverse -rotate_half, so
@@ -48,8 +54,7 @@ struct Rope : torch::autograd::Function<Rope> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
                                const torch::Tensor& cos, const torch::Tensor& sin) {
     ctx->save_for_backward({cos, sin});
-    if (fused::rope_fits(x)) return fused::rope(x, cos, sin, /*backward=*/false);
-    return x * cos + rotate_half(x) * sin;
+    return rope_forward(x, cos, sin);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list g) {
@@ -60,29 +65,37 @@ struct Rope : torch::autograd::Function<Rope> {
 };
 
 torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
-  if (!torch::GradMode::is_enabled() || !x.requires_grad()) {
-    if (fused::rope_fits(x)) return fused::rope(x, cos, sin, /*backward=*/false);
-    return x * cos + rotate_half(x) * sin;
-  }
+  if (!torch::GradMode::is_enabled() || !x.requires_grad()) return rope_forward(x, cos, sin);
   return Rope::apply(x, cos, sin);
 }
 
-// RMSNorm as transformers computes it (fp32 statistics, cast back, then the weight),
-// as an autograd function that saves the input and the fp32 1/rms per token instead
-// of the fp32 copies the generic graph keeps (3 activation-sized fp32 tensors).
+// RMSNorm as transformers computes it (fp32 statistics, cast back, then the weight):
+// the output and the fp32 1/rms (one pass in the fused kernel where it fits: one per
+// row; else LibTorch ops: (..., 1)).
+struct RmsNormOut {
+  torch::Tensor y, rstd;
+  bool fused;
+};
+
+RmsNormOut rms_norm_values(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  if (fused::rms_norm_fits(x)) {
+    auto [y, rstd] = fused::rms_norm_forward(x, w, eps);
+    return {y, rstd, true};
+  }
+  auto xf = x.to(torch::kFloat32);
+  auto r = torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  return {w.to(x.scalar_type()) * (xf * r).to(x.scalar_type()), r, false};
+}
+
+// RMSNorm as an autograd function that saves the input and the fp32 1/rms per token
+// instead of the fp32 copies the generic graph keeps (3 activation-sized fp32 tensors).
 struct RmsNormFn : torch::autograd::Function<RmsNormFn> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
                                const torch::Tensor& w, double eps) {
-    if (fused::rms_norm_fits(x)) {  // one pass; saves x and the fp32 1/rms per row
-      auto [y, rstd] = fused::rms_norm_forward(x, w, eps);
-      ctx->save_for_backward({x, w, rstd});
-      ctx->saved_data["fused"] = true;
-      return y;
-    }
-    auto xf = x.to(torch::kFloat32);
-    auto r = torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
-    ctx->save_for_backward({x, w, r});
-    return w.to(x.scalar_type()) * (xf * r).to(x.scalar_type());
+    auto out = rms_norm_values(x, w, eps);
+    ctx->save_for_backward({x, w, out.rstd});
+    if (out.fused) ctx->saved_data["fused"] = true;
+    return out.y;
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad) {
@@ -90,7 +103,7 @@ struct RmsNormFn : torch::autograd::Function<RmsNormFn> {
     const auto &x = s[0], &w = s[1], &r = s[2];
     const auto& g = grad[0];
     if (ctx->saved_data.count("fused")) {
-      auto [gx, gw] = fused::rms_norm_backward(g.contiguous(), x, w, r, w.requires_grad());
+      auto [gx, gw] = fused::rms_norm_backward(g, x, w, r, w.requires_grad());
       return {gx, gw.defined() ? gw.to(w.scalar_type()) : gw, torch::Tensor()};
     }
     auto xhat = x.to(torch::kFloat32) * r;
@@ -115,7 +128,7 @@ struct SwiGluFn : torch::autograd::Function<SwiGluFn> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list g) {
     auto s = ctx->get_saved_variables();
-    auto [da, db] = fused::swiglu_backward(g[0].contiguous(), s[0], s[1]);
+    auto [da, db] = fused::swiglu_backward(g[0], s[0], s[1]);
     return {da, db};
   }
 };
@@ -148,11 +161,7 @@ torch::Tensor EmbeddingImpl::forward(const torch::Tensor& ids) { return torch::e
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
   if (torch::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad()))
     return RmsNormFn::apply(x, weight, eps);
-  if (fused::rms_norm_fits(x)) return fused::rms_norm_forward(x, weight, eps).first;
-  // As transformers: normalize in fp32, cast back, then scale.
-  auto h = x.to(torch::kFloat32);
-  h = h * torch::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);
-  return weight.to(x.scalar_type()) * h.to(x.scalar_type());
+  return rms_norm_values(x, weight, eps).y;
 }
 
 AttentionImpl::AttentionImpl(const io::ModelConfig& c) : cfg(c) {

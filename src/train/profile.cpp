@@ -21,7 +21,7 @@ struct Row {
   int64_t calls = 0;
 };
 
-// Kernel names carry whole template argument lists; keep the head and the functor.
+// Kernel names carry whole template argument lists: cut to one table-friendly width.
 std::string short_name(std::string n) {
   constexpr size_t kMax = 110;
   if (n.size() <= kMax) return n;
