@@ -32,6 +32,24 @@ TEST(Data, TokenRowsPredictTheNextTokenInsideTheRow) {
   EXPECT_NE(data::permutation(100, 7, 0), data::permutation(100, 7, 1));
 }
 
+TEST(Data, TextDocumentsMakeOneStreamForTrainingAndEval) {
+  // BOS d1 EOS BOS d2: the trainer's rows and eval's windows read the same stream,
+  // so a held-out .jsonl is scored the way a model trained on such files saw text.
+  const auto d = testutil::temp_dir("text-stream");
+  testutil::write_file(d + "/a.jsonl", "{\"text\": \"The sky is blue.\"}\n{\"text\": \"Here we go.\"}\n");
+  data::Tokenizer tok(testutil::golden("tokenizer.model"));
+  std::vector<int32_t> want{tok.bos_id()};
+  for (int id : tok.encode("The sky is blue.")) want.push_back(id);
+  want.push_back(tok.eos_id());
+  want.push_back(tok.bos_id());
+  for (int id : tok.encode("Here we go.")) want.push_back(id);
+  EXPECT_EQ(data::load_token_stream(d + "/a.jsonl", &tok), want);
+  const auto L = static_cast<int64_t>(want.size()) - 1;
+  data::Dataset ds(d + "/a.jsonl", "auto", L, &tok, 100000);
+  ASSERT_EQ(ds.size(), 1);
+  EXPECT_EQ(ds.row_at(0, false, 0).ids, std::vector<int32_t>(want.begin(), want.end() - 1));
+}
+
 TEST(Data, TooShortForOneRowIsAClearError) {
   const auto d = testutil::temp_dir("rows-short");
   data::write_bin(d + "/t.bin", {1, 2, 3});

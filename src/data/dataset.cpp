@@ -107,7 +107,7 @@ Dataset::Dataset(const std::string& path, const std::string& format, int64_t L,
                            std::to_string(vocab));
   };
   if (kind_ == "tokens" || kind_ == "text") {
-    stream_ = kind_ == "tokens" ? read_bin(path) : load_token_stream(path, tok, /*eos_between=*/true);
+    stream_ = kind_ == "tokens" ? read_bin(path) : load_token_stream(path, tok);
     check_ids(stream_);
     n_rows_ = static_cast<int64_t>(stream_.size()) / L;
     if (n_rows_ == 0)

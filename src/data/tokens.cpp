@@ -68,14 +68,13 @@ std::vector<std::string> read_documents(const std::string& path) {
   return docs;
 }
 
-std::vector<int32_t> load_token_stream(const std::string& path, const Tokenizer* tok,
-                                       bool eos_between) {
+std::vector<int32_t> load_token_stream(const std::string& path, const Tokenizer* tok) {
   if (ext_of(path) == ".bin") return read_bin(path);
   auto docs = read_documents(path);
   if (!tok) fail(path, "", "text data needs the model's tokenizer.model");
   std::vector<int32_t> out;
   for (size_t i = 0; i < docs.size(); ++i) {
-    if (eos_between && i > 0) out.push_back(tok->eos_id());
+    if (i > 0) out.push_back(tok->eos_id());
     out.push_back(tok->bos_id());
     for (int id : tok->encode(docs[i])) out.push_back(id);
   }

@@ -18,10 +18,10 @@ void write_bin(const std::string& path, const std::vector<int32_t>& ids);
 // Documents of a .txt (one) or .jsonl (one per line) file, with line numbers in errors.
 std::vector<std::string> read_documents(const std::string& path);
 
-// The whole file as one stream; .txt/.jsonl documents each start with BOS and,
-// when `eos_between` is set, documents are joined with EOS (packing for training).
-std::vector<int32_t> load_token_stream(const std::string& path, const Tokenizer* tok,
-                                       bool eos_between = false);
+// The whole file as one stream; .txt/.jsonl documents each start with BOS and are
+// joined with EOS. Training and evaluation both read text this way, so a held-out
+// file is scored on the stream a model trained on such files has seen.
+std::vector<int32_t> load_token_stream(const std::string& path, const Tokenizer* tok);
 
 // Windows for perplexity: starts 0, S, 2S, ... while start + L + 1 <= n.
 std::vector<int64_t> window_starts(int64_t n_tokens, int64_t seq_len, int64_t stride);
