@@ -107,6 +107,34 @@ TEST(TrainMemory, ChunkedMlpRecomputeGivesTheSameGrads) {
   EXPECT_GT(norms, 0);
 }
 
+// The recompute's down_proj skips its frozen product: forward_for_backward must
+// give forward()'s gradients for the input and both LoRA factors, with dropout on
+// (same RNG draw), and without LoRA.
+TEST(TrainMemory, ForwardForBackwardGivesForwardsGrads) {
+  for (bool with_lora : {true, false}) {
+    lora::Linear lin(24, 16);
+    lin->weight = torch::randn({16, 24});
+    if (with_lora) {
+      lin->add_lora(4, 8.0, 0.25);
+      lin->lora_B->weight.data().normal_();  // nonzero, or dA would be zero
+    }
+    lin->train();
+    auto x = torch::randn({2, 5, 24});
+    auto g = torch::randn({2, 5, 16});
+    std::vector<torch::Tensor> got[2];
+    for (int variant : {0, 1}) {
+      torch::manual_seed(7);
+      auto xi = x.clone().requires_grad_(true);
+      auto y = variant == 0 ? lin->forward(xi) : lin->forward_for_backward(xi);
+      std::vector<torch::Tensor> inputs{xi};
+      if (with_lora) inputs.insert(inputs.end(), {lin->lora_A->weight, lin->lora_B->weight});
+      got[variant] = torch::autograd::grad({y}, inputs, {g});
+    }
+    for (size_t i = 0; i < got[0].size(); ++i)
+      EXPECT_TRUE(torch::allclose(got[1][i], got[0][i], 1e-5, 1e-6)) << "lora " << with_lora << " grad " << i;
+  }
+}
+
 // Offloading the checkpointed inputs to pinned host memory is a copy there and
 // back: loss and grads are bit-identical to keeping them on the GPU.
 TEST(TrainMemory, OffloadedCheckpointsGiveIdenticalGradsOnGpu) {

@@ -4,6 +4,27 @@
 
 namespace longlora::lora {
 
+namespace {
+
+// y = x W^T for autograd only: backward gives g W, forward computes nothing (a zero
+// view of the output's shape). W is frozen.
+struct FrozenProductGrad : torch::autograd::Function<FrozenProductGrad> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& w) {
+    ctx->save_for_backward({w});
+    auto sizes = x.sizes().vec();
+    sizes.back() = w.size(0);
+    return torch::zeros({}, x.options()).expand(sizes);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list g) {
+    auto w = ctx->get_saved_variables()[0];
+    return {torch::matmul(g[0], w.to(g[0].scalar_type())), torch::Tensor()};
+  }
+};
+
+}  // namespace
+
 LinearImpl::LinearImpl(int64_t in, int64_t out) : in_features(in), out_features(out) {
   weight = register_parameter("weight", torch::empty({0}), /*requires_grad=*/false);
 }
@@ -36,6 +57,17 @@ torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
             .view(sizes);
   }
   return y;
+}
+
+torch::Tensor LinearImpl::forward_for_backward(const torch::Tensor& x) {
+  if (weight.requires_grad() || !torch::GradMode::is_enabled()) return forward(x);
+  auto y = FrozenProductGrad::apply(x, weight);
+  if (lora_A.is_empty()) return y;
+  const auto dt = x.scalar_type();
+  // The same dropout draw as forward(), so a recompute sees forward's masks.
+  auto h = dropout > 0 ? torch::dropout(x, dropout, is_training()) : x;
+  h = torch::matmul(h, lora_A->weight.to(dt).t());
+  return y + torch::matmul(h, lora_B->weight.to(dt).t()) * scale;
 }
 
 }  // namespace longlora::lora

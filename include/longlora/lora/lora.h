@@ -28,6 +28,11 @@ struct LinearImpl : torch::nn::Module {
   void add_lora(int64_t r, double alpha, double dropout);
   bool has_lora() const { return !lora_A.is_empty(); }
   torch::Tensor forward(const torch::Tensor& x);
+  // For a recompute that only back-propagates through the output: the same graph and
+  // gradients as forward(), but the value leaves out the frozen product x W^T (it is
+  // the LoRA term alone, or zeros), so that GEMM is never run. Equals forward() when
+  // the weight is trainable.
+  torch::Tensor forward_for_backward(const torch::Tensor& x);
 
   int64_t in_features, out_features;
   torch::Tensor weight;  // filled by the loader or random init

@@ -69,6 +69,9 @@ TORCH_MODULE(Attention);
 struct MLPImpl : torch::nn::Module {
   explicit MLPImpl(const io::ModelConfig& c);
   torch::Tensor forward(const torch::Tensor& x);
+  // forward() for a recompute that only back-propagates: down_proj's frozen product
+  // is skipped (see lora::Linear::forward_for_backward).
+  torch::Tensor forward_for_backward(const torch::Tensor& x);
   lora::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
 };
 TORCH_MODULE(MLP);
@@ -81,6 +84,9 @@ struct DecoderLayerImpl : torch::nn::Module {
   torch::Tensor attn_residual(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                               const ForwardOptions& opt, int64_t layer);
   torch::Tensor mlp_branch(const torch::Tensor& h) { return mlp(post_attention_layernorm(h)); }
+  torch::Tensor mlp_branch_for_backward(const torch::Tensor& h) {
+    return mlp->forward_for_backward(post_attention_layernorm(h));
+  }
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
   Attention self_attn{nullptr};
   MLP mlp{nullptr};
