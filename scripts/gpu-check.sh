@@ -93,7 +93,10 @@ fi
 
 if want suite 40; then
   t=$(( $(left) - 10 ))
-  timeout "$t" ctest --test-dir "$B" -E 'S2Kernel|TrainMemory|TrainGolden|GpuTrain' -j8 --timeout 120 --output-on-failure \
+  # Most of these run on the CPU: 8 at a time, each with LibTorch's default of one
+  # OpenMP thread per core, spun 16-thread pools against each other and timed out
+  # CPU evals that take 1-11 s alone. Two threads each fill the 16 cores.
+  OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" timeout "$t" ctest --test-dir "$B" -E 'S2Kernel|TrainMemory|TrainGolden|GpuTrain' -j8 --timeout 120 --output-on-failure \
     ${SUITE_ARGS:-} >"$OUT/suite.log" 2>&1
   note "suite on GPU: $(grep -E 'tests passed|tests failed' "$OUT/suite.log")"
   grep -E '^\s+[0-9]+ - ' "$OUT/suite.log" | head -30 | tee -a "$SUMMARY"
