@@ -3,6 +3,7 @@
 
 #include "longlora/common/error.h"
 #include "longlora/io/hf_config.h"
+#include "longlora/model/loader.h"
 #include "longlora/train/config.h"
 #include "test_util.h"
 
@@ -123,6 +124,24 @@ TEST(ModelConfig, BothRopeForms) {
   auto j8 = base;
   j8["model_type"] = "mistral";
   EXPECT_NE(error_of([&] { io::parse_model_config(j8, "c8.json"); }).find("model_type"), std::string::npos);
+  // initializer_range: the std of a random init, as transformers draws it.
+  auto j10 = base;
+  j10["initializer_range"] = 0.1;
+  auto c10 = io::parse_model_config(j10, "c10");
+  EXPECT_EQ(c10.initializer_range, 0.1);
+  EXPECT_EQ(io::parse_model_config(io::model_config_to_json(c10), "back").initializer_range, 0.1);
+  EXPECT_EQ(io::parse_model_config(base, "c").initializer_range, 0.02);
+  model::LoadOptions lo;
+  lo.compute_dtype = torch::kFloat32;
+  for (const auto* c : {&c4, &c10}) {
+    auto m = model::random_model(*c, lo);
+    for (const auto& w : {m->model->embed_tokens->weight, m->model->layer_list[1]->mlp->down_proj->weight})
+      EXPECT_NEAR(w.std().item<double>(), c->initializer_range, 0.03 * c->initializer_range);
+    EXPECT_TRUE(torch::equal(m->model->norm->weight, torch::ones_like(m->model->norm->weight)));
+  }
+  j10["initializer_range"] = 0;
+  EXPECT_NE(error_of([&] { io::parse_model_config(j10, "c10.json"); }).find("c10.json: initializer_range"),
+            std::string::npos);
   auto j9 = base;
   j9.erase("hidden_size");
   EXPECT_NE(error_of([&] { io::parse_model_config(j9, "c9.json"); }).find("c9.json: hidden_size: missing"),

@@ -75,11 +75,11 @@ LlamaForCausalLM random_model(const io::ModelConfig& cfg, const LoadOptions& opt
     if (shape.size() == 1) {
       t = torch::ones(shape, torch::dtype(dt).device(opt.device));
     } else if (opt.device.is_cuda()) {
-      t = at::normal(0.0, 0.02, shape, dev_gen, torch::dtype(torch::kFloat32).device(opt.device)).to(dt);
+      t = at::normal(0.0, cfg.initializer_range, shape, dev_gen, torch::dtype(torch::kFloat32).device(opt.device)).to(dt);
     } else {
       // Drawn on the CPU generator in fp32, one matrix at a time so peak host
       // memory is one matrix.
-      t = at::normal(0.0, 0.02, shape, gen, torch::dtype(torch::kFloat32)).to(opt.device, dt);
+      t = at::normal(0.0, cfg.initializer_range, shape, gen, torch::dtype(torch::kFloat32)).to(opt.device, dt);
     }
     p.set_data(t);
   }

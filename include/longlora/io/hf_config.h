@@ -22,6 +22,7 @@ struct ModelConfig {
   double rms_norm_eps = 1e-6;
   double rope_theta = 10000.0;
   double rope_factor = 1.0;  // linear position interpolation: positions / factor
+  double initializer_range = 0.02;  // std of a random init's matrices (transformers' _init_weights)
   bool tie_word_embeddings = false;
   int64_t bos_token_id = 1;
   int64_t eos_token_id = 2;
