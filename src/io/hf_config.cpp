@@ -69,9 +69,9 @@ ModelConfig parse_model_config(const json& j, const std::string& src) {
   if (c.num_attention_heads % c.num_key_value_heads != 0)
     fail(src, "num_key_value_heads", "must divide num_attention_heads");
   c.rms_norm_eps = get_num(j, "rms_norm_eps", src, 1e-6);
+  if (!(c.rms_norm_eps > 0)) fail(src, "rms_norm_eps", "must be > 0");
   c.initializer_range = get_num(j, "initializer_range", src, 0.02);
   if (!(c.initializer_range > 0)) fail(src, "initializer_range", "must be > 0");
-  if (!(c.rms_norm_eps > 0)) fail(src, "rms_norm_eps", "must be > 0");
   c.tie_word_embeddings = j.value("tie_word_embeddings", false);
   c.bos_token_id = get_int(j, "bos_token_id", src, false, 1, 0);
   if (j.contains("eos_token_id") && j["eos_token_id"].is_array()) {

@@ -44,30 +44,26 @@ void LinearImpl::add_lora(int64_t r, double alpha, double drop) {
 
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
   const auto dt = x.scalar_type();
-  auto y = torch::matmul(x, (weight.scalar_type() == dt ? weight : weight.to(dt)).t());
-  if (!lora_A.is_empty()) {
-    auto h = dropout > 0 ? torch::dropout(x, dropout, is_training()) : x;
-    // Master weights are fp32; the cast is part of the graph so grads reach them in fp32.
-    h = torch::matmul(h, lora_A->weight.to(dt).t());
-    // y + scale * h B^T as one GEMM that accumulates into y: no activation-sized
-    // h B^T and scaled copy, forward or backward.
-    const auto sizes = y.sizes().vec();
-    y = torch::addmm(y.reshape({-1, out_features}), h.reshape({-1, h.size(-1)}), lora_B->weight.to(dt).t(),
-                     /*beta=*/1.0, /*alpha=*/scale)
-            .view(sizes);
-  }
-  return y;
+  return plus_lora(torch::matmul(x, (weight.scalar_type() == dt ? weight : weight.to(dt)).t()), x);
 }
 
 torch::Tensor LinearImpl::forward_for_backward(const torch::Tensor& x) {
   if (weight.requires_grad() || !torch::GradMode::is_enabled()) return forward(x);
-  auto y = FrozenProductGrad::apply(x, weight);
+  return plus_lora(FrozenProductGrad::apply(x, weight), x);
+}
+
+torch::Tensor LinearImpl::plus_lora(const torch::Tensor& y, const torch::Tensor& x) {
   if (lora_A.is_empty()) return y;
   const auto dt = x.scalar_type();
-  // The same dropout draw as forward(), so a recompute sees forward's masks.
   auto h = dropout > 0 ? torch::dropout(x, dropout, is_training()) : x;
+  // Master weights are fp32; the cast is part of the graph so grads reach them in fp32.
   h = torch::matmul(h, lora_A->weight.to(dt).t());
-  return y + torch::matmul(h, lora_B->weight.to(dt).t()) * scale;
+  // y + scale * h B^T as one GEMM that accumulates into y: no activation-sized
+  // h B^T and scaled copy, forward or backward.
+  const auto sizes = y.sizes().vec();
+  return torch::addmm(y.reshape({-1, out_features}), h.reshape({-1, h.size(-1)}), lora_B->weight.to(dt).t(),
+                      /*beta=*/1.0, /*alpha=*/scale)
+      .view(sizes);
 }
 
 }  // namespace longlora::lora

@@ -33,6 +33,9 @@ struct LinearImpl : torch::nn::Module {
   // the LoRA term alone, or zeros), so that GEMM is never run. Equals forward() when
   // the weight is trainable.
   torch::Tensor forward_for_backward(const torch::Tensor& x);
+  // y + the LoRA term of x (y itself without LoRA): forward()'s and
+  // forward_for_backward()'s shared second half, one dropout draw each.
+  torch::Tensor plus_lora(const torch::Tensor& y, const torch::Tensor& x);
 
   int64_t in_features, out_features;
   torch::Tensor weight;  // filled by the loader or random init
