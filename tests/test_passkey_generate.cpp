@@ -144,6 +144,26 @@ TEST(PasskeyPrompt, TokenCountNearTheTargetWithTheGoldenTokenizer) {
   }
 }
 
+TEST(PasskeyTrial, ReportsWhatTheModelAnswered) {
+  // The answer is the greedy continuation of BOS + prompt, as many tokens as the key encodes to.
+  auto m = tiny();
+  torch::NoGradGuard ng;
+  const auto p = eval::passkey_prompt(300, 27183, 100);
+  std::string said;
+  int64_t n = 0;
+  const bool ok = eval::passkey_trial(*m, tokenizer(), p, true, &n, &said);
+  eval::GenerateOptions o;
+  o.max_new_tokens = static_cast<int64_t>(tokenizer().encode(p.answer).size());
+  o.temperature = 0;
+  const auto out = eval::generate(*m, tokenizer(), with_bos(p.prompt), o);
+  std::string want = tokenizer().decode(out);
+  for (size_t i = 0; (i = want.find('\n', i)) != std::string::npos;) want.replace(i, 1, "\\n");
+  EXPECT_EQ(said, want);
+  EXPECT_EQ(ok, out == tokenizer().encode(p.answer));
+  EXPECT_EQ(said.find('\n'), std::string::npos);  // one log line per trial
+  EXPECT_EQ(n, static_cast<int64_t>(with_bos(p.prompt).size()));
+}
+
 // ---------------------------------------------------------------- generation
 
 TEST(Generate, CachedForwardEqualsFullForward) {
@@ -327,6 +347,11 @@ TEST(PasskeyCli, PrintsJsonAccuracyPerLength) {
   ASSERT_EQ(t.code, 0) << t.err;
   EXPECT_EQ(lines(t.out), 2u) << t.out;
   EXPECT_EQ(t.out.rfind("passkey length 300: accuracy ", 0), 0u) << t.out;
+  // Progress on stderr: a wrong trial says what the model answered.
+  for (const char* w : {"wrong (answered \"", "correct"}) {
+    if (t.err.find(w) != std::string::npos) return;
+  }
+  ADD_FAILURE() << "no trial verdict in the log:\n" << t.err;
 }
 
 TEST(PasskeyCli, BadInputIsOneLine) {

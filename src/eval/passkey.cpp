@@ -84,7 +84,7 @@ PasskeyDraw passkey_draw(int64_t target_tokens, uint64_t seed, int64_t trial, do
 }
 
 bool passkey_trial(model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok, const PasskeyPrompt& p,
-                   bool use_cache, int64_t* prompt_tokens) {
+                   bool use_cache, int64_t* prompt_tokens, std::string* answered) {
   std::vector<int> ids{tok.bos_id()};
   const auto body = tok.encode(p.prompt);
   ids.insert(ids.end(), body.begin(), body.end());
@@ -98,6 +98,10 @@ bool passkey_trial(model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok, c
   g.use_cache = use_cache;
   // An EOS before the last answer token makes the output shorter: a miss either way.
   const auto out = generate(m, tok, ids, g);
+  if (answered) {
+    *answered = tok.decode(out);
+    for (size_t i = 0; (i = answered->find('\n', i)) != std::string::npos;) answered->replace(i, 1, "\\n");
+  }
   return out == answer;
 }
 
@@ -116,12 +120,15 @@ PasskeyResult passkey_eval(model::LlamaForCausalLMImpl& m, const data::Tokenizer
       const auto d = passkey_draw(L, o.seed, t, r.chars_per_token);
       const auto p = passkey_prompt(L, d.key, d.split, r.chars_per_token);
       int64_t n = 0;
-      const bool ok = passkey_trial(m, tok, p, o.use_cache, &n);
+      std::string said;
+      const bool ok = passkey_trial(m, tok, p, o.use_cache, &n, &said);
       passed += ok;
       tokens += n;
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      // The wrong answer is logged: a dropped last digit and swapped digits are different failures.
       spdlog::info("passkey length {}: trial {}/{} ({} tokens, key {} after {} of {} filler chars): {} [{:.0f} s]",
-                   L, t + 1, o.trials, n, d.key, d.split, p.filler_chars, ok ? "correct" : "wrong", secs);
+                   L, t + 1, o.trials, n, d.key, d.split, p.filler_chars,
+                   ok ? std::string("correct") : "wrong (answered \"" + said + "\")", secs);
     }
     r.lengths.push_back(L);
     r.accuracy.push_back(static_cast<double>(passed) / static_cast<double>(o.trials));

@@ -80,9 +80,11 @@ struct PasskeyResult {
 
 // One trial: BOS + the prompt, greedy generation of as many tokens as the answer
 // encodes to (the tokenizer's encoding of the key alone, without BOS), exact match.
-// `prompt_tokens` receives the prompt's length in tokens (with BOS).
+// `prompt_tokens` receives the prompt's length in tokens (with BOS); `answered` the
+// generated text, decoded.
 bool passkey_trial(model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok,
-                   const PasskeyPrompt& p, bool use_cache, int64_t* prompt_tokens = nullptr);
+                   const PasskeyPrompt& p, bool use_cache, int64_t* prompt_tokens = nullptr,
+                   std::string* answered = nullptr);
 
 PasskeyResult passkey_eval(model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok,
                            const PasskeyOptions& o);
