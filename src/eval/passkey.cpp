@@ -1,5 +1,6 @@
 #include "longlora/eval/passkey.h"
 
+#include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
 #include <chrono>
@@ -98,11 +99,13 @@ bool passkey_trial(model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok, c
   g.use_cache = use_cache;
   // An EOS before the last answer token makes the output shorter: a miss either way.
   const auto out = generate(m, tok, ids, g);
-  if (answered) {
-    *answered = tok.decode(out);
-    for (size_t i = 0; (i = answered->find('\n', i)) != std::string::npos;) answered->replace(i, 1, "\\n");
-  }
+  if (answered) *answered = tok.decode(out);
   return out == answer;
+}
+
+std::string passkey_verdict(bool correct, const std::string& answered) {
+  // {:?} quotes and escapes the answer, so a trial stays one log line.
+  return correct ? "correct" : fmt::format("wrong (answered {:?})", answered);
 }
 
 PasskeyResult passkey_eval(model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok,
@@ -125,10 +128,8 @@ PasskeyResult passkey_eval(model::LlamaForCausalLMImpl& m, const data::Tokenizer
       passed += ok;
       tokens += n;
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      // The wrong answer is logged: a dropped last digit and swapped digits are different failures.
       spdlog::info("passkey length {}: trial {}/{} ({} tokens, key {} after {} of {} filler chars): {} [{:.0f} s]",
-                   L, t + 1, o.trials, n, d.key, d.split, p.filler_chars,
-                   ok ? std::string("correct") : "wrong (answered \"" + said + "\")", secs);
+                   L, t + 1, o.trials, n, d.key, d.split, p.filler_chars, passkey_verdict(ok, said), secs);
     }
     r.lengths.push_back(L);
     r.accuracy.push_back(static_cast<double>(passed) / static_cast<double>(o.trials));

@@ -86,6 +86,10 @@ bool passkey_trial(model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok,
                    const PasskeyPrompt& p, bool use_cache, int64_t* prompt_tokens = nullptr,
                    std::string* answered = nullptr);
 
+// A trial's verdict for the log: "correct", or "wrong (answered "...")" with the answer
+// quoted and escaped. A dropped last digit and swapped digits are different failures.
+std::string passkey_verdict(bool correct, const std::string& answered);
+
 PasskeyResult passkey_eval(model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok,
                            const PasskeyOptions& o);
 
