@@ -32,12 +32,14 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+  # --no-cache-dir: the CUDA wheels are ~3 GB; pip's cache would hold a second copy
+  # of them beside the 4.6 GB install (a CI run once ran out of disk doing that).
   if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
     # PyPI's Linux wheel is the CUDA 13 build: the kernels compile against it.
-    .venv/bin/pip install --progress-bar off "$TORCH_SPEC"
+    .venv/bin/pip install --no-cache-dir --progress-bar off "$TORCH_SPEC"
   else
     # No CUDA toolkit: a CUDA LibTorch cannot be configured without one; take the CPU wheel.
-    .venv/bin/pip install --progress-bar off "$TORCH_SPEC" --index-url https://download.pytorch.org/whl/cpu
+    .venv/bin/pip install --no-cache-dir --progress-bar off "$TORCH_SPEC" --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
 .venv/bin/python -c 'import torch; print("install-deps: torch", torch.__version__, "cuda", torch.version.cuda)'
