@@ -70,7 +70,7 @@ python3 - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
 rows = [("base model", "base"), ("base + position interpolation (x4), no training", "base_pi"),
-        ("LongLoRA fine-tuned (S2-Attn, LoRA, embed/norm, PI x4)", "longlora")]
+        ("LongLoRA fine-tuned (S2-Attn, LoRA, embed/norm*, PI x4)", "longlora")]
 lines = ["| model | ppl @ 256 (1x) | ppl @ 1024 (4x) | passkey @ 256 | passkey @ 1024 |", "|---|---|---|---|---|"]
 for name, key in rows:
     ppl = {j["seq_len"]: j["perplexity"] for j in map(json.loads, open(f"{out}/ppl_{key}.jsonl"))}
