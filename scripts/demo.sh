@@ -4,7 +4,8 @@
 #   1. make-data: passkey documents (a key hidden in filler text, asked for later)
 #   2. train a small LLaMA from scratch at 256 tokens          (configs/demo/base.json)
 #   3. LongLoRA: extend it to 1024 tokens (4x) with S2-Attn,
-#      LoRA r=8 on q,k,v,o, trainable embed/norm, linear PI    (configs/demo/longlora.json)
+#      LoRA r=8 on q,k,v,o, trainable embed/norm (all norms
+#      but layer 0's input norm: README), linear PI            (configs/demo/longlora.json)
 #   4. perplexity at 256 and 1024 on held-out 1024-token documents and passkey retrieval
 #      (100 trials) at 256 and 1024 for the base model,
 #      the base model with position interpolation and no training, and the fine-tuned one.
@@ -22,11 +23,12 @@ B=build/longlora-train
 # Without AVX-512 the AVX2 path is pinned instead; its numbers differ, and the README
 # gives them too. What the models learn depends on the path (docs/demo.md).
 export OMP_NUM_THREADS=2
-flags=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true)
+flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true) "
+has() { for f in "$@"; do [[ $flags == *" $f "* ]] || return 1; done; }
 if [ -z "${ATEN_CPU_CAPABILITY:-}" ]; then
-  if [[ " $flags " == *" avx512f "* && " $flags " == *" avx512bw "* && " $flags " == *" avx512vl "* && " $flags " == *" avx512dq "* ]]; then
+  if has avx512f avx512bw avx512vl avx512dq; then  # what ATen's avx512 kernels need
     export ATEN_CPU_CAPABILITY=avx512 MKL_CBWR=AVX512
-  elif [[ " $flags " == *" avx2 "* ]]; then
+  elif has avx2; then
     export ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2
     echo "demo: no AVX-512 on this CPU: expect the README's AVX2 table, not the first one"
   fi
