@@ -19,7 +19,12 @@
 //   S^T = K Q^T,  P^T = exp(scale S^T - lse),  dP^T = V dO^T,
 //   dS^T = P^T * (dP^T - delta) * scale,  dV += P^T dO,  dK += dS^T Q,
 // then writes dS to shared memory and all warps compute dQ = dS K, added with fp32
-// atomics. The softmax scale is folded into dS, so dK and dQ need no final scaling.
+// atomics (two floats per atomic on sm_90). The softmax scale is folded into dS, so dK
+// and dQ need no final scaling.
+//
+// Pipeline: the (query head, query tile) steps run as one flat sequence; Q, dO, lse
+// and delta have two shared-memory stages, and the copies (cp.async) of step s+1 are
+// in flight while step s computes.
 #pragma once
 
 #include <cmath>
@@ -86,11 +91,11 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd_kernel(const S2BwdPar
   extern __shared__ __align__(16) unsigned char s2_smem[];
   T* sK = reinterpret_cast<T*>(s2_smem);
   T* sV = sK + Traits::kSmemK;
-  T* sQ = sV + Traits::kSmemK;
-  T* sdO = sQ + Traits::kSmemQ;
-  T* sdS = sdO + Traits::kSmemQ;  // (BM x BN), row = query, col = key
-  float* sLse = reinterpret_cast<float*>(sdS + Traits::kSmemS);
-  float* sDelta = sLse + BM;
+  T* sQ0 = sV + Traits::kSmemK;   // stage st: sQ0 + st * kSmemQ
+  T* sdO0 = sQ0 + 2 * Traits::kSmemQ;
+  T* sdS = sdO0 + 2 * Traits::kSmemQ;  // (BM x BN), row = query, col = key
+  float* sLse0 = reinterpret_cast<float*>(sdS + Traits::kSmemS);  // stage st: + st * BM
+  float* sDelta0 = sLse0 + 2 * BM;
 
   const int n_block = blockIdx.x;
   const int hk = blockIdx.y;
@@ -103,10 +108,11 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd_kernel(const S2BwdPar
 
   const T* kp = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
   const T* vp = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
-  load_tile<BN, D, Traits::kThreads>(sK, LD, kp + k0 * p.k_stride.row, p.k_stride.row,
-                                     p.L - k0);
-  load_tile<BN, D, Traits::kThreads>(sV, LD, vp + k0 * p.v_stride.row, p.v_stride.row,
-                                     p.L - k0);
+  load_tile_async<BN, D, Traits::kThreads>(sK, LD, kp + k0 * p.k_stride.row, p.k_stride.row,
+                                           p.L - k0);
+  load_tile_async<BN, D, Traits::kThreads>(sV, LD, vp + k0 * p.v_stride.row, p.v_stride.row,
+                                           p.L - k0);
+  cp_async_commit();
 
   float dk[kND][4], dv[kND][4];
 #pragma unroll
@@ -116,138 +122,190 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd_kernel(const S2BwdPar
 
   const int jl0 = warp * 16 + g;  // this thread's local keys: jl0 (e < 2), jl0 + 8 (e >= 2)
 
-  for (int hq = 0; hq < ratio; ++hq) {
+  // Steps: query heads hq = 0..ratio-1 of this kv head, each over its query tiles.
+  auto span_of = [&](int hq) {
+    return s2_query_tiles(S2HeadMask::make(p.L, p.group, p.mode, hk * ratio + hq, p.H), k0,
+                          BM, BN);
+  };
+  // The first tile of head hq or, if it has none, of the next head that has one
+  // (m_block -1 when no head is left); then the step after (hq, m_block).
+  auto first_from = [&](int& hq, int& m_block, S2TileSpan& span) {
+    for (; hq < ratio; ++hq) {
+      span = span_of(hq);
+      m_block = s2_span_first(span);
+      if (m_block >= 0) return;
+    }
+    m_block = -1;
+  };
+  auto advance = [&](int& hq, int& m_block, S2TileSpan& span) {
+    m_block = s2_span_next(span, m_block);
+    if (m_block < 0) {
+      ++hq;
+      first_from(hq, m_block, span);
+    }
+  };
+  // Copies step (hq, m_block)'s Q, dO, lse and delta into stage `stage`, one group.
+  auto load_step = [&](int hq, int m_block, int stage) {
     const int h = hk * ratio + hq;
-    const S2HeadMask mask = S2HeadMask::make(p.L, p.group, p.mode, h, p.H);
+    const int q0 = m_block * BM;
     const T* qp = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
     const T* dop =
         static_cast<const T*>(p.dout) + b * p.dout_stride.batch + h * p.dout_stride.head;
+    load_tile_async<BM, D, Traits::kThreads>(sQ0 + stage * Traits::kSmemQ, LD,
+                                             qp + q0 * p.q_stride.row, p.q_stride.row,
+                                             p.L - q0);
+    load_tile_async<BM, D, Traits::kThreads>(sdO0 + stage * Traits::kSmemQ, LD,
+                                             dop + q0 * p.dout_stride.row, p.dout_stride.row,
+                                             p.L - q0);
     const int64_t bh_row = (static_cast<int64_t>(b) * p.H + h) * p.L;
-    const float* lse = p.lse + bh_row;
-    const float* delta = p.delta + bh_row;
-    float* dq_acc = p.dq_accum + bh_row * D;
+    for (int x = threadIdx.x; x < BM; x += Traits::kThreads) {
+      const bool in = q0 + x < p.L;
+      const int64_t src = bh_row + (in ? q0 + x : 0);
+      cp_async_4(sLse0 + stage * BM + x, p.lse + src, in);  // rows past L: 0
+      cp_async_4(sDelta0 + stage * BM + x, p.delta + src, in);
+    }
+    cp_async_commit();
+  };
 
-    const S2TileSpan span = s2_query_tiles(mask, k0, BM, BN);
-    for (int r = 0; r < span.n; ++r) {
-      for (int m_block = span.begin(r); m_block < span.end(r); ++m_block) {
-        const int q0 = m_block * BM;
-        __syncthreads();  // previous step's readers of sQ / sdO / sdS / sLse are done
-        load_tile<BM, D, Traits::kThreads>(sQ, LD, qp + q0 * p.q_stride.row, p.q_stride.row,
-                                           p.L - q0);
-        load_tile<BM, D, Traits::kThreads>(sdO, LD, dop + q0 * p.dout_stride.row,
-                                           p.dout_stride.row, p.L - q0);
-        for (int x = threadIdx.x; x < BM; x += Traits::kThreads) {
-          const bool in = q0 + x < p.L;
-          sLse[x] = in ? lse[q0 + x] : 0.f;
-          sDelta[x] = in ? delta[q0 + x] : 0.f;
+  int hq = 0, m_block = -1;
+  S2TileSpan span;
+  first_from(hq, m_block, span);
+  if (m_block >= 0) load_step(hq, m_block, 0);
+
+  for (int stage = 0; m_block >= 0; stage ^= 1) {
+    int hq_next = hq, m_next = m_block;
+    S2TileSpan span_next = span;
+    advance(hq_next, m_next, span_next);
+    // Every warp passed the previous step's mid-step barrier, so it is done reading the
+    // other stage: refill it with the next step while this one computes.
+    if (m_next >= 0) {
+      load_step(hq_next, m_next, stage ^ 1);
+      cp_async_wait<1>();  // all but the newest group: this step's copies have landed
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    const int h = hk * ratio + hq;
+    const S2HeadMask mask = S2HeadMask::make(p.L, p.group, p.mode, h, p.H);
+    float* dq_acc = p.dq_accum + (static_cast<int64_t>(b) * p.H + h) * p.L * D;
+    const int q0 = m_block * BM;
+    const T* sQ = sQ0 + stage * Traits::kSmemQ;
+    const T* sdO = sdO0 + stage * Traits::kSmemQ;
+    const float* sLse = sLse0 + stage * BM;
+    const float* sDelta = sDelta0 + stage * BM;
+    // S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys x BM queries.
+    float st[kNQ][4], dpt[kNQ][4];
+#pragma unroll
+    for (int nt = 0; nt < kNQ; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      uint32_t ak[4], av[4];
+      load_a(ak, sK + warp * 16 * LD + kk * 16, LD);
+      load_a(av, sV + warp * 16 * LD + kk * 16, LD);
+#pragma unroll
+      for (int nt = 0; nt < kNQ; nt += 2) {
+        uint32_t bq[2][2], bo[2][2];
+        load_b_nk2(bq[0], bq[1], sQ + nt * 8 * LD + kk * 16, LD);
+        mma_16816<T>(st[nt], ak, bq[0]);
+        mma_16816<T>(st[nt + 1], ak, bq[1]);
+        load_b_nk2(bo[0], bo[1], sdO + nt * 8 * LD + kk * 16, LD);
+        mma_16816<T>(dpt[nt], av, bo[0]);
+        mma_16816<T>(dpt[nt + 1], av, bo[1]);
+      }
+    }
+
+    // P^T (into st) and dS^T (into dpt), scale folded into dS.
+    const bool need_mask = s2_tile_needs_mask(mask, q0, k0, BM, BN);
+#pragma unroll
+    for (int nt = 0; nt < kNQ; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int il = nt * 8 + 2 * t + (e & 1);
+        const int jl = jl0 + (e >= 2 ? 8 : 0);
+        float pv = exp2f(st[nt][e] * scale_log2 - sLse[il] * kS2Log2e);
+        if (need_mask && !mask.visible(q0 + il, k0 + jl)) pv = 0.f;
+        st[nt][e] = pv;
+        dpt[nt][e] = pv * (dpt[nt][e] - sDelta[il]) * p.softmax_scale;
+      }
+    }
+
+    // dV += P^T dO, dK += dS^T Q (queries are the k dimension).
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      uint32_t ap[4], ads[4];
+      pack_a_from_acc<T>(ap, st[2 * kk], st[2 * kk + 1]);
+      pack_a_from_acc<T>(ads, dpt[2 * kk], dpt[2 * kk + 1]);
+#pragma unroll
+      for (int nd = 0; nd < kND; nd += 2) {
+        uint32_t bo[2][2], bq[2][2];
+        load_b_kn2(bo[0], bo[1], sdO + kk * 16 * LD + nd * 8, LD);
+        mma_16816<T>(dv[nd], ap, bo[0]);
+        mma_16816<T>(dv[nd + 1], ap, bo[1]);
+        load_b_kn2(bq[0], bq[1], sQ + kk * 16 * LD + nd * 8, LD);
+        mma_16816<T>(dk[nd], ads, bq[0]);
+        mma_16816<T>(dk[nd + 1], ads, bq[1]);
+      }
+    }
+
+    // dS (queries x keys) to shared memory for dQ.
+#pragma unroll
+    for (int nt = 0; nt < kNQ; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int il = nt * 8 + 2 * t + (e & 1);
+        const int jl = jl0 + (e >= 2 ? 8 : 0);
+        sdS[il * LDS + jl] = S2Elem<T>::from_float(dpt[nt][e]);
+      }
+    }
+    __syncthreads();
+
+    // dQ (BM x D) += dS (BM x BN) K (BN x D); warp -> (row block, column slice).
+    {
+      const int rb = warp % Traits::kRowBlocks;
+      const int c0 = (warp / Traits::kRowBlocks) * Traits::kDqCols;
+      float dq[kNDq][4];
+#pragma unroll
+      for (int nd = 0; nd < kNDq; ++nd)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dq[nd][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        uint32_t a[4];
+        load_a(a, sdS + rb * 16 * LDS + kk * 16, LDS);
+#pragma unroll
+        for (int nd = 0; nd < kNDq; nd += 2) {
+          uint32_t bk[2][2];
+          load_b_kn2(bk[0], bk[1], sK + kk * 16 * LD + c0 + nd * 8, LD);
+          mma_16816<T>(dq[nd], a, bk[0]);
+          mma_16816<T>(dq[nd + 1], a, bk[1]);
         }
-        __syncthreads();
-
-        // S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys x BM queries.
-        float st[kNQ][4], dpt[kNQ][4];
+      }
 #pragma unroll
-        for (int nt = 0; nt < kNQ; ++nt)
+      for (int rr = 0; rr < 2; ++rr) {
+        const int i = q0 + rb * 16 + g + rr * 8;
+        if (i < p.L) {
+          float* dst = dq_acc + static_cast<int64_t>(i) * D + c0 + 2 * t;
 #pragma unroll
-          for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < kKSteps; ++kk) {
-          uint32_t ak[4], av[4];
-          load_a(ak, sK + warp * 16 * LD + kk * 16, LD);
-          load_a(av, sV + warp * 16 * LD + kk * 16, LD);
-#pragma unroll
-          for (int nt = 0; nt < kNQ; nt += 2) {
-            uint32_t bq[2][2], bo[2][2];
-            load_b_nk2(bq[0], bq[1], sQ + nt * 8 * LD + kk * 16, LD);
-            mma_16816<T>(st[nt], ak, bq[0]);
-            mma_16816<T>(st[nt + 1], ak, bq[1]);
-            load_b_nk2(bo[0], bo[1], sdO + nt * 8 * LD + kk * 16, LD);
-            mma_16816<T>(dpt[nt], av, bo[0]);
-            mma_16816<T>(dpt[nt + 1], av, bo[1]);
-          }
-        }
-
-        // P^T (into st) and dS^T (into dpt), scale folded into dS.
-        const bool need_mask = s2_tile_needs_mask(mask, q0, k0, BM, BN);
-#pragma unroll
-        for (int nt = 0; nt < kNQ; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int il = nt * 8 + 2 * t + (e & 1);
-            const int jl = jl0 + (e >= 2 ? 8 : 0);
-            float pv = exp2f(st[nt][e] * scale_log2 - sLse[il] * kS2Log2e);
-            if (need_mask && !mask.visible(q0 + il, k0 + jl)) pv = 0.f;
-            st[nt][e] = pv;
-            dpt[nt][e] = pv * (dpt[nt][e] - sDelta[il]) * p.softmax_scale;
-          }
-        }
-
-        // dV += P^T dO, dK += dS^T Q (queries are the k dimension).
-#pragma unroll
-        for (int kk = 0; kk < BM / 16; ++kk) {
-          uint32_t ap[4], ads[4];
-          pack_a_from_acc<T>(ap, st[2 * kk], st[2 * kk + 1]);
-          pack_a_from_acc<T>(ads, dpt[2 * kk], dpt[2 * kk + 1]);
-#pragma unroll
-          for (int nd = 0; nd < kND; nd += 2) {
-            uint32_t bo[2][2], bq[2][2];
-            load_b_kn2(bo[0], bo[1], sdO + kk * 16 * LD + nd * 8, LD);
-            mma_16816<T>(dv[nd], ap, bo[0]);
-            mma_16816<T>(dv[nd + 1], ap, bo[1]);
-            load_b_kn2(bq[0], bq[1], sQ + kk * 16 * LD + nd * 8, LD);
-            mma_16816<T>(dk[nd], ads, bq[0]);
-            mma_16816<T>(dk[nd + 1], ads, bq[1]);
-          }
-        }
-
-        // dS (queries x keys) to shared memory for dQ.
-#pragma unroll
-        for (int nt = 0; nt < kNQ; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int il = nt * 8 + 2 * t + (e & 1);
-            const int jl = jl0 + (e >= 2 ? 8 : 0);
-            sdS[il * LDS + jl] = S2Elem<T>::from_float(dpt[nt][e]);
-          }
-        }
-        __syncthreads();
-
-        // dQ (BM x D) += dS (BM x BN) K (BN x D); warp -> (row block, column slice).
-        {
-          const int rb = warp % Traits::kRowBlocks;
-          const int c0 = (warp / Traits::kRowBlocks) * Traits::kDqCols;
-          float dq[kNDq][4];
-#pragma unroll
-          for (int nd = 0; nd < kNDq; ++nd)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) dq[nd][e] = 0.f;
-#pragma unroll
-          for (int kk = 0; kk < BN / 16; ++kk) {
-            uint32_t a[4];
-            load_a(a, sdS + rb * 16 * LDS + kk * 16, LDS);
-#pragma unroll
-            for (int nd = 0; nd < kNDq; nd += 2) {
-              uint32_t bk[2][2];
-              load_b_kn2(bk[0], bk[1], sK + kk * 16 * LD + c0 + nd * 8, LD);
-              mma_16816<T>(dq[nd], a, bk[0]);
-              mma_16816<T>(dq[nd + 1], a, bk[1]);
-            }
-          }
-#pragma unroll
-          for (int rr = 0; rr < 2; ++rr) {
-            const int i = q0 + rb * 16 + g + rr * 8;
-            if (i < p.L) {
-              float* dst = dq_acc + static_cast<int64_t>(i) * D + c0 + 2 * t;
-#pragma unroll
-              for (int nd = 0; nd < kNDq; ++nd) {
-                atomicAdd(dst + nd * 8, dq[nd][2 * rr]);
-                atomicAdd(dst + nd * 8 + 1, dq[nd][2 * rr + 1]);
-              }
-            }
+          for (int nd = 0; nd < kNDq; ++nd) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+            atomicAdd(reinterpret_cast<float2*>(dst + nd * 8),
+                      make_float2(dq[nd][2 * rr], dq[nd][2 * rr + 1]));
+#else
+            atomicAdd(dst + nd * 8, dq[nd][2 * rr]);
+            atomicAdd(dst + nd * 8 + 1, dq[nd][2 * rr + 1]);
+#endif
           }
         }
       }
     }
+    hq = hq_next;
+    m_block = m_next;
+    span = span_next;
   }
+  cp_async_wait<0>();  // no copy may outlive the CTA (none is pending here: defensive)
 
   // Epilogue: dK, dV (=) for this CTA's keys.
   T* dkp = static_cast<T*>(p.dk) + b * p.dk_stride.batch + hk * p.dk_stride.head;

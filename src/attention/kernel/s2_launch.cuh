@@ -45,9 +45,10 @@ void launch_s2_fwd(const S2FwdParams& p, cudaStream_t stream) {
   S2_CUDA_CHECK(cudaGetLastError());
 }
 
-template <typename T, int D>
+template <typename Traits>
 void launch_s2_bwd(const S2BwdParams& p, cudaStream_t stream) {
-  using Traits = S2BwdConfig<T, D>;
+  using T = typename Traits::T;
+  constexpr int D = Traits::kHeadDim;
   if (p.B == 0 || p.H == 0 || p.L == 0) return;
   const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.L;
 

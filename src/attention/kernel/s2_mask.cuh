@@ -82,6 +82,20 @@ struct S2TileSpan {
   S2_HD int end(int r) const { return r == 0 ? hi[0] : hi[1]; }
 };
 
+// The tiles of a span in ascending order, one at a time, so that a kernel can issue
+// the loads of the next tile before computing the current one: first tile, or -1 when
+// the span is empty; the tile after `tile` (a tile of the span), or -1 after the last.
+S2_HD int s2_span_first(const S2TileSpan& s) {
+  if (s.n >= 1 && s.lo[0] < s.hi[0]) return s.lo[0];
+  if (s.n == 2 && s.lo[1] < s.hi[1]) return s.lo[1];
+  return -1;
+}
+S2_HD int s2_span_next(const S2TileSpan& s, int tile) {
+  if (tile + 1 < s.hi[0]) return tile + 1;  // ranges ascending: tile < hi[0] is range 0
+  if (tile < s.hi[0]) return (s.n == 2 && s.lo[1] < s.hi[1]) ? s.lo[1] : -1;
+  return (s.n == 2 && tile + 1 < s.hi[1]) ? tile + 1 : -1;
+}
+
 S2_HD S2TileSpan s2_make_span(int a0, int a1, bool has_b, int b0, int b1) {
   S2TileSpan s;
   s.lo[0] = a0;

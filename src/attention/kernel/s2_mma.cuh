@@ -129,20 +129,43 @@ __device__ __forceinline__ void pack_a_from_acc(uint32_t (&a)[4], const float (&
   a[3] = S2Elem<T>::pack(c1[2], c1[3]);
 }
 
-// Copy rows [0, kRows) x [0, kCols) of a global tile (row stride `gstride` elements)
-// into shared memory (row stride `ld`), 16 bytes per thread per step; rows >= `rows`
-// are zero-filled (so padding never injects NaN/Inf into a product).
+// Asynchronous copies global -> shared (cp.async, sm_80+): the copy engine moves the
+// bytes while the warp computes, and registers are not involved. A group of copies is
+// closed by cp_async_commit; cp_async_wait<N> blocks until at most N of this thread's
+// groups are still in flight (a __syncthreads must follow before other threads read).
+// src_bytes 0 writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async_16(void* s, const void* g, bool in_range) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(s)), "l"(g),
+               "r"(in_range ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_4(void* s, const void* g, bool in_range) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(s)), "l"(g),
+               "r"(in_range ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// load_tile with cp.async: all of a thread's copies are issued at once (fully unrolled),
+// so one tile costs one memory latency, not one per 16-byte chunk. Rows >= `rows` are
+// zero-filled (their source address is the tile's first row, never dereferenced).
 template <int kRows, int kCols, int kThreads, typename T>
-__device__ __forceinline__ void load_tile(T* s, int ld, const T* gp, int64_t gstride,
-                                          int rows) {
+__device__ __forceinline__ void load_tile_async(T* s, int ld, const T* gp, int64_t gstride,
+                                                int rows) {
   constexpr int kChunksPerRow = kCols / 8;
+  constexpr int kChunks = kRows * kChunksPerRow;
   static_assert(kCols % 8 == 0, "tile width must be a multiple of 8 elements");
-  for (int c = threadIdx.x; c < kRows * kChunksPerRow; c += kThreads) {
-    const int r = c / kChunksPerRow;
-    const int col = (c % kChunksPerRow) * 8;
-    uint4 val = make_uint4(0u, 0u, 0u, 0u);
-    if (r < rows) val = *reinterpret_cast<const uint4*>(gp + r * gstride + col);
-    *reinterpret_cast<uint4*>(s + r * ld + col) = val;
+#pragma unroll
+  for (int it = 0; it < (kChunks + kThreads - 1) / kThreads; ++it) {
+    const int c = threadIdx.x + it * kThreads;
+    if (kChunks % kThreads == 0 || c < kChunks) {
+      const int r = c / kChunksPerRow;
+      const int col = (c % kChunksPerRow) * 8;
+      const bool in = r < rows;
+      cp_async_16(s + r * ld + col, gp + (in ? r * gstride : 0) + col, in);
+    }
   }
 }
 

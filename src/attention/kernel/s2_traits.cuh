@@ -58,9 +58,10 @@ struct S2BwdTraits {
   static constexpr int kSmemK = kBlockN * kLd;
   static constexpr int kSmemQ = kBlockM * kLd;
   static constexpr int kSmemS = kBlockM * kLdS;
-  static constexpr int kSmemElems = 2 * kSmemK + 2 * kSmemQ + kSmemS;
+  // K, V; two stages each of Q and dO; dS; then fp32 lse and delta, two stages each.
+  static constexpr int kSmemElems = 2 * kSmemK + 4 * kSmemQ + kSmemS;
   static constexpr int kSmemBytes =
-      kSmemElems * static_cast<int>(sizeof(T)) + 2 * kBlockM * static_cast<int>(sizeof(float));
+      kSmemElems * static_cast<int>(sizeof(T)) + 4 * kBlockM * static_cast<int>(sizeof(float));
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dim must be 64 or 128");
   static_assert(kBlockN == 16 * kNWarps, "backward: each warp owns 16 keys");
