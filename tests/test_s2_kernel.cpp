@@ -222,9 +222,13 @@ TEST(S2KernelMask, IndexRulesAndTilePruning) {
                                  " mode=" + std::to_string(static_cast<int>(mode)) +
                                  " h=" + std::to_string(h);
           for (int i = 0; i < L + 3; ++i)
-            for (int j = 0; j < L + 3; ++j)
-              ASSERT_EQ(m.visible(i, j), defined_visible(L, G, mode, h, H, i, j))
-                  << at << " i=" << i << " j=" << j;
+            for (int j = 0; j < L + 3; ++j) {
+              const bool want = defined_visible(L, G, mode, h, H, i, j);
+              ASSERT_EQ(m.visible(i, j), want) << at << " i=" << i << " j=" << j;
+              // The interval forms the kernels mask with.
+              ASSERT_EQ(m.row_keys(i).contains(j), want) << at << " row_keys i=" << i << " j=" << j;
+              ASSERT_EQ(m.key_rows(j).contains(i), want) << at << " key_rows i=" << i << " j=" << j;
+            }
           for (auto [BM, BN] : {std::pair{32, 64}, std::pair{64, 64}, std::pair{128, 64},
                                 std::pair{32, 128}, std::pair{64, 128}}) {
             const int nq = (L + BM - 1) / BM, nk = (L + BN - 1) / BN;

@@ -9,21 +9,20 @@
 
 namespace longlora::attention::kernel {
 
-// Keys per CTA: 64 (4 warps, the default) or 128 (8 warps sharing each Q/dO tile,
-// half the dQ atomics per FLOP), from LONGLORA_S2_BWD_BLOCK_N; a tuning knob for
-// `bench attention`.
-static bool wide_key_tiles() {
-  static const bool wide = [] {
-    const char* e = std::getenv("LONGLORA_S2_BWD_BLOCK_N");
-    return e != nullptr && std::string(e) == "128";
+// LONGLORA_S2_BWD_ALT=1 runs the alternative tiles (s2_traits.cuh), so that the tests
+// keep both correct and `bench attention` can compare them.
+static bool alt_config() {
+  static const bool alt = [] {
+    const char* e = std::getenv("LONGLORA_S2_BWD_ALT");
+    return e != nullptr && std::string(e) == "1";
   }();
-  return wide;
+  return alt;
 }
 
 template <typename T, int D>
 static void s2_bwd_dim(const S2BwdParams& p, cudaStream_t stream) {
-  if (wide_key_tiles()) {
-    launch_s2_bwd<S2BwdTraits<T, D, (D == 64 ? 64 : 32), 128, 8>>(p, stream);
+  if (alt_config()) {
+    launch_s2_bwd<S2BwdAltConfig<T, D>>(p, stream);
   } else {
     launch_s2_bwd<S2BwdConfig<T, D>>(p, stream);
   }

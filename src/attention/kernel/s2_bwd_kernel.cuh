@@ -18,7 +18,7 @@
 // per warp, transposed (keys x queries):
 //   S^T = K Q^T,  P^T = exp(scale S^T - lse),  dP^T = V dO^T,
 //   dS^T = P^T * (dP^T - delta) * scale,  dV += P^T dO,  dK += dS^T Q,
-// then writes dS to shared memory and all warps compute dQ = dS K, added with fp32
+// then writes dS^T to shared memory and all warps compute dQ = dS K, added with fp32
 // atomics (two floats per atomic on sm_90). The softmax scale is folded into dS, so dK
 // and dQ need no final scaling.
 //
@@ -36,42 +36,61 @@
 
 namespace longlora::attention::kernel {
 
-// delta[b, h, i] = sum_d dout[b, h, i, d] * o[b, h, i, d]; one warp per row.
-template <typename T, int D>
-__global__ void s2_bwd_delta_kernel(const S2BwdParams p) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.L;
-  if (row >= rows) return;
-  const int i = static_cast<int>(row % p.L);
-  const int h = static_cast<int>((row / p.L) % p.H);
-  const int b = static_cast<int>(row / (static_cast<int64_t>(p.L) * p.H));
-  const T* dop = static_cast<const T*>(p.dout) + b * p.dout_stride.batch +
-                 h * p.dout_stride.head + i * p.dout_stride.row;
-  const T* op = static_cast<const T*>(p.o) + b * p.o_stride.batch + h * p.o_stride.head +
-                i * p.o_stride.row;
-  const int lane = threadIdx.x & 31;
-  float acc = 0.f;
-#pragma unroll
-  for (int d = lane; d < D; d += 32) acc += S2Elem<T>::to_float(dop[d]) * S2Elem<T>::to_float(op[d]);
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (lane == 0) p.delta[row] = acc;  // delta is (B, H, L) contiguous: row == (b*H+h)*L+i
+// The pre- and post-passes work on 8 consecutive elements (16 bytes of T) per thread,
+// D / 8 threads per row (a power of two <= 32, so a row's threads share a warp).
+// Rows r of (B, H, L) map to tensors through their strides.
+template <typename T>
+__device__ __forceinline__ const T* s2_row_ptr(const void* base, const S2Strides& st,
+                                               int64_t row, int H, int L) {
+  const int i = static_cast<int>(row % L);
+  const int64_t bh = row / L;
+  const int h = static_cast<int>(bh % H);
+  const int b = static_cast<int>(bh / H);
+  return static_cast<const T*>(base) + b * st.batch + h * st.head + i * st.row;
 }
 
-// dq[b, h, i, d] = dq_accum[b, h, i, d] (contiguous fp32) rounded to T.
+// delta[b, h, i] = sum_d dout[b, h, i, d] * o[b, h, i, d].
+template <typename T, int D>
+__global__ void s2_bwd_delta_kernel(const S2BwdParams p) {
+  constexpr int kPerRow = D / 8;
+  const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.L;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t row = c / kPerRow;
+  const int part = static_cast<int>(c % kPerRow);
+  float acc = 0.f;
+  if (row < rows) {
+    const uint4 dv = *reinterpret_cast<const uint4*>(
+        s2_row_ptr<T>(p.dout, p.dout_stride, row, p.H, p.L) + part * 8);
+    const uint4 ov =
+        *reinterpret_cast<const uint4*>(s2_row_ptr<T>(p.o, p.o_stride, row, p.H, p.L) + part * 8);
+    const T* d8 = reinterpret_cast<const T*>(&dv);
+    const T* o8 = reinterpret_cast<const T*>(&ov);
+#pragma unroll
+    for (int x = 0; x < 8; ++x) acc += S2Elem<T>::to_float(d8[x]) * S2Elem<T>::to_float(o8[x]);
+  }
+#pragma unroll
+  for (int off = kPerRow / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (row < rows && part == 0) p.delta[row] = acc;  // delta is (B, H, L) contiguous
+}
+
+// dq[b, h, i, d] = dq_accum[b, h, i, d] (contiguous fp32) rounded to T (grid-stride).
 template <typename T, int D>
 __global__ void s2_bwd_convert_kernel(const S2BwdParams p) {
-  const int64_t n = static_cast<int64_t>(p.B) * p.H * p.L * D;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int d = static_cast<int>(idx % D);
-    const int64_t row = idx / D;
-    const int i = static_cast<int>(row % p.L);
-    const int h = static_cast<int>((row / p.L) % p.H);
-    const int b = static_cast<int>(row / (static_cast<int64_t>(p.L) * p.H));
-    T* dq = static_cast<T*>(p.dq) + b * p.dq_stride.batch + h * p.dq_stride.head +
-            i * p.dq_stride.row;
-    dq[d] = S2Elem<T>::from_float(p.dq_accum[idx]);
+  constexpr int kPerRow = D / 8;
+  const int64_t chunks = static_cast<int64_t>(p.B) * p.H * p.L * kPerRow;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < chunks;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = c / kPerRow;
+    const int part = static_cast<int>(c % kPerRow);
+    const float4* src = reinterpret_cast<const float4*>(p.dq_accum + c * 8);
+    const float4 x0 = src[0], x1 = src[1];
+    uint4 out;
+    out.x = S2Elem<T>::pack(x0.x, x0.y);
+    out.y = S2Elem<T>::pack(x0.z, x0.w);
+    out.z = S2Elem<T>::pack(x1.x, x1.y);
+    out.w = S2Elem<T>::pack(x1.z, x1.w);
+    T* dst = const_cast<T*>(s2_row_ptr<T>(p.dq, p.dq_stride, row, p.H, p.L)) + part * 8;
+    *reinterpret_cast<uint4*>(dst) = out;
   }
 }
 
@@ -93,7 +112,7 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd_kernel(const S2BwdPar
   T* sV = sK + Traits::kSmemK;
   T* sQ0 = sV + Traits::kSmemK;   // stage st: sQ0 + st * kSmemQ
   T* sdO0 = sQ0 + 2 * Traits::kSmemQ;
-  T* sdS = sdO0 + 2 * Traits::kSmemQ;  // (BM x BN), row = query, col = key
+  T* sdS = sdO0 + 2 * Traits::kSmemQ;  // dS^T (BN x BM), row = key, col = query
   float* sLse0 = reinterpret_cast<float*>(sdS + Traits::kSmemS);  // stage st: + st * BM
   float* sDelta0 = sLse0 + 2 * BM;
 
@@ -217,20 +236,35 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd_kernel(const S2BwdPar
       }
     }
 
-    // P^T (into st) and dS^T (into dpt), scale folded into dS.
-    const bool need_mask = s2_tile_needs_mask(mask, q0, k0, BM, BN);
+    // P^T (into st): exp2(s * scale_log2 - lse * log2(e)) as one FFMA per element.
 #pragma unroll
-    for (int nt = 0; nt < kNQ; ++nt) {
+    for (int nt = 0; nt < kNQ; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int il = nt * 8 + 2 * t + (e & 1);
-        const int jl = jl0 + (e >= 2 ? 8 : 0);
-        float pv = exp2f(st[nt][e] * scale_log2 - sLse[il] * kS2Log2e);
-        if (need_mask && !mask.visible(q0 + il, k0 + jl)) pv = 0.f;
-        st[nt][e] = pv;
-        dpt[nt][e] = pv * (dpt[nt][e] - sDelta[il]) * p.softmax_scale;
+        st[nt][e] = exp2f(fmaf(st[nt][e], scale_log2, -sLse[il] * kS2Log2e));
+      }
+    // Boundary tiles: zero P where the query does not see the key (one interval pair
+    // per key, two compares per element), in a branch of its own.
+    if (s2_tile_needs_mask(mask, q0, k0, BM, BN)) {
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const S2Bounds rows = mask.key_rows(k0 + jl0 + rr * 8);
+#pragma unroll
+        for (int nt = 0; nt < kNQ; ++nt)
+#pragma unroll
+          for (int e = 2 * rr; e < 2 * rr + 2; ++e)
+            if (!rows.contains(q0 + nt * 8 + 2 * t + (e & 1))) st[nt][e] = 0.f;
       }
     }
+    // dS^T (into dpt), the softmax scale folded in.
+#pragma unroll
+    for (int nt = 0; nt < kNQ; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int il = nt * 8 + 2 * t + (e & 1);
+        dpt[nt][e] = st[nt][e] * (dpt[nt][e] - sDelta[il]) * p.softmax_scale;
+      }
 
     // dV += P^T dO, dK += dS^T Q (queries are the k dimension).
 #pragma unroll
@@ -250,16 +284,14 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd_kernel(const S2BwdPar
       }
     }
 
-    // dS (queries x keys) to shared memory for dQ.
+    // dS^T (keys x queries) to shared memory for dQ: a thread's two adjacent queries
+    // of one key are one 32-bit store.
 #pragma unroll
-    for (int nt = 0; nt < kNQ; ++nt) {
+    for (int nt = 0; nt < kNQ; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int il = nt * 8 + 2 * t + (e & 1);
-        const int jl = jl0 + (e >= 2 ? 8 : 0);
-        sdS[il * LDS + jl] = S2Elem<T>::from_float(dpt[nt][e]);
-      }
-    }
+      for (int rr = 0; rr < 2; ++rr)
+        *reinterpret_cast<uint32_t*>(sdS + (jl0 + rr * 8) * LDS + nt * 8 + 2 * t) =
+            S2Elem<T>::pack(dpt[nt][2 * rr], dpt[nt][2 * rr + 1]);
     __syncthreads();
 
     // dQ (BM x D) += dS (BM x BN) K (BN x D); warp -> (row block, column slice).
@@ -274,7 +306,7 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd_kernel(const S2BwdPar
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
         uint32_t a[4];
-        load_a(a, sdS + rb * 16 * LDS + kk * 16, LDS);
+        load_a_trans(a, sdS + kk * 16 * LDS + rb * 16, LDS);
 #pragma unroll
         for (int nd = 0; nd < kNDq; nd += 2) {
           uint32_t bk[2][2];

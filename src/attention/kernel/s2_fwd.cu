@@ -9,20 +9,20 @@
 
 namespace longlora::attention::kernel {
 
-// Query rows per CTA: 64 (4 warps, the default) or 128 (8 warps sharing each K/V
-// tile), from LONGLORA_S2_FWD_BLOCK_M; a tuning knob for `bench attention`.
-static bool wide_query_tiles() {
-  static const bool wide = [] {
-    const char* e = std::getenv("LONGLORA_S2_FWD_BLOCK_M");
-    return e != nullptr && std::string(e) == "128";
+// LONGLORA_S2_FWD_ALT=1 runs the alternative tiles (s2_traits.cuh), so that the tests
+// keep both code paths correct and `bench attention` can compare them.
+static bool alt_config() {
+  static const bool alt = [] {
+    const char* e = std::getenv("LONGLORA_S2_FWD_ALT");
+    return e != nullptr && std::string(e) == "1";
   }();
-  return wide;
+  return alt;
 }
 
 template <typename T, int D>
 static void s2_fwd_dim(const S2FwdParams& p, cudaStream_t stream) {
-  if (wide_query_tiles()) {
-    launch_s2_fwd<S2FwdTraits<T, D, 128, 64, 8>>(p, stream);
+  if (alt_config()) {
+    launch_s2_fwd<S2FwdAltConfig<T, D>>(p, stream);
   } else {
     launch_s2_fwd<S2FwdConfig<T, D>>(p, stream);
   }

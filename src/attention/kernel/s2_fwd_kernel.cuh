@@ -8,7 +8,8 @@
 //   mask: S2HeadMask (s2_mask.cuh): Full / Segments / Roll, per head.
 //
 // Grid (ceil(L / kBlockM), H, B); a CTA of kNWarps warps owns kBlockM query rows,
-// 16 per warp. Q fragments stay in registers; for each key tile listed by
+// 16 per warp (Q fragments held in registers) or 32 (two row blocks sharing every K/V
+// fragment; Q fragments re-read from shared memory). For each key tile listed by
 // s2_key_tiles, K and V are staged in shared memory, S = Q K^T and O += P V run on
 // mma.sync with the online softmax in fp32 registers (base-2 exponentials of the
 // scaled scores). Only tiles flagged by s2_tile_needs_mask evaluate the mask.
@@ -29,15 +30,16 @@
 namespace longlora::attention::kernel {
 
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads) s2_fwd_kernel(const S2FwdParams p) {
+__global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocks) s2_fwd_kernel(const S2FwdParams p) {
   using T = typename Traits::T;
   constexpr int D = Traits::kHeadDim;
   constexpr int BM = Traits::kBlockM;
   constexpr int BN = Traits::kBlockN;
   constexpr int LD = Traits::kLd;
-  constexpr int kKSteps = D / 16;  // k-steps of S = Q K^T
-  constexpr int kNS = BN / 8;      // n-tiles of S
-  constexpr int kNO = D / 8;       // n-tiles of O
+  constexpr int kMT = Traits::kMTiles;  // 16-row blocks per warp
+  constexpr int kKSteps = D / 16;       // k-steps of S = Q K^T
+  constexpr int kNS = BN / 8;           // n-tiles of S
+  constexpr int kNO = D / 8;            // n-tiles of O
 
   extern __shared__ __align__(16) unsigned char s2_smem[];
   T* sQ = reinterpret_cast<T*>(s2_smem);
@@ -51,6 +53,7 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_fwd_kernel(const S2FwdPar
   const int q0 = m_block * BM;
   const int warp = threadIdx.x / 32;
   const int g = lane_g(), t = lane_t();
+  const T* sQw = sQ + warp * Traits::kRowsPerWarp * LD;  // this warp's rows
 
   const T* qp = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
   const T* kp = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
@@ -82,20 +85,31 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_fwd_kernel(const S2FwdPar
   if (n_block >= 0) load_k(n_block);
   cp_async_wait<0>();
   __syncthreads();
-  uint32_t qf[kKSteps][4];
+  // One 16-row warp keeps its Q fragments in registers; two re-read them per k-step.
+  uint32_t qf[Traits::kQInRegs ? kKSteps : 1][4];
+  if constexpr (Traits::kQInRegs) {
 #pragma unroll
-  for (int kk = 0; kk < kKSteps; ++kk) load_a(qf[kk], sQ + warp * 16 * LD + kk * 16, LD);
+    for (int kk = 0; kk < kKSteps; ++kk) load_a(qf[kk], sQw + kk * 16, LD);
+  }
 
-  float o[kNO][4];
+  float o[kMT][kNO][4];
 #pragma unroll
-  for (int nd = 0; nd < kNO; ++nd)
+  for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) o[nd][e] = 0.f;
+    for (int nd = 0; nd < kNO; ++nd)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[mt][nd][e] = 0.f;
   // Running max (base-2, scaled) and partial row sum of this thread's columns, for
-  // rows row0 (rr = 0, accumulator elements 0..1) and row0 + 8 (rr = 1, elements 2..3).
-  float m_run[2] = {-INFINITY, -INFINITY};
-  float l_run[2] = {0.f, 0.f};
-  const int row0 = q0 + warp * 16 + g;
+  // rows row0(mt) (rr = 0, accumulator elements 0..1) and row0(mt) + 8 (rr = 1, 2..3).
+  float m_run[kMT][2], l_run[kMT][2], alpha[kMT][2];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      m_run[mt][rr] = -INFINITY;
+      l_run[mt][rr] = 0.f;
+    }
+  const int row0 = q0 + warp * Traits::kRowsPerWarp + g;  // + mt * 16 + rr * 8
 
   while (n_block >= 0) {
     const int k0 = n_block * BN;
@@ -104,106 +118,147 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_fwd_kernel(const S2FwdPar
     __syncthreads();     // ... for every thread; every warp is done with sV (last P V)
     load_v(n_block);
 
-    // S = Q K^T for this warp's 16 rows x BN keys.
-    float s[kNS][4];
+    // S = Q K^T for this warp's rows x BN keys; each K fragment feeds kMT mmas.
+    float s[kMT][kNS][4];
 #pragma unroll
-    for (int nt = 0; nt < kNS; ++nt)
+    for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+      for (int nt = 0; nt < kNS; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < kKSteps; ++kk) {
+      uint32_t qa[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        if constexpr (Traits::kQInRegs) {
+#pragma unroll
+          for (int x = 0; x < 4; ++x) qa[mt][x] = qf[kk][x];
+        } else {
+          load_a(qa[mt], sQw + mt * 16 * LD + kk * 16, LD);
+        }
+      }
       // All of a k-step's fragments first, so the loads overlap and the mmas issue back to back.
       uint32_t bf[kNS][2];
 #pragma unroll
       for (int nt = 0; nt < kNS; nt += 2)
         load_b_nk2(bf[nt], bf[nt + 1], sK + nt * 8 * LD + kk * 16, LD);
 #pragma unroll
-      for (int nt = 0; nt < kNS; ++nt) mma_16816<T>(s[nt], qf[kk], bf[nt]);
-    }
-
-    // Scale to base-2 units; mask boundary tiles.
-    const bool need_mask = s2_tile_needs_mask(mask, q0, k0, BM, BN);
-#pragma unroll
-    for (int nt = 0; nt < kNS; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[nt][e] *= scale_log2;
-        if (need_mask) {
-          const int i = row0 + (e >= 2 ? 8 : 0);
-          const int j = k0 + nt * 8 + 2 * t + (e & 1);
-          if (!mask.visible(i, j)) s[nt][e] = -INFINITY;
-        }
-      }
-    }
-
-    // Online softmax. A row's 4 owners are lanes 4g..4g+3 (xor 1, 2).
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      float mx = -INFINITY;
-#pragma unroll
       for (int nt = 0; nt < kNS; ++nt)
-        mx = fmaxf(mx, fmaxf(s[nt][2 * rr], s[nt][2 * rr + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_run[rr], mx);
-      // A row with nothing visible so far keeps max -inf: subtract 0, not -inf.
-      const float m_use = (m_new == -INFINITY) ? 0.f : m_new;
-      const float alpha = exp2f(m_run[rr] - m_use);
-      m_run[rr] = m_new;
-      float rowsum = 0.f;
 #pragma unroll
-      for (int nt = 0; nt < kNS; ++nt) {
+        for (int mt = 0; mt < kMT; ++mt) mma_16816<T>(s[mt][nt], qa[mt], bf[nt]);
+    }
+
+    // Mask boundary tiles (one interval pair per row, then two compares per element),
+    // in a branch of its own so that the common unmasked tile runs straight-line code.
+    if (s2_tile_needs_mask(mask, q0, k0, BM, BN)) {
 #pragma unroll
-        for (int e = 2 * rr; e < 2 * rr + 2; ++e) {
-          s[nt][e] = exp2f(s[nt][e] - m_use);
-          rowsum += s[nt][e];
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          const S2Bounds keys = mask.row_keys(row0 + mt * 16 + rr * 8);
+#pragma unroll
+          for (int nt = 0; nt < kNS; ++nt)
+#pragma unroll
+            for (int e = 2 * rr; e < 2 * rr + 2; ++e)
+              if (!keys.contains(k0 + nt * 8 + 2 * t + (e & 1))) s[mt][nt][e] = -INFINITY;
         }
-      }
-      l_run[rr] = l_run[rr] * alpha + rowsum;
+    }
+
+    // Online softmax on the raw scores; the scale is folded into the exponent,
+    // exp2(s * scale_log2 - m) as one FFMA. A row's 4 owners are lanes 4g..4g+3 (xor 1, 2).
+    // Max and sum reduce as trees (a serial chain of dependent instructions was the
+    // largest stall); O is rescaled only when some row of the warp has a new max (exact:
+    // otherwise every factor is 1).
+    bool rescale = false;
 #pragma unroll
-      for (int nd = 0; nd < kNO; ++nd) {
-        o[nd][2 * rr] *= alpha;
-        o[nd][2 * rr + 1] *= alpha;
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        float mx[kNS];
+#pragma unroll
+        for (int nt = 0; nt < kNS; ++nt) mx[nt] = fmaxf(s[mt][nt][2 * rr], s[mt][nt][2 * rr + 1]);
+#pragma unroll
+        for (int w = 1; w < kNS; w *= 2)
+#pragma unroll
+          for (int nt = 0; nt + w < kNS; nt += 2 * w) mx[nt] = fmaxf(mx[nt], mx[nt + w]);
+        float m = mx[0];
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+        const float m_new = fmaxf(m_run[mt][rr], m * scale_log2);  // base-2 units
+        // A row with nothing visible so far keeps max -inf: subtract 0, not -inf.
+        const float m_use = (m_new == -INFINITY) ? 0.f : m_new;
+        alpha[mt][rr] = exp2f(m_run[mt][rr] - m_use);
+        rescale |= m_new != m_run[mt][rr];
+        m_run[mt][rr] = m_new;
+        float sum[kNS];
+#pragma unroll
+        for (int nt = 0; nt < kNS; ++nt) {
+#pragma unroll
+          for (int e = 2 * rr; e < 2 * rr + 2; ++e)
+            s[mt][nt][e] = exp2f(fmaf(s[mt][nt][e], scale_log2, -m_use));
+          sum[nt] = s[mt][nt][2 * rr] + s[mt][nt][2 * rr + 1];
+        }
+#pragma unroll
+        for (int w = 1; w < kNS; w *= 2)
+#pragma unroll
+          for (int nt = 0; nt + w < kNS; nt += 2 * w) sum[nt] += sum[nt + w];
+        l_run[mt][rr] = l_run[mt][rr] * alpha[mt][rr] + sum[0];
       }
+    if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int nd = 0; nd < kNO; ++nd)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[mt][nd][e] *= alpha[mt][e / 2];
     }
 
     cp_async_wait<0>();  // V of this tile has landed
     __syncthreads();     // ... for every thread; every warp is done with sK
     if (n_next >= 0) load_k(n_next);
 
-    // O += P V (P rounded to T, as the A operand built from the S accumulators).
+    // O += P V (P rounded to T, as the A operand built from the S accumulators); each
+    // V fragment feeds kMT mmas.
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t a[4];
-      pack_a_from_acc<T>(a, s[2 * kk], s[2 * kk + 1]);
-      uint32_t bf[kNO][2];
+      uint32_t a[kMT][4];
 #pragma unroll
-      for (int nd = 0; nd < kNO; nd += 2)
-        load_b_kn2(bf[nd], bf[nd + 1], sV + kk * 16 * LD + nd * 8, LD);
+      for (int mt = 0; mt < kMT; ++mt) pack_a_from_acc<T>(a[mt], s[mt][2 * kk], s[mt][2 * kk + 1]);
 #pragma unroll
-      for (int nd = 0; nd < kNO; ++nd) mma_16816<T>(o[nd], a, bf[nd]);
+      for (int nd = 0; nd < kNO; nd += 2) {
+        uint32_t b0[2], b1[2];
+        load_b_kn2(b0, b1, sV + kk * 16 * LD + nd * 8, LD);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          mma_16816<T>(o[mt][nd], a[mt], b0);
+          mma_16816<T>(o[mt][nd + 1], a[mt], b1);
+        }
+      }
     }
     n_block = n_next;
   }
 
   // Epilogue: normalize, store O and the natural-log LSE.
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    float l = l_run[rr];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const int i = row0 + rr * 8;
-    if (i < p.L) {
-      T* orow = op + i * p.o_stride.row;
+  for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-      for (int nd = 0; nd < kNO; ++nd) {
-        *reinterpret_cast<uint32_t*>(orow + nd * 8 + 2 * t) =
-            S2Elem<T>::pack(o[nd][2 * rr] * inv, o[nd][2 * rr + 1] * inv);
+    for (int rr = 0; rr < 2; ++rr) {
+      float l = l_run[mt][rr];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int i = row0 + mt * 16 + rr * 8;
+      if (i < p.L) {
+        T* orow = op + i * p.o_stride.row;
+#pragma unroll
+        for (int nd = 0; nd < kNO; ++nd) {
+          *reinterpret_cast<uint32_t*>(orow + nd * 8 + 2 * t) =
+              S2Elem<T>::pack(o[mt][nd][2 * rr] * inv, o[mt][nd][2 * rr + 1] * inv);
+        }
+        if (t == 0) lse[i] = l > 0.f ? m_run[mt][rr] * kS2Ln2 + logf(l) : -INFINITY;
       }
-      if (t == 0) lse[i] = l > 0.f ? m_run[rr] * kS2Ln2 + logf(l) : -INFINITY;
     }
-  }
 }
 
 }  // namespace longlora::attention::kernel

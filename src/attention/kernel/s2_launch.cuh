@@ -52,9 +52,9 @@ void launch_s2_bwd(const S2BwdParams& p, cudaStream_t stream) {
   if (p.B == 0 || p.H == 0 || p.L == 0) return;
   const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.L;
 
-  // 1. delta = rowsum(dout * o): 4 warps per block, one row per warp.
-  constexpr int kDeltaThreads = 128;
-  const int64_t delta_blocks = (rows + kDeltaThreads / 32 - 1) / (kDeltaThreads / 32);
+  // 1. delta = rowsum(dout * o): D / 8 threads per row.
+  constexpr int kDeltaThreads = 256;
+  const int64_t delta_blocks = (rows * (D / 8) + kDeltaThreads - 1) / kDeltaThreads;
   s2_bwd_delta_kernel<T, D>
       <<<static_cast<unsigned>(delta_blocks), kDeltaThreads, 0, stream>>>(p);
   S2_CUDA_CHECK(cudaGetLastError());
@@ -67,9 +67,9 @@ void launch_s2_bwd(const S2BwdParams& p, cudaStream_t stream) {
   kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
   S2_CUDA_CHECK(cudaGetLastError());
 
-  // 3. dq = dq_accum (grid-stride loop).
+  // 3. dq = dq_accum (grid-stride loop, 8 elements per thread and step).
   constexpr int kConvThreads = 256;
-  const int64_t n = rows * D;
+  const int64_t n = rows * (D / 8);
   const int64_t conv_blocks = std::min<int64_t>((n + kConvThreads - 1) / kConvThreads, 65536);
   s2_bwd_convert_kernel<T, D><<<static_cast<unsigned>(conv_blocks), kConvThreads, 0, stream>>>(p);
   S2_CUDA_CHECK(cudaGetLastError());

@@ -33,6 +33,14 @@
 
 namespace longlora::attention::kernel {
 
+// What one row sees (or, transposed, which rows see one key) as at most two closed
+// intervals, so that masking a tile costs two compares per element after one division
+// per row: x is inside iff lo <= x <= hi or wlo <= x <= whi.
+struct S2Bounds {
+  int lo, hi, wlo, whi;
+  S2_HD bool contains(int x) const { return (x >= lo && x <= hi) || (x >= wlo && x <= whi); }
+};
+
 struct S2HeadMask {
   int L = 0;          // sequence length
   int G = 0;          // group size (L in Full mode)
@@ -69,6 +77,18 @@ struct S2HeadMask {
     if (i >= L || j >= L) return false;
     if (j <= i && j >= group_start(i)) return true;
     return i < wrap_rows && j >= wrap_lo;
+  }
+  // The keys row i sees: visible(i, j) == row_keys(i).contains(j) for every j >= 0.
+  S2_HD S2Bounds row_keys(int i) const {
+    if (i >= L) return {1, 0, 1, 0};
+    const bool wraps = i < wrap_rows;
+    return {group_start(i), i, wraps ? wrap_lo : 1, wraps ? L - 1 : 0};
+  }
+  // The rows that see key j: visible(i, j) == key_rows(j).contains(i) for every i >= 0.
+  S2_HD S2Bounds key_rows(int j) const {
+    if (j >= L) return {1, 0, 1, 0};
+    const bool wrapped = j >= wrap_lo;  // only Roll-shifted heads have wrap_lo < L
+    return {j, group_last(j), 0, wrapped ? wrap_rows - 1 : -1};
   }
 };
 

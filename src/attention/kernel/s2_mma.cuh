@@ -92,6 +92,17 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* s, int ld) {
                : "r"(smem_addr(row)));
 }
 
+// The same 16x16 A block stored transposed, A(m, k) = s[k * ld + m] (m contiguous),
+// e.g. dS for dQ = dS K from a key-major dS^T; the blocks arrive transposed.
+template <typename T>
+__device__ __forceinline__ void load_a_trans(uint32_t (&a)[4], const T* s, int ld) {
+  const int l = threadIdx.x & 31;
+  const T* row = s + ((l & 7) + (l >> 4) * 8) * ld + ((l >> 3) & 1) * 8;
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+               : "r"(smem_addr(row)));
+}
+
 // Two adjacent 16x8 B fragments (n 0-7 -> b0, n 8-15 -> b1) per instruction.
 // B(k, n) = s[n * ld + k]: stored n-major (k contiguous), e.g. K rows for S = Q K^T.
 // Blocks: 0 = n 0-7 / k 0-7, 1 = n 0-7 / k 8-15, 2 = n 8-15 / k 0-7, 3 = n 8-15 / k 8-15.

@@ -1,6 +1,6 @@
 // Compile-time tile shapes of the S2 kernels.
 //
-// Forward: a CTA owns kBlockM query rows (16 per warp) of one (batch, head) and walks
+// Forward: a CTA owns kBlockM query rows (16 or 32 per warp) of one (batch, head) and walks
 // the key tiles of kBlockN keys that those rows can see.
 // Backward: a CTA owns kBlockN keys (16 per warp) of one (batch, kv head) and walks,
 // for every query head sharing that kv head, the query tiles of kBlockM rows that can
@@ -18,14 +18,23 @@ namespace longlora::attention::kernel {
 constexpr float kS2Log2e = 1.4426950408889634f;
 constexpr float kS2Ln2 = 0.6931471805599453f;
 
-template <typename T_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
+template <typename T_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_,
+          int kMinBlocks_ = 1>
 struct S2FwdTraits {
   using T = T_;
+  // CTAs per SM the register allocation must allow (__launch_bounds__' second argument).
+  static constexpr int kMinBlocks = kMinBlocks_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kNWarps = kNWarps_;
   static constexpr int kThreads = kNWarps * 32;
+  // Query rows per warp: 16 (one mma row block) or 32 (two, each K/V fragment read
+  // from shared memory feeds two mmas; Q is then re-read from shared memory instead
+  // of held in registers).
+  static constexpr int kRowsPerWarp = kBlockM / kNWarps;
+  static constexpr int kMTiles = kRowsPerWarp / 16;
+  static constexpr bool kQInRegs = kMTiles == 1;
   static constexpr int kPad = 8;
   static constexpr int kLd = kHeadDim + kPad;  // row stride of sQ, sK, sV
   static constexpr int kSmemQ = kBlockM * kLd;
@@ -33,7 +42,8 @@ struct S2FwdTraits {
   static constexpr int kSmemBytes = (kSmemQ + 2 * kSmemKV) * static_cast<int>(sizeof(T));
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dim must be 64 or 128");
-  static_assert(kBlockM == 16 * kNWarps, "forward: each warp owns 16 query rows");
+  static_assert(kBlockM == 16 * kNWarps || kBlockM == 32 * kNWarps,
+                "forward: each warp owns 16 or 32 query rows");
   static_assert(kBlockN % 16 == 0 && kBlockN >= 16, "key tile: multiple of 16");
   static_assert(kLd % 8 == 0, "padded rows must stay 16-byte aligned");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
@@ -49,7 +59,7 @@ struct S2BwdTraits {
   static constexpr int kThreads = kNWarps * 32;
   static constexpr int kPad = 8;
   static constexpr int kLd = kHeadDim + kPad;  // sQ, sK, sV, sdO
-  static constexpr int kLdS = kBlockN + kPad;  // sdS (kBlockM x kBlockN)
+  static constexpr int kLdS = kBlockM + kPad;  // sdS: dS^T (kBlockN x kBlockM)
   // dQ = dS K: warps tile the (kBlockM x kHeadDim) product as kRowBlocks x kColSplits.
   static constexpr int kRowBlocks = kBlockM / 16;
   static constexpr int kColSplits = kNWarps / kRowBlocks;
@@ -57,7 +67,7 @@ struct S2BwdTraits {
 
   static constexpr int kSmemK = kBlockN * kLd;
   static constexpr int kSmemQ = kBlockM * kLd;
-  static constexpr int kSmemS = kBlockM * kLdS;
+  static constexpr int kSmemS = kBlockN * kLdS;
   // K, V; two stages each of Q and dO; dS; then fp32 lse and delta, two stages each.
   static constexpr int kSmemElems = 2 * kSmemK + 4 * kSmemQ + kSmemS;
   static constexpr int kSmemBytes =
@@ -74,10 +84,18 @@ struct S2BwdTraits {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
 };
 
-// The configurations the dispatch instantiates.
+// The configurations the dispatch instantiates, the fastest measured on an H100 at
+// L = 32768 (docs/benchmarks.md): forward 32 query rows per warp, 4 warps, key tiles of
+// 32 (D = 128) or 64 (D = 64); backward 8 warps x 16 keys (D = 128) or 4 warps (D = 64).
 template <typename T, int D>
-using S2FwdConfig = S2FwdTraits<T, D, 64, 64, 4>;
+using S2FwdConfig = S2FwdTraits<T, D, 128, (D == 128 ? 32 : 64), 4>;
 template <typename T, int D>
-using S2BwdConfig = S2BwdTraits<T, D, (D == 64 ? 64 : 32), 64, 4>;
+using S2BwdConfig = S2BwdTraits<T, D, (D == 64 ? 64 : 32), (D == 128 ? 128 : 64), (D == 128 ? 8 : 4)>;
+// The alternatives (LONGLORA_S2_FWD_ALT=1, LONGLORA_S2_BWD_ALT=1), kept correct by the
+// tests: 16 rows per warp with Q held in registers; the other backward key tile.
+template <typename T, int D>
+using S2FwdAltConfig = S2FwdTraits<T, D, 64, 64, 4>;
+template <typename T, int D>
+using S2BwdAltConfig = S2BwdTraits<T, D, (D == 64 ? 64 : 32), (D == 128 ? 64 : 128), (D == 128 ? 4 : 8)>;
 
 }  // namespace longlora::attention::kernel
