@@ -1,6 +1,5 @@
 // S2-Attention forward: dispatch of the runtime (dtype, head dim) to the templated
 // launcher. Contract of the kernel: s2_fwd_kernel.cuh; of the parameters: s2_params.h.
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -9,19 +8,11 @@
 
 namespace longlora::attention::kernel {
 
-// LONGLORA_S2_FWD_ALT=1 runs the alternative tiles (s2_traits.cuh), so that the tests
-// keep both code paths correct and `bench attention` can compare them.
-static bool alt_config() {
-  static const bool alt = [] {
-    const char* e = std::getenv("LONGLORA_S2_FWD_ALT");
-    return e != nullptr && std::string(e) == "1";
-  }();
-  return alt;
-}
-
 template <typename T, int D>
 static void s2_fwd_dim(const S2FwdParams& p, cudaStream_t stream) {
-  if (alt_config()) {
+  // The alternative tiles (s2_traits.cuh) keep both code paths tested and comparable.
+  static const bool alt = s2_env_flag("LONGLORA_S2_FWD_ALT");
+  if (alt) {
     launch_s2_fwd<S2FwdAltConfig<T, D>>(p, stream);
   } else {
     launch_s2_fwd<S2FwdConfig<T, D>>(p, stream);

@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -26,6 +27,13 @@
 namespace longlora::attention::kernel {
 
 inline int s2_ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// True when the environment variable `name` is "1": the dispatch's switches to the
+// alternative tiles (LONGLORA_S2_FWD_ALT, LONGLORA_S2_BWD_ALT), read once by callers.
+inline bool s2_env_flag(const char* name) {
+  const char* e = std::getenv(name);
+  return e != nullptr && std::string(e) == "1";
+}
 
 template <typename Kernel>
 void s2_set_smem(Kernel kernel, int bytes) {
