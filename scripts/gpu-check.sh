@@ -52,6 +52,15 @@ if want kernel; then
     note "kernel tests, alternative tiles: $(grep -E 'tests passed|tests failed' "$OUT/kernel_alt.log")"
     grep -E 'kernel max abs diff|non-finite' "$OUT/kernel_alt.log" | head -10 | tee -a "$SUMMARY"
   fi
+  # The torch-free kernel bench: default and alternative tiles must agree (GQA, roll).
+  for D in 64 128; do
+    if timeout 60 "$B/s2-kernel-bench" --seq-len 4096 --heads 8 --kv-heads 2 --head-dim "$D" \
+         --mode roll --iters 3 >"$OUT/kernel_bench_$D.log" 2>&1; then
+      note "s2-kernel-bench D=$D: default and alternative tiles agree"
+    else
+      note "s2-kernel-bench D=$D: FAILED"; cat "$OUT/kernel_bench_$D.log" | tee -a "$SUMMARY"
+    fi
+  done
 fi
 
 # One attention run per line: seq_len mode [VAR=value ...] (environment for the run).
