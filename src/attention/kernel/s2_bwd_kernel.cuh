@@ -38,15 +38,14 @@ namespace longlora::attention::kernel {
 
 // The pre- and post-passes work on 8 consecutive elements (16 bytes of T) per thread,
 // D / 8 threads per row (a power of two <= 32, so a row's threads share a warp).
-// Rows r of (B, H, L) map to tensors through their strides.
-template <typename T>
-__device__ __forceinline__ const T* s2_row_ptr(const void* base, const S2Strides& st,
-                                               int64_t row, int H, int L) {
+// Row r of (B, H, L) starts s2_row_offset elements into a tensor with strides st.
+__device__ __forceinline__ int64_t s2_row_offset(const S2Strides& st, int64_t row, int H,
+                                                 int L) {
   const int i = static_cast<int>(row % L);
   const int64_t bh = row / L;
   const int h = static_cast<int>(bh % H);
   const int b = static_cast<int>(bh / H);
-  return static_cast<const T*>(base) + b * st.batch + h * st.head + i * st.row;
+  return b * st.batch + h * st.head + i * st.row;
 }
 
 // delta[b, h, i] = sum_d dout[b, h, i, d] * o[b, h, i, d].
@@ -60,9 +59,9 @@ __global__ void s2_bwd_delta_kernel(const S2BwdParams p) {
   float acc = 0.f;
   if (row < rows) {
     const uint4 dv = *reinterpret_cast<const uint4*>(
-        s2_row_ptr<T>(p.dout, p.dout_stride, row, p.H, p.L) + part * 8);
-    const uint4 ov =
-        *reinterpret_cast<const uint4*>(s2_row_ptr<T>(p.o, p.o_stride, row, p.H, p.L) + part * 8);
+        static_cast<const T*>(p.dout) + s2_row_offset(p.dout_stride, row, p.H, p.L) + part * 8);
+    const uint4 ov = *reinterpret_cast<const uint4*>(
+        static_cast<const T*>(p.o) + s2_row_offset(p.o_stride, row, p.H, p.L) + part * 8);
     const T* d8 = reinterpret_cast<const T*>(&dv);
     const T* o8 = reinterpret_cast<const T*>(&ov);
 #pragma unroll
@@ -89,7 +88,7 @@ __global__ void s2_bwd_convert_kernel(const S2BwdParams p) {
     out.y = S2Elem<T>::pack(x0.z, x0.w);
     out.z = S2Elem<T>::pack(x1.x, x1.y);
     out.w = S2Elem<T>::pack(x1.z, x1.w);
-    T* dst = const_cast<T*>(s2_row_ptr<T>(p.dq, p.dq_stride, row, p.H, p.L)) + part * 8;
+    T* dst = static_cast<T*>(p.dq) + s2_row_offset(p.dq_stride, row, p.H, p.L) + part * 8;
     *reinterpret_cast<uint4*>(dst) = out;
   }
 }

@@ -29,7 +29,7 @@
 namespace longlora::attention::kernel {
 
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocks) s2_fwd_kernel(const S2FwdParams p) {
+__global__ void __launch_bounds__(Traits::kThreads) s2_fwd_kernel(const S2FwdParams p) {
   using T = typename Traits::T;
   constexpr int D = Traits::kHeadDim;
   constexpr int BM = Traits::kBlockM;
@@ -64,16 +64,10 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocks) s2_fwd_k
   const float scale_log2 = p.softmax_scale * kS2Log2e;
 
   const S2TileSpan span = s2_key_tiles(mask, q0, BM, BN);
-  auto load_k = [&](int n_block) {
+  // Copies key tile n_block of K or V into its shared-memory buffer, one group.
+  auto load_kv = [&](T* s, const T* g, int64_t row_stride, int n_block) {
     const int k0 = n_block * BN;
-    load_tile_async<BN, D, Traits::kThreads>(sK, LD, kp + k0 * p.k_stride.row,
-                                             p.k_stride.row, p.L - k0);
-    cp_async_commit();
-  };
-  auto load_v = [&](int n_block) {
-    const int k0 = n_block * BN;
-    load_tile_async<BN, D, Traits::kThreads>(sV, LD, vp + k0 * p.v_stride.row,
-                                             p.v_stride.row, p.L - k0);
+    load_tile_async<BN, D, Traits::kThreads>(s, LD, g + k0 * row_stride, row_stride, p.L - k0);
     cp_async_commit();
   };
 
@@ -81,7 +75,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocks) s2_fwd_k
                                            p.L - q0);
   cp_async_commit();
   int n_block = s2_span_first(span);
-  if (n_block >= 0) load_k(n_block);
+  if (n_block >= 0) load_kv(sK, kp, p.k_stride.row, n_block);
   cp_async_wait<0>();
   __syncthreads();
   // One 16-row warp keeps its Q fragments in registers; two re-read them per k-step.
@@ -115,7 +109,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocks) s2_fwd_k
     const int n_next = s2_span_next(span, n_block);
     cp_async_wait<0>();  // K of this tile has landed
     __syncthreads();     // ... for every thread; every warp is done with sV (last P V)
-    load_v(n_block);
+    load_kv(sV, vp, p.v_stride.row, n_block);
 
     // S = Q K^T for this warp's rows x BN keys; each K fragment feeds kMT mmas.
     float s[kMT][kNS][4];
@@ -215,7 +209,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocks) s2_fwd_k
 
     cp_async_wait<0>();  // V of this tile has landed
     __syncthreads();     // ... for every thread; every warp is done with sK
-    if (n_next >= 0) load_k(n_next);
+    if (n_next >= 0) load_kv(sK, kp, p.k_stride.row, n_next);
 
     // O += P V (P rounded to T, as the A operand built from the S accumulators); each
     // V fragment feeds kMT mmas.

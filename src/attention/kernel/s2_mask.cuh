@@ -97,9 +97,6 @@ struct S2TileSpan {
   int lo[2] = {0, 0};
   int hi[2] = {0, 0};
   int n = 0;
-  // Selects instead of a dynamic index keep the span in registers.
-  S2_HD int begin(int r) const { return r == 0 ? lo[0] : lo[1]; }
-  S2_HD int end(int r) const { return r == 0 ? hi[0] : hi[1]; }
 };
 
 // The tiles of a span in ascending order, one at a time, so that a kernel can issue

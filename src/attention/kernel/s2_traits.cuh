@@ -18,12 +18,9 @@ namespace longlora::attention::kernel {
 constexpr float kS2Log2e = 1.4426950408889634f;
 constexpr float kS2Ln2 = 0.6931471805599453f;
 
-template <typename T_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_,
-          int kMinBlocks_ = 1>
+template <typename T_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
 struct S2FwdTraits {
   using T = T_;
-  // CTAs per SM the register allocation must allow (__launch_bounds__' second argument).
-  static constexpr int kMinBlocks = kMinBlocks_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
