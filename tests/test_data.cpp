@@ -86,6 +86,26 @@ TEST(Data, SupervisedRecordsCountOnlyTheOutputAndEos) {
   EXPECT_NE(data::sft_prompt({"Add", "2 and 3", "5"}).find("### Input:\n2 and 3"), std::string::npos);
 }
 
+TEST(Data, MakeDataStopsWithAnErrorWhereNoDocumentFitsTheRowLength) {
+  // Five keys with their info lines and questions never fit 64 tokens: this looped
+  // for ever before; now it names the flags.
+  const auto d = testutil::temp_dir("make-data-nofit");
+  data::PasskeyCorpusOptions o;
+  o.tokenizer = testutil::golden("tokenizer.model");
+  o.out = d + "/c.jsonl";
+  o.docs = 2;
+  o.row_tokens = 64;
+  o.min_keys = o.max_keys = 5;
+  o.max_asks = 8;
+  try {
+    data::write_passkey_corpus(o);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--row-tokens 64"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("--min-keys 5"), std::string::npos) << e.what();
+  }
+}
+
 TEST(Data, MakeDataRowTokensGiveRowsThatAreWholeDocuments) {
   const auto d = testutil::temp_dir("make-data");
   data::PasskeyCorpusOptions o;

@@ -43,6 +43,17 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
   std::ofstream out(o.out);
   if (!out) throw Error(o.out + ": cannot write");
   int64_t written = 0;
+  // Exact-length documents are drawn until one fits; settings where none (or almost
+  // none) can fit would otherwise loop for ever.
+  constexpr int kMaxMisses = 2000;
+  int misses = 0;
+  auto missed = [&] {
+    if (++misses < kMaxMisses) return;
+    throw Error("make-data: " + std::to_string(kMaxMisses) + " draws in a row did not fit --row-tokens " +
+                std::to_string(o.row_tokens) + " (the task line, --min-keys " + std::to_string(o.min_keys) +
+                " info lines and up to --max-asks " + std::to_string(o.max_asks) +
+                " questions each): lower them or raise --row-tokens");
+  };
   while (written < o.docs) {
     const bool exact = o.row_tokens > 0;
     const int64_t target = exact ? o.row_tokens - 2 : uniform(o.min_tokens, o.max_tokens);
@@ -54,7 +65,10 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
       for (int64_t n = uniform(8, 40); n > 0; --n)
         line += kChars[static_cast<size_t>(uniform(0, static_cast<int64_t>(kChars.size()) - 1))];
       std::string text = line;
-      if (count(text) > target) continue;
+      if (count(text) > target) {
+        missed();
+        continue;
+      }
       while (count(text + "\n" + line) <= target) text += "\n" + line;
       // The last line cut short to land on the length (exactly, where a cut does).
       std::string best = text;
@@ -66,9 +80,13 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
         if (n == target) break;
       }
       text = best;
-      if (exact && count(text) != target) continue;
+      if (exact && count(text) != target) {
+        missed();
+        continue;
+      }
       out << nlohmann::json({{"text", text}}).dump() << "\n";
       ++written;
+      misses = 0;
       continue;
     }
     // Layout: task line, then per key: filler, info line, and 1..max_asks times
@@ -98,7 +116,10 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
     auto tokens = [&](int64_t f) { return count(render(parts, f)); };
     int64_t lo = 0, hi = static_cast<int64_t>(cpt * static_cast<double>(target)) + 64;
     if (tokens(lo) > target) {
-      if (exact) continue;  // the keys and questions alone are too long: draw again
+      if (exact) {  // the keys and questions alone are too long: draw again
+        missed();
+        continue;
+      }
       hi = lo;
     }
     while (lo < hi) {  // largest f with tokens(f) <= target
@@ -117,11 +138,15 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
         n = static_cast<int64_t>(tok.encode(padded).size());
         if (n > target) break;
       }
-      if (n != target) continue;
+      if (n != target) {
+        missed();
+        continue;
+      }
       text = padded;
     }
     out << nlohmann::json({{"text", text}}).dump() << "\n";
     ++written;
+    misses = 0;
   }
   if (!out) throw Error(o.out + ": write failed");
   return written;
