@@ -40,7 +40,7 @@ mkdir -p "$OUT/data"
 start=$(date +%s)
 
 echo "== 1/4 data"
-# The two training sets side by side (one core each, ~20 s apiece).
+# The two training sets side by side (one core each, ~4 s apiece).
 $B make-data --tokenizer $TOK --out $OUT/data/train_256.jsonl --docs 8000 --row-tokens 256 --max-asks 8 --seed 5 &
 d256=$!
 $B make-data --tokenizer $TOK --out $OUT/data/train_1024.jsonl --docs 1500 --row-tokens 1024 --min-keys 2 --max-keys 5 --max-asks 4 --seed 2

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <fstream>
+#include <optional>
+#include <unordered_map>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <vector>
@@ -43,6 +45,7 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
   std::ofstream out(o.out);
   if (!out) throw Error(o.out + ": cannot write");
   int64_t written = 0;
+  std::unordered_map<int64_t, int64_t> filler_cache;  // filler characters -> tokens
   // Exact-length documents are drawn until one fits; settings where none (or almost
   // none) can fit would otherwise loop for ever.
   constexpr int kMaxMisses = 2000;
@@ -58,6 +61,11 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
     const bool exact = o.row_tokens > 0;
     const int64_t target = exact ? o.row_tokens - 2 : uniform(o.min_tokens, o.max_tokens);
     auto count = [&](const std::string& t) { return static_cast<int64_t>(tok.encode(t).size()); };
+    auto filler_tokens = [&](int64_t chars) {
+      auto [it, fresh] = filler_cache.try_emplace(chars, 0);
+      if (fresh) it->second = count(eval::passkey_filler(chars));
+      return it->second;
+    };
     if (o.copy_frac > 0 && std::uniform_real_distribution<double>(0, 1)(rng) < o.copy_frac) {
       // A copy drill: one random string, one line per repetition, up to the length.
       static const std::string kChars = "bcdfghjkmpqvwxz0123456789";
@@ -112,38 +120,61 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
     for (auto& p : parts)
       if (p.weight >= 0) p.weight /= total;
     // The filler budget (characters) whose document comes closest to the target
-    // length from below: token counts grow with it, so a bisection finds it.
-    auto tokens = [&](int64_t f) { return count(render(parts, f)); };
-    int64_t lo = 0, hi = static_cast<int64_t>(cpt * static_cast<double>(target)) + 64;
-    if (tokens(lo) > target) {
-      if (exact) {  // the keys and questions alone are too long: draw again
-        missed();
-        continue;
+    // length from below: token counts grow with it, so a bisection finds it. Exact
+    // mode then tops up with a few filler characters after the last answer (the
+    // filler's tokens are short, so one of them lands on the length).
+    //
+    // Counting is the cost (a whole-document encode per probe, ~25 probes a
+    // document). Every part boundary is a newline, which sentencepiece tokenizers
+    // that split on whitespace never merge across, so a document's count is the sum
+    // of its parts' counts, and filler counts can be cached by length. The search
+    // runs on those sums first; the document it picks is encoded whole, and only
+    // where that disagrees with the sum (a tokenizer for which the parts do not
+    // add up) is the search repeated with whole-document counts.
+    std::vector<int64_t> text_tokens(parts.size(), 0);
+    for (size_t i = 0; i < parts.size(); ++i)
+      if (parts[i].weight < 0) text_tokens[i] = count(parts[i].text);
+    auto search = [&](bool by_parts) -> std::optional<std::pair<std::string, int64_t>> {
+      auto tokens = [&](int64_t f) {
+        if (!by_parts) return count(render(parts, f));
+        int64_t n = 0;
+        for (size_t i = 0; i < parts.size(); ++i)
+          n += parts[i].weight >= 0
+                   ? filler_tokens(static_cast<int64_t>(parts[i].weight * static_cast<double>(f)))
+                   : text_tokens[i];
+        return n;
+      };
+      int64_t lo = 0, hi = static_cast<int64_t>(cpt * static_cast<double>(target)) + 64;
+      int64_t n = tokens(lo);
+      if (n > target) {
+        if (exact) return std::nullopt;  // the keys and questions alone are too long
+        hi = lo;
       }
-      hi = lo;
-    }
-    while (lo < hi) {  // largest f with tokens(f) <= target
-      const int64_t mid = (lo + hi + 1) / 2;
-      if (tokens(mid) <= target) lo = mid;
-      else hi = mid - 1;
-    }
-    std::string text = render(parts, lo);
-    if (exact) {
-      // Top up to the exact length with filler after the last answer (a few
-      // characters; the filler's tokens are short, so one of them lands on it).
-      int64_t n = static_cast<int64_t>(tok.encode(text).size());
+      while (lo < hi) {  // largest f with tokens(f) <= target
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (tokens(mid) <= target) lo = mid;
+        else hi = mid - 1;
+      }
+      std::string text = render(parts, lo);
+      n = tokens(lo);
+      if (!exact) return std::make_pair(text, n);
       std::string padded = text;
+      const int64_t base = n;
       for (int64_t c = 1; n != target && c < 64; ++c) {
         padded = text + "\n" + eval::passkey_filler(c);
-        n = static_cast<int64_t>(tok.encode(padded).size());
+        n = by_parts ? base + filler_tokens(c) : count(padded);
         if (n > target) break;
       }
-      if (n != target) {
-        missed();
-        continue;
-      }
-      text = padded;
+      if (n != target) return std::nullopt;
+      return std::make_pair(padded, n);
+    };
+    auto found = search(true);
+    if (!found || count(found->first) != found->second) found = search(false);
+    if (!found) {
+      missed();
+      continue;
     }
+    const std::string& text = found->first;
     out << nlohmann::json({{"text", text}}).dump() << "\n";
     ++written;
     misses = 0;
