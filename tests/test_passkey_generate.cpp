@@ -356,6 +356,10 @@ TEST(PasskeyCli, PrintsJsonAccuracyPerLength) {
   // line is a log record of its own (spdlog's "[time]" prefix) even if the answer has a newline.
   std::istringstream err(t.err);
   for (std::string line; std::getline(err, line);) EXPECT_EQ(line.rfind('[', 0), 0u) << line;
+  // The tiny model's context is 128 positions: both lengths are past it, and it says so.
+  EXPECT_NE(t.err.find("passkey length 300 is past the model's context (128 positions x rope factor 1 = 128)"),
+            std::string::npos) << t.err;
+  EXPECT_NE(t.err.find("passkey length 600 is past"), std::string::npos) << t.err;
   for (const char* w : {"wrong (answered \"", "correct"}) {
     if (t.err.find(w) != std::string::npos) return;
   }
