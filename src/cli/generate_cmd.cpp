@@ -20,7 +20,7 @@ namespace longlora::cli {
 int run_generate(const GenerateArgs& a) {
   if (a.model.empty()) throw Error("generate: --model DIR is required");
   if (a.prompt.empty() == a.prompt_file.empty())
-    throw Error("generate: give exactly one of --prompt TEXT and --prompt-file FILE");
+    throw Error("generate: give exactly one of --prompt TEXT (not empty) and --prompt-file FILE");
   if (a.max_new_tokens <= 0)
     throw Error("generate: --max-new-tokens must be positive, got " + std::to_string(a.max_new_tokens));
   if (!(a.temperature >= 0)) throw Error("generate: --temperature must be >= 0 (0 = greedy)");
