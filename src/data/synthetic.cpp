@@ -44,8 +44,14 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
   auto uniform = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
   std::ofstream out(o.out);
   if (!out) throw Error(o.out + ": cannot write");
-  int64_t written = 0;
+  auto count = [&](const std::string& t) { return static_cast<int64_t>(tok.encode(t).size()); };
   std::unordered_map<int64_t, int64_t> filler_cache;  // filler characters -> tokens
+  auto filler_tokens = [&](int64_t chars) {
+    auto [it, fresh] = filler_cache.try_emplace(chars, 0);
+    if (fresh) it->second = count(eval::passkey_filler(chars));
+    return it->second;
+  };
+  int64_t written = 0;
   // Exact-length documents are drawn until one fits; settings where none (or almost
   // none) can fit would otherwise loop for ever.
   constexpr int kMaxMisses = 2000;
@@ -57,15 +63,14 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
                 " info lines and up to --max-asks " + std::to_string(o.max_asks) +
                 " questions each): lower them or raise --row-tokens");
   };
+  auto emit = [&](const std::string& text) {
+    out << nlohmann::json({{"text", text}}).dump() << "\n";
+    ++written;
+    misses = 0;
+  };
   while (written < o.docs) {
     const bool exact = o.row_tokens > 0;
     const int64_t target = exact ? o.row_tokens - 2 : uniform(o.min_tokens, o.max_tokens);
-    auto count = [&](const std::string& t) { return static_cast<int64_t>(tok.encode(t).size()); };
-    auto filler_tokens = [&](int64_t chars) {
-      auto [it, fresh] = filler_cache.try_emplace(chars, 0);
-      if (fresh) it->second = count(eval::passkey_filler(chars));
-      return it->second;
-    };
     if (o.copy_frac > 0 && std::uniform_real_distribution<double>(0, 1)(rng) < o.copy_frac) {
       // A copy drill: one random string, one line per repetition, up to the length.
       static const std::string kChars = "bcdfghjkmpqvwxz0123456789";
@@ -92,9 +97,7 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
         missed();
         continue;
       }
-      out << nlohmann::json({{"text", text}}).dump() << "\n";
-      ++written;
-      misses = 0;
+      emit(text);
       continue;
     }
     // Layout: task line, then per key: filler, info line, and 1..max_asks times
@@ -128,9 +131,10 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
     // document). Every part boundary is a newline, which sentencepiece tokenizers
     // that split on whitespace never merge across, so a document's count is the sum
     // of its parts' counts, and filler counts can be cached by length. The search
-    // runs on those sums first; the document it picks is encoded whole, and only
-    // where that disagrees with the sum (a tokenizer for which the parts do not
-    // add up) is the search repeated with whole-document counts.
+    // runs on those sums first and the document it picks is encoded whole. Where the
+    // two disagree (a tokenizer for which the parts do not add up), or where the sums
+    // find no document, the search runs again on whole-document counts, so what is
+    // written and what is skipped are those of the whole-document search.
     std::vector<int64_t> text_tokens(parts.size(), 0);
     for (size_t i = 0; i < parts.size(); ++i)
       if (parts[i].weight < 0) text_tokens[i] = count(parts[i].text);
@@ -145,18 +149,21 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
         return n;
       };
       int64_t lo = 0, hi = static_cast<int64_t>(cpt * static_cast<double>(target)) + 64;
-      int64_t n = tokens(lo);
+      int64_t n = tokens(lo);  // always tokens(lo)
       if (n > target) {
         if (exact) return std::nullopt;  // the keys and questions alone are too long
         hi = lo;
       }
       while (lo < hi) {  // largest f with tokens(f) <= target
         const int64_t mid = (lo + hi + 1) / 2;
-        if (tokens(mid) <= target) lo = mid;
-        else hi = mid - 1;
+        if (const int64_t m = tokens(mid); m <= target) {
+          lo = mid;
+          n = m;
+        } else {
+          hi = mid - 1;
+        }
       }
       std::string text = render(parts, lo);
-      n = tokens(lo);
       if (!exact) return std::make_pair(text, n);
       std::string padded = text;
       const int64_t base = n;
@@ -174,10 +181,7 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
       missed();
       continue;
     }
-    const std::string& text = found->first;
-    out << nlohmann::json({{"text", text}}).dump() << "\n";
-    ++written;
-    misses = 0;
+    emit(found->first);
   }
   if (!out) throw Error(o.out + ": write failed");
   return written;
