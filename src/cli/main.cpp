@@ -132,7 +132,7 @@ int main(int argc, char** argv) {
   mk->add_option("--seed", pc.seed, "random seed");
   train::TrainBenchOptions tb;
   auto* bench = app.add_subcommand(
-      "bench", "training steps of a random-weight model of a given shape (default recipe, batch 1); "
+      "bench", "training steps of a random-weight model of a given shape (default recipe, batch 1 unless --set train.micro_batch_size=N); "
                "`bench attention` for the S2-Attn kernel (see docs/benchmarks.md)");
   auto* bench_attn = bench->add_subcommand("attention", "S2-Attn kernel vs sdpa, forward and forward+backward");
   bench->require_subcommand(0, 1);

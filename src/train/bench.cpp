@@ -61,7 +61,7 @@ int run_train_bench(const TrainBenchOptions& o) {
   c.model.config = o.shape;
   c.data.seq_len = o.seq_len;
   c.train.grad_accum = 1;
-  c.train.micro_batch_size = 1;
+  c.train.micro_batch_size = 1;  // a --set may raise it
   c.train.max_steps = o.warmup + o.steps;
   c.device = o.device;
   for (const auto& s : o.overrides) apply_override(c, s);
@@ -69,9 +69,10 @@ int run_train_bench(const TrainBenchOptions& o) {
   auto& m = *s.model;
   const auto& mc = m.cfg;
   const int64_t L = o.seq_len, H = mc.num_attention_heads, Hkv = mc.num_key_value_heads, D = mc.head_dim;
+  const int64_t B = c.train.micro_batch_size;
 
-  auto ids = torch::randint(0, mc.vocab_size, {1, L}, torch::dtype(torch::kInt64).device(s.device));
-  auto targets = torch::cat({ids.slice(1, 1, L), torch::full({1, 1}, -1, ids.options())}, 1);
+  auto ids = torch::randint(0, mc.vocab_size, {B, L}, torch::dtype(torch::kInt64).device(s.device));
+  auto targets = torch::cat({ids.slice(1, 1, L), torch::full({B, 1}, -1, ids.options())}, 1);
   m.train();
   std::vector<torch::Tensor> params;
   for (auto& [n, p] : s.trainable) params.push_back(p);
@@ -90,9 +91,9 @@ int run_train_bench(const TrainBenchOptions& o) {
 
   // Breakdown from isolated timings of the same shapes (per layer x layers).
   auto opts = torch::dtype(s.dtype).device(s.device);
-  auto q = torch::randn({1, H, L, D}, opts).requires_grad_(true);
-  auto k = torch::randn({1, Hkv, L, D}, opts).requires_grad_(true);
-  auto v = torch::randn({1, Hkv, L, D}, opts).requires_grad_(true);
+  auto q = torch::randn({B, H, L, D}, opts).requires_grad_(true);
+  auto k = torch::randn({B, Hkv, L, D}, opts).requires_grad_(true);
+  auto v = torch::randn({B, Hkv, L, D}, opts).requires_grad_(true);
   const double recompute = c.train.activation_checkpointing ? 1.0 : 0.0;
   const double attn_fwd = time_ms(s.device, 1, 2, [&] {
     torch::NoGradGuard ng;
@@ -116,7 +117,7 @@ int run_train_bench(const TrainBenchOptions& o) {
     x.matmul(w_in);
     y.matmul(w_out);
   });
-  const double linear_ms = lin_once * (static_cast<double>(L) / Lc) * (2.0 + recompute) * mc.num_hidden_layers;
+  const double linear_ms = lin_once * (static_cast<double>(B * L) / Lc) * (2.0 + recompute) * mc.num_hidden_layers;
 
   // Model FLOPs: matmul params (6 per token: fwd + bwd) + attention over visible pairs.
   const double per_layer_w = mc.hidden_size * ((H + 2 * Hkv) * D) + H * D * mc.hidden_size +
@@ -126,12 +127,13 @@ int run_train_bench(const TrainBenchOptions& o) {
   const double flops = 6.0 * L * (per_layer_w * mc.num_hidden_layers + mc.hidden_size * mc.vocab_size) +
                        mc.num_hidden_layers * 4.0 * 3.0 * H * D * pairs;
   const std::string dev = device_name(s.device);
-  const double tps = L / (step_ms / 1000.0);
-  const double tflops = flops / (step_ms / 1000.0) / 1e12;
+  const double tps = B * L / (step_ms / 1000.0);
+  const double tflops = B * flops / (step_ms / 1000.0) / 1e12;
   const double peak = peak_tflops(dev);
   nlohmann::json j = {{"device", dev},
                       {"shape", o.shape},
                       {"seq_len", L},
+                      {"micro_batch_size", B},
                       {"dtype", dtype_string(s.dtype)},
                       {"attention_backend", attention::to_string(attention::resolve_backend(
                                                 s.train_forward.attn.backend, s.device.is_cuda()))},
@@ -149,7 +151,7 @@ int run_train_bench(const TrainBenchOptions& o) {
   if (o.json) {
     std::cout << j.dump() << std::endl;
   } else {
-    std::cout << "device " << dev << ", shape " << o.shape << ", seq_len " << L << ", " << dtype_string(s.dtype)
+    std::cout << "device " << dev << ", shape " << o.shape << ", seq_len " << L << ", batch " << B << ", " << dtype_string(s.dtype)
               << "\n  " << tps << " tokens/s, step " << step_ms << " ms, " << tflops << " model TFLOP/s"
               << (peak > 0 ? ", MFU " + std::to_string(100.0 * tflops / peak) + " %" : std::string(", MFU n/a"))
               << ", peak memory " << mem << " GiB\n  breakdown (isolated timings): attention " << attn_ms
