@@ -114,12 +114,16 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
     std::vector<torch::Tensor> ids, tgts;
     int64_t count = 0;
     for (int64_t a = 0; a < tc.grad_accum; ++a) {
+      // Filled through raw pointers: indexing a tensor element by element (ib[b][i] = ...)
+      // goes through the dispatcher twice per token and cost ~15% of a small model's step.
       auto ib = torch::empty({mbs, L}, torch::kInt64), tb = torch::empty({mbs, L}, torch::kInt64);
+      int64_t* ip = ib.data_ptr<int64_t>();
+      int64_t* tp = tb.data_ptr<int64_t>();
       for (int64_t b = 0; b < mbs; ++b) {
         auto row = s.data->row_at(st.cursor++, cfg.data.shuffle, static_cast<uint64_t>(tc.seed));
         for (int64_t i = 0; i < L; ++i) {
-          ib[b][i] = row.ids[i];
-          tb[b][i] = row.targets[i];
+          ip[b * L + i] = row.ids[i];
+          tp[b * L + i] = row.targets[i];
           count += row.targets[i] >= 0;
         }
       }
