@@ -43,6 +43,18 @@ TEST(Bench, TrainBenchRunsOnCpuAndReportsEveryFigure) {
   EXPECT_EQ(j["seq_len"], 64);
 }
 
+// A --set of the micro batch is honoured (it was once ignored: always batch 1), and the
+// throughput counts every row of it.
+TEST(Bench, TrainBenchHonoursTheMicroBatch) {
+  auto r = testutil::run_cli("bench --shape " + testutil::data("../../configs/shapes/tiny-cpu.json") +
+                             " --seq-len 64 --steps 1 --warmup 0 --device cpu --json --set train.micro_batch_size=3");
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["micro_batch_size"], 3);
+  EXPECT_NEAR(j["tokens_per_s"].get<double>(), 3 * 64 / (j["step_ms"].get<double>() / 1000.0),
+              1e-6 * j["tokens_per_s"].get<double>());
+}
+
 // --profile: one more step under the profiler, a table of where its time went. On the
 // CPU, self time per op; the model's matrix products must be among the rows.
 TEST(Bench, ProfilePrintsWhereTheStepTimeGoes) {
