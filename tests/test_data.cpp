@@ -4,6 +4,7 @@
 #include "longlora/data/synthetic.h"
 #include "longlora/data/tokenizer.h"
 #include "longlora/data/tokens.h"
+#include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <iterator>
@@ -49,6 +50,40 @@ TEST(Data, TextDocumentsMakeOneStreamForTrainingAndEval) {
   data::Dataset ds(d + "/a.jsonl", "auto", L, &tok, 100000);
   ASSERT_EQ(ds.size(), 1);
   EXPECT_EQ(ds.row_at(0, false, 0).ids, std::vector<int32_t>(want.begin(), want.end() - 1));
+}
+
+// Corpora are tokenized on several threads: the same ids, in the same order, as one
+// encode() per document, for documents of very different lengths.
+TEST(Data, ParallelTokenizationEqualsOneEncodePerText) {
+  data::Tokenizer tok(testutil::golden("tokenizer.model"));
+  std::vector<std::string> texts;
+  std::string jsonl;
+  for (int i = 0; i < 300; ++i) {
+    std::string t = "Document " + std::to_string(i) + ":";
+    for (int k = 0; k < (i * 37) % 50; ++k) t += " The pass key is " + std::to_string(i * k) + ".";
+    texts.push_back(t);
+    jsonl += nlohmann::json({{"text", t}}).dump() + "\n";
+  }
+  std::vector<std::vector<int>> want;
+  for (const auto& t : texts) want.push_back(tok.encode(t));
+  EXPECT_EQ(tok.encode_all(texts, 4), want);
+  EXPECT_EQ(tok.encode_all(texts, 1), want);
+
+  // The stream the trainer reads, built with three workers (OMP_NUM_THREADS).
+  const auto d = testutil::temp_dir("text-parallel");
+  testutil::write_file(d + "/c.jsonl", jsonl);
+  std::vector<int32_t> stream;
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (i > 0) stream.push_back(tok.eos_id());
+    stream.push_back(tok.bos_id());
+    stream.insert(stream.end(), want[i].begin(), want[i].end());
+  }
+  const char* old = std::getenv("OMP_NUM_THREADS");
+  const std::string saved = old ? old : "";
+  setenv("OMP_NUM_THREADS", "3", 1);
+  const auto got = data::load_token_stream(d + "/c.jsonl", &tok);
+  if (old) setenv("OMP_NUM_THREADS", saved.c_str(), 1); else unsetenv("OMP_NUM_THREADS");
+  EXPECT_EQ(got, stream);
 }
 
 TEST(Data, TooShortForOneRowIsAClearError) {

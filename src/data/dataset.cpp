@@ -1,5 +1,6 @@
 #include "longlora/data/dataset.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -117,11 +118,25 @@ Dataset::Dataset(const std::string& path, const std::string& format, int64_t L,
   }
   if (!tok) fail(path, "", "instruction data needs the model's tokenizer.model");
   pad_id_ = tok->eos_id();
-  for (const auto& r : read_sft_records(path)) {
+  const auto records = read_sft_records(path);
+  // Prompts and outputs tokenized on every core, a slice of records at a time.
+  constexpr size_t kSlice = 4096;
+  std::vector<std::vector<int>> encoded;
+  for (size_t r = 0; r < records.size(); ++r) {
+    if (r % kSlice == 0) {
+      std::vector<std::string> texts;
+      for (size_t i = r; i < std::min(records.size(), r + kSlice); ++i) {
+        texts.push_back(sft_prompt(records[i]));
+        texts.push_back(records[i].output);
+      }
+      encoded = tok->encode_all(texts);
+    }
+    const auto& prompt = encoded[2 * (r % kSlice)];
+    const auto& output = encoded[2 * (r % kSlice) + 1];
     std::vector<int32_t> ids{tok->bos_id()};
-    for (int id : tok->encode(sft_prompt(r))) ids.push_back(id);
+    ids.insert(ids.end(), prompt.begin(), prompt.end());
     const size_t prompt_len = ids.size();
-    for (int id : tok->encode(r.output)) ids.push_back(id);
+    ids.insert(ids.end(), output.begin(), output.end());
     ids.push_back(tok->eos_id());
     if (static_cast<int64_t>(ids.size()) > L) ids.resize(L);
     // targets[i] = ids[i+1] when ids[i+1] belongs to the output (or EOS).

@@ -2,6 +2,13 @@
 
 #include <sentencepiece_processor.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <exception>
+#include <mutex>
+#include <thread>
+
 #include "longlora/common/error.h"
 
 namespace longlora::data {
@@ -22,6 +29,50 @@ std::vector<int> Tokenizer::encode(const std::string& text) const {
   auto st = impl_->sp.Encode(text, &ids);
   if (!st.ok()) fail(path_, "", "encode failed: " + st.ToString());
   return ids;
+}
+
+namespace {
+
+int worker_count() {
+  if (const char* e = std::getenv("OMP_NUM_THREADS")) {
+    const int n = std::atoi(e);
+    if (n > 0) return n;
+  }
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+}  // namespace
+
+std::vector<std::vector<int>> Tokenizer::encode_all(const std::vector<std::string>& texts, int threads) const {
+  std::vector<std::vector<int>> out(texts.size());
+  const size_t workers = std::min<size_t>(static_cast<size_t>(threads > 0 ? threads : worker_count()), (texts.size() + 15) / 16);
+  if (workers <= 1) {
+    for (size_t i = 0; i < texts.size(); ++i) out[i] = encode(texts[i]);
+    return out;
+  }
+  // Texts are handed out in blocks from a shared counter (documents differ in length);
+  // the first failure stops every worker and is rethrown here.
+  constexpr size_t kBlock = 16;
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  auto work = [&] {
+    try {
+      for (size_t b; !failed && (b = next.fetch_add(kBlock)) < texts.size();)
+        for (size_t i = b; i < std::min(b + kBlock, texts.size()); ++i) out[i] = encode(texts[i]);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
+      failed = true;
+    }
+  };
+  std::vector<std::thread> pool;
+  for (size_t t = 1; t < workers; ++t) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+  if (error) std::rethrow_exception(error);
+  return out;
 }
 
 std::string Tokenizer::decode(const std::vector<int>& ids) const {

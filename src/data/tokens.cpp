@@ -2,6 +2,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <nlohmann/json.hpp>
 
 #include "longlora/common/error.h"
@@ -73,10 +74,18 @@ std::vector<int32_t> load_token_stream(const std::string& path, const Tokenizer*
   auto docs = read_documents(path);
   if (!tok) fail(path, "", "text data needs the model's tokenizer.model");
   std::vector<int32_t> out;
-  for (size_t i = 0; i < docs.size(); ++i) {
-    if (i > 0) out.push_back(tok->eos_id());
-    out.push_back(tok->bos_id());
-    for (int id : tok->encode(docs[i])) out.push_back(id);
+  // In slices, so that the per-document id vectors never hold more than a slice's worth
+  // next to the stream.
+  constexpr size_t kSlice = 8192;
+  for (size_t s = 0; s < docs.size(); s += kSlice) {
+    const std::vector<std::string> slice(std::make_move_iterator(docs.begin() + s),
+                                        std::make_move_iterator(docs.begin() + std::min(docs.size(), s + kSlice)));
+    const auto encoded = tok->encode_all(slice);
+    for (size_t j = 0; j < encoded.size(); ++j) {
+      if (s + j > 0) out.push_back(tok->eos_id());
+      out.push_back(tok->bos_id());
+      out.insert(out.end(), encoded[j].begin(), encoded[j].end());
+    }
   }
   return out;
 }
