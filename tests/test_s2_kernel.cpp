@@ -1,9 +1,5 @@
-// The S2-Attention CUDA kernel against attention_reference: out, dq, dk, dv.
-//
-// Oracle: attention_reference in fp32 on the bf16/fp16 inputs upcast to fp32.
-// Tolerance from the real limit: the kernel's max abs error against the oracle may be
-// at most 3x the error plain libtorch makes at the input dtype (attention_reference
-// run in bf16/fp16) against the same oracle, plus a small atol.
+// The S2-Attention CUDA kernel against attention_reference: out, dq, dk, dv (oracle and
+// tolerance: s2_compare.h). The same kernels on the CPU emulation: test_s2_emulated.cpp.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -13,6 +9,7 @@
 
 #include "longlora/attention/attention.h"
 #include "longlora/common/error.h"
+#include "s2_compare.h"
 
 #ifdef LONGLORA_WITH_CUDA
 #include <utility>
@@ -41,67 +38,14 @@ std::string case_name(const S2Case& c) {
 // gtest (and ctest's test names) print the case readably instead of as raw bytes.
 void PrintTo(const S2Case& c, std::ostream* os) { *os << case_name(c); }
 
-struct Result {
-  torch::Tensor out, dq, dk, dv;
-};
+using s2test::Result;
 
-using AttnFn = torch::Tensor (*)(const torch::Tensor&, const torch::Tensor&,
-                                 const torch::Tensor&, la::Mode, int64_t);
-
-Result run(AttnFn fn, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-           const torch::Tensor& dout, la::Mode mode, int64_t G) {
-  auto qq = q.detach().clone().requires_grad_(true);
-  auto kk = k.detach().clone().requires_grad_(true);
-  auto vv = v.detach().clone().requires_grad_(true);
-  auto out = fn(qq, kk, vv, mode, G);
-  auto g = torch::autograd::grad({out}, {qq, kk, vv}, {dout});
-  return {out.detach(), g[0], g[1], g[2]};
-}
-
-double max_abs(const torch::Tensor& a, const torch::Tensor& b) {
-  return (a.to(torch::kFloat32) - b.to(torch::kFloat32)).abs().max().item<double>();
-}
-
-// Compares the kernel on (q, k, v, dout) against the fp32 oracle, with the tolerance
-// set by the low-precision libtorch reference on the same inputs.
+// The kernel on (q, k, v, dout) against the fp32 oracle (s2_compare.h).
 void expect_matches_reference(const std::string& name, const torch::Tensor& q,
                               const torch::Tensor& k, const torch::Tensor& v,
                               const torch::Tensor& dout, la::Mode mode, int64_t G) {
-  auto f32 = [](const torch::Tensor& t) { return t.to(torch::kFloat32); };
-  const Result ref = run(&la::attention_reference, f32(q), f32(k), f32(v), f32(dout), mode, G);
-  const Result low = run(&la::attention_reference, q, k, v, dout, mode, G);
-  const Result ker = run(&la::attention_kernel, q, k, v, dout, mode, G);
-
-  ASSERT_EQ(ker.out.sizes(), q.sizes());
-  ASSERT_EQ(ker.dq.sizes(), q.sizes());
-  ASSERT_EQ(ker.dk.sizes(), k.sizes());
-  ASSERT_EQ(ker.dv.sizes(), v.sizes());
-  ASSERT_EQ(ker.out.scalar_type(), q.scalar_type());
-
-  struct Field {
-    const char* name;
-    const torch::Tensor &ref, &low, &ker;
-  };
-  const Field fields[] = {{"out", ref.out, low.out, ker.out},
-                          {"dq", ref.dq, low.dq, ker.dq},
-                          {"dk", ref.dk, low.dk, ker.dk},
-                          {"dv", ref.dv, low.dv, ker.dv}};
-  for (const Field& f : fields) {
-    const char* field = f.name;
-    const auto& r = f.ref;
-    const auto& lo = f.low;
-    const auto& ke = f.ker;
-    const double ref_max = r.abs().max().item<double>();
-    const double err_low = max_abs(lo, r);
-    const double err_ker = max_abs(ke, r);
-    const double tol = 3.0 * err_low + 1e-3 * ref_max + 1e-5;
-    EXPECT_TRUE(torch::isfinite(ke).all().item<bool>()) << name << " " << field
-                                                        << ": non-finite values";
-    EXPECT_LE(err_ker, tol) << name << " " << field << ": kernel max abs diff " << err_ker
-                            << ", libtorch " << torch::toString(q.scalar_type())
-                            << " max abs diff " << err_low << ", tol " << tol
-                            << ", |ref| max " << ref_max;
-  }
+  s2test::expect_matches_reference(name, q, k, v, dout, mode, G,
+                                   s2test::run(&la::attention_kernel, q, k, v, dout, mode, G));
 }
 
 class S2KernelVsReference : public ::testing::TestWithParam<S2Case> {};

@@ -9,6 +9,9 @@
 // Two adjacent C tiles (n = 0..7, 8..15) of a 16x16 product are exactly the A fragment
 // of that 16x16 block used as the next product's left operand (pack_a_from_acc).
 // In each packed 32-bit register the lower-index element sits in the low 16 bits.
+//
+// With LONGLORA_S2_EMULATE defined (and s2_emulate.h included first), the PTX below is
+// replaced by the CPU emulation the tests run the kernels with (s2_emulate.h).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -47,6 +50,19 @@ struct S2Elem<__half> {
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
                                           const uint32_t (&b)[2]);
+#ifdef LONGLORA_S2_EMULATE
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4],
+                                                         const uint32_t (&a)[4],
+                                                         const uint32_t (&b)[2]) {
+  emu::mma_16816<__nv_bfloat16>(c, a, b);
+}
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4],
+                                                  const uint32_t (&b)[2]) {
+  emu::mma_16816<__half>(c, a, b);
+}
+#else
 template <>
 __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4],
                                                          const uint32_t (&a)[4],
@@ -66,6 +82,7 @@ __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t 
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+#endif
 
 __device__ __forceinline__ int lane_g() { return (threadIdx.x & 31) >> 2; }
 __device__ __forceinline__ int lane_t() { return threadIdx.x & 3; }
@@ -76,9 +93,33 @@ __device__ __forceinline__ int lane_t() { return threadIdx.x & 3; }
 // which the padded row strides and the 8-element column offsets of all callers keep).
 // With .trans each block arrives transposed. (Scalar loads took 4-8 shared-memory
 // instructions per fragment and left the first kernel load-bound on an H200.)
+#ifdef LONGLORA_S2_EMULATE
+__device__ __forceinline__ void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3,
+                                            const void* row) {
+  emu::ldmatrix_x4(r0, r1, r2, r3, row, /*trans=*/false);
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t& r0, uint32_t& r1, uint32_t& r2,
+                                                  uint32_t& r3, const void* row) {
+  emu::ldmatrix_x4(r0, r1, r2, r3, row, /*trans=*/true);
+}
+#else
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+// This lane's row address in; register i = the lane's two elements of block i.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3,
+                                            const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(smem_addr(row)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t& r0, uint32_t& r1, uint32_t& r2,
+                                                  uint32_t& r3, const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(smem_addr(row)));
+}
+#endif
 
 // A(m, k) = s[m * ld + k]: a 16x16 row-major block (k contiguous).
 // Blocks: 0 = rows 0-7 / cols 0-7, 1 = rows 8-15 / cols 0-7, 2 = rows 0-7 / cols 8-15,
@@ -87,9 +128,7 @@ template <typename T>
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* s, int ld) {
   const int l = threadIdx.x & 31;
   const T* row = s + ((l & 7) + ((l >> 3) & 1) * 8) * ld + (l >> 4) * 8;
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-               : "r"(smem_addr(row)));
+  ldmatrix_x4(a[0], a[1], a[2], a[3], row);
 }
 
 // The same 16x16 A block stored transposed, A(m, k) = s[k * ld + m] (m contiguous),
@@ -98,9 +137,7 @@ template <typename T>
 __device__ __forceinline__ void load_a_trans(uint32_t (&a)[4], const T* s, int ld) {
   const int l = threadIdx.x & 31;
   const T* row = s + ((l & 7) + (l >> 4) * 8) * ld + ((l >> 3) & 1) * 8;
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-               : "r"(smem_addr(row)));
+  ldmatrix_x4_trans(a[0], a[1], a[2], a[3], row);
 }
 
 // Two adjacent 16x8 B fragments (n 0-7 -> b0, n 8-15 -> b1) per instruction.
@@ -111,9 +148,7 @@ __device__ __forceinline__ void load_b_nk2(uint32_t (&b0)[2], uint32_t (&b1)[2],
                                            int ld) {
   const int l = threadIdx.x & 31;
   const T* row = s + ((l & 7) + (l >> 4) * 8) * ld + ((l >> 3) & 1) * 8;
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(b0[0]), "=r"(b0[1]), "=r"(b1[0]), "=r"(b1[1])
-               : "r"(smem_addr(row)));
+  ldmatrix_x4(b0[0], b0[1], b1[0], b1[1], row);
 }
 
 // B(k, n) = s[k * ld + n]: stored k-major (n contiguous), e.g. V rows for O = P V;
@@ -124,9 +159,7 @@ __device__ __forceinline__ void load_b_kn2(uint32_t (&b0)[2], uint32_t (&b1)[2],
                                            int ld) {
   const int l = threadIdx.x & 31;
   const T* row = s + ((l & 7) + ((l >> 3) & 1) * 8) * ld + (l >> 4) * 8;
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(b0[0]), "=r"(b0[1]), "=r"(b1[0]), "=r"(b1[1])
-               : "r"(smem_addr(row)));
+  ldmatrix_x4_trans(b0[0], b0[1], b1[0], b1[1], row);
 }
 
 // The A fragment of the 16x16 block formed by accumulator tiles c0 (cols 0..7) and
@@ -145,6 +178,18 @@ __device__ __forceinline__ void pack_a_from_acc(uint32_t (&a)[4], const float (&
 // closed by cp_async_commit; cp_async_wait<N> blocks until at most N of this thread's
 // groups are still in flight (a __syncthreads must follow before other threads read).
 // src_bytes 0 writes zeros and reads nothing.
+#ifdef LONGLORA_S2_EMULATE
+// Emulated: the copy happens at once (zeros where out of range); commit/wait are no-ops.
+__device__ __forceinline__ void cp_async_16(void* s, const void* g, bool in_range) {
+  emu::copy_or_zero(s, g, 16, in_range);
+}
+__device__ __forceinline__ void cp_async_4(void* s, const void* g, bool in_range) {
+  emu::copy_or_zero(s, g, 4, in_range);
+}
+__device__ __forceinline__ void cp_async_commit() {}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {}
+#else
 __device__ __forceinline__ void cp_async_16(void* s, const void* g, bool in_range) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(s)), "l"(g),
                "r"(in_range ? 16 : 0));
@@ -158,6 +203,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+#endif
 
 // load_tile with cp.async: all of a thread's copies are issued at once (fully unrolled),
 // so one tile costs one memory latency, not one per 16-byte chunk. Rows >= `rows` are

@@ -1,0 +1,283 @@
+// A CPU emulation of the CUDA execution model the S2 kernels rely on, so that their
+// device code (s2_fwd_kernel.cuh, s2_bwd_kernel.cuh) runs, unchanged, on a machine
+// without a GPU and is checked against the reference in CI (tests/test_s2_emulated.cpp).
+// It checks what the code computes (fragment layouts, masks, tile pruning, pipeline
+// hazards, unwritten outputs); it says nothing about speed.
+//
+// Model
+//   - A CTA runs at a time. Each of its threads is a fiber (ucontext) on one OS thread,
+//     scheduled round-robin; a fiber runs until it reaches a synchronization point.
+//   - __syncthreads waits for every thread of the CTA. Warp primitives (ldmatrix, mma,
+//     __shfl_xor_sync, __any_sync) exchange values through a per-warp table between
+//     two warp barriers, so all 32 lanes must reach them, as the hardware requires.
+//   - mma.sync m16n8k16 multiplies in fp32 from the lanes' fragments (PTX ISA layouts,
+//     as documented in s2_mma.cuh); the hardware's accumulation order differs, so
+//     results agree to rounding, not bit for bit.
+//   - cp.async copies at once; commit and wait are no-ops. A kernel that overwrites a
+//     stage still being read is therefore caught here as often as on the GPU, or more.
+//   - Shared memory is filled with 0xff bytes (NaN in bf16/fp16/fp32) before each CTA,
+//     so a read of a never-written element shows up as NaN in the outputs.
+//   - A deadlock (threads waiting at different barriers for ever) throws.
+//
+// Use: include this header, define LONGLORA_S2_EMULATE, then include the kernel
+// headers, and run a kernel with emu::launch(grid, threads, [&] { kernel(params); }).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace longlora::attention::kernel {
+
+// The dynamic shared memory of the kernels (`extern __shared__ ... s2_smem[]` in the
+// kernel bodies refers to this array): one CTA at a time uses it.
+constexpr int kS2EmuSmemBytes = 228 * 1024;
+alignas(128) inline unsigned char s2_smem[kS2EmuSmemBytes];
+
+namespace emu {
+
+struct Dim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+
+struct Fiber {
+  ucontext_t ctx;
+  Dim3 tid;
+  bool done = false;
+};
+
+struct Warp {
+  int arrived = 0;
+  uint64_t gen = 0;
+  const void* ptr[32];
+  uint32_t u[32][6];
+  float f[32][4];
+};
+
+struct Cta {
+  Dim3 block_idx, block_dim, grid_dim;
+  std::vector<Fiber> fibers;
+  std::vector<Warp> warps;
+  int current = 0;
+  int arrived = 0;
+  uint64_t gen = 0;
+  bool progress = false;
+  ucontext_t sched;
+  std::function<void()> body;
+};
+
+inline Cta*& cta() {
+  static Cta* c = nullptr;
+  return c;
+}
+inline Fiber& fiber() { return cta()->fibers[cta()->current]; }
+inline int lane() { return static_cast<int>(fiber().tid.x & 31); }
+inline Warp& warp() { return cta()->warps[fiber().tid.x / 32]; }
+
+inline void yield() { swapcontext(&fiber().ctx, &cta()->sched); }
+
+// Barrier over `n` threads with the counter/generation pair (arrived, gen).
+inline void barrier(int& arrived, uint64_t& gen, int n) {
+  Cta& c = *cta();
+  c.progress = true;
+  const uint64_t g = gen;
+  if (++arrived == n) {
+    arrived = 0;
+    ++gen;
+    return;
+  }
+  while (gen == g) yield();
+}
+inline void warp_sync() {
+  Warp& w = warp();
+  barrier(w.arrived, w.gen, 32);
+}
+inline void syncthreads() {
+  Cta& c = *cta();
+  barrier(c.arrived, c.gen, static_cast<int>(c.fibers.size()));
+}
+
+template <typename T>
+inline float elem_to_float(uint16_t bits) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const uint32_t u = static_cast<uint32_t>(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  } else {
+    __half_raw r;
+    r.x = bits;
+    return __half2float(__half(r));
+  }
+}
+inline uint16_t half_of(uint32_t reg, int hi) { return static_cast<uint16_t>(hi ? reg >> 16 : reg & 0xffff); }
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].b16: lane l gives the address of row l % 8 of
+// block l / 8; register i receives, of block i, row l / 4, elements 2 (l % 4) and
+// 2 (l % 4) + 1, or with .trans the transposed block's (element l / 4 of rows
+// 2 (l % 4) and 2 (l % 4) + 1).
+inline void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, const void* row,
+                        bool trans) {
+  Warp& w = warp();
+  const int l = lane();
+  w.ptr[l] = row;
+  warp_sync();
+  uint32_t r[4];
+  for (int i = 0; i < 4; ++i) {
+    uint16_t lo, hi;
+    if (!trans) {
+      const auto* p = static_cast<const uint16_t*>(w.ptr[8 * i + l / 4]);
+      lo = p[2 * (l % 4)];
+      hi = p[2 * (l % 4) + 1];
+    } else {
+      lo = static_cast<const uint16_t*>(w.ptr[8 * i + 2 * (l % 4)])[l / 4];
+      hi = static_cast<const uint16_t*>(w.ptr[8 * i + 2 * (l % 4) + 1])[l / 4];
+    }
+    r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+  warp_sync();
+  r0 = r[0];
+  r1 = r[1];
+  r2 = r[2];
+  r3 = r[3];
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: c += A B with, per lane (g = l / 4,
+// t = l % 4): a[0] = A[g][2t, 2t+1], a[1] = A[g+8][...], a[2] = A[g][2t+8, 2t+9],
+// a[3] = A[g+8][2t+8, 2t+9]; b[0] = B[2t, 2t+1][g], b[1] = B[2t+8, 2t+9][g];
+// c[0..1] = C[g][2t, 2t+1], c[2..3] = C[g+8][2t, 2t+1].
+template <typename T>
+inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  Warp& w = warp();
+  const int l = lane();
+  for (int i = 0; i < 4; ++i) w.u[l][i] = a[i];
+  w.u[l][4] = b[0];
+  w.u[l][5] = b[1];
+  warp_sync();
+  auto A = [&](int m, int k) {
+    const int src = (m % 8) * 4 + (k % 8) / 2;
+    const int reg = (m >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+    return elem_to_float<T>(half_of(w.u[src][reg], k % 2));
+  };
+  auto B = [&](int k, int n) {
+    const int src = n * 4 + (k % 8) / 2;
+    return elem_to_float<T>(half_of(w.u[src][4 + (k >= 8 ? 1 : 0)], k % 2));
+  };
+  const int g = l / 4, t = l % 4;
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int m = g + (e >= 2 ? 8 : 0), n = 2 * t + (e % 2);
+    float acc = 0.f;
+    for (int k = 0; k < 16; ++k) acc += A(m, k) * B(k, n);
+    out[e] = c[e] + acc;
+  }
+  warp_sync();
+  for (int e = 0; e < 4; ++e) c[e] = out[e];
+}
+
+template <typename V>
+inline V shfl_xor(V v, int lane_mask) {
+  static_assert(sizeof(V) == 4, "32-bit shuffles only");
+  Warp& w = warp();
+  const int l = lane();
+  std::memcpy(&w.u[l][0], &v, 4);
+  warp_sync();
+  V out;
+  std::memcpy(&out, &w.u[l ^ lane_mask][0], 4);
+  warp_sync();
+  return out;
+}
+
+inline bool any(bool pred) {
+  Warp& w = warp();
+  const int l = lane();
+  w.u[l][0] = pred ? 1u : 0u;
+  warp_sync();
+  bool out = false;
+  for (int i = 0; i < 32; ++i) out = out || w.u[i][0] != 0;
+  warp_sync();
+  return out;
+}
+
+inline void copy_or_zero(void* dst, const void* src, int bytes, bool in_range) {
+  if (in_range)
+    std::memcpy(dst, src, bytes);
+  else
+    std::memset(dst, 0, bytes);
+}
+
+// Runs body() as every thread of every CTA of the grid, one CTA at a time.
+inline void launch(Dim3 grid, int threads, const std::function<void()>& body) {
+  if (threads <= 0 || threads % 32 != 0) throw std::runtime_error("emu::launch: threads must be a multiple of 32");
+  constexpr size_t kStack = 128 * 1024;
+  static std::vector<std::vector<char>> stacks;
+  while (stacks.size() < static_cast<size_t>(threads)) stacks.emplace_back(kStack);
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        Cta c;
+        c.block_idx = {x, y, z};
+        c.block_dim = {static_cast<unsigned>(threads), 1, 1};
+        c.grid_dim = grid;
+        c.fibers.resize(threads);
+        c.warps.resize(threads / 32);
+        c.body = body;
+        cta() = &c;
+        std::memset(s2_smem, 0xff, sizeof s2_smem);
+        for (int i = 0; i < threads; ++i) {
+          Fiber& f = c.fibers[i];
+          f.tid = {static_cast<unsigned>(i), 0, 0};
+          getcontext(&f.ctx);
+          f.ctx.uc_stack.ss_sp = stacks[i].data();
+          f.ctx.uc_stack.ss_size = kStack;
+          f.ctx.uc_link = &c.sched;
+          makecontext(&f.ctx, +[] {
+            Cta& cc = *cta();
+            cc.body();
+            cc.fibers[cc.current].done = true;
+            cc.progress = true;
+          }, 0);
+        }
+        for (int live = threads; live > 0;) {
+          c.progress = false;
+          live = 0;
+          for (int i = 0; i < threads; ++i) {
+            if (c.fibers[i].done) continue;
+            c.current = i;
+            swapcontext(&c.sched, &c.fibers[i].ctx);
+            live += c.fibers[i].done ? 0 : 1;
+          }
+          if (live > 0 && !c.progress)
+            throw std::runtime_error("emu::launch: deadlock in CTA (" + std::to_string(x) + ", " +
+                                     std::to_string(y) + ", " + std::to_string(z) + "): " +
+                                     std::to_string(live) + " threads wait at barriers that never complete");
+        }
+        cta() = nullptr;
+      }
+}
+
+}  // namespace emu
+}  // namespace longlora::attention::kernel
+
+// The CUDA built-ins the kernels use, on the emulation above.
+#define threadIdx (::longlora::attention::kernel::emu::fiber().tid)
+#define blockIdx (::longlora::attention::kernel::emu::cta()->block_idx)
+#define blockDim (::longlora::attention::kernel::emu::cta()->block_dim)
+#define gridDim (::longlora::attention::kernel::emu::cta()->grid_dim)
+#define __syncthreads() ::longlora::attention::kernel::emu::syncthreads()
+#define __shfl_xor_sync(mask, v, m) ::longlora::attention::kernel::emu::shfl_xor((v), (m))
+#define __any_sync(mask, p) ::longlora::attention::kernel::emu::any(p)
+#define __launch_bounds__(...)
+inline float atomicAdd(float* p, float v) {  // one OS thread: no other fiber runs meanwhile
+  const float old = *p;
+  *p = old + v;
+  return old;
+}

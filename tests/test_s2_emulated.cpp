@@ -1,0 +1,210 @@
+// The S2 kernels' device code, unchanged, on the CPU emulation of the CUDA execution
+// model (src/attention/kernel/s2_emulate.h), against attention_reference: out, dq, dk,
+// dv for every mode, both dtypes, both head dims, MHA and GQA, default and alternative
+// tiles. Runs in CI without a GPU; the same shapes on a GPU: test_s2_kernel.cpp.
+//
+// The kernel headers are compiled here as host C++ inside a renamed top-level
+// namespace (longlora -> longlora_s2emu), so that their emulated instantiations never
+// collide with the nvcc-built kernels the rest of the binary links.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "longlora/attention/attention.h"
+#include "s2_compare.h"
+
+#ifdef LONGLORA_WITH_CUDA  // the kernels need the CUDA headers (cuda_bf16.h), not a GPU
+
+#define LONGLORA_S2_EMULATE 1
+#define longlora longlora_s2emu
+#include "../src/attention/kernel/s2_emulate.h"
+// s2_emulate.h must come first: it defines the built-ins the kernels use.
+#include "../src/attention/kernel/s2_bwd_kernel.cuh"
+#include "../src/attention/kernel/s2_fwd_kernel.cuh"
+#undef longlora
+#undef threadIdx
+#undef blockIdx
+#undef blockDim
+#undef gridDim
+
+namespace {
+
+namespace la = longlora::attention;
+namespace ek = longlora_s2emu::attention::kernel;
+
+int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+ek::S2Strides strides_of(const torch::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// The launch sequence of s2_launch.cuh (forward; backward: delta, main, convert), each
+// kernel on the emulation.
+template <typename T, int D, typename Fwd, typename Bwd>
+void run_kernels(ek::S2BwdParams& p) {
+  ek::emu::launch({static_cast<unsigned>(ceil_div(p.L, Fwd::kBlockM)), static_cast<unsigned>(p.H),
+                   static_cast<unsigned>(p.B)},
+                  Fwd::kThreads, [&] { ek::s2_fwd_kernel<Fwd>(p); });
+  const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.L;
+  ek::emu::launch({static_cast<unsigned>(ceil_div(static_cast<int>(rows * (D / 8)), 256)), 1, 1}, 256,
+                  [&] { ek::s2_bwd_delta_kernel<T, D>(p); });
+  ek::emu::launch({static_cast<unsigned>(ceil_div(p.L, Bwd::kBlockN)), static_cast<unsigned>(p.Hkv),
+                   static_cast<unsigned>(p.B)},
+                  Bwd::kThreads, [&] { ek::s2_bwd_kernel<Bwd>(p); });
+  ek::emu::launch({static_cast<unsigned>(ceil_div(static_cast<int>(rows * (D / 8)), 256)), 1, 1}, 256,
+                  [&] { ek::s2_bwd_convert_kernel<T, D>(p); });
+}
+
+template <typename T, int D>
+void dispatch(ek::S2BwdParams& p, bool alt) {
+  if (alt)
+    run_kernels<T, D, ek::S2FwdAltConfig<T, D>, ek::S2BwdAltConfig<T, D>>(p);
+  else
+    run_kernels<T, D, ek::S2FwdConfig<T, D>, ek::S2BwdConfig<T, D>>(p);
+}
+
+// The emulated kernels' out and gradients; outputs start as NaN, so an element a kernel
+// never writes fails the comparison.
+s2test::Result run_emulated(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                            const torch::Tensor& dout, la::Mode mode, int64_t group, bool alt) {
+  const int64_t G = la::check_s2_shape(q.size(1), k.size(1), q.size(2), group, mode);
+  const auto nan = [](const torch::Tensor& like, torch::ScalarType t) {
+    return torch::full(like.sizes(), std::numeric_limits<float>::quiet_NaN(), like.options().dtype(t));
+  };
+  auto o = nan(q, q.scalar_type()), dq = nan(q, q.scalar_type());
+  auto dk = nan(k, k.scalar_type()), dv = nan(v, v.scalar_type());
+  auto lse = torch::full({q.size(0), q.size(1), q.size(2)}, std::numeric_limits<float>::quiet_NaN(),
+                         q.options().dtype(torch::kFloat32));
+  auto delta = lse.clone();
+  auto dq_accum = torch::zeros(q.sizes(), q.options().dtype(torch::kFloat32));
+
+  ek::S2BwdParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.o = o.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.B = static_cast<int>(q.size(0));
+  p.H = static_cast<int>(q.size(1));
+  p.Hkv = static_cast<int>(k.size(1));
+  p.L = static_cast<int>(q.size(2));
+  p.D = static_cast<int>(q.size(3));
+  p.q_stride = strides_of(q);
+  p.k_stride = strides_of(k);
+  p.v_stride = strides_of(v);
+  p.o_stride = strides_of(o);
+  p.group = static_cast<int>(G);
+  p.mode = mode == la::Mode::Full ? ek::S2Mode::Full
+                                  : (mode == la::Mode::Segments ? ek::S2Mode::Segments : ek::S2Mode::Roll);
+  p.softmax_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.D)));
+  const bool bf16 = q.scalar_type() == torch::kBFloat16;
+  p.dtype = bf16 ? ek::S2Dtype::BF16 : ek::S2Dtype::FP16;
+  p.dout = dout.data_ptr();
+  p.dout_stride = strides_of(dout);
+  p.dq = dq.data_ptr();
+  p.dq_stride = strides_of(dq);
+  p.dk = dk.data_ptr();
+  p.dk_stride = strides_of(dk);
+  p.dv = dv.data_ptr();
+  p.dv_stride = strides_of(dv);
+  p.dq_accum = dq_accum.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+
+  if (bf16 && p.D == 64) dispatch<__nv_bfloat16, 64>(p, alt);
+  else if (bf16) dispatch<__nv_bfloat16, 128>(p, alt);
+  else if (p.D == 64) dispatch<__half, 64>(p, alt);
+  else dispatch<__half, 128>(p, alt);
+  return {o, dq, dk, dv};
+}
+
+// The emulated primitives against their definitions, before any kernel uses them.
+TEST(S2Emulator, ShuffleAnyAndBarriers) {
+  std::vector<float> out(64);
+  std::vector<int> any_out(64);
+  namespace emu = ek::emu;
+  emu::launch({2, 1, 1}, 64, [&] {
+    const int tid = static_cast<int>(emu::fiber().tid.x), block = static_cast<int>(emu::cta()->block_idx.x);
+    float acc = static_cast<float>(tid + 64 * block);
+    for (int off = 4; off > 0; off >>= 1) acc += emu::shfl_xor(acc, off);
+    if (block == 1) out[tid] = acc;  // the sum over the 8 lanes tid ^ {0..7}
+    any_out[tid] = emu::any(tid == 40);
+    emu::syncthreads();
+  });
+  for (int t = 0; t < 64; ++t) {
+    const int base = 64 + (t & ~7);
+    EXPECT_EQ(out[t], 8 * base + 28) << t;
+    EXPECT_EQ(any_out[t], t >= 32 ? 1 : 0) << t;
+  }
+}
+
+struct EmuCase {
+  int64_t B, H, Hkv, L, D, G;
+  la::Mode mode;
+  torch::ScalarType dtype;
+  bool alt;
+};
+
+std::string case_name(const EmuCase& c) {
+  std::ostringstream s;
+  s << la::to_string(c.mode) << "_" << (c.dtype == torch::kBFloat16 ? "bf16" : "fp16") << "_B" << c.B
+    << "_H" << c.H << "_Hkv" << c.Hkv << "_L" << c.L << "_D" << c.D << "_G" << c.G
+    << (c.alt ? "_alt" : "");
+  return s.str();
+}
+void PrintTo(const EmuCase& c, std::ostream* os) { *os << case_name(c); }
+
+class S2Emulated : public ::testing::TestWithParam<EmuCase> {};
+
+TEST_P(S2Emulated, OutAndGradsMatchTheReference) {
+  const EmuCase c = GetParam();
+  torch::manual_seed(1234);
+  const auto o = torch::TensorOptions().dtype(c.dtype);
+  const auto q = torch::randn({c.B, c.H, c.L, c.D}, o);
+  const auto k = torch::randn({c.B, c.Hkv, c.L, c.D}, o);
+  const auto v = torch::randn({c.B, c.Hkv, c.L, c.D}, o);
+  const auto dout = torch::randn({c.B, c.H, c.L, c.D}, o);
+  s2test::expect_matches_reference(case_name(c), q, k, v, dout, c.mode, c.G,
+                                   run_emulated(q, k, v, dout, c.mode, c.G, c.alt));
+}
+
+// Small enough for the emulation (each warp primitive is two rounds over every thread
+// of a CTA): every mode x dtype x head dim once, GQA, ragged lengths and groups that
+// are not multiples of the tiles, several query tiles and key blocks per group, both
+// tile configurations.
+std::vector<EmuCase> emu_cases() {
+  using M = la::Mode;
+  const auto bf16 = torch::kBFloat16, fp16 = torch::kHalf;
+  std::vector<EmuCase> cs;
+  for (M m : {M::Full, M::Segments, M::Roll})
+    for (int64_t D : {64, 128}) cs.push_back({1, 2, 2, 64, D, 16, m, D == 64 ? bf16 : fp16, false});
+  cs.push_back({2, 4, 2, 256, 128, 64, M::Segments, bf16, false});
+  cs.push_back({1, 4, 1, 256, 64, 128, M::Roll, fp16, false});
+  cs.push_back({1, 2, 1, 96, 64, 32, M::Roll, bf16, false});
+  cs.push_back({1, 2, 2, 160, 128, 40, M::Segments, bf16, false});
+  cs.push_back({1, 2, 2, 192, 128, 96, M::Roll, bf16, true});
+  cs.push_back({1, 2, 1, 256, 64, 64, M::Segments, fp16, true});
+  return cs;
+}
+
+// Views whose strides are not (B, H, L, D)-contiguous, as a model's projections give
+// them: (B, L, H, D) transposed; the kernels read them in place.
+TEST(S2EmulatedViews, StridedInputsMatchTheReference) {
+  torch::manual_seed(7);
+  const int64_t B = 2, H = 4, Hkv = 2, L = 128, D = 64, G = 32;
+  const auto o = torch::TensorOptions().dtype(torch::kBFloat16);
+  const auto q = torch::randn({B, L, H, D}, o).transpose(1, 2);
+  const auto k = torch::randn({B, L, Hkv, D}, o).transpose(1, 2);
+  const auto v = torch::randn({B, L, Hkv, D}, o).transpose(1, 2);
+  const auto dout = torch::randn({B, L, H, D}, o).transpose(1, 2);
+  ASSERT_FALSE(q.is_contiguous());
+  s2test::expect_matches_reference("strided_views", q, k, v, dout, la::Mode::Roll, G,
+                                   run_emulated(q, k, v, dout, la::Mode::Roll, G, false));
+}
+
+INSTANTIATE_TEST_SUITE_P(S2Emulated, S2Emulated, ::testing::ValuesIn(emu_cases()),
+                         [](const ::testing::TestParamInfo<EmuCase>& info) { return case_name(info.param); });
+
+}  // namespace
+
+#endif  // LONGLORA_WITH_CUDA
