@@ -51,6 +51,12 @@ if want kernel; then
       --output-on-failure >"$OUT/kernel_alt.log" 2>&1
     note "kernel tests, alternative tiles: $(grep -E 'tests passed|tests failed' "$OUT/kernel_alt.log")"
     grep -E 'kernel max abs diff|non-finite' "$OUT/kernel_alt.log" | head -10 | tee -a "$SUMMARY"
+    # The 2-D-tiled backward (s2_bwd2d_kernel.cuh), correct on the CPU emulation; not
+    # yet run on a GPU before 2026-11-26.
+    LONGLORA_S2_BWD_2D=1 timeout 100 ctest --test-dir "$B" -R 'S2Kernel' -j8 \
+      --output-on-failure >"$OUT/kernel_2d.log" 2>&1
+    note "kernel tests, 2-D-tiled backward: $(grep -E 'tests passed|tests failed' "$OUT/kernel_2d.log")"
+    grep -E 'kernel max abs diff|non-finite' "$OUT/kernel_2d.log" | head -10 | tee -a "$SUMMARY"
   fi
   # The torch-free kernel bench: default and alternative tiles must agree (GQA, roll).
   for D in 64 128; do
@@ -61,11 +67,16 @@ if want kernel; then
       note "s2-kernel-bench D=$D: FAILED"; cat "$OUT/kernel_bench_$D.log" | tee -a "$SUMMARY"
     fi
   done
+  # The 2-D-tiled backward against the default at 32k: agreement and both timings.
+  timeout 60 "$B/s2-kernel-bench" --seq-len 32768 --heads 32 --kv-heads 32 --head-dim 128 \
+    --mode segments --iters 5 --bwd-2d 2>&1 | tee "$OUT/kernel_bench_2d.log" | tail -7 | tee -a "$SUMMARY"
 fi
 
 # One attention run per line: seq_len mode [VAR=value ...] (environment for the run).
 ATTN_RUNS="${ATTN_RUNS:-8192 segments
 32768 segments
+32768 segments LONGLORA_S2_BWD_2D=1
+102400 segments LONGLORA_S2_BWD_2D=1
 32768 segments LONGLORA_S2_FWD_ALT=1 LONGLORA_S2_BWD_ALT=1
 32768 roll
 102400 segments}"

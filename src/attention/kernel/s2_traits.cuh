@@ -49,6 +49,7 @@ struct S2FwdTraits {
 template <typename T_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
 struct S2BwdTraits {
   using T = T_;
+  static constexpr bool kTiled2D = false;  // s2_bwd_kernel (below: S2Bwd2DTraits)
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;  // query rows per step
   static constexpr int kBlockN = kBlockN_;  // keys per CTA
@@ -77,6 +78,42 @@ struct S2BwdTraits {
   static_assert(kDqCols % 16 == 0 && kDqCols * kColSplits == kHeadDim,
                 "dQ column split (pairs of 8-wide tiles per ldmatrix.x4)");
   static_assert(kLd % 8 == 0 && kLdS % 8 == 0, "padded rows must stay 16-byte aligned");
+  static_assert((kSmemElems * sizeof(T)) % 16 == 0, "fp32 scratch must stay aligned");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
+};
+
+// Backward with the warps tiled in two dimensions (flash-attention 2's layout),
+// s2_bwd2d_kernel.cuh. A CTA owns kBlockN = 128 keys of one kv head and walks query
+// steps of kBlockM = 64 rows with 8 warps:
+//   S = Q K^T, dP = dO V^T (64 x 128): warp (wm, wn) = (warp / 4, warp % 4) computes
+//     queries 32 wm .. +32 x keys 32 wn .. +32; P and dS go to shared memory;
+//   dV += P^T dO, dK += dS^T Q (128 x D): warp (wk, wd) = (warp / 2, warp % 2) owns
+//     keys 32 wk .. +32 x dims (D/2) wd .. +D/2, in registers for the whole CTA;
+//   dQ = dS K (64 x D): warp (wm, wn) computes queries 32 wm .. x dims (D/4) wn ..
+template <typename T_, int kHeadDim_>
+struct S2Bwd2DTraits {
+  using T = T_;
+  static constexpr bool kTiled2D = true;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 64;
+  static constexpr int kBlockN = 128;
+  static constexpr int kNWarps = 8;
+  static constexpr int kThreads = kNWarps * 32;
+  static constexpr int kDimsDkv = kHeadDim / 2;  // dims of dK, dV per warp
+  static constexpr int kDimsDq = kHeadDim / 4;   // dims of dQ per warp
+  static constexpr int kPad = 8;
+  static constexpr int kLd = kHeadDim + kPad;   // sQ, sK, sV, sdO
+  static constexpr int kLdP = kBlockN + kPad;   // sP, sdS: (kBlockM x kBlockN), query-major
+  static constexpr int kSmemK = kBlockN * kLd;
+  static constexpr int kSmemQ = kBlockM * kLd;
+  static constexpr int kSmemP = kBlockM * kLdP;
+  // K, V; two stages each of Q and dO; P, dS; then fp32 lse and delta, two stages each.
+  static constexpr int kSmemElems = 2 * kSmemK + 4 * kSmemQ + 2 * kSmemP;
+  static constexpr int kSmemBytes =
+      kSmemElems * static_cast<int>(sizeof(T)) + 4 * kBlockM * static_cast<int>(sizeof(float));
+
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "head dim must be 64 or 128");
+  static_assert(kDimsDq % 16 == 0, "dQ: pairs of 8-wide tiles per ldmatrix.x4");
   static_assert((kSmemElems * sizeof(T)) % 16 == 0, "fp32 scratch must stay aligned");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
 };

@@ -91,6 +91,7 @@ struct Opts {
   int B = 1, H = 32, Hkv = 32, L = 32768, D = 128, iters = 10;
   double ratio = 0.25;
   std::string mode = "segments";
+  bool bwd_2d = false;  // the alternative backward is the 2-D-tiled kernel
 };
 
 template <int D>
@@ -151,6 +152,7 @@ int run(const Opts& o) {
     b.o = out[0].p; b.lse = lse[0]; b.dq = dq[c].p; b.dk = dk[c].p; b.dv = dv[c].p;
     check(cudaMemsetAsync(dq_accum, 0, nq * sizeof(float)), "cudaMemsetAsync");
     if (c == 0) kn::launch_s2_bwd<kn::S2BwdConfig<bf16, D>>(b, nullptr);
+    else if (o.bwd_2d) kn::launch_s2_bwd<kn::S2Bwd2DTraits<bf16, D>>(b, nullptr);
     else kn::launch_s2_bwd<kn::S2BwdAltConfig<bf16, D>>(b, nullptr);
   };
   auto diff = [&](const Buf& a, const Buf& b) {
@@ -183,7 +185,7 @@ int run(const Opts& o) {
   for (int c = 0; c < 2; ++c) {
     const double tf = median_ms([&] { fwd(c); }, o.iters);
     const double tb = median_ms([&] { bwd(c); }, o.iters);
-    std::printf("%-8s %10.3f %9.1f %10.3f %9.1f\n", c ? "alt" : "default", tf,
+    std::printf("%-8s %10.3f %9.1f %10.3f %9.1f\n", c ? (o.bwd_2d ? "alt/2d" : "alt") : "default", tf,
                 fwd_flop / tf / 1e9, tb, 2.5 * fwd_flop / tb / 1e9);
   }
   for (auto& l : lse) cudaFree(l);
@@ -206,6 +208,9 @@ int main(int argc, char** argv) {
   app.add_option("--mode", o.mode)->check(CLI::IsMember({"full", "segments", "roll"}));
   app.add_option("--ratio", o.ratio, "group size / sequence length")->check(CLI::Range(0.0, 1.0));
   app.add_option("--iters", o.iters)->check(CLI::PositiveNumber);
+  app.add_flag("--bwd-2d", o.bwd_2d,
+               "second configuration's backward: the 2-D-tiled kernel (s2_bwd2d_kernel.cuh), "
+               "not the alternative tiles'");
   CLI11_PARSE(app, argc, argv);
   try {
     const int bad = o.D == 64 ? run<64>(o) : run<128>(o);
