@@ -20,6 +20,7 @@
 #include <cmath>
 
 #include "longlora/attention/kernel/s2_params.h"
+#include "s2_bwd_common.cuh"
 #include "s2_mask.cuh"
 #include "s2_mma.cuh"
 #include "s2_traits.cuh"
@@ -60,13 +61,8 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd2d_kernel(const S2BwdP
   const int wk = warp / 2, wd = warp % 2;  // dK, dV: keys 32 wk.., dims kDimsDkv wd..
   const int dkv0 = wd * Traits::kDimsDkv, dq0 = wn * Traits::kDimsDq;
 
-  const T* kp = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
-  const T* vp = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
-  load_tile_async<BN, D, Traits::kThreads>(sK, LD, kp + k0 * p.k_stride.row, p.k_stride.row,
-                                           p.L - k0);
-  load_tile_async<BN, D, Traits::kThreads>(sV, LD, vp + k0 * p.v_stride.row, p.v_stride.row,
-                                           p.L - k0);
-  cp_async_commit();
+  const S2BwdSteps<Traits> steps{p, b, hk, k0, ratio, sQ0, sdO0, sLse0, sDelta0};
+  steps.load_kv(sK, sV);
 
   float dk[2][kNDkv][4], dv[2][kNDkv][4];
 #pragma unroll
@@ -76,61 +72,19 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd2d_kernel(const S2BwdP
 #pragma unroll
       for (int e = 0; e < 4; ++e) dk[mt][nd][e] = dv[mt][nd][e] = 0.f;
 
-  // Steps: query heads hq = 0..ratio-1 of this kv head, each over its query tiles
-  // (the same walk as s2_bwd_kernel).
-  auto span_of = [&](int hq) {
-    return s2_query_tiles(S2HeadMask::make(p.L, p.group, p.mode, hk * ratio + hq, p.H), k0,
-                          BM, BN);
-  };
-  auto first_from = [&](int& hq, int& m_block, S2TileSpan& span) {
-    for (; hq < ratio; ++hq) {
-      span = span_of(hq);
-      m_block = s2_span_first(span);
-      if (m_block >= 0) return;
-    }
-    m_block = -1;
-  };
-  auto advance = [&](int& hq, int& m_block, S2TileSpan& span) {
-    m_block = s2_span_next(span, m_block);
-    if (m_block < 0) {
-      ++hq;
-      first_from(hq, m_block, span);
-    }
-  };
-  auto load_step = [&](int hq, int m_block, int stage) {
-    const int h = hk * ratio + hq;
-    const int q0 = m_block * BM;
-    const T* qp = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
-    const T* dop =
-        static_cast<const T*>(p.dout) + b * p.dout_stride.batch + h * p.dout_stride.head;
-    load_tile_async<BM, D, Traits::kThreads>(sQ0 + stage * Traits::kSmemQ, LD,
-                                             qp + q0 * p.q_stride.row, p.q_stride.row,
-                                             p.L - q0);
-    load_tile_async<BM, D, Traits::kThreads>(sdO0 + stage * Traits::kSmemQ, LD,
-                                             dop + q0 * p.dout_stride.row, p.dout_stride.row,
-                                             p.L - q0);
-    const int64_t bh_row = (static_cast<int64_t>(b) * p.H + h) * p.L;
-    for (int x = threadIdx.x; x < BM; x += Traits::kThreads) {
-      const bool in = q0 + x < p.L;
-      const int64_t src = bh_row + (in ? q0 + x : 0);
-      cp_async_4(sLse0 + stage * BM + x, p.lse + src, in);  // rows past L: 0
-      cp_async_4(sDelta0 + stage * BM + x, p.delta + src, in);
-    }
-    cp_async_commit();
-  };
-
+  // The flat sequence of steps (S2BwdSteps): this kv head's query heads x their tiles.
   int hq = 0, m_block = -1;
   S2TileSpan span;
-  first_from(hq, m_block, span);
-  if (m_block >= 0) load_step(hq, m_block, 0);
+  steps.first_from(hq, m_block, span);
+  if (m_block >= 0) steps.load(hq, m_block, 0);
 
   for (int stage = 0; m_block >= 0; stage ^= 1) {
     int hq_next = hq, m_next = m_block;
     S2TileSpan span_next = span;
-    advance(hq_next, m_next, span_next);
+    steps.advance(hq_next, m_next, span_next);
     __syncthreads();  // the previous step is done everywhere: stage ^ 1, sP, sdS are free
     if (m_next >= 0) {
-      load_step(hq_next, m_next, stage ^ 1);
+      steps.load(hq_next, m_next, stage ^ 1);
       cp_async_wait<1>();  // all but the newest group: this step's copies have landed
     } else {
       cp_async_wait<0>();
@@ -266,15 +220,8 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd2d_kernel(const S2BwdP
           if (i < p.L) {
             float* dst = dq_acc + static_cast<int64_t>(i) * D + dq0 + 2 * t;
 #pragma unroll
-            for (int nd = 0; nd < kNDq; ++nd) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-              atomicAdd(reinterpret_cast<float2*>(dst + nd * 8),
-                        make_float2(dq[mt][nd][2 * rr], dq[mt][nd][2 * rr + 1]));
-#else
-              atomicAdd(dst + nd * 8, dq[mt][nd][2 * rr]);
-              atomicAdd(dst + nd * 8 + 1, dq[mt][nd][2 * rr + 1]);
-#endif
-            }
+            for (int nd = 0; nd < kNDq; ++nd)
+              s2_atomic_add2(dst + nd * 8, dq[mt][nd][2 * rr], dq[mt][nd][2 * rr + 1]);
           }
         }
     }

@@ -30,6 +30,7 @@
 #include <cmath>
 
 #include "longlora/attention/kernel/s2_params.h"
+#include "s2_bwd_common.cuh"
 #include "s2_mask.cuh"
 #include "s2_mma.cuh"
 #include "s2_traits.cuh"
@@ -124,13 +125,8 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd_kernel(const S2BwdPar
   const int ratio = p.H / p.Hkv;
   const float scale_log2 = p.softmax_scale * kS2Log2e;
 
-  const T* kp = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
-  const T* vp = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
-  load_tile_async<BN, D, Traits::kThreads>(sK, LD, kp + k0 * p.k_stride.row, p.k_stride.row,
-                                           p.L - k0);
-  load_tile_async<BN, D, Traits::kThreads>(sV, LD, vp + k0 * p.v_stride.row, p.v_stride.row,
-                                           p.L - k0);
-  cp_async_commit();
+  const S2BwdSteps<Traits> steps{p, b, hk, k0, ratio, sQ0, sdO0, sLse0, sDelta0};
+  steps.load_kv(sK, sV);
 
   float dk[kND][4], dv[kND][4];
 #pragma unroll
@@ -140,64 +136,20 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd_kernel(const S2BwdPar
 
   const int jl0 = warp * 16 + g;  // this thread's local keys: jl0 (e < 2), jl0 + 8 (e >= 2)
 
-  // Steps: query heads hq = 0..ratio-1 of this kv head, each over its query tiles.
-  auto span_of = [&](int hq) {
-    return s2_query_tiles(S2HeadMask::make(p.L, p.group, p.mode, hk * ratio + hq, p.H), k0,
-                          BM, BN);
-  };
-  // The first tile of head hq or, if it has none, of the next head that has one
-  // (m_block -1 when no head is left); then the step after (hq, m_block).
-  auto first_from = [&](int& hq, int& m_block, S2TileSpan& span) {
-    for (; hq < ratio; ++hq) {
-      span = span_of(hq);
-      m_block = s2_span_first(span);
-      if (m_block >= 0) return;
-    }
-    m_block = -1;
-  };
-  auto advance = [&](int& hq, int& m_block, S2TileSpan& span) {
-    m_block = s2_span_next(span, m_block);
-    if (m_block < 0) {
-      ++hq;
-      first_from(hq, m_block, span);
-    }
-  };
-  // Copies step (hq, m_block)'s Q, dO, lse and delta into stage `stage`, one group.
-  auto load_step = [&](int hq, int m_block, int stage) {
-    const int h = hk * ratio + hq;
-    const int q0 = m_block * BM;
-    const T* qp = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
-    const T* dop =
-        static_cast<const T*>(p.dout) + b * p.dout_stride.batch + h * p.dout_stride.head;
-    load_tile_async<BM, D, Traits::kThreads>(sQ0 + stage * Traits::kSmemQ, LD,
-                                             qp + q0 * p.q_stride.row, p.q_stride.row,
-                                             p.L - q0);
-    load_tile_async<BM, D, Traits::kThreads>(sdO0 + stage * Traits::kSmemQ, LD,
-                                             dop + q0 * p.dout_stride.row, p.dout_stride.row,
-                                             p.L - q0);
-    const int64_t bh_row = (static_cast<int64_t>(b) * p.H + h) * p.L;
-    for (int x = threadIdx.x; x < BM; x += Traits::kThreads) {
-      const bool in = q0 + x < p.L;
-      const int64_t src = bh_row + (in ? q0 + x : 0);
-      cp_async_4(sLse0 + stage * BM + x, p.lse + src, in);  // rows past L: 0
-      cp_async_4(sDelta0 + stage * BM + x, p.delta + src, in);
-    }
-    cp_async_commit();
-  };
-
+  // The flat sequence of steps (S2BwdSteps): this kv head's query heads x their tiles.
   int hq = 0, m_block = -1;
   S2TileSpan span;
-  first_from(hq, m_block, span);
-  if (m_block >= 0) load_step(hq, m_block, 0);
+  steps.first_from(hq, m_block, span);
+  if (m_block >= 0) steps.load(hq, m_block, 0);
 
   for (int stage = 0; m_block >= 0; stage ^= 1) {
     int hq_next = hq, m_next = m_block;
     S2TileSpan span_next = span;
-    advance(hq_next, m_next, span_next);
+    steps.advance(hq_next, m_next, span_next);
     // Every warp passed the previous step's mid-step barrier, so it is done reading the
     // other stage: refill it with the next step while this one computes.
     if (m_next >= 0) {
-      load_step(hq_next, m_next, stage ^ 1);
+      steps.load(hq_next, m_next, stage ^ 1);
       cp_async_wait<1>();  // all but the newest group: this step's copies have landed
     } else {
       cp_async_wait<0>();
@@ -320,15 +272,8 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd_kernel(const S2BwdPar
         if (i < p.L) {
           float* dst = dq_acc + static_cast<int64_t>(i) * D + c0 + 2 * t;
 #pragma unroll
-          for (int nd = 0; nd < kNDq; ++nd) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-            atomicAdd(reinterpret_cast<float2*>(dst + nd * 8),
-                      make_float2(dq[nd][2 * rr], dq[nd][2 * rr + 1]));
-#else
-            atomicAdd(dst + nd * 8, dq[nd][2 * rr]);
-            atomicAdd(dst + nd * 8 + 1, dq[nd][2 * rr + 1]);
-#endif
-          }
+          for (int nd = 0; nd < kNDq; ++nd)
+            s2_atomic_add2(dst + nd * 8, dq[nd][2 * rr], dq[nd][2 * rr + 1]);
         }
       }
     }
