@@ -147,6 +147,23 @@ TEST(S2Emulator, ShuffleAnyAndBarriers) {
   }
 }
 
+// A barrier that not every thread reaches is reported, not waited on for ever.
+TEST(S2Emulator, BarrierMissedByAWarpIsADeadlockError) {
+  namespace emu = ek::emu;
+  try {
+    emu::launch({1, 1, 1}, 64, [] {
+      if (emu::fiber().tid.x < 32) emu::syncthreads();
+    });
+    FAIL() << "no error";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("deadlock"), std::string::npos) << e.what();
+  }
+  // The emulation is usable again afterwards.
+  int n = 0;
+  emu::launch({1, 1, 1}, 32, [&] { ++n; });
+  EXPECT_EQ(n, 32);
+}
+
 struct EmuCase {
   int64_t B, H, Hkv, L, D, G;
   la::Mode mode;

@@ -271,10 +271,12 @@ inline void launch(Dim3 grid, int threads, const std::function<void()>& body) {
             live -= c.fibers[i].done ? 1 : 0;
           }
           idle_rounds = c.progress ? 0 : idle_rounds + 1;
-          if (live > 0 && idle_rounds > 6)  // every warp had its turn without progress
+          if (live > 0 && idle_rounds > 6) {  // every warp had its turn without progress
+            cta() = nullptr;  // the fibers are abandoned with this CTA
             throw std::runtime_error("emu::launch: deadlock in CTA (" + std::to_string(x) + ", " +
                                      std::to_string(y) + ", " + std::to_string(z) + "): " +
                                      std::to_string(live) + " threads wait at barriers that never complete");
+          }
         }
         cta() = nullptr;
       }
