@@ -213,6 +213,11 @@ std::vector<EmuCase> emu_cases() {
   cs.push_back({1, 2, 2, 192, 128, 96, M::Roll, bf16, Tiles::Alt});
   cs.push_back({1, 2, 1, 256, 64, 64, M::Segments, fp16, Tiles::Alt});
   cs.push_back({1, 2, 2, 384, 128, 192, M::Roll, bf16, Tiles::Bwd2D});  // several key blocks per group
+  // Three query heads per kv head; a length that is no multiple of 16 (Full mode).
+  for (Tiles tl : {Tiles::Default, Tiles::Bwd2D}) {
+    cs.push_back({1, 6, 2, 128, 64, 32, M::Segments, bf16, tl});
+    cs.push_back({1, 2, 1, 100, 128, 0, M::Full, fp16, tl});
+  }
   return cs;
 }
 
