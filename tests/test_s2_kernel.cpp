@@ -38,8 +38,6 @@ std::string case_name(const S2Case& c) {
 // gtest (and ctest's test names) print the case readably instead of as raw bytes.
 void PrintTo(const S2Case& c, std::ostream* os) { *os << case_name(c); }
 
-using s2test::Result;
-
 // The kernel on (q, k, v, dout) against the fp32 oracle (s2_compare.h).
 void expect_matches_reference(const std::string& name, const torch::Tensor& q,
                               const torch::Tensor& k, const torch::Tensor& v,
