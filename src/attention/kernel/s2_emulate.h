@@ -9,8 +9,8 @@
 //     scheduled round-robin, warp w in every (w % 3 + 1)-th round (skewed, to expose
 //     missing barriers); a fiber runs until it reaches a synchronization point.
 //   - __syncthreads waits for every thread of the CTA. Warp primitives (ldmatrix, mma,
-//     __shfl_xor_sync, __any_sync) exchange values through a per-warp table between
-//     two warp barriers, so all 32 lanes must reach them, as the hardware requires.
+//     __shfl_xor_sync, __any_sync) exchange values through per-warp tables and a warp
+//     barrier, so all 32 lanes must reach them, as the hardware requires.
 //   - mma.sync m16n8k16 multiplies in fp32 from the lanes' fragments (PTX ISA layouts,
 //     as documented in s2_mma.cuh); the hardware's accumulation order differs, so
 //     results agree to rounding, not bit for bit.
@@ -55,14 +55,17 @@ struct Fiber {
   bool done = false;
   const uint64_t* wait_gen = nullptr;  // waiting at a barrier until *wait_gen != wait_val
   uint64_t wait_val = 0;
+  unsigned warp_ops = 0;  // warp primitives so far: which of the two exchange tables
 };
 
+// Two exchange tables used alternately: a lane writes table k of its next primitive
+// only after the barrier of the current one (table k ^ 1), which every lane reaches
+// after reading table k of the previous one. So one barrier per primitive suffices.
 struct Warp {
   int arrived = 0;
   uint64_t gen = 0;
-  const void* ptr[32];
-  uint32_t u[32][6];
-  float f[32][4];
+  const void* ptr[2][32];
+  uint32_t u[2][32][6];
 };
 
 struct Cta {
@@ -84,6 +87,9 @@ inline Cta*& cta() {
 inline Fiber& fiber() { return cta()->fibers[cta()->current]; }
 inline int lane() { return static_cast<int>(fiber().tid.x & 31); }
 inline Warp& warp() { return cta()->warps[fiber().tid.x / 32]; }
+
+// The exchange table of this lane's next warp primitive.
+inline int next_table() { return static_cast<int>(fiber().warp_ops++ & 1u); }
 
 inline void yield() { swapcontext(&fiber().ctx, &cta()->sched); }
 
@@ -134,23 +140,22 @@ inline uint16_t half_of(uint32_t reg, int hi) { return static_cast<uint16_t>(hi 
 inline void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, const void* row,
                         bool trans) {
   Warp& w = warp();
-  const int l = lane();
-  w.ptr[l] = row;
+  const int l = lane(), k = next_table();
+  w.ptr[k][l] = row;
   warp_sync();
   uint32_t r[4];
   for (int i = 0; i < 4; ++i) {
     uint16_t lo, hi;
     if (!trans) {
-      const auto* p = static_cast<const uint16_t*>(w.ptr[8 * i + l / 4]);
+      const auto* p = static_cast<const uint16_t*>(w.ptr[k][8 * i + l / 4]);
       lo = p[2 * (l % 4)];
       hi = p[2 * (l % 4) + 1];
     } else {
-      lo = static_cast<const uint16_t*>(w.ptr[8 * i + 2 * (l % 4)])[l / 4];
-      hi = static_cast<const uint16_t*>(w.ptr[8 * i + 2 * (l % 4) + 1])[l / 4];
+      lo = static_cast<const uint16_t*>(w.ptr[k][8 * i + 2 * (l % 4)])[l / 4];
+      hi = static_cast<const uint16_t*>(w.ptr[k][8 * i + 2 * (l % 4) + 1])[l / 4];
     }
     r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
   }
-  warp_sync();
   r0 = r[0];
   r1 = r[1];
   r2 = r[2];
@@ -164,53 +169,49 @@ inline void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, 
 template <typename T>
 inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   Warp& w = warp();
-  const int l = lane();
-  for (int i = 0; i < 4; ++i) w.u[l][i] = a[i];
-  w.u[l][4] = b[0];
-  w.u[l][5] = b[1];
+  const int l = lane(), tb = next_table();
+  auto& u = w.u[tb];
+  for (int i = 0; i < 4; ++i) u[l][i] = a[i];
+  u[l][4] = b[0];
+  u[l][5] = b[1];
   warp_sync();
   auto A = [&](int m, int k) {
     const int src = (m % 8) * 4 + (k % 8) / 2;
     const int reg = (m >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
-    return elem_to_float<T>(half_of(w.u[src][reg], k % 2));
+    return elem_to_float<T>(half_of(u[src][reg], k % 2));
   };
   auto B = [&](int k, int n) {
     const int src = n * 4 + (k % 8) / 2;
-    return elem_to_float<T>(half_of(w.u[src][4 + (k >= 8 ? 1 : 0)], k % 2));
+    return elem_to_float<T>(half_of(u[src][4 + (k >= 8 ? 1 : 0)], k % 2));
   };
   const int g = l / 4, t = l % 4;
-  float out[4];
   for (int e = 0; e < 4; ++e) {
     const int m = g + (e >= 2 ? 8 : 0), n = 2 * t + (e % 2);
     float acc = 0.f;
     for (int k = 0; k < 16; ++k) acc += A(m, k) * B(k, n);
-    out[e] = c[e] + acc;
+    c[e] += acc;
   }
-  warp_sync();
-  for (int e = 0; e < 4; ++e) c[e] = out[e];
 }
 
 template <typename V>
 inline V shfl_xor(V v, int lane_mask) {
   static_assert(sizeof(V) == 4, "32-bit shuffles only");
   Warp& w = warp();
-  const int l = lane();
-  std::memcpy(&w.u[l][0], &v, 4);
+  const int l = lane(), k = next_table();
+  std::memcpy(&w.u[k][l][0], &v, 4);
   warp_sync();
   V out;
-  std::memcpy(&out, &w.u[l ^ lane_mask][0], 4);
-  warp_sync();
+  std::memcpy(&out, &w.u[k][l ^ lane_mask][0], 4);
   return out;
 }
 
 inline bool any(bool pred) {
   Warp& w = warp();
-  const int l = lane();
-  w.u[l][0] = pred ? 1u : 0u;
+  const int l = lane(), k = next_table();
+  w.u[k][l][0] = pred ? 1u : 0u;
   warp_sync();
   bool out = false;
-  for (int i = 0; i < 32; ++i) out = out || w.u[i][0] != 0;
-  warp_sync();
+  for (int i = 0; i < 32; ++i) out = out || w.u[k][i][0] != 0;
   return out;
 }
 
