@@ -9,9 +9,12 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <ostream>
+#include <sstream>
 #include <string>
 
 #include "longlora/attention/attention.h"
+#include "test_util.h"
 
 namespace s2test {
 
@@ -20,6 +23,45 @@ namespace la = longlora::attention;
 struct Result {
   torch::Tensor out, dq, dk, dv;
 };
+
+// One problem: q (B, H, L, D), k and v (B, Hkv, L, D), the mode and group G, the dtype.
+struct S2Case {
+  int64_t B, H, Hkv, L, D, G;
+  la::Mode mode;
+  torch::ScalarType dtype;
+};
+
+inline std::string case_name(const S2Case& c) {
+  std::ostringstream s;
+  s << la::to_string(c.mode) << "_" << (c.dtype == torch::kBFloat16 ? "bf16" : "fp16") << "_B" << c.B
+    << "_H" << c.H << "_Hkv" << c.Hkv << "_L" << c.L << "_D" << c.D << "_G" << c.G;
+  return s.str();
+}
+
+// gtest (and ctest's test names) print the case readably instead of as raw bytes.
+inline void PrintTo(const S2Case& c, std::ostream* os) { *os << case_name(c); }
+
+struct Inputs {
+  torch::Tensor q, k, v, dout;
+};
+
+// Random inputs of the case on `device`. Strided: made (B, L, H, D) and transposed, as a
+// model's projections give them, so the (B, H, L, D) views are not contiguous.
+inline Inputs random_inputs(const S2Case& c, torch::Device device, bool strided = false,
+                            uint64_t seed = 1234) {
+  torch::manual_seed(seed);
+  const auto o = torch::TensorOptions().dtype(c.dtype).device(device);
+  auto make = [&](int64_t heads) {
+    return strided ? torch::randn({c.B, c.L, heads, c.D}, o).transpose(1, 2)
+                   : torch::randn({c.B, heads, c.L, c.D}, o);
+  };
+  Inputs in;
+  in.q = make(c.H);
+  in.k = make(c.Hkv);
+  in.v = make(c.Hkv);
+  in.dout = make(c.H);
+  return in;
+}
 
 using AttnFn = torch::Tensor (*)(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
                                  la::Mode, int64_t);
@@ -33,10 +75,6 @@ inline Result run(AttnFn fn, const torch::Tensor& q, const torch::Tensor& k, con
   auto out = fn(qq, kk, vv, mode, G);
   auto g = torch::autograd::grad({out}, {qq, kk, vv}, {dout});
   return {out.detach(), g[0], g[1], g[2]};
-}
-
-inline double max_abs(const torch::Tensor& a, const torch::Tensor& b) {
-  return (a.to(torch::kFloat32).cpu() - b.to(torch::kFloat32).cpu()).abs().max().item<double>();
 }
 
 // `got` (the implementation under test on q, k, v, dout) against the fp32 oracle.
@@ -64,8 +102,8 @@ inline void expect_matches_reference(const std::string& name, const torch::Tenso
                           {"dv", ref.dv, low.dv, got.dv}};
   for (const Field& f : fields) {
     const double ref_max = f.ref.abs().max().item<double>();
-    const double err_low = max_abs(f.low, f.ref);
-    const double err_got = max_abs(f.got, f.ref);
+    const double err_low = testutil::max_abs_diff(f.low, f.ref);
+    const double err_got = testutil::max_abs_diff(f.got, f.ref);
     const double tol = 3.0 * err_low + 1e-3 * ref_max + 1e-5;
     EXPECT_TRUE(torch::isfinite(f.got).all().item<bool>()) << name << " " << f.name
                                                            << ": non-finite values";

@@ -10,7 +10,6 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -165,19 +164,24 @@ TEST(S2Emulator, BarrierMissedByAWarpIsADeadlockError) {
   EXPECT_EQ(n, 32);
 }
 
+// Views whose strides are not (B, H, L, D)-contiguous, as a model's projections give
+// them: the kernels read them in place.
+TEST(S2EmulatedViews, StridedInputsMatchTheReference) {
+  const s2test::S2Case c{2, 4, 2, 128, 64, 32, la::Mode::Roll, torch::kBFloat16};
+  const auto in = s2test::random_inputs(c, torch::kCPU, /*strided=*/true, /*seed=*/7);
+  ASSERT_FALSE(in.q.is_contiguous());
+  s2test::expect_matches_reference("strided_views", in.q, in.k, in.v, in.dout, c.mode, c.G,
+                                   run_emulated(in.q, in.k, in.v, in.dout, c.mode, c.G, Tiles::Default));
+}
+
 struct EmuCase {
-  int64_t B, H, Hkv, L, D, G;
-  la::Mode mode;
-  torch::ScalarType dtype;
+  s2test::S2Case shape;
   Tiles tiles;
 };
 
 std::string case_name(const EmuCase& c) {
-  std::ostringstream s;
-  s << la::to_string(c.mode) << "_" << (c.dtype == torch::kBFloat16 ? "bf16" : "fp16") << "_B" << c.B
-    << "_H" << c.H << "_Hkv" << c.Hkv << "_L" << c.L << "_D" << c.D << "_G" << c.G
-    << (c.tiles == Tiles::Alt ? "_alt" : c.tiles == Tiles::Bwd2D ? "_bwd2d" : "");
-  return s.str();
+  return s2test::case_name(c.shape) +
+         (c.tiles == Tiles::Alt ? "_alt" : c.tiles == Tiles::Bwd2D ? "_bwd2d" : "");
 }
 void PrintTo(const EmuCase& c, std::ostream* os) { *os << case_name(c); }
 
@@ -185,17 +189,13 @@ class S2Emulated : public ::testing::TestWithParam<EmuCase> {};
 
 TEST_P(S2Emulated, OutAndGradsMatchTheReference) {
   const EmuCase c = GetParam();
-  torch::manual_seed(1234);
-  const auto o = torch::TensorOptions().dtype(c.dtype);
-  const auto q = torch::randn({c.B, c.H, c.L, c.D}, o);
-  const auto k = torch::randn({c.B, c.Hkv, c.L, c.D}, o);
-  const auto v = torch::randn({c.B, c.Hkv, c.L, c.D}, o);
-  const auto dout = torch::randn({c.B, c.H, c.L, c.D}, o);
-  s2test::expect_matches_reference(case_name(c), q, k, v, dout, c.mode, c.G,
-                                   run_emulated(q, k, v, dout, c.mode, c.G, c.tiles));
+  const auto& s = c.shape;
+  const auto in = s2test::random_inputs(s, torch::kCPU);
+  s2test::expect_matches_reference(case_name(c), in.q, in.k, in.v, in.dout, s.mode, s.G,
+                                   run_emulated(in.q, in.k, in.v, in.dout, s.mode, s.G, c.tiles));
 }
 
-// Small enough for the emulation (each warp primitive is two rounds over every thread
+// Small enough for the emulation (each warp primitive costs a round over every thread
 // of a CTA): every mode x dtype x head dim once, GQA, ragged lengths and groups that
 // are not multiples of the tiles, several query tiles and key blocks per group, both
 // tile configurations.
@@ -205,19 +205,19 @@ std::vector<EmuCase> emu_cases() {
   std::vector<EmuCase> cs;
   for (Tiles tl : {Tiles::Default, Tiles::Bwd2D}) {
     for (M m : {M::Full, M::Segments, M::Roll})
-      for (int64_t D : {64, 128}) cs.push_back({1, 2, 2, 64, D, 16, m, D == 64 ? bf16 : fp16, tl});
-    cs.push_back({2, 4, 2, 256, 128, 64, M::Segments, bf16, tl});
-    cs.push_back({1, 4, 1, 256, 64, 128, M::Roll, fp16, tl});
-    cs.push_back({1, 2, 1, 96, 64, 32, M::Roll, bf16, tl});
-    cs.push_back({1, 2, 2, 160, 128, 40, M::Segments, bf16, tl});
+      for (int64_t D : {64, 128}) cs.push_back({{1, 2, 2, 64, D, 16, m, D == 64 ? bf16 : fp16}, tl});
+    cs.push_back({{2, 4, 2, 256, 128, 64, M::Segments, bf16}, tl});
+    cs.push_back({{1, 4, 1, 256, 64, 128, M::Roll, fp16}, tl});
+    cs.push_back({{1, 2, 1, 96, 64, 32, M::Roll, bf16}, tl});
+    cs.push_back({{1, 2, 2, 160, 128, 40, M::Segments, bf16}, tl});
   }
-  cs.push_back({1, 2, 2, 192, 128, 96, M::Roll, bf16, Tiles::Alt});
-  cs.push_back({1, 2, 1, 256, 64, 64, M::Segments, fp16, Tiles::Alt});
-  cs.push_back({1, 2, 2, 384, 128, 192, M::Roll, bf16, Tiles::Bwd2D});  // several key blocks per group
+  cs.push_back({{1, 2, 2, 192, 128, 96, M::Roll, bf16}, Tiles::Alt});
+  cs.push_back({{1, 2, 1, 256, 64, 64, M::Segments, fp16}, Tiles::Alt});
+  cs.push_back({{1, 2, 2, 384, 128, 192, M::Roll, bf16}, Tiles::Bwd2D});  // several key blocks per group
   // Three query heads per kv head; a length that is no multiple of 16 (Full mode).
   for (Tiles tl : {Tiles::Default, Tiles::Bwd2D}) {
-    cs.push_back({1, 6, 2, 128, 64, 32, M::Segments, bf16, tl});
-    cs.push_back({1, 2, 1, 100, 128, 0, M::Full, fp16, tl});
+    cs.push_back({{1, 6, 2, 128, 64, 32, M::Segments, bf16}, tl});
+    cs.push_back({{1, 2, 1, 100, 128, 0, M::Full, fp16}, tl});
   }
   return cs;
 }

@@ -3,7 +3,6 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -21,22 +20,8 @@ namespace {
 
 namespace la = longlora::attention;
 
-struct S2Case {
-  int64_t B, H, Hkv, L, D, G;
-  la::Mode mode;
-  torch::ScalarType dtype;
-};
-
-std::string case_name(const S2Case& c) {
-  std::ostringstream s;
-  s << la::to_string(c.mode) << "_" << (c.dtype == torch::kBFloat16 ? "bf16" : "fp16")
-    << "_B" << c.B << "_H" << c.H << "_Hkv" << c.Hkv << "_L" << c.L << "_D" << c.D << "_G"
-    << c.G;
-  return s.str();
-}
-
-// gtest (and ctest's test names) print the case readably instead of as raw bytes.
-void PrintTo(const S2Case& c, std::ostream* os) { *os << case_name(c); }
+using s2test::case_name;
+using s2test::S2Case;
 
 // The kernel on (q, k, v, dout) against the fp32 oracle (s2_compare.h).
 void expect_matches_reference(const std::string& name, const torch::Tensor& q,
@@ -51,13 +36,8 @@ class S2KernelVsReference : public ::testing::TestWithParam<S2Case> {};
 TEST_P(S2KernelVsReference, OutAndGradsMatch) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device: S2 kernel tests run on the GPU machine";
   const S2Case c = GetParam();
-  torch::manual_seed(1234);
-  const auto o = torch::TensorOptions().dtype(c.dtype).device(torch::kCUDA);
-  const auto q = torch::randn({c.B, c.H, c.L, c.D}, o);
-  const auto k = torch::randn({c.B, c.Hkv, c.L, c.D}, o);
-  const auto v = torch::randn({c.B, c.Hkv, c.L, c.D}, o);
-  const auto dout = torch::randn({c.B, c.H, c.L, c.D}, o);
-  expect_matches_reference(case_name(c), q, k, v, dout, c.mode, c.G);
+  const auto in = s2test::random_inputs(c, torch::kCUDA);
+  expect_matches_reference(case_name(c), in.q, in.k, in.v, in.dout, c.mode, c.G);
 }
 
 std::vector<S2Case> s2_cases() {
@@ -103,15 +83,10 @@ INSTANTIATE_TEST_SUITE_P(S2Kernel, S2KernelVsReference, ::testing::ValuesIn(s2_c
 // transposed, as a model's projection produces them.
 TEST(S2Kernel, StridedViewsMatch) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device: S2 kernel tests run on the GPU machine";
-  torch::manual_seed(7);
-  const int64_t B = 2, H = 4, Hkv = 2, L = 256, D = 64, G = 64;
-  const auto o = torch::TensorOptions().dtype(torch::kBFloat16).device(torch::kCUDA);
-  const auto q = torch::randn({B, L, H, D}, o).transpose(1, 2);
-  const auto k = torch::randn({B, L, Hkv, D}, o).transpose(1, 2);
-  const auto v = torch::randn({B, L, Hkv, D}, o).transpose(1, 2);
-  const auto dout = torch::randn({B, L, H, D}, o).transpose(1, 2);
-  ASSERT_FALSE(q.is_contiguous());
-  expect_matches_reference("strided_views", q, k, v, dout, la::Mode::Roll, G);
+  const S2Case c{2, 4, 2, 256, 64, 64, la::Mode::Roll, torch::kBFloat16};
+  const auto in = s2test::random_inputs(c, torch::kCUDA, /*strided=*/true, /*seed=*/7);
+  ASSERT_FALSE(in.q.is_contiguous());
+  expect_matches_reference("strided_views", in.q, in.k, in.v, in.dout, c.mode, c.G);
 }
 
 TEST(S2Kernel, RejectsBadInputs) {
