@@ -22,7 +22,7 @@
 #define longlora longlora_s2emu
 #include "../src/attention/kernel/s2_emulate.h"
 // s2_emulate.h must come first: it defines the built-ins the kernels use.
-#include "../src/attention/kernel/s2_bwd2d_kernel.cuh"
+#include "../src/attention/kernel/s2_bwd2d_kernel.cuh"  // s2_bwd_main_kernel
 #include "../src/attention/kernel/s2_bwd_kernel.cuh"
 #include "../src/attention/kernel/s2_fwd_kernel.cuh"
 #undef longlora
@@ -52,10 +52,7 @@ void run_kernels(ek::S2BwdParams& p) {
                   [&] { ek::s2_bwd_delta_kernel<T, D>(p); });
   ek::emu::launch({static_cast<unsigned>(ceil_div(p.L, Bwd::kBlockN)), static_cast<unsigned>(p.Hkv),
                    static_cast<unsigned>(p.B)},
-                  Bwd::kThreads, [&] {
-                    if constexpr (Bwd::kTiled2D) ek::s2_bwd2d_kernel<Bwd>(p);
-                    else ek::s2_bwd_kernel<Bwd>(p);
-                  });
+                  Bwd::kThreads, [&] { ek::s2_bwd_main_kernel<Bwd>()(p); });
   ek::emu::launch({static_cast<unsigned>(ceil_div(static_cast<int>(rows * (D / 8)), 256)), 1, 1}, 256,
                   [&] { ek::s2_bwd_convert_kernel<T, D>(p); });
 }

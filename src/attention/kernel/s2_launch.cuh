@@ -11,7 +11,7 @@
 #include <string>
 
 #include "longlora/attention/kernel/s2_params.h"
-#include "s2_bwd2d_kernel.cuh"
+#include "s2_bwd2d_kernel.cuh"  // s2_bwd_main_kernel
 #include "s2_bwd_kernel.cuh"
 #include "s2_fwd_kernel.cuh"
 #include "s2_traits.cuh"
@@ -69,10 +69,7 @@ void launch_s2_bwd(const S2BwdParams& p, cudaStream_t stream) {
   S2_CUDA_CHECK(cudaGetLastError());
 
   // 2. dK, dV (=), dq_accum (+=): the warps tiled in one dimension or in two.
-  auto kernel = [] {
-    if constexpr (Traits::kTiled2D) return s2_bwd2d_kernel<Traits>;
-    else return s2_bwd_kernel<Traits>;
-  }();
+  auto kernel = s2_bwd_main_kernel<Traits>();
   constexpr int smem = Traits::kSmemBytes;
   s2_set_smem(kernel, smem);
   const dim3 grid(s2_ceil_div(p.L, Traits::kBlockN), p.Hkv, p.B);
