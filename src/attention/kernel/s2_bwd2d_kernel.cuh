@@ -143,7 +143,8 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd2d_kernel(const S2BwdP
         const int il = wm * 32 + mt * 16 + g + rr * 8;
         const float lse_log2 = sLse[il] * kS2Log2e;
         const float delta = sDelta[il];
-        const S2Bounds keys = mask.row_keys(q0 + il);
+        // Read on boundary tiles only; row_keys costs a division.
+        const S2Bounds keys = masked ? mask.row_keys(q0 + il) : S2Bounds{0, 0, 0, 0};
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
           float pe[2], dse[2];
