@@ -1,6 +1,7 @@
 // A CPU emulation of the CUDA execution model the S2 kernels rely on, so that their
-// device code (s2_fwd_kernel.cuh, s2_bwd_kernel.cuh) runs, unchanged, on a machine
-// without a GPU and is checked against the reference in CI (tests/test_s2_emulated.cpp).
+// device code (s2_fwd_kernel.cuh, s2_bwd_kernel.cuh, s2_bwd2d_kernel.cuh) runs,
+// unchanged, on a machine without a GPU and is checked against the reference in CI
+// (tests/test_s2_emulated.cpp).
 // It checks what the code computes (fragment layouts, masks, tile pruning, pipeline
 // hazards, unwritten outputs); it says nothing about speed.
 //
@@ -34,6 +35,7 @@
 #include <functional>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace longlora::attention::kernel {
