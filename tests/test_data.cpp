@@ -148,10 +148,6 @@ TEST(Data, MakeDataStopsWithAnErrorWhereNoDocumentFitsTheRowLength) {
 // part by part); make-data's stream is sequential, so a shorter run writes them first.
 TEST(Data, MakeDataWritesTheDemosDocumentsUnchanged) {
   const auto d = testutil::temp_dir("make-data-demo");
-  auto read = [](const std::string& p) {
-    std::ifstream in(p);
-    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  };
   data::PasskeyCorpusOptions o;
   o.tokenizer = testutil::data("../../configs/demo/tokenizer.model");
   o.out = d + "/256.jsonl";
@@ -160,7 +156,7 @@ TEST(Data, MakeDataWritesTheDemosDocumentsUnchanged) {
   o.max_asks = 8;
   o.seed = 5;
   data::write_passkey_corpus(o);
-  EXPECT_EQ(read(o.out), read(testutil::data("demo/train_256_head.jsonl")));
+  EXPECT_EQ(testutil::read_file(o.out), testutil::read_file(testutil::data("demo/train_256_head.jsonl")));
   o.out = d + "/1024.jsonl";
   o.docs = 4;
   o.row_tokens = 1024;
@@ -169,7 +165,7 @@ TEST(Data, MakeDataWritesTheDemosDocumentsUnchanged) {
   o.max_asks = 4;
   o.seed = 2;
   data::write_passkey_corpus(o);
-  EXPECT_EQ(read(o.out), read(testutil::data("demo/train_1024_head.jsonl")));
+  EXPECT_EQ(testutil::read_file(o.out), testutil::read_file(testutil::data("demo/train_1024_head.jsonl")));
   // Every document is exactly row_tokens - 2 tokens, counted whole.
   data::Tokenizer tok(o.tokenizer);
   std::ifstream in(o.out);
@@ -197,8 +193,7 @@ TEST(Data, MakeDataRowTokensGiveRowsThatAreWholeDocuments) {
     EXPECT_EQ(r.ids.front(), tok.bos_id()) << i;
     EXPECT_EQ(r.ids.back(), tok.eos_id()) << i;
   }
-  std::ifstream in(o.out);
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string text = testutil::read_file(o.out);
   EXPECT_NE(text.find("What is the pass key? The pass key is"), std::string::npos);
   EXPECT_NE(text.find("\\n"), std::string::npos);
 }

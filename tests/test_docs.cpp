@@ -7,8 +7,7 @@
 #include "test_util.h"
 
 TEST(Docs, ReadmeDocumentsEveryConfigKey) {
-  std::ifstream in(testutil::data("../../README.md"));
-  const std::string readme((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string readme = testutil::read_file(testutil::data("../../README.md"));
   ASSERT_FALSE(readme.empty());
   const std::string ref = longlora::train::config_reference();
   std::regex key_re("\\| `([a-z_.]+)` \\|");
@@ -79,8 +78,7 @@ TEST(Bench, SweepScriptAppendsOneRowPerLength) {
                           " LENS='64 10' STEPS=1 WARMUP=0 DEVICE=cpu OUT_MD=" + md + " bash " +
                           testutil::data("../../scripts/bench.sh") + " 2>/dev/null";
   ASSERT_EQ(std::system(cmd.c_str()), 0);
-  std::ifstream in(md);
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string text = testutil::read_file(md);
   EXPECT_NE(text.find("tiny-cpu.json on CPU"), std::string::npos) << text;
   EXPECT_TRUE(std::regex_search(text, std::regex("\\| 64 \\| reference \\| [0-9]+ \\|"))) << text;
   EXPECT_TRUE(std::regex_search(text, std::regex("\\| 10 \\| \\| failed: .*group"))) << text;
@@ -97,8 +95,7 @@ TEST(Docs, LossPlotKeepsStepsOnTheXAxis) {
   const std::string cmd = "bash " + testutil::data("../../scripts/plot_loss.sh") + " " + svg + " 'base (256)=" +
                           dir + "/a.jsonl' 'LongLoRA (1024)=" + dir + "/b.jsonl'";
   ASSERT_EQ(std::system(cmd.c_str()), 0);
-  std::ifstream in(svg);
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string text = testutil::read_file(svg);
   EXPECT_NE(text.find(">40</text>"), std::string::npos) << text;  // x axis ends at the last step
   EXPECT_NE(text.find(">base (256)</text>"), std::string::npos) << text;
   EXPECT_NE(text.find(">LongLoRA (1024)</text>"), std::string::npos) << text;
