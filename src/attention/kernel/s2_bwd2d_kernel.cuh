@@ -84,12 +84,7 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd2d_kernel(const S2BwdP
     S2TileSpan span_next = span;
     steps.advance(hq_next, m_next, span_next);
     __syncthreads();  // the previous step is done everywhere: stage ^ 1, sP, sdS are free
-    if (m_next >= 0) {
-      steps.load(hq_next, m_next, stage ^ 1);
-      cp_async_wait<1>();  // all but the newest group: this step's copies have landed
-    } else {
-      cp_async_wait<0>();
-    }
+    steps.prefetch_and_wait(hq_next, m_next, stage);
     __syncthreads();
 
     const int h = hk * ratio + hq;

@@ -68,6 +68,16 @@ struct S2BwdSteps {
     }
     cp_async_commit();
   }
+  // Issues the copies of the next step (hq_next, m_next), if any, into the other stage,
+  // then waits for this step's copies (the caller's __syncthreads makes them visible).
+  __device__ __forceinline__ void prefetch_and_wait(int hq_next, int m_next, int stage) const {
+    if (m_next >= 0) {
+      load(hq_next, m_next, stage ^ 1);
+      cp_async_wait<1>();  // all but the newest group: this step's copies have landed
+    } else {
+      cp_async_wait<0>();
+    }
+  }
   // The CTA's K and V rows into sK and sV (rows past L: zeros), one group.
   __device__ __forceinline__ void load_kv(T* sK, T* sV) const {
     constexpr int BN = Traits::kBlockN, D = Traits::kHeadDim, LD = Traits::kLd;

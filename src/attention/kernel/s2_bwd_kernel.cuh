@@ -148,12 +148,7 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd_kernel(const S2BwdPar
     steps.advance(hq_next, m_next, span_next);
     // Every warp passed the previous step's mid-step barrier, so it is done reading the
     // other stage: refill it with the next step while this one computes.
-    if (m_next >= 0) {
-      steps.load(hq_next, m_next, stage ^ 1);
-      cp_async_wait<1>();  // all but the newest group: this step's copies have landed
-    } else {
-      cp_async_wait<0>();
-    }
+    steps.prefetch_and_wait(hq_next, m_next, stage);
     __syncthreads();
 
     const int h = hk * ratio + hq;
