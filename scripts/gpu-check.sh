@@ -25,7 +25,7 @@ if want build; then
   PREFIX="$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')"
   gen=()
   command -v ninja >/dev/null && gen=(-G Ninja)
-  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
   t0=$SECONDS
   if cmake -S . -B "$B" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$PREFIX" \
        -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90}" >"$OUT/build.log" 2>&1 &&
@@ -51,12 +51,17 @@ if want kernel; then
       --output-on-failure >"$OUT/kernel_alt.log" 2>&1
     note "kernel tests, alternative tiles: $(grep -E 'tests passed|tests failed' "$OUT/kernel_alt.log")"
     grep -E 'kernel max abs diff|non-finite' "$OUT/kernel_alt.log" | head -10 | tee -a "$SUMMARY"
-    # The 2-D-tiled backward (s2_bwd2d_kernel.cuh), correct on the CPU emulation; not
-    # yet run on a GPU before 2026-11-26.
+    # The 2-D-tiled backward (s2_bwd2d_kernel.cuh): the default at D=128, forced here for
+    # D=64 too.
     LONGLORA_S2_BWD_2D=1 timeout 100 ctest --test-dir "$B" -R 'S2Kernel' -j8 \
       --output-on-failure >"$OUT/kernel_2d.log" 2>&1
     note "kernel tests, 2-D-tiled backward: $(grep -E 'tests passed|tests failed' "$OUT/kernel_2d.log")"
     grep -E 'kernel max abs diff|non-finite' "$OUT/kernel_2d.log" | head -10 | tee -a "$SUMMARY"
+    # The wgmma forward (s2_fwd_wgmma_kernel.cuh, sm_90a).
+    LONGLORA_S2_FWD_WGMMA=1 timeout 100 ctest --test-dir "$B" -R 'S2Kernel' -j8 \
+      --output-on-failure >"$OUT/kernel_wgmma.log" 2>&1
+    note "kernel tests, wgmma forward: $(grep -E 'tests passed|tests failed' "$OUT/kernel_wgmma.log")"
+    grep -E 'kernel max abs diff|non-finite' "$OUT/kernel_wgmma.log" | head -10 | tee -a "$SUMMARY"
   fi
   # The torch-free kernel bench: default and alternative tiles must agree (GQA, roll).
   for D in 64 128; do
@@ -67,19 +72,19 @@ if want kernel; then
       note "s2-kernel-bench D=$D: FAILED"; cat "$OUT/kernel_bench_$D.log" | tee -a "$SUMMARY"
     fi
   done
-  # The 2-D-tiled backward against the default at 32k: agreement and both timings.
+  # The wgmma forward against the default at 32k: agreement and both timings.
   timeout 60 "$B/s2-kernel-bench" --seq-len 32768 --heads 32 --kv-heads 32 --head-dim 128 \
-    --mode segments --iters 5 --bwd-2d 2>&1 | tee "$OUT/kernel_bench_2d.log" | tail -7 | tee -a "$SUMMARY"
+    --mode segments --iters 5 --fwd-wgmma 2>&1 | tee "$OUT/kernel_bench_wgmma.log" | tail -7 | tee -a "$SUMMARY"
 fi
 
 # One attention run per line: seq_len mode [VAR=value ...] (environment for the run).
 ATTN_RUNS="${ATTN_RUNS:-8192 segments
 32768 segments
-32768 segments LONGLORA_S2_BWD_2D=1
-102400 segments LONGLORA_S2_BWD_2D=1
-32768 segments LONGLORA_S2_FWD_ALT=1 LONGLORA_S2_BWD_ALT=1
-32768 roll
-102400 segments}"
+32768 segments LONGLORA_S2_FWD_WGMMA=1
+102400 segments
+102400 segments LONGLORA_S2_FWD_WGMMA=1
+32768 roll LONGLORA_S2_FWD_WGMMA=1
+32768 segments LONGLORA_S2_FWD_ALT=1 LONGLORA_S2_BWD_ALT=1}"
 if want attn 30; then
   while read -r L mode envs; do
     [ -n "$L" ] && [ "$(left)" -gt 20 ] || continue

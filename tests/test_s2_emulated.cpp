@@ -1,7 +1,8 @@
 // The S2 kernels' device code, unchanged, on the CPU emulation of the CUDA execution
 // model (src/attention/kernel/s2_emulate.h), against attention_reference: out, dq, dk,
 // dv for every mode, both dtypes, both head dims, MHA and GQA, the default and the
-// alternative tiles and the 2-D-tiled backward (s2_bwd2d_kernel.cuh). Runs in CI
+// alternative tiles, the 2-D-tiled backward (s2_bwd2d_kernel.cuh) and the Hopper
+// forward on wgmma (s2_fwd_wgmma_kernel.cuh). Runs in CI
 // without a GPU; the kernels on a GPU: test_s2_kernel.cpp.
 //
 // The kernel headers are compiled here as host C++ inside a renamed top-level
@@ -25,6 +26,7 @@
 #include "../src/attention/kernel/s2_bwd2d_kernel.cuh"  // s2_bwd_main_kernel
 #include "../src/attention/kernel/s2_bwd_kernel.cuh"
 #include "../src/attention/kernel/s2_fwd_kernel.cuh"
+#include "../src/attention/kernel/s2_fwd_wgmma_kernel.cuh"  // s2_fwd_main_kernel
 #undef longlora
 #undef threadIdx
 #undef blockIdx
@@ -46,7 +48,7 @@ template <typename T, int D, typename Fwd, typename Bwd>
 void run_kernels(ek::S2BwdParams& p) {
   ek::emu::launch({static_cast<unsigned>(ceil_div(p.L, Fwd::kBlockM)), static_cast<unsigned>(p.H),
                    static_cast<unsigned>(p.B)},
-                  Fwd::kThreads, [&] { ek::s2_fwd_kernel<Fwd>(p); });
+                  Fwd::kThreads, [&] { ek::s2_fwd_main_kernel<Fwd>()(p); });
   const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.L;
   ek::emu::launch({static_cast<unsigned>(ceil_div(static_cast<int>(rows * (D / 8)), 256)), 1, 1}, 256,
                   [&] { ek::s2_bwd_delta_kernel<T, D>(p); });
@@ -58,7 +60,7 @@ void run_kernels(ek::S2BwdParams& p) {
 }
 
 // The tile configurations the dispatch (s2_fwd.cu, s2_bwd.cu) can choose.
-enum class Tiles { Default, Alt, Bwd2D };
+enum class Tiles { Default, Alt, Bwd2D, FwdWgmma };
 
 template <typename T, int D>
 void dispatch(ek::S2BwdParams& p, Tiles tiles) {
@@ -66,6 +68,8 @@ void dispatch(ek::S2BwdParams& p, Tiles tiles) {
     run_kernels<T, D, ek::S2FwdAltConfig<T, D>, ek::S2BwdAltConfig<T, D>>(p);
   else if (tiles == Tiles::Bwd2D)
     run_kernels<T, D, ek::S2FwdConfig<T, D>, ek::S2Bwd2DTraits<T, D>>(p);
+  else if (tiles == Tiles::FwdWgmma)
+    run_kernels<T, D, ek::S2FwdWgmmaTraits<T, D>, ek::S2BwdConfig<T, D>>(p);
   else
     run_kernels<T, D, ek::S2FwdConfig<T, D>, ek::S2BwdConfig<T, D>>(p);
 }
@@ -169,6 +173,8 @@ TEST(S2EmulatedViews, StridedInputsMatchTheReference) {
   ASSERT_FALSE(in.q.is_contiguous());
   s2test::expect_matches_reference("strided_views", in.q, in.k, in.v, in.dout, c.mode, c.G,
                                    run_emulated(in.q, in.k, in.v, in.dout, c.mode, c.G, Tiles::Default));
+  s2test::expect_matches_reference("strided_views_wgmma", in.q, in.k, in.v, in.dout, c.mode, c.G,
+                                   run_emulated(in.q, in.k, in.v, in.dout, c.mode, c.G, Tiles::FwdWgmma));
 }
 
 struct EmuCase {
@@ -178,7 +184,10 @@ struct EmuCase {
 
 std::string case_name(const EmuCase& c) {
   return s2test::case_name(c.shape) +
-         (c.tiles == Tiles::Alt ? "_alt" : c.tiles == Tiles::Bwd2D ? "_bwd2d" : "");
+         (c.tiles == Tiles::Alt     ? "_alt"
+          : c.tiles == Tiles::Bwd2D  ? "_bwd2d"
+          : c.tiles == Tiles::FwdWgmma ? "_wgmma"
+                                     : "");
 }
 void PrintTo(const EmuCase& c, std::ostream* os) { *os << case_name(c); }
 
@@ -216,6 +225,15 @@ std::vector<EmuCase> emu_cases() {
     cs.push_back({{1, 6, 2, 128, 64, 32, M::Segments, bf16}, tl});
     cs.push_back({{1, 2, 1, 100, 128, 0, M::Full, fp16}, tl});
   }
+  // The wgmma forward: one 128 x 128 tile holding several groups; several key tiles
+  // (both K/V stages, Roll's wrap, GQA); ragged lengths and groups.
+  for (M m : {M::Full, M::Segments, M::Roll})
+    for (int64_t D : {64, 128})
+      cs.push_back({{1, 2, 2, 64, D, 16, m, D == 64 ? fp16 : bf16}, Tiles::FwdWgmma});
+  cs.push_back({{1, 2, 1, 512, 128, 0, M::Full, bf16}, Tiles::FwdWgmma});
+  cs.push_back({{1, 4, 2, 384, 64, 192, M::Roll, fp16}, Tiles::FwdWgmma});
+  cs.push_back({{1, 2, 2, 160, 128, 40, M::Segments, bf16}, Tiles::FwdWgmma});
+  cs.push_back({{2, 6, 2, 300, 128, 100, M::Segments, fp16}, Tiles::FwdWgmma});
   return cs;
 }
 

@@ -10,8 +10,9 @@ namespace longlora::attention::kernel {
 
 template <typename T, int D>
 static void s2_bwd_dim(const S2BwdParams& p, cudaStream_t stream) {
-  // The alternative tiles (s2_traits.cuh) keep both code paths tested and comparable;
-  // LONGLORA_S2_BWD_2D=1 selects the two-dimensional warp tiling (s2_bwd2d_kernel.cuh).
+  // The alternative tiles (s2_traits.cuh: the one-dimensional kernel, s2_bwd_kernel.cuh)
+  // keep both code paths tested and comparable; LONGLORA_S2_BWD_2D=1 selects the
+  // two-dimensional warp tiling (s2_bwd2d_kernel.cuh) also where it is not the default.
   static const bool alt = s2_env_flag("LONGLORA_S2_BWD_ALT");
   static const bool tiled_2d = s2_env_flag("LONGLORA_S2_BWD_2D");
   if (tiled_2d) {

@@ -43,7 +43,8 @@ namespace longlora::attention::kernel {
 // The dynamic shared memory of the kernels (`extern __shared__ ... s2_smem[]` in the
 // kernel bodies refers to this array): one CTA at a time uses it.
 constexpr int kS2EmuSmemBytes = 228 * 1024;
-alignas(128) inline unsigned char s2_smem[kS2EmuSmemBytes];
+// 1024-byte aligned, so that offsets from it swizzle as the hardware's shared addresses do.
+alignas(1024) inline unsigned char s2_smem[kS2EmuSmemBytes];
 
 namespace emu {
 
@@ -192,6 +193,70 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)
     float acc = 0.f;
     for (int k = 0; k < 16; ++k) acc += A(m, k) * B(k, n);
     c[e] += acc;
+  }
+}
+
+// The shared-memory address of p: its offset in s2_smem (1024-byte aligned, as the
+// 128-byte swizzle of wgmma descriptors requires of the real window).
+inline uint32_t smem_addr(const void* p) {
+  const auto off = static_cast<const unsigned char*>(p) - s2_smem;
+  if (off < 0 || off >= kS2EmuSmemBytes) throw std::runtime_error("emu::smem_addr: not a shared-memory address");
+  return static_cast<uint32_t>(off);
+}
+
+// One 16-bit element of a wgmma operand at (mn, k) of the 64 x 16 (A) or 16 x N (B) tile a
+// descriptor describes, with the PTX ISA's canonical 128-byte-swizzled layouts, written
+// from their definition (not from the kernels' tile writer, s2_wgmma.cuh):
+//   K-major:  byte start + (mn / 8) SBO + (mn % 8) 128 + 2 k
+//   MN-major: byte start + (mn / 64) LBO + 2 (mn % 64) + (k / 8) SBO + (k % 8) 128
+// then the swizzle of the absolute address: bits 4-6 ^= bits 7-9.
+inline uint16_t wgmma_operand(uint64_t desc, int mn, int k, bool mn_major) {
+  if ((desc >> 62) != 1) throw std::runtime_error("emu::wgmma: only the 128-byte swizzle is emulated");
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3fff) << 4;
+  const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3fff) << 4;
+  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3fff) << 4;
+  uint32_t a = mn_major ? start + (mn / 64) * lbo + 2 * (mn % 64) + (k / 8) * sbo + (k % 8) * 128
+                        : start + (mn / 8) * sbo + (mn % 8) * 128 + 2 * k;
+  a ^= ((a >> 7) & 7u) << 4;
+  if (a + 2 > static_cast<uint32_t>(kS2EmuSmemBytes)) throw std::runtime_error("emu::wgmma: operand outside shared memory");
+  uint16_t v;
+  std::memcpy(&v, s2_smem + a, 2);
+  return v;
+}
+
+// wgmma.mma_async m64nNk16, f32 accumulate, for this warp's 16 rows of the warpgroup's 64
+// (warp w % 4 owns rows 16 (w % 4) ..): d = (accumulate ? d : 0) + A B. A from the
+// warp's registers (mma.sync m16n8k16 A fragments; a != nullptr) or from a K-major
+// descriptor; B from a K-major or an MN-major descriptor. d[i] is row g + 8 ((i / 2) % 2),
+// column 8 (i / 4) + 2 t + i % 2. Runs at issue; the hardware's asynchrony is not emulated.
+template <typename T, int N>
+inline void wgmma(float (&d)[N / 2], const uint32_t* a, uint64_t desc_a, uint64_t desc_b, bool b_mn_major,
+                  bool accumulate) {
+  Warp& w = warp();
+  const int l = lane();
+  // Only an A in registers goes through an exchange table (and its barrier); from
+  // shared memory every lane reads what it needs itself.
+  auto& u = w.u[a != nullptr ? next_table() : 0];
+  if (a != nullptr) {
+    for (int i = 0; i < 4; ++i) u[l][i] = a[i];
+    warp_sync();
+  }
+  const int wq = static_cast<int>(fiber().tid.x / 32) % 4;
+  auto A = [&](int m, int k) {  // m in 0..15 of this warp's rows
+    if (a == nullptr) return elem_to_float<T>(wgmma_operand(desc_a, 16 * wq + m, k, false));
+    const int src = (m % 8) * 4 + (k % 8) / 2;
+    const int reg = (m >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+    return elem_to_float<T>(half_of(u[src][reg], k % 2));
+  };
+  const int g = l / 4, t = l % 4;
+  float arow[2][16];
+  for (int r = 0; r < 2; ++r)
+    for (int k = 0; k < 16; ++k) arow[r][k] = A(g + 8 * r, k);
+  for (int i = 0; i < N / 2; ++i) {
+    const int r = (i / 2) % 2, n = 8 * (i / 4) + 2 * t + i % 2;
+    float acc = 0.f;
+    for (int k = 0; k < 16; ++k) acc += arow[r][k] * elem_to_float<T>(wgmma_operand(desc_b, n, k, b_mn_major));
+    d[i] = (accumulate ? d[i] : 0.f) + acc;
   }
 }
 

@@ -13,7 +13,7 @@
 #include "longlora/attention/kernel/s2_params.h"
 #include "s2_bwd2d_kernel.cuh"  // s2_bwd_main_kernel
 #include "s2_bwd_kernel.cuh"
-#include "s2_fwd_kernel.cuh"
+#include "s2_fwd_wgmma_kernel.cuh"  // s2_fwd_main_kernel
 #include "s2_traits.cuh"
 
 // Throws std::runtime_error naming the failing call.
@@ -46,7 +46,7 @@ void s2_set_smem(Kernel kernel, int bytes) {
 template <typename Traits>
 void launch_s2_fwd(const S2FwdParams& p, cudaStream_t stream) {
   if (p.B == 0 || p.H == 0 || p.L == 0) return;
-  auto kernel = s2_fwd_kernel<Traits>;
+  auto kernel = s2_fwd_main_kernel<Traits>();
   constexpr int smem = Traits::kSmemBytes;
   s2_set_smem(kernel, smem);
   const dim3 grid(s2_ceil_div(p.L, Traits::kBlockM), p.H, p.B);

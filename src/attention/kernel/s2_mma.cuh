@@ -94,6 +94,7 @@ __device__ __forceinline__ int lane_t() { return threadIdx.x & 3; }
 // With .trans each block arrives transposed. (Scalar loads took 4-8 shared-memory
 // instructions per fragment and left the first kernel load-bound on an H200.)
 #ifdef LONGLORA_S2_EMULATE
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return emu::smem_addr(p); }
 __device__ __forceinline__ void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3,
                                             const void* row) {
   emu::ldmatrix_x4(r0, r1, r2, r3, row, /*trans=*/false);

@@ -12,6 +12,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 namespace longlora::attention::kernel {
 
 // Softmax in base 2: exp(x) = exp2(x * log2(e)); the LSE is stored in natural log.
@@ -21,6 +23,7 @@ constexpr float kS2Ln2 = 0.6931471805599453f;
 template <typename T_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
 struct S2FwdTraits {
   using T = T_;
+  static constexpr bool kWgmma = false;  // s2_fwd_kernel (below: S2FwdWgmmaTraits)
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
@@ -43,6 +46,24 @@ struct S2FwdTraits {
                 "forward: each warp owns 16 or 32 query rows");
   static_assert(kBlockN % 16 == 0 && kBlockN >= 16, "key tile: multiple of 16");
   static_assert(kLd % 8 == 0, "padded rows must stay 16-byte aligned");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
+};
+
+// Forward on Hopper's wgmma (s2_fwd_wgmma_kernel.cuh, sm_90a): two warpgroups of 64
+// query rows, key tiles of 128; Q, and two stages of K and V, in the 128-byte-swizzled
+// layout (unpadded), plus 1 KB to align them to 1024 bytes.
+template <typename T_, int kHeadDim_>
+struct S2FwdWgmmaTraits {
+  using T = T_;
+  static constexpr bool kWgmma = true;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 128;
+  static constexpr int kBlockN = 128;
+  static constexpr int kNWarps = 8;
+  static constexpr int kThreads = kNWarps * 32;
+  static constexpr int kSmemBytes = (kBlockM + 4 * kBlockN) * kHeadDim * static_cast<int>(sizeof(T)) + 1024;
+
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "head dim must be 64 or 128");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
 };
 
@@ -120,11 +141,13 @@ struct S2Bwd2DTraits {
 
 // The configurations the dispatch instantiates, the fastest measured on an H100 at
 // L = 32768 (docs/benchmarks.md): forward 32 query rows per warp, 4 warps, key tiles of
-// 32 (D = 128) or 64 (D = 64); backward 8 warps x 16 keys (D = 128) or 4 warps (D = 64).
+// 32 (D = 128) or 64 (D = 64); backward the 2-D-tiled kernel (D = 128: 22.9 ms against
+// 24.3 ms for 8 warps x 16 keys, 2026-11-27) or 4 warps x 16 keys (D = 64, where the
+// 2-D kernel is correct but has not been timed).
 template <typename T, int D>
 using S2FwdConfig = S2FwdTraits<T, D, 128, (D == 128 ? 32 : 64), 4>;
 template <typename T, int D>
-using S2BwdConfig = S2BwdTraits<T, D, (D == 64 ? 64 : 32), (D == 128 ? 128 : 64), (D == 128 ? 8 : 4)>;
+using S2BwdConfig = std::conditional_t<D == 128, S2Bwd2DTraits<T, D>, S2BwdTraits<T, D, 64, 64, 4>>;
 // The alternatives (LONGLORA_S2_FWD_ALT=1, LONGLORA_S2_BWD_ALT=1), kept correct by the
 // tests: 16 rows per warp with Q held in registers; the other backward key tile.
 template <typename T, int D>

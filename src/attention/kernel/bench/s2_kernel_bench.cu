@@ -91,7 +91,8 @@ struct Opts {
   int B = 1, H = 32, Hkv = 32, L = 32768, D = 128, iters = 10;
   double ratio = 0.25;
   std::string mode = "segments";
-  bool bwd_2d = false;  // the alternative backward is the 2-D-tiled kernel
+  bool bwd_2d = false;     // the alternative backward is the 2-D-tiled kernel
+  bool fwd_wgmma = false;  // the alternative forward is the wgmma kernel (sm_90a)
 };
 
 template <int D>
@@ -139,12 +140,15 @@ int run(const Opts& o) {
 
   cudaDeviceProp prop;
   check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
+  if (o.fwd_wgmma && (prop.major != 9 || prop.minor != 0))
+    throw std::runtime_error("--fwd-wgmma needs an sm_90 GPU (and a build with CUDA architecture 90a)");
   std::printf("# %s  B=%d H=%d Hkv=%d L=%d D=%d G=%d mode=%s bf16, median of %d\n", prop.name,
               o.B, o.H, o.Hkv, o.L, D, G, o.mode.c_str(), o.iters);
   auto fwd = [&](int c) {
     kn::S2FwdParams f = p;
     f.o = out[c].p; f.lse = lse[c];
     if (c == 0) kn::launch_s2_fwd<kn::S2FwdConfig<bf16, D>>(f, nullptr);
+    else if (o.fwd_wgmma) kn::launch_s2_fwd<kn::S2FwdWgmmaTraits<bf16, D>>(f, nullptr);
     else kn::launch_s2_fwd<kn::S2FwdAltConfig<bf16, D>>(f, nullptr);
   };
   auto bwd = [&](int c) {  // both from config 0's forward
@@ -181,11 +185,13 @@ int run(const Opts& o) {
     bad += !ok;
     std::printf("%-4s %-14.4g %-14.4g %s\n", names[f], d, m, ok ? "ok" : "MISMATCH or unwritten");
   }
+  // The second configuration's name: forward/backward kernels.
+  const std::string second = std::string(o.fwd_wgmma ? "wgmma" : "alt") + "/" + (o.bwd_2d ? "2d" : "alt");
   std::printf("%-8s %10s %9s %10s %9s\n", "tiles", "fwd ms", "TFLOP/s", "bwd ms", "TFLOP/s");
   for (int c = 0; c < 2; ++c) {
     const double tf = median_ms([&] { fwd(c); }, o.iters);
     const double tb = median_ms([&] { bwd(c); }, o.iters);
-    std::printf("%-8s %10.3f %9.1f %10.3f %9.1f\n", c ? (o.bwd_2d ? "alt/2d" : "alt") : "default", tf,
+    std::printf("%-8s %10.3f %9.1f %10.3f %9.1f\n", c ? second.c_str() : "default", tf,
                 fwd_flop / tf / 1e9, tb, 2.5 * fwd_flop / tb / 1e9);
   }
   for (auto& l : lse) cudaFree(l);
@@ -208,6 +214,8 @@ int main(int argc, char** argv) {
   app.add_option("--mode", o.mode)->check(CLI::IsMember({"full", "segments", "roll"}));
   app.add_option("--ratio", o.ratio, "group size / sequence length")->check(CLI::Range(0.0, 1.0));
   app.add_option("--iters", o.iters)->check(CLI::PositiveNumber);
+  app.add_flag("--fwd-wgmma", o.fwd_wgmma,
+               "second configuration's forward: the wgmma kernel (s2_fwd_wgmma_kernel.cuh)");
   app.add_flag("--bwd-2d", o.bwd_2d,
                "second configuration's backward: the 2-D-tiled kernel (s2_bwd2d_kernel.cuh), "
                "not the alternative tiles'");

@@ -1,0 +1,213 @@
+// S2-Attention forward on Hopper's warpgroup MMA (wgmma, sm_90a).
+//
+// Same contract, inputs and outputs as s2_fwd_kernel.cuh (o and the natural-log lse);
+// the mask and the tile walk are the same (S2HeadMask, s2_key_tiles). What differs is
+// the matrix engine:
+//   - a CTA of two warpgroups owns BM = 128 query rows, 64 per warpgroup (wgmma's M);
+//   - S = Q K^T is one m64n128k16 wgmma per 16 dims, both operands read by the tensor
+//     cores from shared memory through descriptors (s2_wgmma.cuh), no ldmatrix;
+//   - O += P V takes P from registers (S's accumulators rounded to T are exactly the A
+//     operand's layout) and V from shared memory, transposed by the descriptor;
+//   - Q, K and V live in the 128-byte-swizzled layout wgmma reads without bank
+//     conflicts; K and V are double-buffered: the copies of tile n + 1 run while tile n
+//     is computed, with one barrier per tile.
+// The online softmax is the mma.sync kernel's: base-2 exponentials of the scaled scores,
+// tree reductions, O rescaled only when some row of the warp has a new maximum.
+#pragma once
+
+#include <cmath>
+
+#include "longlora/attention/kernel/s2_params.h"
+#include "s2_fwd_kernel.cuh"  // s2_fwd_main_kernel picks either
+#include "s2_mask.cuh"
+#include "s2_mma.cuh"
+#include "s2_traits.cuh"
+#include "s2_wgmma.cuh"
+
+namespace longlora::attention::kernel {
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1) s2_fwd_wgmma_kernel(const S2FwdParams p) {
+  using T = typename Traits::T;
+  constexpr int D = Traits::kHeadDim;
+  constexpr int BM = Traits::kBlockM;
+  constexpr int BN = Traits::kBlockN;
+  constexpr int kNS = BN / 8;  // 8-key column tiles of S
+  constexpr int kNO = D / 8;   // 8-dim column tiles of O
+
+  extern __shared__ __align__(16) unsigned char s2_smem[];
+  // Every tile 1024-byte aligned in the shared window (the swizzle repeats every 1024
+  // bytes of the absolute address); kSmemBytes has room for the shift.
+  T* sQ = reinterpret_cast<T*>(s2_smem + ((1024u - (smem_addr(s2_smem) & 1023u)) & 1023u));
+  T* const sK0 = sQ + BM * D;
+  T* const sV0 = sK0 + 2 * BN * D;  // stage s: sK0 + s * BN * D, sV0 + s * BN * D
+
+  const int m_block = static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x);
+  const int h = blockIdx.y;
+  const int b = blockIdx.z;
+  const int hk = h / (p.H / p.Hkv);
+  const int q0 = m_block * BM;
+  const int warp = threadIdx.x / 32;
+  const int wg = warp / 4;  // warpgroup: query rows 64 wg .. of the tile
+  const int g = lane_g(), t = lane_t();
+
+  const T* qp = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
+  const T* kp = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
+  const T* vp = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
+  T* op = static_cast<T*>(p.o) + b * p.o_stride.batch + h * p.o_stride.head;
+  float* lse = p.lse + (static_cast<int64_t>(b) * p.H + h) * p.L;
+
+  const S2HeadMask mask = S2HeadMask::make(p.L, p.group, p.mode, h, p.H);
+  const float scale_log2 = p.softmax_scale * kS2Log2e;
+  const S2TileSpan span = s2_key_tiles(mask, q0, BM, BN);
+
+  // K and V of key tile n_block into stage `stage`, one cp.async group.
+  auto load_kv = [&](int stage, int n_block) {
+    const int k0 = n_block * BN;
+    load_tile_sw128_async<BN, D, Traits::kThreads>(sK0 + stage * BN * D, kp + k0 * p.k_stride.row,
+                                                   p.k_stride.row, p.L - k0);
+    load_tile_sw128_async<BN, D, Traits::kThreads>(sV0 + stage * BN * D, vp + k0 * p.v_stride.row,
+                                                   p.v_stride.row, p.L - k0);
+    cp_async_commit();
+  };
+  load_tile_sw128_async<BM, D, Traits::kThreads>(sQ, qp + q0 * p.q_stride.row, p.q_stride.row, p.L - q0);
+  int n_block = s2_span_first(span);
+  if (n_block >= 0) load_kv(0, n_block);
+  else cp_async_commit();
+
+  // Descriptors. Q (K-major A): this warpgroup's 64 rows, k-step kk at column block
+  // kk / 4, byte (kk % 4) * 32 of the row. K (K-major B): likewise over BN rows.
+  // V (MN-major B): k-step kk = keys 16 kk .. at byte 16 kk * 128; LBO = one column block.
+  auto desc_q = [&](int kk) {
+    return wgmma_desc(sQ + (kk / 4) * BM * 64 + wg * 64 * 64 + (kk % 4) * 16, 16, 1024);
+  };
+  auto desc_k = [&](int stage, int kk) {
+    return wgmma_desc(sK0 + stage * BN * D + (kk / 4) * BN * 64 + (kk % 4) * 16, 16, 1024);
+  };
+  auto desc_v = [&](int stage, int kk) {
+    return wgmma_desc(sV0 + stage * BN * D + kk * 16 * 64, BN * 128, 1024);
+  };
+
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  // Running max (base-2, scaled) and partial row sum of this thread's columns, for rows
+  // row0 (rr = 0, accumulator elements 4j, 4j+1) and row0 + 8 (rr = 1, 4j+2, 4j+3).
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, alpha[2];
+  const int row0 = q0 + wg * 64 + (warp % 4) * 16 + g;
+
+  int stage = 0;
+  while (n_block >= 0) {
+    const int k0 = n_block * BN;
+    const int n_next = s2_span_next(span, n_block);
+    cp_async_wait<0>();   // this thread's copies of tile n_block (and Q) have landed
+    fence_proxy_async();  // ... and are visible to the tensor cores
+    __syncthreads();      // ... for every thread; every warp is done with the other stage
+    if (n_next >= 0) load_kv(stage ^ 1, n_next);
+
+    // S = Q K^T (64 rows of this warpgroup x BN keys), D / 16 wgmmas in one group.
+    float s[BN / 2];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) wgmma_ss<T, BN>(s, desc_q(kk), desc_k(stage, kk), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_reg_fence(s);
+
+    // Boundary tiles only: one interval pair per row, two compares per element.
+    if (s2_tile_needs_mask(mask, q0, k0, BM, BN)) {
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const S2Bounds keys = mask.row_keys(row0 + rr * 8);
+#pragma unroll
+        for (int nt = 0; nt < kNS; ++nt)
+#pragma unroll
+          for (int e = 2 * rr; e < 2 * rr + 2; ++e)
+            if (!keys.contains(k0 + nt * 8 + 2 * t + (e & 1))) s[4 * nt + e] = -INFINITY;
+      }
+    }
+
+    // Online softmax (as s2_fwd_kernel.cuh): a row's 4 owners are lanes 4g..4g+3.
+    bool rescale = false;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      float mx[kNS];
+#pragma unroll
+      for (int nt = 0; nt < kNS; ++nt) mx[nt] = fmaxf(s[4 * nt + 2 * rr], s[4 * nt + 2 * rr + 1]);
+#pragma unroll
+      for (int w = 1; w < kNS; w *= 2)
+#pragma unroll
+        for (int nt = 0; nt + w < kNS; nt += 2 * w) mx[nt] = fmaxf(mx[nt], mx[nt + w]);
+      float m = mx[0];
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+      const float m_new = fmaxf(m_run[rr], m * scale_log2);
+      const float m_use = (m_new == -INFINITY) ? 0.f : m_new;  // nothing visible yet
+      alpha[rr] = exp2f(m_run[rr] - m_use);
+      rescale |= m_new != m_run[rr];
+      m_run[rr] = m_new;
+      float sum[kNS];
+#pragma unroll
+      for (int nt = 0; nt < kNS; ++nt) {
+#pragma unroll
+        for (int e = 2 * rr; e < 2 * rr + 2; ++e) s[4 * nt + e] = exp2f(fmaf(s[4 * nt + e], scale_log2, -m_use));
+        sum[nt] = s[4 * nt + 2 * rr] + s[4 * nt + 2 * rr + 1];
+      }
+#pragma unroll
+      for (int w = 1; w < kNS; w *= 2)
+#pragma unroll
+        for (int nt = 0; nt + w < kNS; nt += 2 * w) sum[nt] += sum[nt + w];
+      l_run[rr] = l_run[rr] * alpha[rr] + sum[0];
+    }
+    if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+      for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i / 2) % 2];
+    }
+
+    // O += P V: P rounded to T as A fragments (16 keys each), V transposed by its descriptor.
+    uint32_t pa[BN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      pa[kk][0] = S2Elem<T>::pack(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = S2Elem<T>::pack(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = S2Elem<T>::pack(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = S2Elem<T>::pack(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs<T, D>(o, pa[kk], desc_v(stage, kk), 1);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_reg_fence(o);
+    wgmma_reg_fence(pa);  // P's registers stay untouched until the wgmmas reading them are done
+    stage ^= 1;
+    n_block = n_next;
+  }
+
+  // Epilogue: normalize, store O and the natural-log LSE.
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float l = l_run[rr];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int i = row0 + rr * 8;
+    if (i < p.L) {
+      T* orow = op + i * p.o_stride.row;
+#pragma unroll
+      for (int nd = 0; nd < kNO; ++nd)
+        *reinterpret_cast<uint32_t*>(orow + nd * 8 + 2 * t) =
+            S2Elem<T>::pack(o[4 * nd + 2 * rr] * inv, o[4 * nd + 2 * rr + 1] * inv);
+      if (t == 0) lse[i] = l > 0.f ? m_run[rr] * kS2Ln2 + logf(l) : -INFINITY;
+    }
+  }
+}
+
+// The forward kernel a traits type selects (s2_launch.cuh, the emulated tests).
+template <typename Traits>
+constexpr auto s2_fwd_main_kernel() {
+  if constexpr (Traits::kWgmma) return s2_fwd_wgmma_kernel<Traits>;
+  else return s2_fwd_kernel<Traits>;
+}
+
+}  // namespace longlora::attention::kernel
