@@ -57,11 +57,11 @@ if want kernel; then
       --output-on-failure >"$OUT/kernel_2d.log" 2>&1
     note "kernel tests, 2-D-tiled backward: $(grep -E 'tests passed|tests failed' "$OUT/kernel_2d.log")"
     grep -E 'kernel max abs diff|non-finite' "$OUT/kernel_2d.log" | head -10 | tee -a "$SUMMARY"
-    # The wgmma forward (s2_fwd_wgmma_kernel.cuh, sm_90a).
-    LONGLORA_S2_FWD_WGMMA=1 timeout 100 ctest --test-dir "$B" -R 'S2Kernel' -j8 \
-      --output-on-failure >"$OUT/kernel_wgmma.log" 2>&1
-    note "kernel tests, wgmma forward: $(grep -E 'tests passed|tests failed' "$OUT/kernel_wgmma.log")"
-    grep -E 'kernel max abs diff|non-finite' "$OUT/kernel_wgmma.log" | head -10 | tee -a "$SUMMARY"
+    # The mma.sync forward (s2_fwd_kernel.cuh), which the wgmma one replaces on sm_90.
+    LONGLORA_S2_FWD_MMA=1 timeout 100 ctest --test-dir "$B" -R 'S2Kernel' -j8 \
+      --output-on-failure >"$OUT/kernel_mma.log" 2>&1
+    note "kernel tests, mma.sync forward: $(grep -E 'tests passed|tests failed' "$OUT/kernel_mma.log")"
+    grep -E 'kernel max abs diff|non-finite' "$OUT/kernel_mma.log" | head -10 | tee -a "$SUMMARY"
   fi
   # The torch-free kernel bench: default and alternative tiles must agree (GQA, roll).
   for D in 64 128; do
@@ -80,10 +80,9 @@ fi
 # One attention run per line: seq_len mode [VAR=value ...] (environment for the run).
 ATTN_RUNS="${ATTN_RUNS:-8192 segments
 32768 segments
-32768 segments LONGLORA_S2_FWD_WGMMA=1
 102400 segments
-102400 segments LONGLORA_S2_FWD_WGMMA=1
-32768 roll LONGLORA_S2_FWD_WGMMA=1
+32768 roll
+32768 segments LONGLORA_S2_FWD_MMA=1
 32768 segments LONGLORA_S2_FWD_ALT=1 LONGLORA_S2_BWD_ALT=1}"
 if want attn 30; then
   while read -r L mode envs; do

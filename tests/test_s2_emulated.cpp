@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -23,7 +24,8 @@
 #define longlora longlora_s2emu
 #include "../src/attention/kernel/s2_emulate.h"
 // s2_emulate.h must come first: it defines the built-ins the kernels use.
-#include "../src/attention/kernel/s2_bwd2d_kernel.cuh"  // s2_bwd_main_kernel
+#include "../src/attention/kernel/s2_bwd_wgmma_kernel.cuh"  // s2_bwd_main_kernel
+#include "../src/attention/kernel/s2_bwd2d_kernel.cuh"
 #include "../src/attention/kernel/s2_bwd_kernel.cuh"
 #include "../src/attention/kernel/s2_fwd_kernel.cuh"
 #include "../src/attention/kernel/s2_fwd_wgmma_kernel.cuh"  // s2_fwd_main_kernel
@@ -60,18 +62,22 @@ void run_kernels(ek::S2BwdParams& p) {
 }
 
 // The tile configurations the dispatch (s2_fwd.cu, s2_bwd.cu) can choose.
-enum class Tiles { Default, Alt, Bwd2D, FwdWgmma };
+enum class Tiles { Default, Alt, Bwd2D, FwdWgmma, Wgmma };
 
 template <typename T, int D>
 void dispatch(ek::S2BwdParams& p, Tiles tiles) {
-  if (tiles == Tiles::Alt)
-    run_kernels<T, D, ek::S2FwdAltConfig<T, D>, ek::S2BwdAltConfig<T, D>>(p);
-  else if (tiles == Tiles::Bwd2D)
-    run_kernels<T, D, ek::S2FwdConfig<T, D>, ek::S2Bwd2DTraits<T, D>>(p);
-  else if (tiles == Tiles::FwdWgmma)
-    run_kernels<T, D, ek::S2FwdWgmmaTraits<T, D>, ek::S2BwdConfig<T, D>>(p);
-  else
-    run_kernels<T, D, ek::S2FwdConfig<T, D>, ek::S2BwdConfig<T, D>>(p);
+  switch (tiles) {
+    case Tiles::Default: run_kernels<T, D, ek::S2FwdConfig<T, D>, ek::S2BwdConfig<T, D>>(p); return;
+    case Tiles::Alt: run_kernels<T, D, ek::S2FwdAltConfig<T, D>, ek::S2BwdAltConfig<T, D>>(p); return;
+    case Tiles::Bwd2D: run_kernels<T, D, ek::S2FwdConfig<T, D>, ek::S2Bwd2DTraits<T, D>>(p); return;
+    case Tiles::FwdWgmma: run_kernels<T, D, ek::S2FwdWgmmaTraits<T, D>, ek::S2BwdConfig<T, D>>(p); return;
+    case Tiles::Wgmma:  // both passes on wgmma; the backward has D = 128 only
+      if constexpr (D == 128) {
+        run_kernels<T, D, ek::S2FwdWgmmaTraits<T, D>, ek::S2BwdWgmmaTraits<T, D>>(p);
+        return;
+      }
+      throw std::invalid_argument("the wgmma backward has D = 128 only");
+  }
 }
 
 // The emulated kernels' out and gradients; outputs start as NaN, so an element a kernel
@@ -173,8 +179,13 @@ TEST(S2EmulatedViews, StridedInputsMatchTheReference) {
   ASSERT_FALSE(in.q.is_contiguous());
   s2test::expect_matches_reference("strided_views", in.q, in.k, in.v, in.dout, c.mode, c.G,
                                    run_emulated(in.q, in.k, in.v, in.dout, c.mode, c.G, Tiles::Default));
-  s2test::expect_matches_reference("strided_views_wgmma", in.q, in.k, in.v, in.dout, c.mode, c.G,
+  s2test::expect_matches_reference("strided_views_fwdwgmma", in.q, in.k, in.v, in.dout, c.mode, c.G,
                                    run_emulated(in.q, in.k, in.v, in.dout, c.mode, c.G, Tiles::FwdWgmma));
+  const s2test::S2Case c128{2, 4, 2, 128, 128, 32, la::Mode::Roll, torch::kBFloat16};
+  const auto in128 = s2test::random_inputs(c128, torch::kCPU, /*strided=*/true, /*seed=*/8);
+  s2test::expect_matches_reference("strided_views_wgmma", in128.q, in128.k, in128.v, in128.dout, c128.mode,
+                                   c128.G, run_emulated(in128.q, in128.k, in128.v, in128.dout, c128.mode,
+                                                        c128.G, Tiles::Wgmma));
 }
 
 struct EmuCase {
@@ -186,7 +197,8 @@ std::string case_name(const EmuCase& c) {
   return s2test::case_name(c.shape) +
          (c.tiles == Tiles::Alt     ? "_alt"
           : c.tiles == Tiles::Bwd2D  ? "_bwd2d"
-          : c.tiles == Tiles::FwdWgmma ? "_wgmma"
+          : c.tiles == Tiles::FwdWgmma ? "_fwdwgmma"
+          : c.tiles == Tiles::Wgmma    ? "_wgmma"
                                      : "");
 }
 void PrintTo(const EmuCase& c, std::ostream* os) { *os << case_name(c); }
@@ -225,15 +237,18 @@ std::vector<EmuCase> emu_cases() {
     cs.push_back({{1, 6, 2, 128, 64, 32, M::Segments, bf16}, tl});
     cs.push_back({{1, 2, 1, 100, 128, 0, M::Full, fp16}, tl});
   }
-  // The wgmma forward: one 128 x 128 tile holding several groups; several key tiles
-  // (both K/V stages, Roll's wrap, GQA); ragged lengths and groups.
-  for (M m : {M::Full, M::Segments, M::Roll})
-    for (int64_t D : {64, 128})
-      cs.push_back({{1, 2, 2, 64, D, 16, m, D == 64 ? fp16 : bf16}, Tiles::FwdWgmma});
-  cs.push_back({{1, 2, 1, 512, 128, 0, M::Full, bf16}, Tiles::FwdWgmma});
+  // The wgmma kernels (forward at D = 64 and 128; the backward at 128): one 128 x 128
+  // tile holding several groups; several key tiles (both stages, Roll's wrap, GQA);
+  // ragged lengths and groups.
+  for (M m : {M::Full, M::Segments, M::Roll}) {
+    cs.push_back({{1, 2, 2, 64, 64, 16, m, fp16}, Tiles::FwdWgmma});
+    cs.push_back({{1, 2, 2, 64, 128, 16, m, bf16}, Tiles::Wgmma});
+  }
+  cs.push_back({{1, 2, 1, 512, 128, 0, M::Full, bf16}, Tiles::Wgmma});
   cs.push_back({{1, 4, 2, 384, 64, 192, M::Roll, fp16}, Tiles::FwdWgmma});
-  cs.push_back({{1, 2, 2, 160, 128, 40, M::Segments, bf16}, Tiles::FwdWgmma});
-  cs.push_back({{2, 6, 2, 300, 128, 100, M::Segments, fp16}, Tiles::FwdWgmma});
+  cs.push_back({{1, 4, 2, 384, 128, 192, M::Roll, fp16}, Tiles::Wgmma});
+  cs.push_back({{1, 2, 2, 160, 128, 40, M::Segments, bf16}, Tiles::Wgmma});
+  cs.push_back({{1, 6, 2, 300, 128, 100, M::Segments, fp16}, Tiles::Wgmma});
   return cs;
 }
 

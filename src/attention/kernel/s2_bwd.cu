@@ -13,8 +13,17 @@ static void s2_bwd_dim(const S2BwdParams& p, cudaStream_t stream) {
   // The alternative tiles (s2_traits.cuh: the one-dimensional kernel, s2_bwd_kernel.cuh)
   // keep both code paths tested and comparable; LONGLORA_S2_BWD_2D=1 selects the
   // two-dimensional warp tiling (s2_bwd2d_kernel.cuh) also where it is not the default.
+  // LONGLORA_S2_BWD_WGMMA=1: the Hopper kernel (s2_bwd_wgmma_kernel.cuh, D = 128) where it
+  // can run.
   static const bool alt = s2_env_flag("LONGLORA_S2_BWD_ALT");
   static const bool tiled_2d = s2_env_flag("LONGLORA_S2_BWD_2D");
+  static const bool wgmma = s2_env_flag("LONGLORA_S2_BWD_WGMMA") && s2_wgmma_available();
+  if constexpr (D == 128) {
+    if (wgmma && !alt && !tiled_2d) {
+      launch_s2_bwd<S2BwdWgmmaTraits<T, D>>(p, stream);
+      return;
+    }
+  }
   if (tiled_2d) {
     launch_s2_bwd<S2Bwd2DTraits<T, D>>(p, stream);
   } else if (alt) {

@@ -250,12 +250,4 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd2d_kernel(const S2BwdP
     }
 }
 
-// The main backward kernel of a traits type: warps tiled in one dimension
-// (S2BwdTraits) or in two (S2Bwd2DTraits). For the launcher and the emulated tests.
-template <typename Traits>
-inline auto s2_bwd_main_kernel() {
-  if constexpr (Traits::kTiled2D) return s2_bwd2d_kernel<Traits>;
-  else return s2_bwd_kernel<Traits>;
-}
-
 }  // namespace longlora::attention::kernel

@@ -1,4 +1,5 @@
-// What the two backward main kernels (s2_bwd_kernel.cuh, s2_bwd2d_kernel.cuh) share:
+// What the backward main kernels (s2_bwd_kernel.cuh, s2_bwd2d_kernel.cuh,
+// s2_bwd_wgmma_kernel.cuh) share:
 // the walk over the (query head, query tile) steps a CTA visits, the staged copies of
 // a step's Q, dO, lse and delta, the copies of the CTA's K and V, and dQ's atomic adds.
 #pragma once
@@ -6,6 +7,7 @@
 #include "longlora/attention/kernel/s2_params.h"
 #include "s2_mask.cuh"
 #include "s2_mma.cuh"
+#include "s2_wgmma.cuh"  // load_tile_sw128_async
 
 namespace longlora::attention::kernel {
 
@@ -47,18 +49,14 @@ struct S2BwdSteps {
   }
   // Copies step (hq, m_block)'s Q, dO, lse and delta into stage `stage`, one group.
   __device__ __forceinline__ void load(int hq, int m_block, int stage) const {
-    constexpr int BM = Traits::kBlockM, D = Traits::kHeadDim, LD = Traits::kLd;
+    constexpr int BM = Traits::kBlockM;
     const int h = hk * ratio + hq;
     const int q0 = m_block * BM;
     const T* qp = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
     const T* dop =
         static_cast<const T*>(p.dout) + b * p.dout_stride.batch + h * p.dout_stride.head;
-    load_tile_async<BM, D, Traits::kThreads>(sQ0 + stage * Traits::kSmemQ, LD,
-                                             qp + q0 * p.q_stride.row, p.q_stride.row,
-                                             p.L - q0);
-    load_tile_async<BM, D, Traits::kThreads>(sdO0 + stage * Traits::kSmemQ, LD,
-                                             dop + q0 * p.dout_stride.row, p.dout_stride.row,
-                                             p.L - q0);
+    tile_rows<BM>(sQ0 + stage * Traits::kSmemQ, qp + q0 * p.q_stride.row, p.q_stride.row, p.L - q0);
+    tile_rows<BM>(sdO0 + stage * Traits::kSmemQ, dop + q0 * p.dout_stride.row, p.dout_stride.row, p.L - q0);
     const int64_t bh_row = (static_cast<int64_t>(b) * p.H + h) * p.L;
     for (int x = threadIdx.x; x < BM; x += Traits::kThreads) {
       const bool in = q0 + x < p.L;
@@ -80,15 +78,23 @@ struct S2BwdSteps {
   }
   // The CTA's K and V rows into sK and sV (rows past L: zeros), one group.
   __device__ __forceinline__ void load_kv(T* sK, T* sV) const {
-    constexpr int BN = Traits::kBlockN, D = Traits::kHeadDim, LD = Traits::kLd;
+    constexpr int BN = Traits::kBlockN;
     const T* kp = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
     const T* vp = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
-    load_tile_async<BN, D, Traits::kThreads>(sK, LD, kp + k0 * p.k_stride.row, p.k_stride.row,
-                                             p.L - k0);
-    load_tile_async<BN, D, Traits::kThreads>(sV, LD, vp + k0 * p.v_stride.row, p.v_stride.row,
-                                             p.L - k0);
+    tile_rows<BN>(sK, kp + k0 * p.k_stride.row, p.k_stride.row, p.L - k0);
+    tile_rows<BN>(sV, vp + k0 * p.v_stride.row, p.v_stride.row, p.L - k0);
     cp_async_commit();
   }
+  // One (kRows x D) tile into shared memory, padded rows or the wgmma kernel's swizzled
+  // layout; rows past `rows`: zeros.
+  template <int kRows>
+  static __device__ __forceinline__ void tile_rows(T* s, const T* g, int64_t stride, int rows) {
+    if constexpr (Traits::kSwizzled)
+      load_tile_sw128_async<kRows, Traits::kHeadDim, Traits::kThreads>(s, g, stride, rows);
+    else
+      load_tile_async<kRows, Traits::kHeadDim, Traits::kThreads>(s, Traits::kLd, g, stride, rows);
+  }
+
 };
 
 // dst[0] += x, dst[1] += y (dQ's fp32 accumulator): one 8-byte atomic on sm_90.

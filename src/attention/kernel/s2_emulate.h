@@ -226,12 +226,12 @@ inline uint16_t wgmma_operand(uint64_t desc, int mn, int k, bool mn_major) {
 
 // wgmma.mma_async m64nNk16, f32 accumulate, for this warp's 16 rows of the warpgroup's 64
 // (warp w % 4 owns rows 16 (w % 4) ..): d = (accumulate ? d : 0) + A B. A from the
-// warp's registers (mma.sync m16n8k16 A fragments; a != nullptr) or from a K-major
-// descriptor; B from a K-major or an MN-major descriptor. d[i] is row g + 8 ((i / 2) % 2),
+// warp's registers (mma.sync m16n8k16 A fragments; a != nullptr) or from a K-major or
+// MN-major descriptor; B from a K-major or an MN-major descriptor. d[i] is row g + 8 ((i / 2) % 2),
 // column 8 (i / 4) + 2 t + i % 2. Runs at issue; the hardware's asynchrony is not emulated.
 template <typename T, int N>
-inline void wgmma(float (&d)[N / 2], const uint32_t* a, uint64_t desc_a, uint64_t desc_b, bool b_mn_major,
-                  bool accumulate) {
+inline void wgmma(float (&d)[N / 2], const uint32_t* a, uint64_t desc_a, bool a_mn_major, uint64_t desc_b,
+                  bool b_mn_major, bool accumulate) {
   Warp& w = warp();
   const int l = lane();
   // Only an A in registers goes through an exchange table (and its barrier); from
@@ -243,7 +243,7 @@ inline void wgmma(float (&d)[N / 2], const uint32_t* a, uint64_t desc_a, uint64_
   }
   const int wq = static_cast<int>(fiber().tid.x / 32) % 4;
   auto A = [&](int m, int k) {  // m in 0..15 of this warp's rows
-    if (a == nullptr) return elem_to_float<T>(wgmma_operand(desc_a, 16 * wq + m, k, false));
+    if (a == nullptr) return elem_to_float<T>(wgmma_operand(desc_a, 16 * wq + m, k, a_mn_major));
     const int src = (m % 8) * 4 + (k % 8) / 2;
     const int reg = (m >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
     return elem_to_float<T>(half_of(u[src][reg], k % 2));

@@ -18,9 +18,7 @@ __global__ void s2_wgmma_probe_kernel(int* out) {
 #endif
 }
 
-// Whether the wgmma forward can run on the current device: compute capability 9.0 and
-// sm_90a code in the binary (CMAKE_CUDA_ARCHITECTURES holds 90a). Probed once.
-static bool s2_wgmma_available() {
+bool s2_wgmma_available() {
   static const bool ok = [] {
     int dev = 0;
     cudaDeviceProp prop;
@@ -40,11 +38,12 @@ static bool s2_wgmma_available() {
 
 template <typename T, int D>
 static void s2_fwd_dim(const S2FwdParams& p, cudaStream_t stream) {
-  // The alternative tiles (s2_traits.cuh) keep both code paths tested and comparable.
-  // LONGLORA_S2_FWD_WGMMA=1 selects the Hopper kernel (s2_fwd_wgmma_kernel.cuh) where it
-  // can run.
+  // On H100/H200 the wgmma kernel (s2_fwd_wgmma_kernel.cuh; 5.1 ms against 7.5 ms for
+  // the mma.sync kernel at L = 32768, docs/benchmarks.md); LONGLORA_S2_FWD_MMA=1 forces
+  // the mma.sync kernel there. The alternative tiles (s2_traits.cuh, LONGLORA_S2_FWD_ALT)
+  // keep the mma.sync kernel's two code paths tested and comparable.
   static const bool alt = s2_env_flag("LONGLORA_S2_FWD_ALT");
-  static const bool wgmma = s2_env_flag("LONGLORA_S2_FWD_WGMMA") && s2_wgmma_available();
+  static const bool wgmma = !alt && !s2_env_flag("LONGLORA_S2_FWD_MMA") && s2_wgmma_available();
   if (wgmma) {
     launch_s2_fwd<S2FwdWgmmaTraits<T, D>>(p, stream);
   } else if (alt) {

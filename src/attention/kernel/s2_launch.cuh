@@ -11,8 +11,7 @@
 #include <string>
 
 #include "longlora/attention/kernel/s2_params.h"
-#include "s2_bwd2d_kernel.cuh"  // s2_bwd_main_kernel
-#include "s2_bwd_kernel.cuh"
+#include "s2_bwd_wgmma_kernel.cuh"  // s2_bwd_main_kernel
 #include "s2_fwd_wgmma_kernel.cuh"  // s2_fwd_main_kernel
 #include "s2_traits.cuh"
 
@@ -35,6 +34,10 @@ inline bool s2_env_flag(const char* name) {
   const char* e = std::getenv(name);
   return e != nullptr && std::string(e) == "1";
 }
+
+// Whether the wgmma kernels can run on the current device: compute capability 9.0 and
+// sm_90a code in this binary (TORCH_CUDA_ARCH_LIST holds 9.0a). Probed once (s2_fwd.cu).
+bool s2_wgmma_available();
 
 template <typename Kernel>
 void s2_set_smem(Kernel kernel, int bytes) {

@@ -71,6 +71,8 @@ template <typename T_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
 struct S2BwdTraits {
   using T = T_;
   static constexpr bool kTiled2D = false;  // s2_bwd_kernel (below: S2Bwd2DTraits)
+  static constexpr bool kWgmma = false;    // (below: S2BwdWgmmaTraits)
+  static constexpr bool kSwizzled = false;  // padded rows, not the wgmma tile layout
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;  // query rows per step
   static constexpr int kBlockN = kBlockN_;  // keys per CTA
@@ -115,6 +117,8 @@ template <typename T_, int kHeadDim_>
 struct S2Bwd2DTraits {
   using T = T_;
   static constexpr bool kTiled2D = true;
+  static constexpr bool kWgmma = false;
+  static constexpr bool kSwizzled = false;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 64;
   static constexpr int kBlockN = 128;
@@ -136,6 +140,34 @@ struct S2Bwd2DTraits {
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dim must be 64 or 128");
   static_assert(kDimsDq % 16 == 0, "dQ: pairs of 8-wide tiles per ldmatrix.x4");
   static_assert((kSmemElems * sizeof(T)) % 16 == 0, "fp32 scratch must stay aligned");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
+};
+
+// Backward on Hopper's wgmma (s2_bwd_wgmma_kernel.cuh, sm_90a, D = 128): a CTA owns
+// kBlockN = 128 keys, 64 per warpgroup, and walks query steps of kBlockM = 64 rows.
+// K, V, two stages of Q and dO, and dS^T in the 128-byte-swizzled layout (unpadded),
+// then fp32 lse and delta (two stages each), plus 1 KB to align the tiles to 1024 bytes.
+template <typename T_, int kHeadDim_>
+struct S2BwdWgmmaTraits {
+  using T = T_;
+  static constexpr bool kTiled2D = false;
+  static constexpr bool kWgmma = true;
+  static constexpr bool kSwizzled = true;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 64;
+  static constexpr int kBlockN = 128;
+  static constexpr int kNWarps = 8;
+  static constexpr int kThreads = kNWarps * 32;
+  static constexpr int kLd = kHeadDim;  // unpadded (S2BwdSteps)
+  static constexpr int kSmemK = kBlockN * kHeadDim;
+  static constexpr int kSmemQ = kBlockM * kHeadDim;
+  static constexpr int kSmemDs = kBlockN * kBlockM;
+  static constexpr int kSmemElems = 2 * kSmemK + 4 * kSmemQ + kSmemDs;
+  static constexpr int kSmemBytes =
+      kSmemElems * static_cast<int>(sizeof(T)) + 4 * kBlockM * static_cast<int>(sizeof(float)) + 1024;
+
+  static_assert(kHeadDim == 128, "wgmma backward: head dim 128 (dQ's 64 dims per warpgroup)");
+  static_assert((kSmemQ * sizeof(T)) % 1024 == 0, "every tile 1024-byte aligned");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
 };
 

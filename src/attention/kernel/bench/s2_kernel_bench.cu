@@ -93,6 +93,7 @@ struct Opts {
   std::string mode = "segments";
   bool bwd_2d = false;     // the alternative backward is the 2-D-tiled kernel
   bool fwd_wgmma = false;  // the alternative forward is the wgmma kernel (sm_90a)
+  bool bwd_wgmma = false;  // the alternative backward is the wgmma kernel (sm_90a, D = 128)
 };
 
 template <int D>
@@ -140,8 +141,9 @@ int run(const Opts& o) {
 
   cudaDeviceProp prop;
   check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
-  if (o.fwd_wgmma && (prop.major != 9 || prop.minor != 0))
-    throw std::runtime_error("--fwd-wgmma needs an sm_90 GPU (and a build with CUDA architecture 90a)");
+  if ((o.fwd_wgmma || o.bwd_wgmma) && (prop.major != 9 || prop.minor != 0))
+    throw std::runtime_error("--fwd-wgmma and --bwd-wgmma need an sm_90 GPU (and a build with 9.0a)");
+  if (o.bwd_wgmma && D != 128) throw std::runtime_error("--bwd-wgmma: head dim 128 only");
   std::printf("# %s  B=%d H=%d Hkv=%d L=%d D=%d G=%d mode=%s bf16, median of %d\n", prop.name,
               o.B, o.H, o.Hkv, o.L, D, G, o.mode.c_str(), o.iters);
   auto fwd = [&](int c) {
@@ -157,6 +159,10 @@ int run(const Opts& o) {
     check(cudaMemsetAsync(dq_accum, 0, nq * sizeof(float)), "cudaMemsetAsync");
     if (c == 0) kn::launch_s2_bwd<kn::S2BwdConfig<bf16, D>>(b, nullptr);
     else if (o.bwd_2d) kn::launch_s2_bwd<kn::S2Bwd2DTraits<bf16, D>>(b, nullptr);
+    else if constexpr (D == 128) {
+      if (o.bwd_wgmma) kn::launch_s2_bwd<kn::S2BwdWgmmaTraits<bf16, D>>(b, nullptr);
+      else kn::launch_s2_bwd<kn::S2BwdAltConfig<bf16, D>>(b, nullptr);
+    }
     else kn::launch_s2_bwd<kn::S2BwdAltConfig<bf16, D>>(b, nullptr);
   };
   auto diff = [&](const Buf& a, const Buf& b) {
@@ -186,7 +192,7 @@ int run(const Opts& o) {
     std::printf("%-4s %-14.4g %-14.4g %s\n", names[f], d, m, ok ? "ok" : "MISMATCH or unwritten");
   }
   // The second configuration's name: forward/backward kernels.
-  const std::string second = std::string(o.fwd_wgmma ? "wgmma" : "alt") + "/" + (o.bwd_2d ? "2d" : "alt");
+  const std::string second = std::string(o.fwd_wgmma ? "wgmma" : "alt") + "/" + (o.bwd_2d ? "2d" : o.bwd_wgmma ? "wgmma" : "alt");
   std::printf("%-8s %10s %9s %10s %9s\n", "tiles", "fwd ms", "TFLOP/s", "bwd ms", "TFLOP/s");
   for (int c = 0; c < 2; ++c) {
     const double tf = median_ms([&] { fwd(c); }, o.iters);
@@ -216,6 +222,8 @@ int main(int argc, char** argv) {
   app.add_option("--iters", o.iters)->check(CLI::PositiveNumber);
   app.add_flag("--fwd-wgmma", o.fwd_wgmma,
                "second configuration's forward: the wgmma kernel (s2_fwd_wgmma_kernel.cuh)");
+  app.add_flag("--bwd-wgmma", o.bwd_wgmma,
+               "second configuration's backward: the wgmma kernel (s2_bwd_wgmma_kernel.cuh)");
   app.add_flag("--bwd-2d", o.bwd_2d,
                "second configuration's backward: the 2-D-tiled kernel (s2_bwd2d_kernel.cuh), "
                "not the alternative tiles'");

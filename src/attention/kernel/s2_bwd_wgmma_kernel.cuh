@@ -1,0 +1,226 @@
+// S2-Attention backward, main kernel on Hopper's warpgroup MMA (wgmma, sm_90a), D = 128.
+//
+// Same contract, inputs and outputs as s2_bwd_kernel (s2_bwd_kernel.cuh: dk, dv written
+// once, dq_accum += with fp32 atomics; the delta and convert passes are shared); the
+// step walk and staged copies are S2BwdSteps (s2_bwd_common.cuh), in the swizzled tile
+// layout of s2_wgmma.cuh. A CTA owns BN = 128 keys of one kv head, 64 per warpgroup,
+// and for each step (query head, 64 queries):
+//   S^T = K Q^T, dP^T = V dO^T   64 keys x 64 queries per warpgroup, both operands from
+//                                 shared memory (K-major);
+//   P^T, dS^T                     in registers; dS^T also to shared memory;
+//   dV += P^T dO, dK += dS^T Q    64 keys x 128 dims, in registers for the whole CTA;
+//                                 A from registers (the accumulator layout of S^T is the
+//                                 A operand's), B = dO, Q transposed by the descriptor;
+//   dQ = dS K                     64 queries x this warpgroup's 64 dims: A = dS^T read
+//                                 transposed, B = K transposed; fp32 atomics.
+// Two barriers per step: at the top (this step's copies visible; every warp done with
+// the previous step's stage and dS^T), and before dQ (both warpgroups' dS^T stored).
+// The dV/dK products run while the warpgroups wait at the second one.
+#pragma once
+
+#include <cmath>
+
+#include "longlora/attention/kernel/s2_params.h"
+#include "s2_bwd2d_kernel.cuh"  // s2_bwd_main_kernel (below) picks among the three
+#include "s2_bwd_kernel.cuh"
+#include "s2_bwd_common.cuh"
+#include "s2_mask.cuh"
+#include "s2_mma.cuh"
+#include "s2_traits.cuh"
+#include "s2_wgmma.cuh"
+
+namespace longlora::attention::kernel {
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1) s2_bwd_wgmma_kernel(const S2BwdParams p) {
+  using T = typename Traits::T;
+  constexpr int D = Traits::kHeadDim;
+  constexpr int BM = Traits::kBlockM;
+  constexpr int BN = Traits::kBlockN;
+  constexpr int kNQ = BM / 8;  // 8-query column tiles of S^T and dP^T
+  constexpr int kND = D / 8;   // 8-dim column tiles of dK and dV
+
+  extern __shared__ __align__(16) unsigned char s2_smem[];
+  T* sK = reinterpret_cast<T*>(s2_smem + ((1024u - (smem_addr(s2_smem) & 1023u)) & 1023u));
+  T* sV = sK + Traits::kSmemK;
+  T* sQ0 = sV + Traits::kSmemK;  // stage st: sQ0 + st * kSmemQ; the same for sdO0
+  T* sdO0 = sQ0 + 2 * Traits::kSmemQ;
+  T* sdS = sdO0 + 2 * Traits::kSmemQ;  // dS^T: BN keys x BM queries
+  float* sLse0 = reinterpret_cast<float*>(sdS + Traits::kSmemDs);  // stage st: + st * BM
+  float* sDelta0 = sLse0 + 2 * BM;
+
+  const int n_block = blockIdx.x;
+  const int hk = blockIdx.y;
+  const int b = blockIdx.z;
+  const int k0 = n_block * BN;
+  const int warp = threadIdx.x / 32;
+  const int wg = warp / 4;  // warpgroup: keys 64 wg .. of the CTA; dQ dims 64 wg ..
+  const int g = lane_g(), t = lane_t();
+  const int ratio = p.H / p.Hkv;
+  const float scale_log2 = p.softmax_scale * kS2Log2e;
+  const int krow = 64 * wg + 16 * (warp % 4) + g;  // this thread's keys: k0 + krow (+ 8)
+  const int qrow = 16 * (warp % 4) + g;            // its queries in dQ: q0 + qrow (+ 8)
+
+  const S2BwdSteps<Traits> steps{p, b, hk, k0, ratio, sQ0, sdO0, sLse0, sDelta0};
+  steps.load_kv(sK, sV);
+
+  // Descriptors (s2_wgmma.cuh). K-major A: this warpgroup's 64 rows of K or V. K-major B:
+  // the 64 rows of Q or dO. MN-major B over the step's queries: Q or dO, 16 queries per
+  // k-step, LBO = one column block. dQ: A = dS^T read MN-major (16 keys per k-step), B =
+  // this warpgroup's column block of K.
+  auto desc_kv = [&](const T* s, int kk) {
+    return wgmma_desc(s + (kk / 4) * BN * 64 + wg * 64 * 64 + (kk % 4) * 16, 16, 1024);
+  };
+  auto desc_qo = [&](const T* s, int kk) { return wgmma_desc(s + (kk / 4) * BM * 64 + (kk % 4) * 16, 16, 1024); };
+  auto desc_qo_mn = [&](const T* s, int kk) { return wgmma_desc(s + kk * 16 * 64, BM * 128, 1024); };
+  auto desc_ds_mn = [&](int kk) { return wgmma_desc(sdS + kk * 16 * 64, BM * 128, 1024); };
+  auto desc_k_mn = [&](int kk) { return wgmma_desc(sK + wg * BN * 64 + kk * 16 * 64, BN * 128, 1024); };
+
+  float dk[D / 2], dv[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
+
+  int hq = 0, m_block = -1;
+  S2TileSpan span;
+  steps.first_from(hq, m_block, span);
+  if (m_block >= 0) steps.load(hq, m_block, 0);
+
+  for (int stage = 0; m_block >= 0; stage ^= 1) {
+    int hq_next = hq, m_next = m_block;
+    S2TileSpan span_next = span;
+    steps.advance(hq_next, m_next, span_next);
+    cp_async_wait<0>();   // this step's copies (the first time, K and V too) have landed
+    fence_proxy_async();  // ... visible to the tensor cores
+    __syncthreads();      // ... for every thread; every warp is done with stage ^ 1 and sdS
+    if (m_next >= 0) steps.load(hq_next, m_next, stage ^ 1);
+
+    const int h = hk * ratio + hq;
+    const S2HeadMask mask = S2HeadMask::make(p.L, p.group, p.mode, h, p.H);
+    float* dq_acc = p.dq_accum + (static_cast<int64_t>(b) * p.H + h) * p.L * D;
+    const int q0 = m_block * BM;
+    const T* sQ = sQ0 + stage * Traits::kSmemQ;
+    const T* sdO = sdO0 + stage * Traits::kSmemQ;
+    const float* sLse = sLse0 + stage * BM;
+    const float* sDelta = sDelta0 + stage * BM;
+
+    // S^T = K Q^T and dP^T = V dO^T, one group.
+    float st[BM / 2], dpt[BM / 2];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) wgmma_ss<T, BM>(st, desc_kv(sK, kk), desc_qo(sQ, kk), kk > 0);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) wgmma_ss<T, BM>(dpt, desc_kv(sV, kk), desc_qo(sdO, kk), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_reg_fence(st);
+    wgmma_reg_fence(dpt);
+
+    // P^T = exp2(s scale log2(e) - lse log2(e)), zero where the query does not see the key
+    // (boundary tiles only); dS^T = P^T (dP^T - delta) scale. Element 4 j + 2 rr + c is key
+    // krow + 8 rr, query 8 j + 2 t + c.
+    const bool masked = s2_tile_needs_mask(mask, q0, k0, BM, BN);
+    S2Bounds rows[2] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
+    if (masked) {
+      rows[0] = mask.key_rows(k0 + krow);
+      rows[1] = mask.key_rows(k0 + krow + 8);
+    }
+#pragma unroll
+    for (int j = 0; j < kNQ; ++j)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int ql = 8 * j + 2 * t + c;
+        const float lse_log2 = sLse[ql] * kS2Log2e;
+        const float delta = sDelta[ql];
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          const int e = 4 * j + 2 * rr + c;
+          float pv = exp2f(fmaf(st[e], scale_log2, -lse_log2));
+          if (masked && !rows[rr].contains(q0 + ql)) pv = 0.f;
+          st[e] = pv;
+          dpt[e] = pv * (dpt[e] - delta) * p.softmax_scale;
+        }
+      }
+
+    // P^T and dS^T as A fragments (16 queries each); dS^T also to shared memory.
+    uint32_t pa[BM / 16][4], dsa[BM / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk)
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        pa[kk][x] = S2Elem<T>::pack(st[8 * kk + 2 * x], st[8 * kk + 2 * x + 1]);
+        dsa[kk][x] = S2Elem<T>::pack(dpt[8 * kk + 2 * x], dpt[8 * kk + 2 * x + 1]);
+      }
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk)
+#pragma unroll
+      for (int x = 0; x < 4; ++x)  // dsa[kk][x]: key krow + 8 (x % 2), queries 8 (2 kk + x / 2) + 2 t
+        *reinterpret_cast<uint32_t*>(sdS + sw128_offset(krow + 8 * (x % 2), 2 * kk + x / 2, BN) + 2 * t) =
+            dsa[kk][x];
+
+    // dV += P^T dO, dK += dS^T Q (k = the step's queries), one group, run while the
+    // warpgroups meet at the barrier below.
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) wgmma_rs<T, D>(dv, pa[kk], desc_qo_mn(sdO, kk), 1);
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) wgmma_rs<T, D>(dk, dsa[kk], desc_qo_mn(sQ, kk), 1);
+    wgmma_commit();
+    fence_proxy_async();  // this thread's dS^T stores visible to the tensor cores
+    __syncthreads();      // ... of both warpgroups
+
+    // dQ = dS K: the step's 64 queries x this warpgroup's 64 dims, k = the CTA's keys.
+    float dq[32];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) wgmma_ss<T, 64, 1, 1>(dq, desc_ds_mn(kk), desc_k_mn(kk), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_reg_fence(dv);
+    wgmma_reg_fence(dk);
+    wgmma_reg_fence(dq);
+    wgmma_reg_fence(pa);  // P^T and dS^T registers stay untouched until their wgmmas are done
+    wgmma_reg_fence(dsa);
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int i = q0 + qrow + 8 * rr;
+      if (i < p.L) {
+        float* dst = dq_acc + static_cast<int64_t>(i) * D + 64 * wg + 2 * t;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) s2_atomic_add2(dst + 8 * j, dq[4 * j + 2 * rr], dq[4 * j + 2 * rr + 1]);
+      }
+    }
+    hq = hq_next;
+    m_block = m_next;
+    span = span_next;
+  }
+  cp_async_wait<0>();  // no copy may outlive the CTA (none is pending here: defensive)
+
+  // Epilogue: dK, dV (=) for this thread's two keys.
+  T* dkp = static_cast<T*>(p.dk) + b * p.dk_stride.batch + hk * p.dk_stride.head;
+  T* dvp = static_cast<T*>(p.dv) + b * p.dv_stride.batch + hk * p.dv_stride.head;
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int j = k0 + krow + 8 * rr;
+    if (j < p.L) {
+      T* dkrow = dkp + j * p.dk_stride.row;
+      T* dvrow = dvp + j * p.dv_stride.row;
+#pragma unroll
+      for (int nd = 0; nd < kND; ++nd) {
+        *reinterpret_cast<uint32_t*>(dkrow + nd * 8 + 2 * t) = S2Elem<T>::pack(dk[4 * nd + 2 * rr], dk[4 * nd + 2 * rr + 1]);
+        *reinterpret_cast<uint32_t*>(dvrow + nd * 8 + 2 * t) = S2Elem<T>::pack(dv[4 * nd + 2 * rr], dv[4 * nd + 2 * rr + 1]);
+      }
+    }
+  }
+}
+
+// The main backward kernel of a traits type: warps tiled in one dimension
+// (S2BwdTraits), in two (S2Bwd2DTraits), or wgmma (S2BwdWgmmaTraits). For the launcher
+// and the emulated tests.
+template <typename Traits>
+inline auto s2_bwd_main_kernel() {
+  if constexpr (Traits::kWgmma) return s2_bwd_wgmma_kernel<Traits>;
+  else if constexpr (Traits::kTiled2D) return s2_bwd2d_kernel<Traits>;
+  else return s2_bwd_kernel<Traits>;
+}
+
+}  // namespace longlora::attention::kernel
