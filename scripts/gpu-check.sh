@@ -57,10 +57,11 @@ if want kernel; then
       --output-on-failure >"$OUT/kernel_2d.log" 2>&1
     note "kernel tests, 2-D-tiled backward: $(grep -E 'tests passed|tests failed' "$OUT/kernel_2d.log")"
     grep -E 'kernel max abs diff|non-finite' "$OUT/kernel_2d.log" | head -10 | tee -a "$SUMMARY"
-    # The mma.sync forward (s2_fwd_kernel.cuh), which the wgmma one replaces on sm_90.
-    LONGLORA_S2_FWD_MMA=1 timeout 100 ctest --test-dir "$B" -R 'S2Kernel' -j8 \
+    # The mma.sync kernels (s2_fwd_kernel.cuh, s2_bwd2d_kernel.cuh), which the wgmma ones
+    # replace on sm_90.
+    LONGLORA_S2_FWD_MMA=1 LONGLORA_S2_BWD_MMA=1 timeout 100 ctest --test-dir "$B" -R 'S2Kernel' -j8 \
       --output-on-failure >"$OUT/kernel_mma.log" 2>&1
-    note "kernel tests, mma.sync forward: $(grep -E 'tests passed|tests failed' "$OUT/kernel_mma.log")"
+    note "kernel tests, mma.sync kernels: $(grep -E 'tests passed|tests failed' "$OUT/kernel_mma.log")"
     grep -E 'kernel max abs diff|non-finite' "$OUT/kernel_mma.log" | head -10 | tee -a "$SUMMARY"
   fi
   # The torch-free kernel bench: default and alternative tiles must agree (GQA, roll).
@@ -72,9 +73,9 @@ if want kernel; then
       note "s2-kernel-bench D=$D: FAILED"; cat "$OUT/kernel_bench_$D.log" | tee -a "$SUMMARY"
     fi
   done
-  # The wgmma forward against the default at 32k: agreement and both timings.
+  # The wgmma kernels against the mma.sync ones at 32k: agreement and both timings.
   timeout 60 "$B/s2-kernel-bench" --seq-len 32768 --heads 32 --kv-heads 32 --head-dim 128 \
-    --mode segments --iters 5 --fwd-wgmma 2>&1 | tee "$OUT/kernel_bench_wgmma.log" | tail -7 | tee -a "$SUMMARY"
+    --mode segments --iters 5 --fwd-wgmma --bwd-wgmma 2>&1 | tee "$OUT/kernel_bench_wgmma.log" | tail -7 | tee -a "$SUMMARY"
 fi
 
 # One attention run per line: seq_len mode [VAR=value ...] (environment for the run).
@@ -82,7 +83,7 @@ ATTN_RUNS="${ATTN_RUNS:-8192 segments
 32768 segments
 102400 segments
 32768 roll
-32768 segments LONGLORA_S2_FWD_MMA=1
+32768 segments LONGLORA_S2_FWD_MMA=1 LONGLORA_S2_BWD_MMA=1
 32768 segments LONGLORA_S2_FWD_ALT=1 LONGLORA_S2_BWD_ALT=1}"
 if want attn 30; then
   while read -r L mode envs; do

@@ -13,11 +13,12 @@ static void s2_bwd_dim(const S2BwdParams& p, cudaStream_t stream) {
   // The alternative tiles (s2_traits.cuh: the one-dimensional kernel, s2_bwd_kernel.cuh)
   // keep both code paths tested and comparable; LONGLORA_S2_BWD_2D=1 selects the
   // two-dimensional warp tiling (s2_bwd2d_kernel.cuh) also where it is not the default.
-  // LONGLORA_S2_BWD_WGMMA=1: the Hopper kernel (s2_bwd_wgmma_kernel.cuh, D = 128) where it
-  // can run.
+  // On H100/H200 at D = 128, the wgmma kernel (s2_bwd_wgmma_kernel.cuh; 17.9 ms against
+  // 22.7 ms for the 2-D-tiled mma.sync kernel at L = 32768, docs/benchmarks.md);
+  // LONGLORA_S2_BWD_MMA=1 forces the mma.sync kernels there.
   static const bool alt = s2_env_flag("LONGLORA_S2_BWD_ALT");
   static const bool tiled_2d = s2_env_flag("LONGLORA_S2_BWD_2D");
-  static const bool wgmma = s2_env_flag("LONGLORA_S2_BWD_WGMMA") && s2_wgmma_available();
+  static const bool wgmma = !s2_env_flag("LONGLORA_S2_BWD_MMA") && s2_wgmma_available();
   if constexpr (D == 128) {
     if (wgmma && !alt && !tiled_2d) {
       launch_s2_bwd<S2BwdWgmmaTraits<T, D>>(p, stream);

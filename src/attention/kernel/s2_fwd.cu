@@ -18,6 +18,7 @@ __global__ void s2_wgmma_probe_kernel(int* out) {
 #endif
 }
 
+// Probed once per process, on the first device that asks.
 bool s2_wgmma_available() {
   static const bool ok = [] {
     int dev = 0;
@@ -28,10 +29,10 @@ bool s2_wgmma_available() {
     int host = 0;
     S2_CUDA_CHECK(cudaMalloc(&flag, sizeof(int)));
     s2_wgmma_probe_kernel<<<1, 1>>>(flag);
-    const cudaError_t e = cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost);
+    cudaError_t e = cudaGetLastError();  // no code for this device at all: not sm_90a
+    if (e == cudaSuccess) e = cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost);
     cudaFree(flag);
-    S2_CUDA_CHECK(e);
-    return host == 1;
+    return e == cudaSuccess && host == 1;
   }();
   return ok;
 }

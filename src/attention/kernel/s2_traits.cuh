@@ -171,8 +171,9 @@ struct S2BwdWgmmaTraits {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
 };
 
-// The configurations the dispatch instantiates, the fastest measured on an H100 at
-// L = 32768 (docs/benchmarks.md): forward 32 query rows per warp, 4 warps, key tiles of
+// The mma.sync configurations the dispatch instantiates (on H100/H200 the wgmma kernels
+// above replace them: S2FwdWgmmaTraits, and S2BwdWgmmaTraits at D = 128), the fastest
+// measured on an H100 at L = 32768 (docs/benchmarks.md): forward 32 query rows per warp, 4 warps, key tiles of
 // 32 (D = 128) or 64 (D = 64); backward the 2-D-tiled kernel (D = 128: 22.9 ms against
 // 24.3 ms for 8 warps x 16 keys, 2026-11-27) or 4 warps x 16 keys (D = 64, where the
 // 2-D kernel is correct but has not been timed).

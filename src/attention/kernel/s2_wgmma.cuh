@@ -1,6 +1,7 @@
-// Hopper warpgroup matrix multiply-accumulate (wgmma, sm_90a) for the S2 forward
-// (s2_fwd_wgmma_kernel.cuh): the 128-byte-swizzled shared-memory tile layout, its
-// matrix descriptors, the wgmma instructions and their ordering fences.
+// Hopper warpgroup matrix multiply-accumulate (wgmma, sm_90a) for the S2 kernels
+// (s2_fwd_wgmma_kernel.cuh, s2_bwd_wgmma_kernel.cuh): the 128-byte-swizzled
+// shared-memory tile layout, its matrix descriptors, the wgmma instructions and their
+// ordering fences.
 //
 // Tile layout "SW128" of a (rows x cols) tile, cols a multiple of 64 (16-bit elements):
 // column blocks of 64 elements, each (rows x 128 bytes) and stored one after the other;
@@ -11,13 +12,14 @@
 // Descriptors (PTX ISA, "matrix descriptor" of wgmma): start address, leading and
 // stride byte offsets (all >> 4) and the swizzle mode (1 = 128 bytes, bits 62-63).
 // With 128-byte swizzle:
-//   K-major operand (k contiguous; Q and K as the A and B of S = Q K^T): 8 rows of 128
+//   K-major operand (k contiguous, e.g. Q and K as the A and B of S = Q K^T): 8 rows of 128
 //     bytes form a 1024-byte atom; SBO = 1024 (the next 8 rows); LBO unused. The 16 k of
 //     one instruction are 32 bytes of a row: k-step kk starts at (kk % 4) * 32 bytes of
 //     column block kk / 4.
-//   MN-major operand (n contiguous; V as the B of O = P V, transposed): a row is one k
-//     (key) and 64 n (dims); SBO = 1024 (the next 8 keys), LBO = the column-block size
-//     (the next 64 dims). k-step kk (16 keys) starts at kk * 16 * 128 bytes.
+//   MN-major operand (m or n contiguous, e.g. V as the B of O = P V, read transposed): a
+//     row is one k (key) and 64 n (dims); SBO = 1024 (the next 8 keys), LBO = the
+//     column-block size (the next 64 dims). k-step kk (16 keys) starts at kk * 16 * 128
+//     bytes.
 //
 // Register layouts (per warp w of the warpgroup, g = lane / 4, t = lane % 4): the
 // accumulator of m64nN holds rows 16 w + g (elements 4j, 4j+1) and 16 w + g + 8
@@ -31,8 +33,8 @@
 // after the wait ties every later use of those registers to the wait.
 //
 // Compiled only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); other targets get a trap, and
-// the dispatch (s2_fwd.cu) launches this path only where a probe kernel reports sm_90a
-// code on an sm_90 device. With LONGLORA_S2_EMULATE the CPU emulation stands in.
+// the dispatch (s2_fwd.cu, s2_bwd.cu) launches these kernels only where a probe kernel
+// reports sm_90a code on an sm_90 device (s2_wgmma_available). With LONGLORA_S2_EMULATE the CPU emulation stands in.
 #pragma once
 
 #include <cstdint>
