@@ -95,6 +95,11 @@ inline Warp& warp() { return cta()->warps[fiber().tid.x / 32]; }
 inline int next_table() { return static_cast<int>(fiber().warp_ops++ & 1u); }
 
 inline void yield() { swapcontext(&fiber().ctx, &cta()->sched); }
+// A yield that is progress (not a wait): lets other warps run between two steps of this one.
+inline void yield_running() {
+  cta()->progress = true;
+  yield();
+}
 
 // Barrier over `n` threads with the counter/generation pair (arrived, gen).
 inline void barrier(int& arrived, uint64_t& gen, int n) {
@@ -232,6 +237,10 @@ inline uint16_t wgmma_operand(uint64_t desc, int mn, int k, bool mn_major) {
 template <typename T, int N>
 inline void wgmma(float (&d)[N / 2], const uint32_t* a, uint64_t desc_a, bool a_mn_major, uint64_t desc_b,
                   bool b_mn_major, bool accumulate) {
+  // Each wgmma is a scheduling point, as on the GPU, where warps drift apart between
+  // barriers: with A from shared memory nothing else would make this fiber yield, and a
+  // warp could never get ahead of a slower one's shared-memory stores.
+  yield_running();
   Warp& w = warp();
   const int l = lane();
   // Only an A in registers goes through an exchange table (and its barrier); from
