@@ -1,9 +1,10 @@
 // The S2 kernels' device code, unchanged, on the CPU emulation of the CUDA execution
 // model (src/attention/kernel/s2_emulate.h), against attention_reference: out, dq, dk,
-// dv for every mode, both dtypes, both head dims, MHA and GQA, the default and the
-// alternative tiles, the 2-D-tiled backward (s2_bwd2d_kernel.cuh) and the Hopper
-// forward on wgmma (s2_fwd_wgmma_kernel.cuh). Runs in CI
-// without a GPU; the kernels on a GPU: test_s2_kernel.cpp.
+// dv for every mode, both dtypes, both head dims, MHA and GQA, the mma.sync kernels'
+// default and alternative tiles, the 2-D-tiled backward (s2_bwd2d_kernel.cuh) and the
+// Hopper kernels on wgmma (s2_fwd_wgmma_kernel.cuh, s2_bwd_wgmma_kernel.cuh). Runs in CI
+// without a GPU; the kernels on a GPU (on H100/H200 the wgmma ones, which the dispatch
+// picks there): test_s2_kernel.cpp.
 //
 // The kernel headers are compiled here as host C++ inside a renamed top-level
 // namespace (longlora -> longlora_s2emu), so that their emulated instantiations never
