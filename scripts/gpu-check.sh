@@ -90,7 +90,8 @@ if want attn 30; then
     [ -n "$L" ] && [ "$(left)" -gt 20 ] || continue
     note "-- attention L=$L mode=$mode $envs"
     env $envs timeout 90 "$BIN" bench attention --seq-len "$L" --heads 32 --kv-heads 32 \
-      --head-dim 128 --dtype bf16 --mode "$mode" 2>&1 | tee -a "$OUT/attn.log" | tail -3 | tee -a "$SUMMARY"
+      --head-dim 128 --dtype bf16 --mode "$mode" 2>&1 | tee -a "$OUT/attn.log" |
+      grep -E '^(kernel|sdpa|backend|attention bench: (no|this))' | tee -a "$SUMMARY"
   done <<<"$ATTN_RUNS"
 fi
 

@@ -16,7 +16,10 @@
 #ifdef LONGLORA_WITH_CUDA
 #include <utility>
 
+#include <cstdlib>
+
 #include "../src/attention/kernel/s2_mask.cuh"  // white-box: the kernels' index rules
+#include "longlora/attention/kernel/s2_params.h"
 #endif
 
 namespace {
@@ -192,6 +195,21 @@ TEST(S2KernelMask, IndexRulesAndTilePruning) {
       }
     }
   }
+}
+#endif
+
+#ifdef LONGLORA_WITH_CUDA
+// Without a CUDA device the dispatch's probe for sm_90a code answers false (it does not
+// throw) and the kernels named are the mma.sync defaults: 2-D-tiled backward at D=128,
+// one-dimensional at 64. (On the GPU machine bench attention prints the names.)
+TEST(S2KernelDispatch, WithoutAGpuNamesTheMmaKernels) {
+  if (torch::cuda::is_available()) GTEST_SKIP() << "a CUDA device: the names depend on it";
+  for (const char* flag : {"LONGLORA_S2_FWD_ALT", "LONGLORA_S2_BWD_ALT", "LONGLORA_S2_BWD_2D"})
+    if (std::getenv(flag) != nullptr) GTEST_SKIP() << flag << " is set";
+  namespace kn = longlora::attention::kernel;
+  EXPECT_STREQ(kn::s2_fwd_kernel_name(128), "mma.sync");
+  EXPECT_STREQ(kn::s2_bwd_kernel_name(128), "mma.sync 2-D");
+  EXPECT_STREQ(kn::s2_bwd_kernel_name(64), "mma.sync");
 }
 #endif
 

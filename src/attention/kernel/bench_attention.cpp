@@ -21,6 +21,8 @@
 #ifdef LONGLORA_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <cuda_runtime_api.h>
+
+#include "longlora/attention/kernel/s2_params.h"  // the kernels the dispatch picks
 #endif
 
 namespace longlora::attention {
@@ -105,6 +107,9 @@ int run_attention_bench(const AttentionBenchOptions& opt) {
 
   const auto dev = at::cuda::getDeviceProperties(at::cuda::current_device());
   const std::string device_name = dev->name;
+  // Which S2 kernels the `kernel` backend runs here (wgmma on H100/H200, else mma.sync).
+  const std::string kernel_fwd = kernel::s2_fwd_kernel_name(static_cast<int>(D));
+  const std::string kernel_bwd = kernel::s2_bwd_kernel_name(static_cast<int>(D));
 
   torch::manual_seed(0);
   const auto o = torch::TensorOptions().dtype(dtype).device(torch::kCUDA);
@@ -146,20 +151,24 @@ int run_attention_bench(const AttentionBenchOptions& opt) {
   auto tflops = [](double flops, double ms) { return flops / (ms * 1e-3) / 1e12; };
   if (opt.json) {
     for (const auto& r : results) {
+      const std::string kernels = r.backend == "kernel" ? ",\"kernel_fwd\":\"" + kernel_fwd +
+                                                              "\",\"kernel_bwd\":\"" + kernel_bwd + "\""
+                                                        : "";
       std::printf(
           "{\"backend\":\"%s\",\"device\":\"%s\",\"mode\":\"%s\",\"dtype\":\"%s\","
           "\"batch\":%lld,\"heads\":%lld,\"kv_heads\":%lld,\"seq_len\":%lld,"
           "\"head_dim\":%lld,\"group\":%lld,\"fwd_ms\":%.4f,\"fwd_tflops\":%.2f,"
-          "\"fwdbwd_ms\":%.4f,\"fwdbwd_tflops\":%.2f%s%s%s}\n",
+          "\"fwdbwd_ms\":%.4f,\"fwdbwd_tflops\":%.2f%s%s%s%s}\n",
           r.backend.c_str(), device_name.c_str(), to_string(mode).c_str(), opt.dtype.c_str(),
           static_cast<long long>(B), static_cast<long long>(H), static_cast<long long>(Hkv),
           static_cast<long long>(L), static_cast<long long>(D), static_cast<long long>(G),
           r.fwd_ms, tflops(fwd_flops, r.fwd_ms), r.fwdbwd_ms,
           tflops(fwdbwd_flops, r.fwdbwd_ms), r.error.empty() ? "" : ",\"error\":\"",
-          r.error.empty() ? "" : r.error.c_str(), r.error.empty() ? "" : "\"");
+          r.error.empty() ? "" : r.error.c_str(), r.error.empty() ? "" : "\"", kernels.c_str());
     }
   } else {
     std::printf("device: %s\n", device_name.c_str());
+    std::printf("kernel backend: forward %s, backward %s\n", kernel_fwd.c_str(), kernel_bwd.c_str());
     std::printf("attention bench: B=%lld H=%lld Hkv=%lld L=%lld D=%lld %s mode=%s G=%lld, "
                 "%d warmup + %d iters\n",
                 static_cast<long long>(B), static_cast<long long>(H),

@@ -8,29 +8,42 @@
 
 namespace longlora::attention::kernel {
 
+// The backward main kernel for head dim D in this process. On H100/H200 at D = 128 the
+// wgmma kernel (s2_bwd_wgmma_kernel.cuh; 17.9 ms against 22.7 ms for the 2-D-tiled
+// mma.sync kernel at L = 32768, docs/benchmarks.md); LONGLORA_S2_BWD_MMA=1 forces the
+// mma.sync kernels there. Otherwise the mma.sync default (s2_traits.cuh: 2-D-tiled at
+// D = 128, one-dimensional at 64); LONGLORA_S2_BWD_2D=1 forces the 2-D tiling,
+// LONGLORA_S2_BWD_ALT=1 the alternative one-dimensional tiles, which keep those code
+// paths tested and comparable. Flags read once.
+enum class S2BwdKind { kWgmma, kMma, kMma2D, kMmaAlt };
+static S2BwdKind s2_bwd_kind(int D) {
+  static const bool tiled_2d = s2_env_flag("LONGLORA_S2_BWD_2D");
+  static const bool alt = s2_env_flag("LONGLORA_S2_BWD_ALT");
+  static const bool mma = s2_env_flag("LONGLORA_S2_BWD_MMA");
+  if (tiled_2d) return S2BwdKind::kMma2D;
+  if (alt) return S2BwdKind::kMmaAlt;
+  if (D == 128 && !mma && s2_wgmma_available()) return S2BwdKind::kWgmma;
+  return S2BwdKind::kMma;
+}
+
+const char* s2_bwd_kernel_name(int head_dim) {
+  switch (s2_bwd_kind(head_dim)) {
+    case S2BwdKind::kWgmma: return "wgmma";
+    case S2BwdKind::kMma2D: return "mma.sync 2-D";
+    case S2BwdKind::kMmaAlt: return "mma.sync alt";
+    default: return head_dim == 128 ? "mma.sync 2-D" : "mma.sync";
+  }
+}
+
 template <typename T, int D>
 static void s2_bwd_dim(const S2BwdParams& p, cudaStream_t stream) {
-  // The alternative tiles (s2_traits.cuh: the one-dimensional kernel, s2_bwd_kernel.cuh)
-  // keep both code paths tested and comparable; LONGLORA_S2_BWD_2D=1 selects the
-  // two-dimensional warp tiling (s2_bwd2d_kernel.cuh) also where it is not the default.
-  // On H100/H200 at D = 128, the wgmma kernel (s2_bwd_wgmma_kernel.cuh; 17.9 ms against
-  // 22.7 ms for the 2-D-tiled mma.sync kernel at L = 32768, docs/benchmarks.md);
-  // LONGLORA_S2_BWD_MMA=1 forces the mma.sync kernels there.
-  static const bool alt = s2_env_flag("LONGLORA_S2_BWD_ALT");
-  static const bool tiled_2d = s2_env_flag("LONGLORA_S2_BWD_2D");
-  static const bool wgmma = !s2_env_flag("LONGLORA_S2_BWD_MMA") && s2_wgmma_available();
-  if constexpr (D == 128) {
-    if (wgmma && !alt && !tiled_2d) {
-      launch_s2_bwd<S2BwdWgmmaTraits<T, D>>(p, stream);
-      return;
-    }
-  }
-  if (tiled_2d) {
-    launch_s2_bwd<S2Bwd2DTraits<T, D>>(p, stream);
-  } else if (alt) {
-    launch_s2_bwd<S2BwdAltConfig<T, D>>(p, stream);
-  } else {
-    launch_s2_bwd<S2BwdConfig<T, D>>(p, stream);
+  switch (s2_bwd_kind(D)) {
+    case S2BwdKind::kWgmma:
+      if constexpr (D == 128) launch_s2_bwd<S2BwdWgmmaTraits<T, D>>(p, stream);
+      return;  // never chosen for other D
+    case S2BwdKind::kMma2D: launch_s2_bwd<S2Bwd2DTraits<T, D>>(p, stream); return;
+    case S2BwdKind::kMmaAlt: launch_s2_bwd<S2BwdAltConfig<T, D>>(p, stream); return;
+    default: launch_s2_bwd<S2BwdConfig<T, D>>(p, stream); return;
   }
 }
 

@@ -37,20 +37,35 @@ bool s2_wgmma_available() {
   return ok;
 }
 
+// The forward kernel for this process. On H100/H200 the wgmma kernel
+// (s2_fwd_wgmma_kernel.cuh; 5.1 ms against 7.5 ms for the mma.sync kernel at L = 32768,
+// docs/benchmarks.md); LONGLORA_S2_FWD_MMA=1 forces the mma.sync kernel there. The
+// alternative tiles (s2_traits.cuh, LONGLORA_S2_FWD_ALT=1) keep the mma.sync kernel's two
+// code paths tested and comparable. Read once.
+enum class S2FwdKind { kWgmma, kMma, kMmaAlt };
+static S2FwdKind s2_fwd_kind() {
+  static const S2FwdKind kind = [] {
+    if (s2_env_flag("LONGLORA_S2_FWD_ALT")) return S2FwdKind::kMmaAlt;
+    if (!s2_env_flag("LONGLORA_S2_FWD_MMA") && s2_wgmma_available()) return S2FwdKind::kWgmma;
+    return S2FwdKind::kMma;
+  }();
+  return kind;
+}
+
+const char* s2_fwd_kernel_name(int /*head_dim*/) {
+  switch (s2_fwd_kind()) {
+    case S2FwdKind::kWgmma: return "wgmma";
+    case S2FwdKind::kMmaAlt: return "mma.sync alt";
+    default: return "mma.sync";
+  }
+}
+
 template <typename T, int D>
 static void s2_fwd_dim(const S2FwdParams& p, cudaStream_t stream) {
-  // On H100/H200 the wgmma kernel (s2_fwd_wgmma_kernel.cuh; 5.1 ms against 7.5 ms for
-  // the mma.sync kernel at L = 32768, docs/benchmarks.md); LONGLORA_S2_FWD_MMA=1 forces
-  // the mma.sync kernel there. The alternative tiles (s2_traits.cuh, LONGLORA_S2_FWD_ALT)
-  // keep the mma.sync kernel's two code paths tested and comparable.
-  static const bool alt = s2_env_flag("LONGLORA_S2_FWD_ALT");
-  static const bool wgmma = !alt && !s2_env_flag("LONGLORA_S2_FWD_MMA") && s2_wgmma_available();
-  if (wgmma) {
-    launch_s2_fwd<S2FwdWgmmaTraits<T, D>>(p, stream);
-  } else if (alt) {
-    launch_s2_fwd<S2FwdAltConfig<T, D>>(p, stream);
-  } else {
-    launch_s2_fwd<S2FwdConfig<T, D>>(p, stream);
+  switch (s2_fwd_kind()) {
+    case S2FwdKind::kWgmma: launch_s2_fwd<S2FwdWgmmaTraits<T, D>>(p, stream); return;
+    case S2FwdKind::kMmaAlt: launch_s2_fwd<S2FwdAltConfig<T, D>>(p, stream); return;
+    default: launch_s2_fwd<S2FwdConfig<T, D>>(p, stream); return;
   }
 }
 

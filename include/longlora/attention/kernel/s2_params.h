@@ -64,4 +64,9 @@ struct S2BwdParams : S2FwdParams {
 void s2_fwd(const S2FwdParams& params, cudaStream_t stream);
 void s2_bwd(const S2BwdParams& params, cudaStream_t stream);
 
+// Which kernels s2_fwd and s2_bwd launch for head dim D on the current device ("wgmma",
+// "mma.sync", "mma.sync 2-D", "mma.sync alt"), for benchmarks to print beside their times.
+const char* s2_fwd_kernel_name(int head_dim);
+const char* s2_bwd_kernel_name(int head_dim);
+
 }  // namespace longlora::attention::kernel
