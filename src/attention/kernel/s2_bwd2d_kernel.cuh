@@ -215,10 +215,7 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd2d_kernel(const S2BwdP
         for (int rr = 0; rr < 2; ++rr) {
           const int i = q0 + wm * 32 + mt * 16 + g + rr * 8;
           if (i < p.L) {
-            float* dst = dq_acc + static_cast<int64_t>(i) * D + dq0 + 2 * t;
-#pragma unroll
-            for (int nd = 0; nd < kNDq; ++nd)
-              s2_atomic_add2(dst + nd * 8, dq[mt][nd][2 * rr], dq[mt][nd][2 * rr + 1]);
+            s2_atomic_add_acc_row(dq_acc + static_cast<int64_t>(i) * D + dq0, dq[mt], rr);
           }
         }
     }
@@ -237,15 +234,8 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd2d_kernel(const S2BwdP
     for (int rr = 0; rr < 2; ++rr) {
       const int j = k0 + wk * 32 + mt * 16 + g + rr * 8;
       if (j < p.L) {
-        T* dkrow = dkp + j * p.dk_stride.row + dkv0;
-        T* dvrow = dvp + j * p.dv_stride.row + dkv0;
-#pragma unroll
-        for (int nd = 0; nd < kNDkv; ++nd) {
-          *reinterpret_cast<uint32_t*>(dkrow + nd * 8 + 2 * t) =
-              S2Elem<T>::pack(dk[mt][nd][2 * rr], dk[mt][nd][2 * rr + 1]);
-          *reinterpret_cast<uint32_t*>(dvrow + nd * 8 + 2 * t) =
-              S2Elem<T>::pack(dv[mt][nd][2 * rr], dv[mt][nd][2 * rr + 1]);
-        }
+        store_acc_row(dkp + j * p.dk_stride.row + dkv0, dk[mt], rr);
+        store_acc_row(dvp + j * p.dv_stride.row + dkv0, dv[mt], rr);
       }
     }
 }

@@ -107,4 +107,12 @@ __device__ __forceinline__ void s2_atomic_add2(float* dst, float x, float y) {
 #endif
 }
 
+// dst[8 nd + 2 t, + 1] += row rr of an accumulator of kN 8-column C tiles (dQ's rows).
+template <int kN>
+__device__ __forceinline__ void s2_atomic_add_acc_row(float* dst, const float (&acc)[kN][4], int rr) {
+  const int t = lane_t();
+#pragma unroll
+  for (int nd = 0; nd < kN; ++nd) s2_atomic_add2(dst + nd * 8 + 2 * t, acc[nd][2 * rr], acc[nd][2 * rr + 1]);
+}
+
 }  // namespace longlora::attention::kernel

@@ -285,15 +285,8 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd_kernel(const S2BwdPar
   for (int rr = 0; rr < 2; ++rr) {
     const int j = k0 + jl0 + rr * 8;
     if (j < p.L) {
-      T* dkrow = dkp + j * p.dk_stride.row;
-      T* dvrow = dvp + j * p.dv_stride.row;
-#pragma unroll
-      for (int nd = 0; nd < kND; ++nd) {
-        *reinterpret_cast<uint32_t*>(dkrow + nd * 8 + 2 * t) =
-            S2Elem<T>::pack(dk[nd][2 * rr], dk[nd][2 * rr + 1]);
-        *reinterpret_cast<uint32_t*>(dvrow + nd * 8 + 2 * t) =
-            S2Elem<T>::pack(dv[nd][2 * rr], dv[nd][2 * rr + 1]);
-      }
+      store_acc_row(dkp + j * p.dk_stride.row, dk, rr);
+      store_acc_row(dvp + j * p.dv_stride.row, dv, rr);
     }
   }
 }

@@ -142,14 +142,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_bwd_wgmma_kernel(const
       }
 
     // P^T and dS^T as A fragments (16 queries each); dS^T also to shared memory.
+    // (The accumulators in the mma.sync C layout over kNQ column tiles.)
+    auto& st4 = reinterpret_cast<float(&)[kNQ][4]>(st);
+    auto& dpt4 = reinterpret_cast<float(&)[kNQ][4]>(dpt);
     uint32_t pa[BM / 16][4], dsa[BM / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk)
-#pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        pa[kk][x] = S2Elem<T>::pack(st[8 * kk + 2 * x], st[8 * kk + 2 * x + 1]);
-        dsa[kk][x] = S2Elem<T>::pack(dpt[8 * kk + 2 * x], dpt[8 * kk + 2 * x + 1]);
-      }
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      pack_a_from_acc<T>(pa[kk], st4[2 * kk], st4[2 * kk + 1]);
+      pack_a_from_acc<T>(dsa[kk], dpt4[2 * kk], dpt4[2 * kk + 1]);
+    }
 #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk)
 #pragma unroll
@@ -183,11 +184,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_bwd_wgmma_kernel(const
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const int i = q0 + qrow + 8 * rr;
-      if (i < p.L) {
-        float* dst = dq_acc + static_cast<int64_t>(i) * D + 64 * wg + 2 * t;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) s2_atomic_add2(dst + 8 * j, dq[4 * j + 2 * rr], dq[4 * j + 2 * rr + 1]);
-      }
+      if (i < p.L)
+        s2_atomic_add_acc_row(dq_acc + static_cast<int64_t>(i) * D + 64 * wg,
+                              reinterpret_cast<const float(&)[8][4]>(dq), rr);
     }
     hq = hq_next;
     m_block = m_next;
@@ -202,13 +201,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_bwd_wgmma_kernel(const
   for (int rr = 0; rr < 2; ++rr) {
     const int j = k0 + krow + 8 * rr;
     if (j < p.L) {
-      T* dkrow = dkp + j * p.dk_stride.row;
-      T* dvrow = dvp + j * p.dv_stride.row;
-#pragma unroll
-      for (int nd = 0; nd < kND; ++nd) {
-        *reinterpret_cast<uint32_t*>(dkrow + nd * 8 + 2 * t) = S2Elem<T>::pack(dk[4 * nd + 2 * rr], dk[4 * nd + 2 * rr + 1]);
-        *reinterpret_cast<uint32_t*>(dvrow + nd * 8 + 2 * t) = S2Elem<T>::pack(dv[4 * nd + 2 * rr], dv[4 * nd + 2 * rr + 1]);
-      }
+      store_acc_row(dkp + j * p.dk_stride.row, reinterpret_cast<const float(&)[kND][4]>(dk), rr);
+      store_acc_row(dvp + j * p.dv_stride.row, reinterpret_cast<const float(&)[kND][4]>(dv), rr);
     }
   }
 }

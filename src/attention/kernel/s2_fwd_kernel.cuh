@@ -28,6 +28,88 @@
 
 namespace longlora::attention::kernel {
 
+// What both forward kernels (this one, s2_fwd_wgmma_kernel.cuh) do with one 16-row block
+// of a warp's score and output accumulators, in the mma.sync C layout: s[nt][e] is row
+// row0 (e < 2) or row0 + 8 (e >= 2), key k0 + 8 nt + 2 t + (e & 1).
+
+// Boundary tiles only: one interval pair per row, then two compares per element.
+template <int kNS>
+__device__ __forceinline__ void s2_mask_block(float (&s)[kNS][4], const S2HeadMask& mask, int row0, int k0) {
+  const int t = lane_t();
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const S2Bounds keys = mask.row_keys(row0 + rr * 8);
+#pragma unroll
+    for (int nt = 0; nt < kNS; ++nt)
+#pragma unroll
+      for (int e = 2 * rr; e < 2 * rr + 2; ++e)
+        if (!keys.contains(k0 + nt * 8 + 2 * t + (e & 1))) s[nt][e] = -INFINITY;
+  }
+}
+
+// Online softmax on the raw scores, in place (s becomes exp2(s * scale_log2 - m)): the
+// scale is folded into the exponent, one FFMA. A row's 4 owners are lanes 4g..4g+3 (xor
+// 1, 2). Max and sum reduce as trees (a serial chain of dependent instructions was the
+// largest stall). m_run and l_run are the running max (base-2, scaled) and this thread's
+// partial row sum; alpha the factor for O. Returns whether a row has a new max: O needs
+// rescaling only then (exact: otherwise every factor is 1).
+template <int kNS>
+__device__ __forceinline__ bool s2_online_softmax(float (&s)[kNS][4], float (&m_run)[2], float (&l_run)[2],
+                                                  float (&alpha)[2], float scale_log2) {
+  bool rescale = false;
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float mx[kNS];
+#pragma unroll
+    for (int nt = 0; nt < kNS; ++nt) mx[nt] = fmaxf(s[nt][2 * rr], s[nt][2 * rr + 1]);
+#pragma unroll
+    for (int w = 1; w < kNS; w *= 2)
+#pragma unroll
+      for (int nt = 0; nt + w < kNS; nt += 2 * w) mx[nt] = fmaxf(mx[nt], mx[nt + w]);
+    float m = mx[0];
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    const float m_new = fmaxf(m_run[rr], m * scale_log2);  // base-2 units
+    // A row with nothing visible so far keeps max -inf: subtract 0, not -inf.
+    const float m_use = (m_new == -INFINITY) ? 0.f : m_new;
+    alpha[rr] = exp2f(m_run[rr] - m_use);
+    rescale |= m_new != m_run[rr];
+    m_run[rr] = m_new;
+    float sum[kNS];
+#pragma unroll
+    for (int nt = 0; nt < kNS; ++nt) {
+#pragma unroll
+      for (int e = 2 * rr; e < 2 * rr + 2; ++e) s[nt][e] = exp2f(fmaf(s[nt][e], scale_log2, -m_use));
+      sum[nt] = s[nt][2 * rr] + s[nt][2 * rr + 1];
+    }
+#pragma unroll
+    for (int w = 1; w < kNS; w *= 2)
+#pragma unroll
+      for (int nt = 0; nt + w < kNS; nt += 2 * w) sum[nt] += sum[nt + w];
+    l_run[rr] = l_run[rr] * alpha[rr] + sum[0];
+  }
+  return rescale;
+}
+
+// Epilogue: O / l as T to rows row0, row0 + 8 (those < L) of op, and their natural-log LSE.
+template <typename T, int kNO>
+__device__ __forceinline__ void s2_store_out_block(const float (&o)[kNO][4], const float (&m_run)[2],
+                                                   const float (&l_run)[2], int row0, const S2FwdParams& p,
+                                                   T* op, float* lse) {
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float l = l_run[rr];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int i = row0 + rr * 8;
+    if (i < p.L) {
+      store_acc_row(op + i * p.o_stride.row, o, rr, inv);
+      if (lane_t() == 0) lse[i] = l > 0.f ? m_run[rr] * kS2Ln2 + logf(l) : -INFINITY;
+    }
+  }
+}
+
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kThreads) s2_fwd_kernel(const S2FwdParams p) {
   using T = typename Traits::T;
@@ -51,7 +133,7 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_fwd_kernel(const S2FwdPar
   const int hk = h / (p.H / p.Hkv);
   const int q0 = m_block * BM;
   const int warp = threadIdx.x / 32;
-  const int g = lane_g(), t = lane_t();
+  const int g = lane_g();
   const T* sQw = sQ + warp * Traits::kRowsPerWarp * LD;  // this warp's rows
 
   const T* qp = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
@@ -142,62 +224,16 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_fwd_kernel(const S2FwdPar
         for (int mt = 0; mt < kMT; ++mt) mma_16816<T>(s[mt][nt], qa[mt], bf[nt]);
     }
 
-    // Mask boundary tiles (one interval pair per row, then two compares per element),
-    // in a branch of its own so that the common unmasked tile runs straight-line code.
+    // Boundary tiles only, in a branch of its own so that the common unmasked tile runs
+    // straight-line code.
     if (s2_tile_needs_mask(mask, q0, k0, BM, BN)) {
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-          const S2Bounds keys = mask.row_keys(row0 + mt * 16 + rr * 8);
-#pragma unroll
-          for (int nt = 0; nt < kNS; ++nt)
-#pragma unroll
-            for (int e = 2 * rr; e < 2 * rr + 2; ++e)
-              if (!keys.contains(k0 + nt * 8 + 2 * t + (e & 1))) s[mt][nt][e] = -INFINITY;
-        }
+      for (int mt = 0; mt < kMT; ++mt) s2_mask_block(s[mt], mask, row0 + mt * 16, k0);
     }
 
-    // Online softmax on the raw scores; the scale is folded into the exponent,
-    // exp2(s * scale_log2 - m) as one FFMA. A row's 4 owners are lanes 4g..4g+3 (xor 1, 2).
-    // Max and sum reduce as trees (a serial chain of dependent instructions was the
-    // largest stall); O is rescaled only when some row of the warp has a new max (exact:
-    // otherwise every factor is 1).
     bool rescale = false;
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        float mx[kNS];
-#pragma unroll
-        for (int nt = 0; nt < kNS; ++nt) mx[nt] = fmaxf(s[mt][nt][2 * rr], s[mt][nt][2 * rr + 1]);
-#pragma unroll
-        for (int w = 1; w < kNS; w *= 2)
-#pragma unroll
-          for (int nt = 0; nt + w < kNS; nt += 2 * w) mx[nt] = fmaxf(mx[nt], mx[nt + w]);
-        float m = mx[0];
-        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-        const float m_new = fmaxf(m_run[mt][rr], m * scale_log2);  // base-2 units
-        // A row with nothing visible so far keeps max -inf: subtract 0, not -inf.
-        const float m_use = (m_new == -INFINITY) ? 0.f : m_new;
-        alpha[mt][rr] = exp2f(m_run[mt][rr] - m_use);
-        rescale |= m_new != m_run[mt][rr];
-        m_run[mt][rr] = m_new;
-        float sum[kNS];
-#pragma unroll
-        for (int nt = 0; nt < kNS; ++nt) {
-#pragma unroll
-          for (int e = 2 * rr; e < 2 * rr + 2; ++e)
-            s[mt][nt][e] = exp2f(fmaf(s[mt][nt][e], scale_log2, -m_use));
-          sum[nt] = s[mt][nt][2 * rr] + s[mt][nt][2 * rr + 1];
-        }
-#pragma unroll
-        for (int w = 1; w < kNS; w *= 2)
-#pragma unroll
-          for (int nt = 0; nt + w < kNS; nt += 2 * w) sum[nt] += sum[nt + w];
-        l_run[mt][rr] = l_run[mt][rr] * alpha[mt][rr] + sum[0];
-      }
+    for (int mt = 0; mt < kMT; ++mt) rescale |= s2_online_softmax(s[mt], m_run[mt], l_run[mt], alpha[mt], scale_log2);
     if (__any_sync(0xffffffffu, rescale)) {
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt)
@@ -234,24 +270,7 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_fwd_kernel(const S2FwdPar
 
   // Epilogue: normalize, store O and the natural-log LSE.
 #pragma unroll
-  for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      float l = l_run[mt][rr];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      const int i = row0 + mt * 16 + rr * 8;
-      if (i < p.L) {
-        T* orow = op + i * p.o_stride.row;
-#pragma unroll
-        for (int nd = 0; nd < kNO; ++nd) {
-          *reinterpret_cast<uint32_t*>(orow + nd * 8 + 2 * t) =
-              S2Elem<T>::pack(o[mt][nd][2 * rr] * inv, o[mt][nd][2 * rr + 1] * inv);
-        }
-        if (t == 0) lse[i] = l > 0.f ? m_run[mt][rr] * kS2Ln2 + logf(l) : -INFINITY;
-      }
-    }
+  for (int mt = 0; mt < kMT; ++mt) s2_store_out_block(o[mt], m_run[mt], l_run[mt], row0 + mt * 16, p, op, lse);
 }
 
 }  // namespace longlora::attention::kernel

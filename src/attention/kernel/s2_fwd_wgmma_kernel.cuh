@@ -11,8 +11,8 @@
 //   - Q, K and V live in the 128-byte-swizzled layout wgmma reads without bank
 //     conflicts; K and V are double-buffered: the copies of tile n + 1 run while tile n
 //     is computed, with one barrier per tile.
-// The online softmax is the mma.sync kernel's: base-2 exponentials of the scaled scores,
-// tree reductions, O rescaled only when some row of the warp has a new maximum.
+// The mask, the online softmax and the epilogue are the mma.sync kernel's
+// (s2_mask_block, s2_online_softmax, s2_store_out_block in s2_fwd_kernel.cuh).
 #pragma once
 
 #include <cmath>
@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_fwd_wgmma_kernel(const
   const int q0 = m_block * BM;
   const int warp = threadIdx.x / 32;
   const int wg = warp / 4;  // warpgroup: query rows 64 wg .. of the tile
-  const int g = lane_g(), t = lane_t();
+  const int g = lane_g();
 
   const T* qp = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
   const T* kp = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
@@ -114,52 +114,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_fwd_wgmma_kernel(const
     wgmma_wait<0>();
     wgmma_reg_fence(s);
 
-    // Boundary tiles only: one interval pair per row, two compares per element.
-    if (s2_tile_needs_mask(mask, q0, k0, BM, BN)) {
-#pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        const S2Bounds keys = mask.row_keys(row0 + rr * 8);
-#pragma unroll
-        for (int nt = 0; nt < kNS; ++nt)
-#pragma unroll
-          for (int e = 2 * rr; e < 2 * rr + 2; ++e)
-            if (!keys.contains(k0 + nt * 8 + 2 * t + (e & 1))) s[4 * nt + e] = -INFINITY;
-      }
-    }
-
-    // Online softmax (as s2_fwd_kernel.cuh): a row's 4 owners are lanes 4g..4g+3.
-    bool rescale = false;
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      float mx[kNS];
-#pragma unroll
-      for (int nt = 0; nt < kNS; ++nt) mx[nt] = fmaxf(s[4 * nt + 2 * rr], s[4 * nt + 2 * rr + 1]);
-#pragma unroll
-      for (int w = 1; w < kNS; w *= 2)
-#pragma unroll
-        for (int nt = 0; nt + w < kNS; nt += 2 * w) mx[nt] = fmaxf(mx[nt], mx[nt + w]);
-      float m = mx[0];
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-      const float m_new = fmaxf(m_run[rr], m * scale_log2);
-      const float m_use = (m_new == -INFINITY) ? 0.f : m_new;  // nothing visible yet
-      alpha[rr] = exp2f(m_run[rr] - m_use);
-      rescale |= m_new != m_run[rr];
-      m_run[rr] = m_new;
-      float sum[kNS];
-#pragma unroll
-      for (int nt = 0; nt < kNS; ++nt) {
-#pragma unroll
-        for (int e = 2 * rr; e < 2 * rr + 2; ++e) s[4 * nt + e] = exp2f(fmaf(s[4 * nt + e], scale_log2, -m_use));
-        sum[nt] = s[4 * nt + 2 * rr] + s[4 * nt + 2 * rr + 1];
-      }
-#pragma unroll
-      for (int w = 1; w < kNS; w *= 2)
-#pragma unroll
-        for (int nt = 0; nt + w < kNS; nt += 2 * w) sum[nt] += sum[nt + w];
-      l_run[rr] = l_run[rr] * alpha[rr] + sum[0];
-    }
-    if (__any_sync(0xffffffffu, rescale)) {
+    // Mask, softmax and the O rescale as in s2_fwd_kernel.cuh, on the same accumulator
+    // layout (the wgmma accumulator is the mma.sync C layout over kNS column tiles).
+    auto& s4 = reinterpret_cast<float(&)[kNS][4]>(s);
+    if (s2_tile_needs_mask(mask, q0, k0, BM, BN)) s2_mask_block(s4, mask, row0, k0);
+    if (__any_sync(0xffffffffu, s2_online_softmax(s4, m_run, l_run, alpha, scale_log2))) {
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i / 2) % 2];
     }
@@ -167,12 +126,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_fwd_wgmma_kernel(const
     // O += P V: P rounded to T as A fragments (16 keys each), V transposed by its descriptor.
     uint32_t pa[BN / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      pa[kk][0] = S2Elem<T>::pack(s[8 * kk + 0], s[8 * kk + 1]);
-      pa[kk][1] = S2Elem<T>::pack(s[8 * kk + 2], s[8 * kk + 3]);
-      pa[kk][2] = S2Elem<T>::pack(s[8 * kk + 4], s[8 * kk + 5]);
-      pa[kk][3] = S2Elem<T>::pack(s[8 * kk + 6], s[8 * kk + 7]);
-    }
+    for (int kk = 0; kk < BN / 16; ++kk) pack_a_from_acc<T>(pa[kk], s4[2 * kk], s4[2 * kk + 1]);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs<T, D>(o, pa[kk], desc_v(stage, kk), 1);
@@ -185,22 +139,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_fwd_wgmma_kernel(const
   }
 
   // Epilogue: normalize, store O and the natural-log LSE.
-#pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    float l = l_run[rr];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const int i = row0 + rr * 8;
-    if (i < p.L) {
-      T* orow = op + i * p.o_stride.row;
-#pragma unroll
-      for (int nd = 0; nd < kNO; ++nd)
-        *reinterpret_cast<uint32_t*>(orow + nd * 8 + 2 * t) =
-            S2Elem<T>::pack(o[4 * nd + 2 * rr] * inv, o[4 * nd + 2 * rr + 1] * inv);
-      if (t == 0) lse[i] = l > 0.f ? m_run[rr] * kS2Ln2 + logf(l) : -INFINITY;
-    }
-  }
+  s2_store_out_block(reinterpret_cast<const float(&)[kNO][4]>(o), m_run, l_run, row0, p, op, lse);
 }
 
 // The forward kernel a traits type selects (s2_launch.cuh, the emulated tests).

@@ -174,6 +174,24 @@ __device__ __forceinline__ void pack_a_from_acc(uint32_t (&a)[4], const float (&
   a[3] = S2Elem<T>::pack(c1[2], c1[3]);
 }
 
+// Row rr (0: g, 1: g + 8) of an accumulator of kN 8-column C tiles, times `scale`, as T
+// to this thread's columns 8 nd + 2 t, + 1 of `row` (one 32-bit store per tile).
+template <typename T, int kN>
+__device__ __forceinline__ void store_acc_row(T* row, const float (&acc)[kN][4], int rr, float scale) {
+  const int t = lane_t();
+#pragma unroll
+  for (int nd = 0; nd < kN; ++nd)
+    *reinterpret_cast<uint32_t*>(row + nd * 8 + 2 * t) =
+        S2Elem<T>::pack(acc[nd][2 * rr] * scale, acc[nd][2 * rr + 1] * scale);
+}
+template <typename T, int kN>
+__device__ __forceinline__ void store_acc_row(T* row, const float (&acc)[kN][4], int rr) {
+  const int t = lane_t();
+#pragma unroll
+  for (int nd = 0; nd < kN; ++nd)
+    *reinterpret_cast<uint32_t*>(row + nd * 8 + 2 * t) = S2Elem<T>::pack(acc[nd][2 * rr], acc[nd][2 * rr + 1]);
+}
+
 // Asynchronous copies global -> shared (cp.async, sm_80+): the copy engine moves the
 // bytes while the warp computes, and registers are not involved. A group of copies is
 // closed by cp_async_commit; cp_async_wait<N> blocks until at most N of this thread's
