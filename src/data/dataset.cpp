@@ -121,33 +121,33 @@ Dataset::Dataset(const std::string& path, const std::string& format, int64_t L,
   const auto records = read_sft_records(path);
   // Prompts and outputs tokenized on every core, a slice of records at a time.
   constexpr size_t kSlice = 4096;
-  std::vector<std::vector<int>> encoded;
-  for (size_t r = 0; r < records.size(); ++r) {
-    if (r % kSlice == 0) {
-      std::vector<std::string> texts;
-      for (size_t i = r; i < std::min(records.size(), r + kSlice); ++i) {
-        texts.push_back(sft_prompt(records[i]));
-        texts.push_back(records[i].output);
-      }
-      encoded = tok->encode_all(texts);
+  for (size_t s0 = 0; s0 < records.size(); s0 += kSlice) {
+    const size_t n = std::min(kSlice, records.size() - s0);
+    std::vector<std::string> texts;
+    for (size_t j = 0; j < n; ++j) {
+      texts.push_back(sft_prompt(records[s0 + j]));
+      texts.push_back(records[s0 + j].output);
     }
-    const auto& prompt = encoded[2 * (r % kSlice)];
-    const auto& output = encoded[2 * (r % kSlice) + 1];
-    std::vector<int32_t> ids{tok->bos_id()};
-    ids.insert(ids.end(), prompt.begin(), prompt.end());
-    const size_t prompt_len = ids.size();
-    ids.insert(ids.end(), output.begin(), output.end());
-    ids.push_back(tok->eos_id());
-    if (static_cast<int64_t>(ids.size()) > L) ids.resize(L);
-    // targets[i] = ids[i+1] when ids[i+1] belongs to the output (or EOS).
-    std::vector<int32_t> tgt(L, -1);
-    for (size_t i = 0; i + 1 < ids.size(); ++i)
-      if (i + 1 >= prompt_len) tgt[i] = ids[i + 1];
-    ids.resize(L, pad_id_);
-    check_ids(ids);
-    if (std::all_of(tgt.begin(), tgt.end(), [](int32_t t) { return t < 0; })) continue;
-    sft_ids_.push_back(std::move(ids));
-    sft_tgt_.push_back(std::move(tgt));
+    const auto encoded = tok->encode_all(texts);
+    for (size_t j = 0; j < n; ++j) {
+      const auto& prompt = encoded[2 * j];
+      const auto& output = encoded[2 * j + 1];
+      std::vector<int32_t> ids{tok->bos_id()};
+      ids.insert(ids.end(), prompt.begin(), prompt.end());
+      const size_t prompt_len = ids.size();
+      ids.insert(ids.end(), output.begin(), output.end());
+      ids.push_back(tok->eos_id());
+      if (static_cast<int64_t>(ids.size()) > L) ids.resize(L);
+      // targets[i] = ids[i+1] when ids[i+1] belongs to the output (or EOS).
+      std::vector<int32_t> tgt(L, -1);
+      for (size_t i = 0; i + 1 < ids.size(); ++i)
+        if (i + 1 >= prompt_len) tgt[i] = ids[i + 1];
+      ids.resize(L, pad_id_);
+      check_ids(ids);
+      if (std::all_of(tgt.begin(), tgt.end(), [](int32_t t) { return t < 0; })) continue;
+      sft_ids_.push_back(std::move(ids));
+      sft_tgt_.push_back(std::move(tgt));
+    }
   }
   n_rows_ = static_cast<int64_t>(sft_ids_.size());
   if (n_rows_ == 0)

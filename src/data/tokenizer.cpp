@@ -44,15 +44,16 @@ int worker_count() {
 }  // namespace
 
 std::vector<std::vector<int>> Tokenizer::encode_all(const std::vector<std::string>& texts, int threads) const {
+  // Texts are handed out in blocks from a shared counter (documents differ in length);
+  // no more workers than blocks. The first failure stops every worker and is rethrown here.
+  constexpr size_t kBlock = 16;
   std::vector<std::vector<int>> out(texts.size());
-  const size_t workers = std::min<size_t>(static_cast<size_t>(threads > 0 ? threads : worker_count()), (texts.size() + 15) / 16);
+  const size_t workers = std::min<size_t>(static_cast<size_t>(threads > 0 ? threads : worker_count()),
+                                          (texts.size() + kBlock - 1) / kBlock);
   if (workers <= 1) {
     for (size_t i = 0; i < texts.size(); ++i) out[i] = encode(texts[i]);
     return out;
   }
-  // Texts are handed out in blocks from a shared counter (documents differ in length);
-  // the first failure stops every worker and is rethrown here.
-  constexpr size_t kBlock = 16;
   std::atomic<size_t> next{0};
   std::atomic<bool> failed{false};
   std::exception_ptr error;
