@@ -17,11 +17,12 @@ if [ ! -x build/longlora-train ]; then
   bash scripts/build.sh
 fi
 B=build/longlora-train
-# One floating-point path, so the README's numbers come out the same on other
-# machines: two threads (the thread count changes how sums are split), and ATen's
+# One floating-point path, so that a rerun, or another CPU of the same maker and kind,
+# gives the same numbers: two threads (the thread count changes how sums are split), and ATen's
 # and MKL's AVX-512 code (MKL_CBWR: identical results on every Intel CPU with it).
-# Without AVX-512 the AVX2 path is pinned instead; its numbers differ, and the README
-# gives them too. What the models learn depends on the path (docs/demo.md).
+# Without AVX-512 the AVX2 path is pinned instead. Paths and CPU makers differ in the
+# bits, so what the models learn can too: the README's table is an AMD EPYC on the AVX2
+# path, and it gives the recipe's spread over seeds (docs/demo.md).
 export OMP_NUM_THREADS=2
 flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true) "
 has() { for f in "$@"; do [[ $flags == *" $f "* ]] || return 1; done; }
@@ -30,7 +31,7 @@ if [ -z "${ATEN_CPU_CAPABILITY:-}" ]; then
     export ATEN_CPU_CAPABILITY=avx512 MKL_CBWR=AVX512
   elif has avx2; then
     export ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2
-    echo "demo: no AVX-512 on this CPU: expect the README's AVX2 table, not the first one"
+    echo "demo: no AVX-512 on this CPU: pinning the AVX2 path (README: how reproducible)"
   fi
 fi
 OUT=runs/demo
