@@ -15,6 +15,8 @@
 //   - mma.sync m16n8k16 multiplies in fp32 from the lanes' fragments (PTX ISA layouts,
 //     as documented in s2_mma.cuh); the hardware's accumulation order differs, so
 //     results agree to rounding, not bit for bit.
+//   - wgmma.mma_async runs at the wgmma.wait_group that retires its commit group, the
+//     latest the hardware may read its operands, so writes to them in between show.
 //   - cp.async copies at once; commit and wait are no-ops. A kernel that overwrites a
 //     stage still being read is therefore caught here as often as on the GPU, or more.
 //   - Shared memory is filled with 0xff bytes (NaN in bf16/fp16/fp32) before each CTA,
@@ -59,6 +61,10 @@ struct Fiber {
   const uint64_t* wait_gen = nullptr;  // waiting at a barrier until *wait_gen != wait_val
   uint64_t wait_val = 0;
   unsigned warp_ops = 0;  // warp primitives so far: which of the two exchange tables
+  // wgmma.mma_async issued since this thread's last commit, and the committed groups
+  // not yet waited for: they run at the wait that retires them (emu::wgmma_wait).
+  std::vector<std::function<void()>> wgmma_open;
+  std::vector<std::vector<std::function<void()>>> wgmma_groups;
 };
 
 // Two exchange tables used alternately: a lane writes table k of its next primitive
@@ -233,13 +239,10 @@ inline uint16_t wgmma_operand(uint64_t desc, int mn, int k, bool mn_major) {
 // (warp w % 4 owns rows 16 (w % 4) ..): d = (accumulate ? d : 0) + A B. A from the
 // warp's registers (mma.sync m16n8k16 A fragments; a != nullptr) or from a K-major or
 // MN-major descriptor; B from a K-major or an MN-major descriptor. d[i] is row g + 8 ((i / 2) % 2),
-// column 8 (i / 4) + 2 t + i % 2. Runs at issue; the hardware's asynchrony is not emulated.
+// column 8 (i / 4) + 2 t + i % 2. This runs it; emu::wgmma issues it.
 template <typename T, int N>
-inline void wgmma(float (&d)[N / 2], const uint32_t* a, uint64_t desc_a, bool a_mn_major, uint64_t desc_b,
-                  bool b_mn_major, bool accumulate) {
-  // Each wgmma is a scheduling point, as on the GPU, where warps drift apart between
-  // barriers: with A from shared memory nothing else would make this fiber yield, and a
-  // warp could never get ahead of a slower one's shared-memory stores.
+inline void wgmma_run(float (&d)[N / 2], const uint32_t* a, uint64_t desc_a, bool a_mn_major, uint64_t desc_b,
+                      bool b_mn_major, bool accumulate) {
   yield_running();
   Warp& w = warp();
   const int l = lane();
@@ -266,6 +269,37 @@ inline void wgmma(float (&d)[N / 2], const uint32_t* a, uint64_t desc_a, bool a_
     float acc = 0.f;
     for (int k = 0; k < 16; ++k) acc += arow[r][k] * elem_to_float<T>(wgmma_operand(desc_b, n, k, b_mn_major));
     d[i] = (accumulate ? d[i] : 0.f) + acc;
+  }
+}
+
+// The hardware runs a wgmma asynchronously, some time between its issue and the
+// wgmma.wait_group that retires its commit group, reading its operands (shared memory,
+// A's registers, the accumulator) then. The emulation runs it as late as that allows:
+// at the wait. A kernel that overwrites an operand, or touches the accumulator, before
+// the wait gets wrong results here, and a wgmma never committed and waited for throws.
+template <typename T, int N>
+inline void wgmma(float (&d)[N / 2], const uint32_t* a, uint64_t desc_a, bool a_mn_major, uint64_t desc_b,
+                  bool b_mn_major, bool accumulate) {
+  // Each wgmma is a scheduling point, as on the GPU, where warps drift apart between
+  // barriers: with A from shared memory nothing else would make this fiber yield, and a
+  // warp could never get ahead of a slower one's shared-memory stores.
+  yield_running();
+  fiber().wgmma_open.push_back([&d, a, desc_a, a_mn_major, desc_b, b_mn_major, accumulate] {
+    wgmma_run<T, N>(d, a, desc_a, a_mn_major, desc_b, b_mn_major, accumulate);
+  });
+}
+inline void wgmma_commit() {
+  Fiber& f = fiber();
+  f.wgmma_groups.push_back(std::move(f.wgmma_open));
+  f.wgmma_open.clear();
+}
+// Retires committed groups, oldest first, until at most n are in flight.
+inline void wgmma_wait(int n) {
+  auto& groups = fiber().wgmma_groups;
+  while (static_cast<int>(groups.size()) > n) {
+    auto group = std::move(groups.front());
+    groups.erase(groups.begin());
+    for (auto& op : group) op();
   }
 }
 
@@ -355,6 +389,12 @@ inline void launch(Dim3 grid, int threads, const std::function<void()>& body) {
                                      std::to_string(live) + " threads wait at barriers that never complete");
           }
         }
+        for (const Fiber& f : c.fibers)
+          if (!f.wgmma_open.empty() || !f.wgmma_groups.empty()) {
+            cta() = nullptr;
+            throw std::runtime_error("emu::launch: thread " + std::to_string(f.tid.x) +
+                                     " ended with wgmmas it never committed and waited for");
+          }
         cta() = nullptr;
       }
 }

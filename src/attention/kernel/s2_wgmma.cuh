@@ -91,9 +91,11 @@ struct S2Wgmma {
   }
 };
 __device__ __forceinline__ void wgmma_fence() {}
-__device__ __forceinline__ void wgmma_commit() {}
+__device__ __forceinline__ void wgmma_commit() { emu::wgmma_commit(); }
 template <int N>
-__device__ __forceinline__ void wgmma_wait() {}
+__device__ __forceinline__ void wgmma_wait() {
+  emu::wgmma_wait(N);
+}
 __device__ __forceinline__ void fence_proxy_async() {}
 template <int N>
 __device__ __forceinline__ void wgmma_reg_fence(float (&)[N]) {}
