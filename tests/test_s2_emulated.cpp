@@ -2,9 +2,9 @@
 // model (src/attention/kernel/s2_emulate.h), against attention_reference: out, dq, dk,
 // dv for every mode, both dtypes, both head dims, MHA and GQA, the mma.sync kernels'
 // default and alternative tiles, the 2-D-tiled backward (s2_bwd2d_kernel.cuh) and the
-// Hopper kernels on wgmma (s2_fwd_wgmma_kernel.cuh, s2_bwd_wgmma_kernel.cuh). Runs in CI
-// without a GPU; the kernels on a GPU (on H100/H200 the wgmma ones, which the dispatch
-// picks there): test_s2_kernel.cpp.
+// Hopper kernels on wgmma (s2_fwd_wgmma_kernel.cuh with its pipelined variant,
+// s2_bwd_wgmma_kernel.cuh). Runs in CI without a GPU; the kernels on a GPU (on
+// H100/H200 the wgmma ones, which the dispatch picks there): test_s2_kernel.cpp.
 //
 // The kernel headers are compiled here as host C++ inside a renamed top-level
 // namespace (longlora -> longlora_s2emu), so that their emulated instantiations never
@@ -63,7 +63,7 @@ void run_kernels(ek::S2BwdParams& p) {
 }
 
 // The tile configurations the dispatch (s2_fwd.cu, s2_bwd.cu) can choose.
-enum class Tiles { Default, Alt, Bwd2D, FwdWgmma, Wgmma };
+enum class Tiles { Default, Alt, Bwd2D, FwdWgmma, Wgmma, FwdPipe };
 
 template <typename T, int D>
 void dispatch(ek::S2BwdParams& p, Tiles tiles) {
@@ -72,6 +72,7 @@ void dispatch(ek::S2BwdParams& p, Tiles tiles) {
     case Tiles::Alt: run_kernels<T, D, ek::S2FwdAltConfig<T, D>, ek::S2BwdAltConfig<T, D>>(p); return;
     case Tiles::Bwd2D: run_kernels<T, D, ek::S2FwdConfig<T, D>, ek::S2Bwd2DTraits<T, D>>(p); return;
     case Tiles::FwdWgmma: run_kernels<T, D, ek::S2FwdWgmmaTraits<T, D>, ek::S2BwdConfig<T, D>>(p); return;
+    case Tiles::FwdPipe: run_kernels<T, D, ek::S2FwdWgmmaPipeTraits<T, D>, ek::S2BwdConfig<T, D>>(p); return;
     case Tiles::Wgmma:  // both passes on wgmma; the backward has D = 128 only
       if constexpr (D == 128) {
         run_kernels<T, D, ek::S2FwdWgmmaTraits<T, D>, ek::S2BwdWgmmaTraits<T, D>>(p);
@@ -200,6 +201,7 @@ std::string case_name(const EmuCase& c) {
           : c.tiles == Tiles::Bwd2D  ? "_bwd2d"
           : c.tiles == Tiles::FwdWgmma ? "_fwdwgmma"
           : c.tiles == Tiles::Wgmma    ? "_wgmma"
+          : c.tiles == Tiles::FwdPipe  ? "_fwdpipe"
                                      : "");
 }
 void PrintTo(const EmuCase& c, std::ostream* os) { *os << case_name(c); }
@@ -250,6 +252,12 @@ std::vector<EmuCase> emu_cases() {
   cs.push_back({{1, 4, 2, 384, 128, 192, M::Roll, fp16}, Tiles::Wgmma});
   cs.push_back({{1, 2, 2, 160, 128, 40, M::Segments, bf16}, Tiles::Wgmma});
   cs.push_back({{1, 6, 2, 300, 128, 100, M::Segments, fp16}, Tiles::Wgmma});
+  // The pipelined wgmma forward: one key tile (only the P V after the loop), and walks
+  // of up to five tiles, which cycle K's two stages and V's three (Roll's wrap, GQA).
+  cs.push_back({{1, 2, 2, 64, 128, 16, M::Segments, bf16}, Tiles::FwdPipe});
+  cs.push_back({{1, 2, 1, 640, 64, 0, M::Full, bf16}, Tiles::FwdPipe});
+  cs.push_back({{1, 4, 2, 384, 64, 192, M::Roll, fp16}, Tiles::FwdPipe});
+  cs.push_back({{1, 6, 2, 300, 128, 100, M::Segments, fp16}, Tiles::FwdPipe});
   return cs;
 }
 

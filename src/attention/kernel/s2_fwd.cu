@@ -41,12 +41,15 @@ bool s2_wgmma_available() {
 // (s2_fwd_wgmma_kernel.cuh; 5.1 ms against 7.5 ms for the mma.sync kernel at L = 32768,
 // docs/benchmarks.md); LONGLORA_S2_FWD_MMA=1 forces the mma.sync kernel there. The
 // alternative tiles (s2_traits.cuh, LONGLORA_S2_FWD_ALT=1) keep the mma.sync kernel's two
-// code paths tested and comparable. Read once.
-enum class S2FwdKind { kWgmma, kMma, kMmaAlt };
+// code paths tested and comparable. LONGLORA_S2_FWD_PIPE=1 picks the wgmma kernel
+// pipelined within each warpgroup (s2_fwd_wgmma_pipe_kernel), an experiment not yet
+// timed on a GPU. Read once.
+enum class S2FwdKind { kWgmma, kWgmmaPipe, kMma, kMmaAlt };
 static S2FwdKind s2_fwd_kind() {
   static const S2FwdKind kind = [] {
     if (s2_env_flag("LONGLORA_S2_FWD_ALT")) return S2FwdKind::kMmaAlt;
-    if (!s2_env_flag("LONGLORA_S2_FWD_MMA") && s2_wgmma_available()) return S2FwdKind::kWgmma;
+    if (!s2_env_flag("LONGLORA_S2_FWD_MMA") && s2_wgmma_available())
+      return s2_env_flag("LONGLORA_S2_FWD_PIPE") ? S2FwdKind::kWgmmaPipe : S2FwdKind::kWgmma;
     return S2FwdKind::kMma;
   }();
   return kind;
@@ -55,6 +58,7 @@ static S2FwdKind s2_fwd_kind() {
 const char* s2_fwd_kernel_name(int /*head_dim*/) {
   switch (s2_fwd_kind()) {
     case S2FwdKind::kWgmma: return "wgmma";
+    case S2FwdKind::kWgmmaPipe: return "wgmma pipelined";
     case S2FwdKind::kMmaAlt: return "mma.sync alt";
     default: return "mma.sync";
   }
@@ -64,6 +68,7 @@ template <typename T, int D>
 static void s2_fwd_dim(const S2FwdParams& p, cudaStream_t stream) {
   switch (s2_fwd_kind()) {
     case S2FwdKind::kWgmma: launch_s2_fwd<S2FwdWgmmaTraits<T, D>>(p, stream); return;
+    case S2FwdKind::kWgmmaPipe: launch_s2_fwd<S2FwdWgmmaPipeTraits<T, D>>(p, stream); return;
     case S2FwdKind::kMmaAlt: launch_s2_fwd<S2FwdAltConfig<T, D>>(p, stream); return;
     default: launch_s2_fwd<S2FwdConfig<T, D>>(p, stream); return;
   }

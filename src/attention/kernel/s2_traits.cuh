@@ -61,9 +61,20 @@ struct S2FwdWgmmaTraits {
   static constexpr int kBlockN = 128;
   static constexpr int kNWarps = 8;
   static constexpr int kThreads = kNWarps * 32;
+  static constexpr bool kPipelined = false;  // (below: S2FwdWgmmaPipeTraits)
   static constexpr int kSmemBytes = (kBlockM + 4 * kBlockN) * kHeadDim * static_cast<int>(sizeof(T)) + 1024;
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dim must be 64 or 128");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
+};
+
+// The same, pipelined within each warpgroup (s2_fwd_wgmma_pipe_kernel): a third stage of V.
+template <typename T_, int kHeadDim_>
+struct S2FwdWgmmaPipeTraits : S2FwdWgmmaTraits<T_, kHeadDim_> {
+  using Base = S2FwdWgmmaTraits<T_, kHeadDim_>;
+  static constexpr bool kPipelined = true;
+  static constexpr int kSmemBytes =
+      (Base::kBlockM + 5 * Base::kBlockN) * Base::kHeadDim * static_cast<int>(sizeof(T_)) + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
 };
 

@@ -3,7 +3,7 @@
 //
 // For the forward and the backward it runs the mma.sync kernels' default tiles
 // (S2FwdConfig, S2BwdConfig: "mma") and a second configuration (the alternative tiles of
-// s2_traits.cuh, or with --fwd-wgmma / --bwd-wgmma / --bwd-2d the other kernels) on the
+// s2_traits.cuh, or with --fwd-wgmma / --fwd-pipe / --bwd-wgmma / --bwd-2d the other kernels) on the
 // same random bf16 inputs, checks that every output element was
 // written (outputs are poisoned with NaN first) and that the two configurations agree,
 // then times each (median of --iters calls, CUDA events). The configurations share
@@ -96,6 +96,7 @@ struct Opts {
   std::string mode = "segments";
   bool bwd_2d = false;     // the alternative backward is the 2-D-tiled kernel
   bool fwd_wgmma = false;  // the alternative forward is the wgmma kernel (sm_90a)
+  bool fwd_pipe = false;   // ... the wgmma kernel pipelined within each warpgroup
   bool bwd_wgmma = false;  // the alternative backward is the wgmma kernel (sm_90a, D = 128)
 };
 
@@ -144,8 +145,9 @@ int run(const Opts& o) {
 
   cudaDeviceProp prop;
   check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
-  if ((o.fwd_wgmma || o.bwd_wgmma) && (prop.major != 9 || prop.minor != 0))
-    throw std::runtime_error("--fwd-wgmma and --bwd-wgmma need an sm_90 GPU (and a build with 9.0a)");
+  if ((o.fwd_wgmma || o.fwd_pipe || o.bwd_wgmma) && (prop.major != 9 || prop.minor != 0))
+    throw std::runtime_error("--fwd-wgmma, --fwd-pipe and --bwd-wgmma need an sm_90 GPU (and a build with 9.0a)");
+  if (o.fwd_wgmma && o.fwd_pipe) throw std::runtime_error("--fwd-wgmma and --fwd-pipe: one forward at a time");
   if (o.bwd_wgmma && D != 128) throw std::runtime_error("--bwd-wgmma: head dim 128 only");
   std::printf("# %s  B=%d H=%d Hkv=%d L=%d D=%d G=%d mode=%s bf16, median of %d\n", prop.name,
               o.B, o.H, o.Hkv, o.L, D, G, o.mode.c_str(), o.iters);
@@ -154,6 +156,7 @@ int run(const Opts& o) {
     f.o = out[c].p; f.lse = lse[c];
     if (c == 0) kn::launch_s2_fwd<kn::S2FwdConfig<bf16, D>>(f, nullptr);
     else if (o.fwd_wgmma) kn::launch_s2_fwd<kn::S2FwdWgmmaTraits<bf16, D>>(f, nullptr);
+    else if (o.fwd_pipe) kn::launch_s2_fwd<kn::S2FwdWgmmaPipeTraits<bf16, D>>(f, nullptr);
     else kn::launch_s2_fwd<kn::S2FwdAltConfig<bf16, D>>(f, nullptr);
   };
   auto bwd = [&](int c) {  // both from config 0's forward
@@ -195,7 +198,7 @@ int run(const Opts& o) {
     std::printf("%-4s %-14.4g %-14.4g %s\n", names[f], d, m, ok ? "ok" : "MISMATCH or unwritten");
   }
   // The second configuration's name: forward/backward kernels.
-  const std::string second = std::string(o.fwd_wgmma ? "wgmma" : "alt") + "/" + (o.bwd_2d ? "2d" : o.bwd_wgmma ? "wgmma" : "alt");
+  const std::string second = std::string(o.fwd_wgmma ? "wgmma" : o.fwd_pipe ? "pipe" : "alt") + "/" + (o.bwd_2d ? "2d" : o.bwd_wgmma ? "wgmma" : "alt");
   std::printf("%-12s %10s %9s %10s %9s\n", "kernels", "fwd ms", "TFLOP/s", "bwd ms", "TFLOP/s");
   for (int c = 0; c < 2; ++c) {
     const double tf = median_ms([&] { fwd(c); }, o.iters);
@@ -225,6 +228,9 @@ int main(int argc, char** argv) {
   app.add_option("--iters", o.iters)->check(CLI::PositiveNumber);
   app.add_flag("--fwd-wgmma", o.fwd_wgmma,
                "second configuration's forward: the wgmma kernel (s2_fwd_wgmma_kernel.cuh)");
+  app.add_flag("--fwd-pipe", o.fwd_pipe,
+               "second configuration's forward: the wgmma kernel pipelined within each warpgroup "
+               "(s2_fwd_wgmma_pipe_kernel)");
   app.add_flag("--bwd-wgmma", o.bwd_wgmma,
                "second configuration's backward: the wgmma kernel (s2_bwd_wgmma_kernel.cuh)");
   app.add_flag("--bwd-2d", o.bwd_2d,
