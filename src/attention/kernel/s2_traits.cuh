@@ -68,7 +68,7 @@ struct S2FwdWgmmaTraits {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
 };
 
-// The same, pipelined within each warpgroup (s2_fwd_wgmma_pipe_kernel): a third stage of V.
+// The same, pipelined within each warpgroup (s2_fwd_wgmma_kernel.cuh, kPipelined): a third stage of V.
 template <typename T_, int kHeadDim_>
 struct S2FwdWgmmaPipeTraits : S2FwdWgmmaTraits<T_, kHeadDim_> {
   using Base = S2FwdWgmmaTraits<T_, kHeadDim_>;

@@ -230,7 +230,7 @@ int main(int argc, char** argv) {
                "second configuration's forward: the wgmma kernel (s2_fwd_wgmma_kernel.cuh)");
   app.add_flag("--fwd-pipe", o.fwd_pipe,
                "second configuration's forward: the wgmma kernel pipelined within each warpgroup "
-               "(s2_fwd_wgmma_pipe_kernel)");
+               "(s2_fwd_wgmma_kernel.cuh, kPipelined)");
   app.add_flag("--bwd-wgmma", o.bwd_wgmma,
                "second configuration's backward: the wgmma kernel (s2_bwd_wgmma_kernel.cuh)");
   app.add_flag("--bwd-2d", o.bwd_2d,
