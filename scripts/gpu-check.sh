@@ -63,10 +63,10 @@ if want kernel; then
       --output-on-failure >"$OUT/kernel_mma.log" 2>&1
     note "kernel tests, mma.sync kernels: $(grep -E 'tests passed|tests failed' "$OUT/kernel_mma.log")"
     grep -E 'kernel max abs diff|non-finite' "$OUT/kernel_mma.log" | head -10 | tee -a "$SUMMARY"
-    # The experiment: the wgmma forward pipelined within each warpgroup.
-    LONGLORA_S2_FWD_PIPE=1 timeout 100 ctest --test-dir "$B" -R 'S2Kernel' -j8 \
+    # The experiment: both wgmma kernels pipelined within each warpgroup.
+    LONGLORA_S2_FWD_PIPE=1 LONGLORA_S2_BWD_PIPE=1 timeout 100 ctest --test-dir "$B" -R 'S2Kernel' -j8 \
       --output-on-failure >"$OUT/kernel_pipe.log" 2>&1
-    note "kernel tests, pipelined wgmma forward: $(grep -E 'tests passed|tests failed' "$OUT/kernel_pipe.log")"
+    note "kernel tests, pipelined wgmma kernels: $(grep -E 'tests passed|tests failed' "$OUT/kernel_pipe.log")"
     grep -E 'kernel max abs diff|non-finite' "$OUT/kernel_pipe.log" | head -10 | tee -a "$SUMMARY"
   fi
   # The torch-free kernel bench: default and alternative tiles must agree (GQA, roll).
@@ -81,9 +81,9 @@ if want kernel; then
   # The wgmma kernels against the mma.sync ones at 32k: agreement and both timings.
   timeout 60 "$B/s2-kernel-bench" --seq-len 32768 --heads 32 --kv-heads 32 --head-dim 128 \
     --mode segments --iters 5 --fwd-wgmma --bwd-wgmma 2>&1 | tee "$OUT/kernel_bench_wgmma.log" | tail -7 | tee -a "$SUMMARY"
-  # ... and the pipelined forward, on the same inputs (its "fwd ms" against wgmma's above).
+  # ... and the pipelined ones, on the same inputs (their times against wgmma's above).
   timeout 60 "$B/s2-kernel-bench" --seq-len 32768 --heads 32 --kv-heads 32 --head-dim 128 \
-    --mode segments --iters 5 --fwd-pipe --bwd-wgmma 2>&1 | tee "$OUT/kernel_bench_pipe.log" | tail -3 | tee -a "$SUMMARY"
+    --mode segments --iters 5 --fwd-pipe --bwd-pipe 2>&1 | tee "$OUT/kernel_bench_pipe.log" | tail -3 | tee -a "$SUMMARY"
 fi
 
 # One attention run per line: seq_len mode [VAR=value ...] (environment for the run).
@@ -91,7 +91,7 @@ ATTN_RUNS="${ATTN_RUNS:-8192 segments
 32768 segments
 102400 segments
 32768 roll
-32768 segments LONGLORA_S2_FWD_PIPE=1
+32768 segments LONGLORA_S2_FWD_PIPE=1 LONGLORA_S2_BWD_PIPE=1
 32768 segments LONGLORA_S2_FWD_MMA=1 LONGLORA_S2_BWD_MMA=1
 32768 segments LONGLORA_S2_FWD_ALT=1 LONGLORA_S2_BWD_ALT=1}"
 if want attn 30; then

@@ -63,7 +63,7 @@ void run_kernels(ek::S2BwdParams& p) {
 }
 
 // The tile configurations the dispatch (s2_fwd.cu, s2_bwd.cu) can choose.
-enum class Tiles { Default, Alt, Bwd2D, FwdWgmma, Wgmma, FwdPipe };
+enum class Tiles { Default, Alt, Bwd2D, FwdWgmma, Wgmma, FwdPipe, Pipe };
 
 template <typename T, int D>
 void dispatch(ek::S2BwdParams& p, Tiles tiles) {
@@ -76,6 +76,12 @@ void dispatch(ek::S2BwdParams& p, Tiles tiles) {
     case Tiles::Wgmma:  // both passes on wgmma; the backward has D = 128 only
       if constexpr (D == 128) {
         run_kernels<T, D, ek::S2FwdWgmmaTraits<T, D>, ek::S2BwdWgmmaTraits<T, D>>(p);
+        return;
+      }
+      throw std::invalid_argument("the wgmma backward has D = 128 only");
+    case Tiles::Pipe:  // both wgmma kernels pipelined
+      if constexpr (D == 128) {
+        run_kernels<T, D, ek::S2FwdWgmmaPipeTraits<T, D>, ek::S2BwdWgmmaPipeTraits<T, D>>(p);
         return;
       }
       throw std::invalid_argument("the wgmma backward has D = 128 only");
@@ -202,6 +208,7 @@ std::string case_name(const EmuCase& c) {
           : c.tiles == Tiles::FwdWgmma ? "_fwdwgmma"
           : c.tiles == Tiles::Wgmma    ? "_wgmma"
           : c.tiles == Tiles::FwdPipe  ? "_fwdpipe"
+          : c.tiles == Tiles::Pipe     ? "_pipe"
                                      : "");
 }
 void PrintTo(const EmuCase& c, std::ostream* os) { *os << case_name(c); }
@@ -254,10 +261,13 @@ std::vector<EmuCase> emu_cases() {
   cs.push_back({{1, 6, 2, 300, 128, 100, M::Segments, fp16}, Tiles::Wgmma});
   // The pipelined wgmma forward: one key tile (only the P V after the loop), and walks
   // of up to five tiles, which cycle K's two stages and V's three (Roll's wrap, GQA).
-  cs.push_back({{1, 2, 2, 64, 128, 16, M::Segments, bf16}, Tiles::FwdPipe});
+  // The pipelined wgmma backward with it (D = 128): masked steps, several query heads per
+  // kv head, both stages.
+  cs.push_back({{1, 2, 2, 64, 128, 16, M::Segments, bf16}, Tiles::Pipe});
   cs.push_back({{1, 2, 1, 640, 64, 0, M::Full, bf16}, Tiles::FwdPipe});
   cs.push_back({{1, 4, 2, 384, 64, 192, M::Roll, fp16}, Tiles::FwdPipe});
-  cs.push_back({{1, 6, 2, 300, 128, 100, M::Segments, fp16}, Tiles::FwdPipe});
+  cs.push_back({{1, 4, 2, 384, 128, 192, M::Roll, fp16}, Tiles::Pipe});
+  cs.push_back({{1, 6, 2, 300, 128, 100, M::Segments, fp16}, Tiles::Pipe});
   return cs;
 }
 

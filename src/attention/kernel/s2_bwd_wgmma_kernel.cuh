@@ -16,9 +16,13 @@
 // Two barriers per step: at the top (this step's copies visible; every warp done with
 // the previous step's stage and dS^T), and before dQ (both warpgroups' dS^T stored).
 // The dV/dK products run while the warpgroups wait at the second one.
+// Pipelined (Traits::kPipelined: S2BwdWgmmaPipeTraits, LONGLORA_S2_BWD_PIPE=1; an
+// experiment not yet timed on a GPU): S^T and dP^T are two groups, P^T is computed
+// while dP^T runs, and dV is issued before dS^T is made, so that it runs meanwhile.
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "longlora/attention/kernel/s2_params.h"
 #include "s2_bwd2d_kernel.cuh"  // s2_bwd_main_kernel (below) picks among the three
@@ -103,17 +107,22 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_bwd_wgmma_kernel(const
     const float* sLse = sLse0 + stage * BM;
     const float* sDelta = sDelta0 + stage * BM;
 
-    // S^T = K Q^T and dP^T = V dO^T, one group.
+    // S^T = K Q^T and dP^T = V dO^T: one group, or (pipelined) two.
     float st[BM / 2], dpt[BM / 2];
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) wgmma_ss<T, BM>(st, desc_kv(sK, kk), desc_qo(sQ, kk), kk > 0);
+    if constexpr (Traits::kPipelined) wgmma_commit();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) wgmma_ss<T, BM>(dpt, desc_kv(sV, kk), desc_qo(sdO, kk), kk > 0);
     wgmma_commit();
-    wgmma_wait<0>();
+    if constexpr (Traits::kPipelined) {
+      wgmma_wait<1>();  // S^T; dP^T may still run
+    } else {
+      wgmma_wait<0>();
+      wgmma_reg_fence(dpt);
+    }
     wgmma_reg_fence(st);
-    wgmma_reg_fence(dpt);
 
     // P^T = exp2(s scale log2(e) - lse log2(e)), zero where the query does not see the key
     // (boundary tiles only); dS^T = P^T (dP^T - delta) scale. Element 4 j + 2 rr + c is key
@@ -124,48 +133,81 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_bwd_wgmma_kernel(const
       rows[0] = mask.key_rows(k0 + krow);
       rows[1] = mask.key_rows(k0 + krow + 8);
     }
+    // P^T from S^T (in st) where kP, dS^T from dP^T (in dpt, with P^T in st) where kDs.
+    auto elementwise = [&](auto kP, auto kDs) {
 #pragma unroll
-    for (int j = 0; j < kNQ; ++j)
+      for (int j = 0; j < kNQ; ++j)
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int ql = 8 * j + 2 * t + c;
-        const float lse_log2 = sLse[ql] * kS2Log2e;
-        const float delta = sDelta[ql];
+        for (int c = 0; c < 2; ++c) {
+          const int ql = 8 * j + 2 * t + c;
 #pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-          const int e = 4 * j + 2 * rr + c;
-          float pv = exp2f(fmaf(st[e], scale_log2, -lse_log2));
-          if (masked && !rows[rr].contains(q0 + ql)) pv = 0.f;
-          st[e] = pv;
-          dpt[e] = pv * (dpt[e] - delta) * p.softmax_scale;
+          for (int rr = 0; rr < 2; ++rr) {
+            const int e = 4 * j + 2 * rr + c;
+            if constexpr (decltype(kP)::value) {
+              const float pv = exp2f(fmaf(st[e], scale_log2, -sLse[ql] * kS2Log2e));
+              st[e] = masked && !rows[rr].contains(q0 + ql) ? 0.f : pv;
+            }
+            if constexpr (decltype(kDs)::value) dpt[e] = st[e] * (dpt[e] - sDelta[ql]) * p.softmax_scale;
+          }
         }
-      }
+    };
+    constexpr std::true_type kYes{};
+    constexpr std::false_type kNo{};
 
     // P^T and dS^T as A fragments (16 queries each); dS^T also to shared memory.
     // (The accumulators in the mma.sync C layout over kNQ column tiles.)
     auto& st4 = reinterpret_cast<float(&)[kNQ][4]>(st);
     auto& dpt4 = reinterpret_cast<float(&)[kNQ][4]>(dpt);
     uint32_t pa[BM / 16][4], dsa[BM / 16][4];
+    auto pack_p = [&] {
 #pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk) {
-      pack_a_from_acc<T>(pa[kk], st4[2 * kk], st4[2 * kk + 1]);
-      pack_a_from_acc<T>(dsa[kk], dpt4[2 * kk], dpt4[2 * kk + 1]);
-    }
+      for (int kk = 0; kk < BM / 16; ++kk) pack_a_from_acc<T>(pa[kk], st4[2 * kk], st4[2 * kk + 1]);
+    };
+    auto pack_and_store_ds = [&] {
 #pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk)
+      for (int kk = 0; kk < BM / 16; ++kk) pack_a_from_acc<T>(dsa[kk], dpt4[2 * kk], dpt4[2 * kk + 1]);
 #pragma unroll
-      for (int x = 0; x < 4; ++x)  // dsa[kk][x]: key krow + 8 (x % 2), queries 8 (2 kk + x / 2) + 2 t
-        *reinterpret_cast<uint32_t*>(sdS + sw128_offset(krow + 8 * (x % 2), 2 * kk + x / 2, BN) + 2 * t) =
-            dsa[kk][x];
+      for (int kk = 0; kk < BM / 16; ++kk)
+#pragma unroll
+        for (int x = 0; x < 4; ++x)  // dsa[kk][x]: key krow + 8 (x % 2), queries 8 (2 kk + x / 2) + 2 t
+          *reinterpret_cast<uint32_t*>(sdS + sw128_offset(krow + 8 * (x % 2), 2 * kk + x / 2, BN) + 2 * t) =
+              dsa[kk][x];
+    };
+    // dV += P^T dO and dK += dS^T Q (k = the step's queries).
+    auto issue_dv = [&] {
+#pragma unroll
+      for (int kk = 0; kk < BM / 16; ++kk) wgmma_rs<T, D>(dv, pa[kk], desc_qo_mn(sdO, kk), 1);
+    };
+    auto issue_dk = [&] {
+#pragma unroll
+      for (int kk = 0; kk < BM / 16; ++kk) wgmma_rs<T, D>(dk, dsa[kk], desc_qo_mn(sQ, kk), 1);
+    };
 
-    // dV += P^T dO, dK += dS^T Q (k = the step's queries), one group, run while the
-    // warpgroups meet at the barrier below.
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk) wgmma_rs<T, D>(dv, pa[kk], desc_qo_mn(sdO, kk), 1);
-#pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk) wgmma_rs<T, D>(dk, dsa[kk], desc_qo_mn(sQ, kk), 1);
-    wgmma_commit();
+    if constexpr (!Traits::kPipelined) {
+      elementwise(kYes, kYes);
+      pack_p();
+      pack_and_store_ds();
+      // dV and dK, one group, run while the warpgroups meet at the barrier below.
+      wgmma_fence();
+      issue_dv();
+      issue_dk();
+      wgmma_commit();
+    } else {
+      // P^T while dP^T runs; dV issued as soon as P^T is packed, and run while dS^T is
+      // made; then dK, which runs while the warpgroups meet at the barrier below.
+      elementwise(kYes, kNo);
+      pack_p();
+      wgmma_fence();
+      issue_dv();
+      wgmma_commit();
+      wgmma_wait<1>();  // dP^T; dV may still run
+      wgmma_reg_fence(dpt);
+      elementwise(kNo, kYes);
+      pack_and_store_ds();
+      wgmma_fence();
+      issue_dk();
+      wgmma_commit();
+    }
     fence_proxy_async();  // this thread's dS^T stores visible to the tensor cores
     __syncthreads();      // ... of both warpgroups
 

@@ -164,6 +164,7 @@ struct S2BwdWgmmaTraits {
   static constexpr bool kTiled2D = false;
   static constexpr bool kWgmma = true;
   static constexpr bool kSwizzled = true;
+  static constexpr bool kPipelined = false;  // (below: S2BwdWgmmaPipeTraits)
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 64;
   static constexpr int kBlockN = 128;
@@ -180,6 +181,13 @@ struct S2BwdWgmmaTraits {
   static_assert(kHeadDim == 128, "wgmma backward: head dim 128 (dQ's 64 dims per warpgroup)");
   static_assert((kSmemQ * sizeof(T)) % 1024 == 0, "every tile 1024-byte aligned");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
+};
+
+// The same with S^T and dP^T in two groups, overlapping the elementwise work
+// (s2_bwd_wgmma_kernel.cuh, kPipelined).
+template <typename T_, int kHeadDim_>
+struct S2BwdWgmmaPipeTraits : S2BwdWgmmaTraits<T_, kHeadDim_> {
+  static constexpr bool kPipelined = true;
 };
 
 // The mma.sync configurations the dispatch instantiates (on H100/H200 the wgmma kernels
