@@ -179,6 +179,60 @@ TEST(S2Emulator, BarrierMissedByAWarpIsADeadlockError) {
   EXPECT_EQ(n, 32);
 }
 
+// A wgmma reads its operands when the wait that retires it runs, the latest the
+// hardware may: shared memory changed between issue and wait shows in the product, as
+// it may on a GPU. (All-equal tiles, so the swizzled layout does not matter here.)
+TEST(S2Emulator, WgmmaReadsItsOperandsAtTheWait) {
+  namespace emu = ek::emu;
+  using bf16 = __nv_bfloat16;
+  constexpr int kTile = 64 * 64;  // 64 rows x 64 elements: one 8 KB swizzle block column
+  auto fill = [](int offset, float v) {
+    auto* e = reinterpret_cast<bf16*>(ek::s2_smem) + offset;
+    for (int i = 0; i < kTile; ++i) e[i] = __float2bfloat16(v);
+  };
+  std::vector<float> before(128), after(128);
+  emu::launch({1, 1, 1}, 128, [&] {
+    const int tid = static_cast<int>(emu::fiber().tid.x);
+    if (tid == 0) {
+      fill(0, 1.f);      // A: 64 x 16 of ones
+      fill(kTile, 1.f);  // B: 16 x 64 of ones
+    }
+    emu::syncthreads();
+    const auto* a = reinterpret_cast<const bf16*>(ek::s2_smem);
+    float d[32];
+    ek::wgmma_fence();
+    ek::wgmma_ss<bf16, 64>(d, ek::wgmma_desc(a, 16, 1024), ek::wgmma_desc(a + kTile, 16, 1024), 0);
+    ek::wgmma_commit();
+    emu::syncthreads();
+    if (tid == 0) fill(kTile, 2.f);  // B changes after the issue, before the wait
+    emu::syncthreads();
+    ek::wgmma_wait<0>();
+    before[tid] = d[0];
+    after[tid] = d[31];
+  });
+  for (int t = 0; t < 128; ++t) {
+    EXPECT_EQ(before[t], 32.f) << t;  // 16 products of 1 x 2, not 1 x 1
+    EXPECT_EQ(after[t], 32.f) << t;
+  }
+}
+
+// A wgmma never retired by a wait is a kernel error the emulation reports.
+TEST(S2Emulator, WgmmaNeverWaitedForIsAnError) {
+  namespace emu = ek::emu;
+  using bf16 = __nv_bfloat16;
+  try {
+    emu::launch({1, 1, 1}, 128, [] {
+      const auto* a = reinterpret_cast<const bf16*>(ek::s2_smem);
+      float d[32];
+      ek::wgmma_ss<bf16, 64>(d, ek::wgmma_desc(a, 16, 1024), ek::wgmma_desc(a, 16, 1024), 0);
+      ek::wgmma_commit();
+    });
+    FAIL() << "no error";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("never committed and waited for"), std::string::npos) << e.what();
+  }
+}
+
 // Views whose strides are not (B, H, L, D)-contiguous, as a model's projections give
 // them: the kernels read them in place.
 TEST(S2EmulatedViews, StridedInputsMatchTheReference) {
