@@ -38,8 +38,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_fwd_wgmma_kernel(const
   constexpr int BN = Traits::kBlockN;
   constexpr int kNS = BN / 8;  // 8-key column tiles of S
   constexpr int kNO = D / 8;   // 8-dim column tiles of O
-  // V of tile i - 1 is still read while tile i + 1 is copied when pipelined (below).
-  constexpr int kVStages = Traits::kPipelined ? 3 : 2;
+  constexpr int kVStages = Traits::kVStages;  // 3 when pipelined (s2_traits.cuh)
 
   extern __shared__ __align__(16) unsigned char s2_smem[];
   // Every tile 1024-byte aligned in the shared window (the swizzle repeats every 1024

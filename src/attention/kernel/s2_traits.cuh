@@ -50,33 +50,29 @@ struct S2FwdTraits {
 };
 
 // Forward on Hopper's wgmma (s2_fwd_wgmma_kernel.cuh, sm_90a): two warpgroups of 64
-// query rows, key tiles of 128; Q, and two stages of K and V, in the 128-byte-swizzled
-// layout (unpadded), plus 1 KB to align them to 1024 bytes.
-template <typename T_, int kHeadDim_>
+// query rows, key tiles of 128; Q, two stages of K and kVStages of V, in the
+// 128-byte-swizzled layout (unpadded), plus 1 KB to align them to 1024 bytes.
+// kPipelined_ (S2FwdWgmmaPipeTraits below): pipelined within each warpgroup, which reads
+// V of the previous tile while the next one is copied: a third stage of V.
+template <typename T_, int kHeadDim_, bool kPipelined_ = false>
 struct S2FwdWgmmaTraits {
   using T = T_;
   static constexpr bool kWgmma = true;
+  static constexpr bool kPipelined = kPipelined_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 128;
   static constexpr int kBlockN = 128;
   static constexpr int kNWarps = 8;
   static constexpr int kThreads = kNWarps * 32;
-  static constexpr bool kPipelined = false;  // (below: S2FwdWgmmaPipeTraits)
-  static constexpr int kSmemBytes = (kBlockM + 4 * kBlockN) * kHeadDim * static_cast<int>(sizeof(T)) + 1024;
+  static constexpr int kVStages = kPipelined ? 3 : 2;
+  static constexpr int kSmemBytes =
+      (kBlockM + (2 + kVStages) * kBlockN) * kHeadDim * static_cast<int>(sizeof(T)) + 1024;
 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dim must be 64 or 128");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
 };
-
-// The same, pipelined within each warpgroup (s2_fwd_wgmma_kernel.cuh, kPipelined): a third stage of V.
-template <typename T_, int kHeadDim_>
-struct S2FwdWgmmaPipeTraits : S2FwdWgmmaTraits<T_, kHeadDim_> {
-  using Base = S2FwdWgmmaTraits<T_, kHeadDim_>;
-  static constexpr bool kPipelined = true;
-  static constexpr int kSmemBytes =
-      (Base::kBlockM + 5 * Base::kBlockN) * Base::kHeadDim * static_cast<int>(sizeof(T_)) + 1024;
-  static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
-};
+template <typename T, int D>
+using S2FwdWgmmaPipeTraits = S2FwdWgmmaTraits<T, D, true>;
 
 template <typename T_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
 struct S2BwdTraits {
@@ -158,13 +154,15 @@ struct S2Bwd2DTraits {
 // kBlockN = 128 keys, 64 per warpgroup, and walks query steps of kBlockM = 64 rows.
 // K, V, two stages of Q and dO, and dS^T in the 128-byte-swizzled layout (unpadded),
 // then fp32 lse and delta (two stages each), plus 1 KB to align the tiles to 1024 bytes.
-template <typename T_, int kHeadDim_>
+// kPipelined_ (S2BwdWgmmaPipeTraits below): S^T and dP^T in two commit groups, the
+// elementwise work overlapping the products (s2_bwd_wgmma_kernel.cuh).
+template <typename T_, int kHeadDim_, bool kPipelined_ = false>
 struct S2BwdWgmmaTraits {
   using T = T_;
   static constexpr bool kTiled2D = false;
   static constexpr bool kWgmma = true;
   static constexpr bool kSwizzled = true;
-  static constexpr bool kPipelined = false;  // (below: S2BwdWgmmaPipeTraits)
+  static constexpr bool kPipelined = kPipelined_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 64;
   static constexpr int kBlockN = 128;
@@ -183,12 +181,8 @@ struct S2BwdWgmmaTraits {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
 };
 
-// The same with S^T and dP^T in two groups, overlapping the elementwise work
-// (s2_bwd_wgmma_kernel.cuh, kPipelined).
-template <typename T_, int kHeadDim_>
-struct S2BwdWgmmaPipeTraits : S2BwdWgmmaTraits<T_, kHeadDim_> {
-  static constexpr bool kPipelined = true;
-};
+template <typename T, int D>
+using S2BwdWgmmaPipeTraits = S2BwdWgmmaTraits<T, D, true>;
 
 // The mma.sync configurations the dispatch instantiates (on H100/H200 the wgmma kernels
 // above replace them: S2FwdWgmmaTraits, and S2BwdWgmmaTraits at D = 128), the fastest
