@@ -177,19 +177,12 @@ __device__ __forceinline__ void pack_a_from_acc(uint32_t (&a)[4], const float (&
 // Row rr (0: g, 1: g + 8) of an accumulator of kN 8-column C tiles, times `scale`, as T
 // to this thread's columns 8 nd + 2 t, + 1 of `row` (one 32-bit store per tile).
 template <typename T, int kN>
-__device__ __forceinline__ void store_acc_row(T* row, const float (&acc)[kN][4], int rr, float scale) {
+__device__ __forceinline__ void store_acc_row(T* row, const float (&acc)[kN][4], int rr, float scale = 1.f) {
   const int t = lane_t();
 #pragma unroll
   for (int nd = 0; nd < kN; ++nd)
     *reinterpret_cast<uint32_t*>(row + nd * 8 + 2 * t) =
         S2Elem<T>::pack(acc[nd][2 * rr] * scale, acc[nd][2 * rr + 1] * scale);
-}
-template <typename T, int kN>
-__device__ __forceinline__ void store_acc_row(T* row, const float (&acc)[kN][4], int rr) {
-  const int t = lane_t();
-#pragma unroll
-  for (int nd = 0; nd < kN; ++nd)
-    *reinterpret_cast<uint32_t*>(row + nd * 8 + 2 * t) = S2Elem<T>::pack(acc[nd][2 * rr], acc[nd][2 * rr + 1]);
 }
 
 // Asynchronous copies global -> shared (cp.async, sm_80+): the copy engine moves the
