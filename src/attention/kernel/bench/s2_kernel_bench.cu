@@ -3,9 +3,8 @@
 //
 // For the forward and the backward it runs the mma.sync kernels' default tiles
 // (S2FwdConfig, S2BwdConfig: "mma") and a second configuration (the alternative tiles of
-// s2_traits.cuh, or with --fwd-wgmma / --fwd-pipe / --bwd-wgmma / --bwd-pipe / --bwd-2d the other
-// kernels) on the
-// same random bf16 inputs, checks that every output element was
+// s2_traits.cuh, or with --fwd-wgmma / --fwd-pipe / --bwd-wgmma / --bwd-pipe / --bwd-2d
+// the other kernels) on the same random bf16 inputs, checks that every output element was
 // written (outputs are poisoned with NaN first) and that the two configurations agree,
 // then times each (median of --iters calls, CUDA events). The configurations share
 // the index rules but not the tiling or the fragment paths, so their agreement catches
