@@ -68,6 +68,11 @@ if want kernel; then
       --output-on-failure >"$OUT/kernel_pipe.log" 2>&1
     note "kernel tests, pipelined wgmma kernels: $(grep -E 'tests passed|tests failed' "$OUT/kernel_pipe.log")"
     grep -E 'kernel max abs diff|non-finite' "$OUT/kernel_pipe.log" | head -10 | tee -a "$SUMMARY"
+    # The experiment: the wgmma backward's dQ by bulk adds.
+    LONGLORA_S2_BWD_BULKDQ=1 timeout 100 ctest --test-dir "$B" -R 'S2Kernel' -j8 \
+      --output-on-failure >"$OUT/kernel_bulkdq.log" 2>&1
+    note "kernel tests, wgmma backward with bulk dQ: $(grep -E 'tests passed|tests failed' "$OUT/kernel_bulkdq.log")"
+    grep -E 'kernel max abs diff|non-finite' "$OUT/kernel_bulkdq.log" | head -10 | tee -a "$SUMMARY"
   fi
   # The torch-free kernel bench: default and alternative tiles must agree (GQA, roll).
   for D in 64 128; do
@@ -84,6 +89,11 @@ if want kernel; then
   # ... and the pipelined ones, on the same inputs (their times against wgmma's above).
   timeout 60 "$B/s2-kernel-bench" --seq-len 32768 --heads 32 --kv-heads 32 --head-dim 128 \
     --mode segments --iters 5 --fwd-pipe --bwd-pipe 2>&1 | tee "$OUT/kernel_bench_pipe.log" | tail -3 | tee -a "$SUMMARY"
+  # ... and with dQ's bulk adds, plain and pipelined.
+  timeout 60 "$B/s2-kernel-bench" --seq-len 32768 --heads 32 --kv-heads 32 --head-dim 128 \
+    --mode segments --iters 5 --fwd-wgmma --bwd-wgmma --bwd-bulk 2>&1 | tee "$OUT/kernel_bench_bulk.log" | tail -3 | tee -a "$SUMMARY"
+  timeout 60 "$B/s2-kernel-bench" --seq-len 32768 --heads 32 --kv-heads 32 --head-dim 128 \
+    --mode segments --iters 5 --fwd-pipe --bwd-pipe --bwd-bulk 2>&1 | tee "$OUT/kernel_bench_pipebulk.log" | tail -3 | tee -a "$SUMMARY"
 fi
 
 # One attention run per line: seq_len mode [VAR=value ...] (environment for the run).
@@ -92,6 +102,7 @@ ATTN_RUNS="${ATTN_RUNS:-8192 segments
 102400 segments
 32768 roll
 32768 segments LONGLORA_S2_FWD_PIPE=1 LONGLORA_S2_BWD_PIPE=1
+32768 segments LONGLORA_S2_BWD_BULKDQ=1
 32768 segments LONGLORA_S2_FWD_MMA=1 LONGLORA_S2_BWD_MMA=1
 32768 segments LONGLORA_S2_FWD_ALT=1 LONGLORA_S2_BWD_ALT=1}"
 if want attn 30; then

@@ -63,7 +63,7 @@ void run_kernels(ek::S2BwdParams& p) {
 }
 
 // The tile configurations the dispatch (s2_fwd.cu, s2_bwd.cu) can choose.
-enum class Tiles { Default, Alt, Bwd2D, FwdWgmma, Wgmma, FwdPipe, Pipe };
+enum class Tiles { Default, Alt, Bwd2D, FwdWgmma, Wgmma, FwdPipe, Pipe, Bulk, PipeBulk };
 
 template <typename T, int D>
 void dispatch(ek::S2BwdParams& p, Tiles tiles) {
@@ -82,6 +82,18 @@ void dispatch(ek::S2BwdParams& p, Tiles tiles) {
     case Tiles::Pipe:  // both wgmma kernels pipelined
       if constexpr (D == 128) {
         run_kernels<T, D, ek::S2FwdWgmmaPipeTraits<T, D>, ek::S2BwdWgmmaPipeTraits<T, D>>(p);
+        return;
+      }
+      throw std::invalid_argument("the wgmma backward has D = 128 only");
+    case Tiles::Bulk:  // the wgmma backward with dQ's bulk adds
+      if constexpr (D == 128) {
+        run_kernels<T, D, ek::S2FwdWgmmaTraits<T, D>, ek::S2BwdWgmmaBulkTraits<T, D>>(p);
+        return;
+      }
+      throw std::invalid_argument("the wgmma backward has D = 128 only");
+    case Tiles::PipeBulk:  // ... pipelined too
+      if constexpr (D == 128) {
+        run_kernels<T, D, ek::S2FwdWgmmaPipeTraits<T, D>, ek::S2BwdWgmmaPipeBulkTraits<T, D>>(p);
         return;
       }
       throw std::invalid_argument("the wgmma backward has D = 128 only");
@@ -233,6 +245,40 @@ TEST(S2Emulator, WgmmaNeverWaitedForIsAnError) {
   }
 }
 
+// A bulk add (cp.reduce.async.bulk) adds its shared-memory source to global memory by
+// the wait that retires it; a source changed between issue and wait (a race the GPU
+// may or may not show) fails the launch, and so does a bulk add never waited for.
+TEST(S2Emulator, BulkAddsAddAndCatchAChangedSource) {
+  namespace emu = ek::emu;
+  auto* src = reinterpret_cast<float*>(ek::s2_smem);
+  alignas(16) float dst[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+  auto run = [&](bool change, bool wait) {
+    emu::launch({1, 1, 1}, 32, [&] {
+      if (emu::fiber().tid.x == 0) {
+        for (int i = 0; i < 8; ++i) src[i] = static_cast<float>(i);
+        ek::bulk_reduce_add_f32(dst, src, 32);
+        ek::bulk_commit();
+        if (change) src[3] = 100.f;
+        if (wait) ek::bulk_wait_read<0>();
+      }
+    });
+  };
+  run(false, true);
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(dst[i], 1.f + i) << i;
+  auto error_of = [&](bool change, bool wait) {
+    try {
+      run(change, wait);
+    } catch (const std::runtime_error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(error_of(true, true).find("source changed between issue and wait"), std::string::npos)
+      << error_of(true, true);
+  EXPECT_NE(error_of(false, false).find("bulk copies it never committed and waited for"), std::string::npos)
+      << error_of(false, false);
+}
+
 // Views whose strides are not (B, H, L, D)-contiguous, as a model's projections give
 // them: the kernels read them in place.
 TEST(S2EmulatedViews, StridedInputsMatchTheReference) {
@@ -263,6 +309,8 @@ std::string case_name(const EmuCase& c) {
           : c.tiles == Tiles::Wgmma    ? "_wgmma"
           : c.tiles == Tiles::FwdPipe  ? "_fwdpipe"
           : c.tiles == Tiles::Pipe     ? "_pipe"
+          : c.tiles == Tiles::Bulk     ? "_bulkdq"
+          : c.tiles == Tiles::PipeBulk ? "_pipebulkdq"
                                      : "");
 }
 void PrintTo(const EmuCase& c, std::ostream* os) { *os << case_name(c); }
@@ -322,6 +370,13 @@ std::vector<EmuCase> emu_cases() {
   cs.push_back({{1, 4, 2, 384, 64, 192, M::Roll, fp16}, Tiles::FwdPipe});
   cs.push_back({{1, 4, 2, 384, 128, 192, M::Roll, fp16}, Tiles::Pipe});
   cs.push_back({{1, 6, 2, 300, 128, 100, M::Segments, fp16}, Tiles::Pipe});
+  // dQ by bulk adds (D = 128): one step per CTA; many steps per CTA, so that the staged
+  // rows are rewritten while earlier adds may still read them; a ragged last query tile
+  // (rows past L not added).
+  cs.push_back({{1, 2, 2, 64, 128, 16, M::Segments, bf16}, Tiles::Bulk});
+  cs.push_back({{1, 4, 2, 384, 128, 192, M::Roll, fp16}, Tiles::Bulk});
+  cs.push_back({{1, 6, 2, 300, 128, 100, M::Segments, fp16}, Tiles::PipeBulk});
+  cs.push_back({{1, 2, 1, 512, 128, 0, M::Full, bf16}, Tiles::PipeBulk});
   return cs;
 }
 

@@ -1,7 +1,7 @@
 // The S2-Attention CUDA kernels, as the dispatch picks them for the GPU at hand (wgmma on
 // H100/H200; LONGLORA_S2_FWD_MMA, LONGLORA_S2_BWD_MMA, LONGLORA_S2_*_ALT,
-// LONGLORA_S2_BWD_2D and LONGLORA_S2_*_PIPE select the others, as scripts/gpu-check.sh
-// does), against
+// LONGLORA_S2_BWD_2D, LONGLORA_S2_*_PIPE and LONGLORA_S2_BWD_BULKDQ select the others, as
+// scripts/gpu-check.sh does), against
 // attention_reference: out, dq, dk, dv (oracle and tolerance: s2_compare.h). The same
 // kernels on the CPU emulation: test_s2_emulated.cpp.
 #include <gtest/gtest.h>

@@ -15,17 +15,22 @@ namespace longlora::attention::kernel {
 // D = 128, one-dimensional at 64); LONGLORA_S2_BWD_2D=1 forces the 2-D tiling,
 // LONGLORA_S2_BWD_ALT=1 the alternative one-dimensional tiles, which keep those code
 // paths tested and comparable. LONGLORA_S2_BWD_PIPE=1 picks the wgmma kernel with its
-// elementwise work overlapped (S2BwdWgmmaPipeTraits), an experiment not yet timed on a
-// GPU. Flags read once.
-enum class S2BwdKind { kWgmma, kWgmmaPipe, kMma, kMma2D, kMmaAlt };
+// elementwise work overlapped (S2BwdWgmmaPipeTraits), LONGLORA_S2_BWD_BULKDQ=1 the one
+// whose dQ goes to dq_accum by bulk adds (S2BwdWgmmaBulkTraits; both together:
+// S2BwdWgmmaPipeBulkTraits): experiments not yet timed on a GPU. Flags read once.
+enum class S2BwdKind { kWgmma, kWgmmaPipe, kWgmmaBulk, kWgmmaPipeBulk, kMma, kMma2D, kMmaAlt };
 static S2BwdKind s2_bwd_kind(int D) {
   static const bool tiled_2d = s2_env_flag("LONGLORA_S2_BWD_2D");
   static const bool alt = s2_env_flag("LONGLORA_S2_BWD_ALT");
   static const bool mma = s2_env_flag("LONGLORA_S2_BWD_MMA");
   static const bool pipe = s2_env_flag("LONGLORA_S2_BWD_PIPE");
+  static const bool bulk = s2_env_flag("LONGLORA_S2_BWD_BULKDQ");
   if (tiled_2d) return S2BwdKind::kMma2D;
   if (alt) return S2BwdKind::kMmaAlt;
-  if (D == 128 && !mma && s2_wgmma_available()) return pipe ? S2BwdKind::kWgmmaPipe : S2BwdKind::kWgmma;
+  if (D == 128 && !mma && s2_wgmma_available()) {
+    if (bulk) return pipe ? S2BwdKind::kWgmmaPipeBulk : S2BwdKind::kWgmmaBulk;
+    return pipe ? S2BwdKind::kWgmmaPipe : S2BwdKind::kWgmma;
+  }
   return S2BwdKind::kMma;
 }
 
@@ -33,6 +38,8 @@ const char* s2_bwd_kernel_name(int head_dim) {
   switch (s2_bwd_kind(head_dim)) {
     case S2BwdKind::kWgmma: return "wgmma";
     case S2BwdKind::kWgmmaPipe: return "wgmma pipelined";
+    case S2BwdKind::kWgmmaBulk: return "wgmma bulk-dQ";
+    case S2BwdKind::kWgmmaPipeBulk: return "wgmma pipelined bulk-dQ";
     case S2BwdKind::kMma2D: return "mma.sync 2-D";
     case S2BwdKind::kMmaAlt: return "mma.sync alt";
     default: return head_dim == 128 ? "mma.sync 2-D" : "mma.sync";
@@ -47,6 +54,12 @@ static void s2_bwd_dim(const S2BwdParams& p, cudaStream_t stream) {
       return;  // never chosen for other D
     case S2BwdKind::kWgmmaPipe:
       if constexpr (D == 128) launch_s2_bwd<S2BwdWgmmaPipeTraits<T, D>>(p, stream);
+      return;
+    case S2BwdKind::kWgmmaBulk:
+      if constexpr (D == 128) launch_s2_bwd<S2BwdWgmmaBulkTraits<T, D>>(p, stream);
+      return;
+    case S2BwdKind::kWgmmaPipeBulk:
+      if constexpr (D == 128) launch_s2_bwd<S2BwdWgmmaPipeBulkTraits<T, D>>(p, stream);
       return;
     case S2BwdKind::kMma2D: launch_s2_bwd<S2Bwd2DTraits<T, D>>(p, stream); return;
     case S2BwdKind::kMmaAlt: launch_s2_bwd<S2BwdAltConfig<T, D>>(p, stream); return;

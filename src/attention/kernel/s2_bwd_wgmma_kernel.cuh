@@ -19,6 +19,11 @@
 // Pipelined (Traits::kPipelined: S2BwdWgmmaPipeTraits, LONGLORA_S2_BWD_PIPE=1; an
 // experiment not yet timed on a GPU): S^T and dP^T are two groups, P^T is computed
 // while dP^T runs, and dV is issued before dS^T is made, so that it runs meanwhile.
+// Bulk dQ (Traits::kBulkDq, LONGLORA_S2_BWD_BULKDQ=1; also not yet timed): each
+// warpgroup stages its 64 x 64 dQ block in shared memory, and 64 of its threads hand one
+// row each to the bulk-copy engine (cp.reduce.async.bulk .add.f32), as flash-attention 3
+// does, instead of 32 vector atomics per thread; the adds run while the next step
+// computes, and sDq is reused once the issuing threads' wait (.read) says it was read.
 #pragma once
 
 #include <cmath>
@@ -59,11 +64,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_bwd_wgmma_kernel(const
   const int k0 = n_block * BN;
   const int warp = threadIdx.x / 32;
   const int wg = warp / 4;  // warpgroup: keys 64 wg .. of the CTA; dQ dims 64 wg ..
+  float* sDq = sDelta0 + 2 * BM + wg * BM * Traits::kDqLd;  // kBulkDq: this warpgroup's dQ rows
   const int g = lane_g(), t = lane_t();
   const int ratio = p.H / p.Hkv;
   const float scale_log2 = p.softmax_scale * kS2Log2e;
   const int krow = 64 * wg + 16 * (warp % 4) + g;  // this thread's keys: k0 + krow (+ 8)
   const int qrow = 16 * (warp % 4) + g;            // its queries in dQ: q0 + qrow (+ 8)
+  const bool dq_issuer = threadIdx.x % 128 < BM;   // kBulkDq: adds dQ row threadIdx.x % 128
 
   const S2BwdSteps<Traits> steps{p, b, hk, k0, ratio, sQ0, sdO0, sLse0, sDelta0};
   steps.load_kv(sK, sV);
@@ -208,6 +215,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_bwd_wgmma_kernel(const
       issue_dk();
       wgmma_commit();
     }
+    // kBulkDq: the previous step's bulk adds have read sDq (a thread's own groups;
+    // the barrier below passes that on to every thread that writes sDq next).
+    if constexpr (Traits::kBulkDq)
+      if (dq_issuer) bulk_wait_read<0>();
     fence_proxy_async();  // this thread's dS^T stores visible to the tensor cores
     __syncthreads();      // ... of both warpgroups
 
@@ -223,18 +234,41 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_bwd_wgmma_kernel(const
     wgmma_reg_fence(dq);
     wgmma_reg_fence(pa);  // P^T and dS^T registers stay untouched until their wgmmas are done
     wgmma_reg_fence(dsa);
+    if constexpr (Traits::kBulkDq) {
+      // dQ's rows to sDq, then row r of the warpgroup's 64 added to dq_accum by thread
+      // r of it, one bulk add each.
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      const int i = q0 + qrow + 8 * rr;
-      if (i < p.L)
-        s2_atomic_add_acc_row(dq_acc + static_cast<int64_t>(i) * D + 64 * wg,
-                              reinterpret_cast<const float(&)[8][4]>(dq), rr);
+      for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          *reinterpret_cast<float2*>(sDq + (qrow + 8 * rr) * Traits::kDqLd + 8 * j + 2 * t) =
+              make_float2(dq[4 * j + 2 * rr], dq[4 * j + 2 * rr + 1]);
+      fence_proxy_async();              // the stores visible to the bulk-copy engine
+      if (wg == 0) named_barrier_sync<1>(128);  // ... every store of this warpgroup
+      else named_barrier_sync<2>(128);
+      if (dq_issuer) {
+        const int r = threadIdx.x % 128;
+        if (q0 + r < p.L)
+          bulk_reduce_add_f32(dq_acc + static_cast<int64_t>(q0 + r) * D + 64 * wg, sDq + r * Traits::kDqLd,
+                              64 * static_cast<int>(sizeof(float)));
+        bulk_commit();
+      }
+    } else {
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const int i = q0 + qrow + 8 * rr;
+        if (i < p.L)
+          s2_atomic_add_acc_row(dq_acc + static_cast<int64_t>(i) * D + 64 * wg,
+                                reinterpret_cast<const float(&)[8][4]>(dq), rr);
+      }
     }
     hq = hq_next;
     m_block = m_next;
     span = span_next;
   }
   cp_async_wait<0>();  // no copy may outlive the CTA (none is pending here: defensive)
+  if constexpr (Traits::kBulkDq)
+    if (dq_issuer) bulk_wait<0>();  // nor a bulk add reading sDq
 
   // Epilogue: dK, dV (=) for this thread's two keys.
   T* dkp = static_cast<T*>(p.dk) + b * p.dk_stride.batch + hk * p.dk_stride.head;

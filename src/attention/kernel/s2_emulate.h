@@ -17,6 +17,9 @@
 //     results agree to rounding, not bit for bit.
 //   - wgmma.mma_async runs at the wgmma.wait_group that retires its commit group, the
 //     latest the hardware may read its operands, so writes to them in between show.
+//   - cp.reduce.async.bulk (dQ's bulk adds) runs at the cp.async.bulk.wait_group that
+//     retires its group, and throws if its shared-memory source changed after the issue.
+//   - bar.sync with an id (a named barrier over n threads) as __syncthreads over n.
 //   - cp.async copies at once; commit and wait are no-ops. A kernel that overwrites a
 //     stage still being read is therefore caught here as often as on the GPU, or more.
 //   - Shared memory is filled with 0xff bytes (NaN in bf16/fp16/fp32) before each CTA,
@@ -65,6 +68,9 @@ struct Fiber {
   // not yet waited for: they run at the wait that retires them (emu::wgmma_wait).
   std::vector<std::function<void()>> wgmma_open;
   std::vector<std::vector<std::function<void()>>> wgmma_groups;
+  // cp.reduce.async.bulk operations the same way: open, then committed bulk groups.
+  std::vector<std::function<void()>> bulk_open;
+  std::vector<std::vector<std::function<void()>>> bulk_groups;
 };
 
 // Two exchange tables used alternately: a lane writes table k of its next primitive
@@ -84,6 +90,11 @@ struct Cta {
   int current = 0;
   int arrived = 0;
   uint64_t gen = 0;
+  int named_arrived[16] = {};  // bar.sync id, n (id 0 is __syncthreads)
+  uint64_t named_gen[16] = {};
+  // An error found inside a fiber, thrown by launch() once the CTA is done: an exception
+  // cannot unwind out of a ucontext fiber.
+  std::string error;
   bool progress = false;
   ucontext_t sched;
   std::function<void()> body;
@@ -130,6 +141,12 @@ inline void warp_sync() {
 inline void syncthreads() {
   Cta& c = *cta();
   barrier(c.arrived, c.gen, static_cast<int>(c.fibers.size()));
+}
+// bar.sync id, n: the first n threads to arrive at barrier id (1..15) wait for each other.
+inline void named_barrier(int id, int n) {
+  Cta& c = *cta();
+  if (id <= 0 || id >= 16) throw std::runtime_error("emu::named_barrier: id must be in 1..15");
+  barrier(c.named_arrived[id], c.named_gen[id], n);
 }
 
 template <typename T>
@@ -303,6 +320,45 @@ inline void wgmma_wait(int n) {
   }
 }
 
+// cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32: dst[i] += src[i] for
+// bytes / 4 floats, asynchronously. The hardware reads the shared-memory source at some
+// time between the issue and the cp.async.bulk.wait_group(.read) that retires its bulk
+// group. The emulation keeps the source as it was at the issue and, at that wait,
+// fails the launch if it has changed since (a store not ordered before the issue, or
+// one made before the wait); else it adds then. A bulk group never waited for fails too.
+inline void bulk_reduce_add_f32(float* dst, const float* src, int bytes) {
+  if (bytes <= 0 || bytes % 16 != 0) throw std::runtime_error("emu::bulk_reduce_add: size must be a positive multiple of 16");
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || smem_addr(src) % 16 != 0)
+    throw std::runtime_error("emu::bulk_reduce_add: addresses must be 16-byte aligned");
+  smem_addr(src + bytes / 4 - 1);  // the whole source in shared memory
+  yield_running();
+  std::vector<float> at_issue(src, src + bytes / 4);
+  fiber().bulk_open.push_back([dst, src, at_issue = std::move(at_issue)] {
+    if (std::memcmp(at_issue.data(), src, at_issue.size() * 4) != 0) {
+      Cta& c = *cta();
+      if (c.error.empty())
+        c.error = "emu::bulk_reduce_add: thread " + std::to_string(fiber().tid.x) +
+                  ": its shared-memory source changed between issue and wait";
+      return;
+    }
+    for (size_t i = 0; i < at_issue.size(); ++i) dst[i] += at_issue[i];
+  });
+}
+inline void bulk_commit() {
+  Fiber& f = fiber();
+  f.bulk_groups.push_back(std::move(f.bulk_open));
+  f.bulk_open.clear();
+}
+// Retires this thread's committed bulk groups, oldest first, until at most n are pending.
+inline void bulk_wait(int n) {
+  auto& groups = fiber().bulk_groups;
+  while (static_cast<int>(groups.size()) > n) {
+    auto group = std::move(groups.front());
+    groups.erase(groups.begin());
+    for (auto& op : group) op();
+  }
+}
+
 template <typename V>
 inline V shfl_xor(V v, int lane_mask) {
   static_assert(sizeof(V) == 4, "32-bit shuffles only");
@@ -389,11 +445,18 @@ inline void launch(Dim3 grid, int threads, const std::function<void()>& body) {
                                      std::to_string(live) + " threads wait at barriers that never complete");
           }
         }
+        if (!c.error.empty()) {
+          cta() = nullptr;
+          throw std::runtime_error(c.error + " (CTA " + std::to_string(x) + ", " + std::to_string(y) + ", " +
+                                   std::to_string(z) + ")");
+        }
         for (const Fiber& f : c.fibers)
-          if (!f.wgmma_open.empty() || !f.wgmma_groups.empty()) {
+          if (!f.wgmma_open.empty() || !f.wgmma_groups.empty() || !f.bulk_open.empty() ||
+              !f.bulk_groups.empty()) {
             cta() = nullptr;
-            throw std::runtime_error("emu::launch: thread " + std::to_string(f.tid.x) +
-                                     " ended with wgmmas it never committed and waited for");
+            throw std::runtime_error("emu::launch: thread " + std::to_string(f.tid.x) + " ended with " +
+                                     (f.bulk_open.empty() && f.bulk_groups.empty() ? "wgmmas" : "bulk copies") +
+                                     " it never committed and waited for");
           }
         cta() = nullptr;
       }

@@ -156,13 +156,17 @@ struct S2Bwd2DTraits {
 // then fp32 lse and delta (two stages each), plus 1 KB to align the tiles to 1024 bytes.
 // kPipelined_ (S2BwdWgmmaPipeTraits below): S^T and dP^T in two commit groups, the
 // elementwise work overlapping the products (s2_bwd_wgmma_kernel.cuh).
-template <typename T_, int kHeadDim_, bool kPipelined_ = false>
+// kBulkDq_: dQ's fp32 rows staged in shared memory (kDqLd floats a row, padded against
+// bank conflicts) and added to dq_accum by the bulk-copy engine, a row per
+// cp.reduce.async.bulk, instead of by the threads' atomics.
+template <typename T_, int kHeadDim_, bool kPipelined_ = false, bool kBulkDq_ = false>
 struct S2BwdWgmmaTraits {
   using T = T_;
   static constexpr bool kTiled2D = false;
   static constexpr bool kWgmma = true;
   static constexpr bool kSwizzled = true;
   static constexpr bool kPipelined = kPipelined_;
+  static constexpr bool kBulkDq = kBulkDq_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 64;
   static constexpr int kBlockN = 128;
@@ -173,8 +177,12 @@ struct S2BwdWgmmaTraits {
   static constexpr int kSmemQ = kBlockM * kHeadDim;
   static constexpr int kSmemDs = kBlockN * kBlockM;
   static constexpr int kSmemElems = 2 * kSmemK + 4 * kSmemQ + kSmemDs;
-  static constexpr int kSmemBytes =
-      kSmemElems * static_cast<int>(sizeof(T)) + 4 * kBlockM * static_cast<int>(sizeof(float)) + 1024;
+  // dQ staging (kBulkDq): per warpgroup kBlockM rows of its 64 dims. A row of 72 floats
+  // puts the float2 stores of a half-warp (4 rows x 4 column pairs) in 32 distinct banks.
+  static constexpr int kDqLd = 72;
+  static constexpr int kSmemDqFloats = kBulkDq ? 2 * kBlockM * kDqLd : 0;
+  static constexpr int kSmemBytes = kSmemElems * static_cast<int>(sizeof(T)) +
+                                    (4 * kBlockM + kSmemDqFloats) * static_cast<int>(sizeof(float)) + 1024;
 
   static_assert(kHeadDim == 128, "wgmma backward: head dim 128 (dQ's 64 dims per warpgroup)");
   static_assert((kSmemQ * sizeof(T)) % 1024 == 0, "every tile 1024-byte aligned");
@@ -183,6 +191,10 @@ struct S2BwdWgmmaTraits {
 
 template <typename T, int D>
 using S2BwdWgmmaPipeTraits = S2BwdWgmmaTraits<T, D, true>;
+template <typename T, int D>
+using S2BwdWgmmaBulkTraits = S2BwdWgmmaTraits<T, D, false, true>;
+template <typename T, int D>
+using S2BwdWgmmaPipeBulkTraits = S2BwdWgmmaTraits<T, D, true, true>;
 
 // The mma.sync configurations the dispatch instantiates (on H100/H200 the wgmma kernels
 // above replace them: S2FwdWgmmaTraits, and S2BwdWgmmaTraits at D = 128), the fastest

@@ -101,6 +101,22 @@ template <int N>
 __device__ __forceinline__ void wgmma_reg_fence(float (&)[N]) {}
 template <int N>
 __device__ __forceinline__ void wgmma_reg_fence(uint32_t (&)[N][4]) {}
+__device__ __forceinline__ void bulk_reduce_add_f32(float* g, const float* s, int bytes) {
+  emu::bulk_reduce_add_f32(g, s, bytes);
+}
+__device__ __forceinline__ void bulk_commit() { emu::bulk_commit(); }
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+  emu::bulk_wait(N);
+}
+template <int N>
+__device__ __forceinline__ void bulk_wait() {
+  emu::bulk_wait(N);
+}
+template <int kId>
+__device__ __forceinline__ void named_barrier_sync(int n) {
+  emu::named_barrier(kId, n);
+}
 #elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // The accumulator of a wgmma: its 32 (N = 64) or 64 (N = 128) fp32 registers as named
 // in the instruction (operands %0 ..), and the output operands binding them to d.
@@ -204,6 +220,31 @@ __device__ __forceinline__ void wgmma_reg_fence(uint32_t (&r)[N][4]) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
 }
+// g[i] += s[i] for bytes / 4 floats (bytes a multiple of 16, both 16-byte aligned), by
+// the bulk-copy engine, element-wise atomic against other adds; s is read
+// asynchronously until bulk_wait_read retires the bulk group (bulk_commit) it is in.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* g, const float* s, int bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(g),
+               "r"(smem_addr(s)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Until at most N of this thread's bulk groups are pending: their sources read (_read),
+// or their writes done.
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
+// Barrier kId (1..15; 0 is __syncthreads) over n threads, a multiple of 32. The id is
+// an immediate: with one in a register, ptxas reserves all 16 barriers.
+template <int kId>
+__device__ __forceinline__ void named_barrier_sync(int n) {
+  asm volatile("bar.sync %0, %1;\n" ::"n"(kId), "r"(n) : "memory");
+}
 #else
 // Not sm_90a: never launched (the dispatch probes for sm_90a code first).
 template <typename T, int N>
@@ -221,6 +262,14 @@ template <int N>
 __device__ __forceinline__ void wgmma_reg_fence(float (&)[N]) {}
 template <int N>
 __device__ __forceinline__ void wgmma_reg_fence(uint32_t (&)[N][4]) {}
+__device__ __forceinline__ void bulk_reduce_add_f32(float*, const float*, int) { __trap(); }
+__device__ __forceinline__ void bulk_commit() {}
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {}
+template <int N>
+__device__ __forceinline__ void bulk_wait() {}
+template <int kId>
+__device__ __forceinline__ void named_barrier_sync(int) {}
 #endif
 
 template <typename T, int N, int kTransA = 0, int kTransB = 0>

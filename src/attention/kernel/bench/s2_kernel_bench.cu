@@ -4,7 +4,7 @@
 // For the forward and the backward it runs the mma.sync kernels' default tiles
 // (S2FwdConfig, S2BwdConfig: "mma") and a second configuration (the alternative tiles of
 // s2_traits.cuh, or with --fwd-wgmma / --fwd-pipe / --bwd-wgmma / --bwd-pipe / --bwd-2d
-// the other kernels) on the same random bf16 inputs, checks that every output element was
+// the other kernels, --bwd-bulk with dQ's bulk adds) on the same random bf16 inputs, checks that every output element was
 // written (outputs are poisoned with NaN first) and that the two configurations agree,
 // then times each (median of --iters calls, CUDA events). The configurations share
 // the index rules but not the tiling or the fragment paths, so their agreement catches
@@ -99,6 +99,7 @@ struct Opts {
   bool fwd_pipe = false;   // ... the wgmma kernel pipelined within each warpgroup
   bool bwd_wgmma = false;  // the alternative backward is the wgmma kernel (sm_90a, D = 128)
   bool bwd_pipe = false;   // ... with its elementwise work overlapped
+  bool bwd_bulk = false;   // with --bwd-wgmma or --bwd-pipe: dQ by bulk adds (kBulkDq)
 };
 
 template <int D>
@@ -151,6 +152,7 @@ int run(const Opts& o) {
   if (o.bwd_wgmma + o.bwd_pipe + o.bwd_2d > 1) throw std::runtime_error("--bwd-wgmma, --bwd-pipe, --bwd-2d: one backward at a time");
   if (o.fwd_wgmma && o.fwd_pipe) throw std::runtime_error("--fwd-wgmma and --fwd-pipe: one forward at a time");
   if ((o.bwd_wgmma || o.bwd_pipe) && D != 128) throw std::runtime_error("--bwd-wgmma, --bwd-pipe: head dim 128 only");
+  if (o.bwd_bulk && !o.bwd_wgmma && !o.bwd_pipe) throw std::runtime_error("--bwd-bulk goes with --bwd-wgmma or --bwd-pipe");
   std::printf("# %s  B=%d H=%d Hkv=%d L=%d D=%d G=%d mode=%s bf16, median of %d\n", prop.name,
               o.B, o.H, o.Hkv, o.L, D, G, o.mode.c_str(), o.iters);
   auto fwd = [&](int c) {
@@ -168,7 +170,9 @@ int run(const Opts& o) {
     if (c == 0) kn::launch_s2_bwd<kn::S2BwdConfig<bf16, D>>(b, nullptr);
     else if (o.bwd_2d) kn::launch_s2_bwd<kn::S2Bwd2DTraits<bf16, D>>(b, nullptr);
     else if constexpr (D == 128) {
-      if (o.bwd_wgmma) kn::launch_s2_bwd<kn::S2BwdWgmmaTraits<bf16, D>>(b, nullptr);
+      if (o.bwd_wgmma && o.bwd_bulk) kn::launch_s2_bwd<kn::S2BwdWgmmaBulkTraits<bf16, D>>(b, nullptr);
+      else if (o.bwd_pipe && o.bwd_bulk) kn::launch_s2_bwd<kn::S2BwdWgmmaPipeBulkTraits<bf16, D>>(b, nullptr);
+      else if (o.bwd_wgmma) kn::launch_s2_bwd<kn::S2BwdWgmmaTraits<bf16, D>>(b, nullptr);
       else if (o.bwd_pipe) kn::launch_s2_bwd<kn::S2BwdWgmmaPipeTraits<bf16, D>>(b, nullptr);
       else kn::launch_s2_bwd<kn::S2BwdAltConfig<bf16, D>>(b, nullptr);
     }
@@ -201,7 +205,7 @@ int run(const Opts& o) {
     std::printf("%-4s %-14.4g %-14.4g %s\n", names[f], d, m, ok ? "ok" : "MISMATCH or unwritten");
   }
   // The second configuration's name: forward/backward kernels.
-  const std::string second = std::string(o.fwd_wgmma ? "wgmma" : o.fwd_pipe ? "pipe" : "alt") + "/" + (o.bwd_2d ? "2d" : o.bwd_wgmma ? "wgmma" : o.bwd_pipe ? "pipe" : "alt");
+  const std::string second = std::string(o.fwd_wgmma ? "wgmma" : o.fwd_pipe ? "pipe" : "alt") + "/" + (o.bwd_2d ? "2d" : o.bwd_wgmma ? "wgmma" : o.bwd_pipe ? "pipe" : "alt") + (o.bwd_bulk ? "+bulk" : "");
   std::printf("%-12s %10s %9s %10s %9s\n", "kernels", "fwd ms", "TFLOP/s", "bwd ms", "TFLOP/s");
   for (int c = 0; c < 2; ++c) {
     const double tf = median_ms([&] { fwd(c); }, o.iters);
@@ -239,6 +243,9 @@ int main(int argc, char** argv) {
   app.add_flag("--bwd-pipe", o.bwd_pipe,
                "second configuration's backward: the wgmma kernel with its elementwise work overlapped "
                "(s2_bwd_wgmma_kernel.cuh, kPipelined)");
+  app.add_flag("--bwd-bulk", o.bwd_bulk,
+               "with --bwd-wgmma or --bwd-pipe: dQ added to its fp32 accumulator by bulk copies "
+               "(cp.reduce.async.bulk, kBulkDq) instead of atomics");
   app.add_flag("--bwd-2d", o.bwd_2d,
                "second configuration's backward: the 2-D-tiled kernel (s2_bwd2d_kernel.cuh), "
                "not the alternative tiles'");
