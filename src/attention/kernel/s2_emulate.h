@@ -57,6 +57,26 @@ struct Dim3 {
   unsigned x = 0, y = 0, z = 0;
 };
 
+// Asynchronous operations of one thread in commit groups (wgmma.commit_group,
+// cp.async.bulk.commit_group): issued into `open`, committed as a group, run oldest group
+// first by the wait that leaves at most n groups pending.
+struct AsyncGroups {
+  std::vector<std::function<void()>> open;
+  std::vector<std::vector<std::function<void()>>> groups;
+  void commit() {
+    groups.push_back(std::move(open));
+    open.clear();
+  }
+  void wait(int n) {
+    while (static_cast<int>(groups.size()) > n) {
+      auto group = std::move(groups.front());
+      groups.erase(groups.begin());
+      for (auto& op : group) op();
+    }
+  }
+  bool idle() const { return open.empty() && groups.empty(); }
+};
+
 struct Fiber {
   ucontext_t ctx;
   Dim3 tid;
@@ -66,11 +86,8 @@ struct Fiber {
   unsigned warp_ops = 0;  // warp primitives so far: which of the two exchange tables
   // wgmma.mma_async issued since this thread's last commit, and the committed groups
   // not yet waited for: they run at the wait that retires them (emu::wgmma_wait).
-  std::vector<std::function<void()>> wgmma_open;
-  std::vector<std::vector<std::function<void()>>> wgmma_groups;
-  // cp.reduce.async.bulk operations the same way: open, then committed bulk groups.
-  std::vector<std::function<void()>> bulk_open;
-  std::vector<std::vector<std::function<void()>>> bulk_groups;
+  AsyncGroups wgmma;
+  AsyncGroups bulk;  // cp.reduce.async.bulk operations, the same way
 };
 
 // Two exchange tables used alternately: a lane writes table k of its next primitive
@@ -301,24 +318,13 @@ inline void wgmma(float (&d)[N / 2], const uint32_t* a, uint64_t desc_a, bool a_
   // barriers: with A from shared memory nothing else would make this fiber yield, and a
   // warp could never get ahead of a slower one's shared-memory stores.
   yield_running();
-  fiber().wgmma_open.push_back([&d, a, desc_a, a_mn_major, desc_b, b_mn_major, accumulate] {
+  fiber().wgmma.open.push_back([&d, a, desc_a, a_mn_major, desc_b, b_mn_major, accumulate] {
     wgmma_run<T, N>(d, a, desc_a, a_mn_major, desc_b, b_mn_major, accumulate);
   });
 }
-inline void wgmma_commit() {
-  Fiber& f = fiber();
-  f.wgmma_groups.push_back(std::move(f.wgmma_open));
-  f.wgmma_open.clear();
-}
+inline void wgmma_commit() { fiber().wgmma.commit(); }
 // Retires committed groups, oldest first, until at most n are in flight.
-inline void wgmma_wait(int n) {
-  auto& groups = fiber().wgmma_groups;
-  while (static_cast<int>(groups.size()) > n) {
-    auto group = std::move(groups.front());
-    groups.erase(groups.begin());
-    for (auto& op : group) op();
-  }
-}
+inline void wgmma_wait(int n) { fiber().wgmma.wait(n); }
 
 // cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32: dst[i] += src[i] for
 // bytes / 4 floats, asynchronously. The hardware reads the shared-memory source at some
@@ -333,7 +339,7 @@ inline void bulk_reduce_add_f32(float* dst, const float* src, int bytes) {
   smem_addr(src + bytes / 4 - 1);  // the whole source in shared memory
   yield_running();
   std::vector<float> at_issue(src, src + bytes / 4);
-  fiber().bulk_open.push_back([dst, src, at_issue = std::move(at_issue)] {
+  fiber().bulk.open.push_back([dst, src, at_issue = std::move(at_issue)] {
     if (std::memcmp(at_issue.data(), src, at_issue.size() * 4) != 0) {
       Cta& c = *cta();
       if (c.error.empty())
@@ -344,20 +350,9 @@ inline void bulk_reduce_add_f32(float* dst, const float* src, int bytes) {
     for (size_t i = 0; i < at_issue.size(); ++i) dst[i] += at_issue[i];
   });
 }
-inline void bulk_commit() {
-  Fiber& f = fiber();
-  f.bulk_groups.push_back(std::move(f.bulk_open));
-  f.bulk_open.clear();
-}
+inline void bulk_commit() { fiber().bulk.commit(); }
 // Retires this thread's committed bulk groups, oldest first, until at most n are pending.
-inline void bulk_wait(int n) {
-  auto& groups = fiber().bulk_groups;
-  while (static_cast<int>(groups.size()) > n) {
-    auto group = std::move(groups.front());
-    groups.erase(groups.begin());
-    for (auto& op : group) op();
-  }
-}
+inline void bulk_wait(int n) { fiber().bulk.wait(n); }
 
 template <typename V>
 inline V shfl_xor(V v, int lane_mask) {
@@ -451,11 +446,10 @@ inline void launch(Dim3 grid, int threads, const std::function<void()>& body) {
                                    std::to_string(z) + ")");
         }
         for (const Fiber& f : c.fibers)
-          if (!f.wgmma_open.empty() || !f.wgmma_groups.empty() || !f.bulk_open.empty() ||
-              !f.bulk_groups.empty()) {
+          if (!f.wgmma.idle() || !f.bulk.idle()) {
             cta() = nullptr;
             throw std::runtime_error("emu::launch: thread " + std::to_string(f.tid.x) + " ended with " +
-                                     (f.bulk_open.empty() && f.bulk_groups.empty() ? "wgmmas" : "bulk copies") +
+                                     (f.bulk.idle() ? "wgmmas" : "bulk copies") +
                                      " it never committed and waited for");
           }
         cta() = nullptr;
