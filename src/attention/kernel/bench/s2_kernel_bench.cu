@@ -12,6 +12,7 @@
 //
 //   s2-kernel-bench --seq-len 32768 --heads 32 --kv-heads 32 --head-dim 128 --mode segments
 //   s2-kernel-bench ... --fwd-wgmma --bwd-wgmma   (H100/H200: the kernels the dispatch uses)
+//   s2-kernel-bench ... --all-wgmma               (H100/H200: every wgmma variant, one table)
 #include <CLI/CLI.hpp>
 #include <cuda_runtime.h>
 
@@ -19,6 +20,7 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -100,7 +102,71 @@ struct Opts {
   bool bwd_wgmma = false;  // the alternative backward is the wgmma kernel (sm_90a, D = 128)
   bool bwd_pipe = false;   // ... with its elementwise work overlapped
   bool bwd_bulk = false;   // with --bwd-wgmma or --bwd-pipe: dQ by bulk adds (kBulkDq)
+  bool all_wgmma = false;  // every wgmma configuration, in one run (sm_90a, D = 128)
 };
+
+// A forward and a backward kernel, timed and compared together.
+struct Config {
+  std::string name;
+  std::function<void(const kn::S2FwdParams&)> fwd;
+  std::function<void(const kn::S2BwdParams&)> bwd;
+};
+template <typename Fwd, typename Bwd>
+Config config(std::string name) {
+  return {std::move(name), [](const kn::S2FwdParams& f) { kn::launch_s2_fwd<Fwd>(f, nullptr); },
+          [](const kn::S2BwdParams& b) { kn::launch_s2_bwd<Bwd>(b, nullptr); }};
+}
+
+// The configurations to run: first the mma.sync defaults (the baseline every other is
+// compared with), then the one the flags name, or with --all-wgmma every wgmma one.
+template <int D>
+std::vector<Config> configs(const Opts& o) {
+  using kn::S2BwdConfig, kn::S2FwdConfig;
+  std::vector<Config> cs{config<S2FwdConfig<bf16, D>, S2BwdConfig<bf16, D>>("mma")};
+  if constexpr (D == 128) {
+    using namespace kn;
+    if (o.all_wgmma) {
+      cs.push_back(config<S2FwdWgmmaTraits<bf16, D>, S2BwdWgmmaTraits<bf16, D>>("wgmma/wgmma"));
+      cs.push_back(config<S2FwdWgmmaPipeTraits<bf16, D>, S2BwdWgmmaPipeTraits<bf16, D>>("pipe/pipe"));
+      cs.push_back(config<S2FwdWgmmaTraits<bf16, D>, S2BwdWgmmaBulkTraits<bf16, D>>("wgmma/wgmma+bulk"));
+      cs.push_back(config<S2FwdWgmmaPipeTraits<bf16, D>, S2BwdWgmmaPipeBulkTraits<bf16, D>>("pipe/pipe+bulk"));
+      return cs;
+    }
+  }
+  // The second configuration: a forward and a backward from the flags (the
+  // alternative tiles where none is named).
+  using F = S2FwdConfig<bf16, D>;
+  using Bw = S2BwdConfig<bf16, D>;
+  Config c = config<kn::S2FwdAltConfig<bf16, D>, kn::S2BwdAltConfig<bf16, D>>("");
+  std::string fname = "alt", bname = "alt";
+  if (o.fwd_wgmma) {
+    c.fwd = config<kn::S2FwdWgmmaTraits<bf16, D>, Bw>("").fwd;
+    fname = "wgmma";
+  }
+  if (o.fwd_pipe) {
+    c.fwd = config<kn::S2FwdWgmmaPipeTraits<bf16, D>, Bw>("").fwd;
+    fname = "pipe";
+  }
+  if (o.bwd_2d) {
+    c.bwd = config<F, kn::S2Bwd2DTraits<bf16, D>>("").bwd;
+    bname = "2d";
+  }
+  if constexpr (D == 128) {
+    using namespace kn;
+    if (o.bwd_wgmma) {
+      c.bwd = o.bwd_bulk ? config<F, S2BwdWgmmaBulkTraits<bf16, D>>("").bwd : config<F, S2BwdWgmmaTraits<bf16, D>>("").bwd;
+      bname = "wgmma";
+    }
+    if (o.bwd_pipe) {
+      c.bwd = o.bwd_bulk ? config<F, S2BwdWgmmaPipeBulkTraits<bf16, D>>("").bwd
+                         : config<F, S2BwdWgmmaPipeTraits<bf16, D>>("").bwd;
+      bname = "pipe";
+    }
+  }
+  c.name = fname + "/" + bname + (o.bwd_bulk ? "+bulk" : "");
+  cs.push_back(std::move(c));
+  return cs;
+}
 
 template <int D>
 int run(const Opts& o) {
@@ -110,11 +176,33 @@ int run(const Opts& o) {
   if (o.H % o.Hkv != 0) throw std::runtime_error("bad shape: H must be a multiple of Hkv");
   if (mode != kn::S2Mode::Full && (G < 2 || G % 2 != 0 || o.L % G != 0 || o.H % 2 != 0))
     throw std::runtime_error("bad shape: S2 needs L % G == 0 with G = L * ratio even, and H even");
+
+  cudaDeviceProp prop;
+  check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
+  const bool second_flags = o.fwd_wgmma || o.fwd_pipe || o.bwd_wgmma || o.bwd_pipe || o.bwd_2d || o.bwd_bulk;
+  if ((o.fwd_wgmma || o.fwd_pipe || o.bwd_wgmma || o.bwd_pipe || o.all_wgmma) && (prop.major != 9 || prop.minor != 0))
+    throw std::runtime_error("--fwd-wgmma, --fwd-pipe, --bwd-wgmma, --bwd-pipe and --all-wgmma need an sm_90 GPU (and a build with 9.0a)");
+  if (o.all_wgmma && second_flags) throw std::runtime_error("--all-wgmma runs every wgmma configuration: no other kernel flag");
+  if (o.bwd_wgmma + o.bwd_pipe + o.bwd_2d > 1) throw std::runtime_error("--bwd-wgmma, --bwd-pipe, --bwd-2d: one backward at a time");
+  if (o.fwd_wgmma && o.fwd_pipe) throw std::runtime_error("--fwd-wgmma and --fwd-pipe: one forward at a time");
+  if ((o.bwd_wgmma || o.bwd_pipe || o.all_wgmma) && D != 128)
+    throw std::runtime_error("--bwd-wgmma, --bwd-pipe, --all-wgmma: head dim 128 only");
+  if (o.bwd_bulk && !o.bwd_wgmma && !o.bwd_pipe) throw std::runtime_error("--bwd-bulk goes with --bwd-wgmma or --bwd-pipe");
+  const std::vector<Config> cs = configs<D>(o);
+  const int nc = static_cast<int>(cs.size());
+
   const int64_t nq = int64_t{o.B} * o.H * o.L * D, nk = int64_t{o.B} * o.Hkv * o.L * D;
   const int64_t nr = int64_t{o.B} * o.H * o.L;
-  Buf q(nq), k(nk), v(nk), dout(nq), out[2]{Buf(nq), Buf(nq)}, dq[2]{Buf(nq), Buf(nq)},
-      dk[2]{Buf(nk), Buf(nk)}, dv[2]{Buf(nk), Buf(nk)};
-  float *lse[2], *dq_accum, *delta, *scratch;
+  Buf q(nq), k(nk), v(nk), dout(nq);
+  std::vector<std::unique_ptr<Buf>> out, dq, dk, dv;  // one each per configuration
+  for (int c = 0; c < nc; ++c) {
+    out.push_back(std::make_unique<Buf>(nq));
+    dq.push_back(std::make_unique<Buf>(nq));
+    dk.push_back(std::make_unique<Buf>(nk));
+    dv.push_back(std::make_unique<Buf>(nk));
+  }
+  std::vector<float*> lse(nc);
+  float *dq_accum, *delta, *scratch;
   for (auto& l : lse) check(cudaMalloc(&l, nr * sizeof(float)), "cudaMalloc");
   check(cudaMalloc(&dq_accum, nq * sizeof(float)), "cudaMalloc");
   check(cudaMalloc(&delta, nr * sizeof(float)), "cudaMalloc");
@@ -145,38 +233,18 @@ int run(const Opts& o) {
   }
   const double fwd_flop = 4.0 * D * pairs * o.B;
 
-  cudaDeviceProp prop;
-  check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
-  if ((o.fwd_wgmma || o.fwd_pipe || o.bwd_wgmma || o.bwd_pipe) && (prop.major != 9 || prop.minor != 0))
-    throw std::runtime_error("--fwd-wgmma, --fwd-pipe, --bwd-wgmma and --bwd-pipe need an sm_90 GPU (and a build with 9.0a)");
-  if (o.bwd_wgmma + o.bwd_pipe + o.bwd_2d > 1) throw std::runtime_error("--bwd-wgmma, --bwd-pipe, --bwd-2d: one backward at a time");
-  if (o.fwd_wgmma && o.fwd_pipe) throw std::runtime_error("--fwd-wgmma and --fwd-pipe: one forward at a time");
-  if ((o.bwd_wgmma || o.bwd_pipe) && D != 128) throw std::runtime_error("--bwd-wgmma, --bwd-pipe: head dim 128 only");
-  if (o.bwd_bulk && !o.bwd_wgmma && !o.bwd_pipe) throw std::runtime_error("--bwd-bulk goes with --bwd-wgmma or --bwd-pipe");
   std::printf("# %s  B=%d H=%d Hkv=%d L=%d D=%d G=%d mode=%s bf16, median of %d\n", prop.name,
               o.B, o.H, o.Hkv, o.L, D, G, o.mode.c_str(), o.iters);
   auto fwd = [&](int c) {
     kn::S2FwdParams f = p;
-    f.o = out[c].p; f.lse = lse[c];
-    if (c == 0) kn::launch_s2_fwd<kn::S2FwdConfig<bf16, D>>(f, nullptr);
-    else if (o.fwd_wgmma) kn::launch_s2_fwd<kn::S2FwdWgmmaTraits<bf16, D>>(f, nullptr);
-    else if (o.fwd_pipe) kn::launch_s2_fwd<kn::S2FwdWgmmaPipeTraits<bf16, D>>(f, nullptr);
-    else kn::launch_s2_fwd<kn::S2FwdAltConfig<bf16, D>>(f, nullptr);
+    f.o = out[c]->p; f.lse = lse[c];
+    cs[c].fwd(f);
   };
-  auto bwd = [&](int c) {  // both from config 0's forward
+  auto bwd = [&](int c) {  // every backward from the baseline's forward
     kn::S2BwdParams b = p;
-    b.o = out[0].p; b.lse = lse[0]; b.dq = dq[c].p; b.dk = dk[c].p; b.dv = dv[c].p;
+    b.o = out[0]->p; b.lse = lse[0]; b.dq = dq[c]->p; b.dk = dk[c]->p; b.dv = dv[c]->p;
     check(cudaMemsetAsync(dq_accum, 0, nq * sizeof(float)), "cudaMemsetAsync");
-    if (c == 0) kn::launch_s2_bwd<kn::S2BwdConfig<bf16, D>>(b, nullptr);
-    else if (o.bwd_2d) kn::launch_s2_bwd<kn::S2Bwd2DTraits<bf16, D>>(b, nullptr);
-    else if constexpr (D == 128) {
-      if (o.bwd_wgmma && o.bwd_bulk) kn::launch_s2_bwd<kn::S2BwdWgmmaBulkTraits<bf16, D>>(b, nullptr);
-      else if (o.bwd_pipe && o.bwd_bulk) kn::launch_s2_bwd<kn::S2BwdWgmmaPipeBulkTraits<bf16, D>>(b, nullptr);
-      else if (o.bwd_wgmma) kn::launch_s2_bwd<kn::S2BwdWgmmaTraits<bf16, D>>(b, nullptr);
-      else if (o.bwd_pipe) kn::launch_s2_bwd<kn::S2BwdWgmmaPipeTraits<bf16, D>>(b, nullptr);
-      else kn::launch_s2_bwd<kn::S2BwdAltConfig<bf16, D>>(b, nullptr);
-    }
-    else kn::launch_s2_bwd<kn::S2BwdAltConfig<bf16, D>>(b, nullptr);
+    cs[c].bwd(b);
   };
   auto diff = [&](const Buf& a, const Buf& b) {
     check(cudaMemset(scratch, 0, 2 * sizeof(float)), "cudaMemset");
@@ -185,8 +253,8 @@ int run(const Opts& o) {
     check(cudaMemcpy(r, scratch, sizeof r, cudaMemcpyDeviceToHost), "cudaMemcpy");
     return std::pair<float, float>{r[0], r[1]};
   };
-  for (int c = 0; c < 2; ++c) {  // poison, run once, check everything was written
-    for (Buf* b : {&out[c], &dq[c], &dk[c], &dv[c]})
+  for (int c = 0; c < nc; ++c) {  // poison, run once, check everything was written
+    for (Buf* b : {out[c].get(), dq[c].get(), dk[c].get(), dv[c].get()})
       check(cudaMemset(b->p, 0xff, b->n * sizeof(bf16)), "cudaMemset");
     fwd(c);
     bwd(c);
@@ -194,24 +262,25 @@ int run(const Opts& o) {
   check(cudaDeviceSynchronize(), "first run");
   int bad = 0;
   const char* names[] = {"o", "dq", "dk", "dv"};
-  const Buf* outs[2][4] = {{&out[0], &dq[0], &dk[0], &dv[0]}, {&out[1], &dq[1], &dk[1], &dv[1]}};
-  std::printf("%-4s %-14s %-14s\n", "", "max |2nd-mma|", "max |mma|");
-  for (int f = 0; f < 4; ++f) {
-    const auto [d, m] = diff(*outs[1][f], *outs[0][f]);
-    const auto [d0, m0] = diff(*outs[0][f], *outs[0][f]);  // NaN in default -> inf
-    // bf16 outputs of two summation orders differ by a few ulps of the largest value.
-    const bool ok = std::isfinite(d0) && d <= 0.02f * m + 1e-3f;
-    bad += !ok;
-    std::printf("%-4s %-14.4g %-14.4g %s\n", names[f], d, m, ok ? "ok" : "MISMATCH or unwritten");
+  for (int c = 1; c < nc; ++c) {
+    std::printf("%-18s %-4s %-14s %-14s\n", cs[c].name.c_str(), "", "max |it - mma|", "max |mma|");
+    const Buf* mine[4] = {out[c].get(), dq[c].get(), dk[c].get(), dv[c].get()};
+    const Buf* base[4] = {out[0].get(), dq[0].get(), dk[0].get(), dv[0].get()};
+    for (int f = 0; f < 4; ++f) {
+      const auto [d, m] = diff(*mine[f], *base[f]);
+      const auto [d0, m0] = diff(*base[f], *base[f]);  // NaN in the baseline -> inf
+      // bf16 outputs of two summation orders differ by a few ulps of the largest value.
+      const bool ok = std::isfinite(d0) && d <= 0.02f * m + 1e-3f;
+      bad += !ok;
+      std::printf("%-18s %-4s %-14.4g %-14.4g %s\n", "", names[f], d, m, ok ? "ok" : "MISMATCH or unwritten");
+    }
   }
-  // The second configuration's name: forward/backward kernels.
-  const std::string second = std::string(o.fwd_wgmma ? "wgmma" : o.fwd_pipe ? "pipe" : "alt") + "/" + (o.bwd_2d ? "2d" : o.bwd_wgmma ? "wgmma" : o.bwd_pipe ? "pipe" : "alt") + (o.bwd_bulk ? "+bulk" : "");
-  std::printf("%-12s %10s %9s %10s %9s\n", "kernels", "fwd ms", "TFLOP/s", "bwd ms", "TFLOP/s");
-  for (int c = 0; c < 2; ++c) {
+  std::printf("%-18s %10s %9s %10s %9s\n", "kernels", "fwd ms", "TFLOP/s", "bwd ms", "TFLOP/s");
+  for (int c = 0; c < nc; ++c) {
     const double tf = median_ms([&] { fwd(c); }, o.iters);
     const double tb = median_ms([&] { bwd(c); }, o.iters);
-    std::printf("%-12s %10.3f %9.1f %10.3f %9.1f\n", c ? second.c_str() : "mma", tf,
-                fwd_flop / tf / 1e9, tb, 2.5 * fwd_flop / tb / 1e9);
+    std::printf("%-18s %10.3f %9.1f %10.3f %9.1f\n", cs[c].name.c_str(), tf, fwd_flop / tf / 1e9, tb,
+                2.5 * fwd_flop / tb / 1e9);
   }
   for (auto& l : lse) cudaFree(l);
   cudaFree(dq_accum);
@@ -246,6 +315,9 @@ int main(int argc, char** argv) {
   app.add_flag("--bwd-bulk", o.bwd_bulk,
                "with --bwd-wgmma or --bwd-pipe: dQ added to its fp32 accumulator by bulk copies "
                "(cp.reduce.async.bulk, kBulkDq) instead of atomics");
+  app.add_flag("--all-wgmma", o.all_wgmma,
+               "instead of one second configuration, every wgmma one (default, pipelined, bulk dQ, "
+               "both) against the mma.sync baseline, in one run on the same inputs");
   app.add_flag("--bwd-2d", o.bwd_2d,
                "second configuration's backward: the 2-D-tiled kernel (s2_bwd2d_kernel.cuh), "
                "not the alternative tiles'");
