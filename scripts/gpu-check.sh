@@ -45,34 +45,28 @@ if want kernel; then
   note "kernel tests: $(grep -E 'tests passed|tests failed' "$OUT/kernel.log")"
   grep -E 'kernel max abs diff|non-finite|Failed|\*\*\*' "$OUT/kernel.log" | head -40 | tee -a "$SUMMARY"
   if [ -z "${SKIP_ALT:-}" ]; then
+    # The S2 kernel tests again with other kernels selected: variant NAME LABEL VAR=1 ...
+    variant() {
+      local name=$1 label=$2
+      shift 2
+      env "$@" timeout 100 ctest --test-dir "$B" -R 'S2Kernel' -j8 --output-on-failure \
+        >"$OUT/kernel_$name.log" 2>&1
+      note "kernel tests, $label: $(grep -E 'tests passed|tests failed' "$OUT/kernel_$name.log")"
+      grep -E 'kernel max abs diff|non-finite' "$OUT/kernel_$name.log" | head -10 | tee -a "$SUMMARY"
+    }
     # The alternative tiles (16 query rows per warp with Q in registers; the other
     # backward key tile) must pass the same tests.
-    LONGLORA_S2_FWD_ALT=1 LONGLORA_S2_BWD_ALT=1 timeout 100 ctest --test-dir "$B" -R 'S2Kernel' -j8 \
-      --output-on-failure >"$OUT/kernel_alt.log" 2>&1
-    note "kernel tests, alternative tiles: $(grep -E 'tests passed|tests failed' "$OUT/kernel_alt.log")"
-    grep -E 'kernel max abs diff|non-finite' "$OUT/kernel_alt.log" | head -10 | tee -a "$SUMMARY"
+    variant alt "alternative tiles" LONGLORA_S2_FWD_ALT=1 LONGLORA_S2_BWD_ALT=1
     # The 2-D-tiled backward (s2_bwd2d_kernel.cuh): the default at D=128, forced here for
     # D=64 too.
-    LONGLORA_S2_BWD_2D=1 timeout 100 ctest --test-dir "$B" -R 'S2Kernel' -j8 \
-      --output-on-failure >"$OUT/kernel_2d.log" 2>&1
-    note "kernel tests, 2-D-tiled backward: $(grep -E 'tests passed|tests failed' "$OUT/kernel_2d.log")"
-    grep -E 'kernel max abs diff|non-finite' "$OUT/kernel_2d.log" | head -10 | tee -a "$SUMMARY"
+    variant 2d "2-D-tiled backward" LONGLORA_S2_BWD_2D=1
     # The mma.sync kernels (s2_fwd_kernel.cuh, s2_bwd2d_kernel.cuh), which the wgmma ones
     # replace on sm_90.
-    LONGLORA_S2_FWD_MMA=1 LONGLORA_S2_BWD_MMA=1 timeout 100 ctest --test-dir "$B" -R 'S2Kernel' -j8 \
-      --output-on-failure >"$OUT/kernel_mma.log" 2>&1
-    note "kernel tests, mma.sync kernels: $(grep -E 'tests passed|tests failed' "$OUT/kernel_mma.log")"
-    grep -E 'kernel max abs diff|non-finite' "$OUT/kernel_mma.log" | head -10 | tee -a "$SUMMARY"
-    # The experiment: both wgmma kernels pipelined within each warpgroup.
-    LONGLORA_S2_FWD_PIPE=1 LONGLORA_S2_BWD_PIPE=1 timeout 100 ctest --test-dir "$B" -R 'S2Kernel' -j8 \
-      --output-on-failure >"$OUT/kernel_pipe.log" 2>&1
-    note "kernel tests, pipelined wgmma kernels: $(grep -E 'tests passed|tests failed' "$OUT/kernel_pipe.log")"
-    grep -E 'kernel max abs diff|non-finite' "$OUT/kernel_pipe.log" | head -10 | tee -a "$SUMMARY"
-    # The experiment: the wgmma backward's dQ by bulk adds.
-    LONGLORA_S2_BWD_BULKDQ=1 timeout 100 ctest --test-dir "$B" -R 'S2Kernel' -j8 \
-      --output-on-failure >"$OUT/kernel_bulkdq.log" 2>&1
-    note "kernel tests, wgmma backward with bulk dQ: $(grep -E 'tests passed|tests failed' "$OUT/kernel_bulkdq.log")"
-    grep -E 'kernel max abs diff|non-finite' "$OUT/kernel_bulkdq.log" | head -10 | tee -a "$SUMMARY"
+    variant mma "mma.sync kernels" LONGLORA_S2_FWD_MMA=1 LONGLORA_S2_BWD_MMA=1
+    # The experiments: both wgmma kernels pipelined within each warpgroup; the wgmma
+    # backward's dQ by bulk adds.
+    variant pipe "pipelined wgmma kernels" LONGLORA_S2_FWD_PIPE=1 LONGLORA_S2_BWD_PIPE=1
+    variant bulkdq "wgmma backward with bulk dQ" LONGLORA_S2_BWD_BULKDQ=1
   fi
   # The torch-free kernel bench: default and alternative tiles must agree (GQA, roll).
   for D in 64 128; do
