@@ -106,15 +106,24 @@ struct Opts {
 };
 
 // A forward and a backward kernel, timed and compared together.
+using FwdFn = std::function<void(const kn::S2FwdParams&)>;
+using BwdFn = std::function<void(const kn::S2BwdParams&)>;
 struct Config {
   std::string name;
-  std::function<void(const kn::S2FwdParams&)> fwd;
-  std::function<void(const kn::S2BwdParams&)> bwd;
+  FwdFn fwd;
+  BwdFn bwd;
 };
+template <typename Traits>
+FwdFn fwd_with() {
+  return [](const kn::S2FwdParams& f) { kn::launch_s2_fwd<Traits>(f, nullptr); };
+}
+template <typename Traits>
+BwdFn bwd_with() {
+  return [](const kn::S2BwdParams& b) { kn::launch_s2_bwd<Traits>(b, nullptr); };
+}
 template <typename Fwd, typename Bwd>
 Config config(std::string name) {
-  return {std::move(name), [](const kn::S2FwdParams& f) { kn::launch_s2_fwd<Fwd>(f, nullptr); },
-          [](const kn::S2BwdParams& b) { kn::launch_s2_bwd<Bwd>(b, nullptr); }};
+  return {std::move(name), fwd_with<Fwd>(), bwd_with<Bwd>()};
 }
 
 // The configurations to run: first the mma.sync defaults (the baseline every other is
@@ -135,31 +144,28 @@ std::vector<Config> configs(const Opts& o) {
   }
   // The second configuration: a forward and a backward from the flags (the
   // alternative tiles where none is named).
-  using F = S2FwdConfig<bf16, D>;
-  using Bw = S2BwdConfig<bf16, D>;
   Config c = config<kn::S2FwdAltConfig<bf16, D>, kn::S2BwdAltConfig<bf16, D>>("");
   std::string fname = "alt", bname = "alt";
   if (o.fwd_wgmma) {
-    c.fwd = config<kn::S2FwdWgmmaTraits<bf16, D>, Bw>("").fwd;
+    c.fwd = fwd_with<kn::S2FwdWgmmaTraits<bf16, D>>();
     fname = "wgmma";
   }
   if (o.fwd_pipe) {
-    c.fwd = config<kn::S2FwdWgmmaPipeTraits<bf16, D>, Bw>("").fwd;
+    c.fwd = fwd_with<kn::S2FwdWgmmaPipeTraits<bf16, D>>();
     fname = "pipe";
   }
   if (o.bwd_2d) {
-    c.bwd = config<F, kn::S2Bwd2DTraits<bf16, D>>("").bwd;
+    c.bwd = bwd_with<kn::S2Bwd2DTraits<bf16, D>>();
     bname = "2d";
   }
   if constexpr (D == 128) {
     using namespace kn;
     if (o.bwd_wgmma) {
-      c.bwd = o.bwd_bulk ? config<F, S2BwdWgmmaBulkTraits<bf16, D>>("").bwd : config<F, S2BwdWgmmaTraits<bf16, D>>("").bwd;
+      c.bwd = o.bwd_bulk ? bwd_with<S2BwdWgmmaBulkTraits<bf16, D>>() : bwd_with<S2BwdWgmmaTraits<bf16, D>>();
       bname = "wgmma";
     }
     if (o.bwd_pipe) {
-      c.bwd = o.bwd_bulk ? config<F, S2BwdWgmmaPipeBulkTraits<bf16, D>>("").bwd
-                         : config<F, S2BwdWgmmaPipeTraits<bf16, D>>("").bwd;
+      c.bwd = o.bwd_bulk ? bwd_with<S2BwdWgmmaPipeBulkTraits<bf16, D>>() : bwd_with<S2BwdWgmmaPipeTraits<bf16, D>>();
       bname = "pipe";
     }
   }
