@@ -183,17 +183,18 @@ int run(const Opts& o) {
   if (mode != kn::S2Mode::Full && (G < 2 || G % 2 != 0 || o.L % G != 0 || o.H % 2 != 0))
     throw std::runtime_error("bad shape: S2 needs L % G == 0 with G = L * ratio even, and H even");
 
-  cudaDeviceProp prop;
-  check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
+  // The flags first, then the device: a bad combination is reported as such anywhere.
   const bool second_flags = o.fwd_wgmma || o.fwd_pipe || o.bwd_wgmma || o.bwd_pipe || o.bwd_2d || o.bwd_bulk;
-  if ((o.fwd_wgmma || o.fwd_pipe || o.bwd_wgmma || o.bwd_pipe || o.all_wgmma) && (prop.major != 9 || prop.minor != 0))
-    throw std::runtime_error("--fwd-wgmma, --fwd-pipe, --bwd-wgmma, --bwd-pipe and --all-wgmma need an sm_90 GPU (and a build with 9.0a)");
   if (o.all_wgmma && second_flags) throw std::runtime_error("--all-wgmma runs every wgmma configuration: no other kernel flag");
   if (o.bwd_wgmma + o.bwd_pipe + o.bwd_2d > 1) throw std::runtime_error("--bwd-wgmma, --bwd-pipe, --bwd-2d: one backward at a time");
   if (o.fwd_wgmma && o.fwd_pipe) throw std::runtime_error("--fwd-wgmma and --fwd-pipe: one forward at a time");
   if ((o.bwd_wgmma || o.bwd_pipe || o.all_wgmma) && D != 128)
     throw std::runtime_error("--bwd-wgmma, --bwd-pipe, --all-wgmma: head dim 128 only");
   if (o.bwd_bulk && !o.bwd_wgmma && !o.bwd_pipe) throw std::runtime_error("--bwd-bulk goes with --bwd-wgmma or --bwd-pipe");
+  cudaDeviceProp prop;
+  check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
+  if ((o.fwd_wgmma || o.fwd_pipe || o.bwd_wgmma || o.bwd_pipe || o.all_wgmma) && (prop.major != 9 || prop.minor != 0))
+    throw std::runtime_error("--fwd-wgmma, --fwd-pipe, --bwd-wgmma, --bwd-pipe and --all-wgmma need an sm_90 GPU (and a build with 9.0a)");
   const std::vector<Config> cs = configs<D>(o);
   const int nc = static_cast<int>(cs.size());
 
