@@ -277,6 +277,14 @@ TEST(S2Emulator, BulkAddsAddAndCatchAChangedSource) {
       << error_of(true, true);
   EXPECT_NE(error_of(false, false).find("bulk copies it never committed and waited for"), std::string::npos)
       << error_of(false, false);
+  // Any exception a kernel thread throws (here at the issue: a source outside shared
+  // memory) comes out of launch(), instead of ending the process from inside a fiber.
+  try {
+    emu::launch({1, 1, 1}, 32, [&] { ek::bulk_reduce_add_f32(dst, dst, 32); });
+    FAIL() << "no error";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("not a shared-memory address"), std::string::npos) << e.what();
+  }
 }
 
 // Views whose strides are not (B, H, L, D)-contiguous, as a model's projections give

@@ -24,7 +24,8 @@
 //     stage still being read is therefore caught here as often as on the GPU, or more.
 //   - Shared memory is filled with 0xff bytes (NaN in bf16/fp16/fp32) before each CTA,
 //     so a read of a never-written element shows up as NaN in the outputs.
-//   - A deadlock (threads waiting at different barriers for ever) throws.
+//   - A deadlock (threads waiting at different barriers for ever) throws, and so does
+//     launch() with an exception any thread threw (a bad operand, a changed bulk source).
 //
 // Use: include this header, define LONGLORA_S2_EMULATE, then include the kernel
 // headers, and run a kernel with emu::launch(grid, threads, [&] { kernel(params); }).
@@ -109,8 +110,8 @@ struct Cta {
   uint64_t gen = 0;
   int named_arrived[16] = {};  // bar.sync id, n (id 0 is __syncthreads)
   uint64_t named_gen[16] = {};
-  // An error found inside a fiber, thrown by launch() once the CTA is done: an exception
-  // cannot unwind out of a ucontext fiber.
+  // An exception thrown in a fiber (none may unwind out of a ucontext fiber): caught at
+  // the fiber's entry, thrown again by launch(), which abandons the CTA.
   std::string error;
   bool progress = false;
   ucontext_t sched;
@@ -330,8 +331,8 @@ inline void wgmma_wait(int n) { fiber().wgmma.wait(n); }
 // bytes / 4 floats, asynchronously. The hardware reads the shared-memory source at some
 // time between the issue and the cp.async.bulk.wait_group(.read) that retires its bulk
 // group. The emulation keeps the source as it was at the issue and, at that wait,
-// fails the launch if it has changed since (a store not ordered before the issue, or
-// one made before the wait); else it adds then. A bulk group never waited for fails too.
+// throws if it has changed since (a store not ordered before the issue, or one made
+// before the wait); else it adds then. A bulk group never waited for fails the launch.
 inline void bulk_reduce_add_f32(float* dst, const float* src, int bytes) {
   if (bytes <= 0 || bytes % 16 != 0) throw std::runtime_error("emu::bulk_reduce_add: size must be a positive multiple of 16");
   if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || smem_addr(src) % 16 != 0)
@@ -340,13 +341,9 @@ inline void bulk_reduce_add_f32(float* dst, const float* src, int bytes) {
   yield_running();
   std::vector<float> at_issue(src, src + bytes / 4);
   fiber().bulk.open.push_back([dst, src, at_issue = std::move(at_issue)] {
-    if (std::memcmp(at_issue.data(), src, at_issue.size() * 4) != 0) {
-      Cta& c = *cta();
-      if (c.error.empty())
-        c.error = "emu::bulk_reduce_add: thread " + std::to_string(fiber().tid.x) +
-                  ": its shared-memory source changed between issue and wait";
-      return;
-    }
+    if (std::memcmp(at_issue.data(), src, at_issue.size() * 4) != 0)
+      throw std::runtime_error("emu::bulk_reduce_add: thread " + std::to_string(fiber().tid.x) +
+                               ": its shared-memory source changed between issue and wait");
     for (size_t i = 0; i < at_issue.size(); ++i) dst[i] += at_issue[i];
   });
 }
@@ -410,7 +407,11 @@ inline void launch(Dim3 grid, int threads, const std::function<void()>& body) {
           f.ctx.uc_link = &c.sched;
           makecontext(&f.ctx, +[] {
             Cta& cc = *cta();
-            cc.body();
+            try {
+              cc.body();
+            } catch (const std::exception& e) {
+              cc.error = e.what();
+            }
             cc.fibers[cc.current].done = true;
             cc.progress = true;
           }, 0);
@@ -430,6 +431,11 @@ inline void launch(Dim3 grid, int threads, const std::function<void()>& body) {
             if (f.wait_gen != nullptr && *f.wait_gen == f.wait_val) continue;
             c.current = i;
             swapcontext(&c.sched, &c.fibers[i].ctx);
+            if (!c.error.empty()) {
+              cta() = nullptr;  // the other fibers are abandoned with this CTA
+              throw std::runtime_error(c.error + " (CTA " + std::to_string(x) + ", " + std::to_string(y) + ", " +
+                                       std::to_string(z) + ")");
+            }
             live -= c.fibers[i].done ? 1 : 0;
           }
           idle_rounds = c.progress ? 0 : idle_rounds + 1;
@@ -439,11 +445,6 @@ inline void launch(Dim3 grid, int threads, const std::function<void()>& body) {
                                      std::to_string(y) + ", " + std::to_string(z) + "): " +
                                      std::to_string(live) + " threads wait at barriers that never complete");
           }
-        }
-        if (!c.error.empty()) {
-          cta() = nullptr;
-          throw std::runtime_error(c.error + " (CTA " + std::to_string(x) + ", " + std::to_string(y) + ", " +
-                                   std::to_string(z) + ")");
         }
         for (const Fiber& f : c.fibers)
           if (!f.wgmma.idle() || !f.bulk.idle()) {
