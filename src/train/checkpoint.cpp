@@ -1,8 +1,12 @@
 #include "longlora/train/checkpoint.h"
 
 #include <fcntl.h>
+#include <spdlog/spdlog.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -45,6 +49,29 @@ void write_text(const std::string& path, const std::string& text) {
     if (!out) throw Error(path + ": write failed (disk full?)");
   }
   fsync_path(path);
+}
+
+// The archive goes through a write function we check: when the archive writer writes
+// the file itself, a short write (disk full) makes it throw from its destructor,
+// which aborts the process. Here the writer never sees a failure; we report it.
+void write_archive(torch::serialize::OutputArchive& ar, const std::string& path) {
+  FILE* f = std::fopen(path.c_str(), "wb");
+  if (!f) throw Error(path + ": cannot create: " + std::strerror(errno));
+  int err = 0;
+  ar.save_to([&](const void* buf, size_t n) -> size_t {
+    if (err == 0 && n > 0 && std::fwrite(buf, 1, n, f) != n) err = errno ? errno : EIO;
+    return n;
+  });
+  if (std::fflush(f) != 0 && err == 0) err = errno;
+  if (::fsync(::fileno(f)) != 0 && err == 0) err = errno;
+  if (std::fclose(f) != 0 && err == 0) err = errno;
+  if (err != 0) throw Error(path + ": write failed: " + std::strerror(err));
+}
+
+// A libtorch error's first line (no C++ backtrace) for a one-line message.
+std::string first_line(const c10::Error& e) {
+  std::string m = e.what_without_backtrace();
+  return m.substr(0, m.find('\n'));
 }
 
 // Optional pause between files of a save, so a test can kill the process mid-save.
@@ -115,8 +142,7 @@ std::string save_checkpoint(const std::string& output_dir, const model::LlamaFor
     ar.write("rng_cpu", at::detail::getDefaultCPUGenerator().get_state());
     if (torch::cuda::is_available())
       ar.write("rng_cuda", at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, 0)).get_state());
-    ar.save_to((tmp / "state.pt").string());
-    fsync_path((tmp / "state.pt").string());
+    write_archive(ar, (tmp / "state.pt").string());
   }
   test_pause();
   json ts = {{"format_version", kFormatVersion}, {"step", st.step},
@@ -135,52 +161,81 @@ std::string save_checkpoint(const std::string& output_dir, const model::LlamaFor
   return final_dir.string();
 }
 
-std::optional<std::string> latest_checkpoint(const std::string& output_dir) {
-  if (!fs::is_directory(output_dir)) return std::nullopt;
+std::vector<std::pair<int64_t, std::string>> complete_checkpoints(const std::string& output_dir) {
   static const std::regex re("checkpoint-([0-9]+)");
-  int64_t best = -1;
-  std::string path;
+  std::vector<std::pair<int64_t, std::string>> out;
+  if (!fs::is_directory(output_dir)) return out;
   for (const auto& e : fs::directory_iterator(output_dir)) {
     std::smatch m;
     const std::string n = e.path().filename().string();
-    if (!e.is_directory() || !std::regex_match(n, m, re)) continue;
-    if (!fs::exists(e.path() / "COMPLETE")) continue;
-    const int64_t s = std::stoll(m[1]);
-    if (s > best) {
-      best = s;
-      path = e.path().string();
-    }
+    if (e.is_directory() && std::regex_match(n, m, re) && fs::exists(e.path() / "COMPLETE"))
+      out.emplace_back(std::stoll(m[1]), e.path().string());
   }
-  if (best < 0) return std::nullopt;
-  return path;
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+std::optional<std::string> latest_checkpoint(const std::string& output_dir) {
+  auto all = complete_checkpoints(output_dir);
+  if (all.empty()) return std::nullopt;
+  return all.back().second;
 }
 
 void prune_checkpoints(const std::string& output_dir, int64_t keep) {
-  static const std::regex re("checkpoint-([0-9]+)");
-  std::vector<std::pair<int64_t, fs::path>> done;
-  for (const auto& e : fs::directory_iterator(output_dir)) {
-    std::smatch m;
-    const std::string n = e.path().filename().string();
-    if (n.rfind(".tmp-checkpoint-", 0) == 0) {
-      remove_tree(e.path().string());
-      continue;
-    }
-    if (e.is_directory() && std::regex_match(n, m, re) && fs::exists(e.path() / "COMPLETE"))
-      done.emplace_back(std::stoll(m[1]), e.path());
-  }
-  std::sort(done.begin(), done.end());
-  for (size_t i = 0; i + keep < done.size(); ++i) remove_tree(done[i].second.string());
+  for (const auto& e : fs::directory_iterator(output_dir))
+    if (e.path().filename().string().rfind(".tmp-checkpoint-", 0) == 0) remove_tree(e.path().string());
+  auto done = complete_checkpoints(output_dir);
+  for (size_t i = 0; i + keep < done.size(); ++i) remove_tree(done[i].second);
 }
+
+TrainerState read_trainer_state(const std::string& dir) {
+  const std::string file = (fs::path(dir) / "trainer_state.json").string();
+  if (!fs::is_directory(dir)) throw Error(dir + ": no such checkpoint directory");
+  if (!fs::exists(fs::path(dir) / "COMPLETE")) throw Error(dir + ": not a complete checkpoint (no COMPLETE marker)");
+  const json ts = read_json_file(file);
+  if (!ts.is_object()) fail(file, "", "expected a JSON object");
+  if (ts.value("format_version", json(0)) != json(kFormatVersion))
+    fail(file, "format_version", ts.value("format_version", json(nullptr)).dump() + " is not " +
+                                     std::to_string(kFormatVersion));
+  auto count = [&](const char* key, bool required) -> int64_t {
+    if (!ts.contains(key)) {
+      if (required) fail(file, key, "missing");
+      return 0;
+    }
+    const json& v = ts[key];
+    if (!v.is_number_integer() || v.get<int64_t>() < 0) fail(file, key, "expected an integer >= 0, got " + v.dump());
+    return v.get<int64_t>();
+  };
+  TrainerState st;
+  st.step = count("step", true);
+  st.cursor = count("cursor", true);
+  st.bad_steps = count("bad_steps", false);
+  st.tokens_seen = count("tokens_seen", false);
+  if (!ts.contains("model") || !ts["model"].is_object()) fail(file, "model", "missing");
+  return st;
+}
+
+namespace {
+
+// "a.b.c" leaves of a run config whose values differ (arrays compared whole).
+void config_diffs(const json& was, const json& now, const std::string& prefix,
+                  std::vector<std::tuple<std::string, json, json>>& out) {
+  for (auto it = now.begin(); it != now.end(); ++it) {
+    const std::string key = prefix.empty() ? it.key() : prefix + "." + it.key();
+    const json old = was.is_object() && was.contains(it.key()) ? was[it.key()] : json(nullptr);
+    if (it.value().is_object()) config_diffs(old, it.value(), key, out);
+    else if (old != it.value()) out.emplace_back(key, old, it.value());
+  }
+}
+
+}  // namespace
 
 TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainable,
                              torch::optim::Optimizer& opt, const RunConfig& cfg,
                              const io::ModelConfig& model_cfg) {
   const fs::path d(dir);
-  if (!fs::exists(d / "COMPLETE")) throw Error(dir + ": not a complete checkpoint (no COMPLETE marker)");
+  const TrainerState st = read_trainer_state(dir);
   const json ts = read_json_file((d / "trainer_state.json").string());
-  if (ts.value("format_version", 0) != kFormatVersion)
-    throw Error((d / "trainer_state.json").string() + ": format_version " +
-                ts.value("format_version", json(nullptr)).dump() + " is not " + std::to_string(kFormatVersion));
   // What must agree for the saved tensors and optimizer state to mean the same thing.
   std::vector<std::string> diffs;
   const json want_model = model_fingerprint(model_cfg);
@@ -188,22 +243,27 @@ TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainab
     if (ts["model"].value(it.key(), json(nullptr)) != it.value())
       diffs.push_back("model " + it.key() + " is " + ts["model"].value(it.key(), json(nullptr)).dump() +
                       " there, " + it.value().dump() + " here");
-  const json saved = read_json_file((d / "run_config.json").string());
+  const std::string saved_path = (d / "run_config.json").string();
+  const json saved = read_json_file(saved_path);
   const json now = to_json(cfg);
-  for (const char* k : {"/lora/enabled", "/lora/r", "/lora/alpha", "/lora/targets", "/trainable_params"}) {
-    json::json_pointer p(k);
-    if (!saved.contains(p) || saved[p] != now[p]) {
-      std::string key = std::string(k).substr(1);
-      std::replace(key.begin(), key.end(), '/', '.');
-      diffs.push_back(key + " is " + (saved.contains(p) ? saved[p].dump() : "missing") + " there, " +
-                      now[p].dump() + " here");
-    }
-  }
+  const std::vector<std::string> fatal{"lora.enabled", "lora.r", "lora.alpha", "lora.targets", "trainable_params"};
+  std::vector<std::tuple<std::string, json, json>> changed;
+  config_diffs(saved, now, "", changed);
+  for (const auto& [key, was, is] : changed)
+    if (std::find(fatal.begin(), fatal.end(), key) != fatal.end())
+      diffs.push_back(key + " is " + (was.is_null() ? "missing" : was.dump()) + " there, " + is.dump() + " here");
   if (!diffs.empty()) {
     std::string msg;
     for (const auto& s : diffs) msg += (msg.empty() ? "" : "; ") + s;
     throw Error(dir + ": checkpoint does not fit the config: " + msg);
   }
+  // Any other change is the user's to make (a new learning rate, more steps), but not
+  // silently: the data cursor, for one, counts rows of the old data and batch shape.
+  for (const auto& [key, was, is] : changed)
+    if (std::find(fatal.begin(), fatal.end(), key) == fatal.end())
+      spdlog::warn("resume: {} is {} now, {} in {}", key, is.dump(), was.is_null() ? "missing" : was.dump(),
+                   saved_path);
+
   auto tensors = io::load_tensors(
       (d / (cfg.lora.enabled ? "adapter_model.safetensors" : "model.safetensors")).string());
   torch::NoGradGuard ng;
@@ -215,22 +275,40 @@ TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainab
       throw Error(dir + ": tensor '" + key + "' has another shape than the model's");
     p.copy_(it->second);
   }
-  torch::serialize::InputArchive ar;
-  ar.load_from((d / "state.pt").string());
-  opt.load(ar);
-  torch::Tensor rng;
-  ar.read("rng_cpu", rng);
-  at::Generator cpu = at::detail::getDefaultCPUGenerator();
-  cpu.set_state(rng);
-  if (torch::cuda::is_available() && ar.try_read("rng_cuda", rng)) {
-    at::Generator g = at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, 0));
-    g.set_state(rng);
+  const std::string state = (d / "state.pt").string();
+  // The archive brings its param groups' options back too (betas, eps, weight decay);
+  // the config's are the ones the run asked for (the learning rate is set every step).
+  std::vector<std::unique_ptr<torch::optim::OptimizerOptions>> asked;
+  for (auto& g : opt.param_groups()) asked.push_back(g.options().clone());
+  try {
+    torch::serialize::InputArchive ar;
+    ar.load_from(state);
+    opt.load(ar);
+    torch::Tensor rng;
+    ar.read("rng_cpu", rng);
+    at::Generator cpu = at::detail::getDefaultCPUGenerator();
+    cpu.set_state(rng);
+    if (torch::cuda::is_available() && ar.try_read("rng_cuda", rng)) {
+      at::Generator g = at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, 0));
+      g.set_state(rng);
+    }
+  } catch (const c10::Error& e) {
+    throw Error(state + ": cannot restore the optimizer and RNG state: " + first_line(e));
   }
-  TrainerState st;
-  st.step = ts.at("step").get<int64_t>();
-  st.cursor = ts.at("cursor").get<int64_t>();
-  st.bad_steps = ts.value("bad_steps", 0);
-  st.tokens_seen = ts.value("tokens_seen", 0);
+  if (opt.param_groups().size() != asked.size())
+    throw Error(state + ": " + std::to_string(opt.param_groups().size()) + " optimizer parameter groups, " +
+                std::to_string(asked.size()) + " expected");
+  for (size_t i = 0; i < asked.size(); ++i) opt.param_groups()[i].set_options(std::move(asked[i]));
+  // A state.pt of another run loads by position; its moments must fit the parameters.
+  for (const auto& g : opt.param_groups())
+    for (const auto& p : g.params()) {
+      auto it = opt.state().find(p.unsafeGetTensorImpl());
+      if (it == opt.state().end()) continue;
+      const auto& ps = static_cast<const torch::optim::AdamWParamState&>(*it->second);
+      if (ps.exp_avg().sizes() != p.sizes())
+        throw Error(state + ": optimizer moments of shape " + c10::str(ps.exp_avg().sizes()) +
+                    " for a parameter of shape " + c10::str(p.sizes()) + ": the state of another run?");
+    }
   return st;
 }
 

@@ -32,6 +32,12 @@ NamedTensors select_trainable(model::LlamaForCausalLMImpl& m, const RunConfig& c
   }
   NamedTensors out;
   torch::NoGradGuard ng;
+  // An entry that names nothing (a typo: "nrom") would train less than asked, silently.
+  for (const auto& s : subs) {
+    bool hit = false;
+    for (const auto& item : m.named_parameters()) hit = hit || item.key().find(s) != std::string::npos;
+    if (!hit) throw Error("trainable_params: \"" + s + "\" is in no parameter name of the model");
+  }
   for (auto& item : m.named_parameters()) {
     const std::string& n = item.key();
     auto& p = item.value();

@@ -40,11 +40,20 @@ std::string save_checkpoint(const std::string& output_dir, const model::LlamaFor
                             const NamedTensors& trainable, torch::optim::Optimizer& opt,
                             const TrainerState& st, const RunConfig& cfg);
 
+// The directories checkpoint-N with COMPLETE under output_dir, by step.
+std::vector<std::pair<int64_t, std::string>> complete_checkpoints(const std::string& output_dir);
+
 // Newest directory checkpoint-N with COMPLETE under output_dir, if any.
 std::optional<std::string> latest_checkpoint(const std::string& output_dir);
 
+// A complete checkpoint's trainer_state.json, each field checked (an Error naming
+// the file and the field otherwise).
+TrainerState read_trainer_state(const std::string& dir);
+
 // Restores parameters, optimizer and RNG; refuses a checkpoint that does not fit
-// `cfg` (other model shape, rank, targets, trainable set) saying what differs.
+// `cfg` (other model shape, rank, targets, trainable set) saying what differs, and
+// warns of every other config key that changed since. AdamW's betas, eps and weight
+// decay are the config's, not the checkpoint's.
 TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainable,
                              torch::optim::Optimizer& opt, const RunConfig& cfg,
                              const io::ModelConfig& model_cfg);
