@@ -79,7 +79,10 @@ TEST(RunConfig, JsonRoundTripAndReference) {
 
 TEST(RunConfig, CliDryRunAndErrors) {
   const auto dir = testutil::temp_dir("cfg-cli");
-  testutil::write_file(dir + "/ok.json", R"({"model": {"path": "m"}, "data": {"train": "d.bin", "seq_len": 64}})");
+  std::filesystem::create_directories(dir + "/m");
+  testutil::write_file(dir + "/d.bin", "");
+  testutil::write_file(dir + "/ok.json", R"({"model": {"path": ")" + dir + R"(/m"}, "data": {"train": ")" + dir +
+                                             R"(/d.bin", "seq_len": 64}, "output": {"dir": ")" + dir + R"(/out"}})");
   auto r = testutil::run_cli("--config " + dir + "/ok.json --set lora.r=4 --dry-run");
   ASSERT_EQ(r.code, 0) << r.err;
   auto j = json::parse(r.out);
@@ -92,7 +95,26 @@ TEST(RunConfig, CliDryRunAndErrors) {
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   r = testutil::run_cli("--config " + dir + "/ok.json --set data.seq_len=100 --dry-run");
   EXPECT_EQ(r.code, 1);  // 100 * 1/4 = 25: odd group
-  EXPECT_NE(r.err.find("attention.group_ratio"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("ok.json: attention.group_ratio"), std::string::npos) << r.err;
+  // The value at fault came from --set, not from the file.
+  r = testutil::run_cli("--config " + dir + "/ok.json --set attention.group_ratio=0.3 --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("--set attention.group_ratio: seq_len 64"), std::string::npos) << r.err;
+  // A dry run checks what a run would open first.
+  r = testutil::run_cli("--config " + dir + "/ok.json --set data.train=" + dir + "/missing.bin --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("--set data.train: " + dir + "/missing.bin: no such file"), std::string::npos) << r.err;
+  r = testutil::run_cli("--config " + dir + "/ok.json --set output.dir=" + dir + "/d.bin --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("exists and is not a directory"), std::string::npos) << r.err;
+  // JSON parsers keep the last of two equal keys; in a run config that hides a typo'd copy.
+  testutil::write_file(dir + "/dup.json", R"({"train": {"lr": 0.001, "max_steps": 5, "lr": 5}})");
+  r = testutil::run_cli("--config " + dir + "/dup.json --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("dup.json: train.lr: appears twice"), std::string::npos) << r.err;
+  r = testutil::run_cli("--config " + dir + "/ok.json --set 'lora.targets=[\"q_proj\",\"q_proj\"]' --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("--set lora.targets: expected each layer name once"), std::string::npos) << r.err;
   r = testutil::run_cli("--version");
   EXPECT_EQ(r.code, 0);
   EXPECT_NE(r.out.find("longlora-train"), std::string::npos);

@@ -181,6 +181,9 @@ TEST(Train, ResumeIsBitIdentical) {
   ASSERT_EQ(r.code, 0) << r.err;
   r = testutil::run_cli("--config " + tiny_config(b) + " --set train.max_steps=3");
   ASSERT_EQ(r.code, 0) << r.err;
+  // A record logged after the checkpoint, as by a run killed between saves: the
+  // resumed run logs step 4 again and must not leave two of it.
+  std::ofstream(b + "/out/metrics.jsonl", std::ios::app) << R"({"step": 4, "loss": 99.0})" << "\n";
   r = testutil::run_cli("--config " + tiny_config(b) + " --resume");
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.err.find("resumed from"), std::string::npos) << r.err;
@@ -188,6 +191,66 @@ TEST(Train, ResumeIsBitIdentical) {
   ASSERT_EQ(la.size(), 6u);
   ASSERT_EQ(lb.size(), 6u);
   for (size_t i = 0; i < 6; ++i) EXPECT_EQ(la[i], lb[i]) << "step " << i + 1;  // bit-identical
+}
+
+TEST(Train, ResumeTakesTheConfigsOptimizerSettingsAndSaysWhatChanged) {
+  const auto a = testutil::temp_dir("resume-eps-a"), b = testutil::temp_dir("resume-eps-b");
+  ASSERT_EQ(testutil::run_cli("--config " + tiny_config(a)).code, 0);
+  ASSERT_EQ(testutil::run_cli("--config " + tiny_config(b) + " --set train.max_steps=3").code, 0);
+  // The optimizer archive holds eps too; the resumed run must use the config's.
+  auto r = testutil::run_cli("--config " + tiny_config(b) + " --set train.eps=0.5 --resume");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("resume: train.eps is 0.5 now, 1e-08 in"), std::string::npos) << r.err;
+  auto la = testutil::metric_losses(a + "/out/metrics.jsonl"), lb = testutil::metric_losses(b + "/out/metrics.jsonl");
+  ASSERT_EQ(lb.size(), 6u);
+  EXPECT_EQ(la[3], lb[3]);  // step 4 ran before the first update with the new eps
+  EXPECT_NE(la[5], lb[5]);
+}
+
+TEST(Train, RunsDoNotMixInOneOutputDir) {
+  const auto d = testutil::temp_dir("mix");
+  ASSERT_EQ(testutil::run_cli("--config " + tiny_config(d)).code, 0);  // checkpoints 3 and 6
+  // A new run there would log over the old metrics, and keep_last would prune its own
+  // (lower-numbered) checkpoints first.
+  for (const std::string extra : {"", " --dry-run"}) {
+    auto r = testutil::run_cli("--config " + tiny_config(d) + " --set train.max_steps=2" + extra);
+    EXPECT_EQ(r.code, 1) << extra;
+    EXPECT_NE(r.err.find("holds checkpoint-6 of an earlier run: --resume continues it"), std::string::npos) << r.err;
+  }
+  // A rollback beside newer checkpoints: the next --resume would take checkpoint-6.
+  auto r = testutil::run_cli("--config " + tiny_config(d) + " --resume-from " + d + "/out/checkpoint-3");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("checkpoint-6 is newer than the resumed"), std::string::npos) << r.err;
+  EXPECT_TRUE(fs::exists(d + "/out/checkpoint-6/COMPLETE"));
+  EXPECT_EQ(testutil::metric_losses(d + "/out/metrics.jsonl").size(), 6u);
+}
+
+TEST(Train, AFailedSaveIsAnErrorAndKeepsThePreviousCheckpoint) {
+  const auto d = testutil::temp_dir("save-fails");
+  // Files may not exceed 200 KB (400 blocks of 512 bytes): the adapter (150 KB) fits,
+  // the optimizer state (330 KB) does not. A short write in the archive writer used to
+  // abort the process from a destructor.
+  auto r = testutil::run_cli("--config " + tiny_config(d), "trap '' XFSZ; ulimit -f 400; ");
+  EXPECT_EQ(r.code, 1) << r.err;
+  EXPECT_NE(r.err.find(".tmp-checkpoint-3/state.pt: write failed: File too large"), std::string::npos) << r.err;
+  EXPECT_FALSE(train::latest_checkpoint(d + "/out").has_value());
+}
+
+TEST(Train, BadCheckpointFieldsAndTrainableNamesAreNamed) {
+  const auto d = testutil::temp_dir("bad-state");
+  ASSERT_EQ(testutil::run_cli("--config " + tiny_config(d) + " --set train.max_steps=3").code, 0);
+  const std::string ts = d + "/out/checkpoint-3/trainer_state.json";
+  auto j = json::parse(testutil::read_file(ts));
+  j["step"] = -3;  // trained with a negative learning rate and saved checkpoint--2
+  testutil::write_file(ts, j.dump());
+  auto r = testutil::run_cli("--config " + tiny_config(d) + " --resume");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("trainer_state.json: step: expected an integer >= 0, got -3"), std::string::npos) << r.err;
+  // A trainable_params entry that names no parameter would train less than asked.
+  r = testutil::run_cli("--config " + tiny_config(testutil::temp_dir("bad-trainable")) +
+                        " --set trainable_params=embed,nrom");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("trainable_params: \"nrom\" is in no parameter name"), std::string::npos) << r.err;
 }
 
 TEST(Train, MismatchedCheckpointIsRefused) {

@@ -70,12 +70,13 @@ struct RunResult {
   std::string err;  // stderr
 };
 
-// Runs the longlora-train binary with `args` (shell-quoted by the caller).
-inline RunResult run_cli(const std::string& args) {
+// Runs the longlora-train binary with `args` (shell-quoted by the caller), after the
+// shell commands in `shell_prefix` (e.g. "ulimit -f 400;").
+inline RunResult run_cli(const std::string& args, const std::string& shell_prefix = "") {
   static int n = 0;
   const auto errf = std::filesystem::temp_directory_path() /
                     ("longlora-stderr-" + std::to_string(::getpid()) + "-" + std::to_string(n++));
-  const std::string cmd = std::string(LONGLORA_BINARY) + " " + args + " 2>" + errf.string();
+  const std::string cmd = shell_prefix + std::string(LONGLORA_BINARY) + " " + args + " 2>" + errf.string();
   RunResult r;
   FILE* p = ::popen(cmd.c_str(), "r");
   std::array<char, 4096> buf{};

@@ -12,15 +12,18 @@ namespace longlora::cli {
 
 int run_train(const TrainArgs& a) {
   auto cfg = train::load_run_config(a.config);
-  for (const auto& s : a.overrides) train::apply_override(cfg, s);
-  train::validate_for_training(cfg, a.config);
-  if (a.dry_run) {
-    std::cout << train::to_json(cfg).dump(2) << std::endl;
-    return 0;
-  }
+  train::ConfigOrigin origin{a.config, {}};
+  for (const auto& s : a.overrides) origin.overridden.push_back(train::apply_override(cfg, s));
+  train::validate_for_training(cfg, origin);
   train::ResumeRequest r;
   r.latest = a.resume;
   r.from = a.resume_from;
+  if (a.dry_run) {
+    // What a run would start from, checked as a run checks it (not the tensors).
+    if (auto from = train::plan_start(cfg, r)) spdlog::info("would resume from {}", *from);
+    std::cout << train::to_json(cfg).dump(2) << std::endl;
+    return 0;
+  }
   return train::train(cfg, r);
 }
 

@@ -114,6 +114,8 @@ const std::vector<Field>& schema() {
                    for (const auto& s : v) {
                      if (!s.is_string() || std::find(ok.begin(), ok.end(), s.get<std::string>()) == ok.end())
                        bad(w, "names among q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj", s);
+                     if (std::find(out.begin(), out.end(), s.get<std::string>()) != out.end())
+                       bad(w, "each layer name once", v);
                      out.push_back(s.get<std::string>());
                    }
                    c.lora.targets = out;
@@ -234,10 +236,15 @@ RunConfig parse_run_config(const json& j, const std::string& source) {
 }
 
 RunConfig load_run_config(const std::string& path) {
-  return parse_run_config(read_json_file(path), path);
+  return parse_run_config(read_json_file(path, /*reject_duplicate_keys=*/true), path);
 }
 
-void apply_override(RunConfig& c, const std::string& a) {
+std::string ConfigOrigin::at(const std::string& key) const {
+  if (std::find(overridden.begin(), overridden.end(), key) != overridden.end()) return "--set " + key;
+  return file + ": " + key;
+}
+
+std::string apply_override(RunConfig& c, const std::string& a) {
   const auto eq = a.find('=');
   if (eq == std::string::npos || eq == 0)
     throw Error("--set " + a + ": expected key.path=value");
@@ -251,6 +258,7 @@ void apply_override(RunConfig& c, const std::string& a) {
     v = raw;  // bare words are strings
   }
   f->set(c, v, "--set " + key);
+  return key;
 }
 
 json to_json(const RunConfig& c) {

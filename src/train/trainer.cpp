@@ -55,31 +55,46 @@ double lr_at(const TrainSection& t, int64_t step) {
   return t.lr;
 }
 
-void validate_for_training(const RunConfig& c, const std::string& source) {
-  if (c.model.init == "pretrained" && c.model.path.empty())
-    throw Error(source + ": model.path: required (or model.init \"random\" with model.config)");
-  if (c.model.init == "random" && c.model.config.empty() && c.model.path.empty())
-    throw Error(source + ": model.config: required with model.init \"random\"");
-  if (c.data.train.empty()) throw Error(source + ": data.train: required");
+void validate_for_training(const RunConfig& c, const ConfigOrigin& o) {
+  auto need = [&](const std::string& key, const std::string& path, bool dir) {
+    std::error_code ec;
+    if (!fs::exists(path, ec)) throw Error(o.at(key) + ": " + path + ": no such " + (dir ? "directory" : "file"));
+    if (dir != fs::is_directory(path, ec))
+      throw Error(o.at(key) + ": " + path + (dir ? ": not a directory" : ": is a directory, a file is expected"));
+  };
+  if (c.model.init == "pretrained") {
+    if (c.model.path.empty()) throw Error(o.at("model.path") + ": required (or model.init \"random\" with model.config)");
+    need("model.path", c.model.path, true);
+  } else if (!c.model.config.empty()) {
+    need("model.config", c.model.config, false);
+  } else if (c.model.path.empty()) {
+    throw Error(o.at("model.config") + ": required with model.init \"random\"");
+  } else {
+    need("model.path", (fs::path(c.model.path) / "config.json").string(), false);
+  }
+  if (c.data.train.empty()) throw Error(o.at("data.train") + ": required");
+  need("data.train", c.data.train, false);
+  if (!c.data.eval.empty()) need("data.eval", c.data.eval, false);
+  if (c.output.dir.empty()) throw Error(o.at("output.dir") + ": required");
+  std::error_code ec;
+  if (fs::exists(c.output.dir, ec) && !fs::is_directory(c.output.dir, ec))
+    throw Error(o.at("output.dir") + ": " + c.output.dir + ": exists and is not a directory");
   if (c.attention.s2) {
     const double g = c.data.seq_len * c.attention.group_ratio;
     if (std::abs(g - std::round(g)) > 1e-9)
-      throw Error(source + ": attention.group_ratio: seq_len " + std::to_string(c.data.seq_len) +
-                  " x " + std::to_string(c.attention.group_ratio) + " is not a whole group size");
+      throw Error(o.at("attention.group_ratio") + ": seq_len " + std::to_string(c.data.seq_len) + " x " +
+                  std::to_string(c.attention.group_ratio) + " is not a whole group size");
     const int64_t G = static_cast<int64_t>(std::llround(g));
     if (G < c.data.seq_len && G % 2 != 0)
-      throw Error(source + ": attention.group_ratio: group size " + std::to_string(G) +
+      throw Error(o.at("attention.group_ratio") + ": group size " + std::to_string(G) +
                   " is odd; the half-group shift needs it even");
   }
+  if (c.train.warmup_steps >= c.train.max_steps)
+    spdlog::warn("{}: {} steps of warmup in {} steps: the learning rate never reaches train.lr {}",
+                 o.at("train.warmup_steps"), c.train.warmup_steps, c.train.max_steps, c.train.lr);
 }
 
-int train(const RunConfig& cfg, const ResumeRequest& resume) {
-  Session s = make_session(cfg);
-  auto& m = *s.model;
-  const auto& tc = cfg.train;
-  fs::create_directories(cfg.output.dir);
-
-  TrainerState st;
+std::optional<std::string> plan_start(const RunConfig& cfg, const ResumeRequest& resume) {
   std::optional<std::string> from;
   if (!resume.from.empty()) {
     from = resume.from;
@@ -87,10 +102,69 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
     from = latest_checkpoint(cfg.output.dir);
     if (!from) spdlog::warn("--resume: no complete checkpoint in {}: starting from step 0", cfg.output.dir);
   }
+  const int64_t start = from ? read_trainer_state(*from).step : 0;
+  // This run's checkpoints must not mix with another's in output.dir: keep_last would
+  // prune the newer-numbered ones (a new run's own), and --resume would pick them.
+  const auto done = complete_checkpoints(cfg.output.dir);
+  if (!done.empty() && !from)
+    throw Error("output.dir: " + cfg.output.dir + " holds " + fs::path(done.back().second).filename().string() +
+                " of an earlier run: --resume continues it; for a new run, choose another output.dir or remove it");
+  if (!done.empty() && done.back().first > start)
+    throw Error("output.dir: " + done.back().second + " is newer than the resumed " + *from + " (step " +
+                std::to_string(start) + "): this run's checkpoints would mix with it; move it out of " +
+                cfg.output.dir + " first");
+  return from;
+}
+
+namespace {
+
+// metrics.jsonl keeps the records of steps up to `step`: those logged after the
+// resumed checkpoint (or by a run that saved none) are replaced by this run's.
+void trim_metrics(const fs::path& path, int64_t step) {
+  std::ifstream in(path);
+  if (!in) return;
+  std::string kept, line;
+  int64_t dropped = 0;
+  while (std::getline(in, line)) {
+    const auto rec = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (rec.is_object() && rec.contains("step") && rec["step"].is_number_integer() &&
+        rec["step"].get<int64_t>() > step) {
+      ++dropped;
+      continue;
+    }
+    kept += line + "\n";
+  }
+  in.close();
+  if (dropped == 0) return;
+  const fs::path tmp = path.string() + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out << kept;
+    out.flush();
+    if (!out) throw Error(tmp.string() + ": write failed");
+  }
+  fs::rename(tmp, path);
+  spdlog::info("{}: {} records past step {} removed (this run logs those steps again)", path.string(), dropped,
+               step);
+}
+
+}  // namespace
+
+int train(const RunConfig& cfg, const ResumeRequest& resume) {
+  const std::optional<std::string> from = plan_start(cfg, resume);
+  Session s = make_session(cfg);
+  auto& m = *s.model;
+  const auto& tc = cfg.train;
+  fs::create_directories(cfg.output.dir);
+
+  TrainerState st;
   if (from) {
     st = load_checkpoint(*from, s.trainable, *s.optimizer, cfg, m.cfg);
     spdlog::info("resumed from {} at step {}", *from, st.step);
+    if (st.step >= tc.max_steps)
+      spdlog::warn("{} is at step {}, train.max_steps is {}: nothing left to train", *from, st.step, tc.max_steps);
   }
+  trim_metrics(fs::path(cfg.output.dir) / "metrics.jsonl", st.step);
 
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);

@@ -79,8 +79,17 @@ struct RunConfig {
 // naming the file, the key path and what was expected).
 RunConfig load_run_config(const std::string& path);
 RunConfig parse_run_config(const nlohmann::json& j, const std::string& source);
-// key.path=value; value is JSON if it parses as JSON, a string otherwise.
-void apply_override(RunConfig& c, const std::string& assignment);
+// key.path=value; value is JSON if it parses as JSON, a string otherwise. Returns
+// the key.
+std::string apply_override(RunConfig& c, const std::string& assignment);
+
+// Where a key's value came from, for messages: "FILE: key", or "--set key" when an
+// override gave it.
+struct ConfigOrigin {
+  std::string file;
+  std::vector<std::string> overridden;
+  std::string at(const std::string& key) const;
+};
 nlohmann::json to_json(const RunConfig& c);
 // Markdown table of every key: path, type, default, meaning (README reference).
 std::string config_reference();

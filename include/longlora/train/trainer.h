@@ -2,6 +2,7 @@
 // precision, checkpoints and exact resume.
 #pragma once
 
+#include <optional>
 #include <string>
 
 #include "longlora/train/config.h"
@@ -13,8 +14,14 @@ struct ResumeRequest {
   std::string from;      // a given checkpoint directory
 };
 
-// Checks what the schema cannot (paths exist, seq_len fits the S2 grouping).
-void validate_for_training(const RunConfig& c, const std::string& source);
+// Checks what the schema cannot (paths exist, output.dir can be one, seq_len fits the
+// S2 grouping); warns of a warmup as long as the run.
+void validate_for_training(const RunConfig& c, const ConfigOrigin& origin);
+
+// The checkpoint the run starts from (none: step 0). Refuses an output.dir whose
+// complete checkpoints this run's would mix with: any, for a new run; newer ones
+// than the checkpoint resumed.
+std::optional<std::string> plan_start(const RunConfig& c, const ResumeRequest& resume);
 
 // Runs to train.max_steps (or a signal); returns the exit code.
 int train(const RunConfig& c, const ResumeRequest& resume);
