@@ -253,6 +253,27 @@ TEST(Train, BadCheckpointFieldsAndTrainableNamesAreNamed) {
   EXPECT_NE(r.err.find("trainable_params: \"nrom\" is in no parameter name"), std::string::npos) << r.err;
 }
 
+TEST(Train, EvalDataAndModelConfigAreCheckedBeforeTheFirstStep) {
+  const auto d = testutil::temp_dir("early-checks");
+  // Until then a bad eval file failed at the first save, after the training steps.
+  testutil::write_file(d + "/short.bin", std::string(40, '\x01'));  // 20 tokens < 64 + 1
+  auto r = testutil::run_cli("--config " + tiny_config(d) + " --set data.eval=" + d + "/short.bin");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("data.eval: " + d + "/short.bin: 20 tokens are too few"), std::string::npos) << r.err;
+  std::string oov;
+  for (int i = 0; i < 100; ++i) oov += i == 70 ? std::string("\x60\xea", 2) : std::string("\x05\x00", 2);  // id 60000
+  testutil::write_file(d + "/oov.bin", oov);
+  r = testutil::run_cli("--config " + tiny_config(d) + " --set data.eval=" + d + "/oov.bin");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("oov.bin: token 70 is id 60000, outside the model's vocabulary"), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find("step 1/"), std::string::npos) << r.err;
+  // model.config beside pretrained weights set the RoPE factor but not the shape.
+  r = testutil::run_cli("--config " + tiny_config(d) + " --set model.config=" +
+                        testutil::golden("tiny-llama/model/config.json"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("--set model.config: goes with model.init \"random\""), std::string::npos) << r.err;
+}
+
 TEST(Train, MismatchedCheckpointIsRefused) {
   const auto d = testutil::temp_dir("resume-mismatch");
   ASSERT_EQ(testutil::run_cli("--config " + tiny_config(d) + " --set train.max_steps=3").code, 0);

@@ -264,6 +264,13 @@ TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainab
       spdlog::warn("resume: {} is {} now, {} in {}", key, is.dump(), was.is_null() ? "missing" : was.dump(),
                    saved_path);
 
+  // Changing seq_len moves the automatic RoPE factor: the adapter trained at one
+  // position scale would continue at another.
+  if (ts.contains("rope_factor") && ts["rope_factor"].is_number() &&
+      ts["rope_factor"].get<double>() != model_cfg.rope_factor)
+    spdlog::warn("resume: linear RoPE factor {} now, {} in {}", model_cfg.rope_factor,
+                 ts["rope_factor"].get<double>(), (d / "trainer_state.json").string());
+
   auto tensors = io::load_tensors(
       (d / (cfg.lora.enabled ? "adapter_model.safetensors" : "model.safetensors")).string());
   torch::NoGradGuard ng;

@@ -92,6 +92,11 @@ Session make_session(const RunConfig& c, bool with_data) {
                m.cfg.num_key_value_heads, m.cfg.rope_factor, dtype_string(s.dtype), s.device.str(),
                n_train / 1e6, n_all / 1e6);
 
+  if (static_cast<double>(c.data.seq_len) > m.cfg.max_position_embeddings * m.cfg.rope_factor)
+    spdlog::warn("data.seq_len {} is past the model's {} positions x RoPE factor {}: the positions beyond were "
+                 "never trained (model.rope_factor 0 picks a factor that covers seq_len)",
+                 c.data.seq_len, m.cfg.max_position_embeddings, m.cfg.rope_factor);
+
   // AdamW; weight decay on matrices only.
   std::vector<torch::Tensor> decay, no_decay;
   for (auto& [n, p] : s.trainable) (p.dim() >= 2 ? decay : no_decay).push_back(p);
@@ -126,9 +131,19 @@ Session make_session(const RunConfig& c, bool with_data) {
                                              s.tokenizer.get(), m.cfg.vocab_size);
     spdlog::info("data: {} ({}), {} rows of {} tokens", c.data.train, s.data->kind(), s.data->size(),
                  c.data.seq_len);
-    if (!c.data.eval.empty())
+    if (!c.data.eval.empty()) {
       s.eval_data = std::make_unique<std::vector<int32_t>>(
           data::load_token_stream(c.data.eval, s.tokenizer.get()));
+      // Checked now, not at the first save after hours of training.
+      if (static_cast<int64_t>(s.eval_data->size()) < c.data.seq_len + 1)
+        throw Error("data.eval: " + c.data.eval + ": " + std::to_string(s.eval_data->size()) +
+                    " tokens are too few for one window of seq_len " + std::to_string(c.data.seq_len) + " + 1");
+      for (size_t i = 0; i < s.eval_data->size(); ++i)
+        if ((*s.eval_data)[i] < 0 || (*s.eval_data)[i] >= m.cfg.vocab_size)
+          throw Error("data.eval: " + c.data.eval + ": token " + std::to_string(i) + " is id " +
+                      std::to_string((*s.eval_data)[i]) + ", outside the model's vocabulary of " +
+                      std::to_string(m.cfg.vocab_size));
+    }
   }
   return s;
 }

@@ -65,6 +65,10 @@ void validate_for_training(const RunConfig& c, const ConfigOrigin& o) {
   if (c.model.init == "pretrained") {
     if (c.model.path.empty()) throw Error(o.at("model.path") + ": required (or model.init \"random\" with model.config)");
     need("model.path", c.model.path, true);
+    // The weights come with their own config.json; another one would only half apply.
+    if (!c.model.config.empty())
+      throw Error(o.at("model.config") + ": goes with model.init \"random\"; a pretrained model's shape is " +
+                  "model.path's config.json");
   } else if (!c.model.config.empty()) {
     need("model.config", c.model.config, false);
   } else if (c.model.path.empty()) {
