@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <functional>
 #include <set>
 
 #include <nlohmann/json.hpp>
@@ -129,6 +130,39 @@ int64_t write_random_model(const std::string& dir, const json& cfg, uint64_t see
   return bytes;
 }
 
+using Tensors = std::map<std::string, torch::Tensor>;
+
+// A copy of the golden base model in `dir` (one model.safetensors, tokenizer.model),
+// its tensors changed by `edit` and its config.json by `edit_cfg`.
+std::string copy_base(const std::string& dir, const std::function<void(Tensors&)>& edit,
+                      const std::function<void(json&)>& edit_cfg = {}) {
+  fs::create_directories(dir);
+  Tensors t = testutil::load(kBase);
+  if (edit) edit(t);
+  io::save_tensors(dir + "/model.safetensors", {t.begin(), t.end()});
+  auto cfg = testutil::read_json(kBase + "/config.json");
+  if (edit_cfg) edit_cfg(cfg);
+  testutil::write_file(dir + "/config.json", cfg.dump(2));
+  fs::copy_file(kBase + "/tokenizer.model", dir + "/tokenizer.model");
+  return dir;
+}
+
+// A copy of the golden adapter in `dir`, changed by `edit` (tensors by their module
+// path without the peft prefix and ".weight": "model.layers.0.self_attn.q_proj.lora_A").
+std::string copy_adapter(const std::string& dir, const std::function<void(Tensors&)>& edit) {
+  fs::create_directories(dir);
+  const std::string prefix = io::kPeftPrefix;
+  Tensors t;
+  for (auto& [name, v] : testutil::load(kAdapter + "/adapter_model.safetensors"))
+    t[name.substr(prefix.size(), name.size() - prefix.size() - 7)] = v;
+  if (edit) edit(t);
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (auto& [name, v] : t) out.emplace_back(prefix + name + ".weight", v);
+  io::save_tensors(dir + "/adapter_model.safetensors", out);
+  fs::copy_file(kAdapter + "/adapter_config.json", dir + "/adapter_config.json");
+  return dir;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -225,6 +259,7 @@ TEST(ExportRoundTrip, TrainedCheckpointMergedAndPeftEvalLikeTheCheckpoint) {
   const std::string merged = dir + "/merged";
   r = testutil::run_cli(export_cmd(ck, merged, "--dtype fp32"));
   ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.err.find("cannot record"), std::string::npos) << r.err;  // config.json records it
   auto cfg = testutil::read_json(merged + "/config.json");
   EXPECT_EQ(cfg["rope_scaling"], json({{"type", "linear"}, {"factor", 2.0}}));
   EXPECT_EQ(cfg["max_position_embeddings"], 128 * 2);
@@ -240,6 +275,9 @@ TEST(ExportRoundTrip, TrainedCheckpointMergedAndPeftEvalLikeTheCheckpoint) {
   const std::string peft = dir + "/peft";
   r = testutil::run_cli(export_cmd(ck, peft, "--format peft"));
   ASSERT_EQ(r.code, 0) << r.err;
+  // peft has no field for the trained factor: the export says which flag eval needs.
+  EXPECT_NE(r.err.find("trained with linear RoPE factor 2"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("--rope-factor 2"), std::string::npos) << r.err;
   auto acfg = testutil::read_json(peft + "/adapter_config.json");
   EXPECT_EQ(acfg["peft_type"], "LORA");
   EXPECT_EQ(acfg["r"], 4);
@@ -491,4 +529,157 @@ TEST(ExportErrors, ExistingOutputNeedsOverwrite) {
   EXPECT_FALSE(fs::exists(out + "/keep"));
   EXPECT_TRUE(fs::exists(out + "/model.safetensors"));
   EXPECT_EQ(leftovers(dir, "out").size(), 1u);  // no temporary or old copy beside it
+}
+
+// --overwrite replaces the output with everything below it: an output that is, or
+// holds, the checkpoint or the base model is refused before anything is touched.
+TEST(ExportErrors, OutputThatHoldsAnInputIsRefusedAndNothingIsDeleted) {
+  const auto dir = testutil::temp_dir("export-err-ancestor");
+  const std::string run = dir + "/run", ck = run + "/checkpoint-100";
+  copy_adapter(ck, {});
+  testutil::write_file(run + "/metrics.jsonl", "precious\n");
+  auto intact = [&] {
+    EXPECT_TRUE(fs::exists(ck + "/adapter_model.safetensors"));
+    EXPECT_TRUE(fs::exists(ck + "/adapter_config.json"));
+    EXPECT_EQ(testutil::read_file(run + "/metrics.jsonl"), "precious\n");
+    EXPECT_FALSE(fs::exists(run + "/model.safetensors"));  // nothing written into it either
+    EXPECT_EQ(leftovers(dir, ".tmp-export").size(), 0u);
+    EXPECT_EQ(leftovers(dir, ".old-export").size(), 0u);
+  };
+  auto refused = [&](const testutil::RunResult& r, const std::vector<std::string>& mention) {
+    EXPECT_NE(r.code, 0);
+    const std::string line = last_line(r.err);
+    EXPECT_EQ(line.rfind("error: ", 0), 0u) << r.err;
+    EXPECT_NE(line.find("--output"), std::string::npos) << line;
+    for (const auto& m : mention) EXPECT_NE(line.find(m), std::string::npos) << "'" << m << "' not in: " << line;
+  };
+
+  // The run folder that holds the checkpoint.
+  refused(testutil::run_cli(export_cmd(ck, run, "--base " + kBase + " --overwrite")), {run, ck, "--checkpoint"});
+  intact();
+  // "--output ." from inside it, and from a folder further up.
+  refused(testutil::run_cli(export_cmd("checkpoint-100", ".", "--base " + kBase + " --overwrite"), "cd " + run + " && "),
+          {"checkpoint-100", "--checkpoint"});
+  intact();
+  refused(testutil::run_cli(export_cmd(ck, dir, "--base " + kBase + " --overwrite")), {dir, ck});
+  intact();
+  // The checkpoint itself (as before).
+  refused(testutil::run_cli(export_cmd(ck, ck, "--base " + kBase + " --overwrite")), {ck});
+  intact();
+
+  // The folder that holds the base model, named by --base or by run_config.json.
+  const std::string models = dir + "/models", base = copy_base(models + "/llama", {});
+  auto base_intact = [&] {
+    EXPECT_TRUE(fs::exists(base + "/model.safetensors"));
+    EXPECT_TRUE(fs::exists(base + "/config.json"));
+    EXPECT_FALSE(fs::exists(models + "/config.json"));
+  };
+  refused(testutil::run_cli(export_cmd(ck, models, "--base " + base + " --overwrite")), {models, base, "--base"});
+  base_intact();
+  intact();
+  const std::string trained = dir + "/trained/checkpoint-3";
+  copy_adapter(trained, {});
+  testutil::write_file(trained + "/run_config.json", json({{"model", {{"path", base}}}}).dump());
+  testutil::write_file(trained + "/trainer_state.json", R"({"step": 3})");
+  testutil::write_file(trained + "/COMPLETE", "");
+  refused(testutil::run_cli(export_cmd(trained, models, "--overwrite")), {models, base});
+  base_intact();
+
+  // A sibling output is still replaced as asked.
+  fs::create_directories(dir + "/merged");
+  auto r = testutil::run_cli(export_cmd(ck, dir + "/merged", "--base " + kBase + " --overwrite"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_TRUE(fs::exists(dir + "/merged/model.safetensors"));
+  intact();
+}
+
+// A merged export checks the base model, and a full fine-tuning checkpoint, as eval
+// loads them: a model eval refuses is not written.
+TEST(ExportErrors, BaseOrFullCheckpointThatDoesNotFitItsConfigIsRefused) {
+  const auto dir = testutil::temp_dir("export-err-basecheck");
+  const std::string down = "model.layers.0.mlp.down_proj.weight", q = "model.layers.0.self_attn.q_proj.weight";
+  const std::string nodown = copy_base(dir + "/nodown", [&](Tensors& t) { t.erase(down); });
+  auto r = testutil::run_cli(export_cmd(kAdapter, dir + "/out", "--base " + nodown));
+  expect_clean_failure(r, dir, "out", {nodown, down, "missing"});
+  // The same base for a peft export: checking an adapter against it would check nothing.
+  r = testutil::run_cli(export_cmd(kAdapter, dir + "/out", "--base " + nodown + " --format peft"));
+  expect_clean_failure(r, dir, "out", {nodown, down, "missing"});
+
+  const std::string transposed = copy_base(dir + "/transposed", [&](Tensors& t) { t[down] = t[down].t().contiguous(); });
+  r = testutil::run_cli(export_cmd(kAdapter, dir + "/out", "--base " + transposed));
+  expect_clean_failure(r, dir, "out", {transposed + "/model.safetensors", down, "[176, 64]"});
+
+  // Full fine-tuning checkpoints (config.json + model.safetensors, no adapter).
+  const std::string wrong = copy_base(dir + "/full-shape", [&](Tensors& t) { t[q] = torch::zeros({32, 128}); });
+  r = testutil::run_cli(export_cmd(wrong, dir + "/out"));
+  expect_clean_failure(r, dir, "out", {wrong + "/model.safetensors", q, "[32, 128]"});
+
+  const std::string three = copy_base(dir + "/full-3layers", {}, [](json& c) { c["num_hidden_layers"] = 3; });
+  r = testutil::run_cli(export_cmd(three, dir + "/out"));
+  expect_clean_failure(r, dir, "out", {three});
+  const std::string line = last_line(r.err);
+  EXPECT_TRUE(line.find("model.layers.2") != std::string::npos || line.find("num_hidden_layers") != std::string::npos)
+      << line;
+
+  // No config.json of its own: checked tensor for tensor against the base whose config it gets.
+  const std::string bare = copy_base(dir + "/full-bare", [&](Tensors& t) { t.erase(down); });
+  fs::remove(bare + "/config.json");
+  r = testutil::run_cli(export_cmd(bare, dir + "/out", "--base " + kBase));
+  expect_clean_failure(r, dir, "out", {bare, down, "missing"});
+
+  // The untouched copy exports and evaluates like the golden base.
+  const std::string good = copy_base(dir + "/full-good", {});
+  r = testutil::run_cli(export_cmd(good, dir + "/out", "--dtype fp32"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  const double golden = testutil::golden_json()["eval_loss"].get<double>();
+  EXPECT_NEAR(eval_loss("--model " + dir + "/out"), golden, 1e-4 * golden);
+}
+
+// LoRA factors of modules that target_modules does not list: eval --adapter refuses
+// them and peft ignores them, so export does not merge them into a third model.
+TEST(ExportErrors, LoraFactorsOutsideTargetModulesAreRefused) {
+  const auto dir = testutil::temp_dir("export-err-untargeted");
+  const std::string gate = "model.layers.0.mlp.gate_proj";
+  const std::string ad = copy_adapter(dir + "/adapter", [&](Tensors& t) {
+    t[gate + ".lora_A"] = torch::full({4, 64}, 0.1);
+    t[gate + ".lora_B"] = torch::full({176, 4}, 0.1);
+  });
+  const std::string key = std::string(io::kPeftPrefix) + gate + ".lora_A.weight";
+  auto r = testutil::run_cli(export_cmd(ad, dir + "/out", "--base " + kBase));
+  expect_clean_failure(r, dir, "out", {ad + "/adapter_model.safetensors", key, "target_modules"});
+  r = testutil::run_cli(export_cmd(ad, dir + "/out", "--format peft"));
+  expect_clean_failure(r, dir, "out", {ad + "/adapter_model.safetensors", key, "target_modules"});
+}
+
+// Without a base, a peft export still checks the factors against r and each other.
+TEST(ExportErrors, PeftExportChecksRanksWithoutABase) {
+  const auto dir = testutil::temp_dir("export-err-rank");
+  const std::string qp = "model.layers.0.self_attn.q_proj", pre = io::kPeftPrefix;
+  struct Case {
+    const char* name;
+    std::function<void(Tensors&)> edit;
+    std::string tensor, says;
+  };
+  const std::vector<Case> cases = {
+      {"a2", [&](Tensors& t) { t[qp + ".lora_A"] = torch::zeros({2, 64}); }, qp + ".lora_A", "r = 4"},
+      {"b2", [&](Tensors& t) { t[qp + ".lora_B"] = torch::zeros({64, 2}); }, qp + ".lora_B", "r = 4"},
+      {"a1d", [&](Tensors& t) { t[qp + ".lora_A"] = torch::zeros({256}); }, qp + ".lora_A", "[256]"},
+      {"nob", [&](Tensors& t) { t.erase(qp + ".lora_B"); }, qp + ".lora_B", "missing"},
+      {"noa", [&](Tensors& t) { t.erase(qp + ".lora_A"); }, qp + ".lora_A", "missing"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    const std::string ad = copy_adapter(dir + "/" + c.name, c.edit);
+    auto r = testutil::run_cli(export_cmd(ad, dir + "/out", "--format peft"));
+    expect_clean_failure(r, dir, "out", {ad + "/adapter_model.safetensors", pre + c.tensor + ".weight", c.says});
+  }
+  // The golden adapter passes the same checks, and says nothing of a RoPE factor it does not have.
+  auto r = testutil::run_cli(export_cmd(kAdapter, dir + "/out", "--format peft"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.err.find("RoPE factor"), std::string::npos) << r.err;
+  // An explicit --rope-factor cannot be stored in a peft adapter: said, not dropped silently.
+  r = testutil::run_cli(export_cmd(kAdapter, dir + "/out", "--format peft --overwrite --rope-factor 3"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("linear RoPE factor 3"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("--rope-factor 3"), std::string::npos) << r.err;
 }

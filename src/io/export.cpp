@@ -382,11 +382,15 @@ Source resolve_source(const ExportOptions& opt) {
   return s;
 }
 
-// The merge (or validation) plan of a LoRA adapter against a base checkpoint.
+// A LoRA adapter, its tensors sorted by role and checked against its own
+// adapter_config.json (what needs no base model): peft keys, float dtypes, lora_A /
+// lora_B in pairs of rank r on target_modules, other tensors only for modules_to_save.
 struct AdapterPlan {
   AdapterConfig cfg;
   std::shared_ptr<SafetensorsFile> file;
   std::string file_path;
+  // Keyed by the base weight's name (model.layers.0.self_attn.q_proj.weight).
+  std::map<std::string, const TensorInfo*> lora_a, lora_b, replace;
 };
 
 AdapterPlan open_adapter(const fs::path& dir) {
@@ -395,50 +399,66 @@ AdapterPlan open_adapter(const fs::path& dir) {
   p.file_path = (dir / "adapter_model.safetensors").string();
   p.file = std::make_shared<SafetensorsFile>(p.file_path);
   const std::string prefix = kPeftPrefix;
+  const std::string& st = p.file_path;
+  const int64_t r = p.cfg.r;
   for (const auto& t : p.file->tensors()) {
     const std::string field = "tensor '" + t.name + "'";
     if (t.name.rfind(prefix, 0) != 0)
-      fail(p.file_path, field, "not a peft key (expected the '" + prefix + "' prefix)");
-    if (!is_float(t.dtype)) fail(p.file_path, field, std::string("dtype ") + dtype_name(t.dtype) + " is not a float type");
+      fail(st, field, "not a peft key (expected the '" + prefix + "' prefix)");
+    if (!is_float(t.dtype)) fail(st, field, std::string("dtype ") + dtype_name(t.dtype) + " is not a float type");
+    const std::string rest = t.name.substr(prefix.size());
+    const bool is_a = ends_with(rest, ".lora_A.weight"), is_b = ends_with(rest, ".lora_B.weight");
+    if (!is_a && !is_b) {
+      if (rest.find(".lora_") != std::string::npos)
+        fail(st, field, "unsupported LoRA tensor (only lora_A / lora_B of Linear layers are merged)");
+      if (!model::is_module_to_save(rest, p.cfg.modules_to_save))
+        fail(st, field, "replaces a base weight but its module is not in modules_to_save");
+      p.replace[rest] = &t;
+      continue;
+    }
+    const std::string mod = rest.substr(0, rest.size() - 14);
+    const std::string last = mod.substr(mod.rfind('.') + 1);
+    // eval --adapter adds LoRA only to target_modules (and refuses other factors);
+    // peft ignores them. Merging them would give a third model.
+    if (std::find(p.cfg.target_modules.begin(), p.cfg.target_modules.end(), last) == p.cfg.target_modules.end())
+      fail(st, field, "LoRA factor of a '" + last + "' module, which adapter_config.json target_modules does not list");
+    // A is [r, in], B is [out, r]; in and out need the base, r does not.
+    const bool fits = t.shape.size() == 2 && t.shape[is_a ? 0 : 1] == r;
+    if (!fits)
+      fail(st, field,
+           "shape " + shape_str(t.shape) + " does not fit r = " + std::to_string(r) + " of adapter_config.json (expected " +
+               (is_a ? "[" + std::to_string(r) + ", in_features]" : "[out_features, " + std::to_string(r) + "]") + ")");
+    (is_a ? p.lora_a : p.lora_b)[mod + ".weight"] = &t;
   }
+  for (const auto& [w, b] : p.lora_b)
+    if (!p.lora_a.count(w))
+      fail(st, "tensor '" + prefix + w.substr(0, w.size() - 7) + ".lora_A.weight'", "missing (lora_B is there)");
+  for (const auto& [w, a] : p.lora_a)
+    if (!p.lora_b.count(w))
+      fail(st, "tensor '" + prefix + w.substr(0, w.size() - 7) + ".lora_B.weight'", "missing (lora_A is there)");
   return p;
 }
 
 // Output tensors of base + adapter, merged; validates every adapter tensor
-// against the base (shapes, targets, modules_to_save) before anything is written.
+// against the base (shapes, targets) before anything is written.
 std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<SafetensorsCheckpoint>& base,
                                   const std::string& base_dir, DType out_dtype) {
   const std::string prefix = kPeftPrefix;
   const std::string& st = ap.file_path;
-  std::map<std::string, const TensorInfo*> lora_a, lora_b, replace;
-  for (const auto& t : ap.file->tensors()) {
-    const std::string rest = t.name.substr(prefix.size());
-    const std::string field = "tensor '" + t.name + "'";
-    if (ends_with(rest, ".lora_A.weight")) {
-      lora_a[rest.substr(0, rest.size() - 14) + ".weight"] = &t;
-    } else if (ends_with(rest, ".lora_B.weight")) {
-      lora_b[rest.substr(0, rest.size() - 14) + ".weight"] = &t;
-    } else if (rest.find(".lora_") != std::string::npos) {
-      fail(st, field, "unsupported LoRA tensor (only lora_A / lora_B of Linear layers are merged)");
-    } else {
-      if (!model::is_module_to_save(rest, ap.cfg.modules_to_save))
-        fail(st, field, "replaces a base weight but its module is not in modules_to_save");
-      if (!base->contains(rest)) fail(st, field, "no tensor '" + rest + "' in the base model " + base_dir);
-      const auto& w = base->get(rest);
-      if (w.shape != t.shape)
-        fail(st, field, "shape " + shape_str(t.shape) + " but the base model's '" + rest + "' is " +
-                            shape_str(w.shape) + " (" + base->file_of(rest).path() + ")");
-      replace[rest] = &t;
-    }
+  const auto& lora_a = ap.lora_a;
+  const auto& lora_b = ap.lora_b;
+  const auto& replace = ap.replace;
+  for (const auto& [rest, t] : replace) {
+    const std::string field = "tensor '" + t->name + "'";
+    if (!base->contains(rest)) fail(st, field, "no tensor '" + rest + "' in the base model " + base_dir);
+    const auto& w = base->get(rest);
+    if (w.shape != t->shape)
+      fail(st, field, "shape " + shape_str(t->shape) + " but the base model's '" + rest + "' is " +
+                          shape_str(w.shape) + " (" + base->file_of(rest).path() + ")");
   }
-  for (const auto& [w, b] : lora_b)
-    if (!lora_a.count(w))
-      fail(st, "tensor '" + prefix + w.substr(0, w.size() - 7) + ".lora_A.weight'", "missing (lora_B is there)");
   std::set<std::string> targets_hit;
   for (const auto& [w, a] : lora_a) {
     const std::string a_key = a->name;
-    if (!lora_b.count(w))
-      fail(st, "tensor '" + prefix + w.substr(0, w.size() - 7) + ".lora_B.weight'", "missing (lora_A is there)");
     const TensorInfo* b = lora_b.at(w);
     if (!base->contains(w)) fail(st, "tensor '" + a_key + "'", "no weight '" + w + "' in the base model " + base_dir);
     const auto& wi = base->get(w);
@@ -606,6 +626,42 @@ void write_model(const fs::path& dir, const std::vector<OutTensor>& ts, uint64_t
 }
 
 // ---------------------------------------------------------------------------
+// Checks that need the inputs as a whole
+
+// The checks eval and training make when they load a model directory (every tensor
+// config.json implies, of its shape and a float dtype, and nothing else), by the same
+// code. On the CPU with no weight dtype the tensors are views of the file mapping,
+// so this reads headers only and costs no memory whatever the model's size.
+void check_model_dir(const std::string& dir) { (void)model::load_model(dir, model::LoadOptions{}); }
+
+fs::path resolved(const fs::path& p) {
+  std::error_code ec;
+  fs::path c = fs::canonical(p, ec);
+  return ec ? fs::absolute(p).lexically_normal() : c;
+}
+
+// Whether `p` is `dir` or lies below it (both resolved).
+bool is_within(const fs::path& p, const fs::path& dir) {
+  return std::mismatch(dir.begin(), dir.end(), p.begin(), p.end()).first == dir.end();
+}
+
+// --overwrite replaces the output directory with everything below it: an output
+// that is or contains the checkpoint or the base model would delete that input.
+void refuse_output_over_inputs(const ExportOptions& opt, const std::string& base) {
+  fs::path out = fs::absolute(fs::path(opt.output)).lexically_normal();
+  std::error_code ec;
+  if (!fs::exists(out, ec)) return;  // a new directory holds nothing yet
+  out = resolved(out);
+  const std::pair<const char*, std::string> inputs[] = {{"--checkpoint", opt.checkpoint}, {"--base", base}};
+  for (const auto& [flag, in] : inputs) {
+    if (in.empty() || !is_within(resolved(in), out)) continue;
+    fail(opt.output, "--output",
+         std::string("is or contains the input ") + in + " (" + flag +
+             "); replacing the output would delete it; choose another output directory");
+  }
+}
+
+// ---------------------------------------------------------------------------
 // The output directory: built under a temporary name beside it, renamed at the end.
 
 class OutputDir {
@@ -619,9 +675,6 @@ class OutputDir {
       if (!opt.overwrite) fail(opt.output, "", "already exists (pass --overwrite to replace it)");
       if (!fs::is_directory(final_)) fail(opt.output, "", "exists and is not a directory; not replacing it");
     }
-    for (const auto& in : {opt.checkpoint, opt.base})
-      if (!in.empty() && fs::exists(final_, ec) && fs::equivalent(final_, in, ec))
-        fail(opt.output, "", "is an input directory (" + in + "); choose another output");
     const fs::path parent = final_.parent_path();
     // The topmost missing ancestor: created here, removed again on failure.
     for (fs::path p = parent; !p.empty() && !fs::exists(p, ec); p = p.parent_path()) {
@@ -722,14 +775,16 @@ void export_checkpoint(const ExportOptions& opt) {
   const Source src = resolve_source(opt);
   if (!src.adapter && opt.format == "peft")
     fail(opt.checkpoint, "--format peft", "a full fine-tuning checkpoint has no adapter; use --format merged");
+  refuse_output_over_inputs(opt, src.base);
 
   // Everything is opened and validated before the output directory exists.
   std::optional<AdapterPlan> ap;
   if (src.adapter) ap = open_adapter(src.dir);
   std::shared_ptr<SafetensorsCheckpoint> base_ckpt;
   if (!src.base.empty() && (src.adapter || opt.format == "merged")) {
-    // Parse the base config first: a broken config.json is reported as such.
-    load_model_config((fs::path(src.base) / "config.json").string());
+    // The base as eval would load it: an adapter checked against (or merged into) a
+    // base that does not match its own config.json is checked against nothing.
+    check_model_dir(src.base);
     if (src.adapter) base_ckpt = std::make_shared<SafetensorsCheckpoint>(src.base);
   }
 
@@ -745,6 +800,17 @@ void export_checkpoint(const ExportOptions& opt) {
       o.dtype = has_flag_dtype ? flag_dtype : t.dtype;
       o.release = false;
       ts.push_back(std::move(o));
+    }
+    // adapter_config.json has no field for the RoPE factor, so an evaluator of the
+    // exported adapter uses its base's unless told; say which factor it needs.
+    const std::optional<double> factor = opt.rope_factor ? opt.rope_factor : src.trained_factor;
+    const double base_factor =
+        src.base.empty() ? 1.0 : load_model_config((fs::path(src.base) / "config.json").string()).rope_factor;
+    if (factor && *factor != base_factor) {
+      spdlog::warn("export: {} linear RoPE factor {:g}, which a peft adapter cannot record: run eval --adapter "
+                   "and generate with this adapter with --rope-factor {:g} (or on a base whose config.json has "
+                   "rope_scaling {{\"type\": \"linear\", \"factor\": {:g}}})",
+                   opt.rope_factor ? "--rope-factor asks for" : "the run trained with", *factor, *factor, *factor);
     }
     AdapterConfig cfg = ap->cfg;
     if (cfg.base_model_name_or_path.empty() && !src.base.empty())
@@ -784,16 +850,31 @@ void export_checkpoint(const ExportOptions& opt) {
   if (src.adapter) {
     ts = plan_merge(*ap, base_ckpt, src.base, out_dtype);
   } else {
+    // The weights against their own config.json, then (the exported config.json is
+    // the base's when there is one) tensor for tensor against the checked base.
+    if (fs::exists(src.dir / "config.json")) check_model_dir(src.dir.string());
     full = std::make_shared<SafetensorsCheckpoint>(src.dir.string());
     std::shared_ptr<SafetensorsCheckpoint> base_for_check;
     if (!src.base.empty()) base_for_check = std::make_shared<SafetensorsCheckpoint>(src.base);
+    auto skip = [](const std::string& name) { return name.find("rotary_emb.inv_freq") != std::string::npos; };
+    if (base_for_check)
+      for (const auto& name : base_for_check->names())
+        if (!skip(name) && !full->contains(name))
+          fail(src.dir.string(), "tensor '" + name + "'",
+               "missing from the checkpoint (the base model " + src.base + " has it)");
     for (const auto& name : full->names()) {
-      if (name.find("rotary_emb.inv_freq") != std::string::npos) continue;
+      if (skip(name)) continue;
       const auto& t = full->get(name);
-      if (base_for_check && base_for_check->contains(name) && base_for_check->get(name).shape != t.shape)
+      if (base_for_check && !base_for_check->contains(name))
+        fail(full->file_of(name).path(), "tensor '" + name + "'",
+             "not in the base model " + src.base + ", whose config.json the export gets");
+      if (base_for_check && base_for_check->get(name).shape != t.shape)
         fail(full->file_of(name).path(), "tensor '" + name + "'",
              "shape " + shape_str(t.shape) + " but the base model's is " +
                  shape_str(base_for_check->get(name).shape) + " (" + base_for_check->file_of(name).path() + ")");
+      if (!is_float(t.dtype))
+        fail(full->file_of(name).path(), "tensor '" + name + "'",
+             std::string("dtype ") + dtype_name(t.dtype) + " is not a float type");
       OutTensor o;
       o.name = name;
       o.src = &t;

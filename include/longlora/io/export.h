@@ -39,7 +39,11 @@ struct ExportOptions {
 uint64_t parse_size(const std::string& s, const std::string& what = "--max-shard-size");
 
 // Throws longlora::Error (one line naming the file and field) on bad input;
-// nothing is left at or beside `output` after an error.
+// nothing is left at or beside `output` after an error. Checked before anything is
+// written: the base model and a full fine-tuning checkpoint as eval loads them
+// (tensors against config.json); the adapter's factors against its r and
+// target_modules, and against the base when it is known; an output that is or
+// contains the checkpoint or the base model is refused, --overwrite or not.
 void export_checkpoint(const ExportOptions& opt);
 
 }  // namespace longlora::io
