@@ -4,7 +4,12 @@
 #include "longlora/data/synthetic.h"
 #include "longlora/data/tokenizer.h"
 #include "longlora/data/tokens.h"
+#include <sys/wait.h>
+
+#include <algorithm>
 #include <cstdlib>
+#include <functional>
+#include <limits>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <iterator>
@@ -196,4 +201,211 @@ TEST(Data, MakeDataRowTokensGiveRowsThatAreWholeDocuments) {
   const std::string text = testutil::read_file(o.out);
   EXPECT_NE(text.find("What is the pass key? The pass key is"), std::string::npos);
   EXPECT_NE(text.find("\\n"), std::string::npos);
+}
+
+// ---------------------------------------------------------------- bad input (review of the data loaders)
+
+namespace {
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+bool has(const std::string& s, const std::string& what) { return s.find(what) != std::string::npos; }
+
+data::PasskeyCorpusOptions small_corpus(const std::string& out) {
+  data::PasskeyCorpusOptions o;
+  o.tokenizer = testutil::golden("tokenizer.model");
+  o.out = out;
+  o.docs = 3;
+  o.min_tokens = 200;
+  o.max_tokens = 300;
+  return o;
+}
+
+size_t entries(const std::string& dir) {
+  size_t n = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir)) ++n;
+  return n;
+}
+
+}  // namespace
+
+TEST(DataBadInput, MakeDataNeverDamagesAnExistingOut) {
+  // --out used to be truncated before the first document: a run that then failed left
+  // it empty, and a run that succeeded replaced it without a word.
+  const auto d = testutil::temp_dir("make-data-keep");
+  const std::string out = d + "/precious.jsonl";
+  testutil::write_file(out, "keep me\n");
+  auto o = small_corpus(out);
+  EXPECT_TRUE(has(error_of([&] { data::write_passkey_corpus(o); }), "already exists (pass --overwrite"));
+  EXPECT_EQ(testutil::read_file(out), "keep me\n");
+  // --overwrite, and the run fails: the old file stays, nothing beside it (a failure
+  // after documents were written: MakeDataFailsOnAWriteError).
+  o.overwrite = true;
+  o.row_tokens = 64;  // one key and its question never fit 62 golden tokens
+  EXPECT_NE(error_of([&] { data::write_passkey_corpus(o); }), "(no error)");
+  EXPECT_EQ(testutil::read_file(out), "keep me\n");
+  EXPECT_EQ(entries(d), 1u);
+  // A successful --overwrite replaces it.
+  o = small_corpus(out);
+  o.overwrite = true;
+  EXPECT_EQ(data::write_passkey_corpus(o), 3);
+  EXPECT_NE(testutil::read_file(out), "keep me\n");
+  EXPECT_EQ(entries(d), 1u);
+  // The output must be a .jsonl: under a .bin name training reads its bytes as token ids.
+  EXPECT_TRUE(has(error_of([&] { data::write_passkey_corpus(small_corpus(d + "/c.bin")); }),
+                  "c.bin: --out: must end in .jsonl"));
+  std::filesystem::create_directory(d + "/dir.jsonl");
+  o = small_corpus(d + "/dir.jsonl");
+  o.overwrite = true;
+  EXPECT_TRUE(has(error_of([&] { data::write_passkey_corpus(o); }), "dir.jsonl: --out: is a directory"));
+  longlora::remove_tree(d);
+}
+
+TEST(DataBadInput, MakeDataFailsOnAWriteError) {
+  // A file size limit stands in for a full disk (write() fails with EFBIG once
+  // SIGXFSZ is ignored): exit 0 before, the tail lost. The run fails after several
+  // documents were written, and the file it was to replace is still whole.
+  const auto d = testutil::temp_dir("make-data-full");
+  testutil::write_file(d + "/c.jsonl", "keep me\n");
+  const std::string cmd = "ulimit -f 8; trap '' XFSZ; " + std::string(LONGLORA_BINARY) + " make-data --tokenizer " +
+                          testutil::golden("tokenizer.model") + " --out " + d +
+                          "/c.jsonl --overwrite --docs 40 --min-tokens 200 --max-tokens 300 >/dev/null 2>" + d + "/err";
+  const int status = std::system(cmd.c_str());  // /bin/sh
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 1);
+  const auto err = testutil::read_file(d + "/err");
+  EXPECT_TRUE(has(err, "c.jsonl: write failed: File too large")) << err;
+  EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+  EXPECT_EQ(testutil::read_file(d + "/c.jsonl"), "keep me\n");
+  EXPECT_EQ(entries(d), 2u);  // c.jsonl and err: no temporary file left
+  longlora::remove_tree(d);
+}
+
+TEST(DataBadInput, MakeDataKeepsEveryDocumentWithinMaxTokens) {
+  const auto d = testutil::temp_dir("make-data-max");
+  // The keys and questions alone can exceed --max-tokens: five keys never fit 20 tokens.
+  auto o = small_corpus(d + "/a.jsonl");
+  o.min_tokens = 16;
+  o.max_tokens = 20;
+  o.min_keys = o.max_keys = 5;
+  const auto e = error_of([&] { data::write_passkey_corpus(o); });
+  EXPECT_TRUE(has(e, "--min-keys 5") && has(e, "--max-tokens 20")) << e;
+  EXPECT_FALSE(std::filesystem::exists(o.out));
+  // Some draws (two keys asked three times each) are longer than 260 tokens without
+  // filler; they were written anyway, over --max-tokens. Now they are drawn again.
+  o = small_corpus(d + "/b.jsonl");
+  o.docs = 40;
+  o.min_tokens = 16;
+  o.max_tokens = 260;
+  o.max_keys = 2;
+  o.max_asks = 3;
+  o.seed = 1;
+  ASSERT_EQ(data::write_passkey_corpus(o), 40);
+  data::Tokenizer tok(o.tokenizer);
+  std::ifstream in(o.out);
+  int docs = 0;
+  for (std::string line; std::getline(in, line); ++docs)
+    EXPECT_LE(tok.encode(nlohmann::json::parse(line)["text"].get<std::string>()).size(), 260u) << docs;
+  EXPECT_EQ(docs, 40);
+  longlora::remove_tree(d);
+}
+
+TEST(DataBadInput, LongAlpacaJsonIsParsedWhole) {
+  // `in >> j` read the first array and dropped what followed it.
+  const auto d = testutil::temp_dir("sft-trailing");
+  data::Tokenizer tok(testutil::golden("tokenizer.model"));
+  const std::string records = R"([{"instruction": "Say hi.", "output": "hi there"}])";
+  testutil::write_file(d + "/garbage.json", records + " garbage");
+  testutil::write_file(d + "/two.json", records + "\n" + records);
+  for (const char* f : {"/garbage.json", "/two.json"}) {
+    const auto e = error_of([&] { data::Dataset(d + f, "auto", 128, &tok, 512); });
+    EXPECT_TRUE(has(e, std::string(f).substr(1) + ": bad JSON:")) << e;
+    EXPECT_TRUE(has(e, "expected end of input")) << e;
+  }
+  longlora::remove_tree(d);
+}
+
+TEST(DataBadInput, SupervisedRecordsDroppedOrTruncatedAreCounted) {
+  const auto d = testutil::temp_dir("sft-counts");
+  data::Tokenizer tok(testutil::golden("tokenizer.model"));
+  std::string long_text;
+  for (int i = 0; i < 60; ++i) long_text += "The grass is green. ";
+  nlohmann::json recs = nlohmann::json::array();
+  recs.push_back({{"instruction", "Say hi."}, {"output", "hi"}});                  // fits
+  recs.push_back({{"instruction", "Say hi."}, {"input", long_text}, {"output", "hi"}});  // prompt fills the row
+  recs.push_back({{"instruction", "Say hi."}, {"output", long_text}});             // output cut
+  testutil::write_file(d + "/a.json", recs.dump());
+  data::Dataset ds(d + "/a.json", "auto", 128, &tok, 512);
+  EXPECT_EQ(ds.size(), 2);
+  EXPECT_EQ(ds.dropped(), 1);
+  EXPECT_EQ(ds.truncated(), 1);
+  longlora::remove_tree(d);
+}
+
+TEST(DataBadInput, ADirectoryIsNamedAsSuch) {
+  const auto d = testutil::temp_dir("data-dir");
+  data::Tokenizer tok(testutil::golden("tokenizer.model"));
+  for (const char* name : {"a.bin", "a.txt", "a.json", "a.jsonl"}) {
+    const std::string p = d + "/" + name;
+    std::filesystem::create_directory(p);
+    EXPECT_EQ(error_of([&] { data::Dataset(p, "auto", 8, &tok, 512); }), p + ": is a directory, a file is expected");
+    if (std::string(name) != "a.json")  // eval's and data.eval's reader
+      EXPECT_EQ(error_of([&] { data::load_token_stream(p, &tok); }), p + ": is a directory, a file is expected");
+  }
+  longlora::remove_tree(d);
+}
+
+TEST(DataBadInput, FormatContradictingTheExtensionIsRefused) {
+  // data.format=text on a .bin was read as tokens anyway (and logged as text).
+  const auto d = testutil::temp_dir("data-format");
+  data::Tokenizer tok(testutil::golden("tokenizer.model"));
+  std::vector<int32_t> ids(64, 5);
+  data::write_bin(d + "/t.bin", ids);
+  testutil::write_file(d + "/t.jsonl", "{\"text\": \"The grass is green.\"}\n");
+  for (const char* f : {"text", "sft"})
+    EXPECT_TRUE(has(error_of([&] { data::Dataset(d + "/t.bin", f, 8, &tok, 512); }), "t.bin: data.format: ")) << f;
+  EXPECT_TRUE(has(error_of([&] { data::Dataset(d + "/t.jsonl", "tokens", 8, &tok, 512); }), "t.jsonl: data.format: "));
+  EXPECT_EQ(data::Dataset(d + "/t.bin", "tokens", 8, &tok, 512).size(), 8);
+  longlora::remove_tree(d);
+}
+
+TEST(DataBadInput, GuessedInstructionDataSaysHowToReadItAsText) {
+  const auto d = testutil::temp_dir("data-guess");
+  data::Tokenizer tok(testutil::golden("tokenizer.model"));
+  testutil::write_file(d + "/t.jsonl", "{\"text\": \"hello world\", \"instruction\": \"meta\"}\n");
+  const auto e = error_of([&] { data::Dataset(d + "/t.jsonl", "auto", 4, &tok, 512); });
+  EXPECT_TRUE(has(e, "t.jsonl:1: output: missing")) << e;
+  EXPECT_TRUE(has(e, "data.format=text")) << e;
+  EXPECT_EQ(data::Dataset(d + "/t.jsonl", "text", 4, &tok, 512).kind(), "text");
+  longlora::remove_tree(d);
+}
+
+TEST(DataBadInput, WindowStartsDoNotOverflow) {
+  // s + L + 1 overflowed for a huge L and gave a window at 0.
+  EXPECT_TRUE(data::window_starts(10, std::numeric_limits<int64_t>::max(), 1).empty());
+  EXPECT_EQ(data::window_starts(10, 3, std::numeric_limits<int64_t>::max()), std::vector<int64_t>{0});
+  EXPECT_EQ(data::window_starts(10, 3, 3), (std::vector<int64_t>{0, 3, 6}));
+  EXPECT_EQ(data::window_starts(10, 9, 1), std::vector<int64_t>{0});
+}
+
+TEST(DataBadInput, MakeDataFlagsAreCheckedInOneLine) {
+  const std::string base = "make-data --tokenizer " + testutil::golden("tokenizer.model") + " --out /tmp/never.jsonl";
+  for (const auto& [flag, want] : std::vector<std::pair<std::string, std::string>>{
+           {" --docs 0", "error: --docs: expected an integer >= 1, got 0\n"},
+           {" --docs abc", "error: --docs: expected an integer, got 'abc'\n"},
+           {" --max-asks 0", "error: --max-asks: expected an integer >= 1, got 0\n"},
+           {" --seed -1", "error: --seed: expected an integer >= 0, got -1\n"},
+           {" --max-tokens 5000000000", "error: --max-tokens: expected an integer in [1, 4194304], got 5000000000\n"}}) {
+    const auto r = testutil::run_cli(base + flag);
+    EXPECT_NE(r.code, 0) << flag;
+    EXPECT_EQ(r.err, want) << flag;
+  }
+  EXPECT_FALSE(std::filesystem::exists("/tmp/never.jsonl"));
 }

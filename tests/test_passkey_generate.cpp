@@ -7,8 +7,10 @@
 
 #include "longlora/common/error.h"
 #include "longlora/data/tokenizer.h"
+#include "longlora/data/tokens.h"
 #include "longlora/eval/generate.h"
 #include "longlora/eval/passkey.h"
+#include "longlora/io/hf_config.h"
 #include "longlora/model/loader.h"
 #include "test_util.h"
 
@@ -376,4 +378,105 @@ TEST(PasskeyCli, BadInputIsOneLine) {
     EXPECT_NE(r.code, 0) << args;
     EXPECT_EQ(lines(r.err), 1u) << args << "\n" << r.err;
   }
+}
+
+// ---------------------------------------------------------------- bad input (review of eval / generate)
+
+TEST(PasskeyPrompt, LengthsThatRunTheSamePromptOrFarFromTheTargetAreWarnedAbout) {
+  // LongLoRA's filler is a multiple of 1024 characters: with the golden tokenizer's
+  // 1.525 characters a token, 700 and 1300 both run the same 831-token prompt.
+  const double cpt = eval::passkey_chars_per_token(tokenizer());
+  const auto w = eval::passkey_length_warnings(tokenizer(), {700, 1300, 4096}, cpt);
+  ASSERT_EQ(w.size(), 2u) << (w.empty() ? "" : w[0]);
+  EXPECT_NE(w[0].find("passkey lengths 700 and 1300 give the same prompts"), std::string::npos) << w[0];
+  EXPECT_NE(w[1].find("passkey length 1300: the prompt is 831 tokens, more than 25% away"), std::string::npos) << w[1];
+  EXPECT_TRUE(eval::passkey_length_warnings(tokenizer(), {4096, 8192}, cpt).empty());
+  EXPECT_THROW(eval::passkey_prompt(eval::kPasskeyMaxLength + 1, 1, 0), Error);
+}
+
+TEST(PasskeyCli, ReportsThePromptLengthsThatRan) {
+  auto r = testutil::run_cli("eval --task passkey --model " + model_dir() +
+                             " --lengths 700,1300 --trials 2 --rope-factor 16 --json --device cpu");
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["prompt_tokens_min"], nlohmann::json({831, 831}));
+  EXPECT_EQ(j["prompt_tokens_max"], nlohmann::json({831, 831}));
+  EXPECT_NE(r.err.find("passkey lengths 700 and 1300 give the same prompts"), std::string::npos) << r.err;
+  auto t = testutil::run_cli("eval --task passkey --model " + model_dir() + " --lengths 700 --trials 1 --device cpu");
+  ASSERT_EQ(t.code, 0) << t.err;
+  EXPECT_NE(t.out.find("prompts of 831-831 tokens (mean 831)"), std::string::npos) << t.out;
+}
+
+TEST(EvalCli, FlagsAreCheckedBeforeAnyResultInOneLine) {
+  const std::string m = " --model " + model_dir();
+  const std::string data = " --data " + testutil::golden("tiny-llama/eval.bin");
+  for (const auto& [args, want] : std::vector<std::pair<std::string, std::string>>{
+           {"eval" + m + data + " --seq-len 0", "error: --seq-len: expected an integer >= 1, got 0\n"},
+           {"eval" + m + data + " --seq-len 64 --stride abc", "error: --stride: expected an integer, got 'abc'\n"},
+           {"eval --task passkey" + m + " --lengths 5000000000",
+            "error: --lengths: expected an integer in [1, 4194304], got 5000000000\n"},
+           {"eval --task passkey" + m + " --lengths 256 --seed -1", "error: --seed: expected an integer >= 0, got -1\n"},
+           {"eval --task passkey" + m + " --lengths 256" + data, "error: eval: --data is for --task perplexity, not passkey\n"},
+           {"eval --task passkey" + m + " --lengths 256 --seq-len 64",
+            "error: eval: --seq-len is for --task perplexity, not passkey\n"},
+           {"eval" + m + data + " --seq-len 64 --trials 3", "error: eval: --trials is for --task passkey, not perplexity\n"},
+           {"eval" + m + data + " --seq-len 64 --seed 0", "error: eval: --seed is for --task passkey, not perplexity\n"}}) {
+    const auto r = testutil::run_cli(args);
+    EXPECT_NE(r.code, 0) << args;
+    EXPECT_EQ(r.err, want) << args;
+    EXPECT_EQ(r.out, "") << args;
+  }
+  // Every length is checked against the data before the first one runs and prints.
+  const auto dir = testutil::temp_dir("eval-lengths");
+  data::write_bin(dir + "/short.bin", std::vector<int32_t>(100, 7));
+  const auto r = testutil::run_cli("eval" + m + " --data " + dir + "/short.bin --seq-len 64,128 --device cpu");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_EQ(r.out, "");
+  EXPECT_NE(r.err.find("short.bin: 100 tokens are too few for one window of seq_len 128"), std::string::npos) << r.err;
+  longlora::remove_tree(dir);
+}
+
+TEST(GenerateCli, EmptyPromptFilesAndOutOfRangeSamplingAreRefused) {
+  const auto dir = testutil::temp_dir("generate-bad");
+  testutil::write_file(dir + "/empty.txt", "");
+  const std::string m = "generate --model " + model_dir() + " --device cpu";
+  for (const auto& [args, want] : std::vector<std::pair<std::string, std::string>>{
+           {" --prompt-file " + dir + "/empty.txt", dir + "/empty.txt: --prompt-file: the prompt file is empty"},
+           {" --prompt-file " + dir, dir + ": --prompt-file: is a directory, a file is expected"},
+           {" --prompt hi --temperature inf", "--temperature must be finite and >= 0"},
+           {" --prompt hi --seed -1", "--seed: expected an integer >= 0, got -1"}}) {
+    const auto r = testutil::run_cli(m + args);
+    EXPECT_NE(r.code, 0) << args;
+    EXPECT_EQ(r.out, "") << args;
+    EXPECT_EQ(lines(r.err), 1u) << args << "\n" << r.err;
+    EXPECT_NE(r.err.find(want), std::string::npos) << args << "\n" << r.err;
+  }
+  longlora::remove_tree(dir);
+}
+
+TEST(Generate, NeverChoosesAnIdTheTokenizerLacks) {
+  // LongAlpaca's models have 32001 rows for a 32000-piece tokenizer: an id past the
+  // tokenizer's pieces cannot be decoded, and generate failed in mid-stream on one.
+  std::mt19937_64 rng(0);
+  auto logits = torch::zeros({6});
+  logits[5] = 10;  // the most probable id is one the tokenizer (4 pieces) lacks
+  EXPECT_EQ(eval::sample_token(logits, 0, 1, rng), 5);
+  EXPECT_LT(eval::sample_token(logits, 0, 1, rng, 4), 4);
+  for (int i = 0; i < 50; ++i) EXPECT_LT(eval::sample_token(logits, 1.0, 1.0, rng, 4), 4);
+  // A model with 600 rows and the golden 512-piece tokenizer, sampling at temperature 1.
+  auto cfg = io::load_model_config(model_dir() + "/config.json");
+  cfg.vocab_size = 600;
+  model::LoadOptions lo;
+  lo.random_init = true;
+  lo.seed = 3;
+  auto m = model::random_model(cfg, lo);
+  eval::GenerateOptions o;
+  o.max_new_tokens = 64;
+  o.temperature = 1.0;
+  o.top_p = 1.0;
+  o.stop_at_eos = false;
+  const auto out = eval::generate(*m, tokenizer(), with_bos("The grass is green."), o);
+  ASSERT_EQ(out.size(), 64u);
+  for (int id : out) EXPECT_LT(id, tokenizer().vocab_size());
+  EXPECT_NO_THROW(tokenizer().decode(out));
 }

@@ -1,6 +1,7 @@
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <iostream>
 
@@ -35,6 +36,8 @@ int run_passkey(const EvalArgs& a, model::LlamaForCausalLMImpl& m) {
                         {"accuracy", r.accuracy},
                         {"trials", r.trials},
                         {"prompt_tokens", r.prompt_tokens},
+                        {"prompt_tokens_min", r.prompt_tokens_min},
+                        {"prompt_tokens_max", r.prompt_tokens_max},
                         {"chars_per_token", r.chars_per_token},
                         {"seed", a.seed},
                         {"rope_factor", m.cfg.rope_factor}};
@@ -43,7 +46,8 @@ int run_passkey(const EvalArgs& a, model::LlamaForCausalLMImpl& m) {
     for (size_t i = 0; i < r.lengths.size(); ++i)
       std::cout << "passkey length " << r.lengths[i] << ": accuracy " << r.accuracy[i] << " ("
                 << static_cast<int64_t>(r.accuracy[i] * static_cast<double>(r.trials) + 0.5) << "/"
-                << r.trials << " trials, " << r.prompt_tokens[i] << " prompt tokens on average, rope factor "
+                << r.trials << " trials, prompts of " << r.prompt_tokens_min[i] << "-" << r.prompt_tokens_max[i]
+                << " tokens (mean " << r.prompt_tokens[i] << "), rope factor "
                 << m.cfg.rope_factor << ")" << std::endl;
   }
   return 0;
@@ -54,6 +58,15 @@ int run_passkey(const EvalArgs& a, model::LlamaForCausalLMImpl& m) {
 int run_eval(const EvalArgs& a) {
   // Checked here rather than by CLI11 so that each is one line on stderr.
   if (a.model.empty()) throw Error("eval: --model DIR is required");
+  // A flag of the other task would be ignored: a run that is not the one asked for.
+  const std::vector<std::string> perplexity_only{"--data", "--seq-len", "--stride"};
+  const std::vector<std::string> passkey_only{"--lengths", "--trials", "--seed"};
+  for (const auto& f : a.given) {
+    const auto& other = a.task == "passkey" ? perplexity_only : passkey_only;
+    if (std::find(other.begin(), other.end(), f) != other.end())
+      throw Error("eval: " + f + " is for --task " + (a.task == "passkey" ? "perplexity" : "passkey") +
+                  ", not " + a.task);
+  }
   if (a.task == "passkey") {
     if (a.lengths.empty()) throw Error("eval: --task passkey needs --lengths L[,L2,...] (tokens)");
     for (auto L : a.lengths)
@@ -78,6 +91,9 @@ int run_eval(const EvalArgs& a) {
       throw Error(a.data + ": token id " + std::to_string(id) + " >= the model's vocab_size " +
                   std::to_string(m->cfg.vocab_size));
 
+  // Every length before the first window: a length the data is too short for failed
+  // only after the earlier lengths had run and printed.
+  for (int64_t L : a.seq_lens) eval::check_windows(static_cast<int64_t>(tokens.size()), L, a.data);
   for (int64_t L : a.seq_lens) {
     auto r = eval::perplexity(*m, tokens, L, a.stride > 0 ? a.stride : L, a.data);
     if (a.json) {

@@ -1,6 +1,7 @@
 #include <spdlog/spdlog.h>
 
 #include <chrono>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -23,16 +24,22 @@ int run_generate(const GenerateArgs& a) {
     throw Error("generate: give exactly one of --prompt TEXT (not empty) and --prompt-file FILE");
   if (a.max_new_tokens <= 0)
     throw Error("generate: --max-new-tokens must be positive, got " + std::to_string(a.max_new_tokens));
-  if (!(a.temperature >= 0)) throw Error("generate: --temperature must be >= 0 (0 = greedy)");
+  // inf divides every logit to 0: uniform sampling over the vocabulary, not a temperature.
+  if (!(a.temperature >= 0) || !std::isfinite(a.temperature))
+    throw Error("generate: --temperature must be finite and >= 0 (0 = greedy)");
   if (!(a.top_p > 0 && a.top_p <= 1)) throw Error("generate: --top-p must be in (0, 1]");
 
   std::string prompt = a.prompt;
   if (!a.prompt_file.empty()) {
+    std::error_code ec;
+    if (fs::is_directory(a.prompt_file, ec)) fail(a.prompt_file, "--prompt-file", "is a directory, a file is expected");
     std::ifstream in(a.prompt_file, std::ios::binary);
     if (!in) throw Error(a.prompt_file + ": cannot read the prompt file");
     std::ostringstream ss;
     ss << in.rdbuf();
     prompt = ss.str();
+    // As --prompt "" is refused: generating from BOS alone is not what was asked.
+    if (prompt.empty()) fail(a.prompt_file, "--prompt-file", "the prompt file is empty");
   }
 
   const auto tok_path = (fs::path(a.model) / "tokenizer.model").string();

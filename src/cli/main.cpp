@@ -6,7 +6,10 @@
 
 #include <c10/util/Exception.h>
 
+#include <charconv>
+#include <cstdint>
 #include <iostream>
+#include <limits>
 
 #include "longlora/attention/bench.h"
 #include "longlora/train/bench.h"
@@ -14,10 +17,32 @@
 #include "longlora/train/config.h"
 #include "longlora/cli/commands.h"
 #include "longlora/common/error.h"
+#include "longlora/eval/passkey.h"
 
 using namespace longlora;
 
 namespace {
+
+// An integer flag in [lo, hi], checked on the text: CLI::PositiveNumber printed
+// "Value 0 not in range 0.000000 to 1797693...(309 digits)" for 0, -1 and "abc" alike,
+// and an unsigned option took "-1" as 2^64 - 1.
+CLI::Validator integer_in(int64_t lo, int64_t hi = std::numeric_limits<int64_t>::max()) {
+  const std::string range = hi == std::numeric_limits<int64_t>::max() ? ">= " + std::to_string(lo)
+                                                                       : "in [" + std::to_string(lo) + ", " +
+                                                                             std::to_string(hi) + "]";
+  return CLI::Validator(
+      [lo, hi, range](std::string& s) -> std::string {
+        int64_t v = 0;
+        const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+        if (ec == std::errc::result_out_of_range || (ec == std::errc() && end == s.data() + s.size() && (v < lo || v > hi)))
+          return "expected an integer " + range + ", got " + s +
+                 (ec == std::errc::result_out_of_range ? " (past 64 bits)" : "");
+        if (ec != std::errc() || end != s.data() + s.size()) return "expected an integer, got '" + s + "'";
+        return {};
+      },
+      "INT " + range);
+}
+
 // The options every command that loads a model for inference takes.
 void add_model_options(CLI::App* cmd, std::string& model, std::string& adapter, double& rope_factor,
                        std::string& device, std::string& dtype, const std::string& model_help) {
@@ -45,6 +70,9 @@ int main(int argc, char** argv) {
                "(LoRA + trainable embed/norm, position interpolation, S2-Attn)"};
   app.set_version_flag("--version", std::string("longlora-train ") + LONGLORA_VERSION);
   app.require_subcommand(0, 1);
+  // One line, like every other error (CLI11 adds "Run with --help ..." as a second).
+  // Set before the subcommands are added: they copy it.
+  app.failure_message([](const CLI::App*, const CLI::Error& e) { return std::string("error: ") + e.what() + "\n"; });
 
   cli::TrainArgs train;
   app.add_option("--config", train.config, "run configuration (JSON), see README")
@@ -67,12 +95,13 @@ int main(int argc, char** argv) {
                     "Hugging Face model directory (required)");
   eval->add_option("--data", ev.data, "perplexity: data: .bin (uint16 ids), .txt or .jsonl (text field)");
   eval->add_option("--seq-len", ev.seq_lens, "perplexity: window length(s) in tokens; several give one row each")
-      ->delimiter(',')->check(CLI::PositiveNumber);
+      ->delimiter(',')->check(integer_in(1));
   eval->add_option("--lengths", ev.lengths, "passkey: target prompt length(s) in tokens, e.g. 1024,2048,4096")
-      ->delimiter(',');
-  eval->add_option("--trials", ev.trials, "passkey: trials (random key and depth) per length (default 10)");
-  eval->add_option("--seed", ev.seed, "passkey: seed of the keys and depths (default 0)");
-  eval->add_option("--stride", ev.stride, "window stride (default: seq-len)")->check(CLI::PositiveNumber);
+      ->delimiter(',')->check(integer_in(1, eval::kPasskeyMaxLength));
+  eval->add_option("--trials", ev.trials, "passkey: trials (random key and depth) per length (default 10)")
+      ->check(integer_in(1));
+  eval->add_option("--seed", ev.seed, "passkey: seed of the keys and depths (default 0)")->check(integer_in(0));
+  eval->add_option("--stride", ev.stride, "perplexity: window stride (default: seq-len)")->check(integer_in(1));
   eval->add_flag("--json", ev.json, "print one JSON object per seq-len (passkey: one for all lengths)");
 
   cli::GenerateArgs gen;
@@ -85,7 +114,7 @@ int main(int argc, char** argv) {
   gen_cmd->add_option("--max-new-tokens", gen.max_new_tokens, "stop after this many new tokens (default 512) or at EOS");
   gen_cmd->add_option("--temperature", gen.temperature, "sampling temperature (default 0.6); 0 = greedy");
   gen_cmd->add_option("--top-p", gen.top_p, "nucleus sampling: keep the most probable tokens up to this mass (default 0.9)");
-  gen_cmd->add_option("--seed", gen.seed, "sampling seed (default 0)");
+  gen_cmd->add_option("--seed", gen.seed, "sampling seed (default 0)")->check(integer_in(0));
   gen_cmd->add_flag("--no-cache", gen.no_cache, "recompute the whole sequence for every token (no KV cache)");
 
   cli::ExportArgs ex;
@@ -113,23 +142,26 @@ int main(int argc, char** argv) {
       "make-data", "write a synthetic corpus of passkey documents (.jsonl, \"text\" field) with long-range structure");
   mk->add_option("--tokenizer", pc.tokenizer, "tokenizer.model (document lengths are counted in its tokens)")
       ->required()->check(CLI::ExistingFile);
-  mk->add_option("--out", pc.out, "output .jsonl")->required();
-  mk->add_option("--docs", pc.docs, "number of documents")->check(CLI::PositiveNumber);
-  mk->add_option("--min-tokens", pc.min_tokens, "shortest document (tokens)")->check(CLI::PositiveNumber);
-  mk->add_option("--max-tokens", pc.max_tokens, "longest document (tokens)")->check(CLI::PositiveNumber);
+  mk->add_option("--out", pc.out, "output .jsonl (refused if it exists, unless --overwrite)")->required();
+  mk->add_flag("--overwrite", pc.overwrite, "replace an existing --out (only once the new corpus is complete)");
+  mk->add_option("--docs", pc.docs, "number of documents")->check(integer_in(1));
+  mk->add_option("--min-tokens", pc.min_tokens, "shortest document (tokens)")
+      ->check(integer_in(1, data::kMaxDocumentTokens));
+  mk->add_option("--max-tokens", pc.max_tokens, "longest document (tokens)")
+      ->check(integer_in(1, data::kMaxDocumentTokens));
   mk->add_option("--min-keys", pc.min_keys, "fewest keys in a document (each with its info line and questions)")
-      ->check(CLI::PositiveNumber);
+      ->check(integer_in(1));
   mk->add_option("--max-keys", pc.max_keys, "most keys in a document (1: LongLoRA's prompt with its answer)")
-      ->check(CLI::PositiveNumber);
-  mk->add_option("--max-asks", pc.max_asks, "each key is asked for 1..N times")->check(CLI::PositiveNumber);
+      ->check(integer_in(1));
+  mk->add_option("--max-asks", pc.max_asks, "each key is asked for 1..N times")->check(integer_in(1));
   mk->add_option("--row-tokens", pc.row_tokens,
                  "make every document exactly N-2 tokens, so rows of seq_len N are whole documents "
                  "(--min/--max-tokens unused)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(integer_in(0, data::kMaxDocumentTokens));
   mk->add_option("--copy-frac", pc.copy_frac,
                  "fraction of documents that are copy drills (a random string repeated line after line)")
       ->check(CLI::Range(0.0, 1.0));
-  mk->add_option("--seed", pc.seed, "random seed");
+  mk->add_option("--seed", pc.seed, "random seed")->check(integer_in(0));
   train::TrainBenchOptions tb;
   auto* bench = app.add_subcommand(
       "bench", "training steps of a random-weight model of a given shape (default recipe, batch 1 unless --set train.micro_batch_size=N); "
@@ -138,25 +170,25 @@ int main(int argc, char** argv) {
   bench->require_subcommand(0, 1);
   bench->add_option("--shape", tb.shape, "model config.json, e.g. configs/shapes/llama2-7b.json")
       ->check(CLI::ExistingFile);
-  bench->add_option("--seq-len", tb.seq_len, "context length")->check(CLI::PositiveNumber);
-  bench->add_option("--steps", tb.steps, "timed steps")->check(CLI::PositiveNumber);
-  bench->add_option("--warmup", tb.warmup, "untimed steps first")->check(CLI::NonNegativeNumber);
+  bench->add_option("--seq-len", tb.seq_len, "context length")->check(integer_in(1));
+  bench->add_option("--steps", tb.steps, "timed steps")->check(integer_in(1, std::numeric_limits<int>::max()));
+  bench->add_option("--warmup", tb.warmup, "untimed steps first")->check(integer_in(0, std::numeric_limits<int>::max()));
   bench->add_option("--device", tb.device, "auto | cpu | cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   bench->add_option("--set", tb.overrides, "override a run-config key: key.path=value (repeatable)");
   bench->add_flag("--json", tb.json, "one JSON object");
   bench->add_option("--profile", tb.profile,
                     "profile one more step; print the N largest kernels and ops (to stderr with --json)")
-      ->check(CLI::NonNegativeNumber);
-  bench_attn->add_option("--seq-len", ab.seq_len)->check(CLI::PositiveNumber);
-  bench_attn->add_option("--heads", ab.heads)->check(CLI::PositiveNumber);
-  bench_attn->add_option("--kv-heads", ab.kv_heads)->check(CLI::PositiveNumber);
-  bench_attn->add_option("--head-dim", ab.head_dim)->check(CLI::PositiveNumber);
-  bench_attn->add_option("--batch", ab.batch)->check(CLI::PositiveNumber);
+      ->check(integer_in(0, std::numeric_limits<int>::max()));
+  bench_attn->add_option("--seq-len", ab.seq_len)->check(integer_in(1));
+  bench_attn->add_option("--heads", ab.heads)->check(integer_in(1));
+  bench_attn->add_option("--kv-heads", ab.kv_heads)->check(integer_in(1));
+  bench_attn->add_option("--head-dim", ab.head_dim)->check(integer_in(1));
+  bench_attn->add_option("--batch", ab.batch)->check(integer_in(1));
   bench_attn->add_option("--dtype", ab.dtype)->check(CLI::IsMember({"bf16", "fp16"}));
   bench_attn->add_option("--mode", ab.mode)->check(CLI::IsMember({"segments", "roll", "full"}));
   bench_attn->add_option("--group-ratio", ab.group_ratio)->check(CLI::Range(0.0, 1.0));
-  bench_attn->add_option("--warmup", ab.warmup)->check(CLI::NonNegativeNumber);
-  bench_attn->add_option("--iters", ab.iters)->check(CLI::PositiveNumber);
+  bench_attn->add_option("--warmup", ab.warmup)->check(integer_in(0, std::numeric_limits<int>::max()));
+  bench_attn->add_option("--iters", ab.iters)->check(integer_in(1, std::numeric_limits<int>::max()));
   bench_attn->add_flag("--json", ab.json);
 
   try {
@@ -166,7 +198,12 @@ int main(int argc, char** argv) {
   }
 
   try {
-    if (*eval) return cli::run_eval(ev);
+    if (*eval) {
+      // Which flags were given, so that run_eval can refuse the other task's.
+      for (const auto* opt : eval->get_options())
+        if (opt->count() > 0) ev.given.push_back(opt->get_name());
+      return cli::run_eval(ev);
+    }
     if (*gen_cmd) return cli::run_generate(gen);
     if (*exp) return cli::run_export(ex);
     if (*bench_attn) return attention::run_attention_bench(ab);

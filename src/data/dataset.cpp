@@ -5,8 +5,10 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <spdlog/spdlog.h>
 
 #include "longlora/common/error.h"
+#include "longlora/common/json_file.h"
 #include "longlora/data/tokenizer.h"
 #include "longlora/data/tokens.h"
 
@@ -57,16 +59,14 @@ bool looks_like_sft(const std::string& path) {
 }  // namespace
 
 std::vector<SftRecord> read_sft_records(const std::string& path) {
+  check_not_directory(path);
   std::ifstream in(path);
   if (!in) fail(path, "", "cannot open");
   std::vector<SftRecord> out;
   if (fs::path(path).extension() == ".json") {
-    json j;
-    try {
-      in >> j;
-    } catch (const json::exception& e) {
-      fail(path, "", std::string("bad JSON: ") + e.what());
-    }
+    // The whole file is one value: `in >> j` stopped after the first and dropped the
+    // rest (garbage, or a second array of records from `cat a.json b.json`).
+    const json j = read_json_file(path);
     if (!j.is_array()) fail(path, "", "expected a JSON array of {instruction, input, output} records");
     for (size_t i = 0; i < j.size(); ++i)
       out.push_back(parse_record(j[i], path + ": record " + std::to_string(i)));
@@ -92,14 +92,23 @@ std::vector<SftRecord> read_sft_records(const std::string& path) {
 Dataset::Dataset(const std::string& path, const std::string& format, int64_t L,
                  const Tokenizer* tok, int64_t vocab) : seq_len_(L) {
   if (!fs::exists(path)) fail(path, "", "data file not found");
+  check_not_directory(path);
   const std::string ext = fs::path(path).extension().string();
   kind_ = format;
+  bool guessed_sft = false;  // a .jsonl taken as instruction data by its first record
   if (kind_ == "auto") {
     if (ext == ".bin") kind_ = "tokens";
     else if (ext == ".txt") kind_ = "text";
     else if (ext == ".json") kind_ = "sft";
-    else if (ext == ".jsonl") kind_ = looks_like_sft(path) ? "sft" : "text";
+    else if (ext == ".jsonl") kind_ = (guessed_sft = looks_like_sft(path)) ? "sft" : "text";
     else fail(path, "", "unknown data extension '" + ext + "' (expected .bin, .txt, .json or .jsonl)");
+  } else {
+    // A format the extension contradicts would read the file as something it is not:
+    // text read a .bin as tokens anyway; tokens read a text file's bytes as token ids.
+    const bool bin = ext == ".bin", textual = ext == ".txt" || ext == ".json" || ext == ".jsonl";
+    if ((bin && kind_ != "tokens") || (textual && kind_ == "tokens"))
+      fail(path, "data.format", kind_ + " does not read a '" + ext + "' file (auto picks " +
+                                    (bin ? "tokens" : "text or sft") + " for it)");
   }
   auto check_ids = [&](const std::vector<int32_t>& ids) {
     for (auto id : ids)
@@ -118,7 +127,14 @@ Dataset::Dataset(const std::string& path, const std::string& format, int64_t L,
   }
   if (!tok) fail(path, "", "instruction data needs the model's tokenizer.model");
   pad_id_ = tok->eos_id();
-  const auto records = read_sft_records(path);
+  std::vector<SftRecord> records;
+  try {
+    records = read_sft_records(path);
+  } catch (const Error& e) {
+    if (!guessed_sft) throw;
+    throw Error(std::string(e.what()) +
+                " (read as instruction data: the first record has \"instruction\"; data.format=text reads it as text)");
+  }
   // Prompts and outputs tokenized on every core, a slice of records at a time.
   constexpr size_t kSlice = 4096;
   for (size_t s0 = 0; s0 < records.size(); s0 += kSlice) {
@@ -137,14 +153,19 @@ Dataset::Dataset(const std::string& path, const std::string& format, int64_t L,
       const size_t prompt_len = ids.size();
       ids.insert(ids.end(), output.begin(), output.end());
       ids.push_back(tok->eos_id());
-      if (static_cast<int64_t>(ids.size()) > L) ids.resize(L);
+      const bool cut = static_cast<int64_t>(ids.size()) > L;
+      if (cut) ids.resize(L);
       // targets[i] = ids[i+1] when ids[i+1] belongs to the output (or EOS).
       std::vector<int32_t> tgt(L, -1);
       for (size_t i = 0; i + 1 < ids.size(); ++i)
         if (i + 1 >= prompt_len) tgt[i] = ids[i + 1];
       ids.resize(L, pad_id_);
       check_ids(ids);
-      if (std::all_of(tgt.begin(), tgt.end(), [](int32_t t) { return t < 0; })) continue;
+      if (std::all_of(tgt.begin(), tgt.end(), [](int32_t t) { return t < 0; })) {
+        ++dropped_;
+        continue;
+      }
+      truncated_ += cut;
       sft_ids_.push_back(std::move(ids));
       sft_tgt_.push_back(std::move(tgt));
     }
@@ -152,6 +173,10 @@ Dataset::Dataset(const std::string& path, const std::string& format, int64_t L,
   n_rows_ = static_cast<int64_t>(sft_ids_.size());
   if (n_rows_ == 0)
     fail(path, "", "no record has output tokens within seq_len " + std::to_string(L));
+  // Counts, not a line per record: a corpus can have thousands of long ones.
+  if (dropped_ > 0 || truncated_ > 0)
+    spdlog::warn("{}: {} of {} records dropped (the prompt fills seq_len {}), {} truncated (output cut at seq_len)",
+                 path, dropped_, records.size(), L, truncated_);
 }
 
 Row Dataset::row(int64_t i) const {

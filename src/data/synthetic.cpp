@@ -1,19 +1,70 @@
 #include "longlora/data/synthetic.h"
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <optional>
 #include <unordered_map>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <unistd.h>
 #include <vector>
 
 #include "longlora/common/error.h"
 #include "longlora/data/tokenizer.h"
 #include "longlora/eval/passkey.h"
 
+namespace fs = std::filesystem;
+
 namespace longlora::data {
 namespace {
+
+// The output is written to a file beside it and renamed into place at the end, so a
+// run that fails (no document fits, a full disk) leaves an existing file as it was.
+class AsideFile {
+ public:
+  explicit AsideFile(const std::string& out)
+      : out_(out), tmp_((fs::path(out).parent_path() / ("." + fs::path(out).filename().string() + ".tmp-" +
+                                                         std::to_string(::getpid())))
+                            .string()) {
+    stream_.open(tmp_, std::ios::binary | std::ios::trunc);
+    if (!stream_) fail(out_, "", "cannot write");
+  }
+  ~AsideFile() {
+    if (!done_) {
+      stream_.close();
+      std::error_code ec;
+      fs::remove(tmp_, ec);
+    }
+  }
+  // Writes one line; a failed write (full disk) is an error right away, with the
+  // system's reason while errno still holds it.
+  void write(const std::string& line) {
+    errno = 0;
+    stream_ << line;
+    check();
+  }
+  // Flushes and closes (the last block is written here), then renames over `out`.
+  void commit() {
+    errno = 0;
+    stream_.close();
+    check();
+    std::error_code ec;
+    fs::rename(tmp_, out_, ec);
+    if (ec) fail(out_, "", "cannot rename the finished file into place: " + ec.message());
+    done_ = true;
+  }
+
+ private:
+  void check() {
+    if (!stream_) fail(out_, "", std::string("write failed: ") + (errno ? std::strerror(errno) : "I/O error"));
+  }
+  std::string out_, tmp_;
+  std::ofstream stream_;
+  bool done_ = false;
+};
 
 // One document's layout: a list of parts, each either fixed text or a stretch of
 // filler whose length is a share (weight) of the document's filler budget.
@@ -38,13 +89,57 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
   if (o.row_tokens != 0 && o.row_tokens < 64) throw Error("make-data: --row-tokens must be at least 64");
   if (o.min_keys < 1 || o.max_keys < o.min_keys) throw Error("make-data: need 1 <= --min-keys <= --max-keys");
   if (o.max_asks < 1) throw Error("make-data: --max-asks must be at least 1");
+  if (std::max(o.row_tokens, o.max_tokens) > kMaxDocumentTokens)
+    throw Error("make-data: --max-tokens and --row-tokens must be at most " + std::to_string(kMaxDocumentTokens));
+  // Training reads a .bin as uint16 tokens; JSON lines under that name would train on bytes.
+  if (fs::path(o.out).extension() != ".jsonl") fail(o.out, "--out", "must end in .jsonl (make-data writes JSON lines)");
+  {
+    std::error_code ec;
+    const auto st = fs::symlink_status(o.out, ec);
+    if (fs::is_directory(fs::status(o.out, ec))) fail(o.out, "--out", "is a directory, a file is expected");
+    if (fs::exists(st)) {
+      if (!o.overwrite) fail(o.out, "--out", "already exists (pass --overwrite to replace it)");
+      // The finished file is renamed over --out: that must not replace a device or a link's target.
+      if (!fs::is_regular_file(st)) fail(o.out, "--out", "is not a regular file");
+    }
+  }
   Tokenizer tok(o.tokenizer);
   const double cpt = eval::passkey_chars_per_token(tok);
+  auto count = [&](const std::string& t) { return static_cast<int64_t>(tok.encode(t).size()); };
+  // The shortest skeleton (task line, info lines and questions, no filler; the
+  // shortest key "1") must fit the longest document, for the fewest and the most keys
+  // and for the most questions; otherwise documents would exceed the length or
+  // (exact mode) never be found. Counted per part, as the search below does.
+  {
+    const bool exact = o.row_tokens > 0;
+    const int64_t limit = exact ? o.row_tokens - 2 : o.max_tokens;
+    const std::string limit_flag = exact ? "--row-tokens " + std::to_string(o.row_tokens) + " (" +
+                                               std::to_string(limit) + " tokens a document)"
+                                         : "--max-tokens " + std::to_string(o.max_tokens);
+    const double task = static_cast<double>(count(std::string(eval::kPasskeyTask) + "\n"));
+    const double info = static_cast<double>(count("\n" + eval::passkey_info_line(1) + "\n"));
+    const double ask = static_cast<double>(count("\n" + std::string(eval::kPasskeyQuestion) + " 1."));
+    const double nl = static_cast<double>(count("\n"));
+    // Doubles: the flags are not bounded above, and the products must not overflow.
+    auto need = [&](double keys, double asks) { return task + keys * (info + ask) + (keys - 1) * nl + (asks - 1) * (ask + nl); };
+    auto check = [&](const std::string& what, double keys, double asks) {
+      const double n = need(keys, asks);
+      if (n > static_cast<double>(limit))
+        throw Error("make-data: " + what + " need at least " + std::to_string(static_cast<int64_t>(n)) +
+                    " tokens without filler, more than " + limit_flag + ": lower them or raise " +
+                    (exact ? "--row-tokens" : "--max-tokens"));
+    };
+    check("--min-keys " + std::to_string(o.min_keys) + " keys with one question each",
+          static_cast<double>(o.min_keys), 1);
+    check("--max-keys " + std::to_string(o.max_keys) + " keys with one question each",
+          static_cast<double>(o.max_keys), 1);
+    check("--min-keys " + std::to_string(o.min_keys) + " keys, one asked --max-asks " +
+              std::to_string(o.max_asks) + " times,",
+          static_cast<double>(o.min_keys), static_cast<double>(o.max_asks));
+  }
   std::mt19937_64 rng(o.seed);
   auto uniform = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
-  std::ofstream out(o.out);
-  if (!out) throw Error(o.out + ": cannot write");
-  auto count = [&](const std::string& t) { return static_cast<int64_t>(tok.encode(t).size()); };
+  AsideFile file(o.out);
   std::unordered_map<int64_t, int64_t> filler_cache;  // filler characters -> tokens
   auto filler_tokens = [&](int64_t chars) {
     auto [it, fresh] = filler_cache.try_emplace(chars, 0);
@@ -58,13 +153,15 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
   int misses = 0;
   auto missed = [&] {
     if (++misses < kMaxMisses) return;
-    throw Error("make-data: " + std::to_string(kMaxMisses) + " draws in a row did not fit --row-tokens " +
-                std::to_string(o.row_tokens) + " (the task line, --min-keys " + std::to_string(o.min_keys) +
+    const std::string flag = o.row_tokens > 0 ? "--row-tokens " + std::to_string(o.row_tokens)
+                                              : "--max-tokens " + std::to_string(o.max_tokens);
+    throw Error("make-data: " + std::to_string(kMaxMisses) + " draws in a row did not fit " + flag +
+                " (the task line, --min-keys " + std::to_string(o.min_keys) +
                 " info lines and up to --max-asks " + std::to_string(o.max_asks) +
-                " questions each): lower them or raise --row-tokens");
+                " questions each): lower them or raise " + flag.substr(0, flag.find(' ')));
   };
   auto emit = [&](const std::string& text) {
-    out << nlohmann::json({{"text", text}}).dump() << "\n";
+    file.write(nlohmann::json({{"text", text}}).dump() + "\n");
     ++written;
     misses = 0;
   };
@@ -151,7 +248,10 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
       int64_t lo = 0, hi = static_cast<int64_t>(cpt * static_cast<double>(target)) + 64;
       int64_t n = tokens(lo);  // always tokens(lo)
       if (n > target) {
-        if (exact) return std::nullopt;  // the keys and questions alone are too long
+        // The keys and questions alone are longer than this draw's target. Without
+        // filler the document is still within the range when it fits --max-tokens;
+        // past it, it is a miss (it was written anyway before).
+        if (exact || n > o.max_tokens) return std::nullopt;
         hi = lo;
       }
       while (lo < hi) {  // largest f with tokens(f) <= target
@@ -183,7 +283,7 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
     }
     emit(found->first);
   }
-  if (!out) throw Error(o.out + ": write failed");
+  file.commit();
   return written;
 }
 

@@ -16,7 +16,15 @@ namespace {
 std::string ext_of(const std::string& path) { return fs::path(path).extension().string(); }
 }  // namespace
 
+void check_not_directory(const std::string& path) {
+  // Reading a directory through ifstream fails inside the stream with a message that
+  // names no file ("basic_filebuf::underflow ... Is a directory"), or reads as empty.
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) fail(path, "", "is a directory, a file is expected");
+}
+
 std::vector<int32_t> read_bin(const std::string& path) {
+  check_not_directory(path);
   std::ifstream in(path, std::ios::binary);
   if (!in) fail(path, "", "cannot open");
   std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -41,6 +49,7 @@ void write_bin(const std::string& path, const std::vector<int32_t>& ids) {
 }
 
 std::vector<std::string> read_documents(const std::string& path) {
+  check_not_directory(path);
   std::ifstream in(path);
   if (!in) fail(path, "", "cannot open");
   const std::string ext = ext_of(path);
@@ -91,8 +100,14 @@ std::vector<int32_t> load_token_stream(const std::string& path, const Tokenizer*
 }
 
 std::vector<int64_t> window_starts(int64_t n, int64_t L, int64_t S) {
+  // Written so that no sum can overflow: L and S come from the command line.
   std::vector<int64_t> out;
-  for (int64_t s = 0; s + L + 1 <= n; s += S) out.push_back(s);
+  if (L < 0 || S <= 0) return out;
+  for (int64_t s = 0; L < n - s; ) {  // s + L + 1 <= n
+    out.push_back(s);
+    if (S > n - s) break;
+    s += S;
+  }
   return out;
 }
 

@@ -7,9 +7,14 @@
 
 namespace longlora::eval {
 
-int sample_token(const torch::Tensor& logits, double temperature, double top_p, std::mt19937_64& rng) {
+int sample_token(const torch::Tensor& logits_in, double temperature, double top_p, std::mt19937_64& rng,
+                 int64_t n_ids) {
+  // Only the first n_ids can be chosen: a model's vocab may have rows past the
+  // tokenizer's pieces (LongAlpaca's 32001 for 32000), which decode() refuses.
+  auto logits = logits_in.reshape({-1});
+  if (n_ids > 0 && n_ids < logits.numel()) logits = logits.slice(0, 0, n_ids);
   if (temperature <= 0) return static_cast<int>(logits.argmax().item<int64_t>());
-  auto p = torch::softmax(logits.reshape({-1}).to(torch::kCPU, torch::kFloat64) / temperature, -1).contiguous();
+  auto p = torch::softmax(logits.to(torch::kCPU, torch::kFloat64) / temperature, -1).contiguous();
   const double* pp = p.data_ptr<double>();
   const auto V = static_cast<size_t>(p.numel());
   std::vector<int> order(V);
@@ -71,7 +76,7 @@ std::vector<int> generate(model::LlamaForCausalLMImpl& m, const data::Tokenizer&
   const int eos = tok.eos_id();
   for (int64_t step = 0; step < o.max_new_tokens; ++step) {
     if (!o.use_cache) logits = last_logits(m.hidden(as_tensor(seq.data(), static_cast<int64_t>(seq.size())), {}));
-    const int id = sample_token(logits, o.temperature, o.top_p, rng);
+    const int id = sample_token(logits, o.temperature, o.top_p, rng, tok.vocab_size());
     out.push_back(id);
     seq.push_back(id);
     const bool go_on = !on_token || on_token(id);

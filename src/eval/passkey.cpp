@@ -3,8 +3,10 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <random>
 
 #include "longlora/common/error.h"
@@ -58,6 +60,9 @@ std::string passkey_filler(int64_t chars) {
 PasskeyPrompt passkey_prompt(int64_t target_tokens, int64_t key, int64_t split, double chars_per_token) {
   if (target_tokens <= 0)
     throw Error("passkey: length " + std::to_string(target_tokens) + " is not a positive token count");
+  if (target_tokens > kPasskeyMaxLength)
+    throw Error("passkey: length " + std::to_string(target_tokens) + " is above the maximum " +
+                std::to_string(kPasskeyMaxLength));
   PasskeyPrompt p;
   p.filler_chars = passkey_filler_chars(target_tokens, chars_per_token);
   if (split < 0 || split > p.filler_chars)
@@ -108,6 +113,32 @@ std::string passkey_verdict(bool correct, const std::string& answered) {
   return correct ? "correct" : fmt::format("wrong (answered {:?})", answered);
 }
 
+std::vector<std::string> passkey_length_warnings(const data::Tokenizer& tok, const std::vector<int64_t>& lengths,
+                                                 double chars_per_token) {
+  std::vector<std::string> out;
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    const int64_t L = lengths[i];
+    const int64_t chars = passkey_filler_chars(L, chars_per_token);
+    // Same filler length: the same draws (seeded by trial, split modulo the filler),
+    // so the very same prompts; the test at both lengths is one test.
+    for (size_t j = 0; j < i; ++j)
+      if (passkey_filler_chars(lengths[j], chars_per_token) == chars) {
+        out.push_back(fmt::format("passkey lengths {} and {} give the same prompts ({} filler characters: "
+                                  "LongLoRA's filler is a multiple of 1024 characters)",
+                                  lengths[j], L, chars));
+        break;
+      }
+    // Trial 0's prompt stands for all: the others differ only in the key's digits.
+    const auto d = passkey_draw(L, 0, 0, chars_per_token);
+    const auto n = static_cast<int64_t>(tok.encode(passkey_prompt(L, d.key, d.split, chars_per_token).prompt).size()) + 1;
+    if (4 * std::llabs(n - L) > L)
+      out.push_back(fmt::format("passkey length {}: the prompt is {} tokens, more than 25% away ({} filler "
+                                "characters: LongLoRA's filler is a multiple of 1024 characters)",
+                                L, n, chars));
+  }
+  return out;
+}
+
 PasskeyResult passkey_eval(model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok,
                            const PasskeyOptions& o) {
   if (o.trials <= 0) throw Error("passkey: --trials must be positive, got " + std::to_string(o.trials));
@@ -123,9 +154,10 @@ PasskeyResult passkey_eval(model::LlamaForCausalLMImpl& m, const data::Tokenizer
     if (context > 0 && static_cast<double>(L) > context)
       spdlog::warn("passkey length {} is past the model's context ({} positions x rope factor {:g} = {:g})", L,
                    m.cfg.max_position_embeddings, m.cfg.rope_factor, context);
+  for (const auto& w : passkey_length_warnings(tok, o.lengths, r.chars_per_token)) spdlog::warn("{}", w);
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t L : o.lengths) {
-    int64_t passed = 0, tokens = 0;
+    int64_t passed = 0, tokens = 0, shortest = 0, longest = 0;
     for (int64_t t = 0; t < o.trials; ++t) {
       const auto d = passkey_draw(L, o.seed, t, r.chars_per_token);
       const auto p = passkey_prompt(L, d.key, d.split, r.chars_per_token);
@@ -134,6 +166,8 @@ PasskeyResult passkey_eval(model::LlamaForCausalLMImpl& m, const data::Tokenizer
       const bool ok = passkey_trial(m, tok, p, o.use_cache, &n, &said);
       passed += ok;
       tokens += n;
+      shortest = t == 0 ? n : std::min(shortest, n);
+      longest = std::max(longest, n);
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       spdlog::info("passkey length {}: trial {}/{} ({} tokens, key {} after {} of {} filler chars): {} [{:.0f} s]",
                    L, t + 1, o.trials, n, d.key, d.split, p.filler_chars, passkey_verdict(ok, said), secs);
@@ -141,6 +175,8 @@ PasskeyResult passkey_eval(model::LlamaForCausalLMImpl& m, const data::Tokenizer
     r.lengths.push_back(L);
     r.accuracy.push_back(static_cast<double>(passed) / static_cast<double>(o.trials));
     r.prompt_tokens.push_back(tokens / o.trials);
+    r.prompt_tokens_min.push_back(shortest);
+    r.prompt_tokens_max.push_back(longest);
   }
   return r;
 }

@@ -10,13 +10,17 @@
 
 namespace longlora::eval {
 
+void check_windows(int64_t n, int64_t L, const std::string& source) {
+  if (L < n) return;  // L + 1 <= n, written so that it cannot overflow
+  throw Error(source + ": " + std::to_string(n) + " tokens are too few for one window of seq_len " +
+              std::to_string(L) + " (+1 target)");
+}
+
 PerplexityResult perplexity(model::LlamaForCausalLMImpl& m, const std::vector<int32_t>& tokens,
                             int64_t L, int64_t S, const std::string& source, int64_t loss_chunk) {
   if (S <= 0) S = L;
+  check_windows(static_cast<int64_t>(tokens.size()), L, source);
   const auto starts = data::window_starts(static_cast<int64_t>(tokens.size()), L, S);
-  if (starts.empty())
-    throw Error(source + ": " + std::to_string(tokens.size()) +
-                " tokens are too few for one window of seq_len " + std::to_string(L) + " (+1 target)");
   torch::NoGradGuard no_grad;
   m.eval();
   const auto dev = m.head_weight().device();

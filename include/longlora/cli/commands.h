@@ -25,6 +25,8 @@ struct EvalArgs {
   std::vector<int64_t> lengths;  // target prompt lengths in tokens
   int64_t trials = 10;
   uint64_t seed = 0;
+  // The flags given on the command line ("--data", ...): the other task's are refused.
+  std::vector<std::string> given;
 };
 
 struct GenerateArgs {

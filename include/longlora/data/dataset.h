@@ -36,13 +36,17 @@ class Dataset {
   int64_t size() const { return n_rows_; }
   int64_t seq_len() const { return seq_len_; }
   const std::string& kind() const { return kind_; }
+  // sft: records left out because BOS + prompt fills seq_len (nothing to predict),
+  // and records whose output (or EOS) was cut at seq_len. Logged as a warning.
+  int64_t dropped() const { return dropped_; }
+  int64_t truncated() const { return truncated_; }
   // The row at absolute position `cursor` of the endless shuffled sequence.
   Row row_at(int64_t cursor, bool shuffle, uint64_t seed) const;
 
  private:
   Row row(int64_t i) const;
   std::string kind_;
-  int64_t seq_len_ = 0, n_rows_ = 0;
+  int64_t seq_len_ = 0, n_rows_ = 0, dropped_ = 0, truncated_ = 0;
   int32_t pad_id_ = 0;
   std::vector<int32_t> stream_;                         // tokens/text
   std::vector<std::vector<int32_t>> sft_ids_, sft_tgt_;  // sft

@@ -9,9 +9,17 @@
 
 namespace longlora::data {
 
+// The longest document --max-tokens / --row-tokens may ask for (the filler of each is
+// built as one string, about 4 characters a token).
+constexpr int64_t kMaxDocumentTokens = int64_t{1} << 22;
+
 struct PasskeyCorpusOptions {
   std::string tokenizer;  // tokenizer.model (lengths are measured in its tokens)
-  std::string out;        // .jsonl with a "text" field per document
+  // .jsonl with a "text" field per document; written aside and renamed into place,
+  // so a failed run leaves an existing file untouched. An existing file is refused
+  // unless `overwrite`.
+  std::string out;
+  bool overwrite = false;
   int64_t docs = 1000;
   int64_t min_tokens = 64, max_tokens = 256;  // target length of each document
   // Keys per document, drawn uniformly in [min_keys, max_keys]: each key has its own

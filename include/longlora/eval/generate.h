@@ -27,15 +27,19 @@ struct GenerateOptions {
 };
 
 // Generates after `prompt_ids` (used as given: the caller prepends BOS) and returns
-// the new token ids (the EOS that stopped it included). `on_token` is called with
+// the new token ids (the EOS that stopped it included), never an id the tokenizer
+// lacks (a model vocab larger than the tokenizer's has rows no piece decodes to). `on_token` is called with
 // each new id as soon as it is chosen; returning false stops generation.
 std::vector<int> generate(model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok,
                           const std::vector<int>& prompt_ids, const GenerateOptions& o,
                           const std::function<bool(int)>& on_token = {});
 
 // The next token from one row of logits (vocab,) under `o` (temperature, top_p);
-// `rng` is drawn from only when sampling (temperature > 0). Exposed for tests.
-int sample_token(const torch::Tensor& logits, double temperature, double top_p, std::mt19937_64& rng);
+// `rng` is drawn from only when sampling (temperature > 0). Only ids below `n_ids`
+// (> 0: the tokenizer's piece count) are chosen; generate() passes the tokenizer's.
+// Exposed for tests.
+int sample_token(const torch::Tensor& logits, double temperature, double top_p, std::mt19937_64& rng,
+                 int64_t n_ids = 0);
 
 // Turns a stream of generated ids into text pieces to print: each push() returns
 // the text the new id adds (possibly empty while a multi-byte character or a

@@ -18,6 +18,11 @@ extern const char* const kPasskeyQuestion;  // the last line
 // The hidden line: "The pass key is {k}. Remember it. {k} is the pass key."
 std::string passkey_info_line(int64_t key);
 
+// The longest target length eval --task passkey takes (2^22 tokens, 32x LLaMA-3's
+// 128k): the filler is built as one string of about 4 characters a token, and a
+// length in the billions ran out of memory after minutes instead of being refused.
+constexpr int64_t kPasskeyMaxLength = int64_t{1} << 22;
+
 // LongLoRA's characters-per-token ratio. It is what LLaMA's tokenizer gives on the
 // filler: each " " + sentence (90 characters) is 24 tokens.
 constexpr double kPasskeyLlamaCharsPerToken = 3.75;
@@ -73,7 +78,9 @@ struct PasskeyOptions {
 struct PasskeyResult {
   std::vector<int64_t> lengths;
   std::vector<double> accuracy;         // per length, in [0, 1]
-  std::vector<int64_t> prompt_tokens;   // mean prompt length (with BOS) per length
+  // Prompt lengths (with BOS) per length as run: mean, shortest, longest. LongLoRA's
+  // filler is rounded to 1024 characters, so these are what a "length" measured.
+  std::vector<int64_t> prompt_tokens, prompt_tokens_min, prompt_tokens_max;
   int64_t trials = 0;
   double chars_per_token = 0;           // the ratio used
 };
@@ -89,6 +96,12 @@ bool passkey_trial(model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok,
 // A trial's verdict for the log: "correct", or "wrong (answered "...")" with the answer
 // quoted and escaped. A dropped last digit and swapped digits are different failures.
 std::string passkey_verdict(bool correct, const std::string& answered);
+
+// Warns (before any trial) where two requested lengths give the same prompts (the
+// same filler after LongLoRA's rounding) and where a length's prompt is more than
+// 25% away from it; those are the checks below, exposed for tests.
+std::vector<std::string> passkey_length_warnings(const data::Tokenizer& tok, const std::vector<int64_t>& lengths,
+                                                 double chars_per_token);
 
 PasskeyResult passkey_eval(model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok,
                            const PasskeyOptions& o);

@@ -17,6 +17,10 @@ struct PerplexityResult {
   int64_t tokens = 0, windows = 0, seq_len = 0;
 };
 
+// "SOURCE: N tokens are too few for one window of seq_len L (+1 target)" when the
+// stream has no window of L; perplexity() checks it too.
+void check_windows(int64_t n_tokens, int64_t seq_len, const std::string& source);
+
 // `source` names the data in the error for a stream too short for one window.
 PerplexityResult perplexity(model::LlamaForCausalLMImpl& m, const std::vector<int32_t>& tokens,
                             int64_t seq_len, int64_t stride, const std::string& source,
