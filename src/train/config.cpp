@@ -134,7 +134,8 @@ const std::vector<Field>& schema() {
     f.push_back(str("data.train", [](RunConfig& c) -> auto& { return c.data.train; },
                     "training data: .bin (uint16 ids), .txt/.jsonl text, .json/.jsonl instruction records"));
     f.push_back(str("data.format", [](RunConfig& c) -> auto& { return c.data.format; },
-                    "auto: .bin = tokens, .txt = text, .json = sft, .jsonl = text or sft by its fields",
+                    "auto: .bin = tokens, .txt = text, .json = sft, .jsonl = text or sft by its fields; "
+                    "tokens for a .bin only, text or sft for the others",
                     {"auto", "tokens", "text", "sft"}));
     f.push_back(integer("data.seq_len", [](RunConfig& c) -> auto& { return c.data.seq_len; }, 2,
                         "training context length in tokens"));
