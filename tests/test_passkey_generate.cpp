@@ -11,6 +11,7 @@
 #include "longlora/eval/generate.h"
 #include "longlora/eval/passkey.h"
 #include "longlora/io/hf_config.h"
+#include "longlora/io/tensors.h"
 #include "longlora/model/loader.h"
 #include "test_util.h"
 
@@ -479,4 +480,25 @@ TEST(Generate, NeverChoosesAnIdTheTokenizerLacks) {
   ASSERT_EQ(out.size(), 64u);
   for (int id : out) EXPECT_LT(id, tokenizer().vocab_size());
   EXPECT_NO_THROW(tokenizer().decode(out));
+}
+
+TEST(EvalCli, ANonFiniteLossNamesTheTensorThatHoldsIt) {
+  // One NaN in a weight made eval print "loss nan" and exit 0, which reads as a result.
+  const auto d = testutil::temp_dir("eval-nan");
+  const std::string m = d + "/model";
+  std::filesystem::copy(testutil::golden("tiny-llama/model"), m);
+  const std::string shard = m + "/model-00001-of-00004.safetensors";
+  std::vector<std::pair<std::string, torch::Tensor>> ts;
+  for (auto& [name, t] : longlora::io::load_tensors(shard)) {
+    auto c = t.clone();
+    if (name == "model.layers.0.self_attn.q_proj.weight") c.view(-1)[7] = std::nanf("");
+    ts.emplace_back(name, c);
+  }
+  std::filesystem::remove(shard);
+  longlora::io::save_tensors(shard, ts);
+  auto r = testutil::run_cli("eval --model " + m + " --data " + testutil::golden("tiny-llama/eval.bin") +
+                             " --seq-len 64 --device cpu");
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_NE(r.err.find("the model's model.layers.0.self_attn.q_proj.weight holds non-finite values"),
+            std::string::npos) << r.err;
 }
