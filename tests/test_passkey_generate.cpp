@@ -502,3 +502,13 @@ TEST(EvalCli, ANonFiniteLossNamesTheTensorThatHoldsIt) {
   EXPECT_NE(r.err.find("the model's model.layers.0.self_attn.q_proj.weight holds non-finite values"),
             std::string::npos) << r.err;
 }
+
+TEST(EvalCli, ALengthPastTheModelsContextIsWarnedOf) {
+  // The tiny model has 128 positions: 256 runs on positions it never saw.
+  auto r = testutil::run_cli("eval --model " + testutil::golden("tiny-llama/model") + " --data " +
+                             testutil::golden("tiny-llama/eval.bin") + " --seq-len 64,256 --device cpu");
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("seq_len 256 is past the model's context (128 positions x rope factor 1 = 128)"),
+            std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find("seq_len 64 is past"), std::string::npos) << r.err;
+}

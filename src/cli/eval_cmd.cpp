@@ -95,6 +95,11 @@ int run_eval(const EvalArgs& a) {
   // Every length before the first window: a length the data is too short for failed
   // only after the earlier lengths had run and printed.
   for (int64_t L : a.seq_lens) eval::check_windows(static_cast<int64_t>(tokens.size()), L, a.data);
+  const double context = m->cfg.max_position_embeddings * m->cfg.rope_factor;
+  for (int64_t L : a.seq_lens)
+    if (static_cast<double>(L) > context)
+      spdlog::warn("seq_len {} is past the model's context ({} positions x rope factor {:g} = {:g})", L,
+                   m->cfg.max_position_embeddings, m->cfg.rope_factor, context);
   for (int64_t L : a.seq_lens) {
     auto r = eval::perplexity(*m, tokens, L, a.stride > 0 ? a.stride : L, a.data);
     // "loss nan" with exit 0 reads as a result; say where the non-finite values are.
