@@ -1,7 +1,11 @@
 // The LLaMA forward pass against Hugging Face transformers (golden, fp32, CPU).
+#include <functional>
+#include <map>
 #include <nlohmann/json.hpp>
 
+#include "longlora/common/error.h"
 #include "longlora/data/tokens.h"
+#include "longlora/io/hf_config.h"
 #include "longlora/eval/perplexity.h"
 #include "longlora/model/loader.h"
 #include "test_util.h"
@@ -120,4 +124,157 @@ TEST(EvalGolden, WindowsFollowTheStride) {
   EXPECT_EQ(data::window_starts(8, 4, 4), (std::vector<int64_t>{0}));
   EXPECT_EQ(data::window_starts(10, 4, 2), (std::vector<int64_t>{0, 2, 4}));
   EXPECT_TRUE(data::window_starts(4, 4, 4).empty());
+}
+
+// ---------------------------------------------------------------------------
+// Bad config.json, adapter_config.json and training checkpoints: one line that
+// names the file and the field, never nlohmann's bare type error, never a value
+// silently ignored.
+
+namespace {
+
+std::string load_error(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_EQ(msg.find('\n'), std::string::npos) << "not one line: " << msg;
+    return msg;
+  }
+  return "";
+}
+
+nlohmann::json golden_config() { return testutil::read_json(testutil::golden("tiny-llama/model/config.json")); }
+
+// The error parse_model_config gives for the golden config.json changed by `edit`.
+std::string config_error(const std::function<void(nlohmann::json&)>& edit) {
+  auto j = golden_config();
+  edit(j);
+  return load_error([&] { io::parse_model_config(j, "m/config.json"); });
+}
+
+// A copy of the golden adapter whose adapter_config.json is changed by `edit`,
+// plus `extra` files (name -> content).
+std::string adapter_copy(const std::string& name, const std::function<void(nlohmann::json&)>& edit,
+                         const std::map<std::string, std::string>& extra = {}) {
+  const auto dir = testutil::temp_dir(name);
+  std::filesystem::copy(testutil::golden("tiny-llama/adapter/adapter_model.safetensors"),
+                        dir + "/adapter_model.safetensors");
+  auto cfg = testutil::read_json(testutil::golden("tiny-llama/adapter/adapter_config.json"));
+  edit(cfg);
+  testutil::write_file(dir + "/adapter_config.json", cfg.dump());
+  for (const auto& [f, text] : extra) testutil::write_file(dir + "/" + f, text);
+  return dir;
+}
+
+std::string adapter_error(const std::string& name, const std::function<void(nlohmann::json&)>& edit) {
+  const auto dir = adapter_copy(name, edit);
+  auto m = tiny();
+  return load_error([&] { model::apply_adapter(*m, dir); });
+}
+
+}  // namespace
+
+TEST(LoadErrors, ConfigJsonWrongTypesNameTheField) {
+  const std::vector<std::pair<std::function<void(nlohmann::json&)>, std::string>> cases = {
+      {[](auto& j) { j["tie_word_embeddings"] = "no"; }, "tie_word_embeddings: expected true or false, got \"no\""},
+      {[](auto& j) { j["attention_bias"] = "true"; }, "attention_bias: expected true or false, got \"true\""},
+      {[](auto& j) { j["pretraining_tp"] = "2"; }, "pretraining_tp: expected an integer, got \"2\""},
+      {[](auto& j) { j["torch_dtype"] = "float8"; }, "torch_dtype: expected one of float32, float16, bfloat16"},
+      {[](auto& j) { j["torch_dtype"] = 32; }, "torch_dtype: expected a string, got 32"},
+      {[](auto& j) { j["eos_token_id"] = nlohmann::json::array({"2"}); }, "eos_token_id: expected an integer >= 0"},
+      {[](auto& j) { j["rope_scaling"] = {{"type", 5}, {"factor", 2}}; }, "rope_scaling.type: expected a string, got 5"},
+      {[](auto& j) { j["rope_parameters"] = {{"rope_type", 7}}; }, "rope_parameters.rope_type: expected a string, got 7"},
+      {[](auto& j) { j["rope_scaling"] = {{"type", "linear"}, {"factor", "2"}}; }, "rope_scaling.factor: expected a number"},
+      {[](auto& j) { j["hidden_size"] = 9223372036854775808ull; }, "hidden_size: expected an integer"},
+      // transformers 4 follows `type`, 5 follows `rope_type`: a conflict has no safe reading.
+      {[](auto& j) { j["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8}, {"type", "linear"}}; },
+       "rope_scaling.rope_type: 'llama3' but type is 'linear'"},
+  };
+  for (const auto& [edit, want] : cases) {
+    const auto err = config_error(edit);
+    EXPECT_NE(err.find("m/config.json: " + want), std::string::npos) << "want '" << want << "', got: " << err;
+  }
+  // The values these checks must still take.
+  EXPECT_EQ(config_error([](auto& j) { j["eos_token_id"] = {2, 7}; }), "");
+  EXPECT_EQ(config_error([](auto& j) { j["torch_dtype"] = "bfloat16"; }), "");
+  EXPECT_EQ(config_error([](auto& j) { j["rope_scaling"] = {{"rope_type", "linear"}, {"type", "linear"}, {"factor", 2}}; }), "");
+}
+
+TEST(LoadErrors, AdapterConfigFieldsAreCheckedNotIgnored) {
+  const std::vector<std::pair<std::function<void(nlohmann::json&)>, std::string>> cases = {
+      {[](auto& j) { j["lora_alpha"] = 0; }, "lora_alpha: expected a number > 0"},
+      {[](auto& j) { j["lora_alpha"] = -8; }, "lora_alpha: expected a number > 0"},
+      {[](auto& j) { j["lora_alpha"] = 1e308; }, "lora_alpha: expected a number > 0 that fits in float32"},
+      {[](auto& j) { j["use_rslora"] = "true"; }, "use_rslora: expected true or false, got \"true\""},
+      {[](auto& j) { j["lora_dropout"] = "0.1"; }, "lora_dropout: expected a number, got \"0.1\""},
+      {[](auto& j) { j["lora_dropout"] = 1.5; }, "lora_dropout: expected a number in [0, 1)"},
+      {[](auto& j) { j["peft_type"] = 1; }, "peft_type: expected a string, got 1"},
+      {[](auto& j) { j["exclude_modules"] = {"q_proj"}; }, "exclude_modules: not supported"},
+      {[](auto& j) { j["exclude_modules"] = "q_.*"; }, "exclude_modules: not supported"},
+      {[](auto& j) { j["lora_bias"] = true; }, "lora_bias: true is not supported"},
+      {[](auto& j) { j["layer_replication"] = {{0, 2}}; }, "layer_replication: not supported"},
+      {[](auto& j) { j["target_parameters"] = {"experts.w"}; }, "target_parameters: not supported"},
+      {[](auto& j) { j["trainable_token_indices"] = {1, 2}; }, "trainable_token_indices: not supported"},
+      {[](auto& j) { j["use_dora"] = "false"; }, "use_dora: expected true or false"},
+      {[](auto& j) { j["target_modules"] = {"q_proj", 3}; }, "target_modules: expected a list of strings"},
+  };
+  int i = 0;
+  for (const auto& [edit, want] : cases) {
+    const auto err = adapter_error("adapter-bad-" + std::to_string(i++), edit);
+    EXPECT_NE(err.find("adapter_config.json: " + want), std::string::npos) << "want '" << want << "', got: " << err;
+  }
+  // Defaults written out in full are fine.
+  EXPECT_EQ(adapter_error("adapter-defaults", [](auto& j) {
+              j["exclude_modules"] = nlohmann::json::array();
+              j["target_parameters"] = nullptr;
+              j["use_rslora"] = false;
+            }),
+            "");
+}
+
+TEST(LoadErrors, DuplicateTargetModuleIsOneTargetAsInPeft) {
+  // peft keeps target_modules as a set; the adapter is the golden one.
+  const auto dir = adapter_copy("adapter-dup-target", [](auto& j) { j["target_modules"].push_back("q_proj"); });
+  EXPECT_EQ(io::load_adapter_config(dir + "/adapter_config.json").target_modules.size(), 4u);
+  auto g = testutil::load(testutil::golden("tiny-llama/golden.safetensors"));
+  auto m = tiny();
+  model::apply_adapter(*m, dir);
+  expect_logits(m, g["input_ids"], g["logits_lora"]);
+}
+
+TEST(LoadErrors, TrainingCheckpointAsAdapterIsChecked) {
+  const std::string model = testutil::golden("tiny-llama/model");
+  auto noop = [](nlohmann::json&) {};
+  auto load = [&](const std::string& ck) {
+    return load_error([&] { model::load_for_inference(model, ck, "cpu", "fp32", 0); });
+  };
+  // trainer_state.json's rope_factor, the rule export applies: a number >= 1.
+  for (const std::string v : {"0", "-1", "0.5", "\"x\"", "null"}) {
+    const auto ck = adapter_copy("ck-factor", noop,
+                                 {{"trainer_state.json", "{\"step\": 2, \"rope_factor\": " + v + "}"}, {"COMPLETE", "ok\n"}});
+    EXPECT_NE(load(ck).find(ck + "/trainer_state.json: rope_factor: expected a number >= 1, got " + v),
+              std::string::npos)
+        << v << ": " << load(ck);
+  }
+  auto ck = adapter_copy("ck-array", noop, {{"trainer_state.json", "[1]"}, {"COMPLETE", "ok\n"}});
+  EXPECT_NE(load(ck).find(ck + "/trainer_state.json: expected a JSON object"), std::string::npos) << load(ck);
+  // An interrupted save has no COMPLETE: refused, as export refuses it.
+  ck = adapter_copy("ck-incomplete", noop, {{"trainer_state.json", R"({"step": 2, "rope_factor": 2})"}});
+  EXPECT_NE(load(ck).find(ck + ": COMPLETE: missing"), std::string::npos) << load(ck);
+  // A complete one runs at its trained factor; a peft adapter has no COMPLETE and loads.
+  ck = adapter_copy("ck-good", noop, {{"trainer_state.json", R"({"step": 2, "rope_factor": 2})"}, {"COMPLETE", "ok\n"}});
+  EXPECT_EQ(model::load_for_inference(model, ck, "cpu", "fp32", 0)->cfg.rope_factor, 2.0);
+  EXPECT_EQ(model::load_for_inference(model, testutil::golden("tiny-llama/adapter"), "cpu", "fp32", 0)->cfg.rope_factor,
+            1.0);
+}
+
+TEST(LoadErrors, CliRefusesAZeroRopeFactorInOneLine) {
+  // rope_factor 0 used to print "loss -nan" and exit 0.
+  const auto ck = adapter_copy("ck-cli", [](nlohmann::json&) {},
+                               {{"trainer_state.json", R"({"step": 2, "rope_factor": 0})"}, {"COMPLETE", "ok\n"}});
+  auto r = testutil::run_cli("eval --model " + testutil::golden("tiny-llama/model") + " --adapter " + ck +
+                             " --data " + testutil::golden("tiny-llama/eval.bin") + " --seq-len 128 --device cpu");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_EQ(r.err, "error: " + ck + "/trainer_state.json: rope_factor: expected a number >= 1, got 0\n");
 }

@@ -1,8 +1,11 @@
 // safetensors reader/writer: round trip, and every malformed file is a one-line
 // error naming the file and the tensor.
+#include <chrono>
+#include <functional>
 #include <nlohmann/json.hpp>
 
 #include "longlora/common/error.h"
+#include "longlora/data/tokenizer.h"
 #include "longlora/io/safetensors.h"
 #include "longlora/model/loader.h"
 #include "test_util.h"
@@ -172,4 +175,102 @@ TEST(SafetensorsMalformed, CliReportsOneLineAndNonZeroExit) {
   EXPECT_NE(r.err.find("model.safetensors"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("bad JSON"), std::string::npos) << r.err;
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+}
+
+namespace {
+
+// The one-line Error a call throws ("" when it throws none).
+std::string load_error(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_EQ(msg.find('\n'), std::string::npos) << "not one line: " << msg;
+    return msg;
+  }
+  return "";
+}
+
+// A copy of the golden sharded model whose config.json is changed by `edit`.
+std::string golden_model_copy(const std::string& name, const std::function<void(nlohmann::json&)>& edit) {
+  const auto dir = testutil::temp_dir(name);
+  for (const auto& e : std::filesystem::directory_iterator(testutil::golden("tiny-llama/model")))
+    std::filesystem::copy(e.path(), dir + "/" + e.path().filename().string());
+  auto cfg = testutil::read_json(dir + "/config.json");
+  edit(cfg);
+  testutil::write_file(dir + "/config.json", cfg.dump());
+  return dir;
+}
+
+}  // namespace
+
+TEST(Safetensors, SingleFileIsReadBeforeTheIndexAsTransformersDoes) {
+  // transformers' from_pretrained takes model.safetensors when a folder has both.
+  const auto dir = testutil::temp_dir("st-both");
+  io::save_tensors(dir + "/part.safetensors", {{"a", torch::zeros({2})}});
+  testutil::write_file(dir + "/model.safetensors.index.json",
+                       R"({"weight_map": {"a": "part.safetensors"}})");
+  io::save_tensors(dir + "/model.safetensors", {{"a", torch::ones({2})}});
+  io::SafetensorsCheckpoint c(dir);
+  EXPECT_EQ(c.file_of("a").path(), dir + "/model.safetensors");
+  EXPECT_TRUE(torch::equal(io::load_tensors(dir)["a"], torch::ones({2})));
+}
+
+TEST(SafetensorsMalformed, DirectoryWhereAFileBelongs) {
+  // Each reader names the path; an ifstream or mmap on a directory says nothing useful.
+  const std::string want = "is a directory, a file is expected";
+  const auto dir = testutil::temp_dir("st-isdir");
+  std::filesystem::create_directories(dir + "/x.safetensors");
+  EXPECT_NE(load_error([&] { io::SafetensorsFile f(dir + "/x.safetensors"); }).find(dir + "/x.safetensors: " + want),
+            std::string::npos);
+
+  const auto idx = testutil::temp_dir("st-isdir-index");
+  std::filesystem::create_directories(idx + "/model.safetensors.index.json");
+  EXPECT_NE(load_error([&] { io::SafetensorsCheckpoint c(idx); })
+                .find(idx + "/model.safetensors.index.json: " + want),
+            std::string::npos);
+
+  const auto shard = golden_model_copy("st-isdir-shard", [](nlohmann::json&) {});
+  std::filesystem::remove(shard + "/model-00002-of-00004.safetensors");
+  std::filesystem::create_directories(shard + "/model-00002-of-00004.safetensors");
+  EXPECT_NE(load_error([&] { model::load_model(shard, {}); })
+                .find(shard + "/model-00002-of-00004.safetensors: " + want),
+            std::string::npos);
+
+  const auto cfg = golden_model_copy("st-isdir-config", [](nlohmann::json&) {});
+  std::filesystem::remove(cfg + "/config.json");
+  std::filesystem::create_directories(cfg + "/config.json");
+  EXPECT_NE(load_error([&] { model::load_model(cfg, {}); }).find(cfg + "/config.json: " + want),
+            std::string::npos);
+
+  const auto tok = testutil::temp_dir("st-isdir-tok");
+  std::filesystem::create_directories(tok + "/tokenizer.model");
+  EXPECT_NE(load_error([&] { data::Tokenizer t(tok + "/tokenizer.model"); }).find(tok + "/tokenizer.model: " + want),
+            std::string::npos);
+}
+
+TEST(SafetensorsMalformed, EmptyShardNameInIndex) {
+  const auto dir = testutil::temp_dir("st-empty-shard");
+  testutil::write_file(dir + "/model.safetensors.index.json", R"({"weight_map": {"a": ""}})");
+  EXPECT_NE(load_error([&] { io::SafetensorsCheckpoint c(dir); })
+                .find("model.safetensors.index.json: weight_map.a: shard must be a file name"),
+            std::string::npos);
+}
+
+TEST(SafetensorsMalformed, LayerCountCheckedBeforeTheModelIsBuilt) {
+  // A layer the checkpoint lacks altogether is config.json's num_hidden_layers at
+  // fault; it is found from the tensor names, before any layer is allocated (a
+  // num_hidden_layers of 1000000 used to build every layer and run out of memory).
+  for (int64_t n : {3, 1000000}) {
+    const auto dir = golden_model_copy("st-layers-" + std::to_string(n),
+                                       [n](nlohmann::json& c) { c["num_hidden_layers"] = n; });
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto err = load_error([&] { model::load_model(dir, {}); });
+    EXPECT_NE(err.find(dir + "/config.json: num_hidden_layers: " + std::to_string(n) +
+                       " but the checkpoint has no tensor of layer 2"),
+              std::string::npos)
+        << err;
+    EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0);
+    if (HasFailure()) break;  // without the check the big case takes minutes and gigabytes
+  }
 }

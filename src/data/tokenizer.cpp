@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <exception>
+#include <filesystem>
 #include <mutex>
 #include <thread>
 
@@ -18,6 +19,9 @@ struct Tokenizer::Impl {
 };
 
 Tokenizer::Tokenizer(const std::string& path) : impl_(std::make_unique<Impl>()), path_(path) {
+  // sentencepiece reads a directory through an ifstream and fails with a message
+  // that names no path.
+  if (std::filesystem::is_directory(path)) fail(path, "", "is a directory, a file is expected");
   auto st = impl_->sp.Load(path);
   if (!st.ok()) fail(path, "", "cannot load sentencepiece model: " + st.ToString());
 }

@@ -1,11 +1,13 @@
 #include "longlora/io/adapter.h"
 
+#include <algorithm>
 #include <cmath>
-#include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
 
 #include "longlora/common/error.h"
 #include "longlora/common/json_file.h"
+#include "longlora/io/hf_config.h"
 
 using nlohmann::json;
 
@@ -16,47 +18,61 @@ double AdapterConfig::scale() const {
 }
 
 namespace {
-std::vector<std::string> string_list(const json& j, const std::string& key, const std::string& src) {
-  std::vector<std::string> out;
-  if (!j.contains(key) || j[key].is_null()) return out;
-  if (j[key].is_string())
-    fail(src, key, "a regular expression is not supported; list the module names");
-  if (!j[key].is_array()) fail(src, key, "expected a list of module names");
-  for (const auto& s : j[key]) {
-    if (!s.is_string()) fail(src, key, "expected a list of module names");
-    out.push_back(s.get<std::string>());
-  }
-  return out;
+
+// A list of module names; peft also takes one string, a regular expression (or
+// "all-linear"), which we do not implement.
+std::vector<std::string> module_list(const JsonFields& f, const std::string& key) {
+  if (f.given(key) && f.at(key).is_string())
+    f.fail(key, "a regular expression is not supported; list the module names");
+  return f.strings(key).value_or(std::vector<std::string>{});
 }
+
 }  // namespace
 
 AdapterConfig load_adapter_config(const std::string& path) {
-  json j = read_json_file(path);
-  if (!j.is_object()) fail(path, "", "expected a JSON object");
-  if (j.value("peft_type", std::string("LORA")) != "LORA")
-    fail(path, "peft_type", "only LORA adapters are supported");
-  auto flag = [&](const char* k) { return j.contains(k) && j[k].is_boolean() && j[k].get<bool>(); };
-  if (flag("use_dora")) fail(path, "use_dora", "DoRA is not supported");
-  if (flag("fan_in_fan_out")) fail(path, "fan_in_fan_out", "true is not supported");
-  if (j.contains("bias") && j["bias"] != "none") fail(path, "bias", "only \"none\" is supported");
-  if (j.contains("layers_to_transform") && !j["layers_to_transform"].is_null())
-    fail(path, "layers_to_transform", "not supported");
+  check_not_directory(path);
+  const json j = read_json_file(path);
+  const JsonFields f(j, path);
+  if (f.string("peft_type").value_or("LORA") != "LORA")
+    f.fail("peft_type", "only LORA adapters are supported");
+
+  // Options that make peft build or load the adapter differently from plain LoRA on
+  // whole Linear modules. We implement none of them, so a non-default value is
+  // refused: ignoring it would load another model than peft does.
+  if (f.boolean("use_dora").value_or(false)) f.fail("use_dora", "DoRA is not supported");
+  if (f.boolean("fan_in_fan_out").value_or(false)) f.fail("fan_in_fan_out", "true is not supported");
+  if (f.boolean("lora_bias").value_or(false)) f.fail("lora_bias", "true is not supported");
+  if (f.string("bias").value_or("none") != "none") f.fail("bias", "only \"none\" is supported");
+  // (layers_pattern is not here: peft reads it only together with layers_to_transform.)
+  for (const char* k : {"layers_to_transform", "layer_replication", "alora_invocation_tokens",
+                        "trainable_token_indices"})
+    if (f.given(k)) f.fail(k, "not supported (expected null), got " + f.at(k).dump());
   for (const char* k : {"rank_pattern", "alpha_pattern"})
-    if (j.contains(k) && j[k].is_object() && !j[k].empty()) fail(path, k, "not supported");
+    if (auto p = f.object(k); p && !f.at(k).empty()) f.fail(k, "not supported (expected {})");
+  for (const char* k : {"exclude_modules", "target_parameters"})
+    if (f.given(k) && !(f.at(k).is_array() && f.at(k).empty()))
+      f.fail(k, "not supported (expected null or []), got " + f.at(k).dump());
+
   AdapterConfig c;
-  if (!j.contains("r") || !j["r"].is_number_integer() || j["r"].get<int64_t>() < 1)
-    fail(path, "r", "expected a positive integer");
-  c.r = j["r"].get<int64_t>();
-  if (!j.contains("lora_alpha") || !j["lora_alpha"].is_number())
-    fail(path, "lora_alpha", "expected a number");
-  c.lora_alpha = j["lora_alpha"].get<double>();
-  if (j.contains("lora_dropout") && j["lora_dropout"].is_number())
-    c.lora_dropout = j["lora_dropout"].get<double>();
-  c.use_rslora = flag("use_rslora");
-  c.target_modules = string_list(j, "target_modules", path);
-  c.modules_to_save = string_list(j, "modules_to_save", path);
-  if (j.contains("base_model_name_or_path") && j["base_model_name_or_path"].is_string())
-    c.base_model_name_or_path = j["base_model_name_or_path"].get<std::string>();
+  const auto r = f.integer("r");
+  if (!r || *r < 1) f.fail("r", "expected a positive integer");
+  c.r = *r;
+  // The scale alpha/r (alpha/sqrt(r) with rslora) multiplies fp32 activations.
+  const auto alpha = f.number("lora_alpha");
+  if (!alpha || !(*alpha > 0) || *alpha > std::numeric_limits<float>::max())
+    f.fail("lora_alpha", "expected a number > 0 that fits in float32, got " +
+                             (f.given("lora_alpha") ? f.at("lora_alpha").dump() : std::string("nothing")));
+  c.lora_alpha = *alpha;
+  c.lora_dropout = f.number("lora_dropout").value_or(0.0);
+  if (!(c.lora_dropout >= 0 && c.lora_dropout < 1))
+    f.fail("lora_dropout", "expected a number in [0, 1), got " + f.at("lora_dropout").dump());
+  c.use_rslora = f.boolean("use_rslora").value_or(false);
+  // peft keeps target_modules as a set: a name listed twice is one target.
+  for (auto& t : module_list(f, "target_modules"))
+    if (std::find(c.target_modules.begin(), c.target_modules.end(), t) == c.target_modules.end())
+      c.target_modules.push_back(std::move(t));
+  c.modules_to_save = module_list(f, "modules_to_save");
+  c.base_model_name_or_path = f.string("base_model_name_or_path").value_or("");
   return c;
 }
 

@@ -1,6 +1,7 @@
 #include "longlora/io/hf_config.h"
 
-#include <fstream>
+#include <cmath>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "longlora/common/error.h"
@@ -9,108 +10,206 @@
 using nlohmann::json;
 
 namespace longlora::io {
+
+// ---------------------------------------------------------------------------
+// JsonFields
+
+namespace {
+// A value as JSON, cut short: the message stays one readable line.
+std::string brief(const json& v) {
+  std::string s = v.dump();
+  return s.size() > 80 ? s.substr(0, 77) + "..." : s;
+}
+}  // namespace
+
+void check_not_directory(const std::string& path) {
+  if (std::filesystem::is_directory(path)) fail(path, "", "is a directory, a file is expected");
+}
+
+JsonFields::JsonFields(const json& obj, std::string source, std::string prefix)
+    : j_(&obj), src_(std::move(source)), prefix_(std::move(prefix)) {
+  if (!obj.is_object()) longlora::fail(src_, prefix_, "expected a JSON object, got " + brief(obj));
+}
+
+bool JsonFields::given(const std::string& key) const {
+  return j_->contains(key) && !(*j_)[key].is_null();
+}
+
+const json& JsonFields::at(const std::string& key) const { return (*j_)[key]; }
+
+std::string JsonFields::field(const std::string& key) const {
+  if (prefix_.empty()) return key;
+  return key.empty() ? prefix_ : prefix_ + "." + key;
+}
+
+void JsonFields::fail(const std::string& key, const std::string& message) const {
+  longlora::fail(src_, field(key), message);
+}
+
+void JsonFields::expected(const std::string& key, const std::string& what) const {
+  fail(key, "expected " + what + ", got " + brief(at(key)));
+}
+
+std::optional<bool> JsonFields::boolean(const std::string& key) const {
+  if (!given(key)) return std::nullopt;
+  if (!at(key).is_boolean()) expected(key, "true or false");
+  return at(key).get<bool>();
+}
+
+std::optional<int64_t> JsonFields::integer(const std::string& key) const {
+  if (!given(key)) return std::nullopt;
+  const json& v = at(key);
+  // An unsigned above INT64_MAX would wrap to a negative value.
+  if (!v.is_number_integer() ||
+      (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)))
+    expected(key, "an integer");
+  return v.get<int64_t>();
+}
+
+std::optional<double> JsonFields::number(const std::string& key) const {
+  if (!given(key)) return std::nullopt;
+  if (!at(key).is_number() || !std::isfinite(at(key).get<double>())) expected(key, "a number");
+  return at(key).get<double>();
+}
+
+std::optional<std::string> JsonFields::string(const std::string& key) const {
+  if (!given(key)) return std::nullopt;
+  if (!at(key).is_string()) expected(key, "a string");
+  return at(key).get<std::string>();
+}
+
+std::optional<std::vector<std::string>> JsonFields::strings(const std::string& key) const {
+  if (!given(key)) return std::nullopt;
+  const json& v = at(key);
+  if (!v.is_array()) expected(key, "a list of strings");
+  std::vector<std::string> out;
+  for (const auto& s : v) {
+    if (!s.is_string()) expected(key, "a list of strings");
+    out.push_back(s.get<std::string>());
+  }
+  return out;
+}
+
+std::optional<JsonFields> JsonFields::object(const std::string& key) const {
+  if (!given(key)) return std::nullopt;
+  if (!at(key).is_object()) expected(key, "an object or null");
+  return JsonFields(at(key), src_, field(key));
+}
+
+// ---------------------------------------------------------------------------
+// config.json
+
 namespace {
 
-int64_t get_int(const json& j, const std::string& key, const std::string& src, bool required,
-                int64_t def, int64_t min_value = 1) {
-  if (!j.contains(key) || j[key].is_null()) {
-    if (required) fail(src, key, "missing (expected an integer)");
+int64_t get_int(const JsonFields& f, const std::string& key, bool required, int64_t def,
+                int64_t min_value = 1) {
+  const auto v = f.integer(key);
+  if (!v) {
+    if (required) f.fail(key, "missing (expected an integer)");
     return def;
   }
-  if (!j[key].is_number_integer()) fail(src, key, "expected an integer, got " + j[key].dump());
-  const int64_t v = j[key].get<int64_t>();
-  if (v < min_value) fail(src, key, "must be >= " + std::to_string(min_value));
-  return v;
+  if (*v < min_value) f.fail(key, "must be >= " + std::to_string(min_value));
+  return *v;
 }
 
-double get_num(const json& j, const std::string& key, const std::string& src, double def) {
-  if (!j.contains(key) || j[key].is_null()) return def;
-  if (!j[key].is_number()) fail(src, key, "expected a number, got " + j[key].dump());
-  return j[key].get<double>();
+double parse_factor(const JsonFields& r) {
+  const auto f = r.number("factor");
+  if (!f) r.fail("factor", "missing: linear RoPE scaling needs a numeric factor");
+  if (!(*f >= 1.0)) r.fail("factor", "must be >= 1");
+  return *f;
 }
 
-double parse_factor(const json& r, const std::string& field, const std::string& src) {
-  if (!r.contains("factor") || !r["factor"].is_number())
-    fail(src, field + ".factor", "linear RoPE scaling needs a numeric factor");
-  const double f = r["factor"].get<double>();
-  if (!(f >= 1.0)) fail(src, field + ".factor", "must be >= 1");
-  return f;
+// The RoPE type of a rope_scaling / rope_parameters object. transformers 4's
+// LlamaConfig copies `type` over `rope_type`; transformers 5 reads `rope_type` first.
+// When both are given and differ, the two versions build different models, so
+// neither reading is safe.
+std::string rope_type_of(const JsonFields& r, const std::string& fallback) {
+  const auto type = r.string("type");
+  const auto rope_type = r.string("rope_type");
+  if (type && rope_type && *type != *rope_type)
+    r.fail("rope_type", "'" + *rope_type + "' but type is '" + *type +
+                            "' (transformers 4 follows type, 5 follows rope_type)");
+  return rope_type ? *rope_type : type ? *type : fallback;
 }
 
 }  // namespace
 
 ModelConfig parse_model_config(const json& j, const std::string& src) {
-  if (!j.is_object()) fail(src, "", "expected a JSON object");
-  if (j.contains("model_type") && j["model_type"] != "llama")
-    fail(src, "model_type", "only 'llama' is supported, got " + j["model_type"].dump());
-  if (j.contains("attention_bias") && j["attention_bias"].is_boolean() &&
-      j["attention_bias"].get<bool>())
-    fail(src, "attention_bias", "true is not supported (LLaMA has no attention bias)");
-  if (j.contains("mlp_bias") && j["mlp_bias"].is_boolean() && j["mlp_bias"].get<bool>())
-    fail(src, "mlp_bias", "true is not supported");
-  if (j.contains("hidden_act") && j["hidden_act"] != "silu")
-    fail(src, "hidden_act", "only 'silu' is supported, got " + j["hidden_act"].dump());
-  if (j.contains("pretraining_tp") && j["pretraining_tp"].is_number_integer() &&
-      j["pretraining_tp"].get<int64_t>() != 1)
-    fail(src, "pretraining_tp", "only 1 is supported");
+  const JsonFields f(j, src);
+  if (auto t = f.string("model_type"); t && *t != "llama")
+    f.fail("model_type", "only 'llama' is supported, got \"" + *t + "\"");
+  if (f.boolean("attention_bias").value_or(false))
+    f.fail("attention_bias", "true is not supported (LLaMA has no attention bias)");
+  if (f.boolean("mlp_bias").value_or(false)) f.fail("mlp_bias", "true is not supported");
+  if (auto a = f.string("hidden_act"); a && *a != "silu")
+    f.fail("hidden_act", "only 'silu' is supported, got \"" + *a + "\"");
+  if (auto tp = f.integer("pretraining_tp"); tp && *tp != 1)
+    f.fail("pretraining_tp", "only 1 is supported");
 
   ModelConfig c;
-  c.hidden_size = get_int(j, "hidden_size", src, true, 0);
-  c.intermediate_size = get_int(j, "intermediate_size", src, true, 0);
-  c.num_hidden_layers = get_int(j, "num_hidden_layers", src, true, 0);
-  c.num_attention_heads = get_int(j, "num_attention_heads", src, true, 0);
-  c.num_key_value_heads =
-      get_int(j, "num_key_value_heads", src, false, c.num_attention_heads);
-  c.vocab_size = get_int(j, "vocab_size", src, true, 0);
-  c.max_position_embeddings = get_int(j, "max_position_embeddings", src, false, 2048);
-  if (c.hidden_size % c.num_attention_heads != 0 && !j.contains("head_dim"))
-    fail(src, "hidden_size", "not divisible by num_attention_heads and no head_dim given");
-  c.head_dim = get_int(j, "head_dim", src, false, c.hidden_size / c.num_attention_heads);
+  c.hidden_size = get_int(f, "hidden_size", true, 0);
+  c.intermediate_size = get_int(f, "intermediate_size", true, 0);
+  c.num_hidden_layers = get_int(f, "num_hidden_layers", true, 0);
+  c.num_attention_heads = get_int(f, "num_attention_heads", true, 0);
+  c.num_key_value_heads = get_int(f, "num_key_value_heads", false, c.num_attention_heads);
+  c.vocab_size = get_int(f, "vocab_size", true, 0);
+  c.max_position_embeddings = get_int(f, "max_position_embeddings", false, 2048);
+  if (c.hidden_size % c.num_attention_heads != 0 && !f.given("head_dim"))
+    f.fail("hidden_size", "not divisible by num_attention_heads and no head_dim given");
+  c.head_dim = get_int(f, "head_dim", false, c.hidden_size / c.num_attention_heads);
   if (c.num_attention_heads % c.num_key_value_heads != 0)
-    fail(src, "num_key_value_heads", "must divide num_attention_heads");
-  c.rms_norm_eps = get_num(j, "rms_norm_eps", src, 1e-6);
-  if (!(c.rms_norm_eps > 0)) fail(src, "rms_norm_eps", "must be > 0");
-  c.initializer_range = get_num(j, "initializer_range", src, 0.02);
-  if (!(c.initializer_range > 0)) fail(src, "initializer_range", "must be > 0");
-  c.tie_word_embeddings = j.value("tie_word_embeddings", false);
-  c.bos_token_id = get_int(j, "bos_token_id", src, false, 1, 0);
-  if (j.contains("eos_token_id") && j["eos_token_id"].is_array()) {
-    if (j["eos_token_id"].empty()) fail(src, "eos_token_id", "empty list");
-    c.eos_token_id = j["eos_token_id"][0].get<int64_t>();
+    f.fail("num_key_value_heads", "must divide num_attention_heads");
+  c.rms_norm_eps = f.number("rms_norm_eps").value_or(1e-6);
+  if (!(c.rms_norm_eps > 0)) f.fail("rms_norm_eps", "must be > 0");
+  c.initializer_range = f.number("initializer_range").value_or(0.02);
+  if (!(c.initializer_range > 0)) f.fail("initializer_range", "must be > 0");
+  c.tie_word_embeddings = f.boolean("tie_word_embeddings").value_or(false);
+  c.bos_token_id = get_int(f, "bos_token_id", false, 1, 0);
+  if (f.given("eos_token_id") && f.at("eos_token_id").is_array()) {
+    // Several end tokens (LLaMA 3 style): generation stops at the first listed.
+    const json& l = f.at("eos_token_id");
+    if (l.empty()) f.fail("eos_token_id", "empty list");
+    for (const auto& e : l)
+      if (!e.is_number_integer() || e.get<int64_t>() < 0)
+        f.expected("eos_token_id", "an integer >= 0 or a list of them");
+    c.eos_token_id = l[0].get<int64_t>();
   } else {
-    c.eos_token_id = get_int(j, "eos_token_id", src, false, 2, 0);
+    c.eos_token_id = get_int(f, "eos_token_id", false, 2, 0);
   }
-  if (j.contains("torch_dtype") && j["torch_dtype"].is_string())
-    c.torch_dtype = j["torch_dtype"].get<std::string>();
-  else if (j.contains("dtype") && j["dtype"].is_string())
-    c.torch_dtype = j["dtype"].get<std::string>();
+  // Decides the dtype of a merged export: an unknown name must not become fp32 silently.
+  for (const char* k : {"torch_dtype", "dtype"}) {
+    const auto d = f.string(k);
+    if (!d) continue;
+    if (*d != "float32" && *d != "float16" && *d != "bfloat16" && *d != "auto")
+      f.fail(k, "expected one of float32, float16, bfloat16, auto, got \"" + *d + "\"");
+    c.torch_dtype = *d;
+    break;  // torch_dtype (transformers 4) wins over dtype (5), as before
+  }
 
   // RoPE, transformers 5 form first, then 4.
-  c.rope_theta = get_num(j, "rope_theta", src, 10000.0);
-  if (j.contains("rope_parameters") && !j["rope_parameters"].is_null()) {
-    const json& r = j["rope_parameters"];
-    if (!r.is_object()) fail(src, "rope_parameters", "expected an object");
-    const std::string type = r.value("rope_type", std::string("default"));
-    if (r.contains("rope_theta")) c.rope_theta = get_num(r, "rope_theta", src, c.rope_theta);
+  c.rope_theta = f.number("rope_theta").value_or(10000.0);
+  if (auto r = f.object("rope_parameters")) {
+    const std::string type = rope_type_of(*r, "default");
+    c.rope_theta = r->number("rope_theta").value_or(c.rope_theta);
     if (type == "linear")
-      c.rope_factor = parse_factor(r, "rope_parameters", src);
+      c.rope_factor = parse_factor(*r);
     else if (type != "default")
-      fail(src, "rope_parameters.rope_type",
-           "'" + type + "' is not implemented (supported: default, linear)");
-  } else if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
-    const json& r = j["rope_scaling"];
-    if (!r.is_object()) fail(src, "rope_scaling", "expected an object or null");
-    std::string type = r.value("type", r.value("rope_type", std::string("")));
+      r->fail("rope_type", "'" + type + "' is not implemented (supported: default, linear)");
+  } else if (auto r = f.object("rope_scaling")) {
+    const std::string type = rope_type_of(*r, "");
     if (type == "linear")
-      c.rope_factor = parse_factor(r, "rope_scaling", src);
+      c.rope_factor = parse_factor(*r);
+    else if (type.empty())
+      r->fail("type", "missing (supported: linear)");
     else if (type != "default")
-      fail(src, "rope_scaling.type", "'" + type + "' is not implemented (supported: linear)");
+      r->fail("type", "'" + type + "' is not implemented (supported: linear)");
   }
-  if (!(c.rope_theta > 0)) fail(src, "rope_theta", "must be > 0");
+  if (!(c.rope_theta > 0)) f.fail("rope_theta", "must be > 0");
   return c;
 }
 
 ModelConfig load_model_config(const std::string& path) {
+  check_not_directory(path);
   return parse_model_config(read_json_file(path), path);
 }
 

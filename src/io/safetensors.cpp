@@ -17,6 +17,8 @@
 #include "longlora/common/error.h"
 #include "longlora/common/json_file.h"
 
+#include <spdlog/spdlog.h>
+
 namespace fs = std::filesystem;
 using nlohmann::json;
 
@@ -71,6 +73,10 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   if (::fstat(fd, &st) != 0) {
     ::close(fd);
     fail(path, "", std::string("cannot stat: ") + std::strerror(errno));
+  }
+  if (S_ISDIR(st.st_mode)) {  // open() takes a directory; mmap would say "No such device"
+    ::close(fd);
+    fail(path, "", "is a directory, a file is expected");
   }
   map_size_ = static_cast<size_t>(st.st_size);
   if (map_size_ < 8) {
@@ -199,7 +205,21 @@ SafetensorsCheckpoint::SafetensorsCheckpoint(const std::string& path) : path_(pa
   }
   const fs::path dir(path);
   const fs::path index = dir / "model.safetensors.index.json";
+  const fs::path single = dir / "model.safetensors";
+  // transformers' from_pretrained looks for model.safetensors before the sharded
+  // index; a folder with both (a merged file saved next to the shards) must give
+  // the same weights here as there.
+  if (fs::exists(single)) {
+    if (fs::exists(index))
+      spdlog::warn("{}: has both model.safetensors and model.safetensors.index.json; reading "
+                   "model.safetensors, as transformers does", path);
+    auto f = std::make_shared<SafetensorsFile>(single.string());
+    files_.push_back(f);
+    for (const auto& t : f->tensors()) where_[t.name] = f;
+    return;
+  }
   if (fs::exists(index)) {
+    if (fs::is_directory(index)) fail(index.string(), "", "is a directory, a file is expected");
     json j = read_json_file(index.string());
     if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
       fail(index.string(), "weight_map", "missing or not an object");
@@ -208,7 +228,7 @@ SafetensorsCheckpoint::SafetensorsCheckpoint(const std::string& path) : path_(pa
       if (!it.value().is_string())
         fail(index.string(), "weight_map." + it.key(), "must name a shard file");
       const std::string shard = it.value().get<std::string>();
-      if (shard.find('/') != std::string::npos)
+      if (shard.empty() || shard == "." || shard == ".." || shard.find('/') != std::string::npos)
         fail(index.string(), "weight_map." + it.key(), "shard must be a file name in the folder");
       auto& f = opened[shard];
       if (!f) {
@@ -220,13 +240,6 @@ SafetensorsCheckpoint::SafetensorsCheckpoint(const std::string& path) : path_(pa
              "listed in model.safetensors.index.json but not in the shard");
       where_[it.key()] = f;
     }
-    return;
-  }
-  const fs::path single = dir / "model.safetensors";
-  if (fs::exists(single)) {
-    auto f = std::make_shared<SafetensorsFile>(single.string());
-    files_.push_back(f);
-    for (const auto& t : f->tensors()) where_[t.name] = f;
     return;
   }
   fail(path, "", "no model.safetensors or model.safetensors.index.json in the folder");

@@ -1,12 +1,15 @@
 #include "longlora/model/loader.h"
 
+#include <cmath>
 #include <filesystem>
+#include <optional>
 #include <set>
 #include <sstream>
 
 #include "longlora/common/device.h"
 #include "longlora/common/error.h"
 #include "longlora/common/json_file.h"
+#include "longlora/io/hf_config.h"
 
 #include <spdlog/spdlog.h>
 #include "longlora/io/tensors.h"
@@ -86,6 +89,32 @@ LlamaForCausalLM random_model(const io::ModelConfig& cfg, const LoadOptions& opt
   return m;
 }
 
+namespace {
+
+// The decoder layers config.json asks for must all be in the checkpoint. Checked on
+// the tensor names before the model is built: a wrong num_hidden_layers (1000000)
+// would otherwise allocate every layer first and run out of memory.
+void check_layer_count(const io::SafetensorsCheckpoint& ckpt, const io::ModelConfig& cfg,
+                       const std::string& cfg_path) {
+  const std::string prefix = "model.layers.";
+  std::set<int64_t> present;
+  for (const auto& name : ckpt.names()) {
+    if (name.rfind(prefix, 0) != 0) continue;
+    const auto dot = name.find('.', prefix.size());
+    const std::string idx = name.substr(prefix.size(), dot - prefix.size());
+    if (idx.empty() || idx.size() > 18 || idx.find_first_not_of("0123456789") != std::string::npos)
+      continue;  // not a layer index; the name check after the build refuses it
+    present.insert(std::stoll(idx));
+  }
+  for (int64_t i = 0; i < cfg.num_hidden_layers; ++i)
+    if (!present.count(i))
+      fail(cfg_path, "num_hidden_layers",
+           std::to_string(cfg.num_hidden_layers) + " but the checkpoint has no tensor of layer " +
+               std::to_string(i) + " (model.layers." + std::to_string(i) + ".*)");
+}
+
+}  // namespace
+
 LlamaForCausalLM load_model(const std::string& dir, const LoadOptions& opt) {
   const std::string cfg_path = (fs::path(dir) / "config.json").string();
   if (!fs::is_directory(dir)) fail(dir, "", "model directory not found");
@@ -94,6 +123,7 @@ LlamaForCausalLM load_model(const std::string& dir, const LoadOptions& opt) {
   if (opt.random_init) return random_model(cfg, opt);
 
   auto ckpt = std::make_shared<io::SafetensorsCheckpoint>(dir);
+  check_layer_count(*ckpt, cfg, cfg_path);
   LlamaForCausalLM m(cfg);
   m->compute_dtype = opt.compute_dtype;
   auto shapes = base_shapes(*m);
@@ -122,22 +152,45 @@ LlamaForCausalLM load_model(const std::string& dir, const LoadOptions& opt) {
   return m;
 }
 
+namespace {
+
+// What a training checkpoint given as --adapter says about how to run it. A peft
+// adapter directory has neither file and is taken as it is.
+std::optional<double> training_checkpoint_factor(const fs::path& dir) {
+  const fs::path ts = dir / "trainer_state.json";
+  if (!fs::exists(ts) && !fs::exists(dir / "run_config.json")) return std::nullopt;
+  // The same rule as export: a checkpoint whose save was interrupted is not one.
+  if (!fs::exists(dir / "COMPLETE"))
+    fail(dir.string(), "COMPLETE", "missing: not a complete training checkpoint (interrupted save?)");
+  if (!fs::exists(ts)) return std::nullopt;
+  io::check_not_directory(ts.string());
+  const auto st = read_json_file(ts.string());
+  const io::JsonFields f(st, ts.string());
+  if (!st.contains("rope_factor")) return std::nullopt;  // older checkpoints: config.json's factor
+  const auto& v = f.at("rope_factor");
+  // A factor below 1 compresses nothing and 0 divides positions by zero (loss -nan).
+  if (!v.is_number() || !std::isfinite(v.get<double>()) || !(v.get<double>() >= 1.0))
+    fail(ts.string(), "rope_factor", "expected a number >= 1, got " + v.dump());
+  return v.get<double>();
+}
+
+}  // namespace
+
 LlamaForCausalLM load_for_inference(const std::string& dir, const std::string& adapter,
                                     const std::string& device, const std::string& dtype,
                                     double rope_factor) {
   LoadOptions lo;
   lo.device = pick_device(device);
   lo.compute_dtype = pick_dtype(dtype, lo.device);
+  std::optional<double> trained;
+  if (!adapter.empty() && fs::is_directory(adapter)) trained = training_checkpoint_factor(adapter);
   if (rope_factor > 0) {
     lo.rope_factor = rope_factor;
-  } else if (!adapter.empty() && fs::exists(fs::path(adapter) / "trainer_state.json")) {
+  } else if (trained) {
     // A training checkpoint knows the RoPE factor it was trained with; evaluating
     // its adapter at another factor would be silently wrong.
-    const auto st = read_json_file((fs::path(adapter) / "trainer_state.json").string());
-    if (st.contains("rope_factor") && st["rope_factor"].is_number()) {
-      lo.rope_factor = st["rope_factor"].get<double>();
-      spdlog::info("rope factor {} from {}", *lo.rope_factor, adapter);
-    }
+    lo.rope_factor = trained;
+    spdlog::info("rope factor {} from {}", *lo.rope_factor, adapter);
   }
   auto m = load_model(dir, lo);
   if (!adapter.empty()) apply_adapter(*m, adapter);

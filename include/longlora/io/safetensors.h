@@ -59,7 +59,8 @@ class SafetensorsFile {
 // model.safetensors.index.json. Files stay mapped while this object lives.
 class SafetensorsCheckpoint {
  public:
-  // `path` is a directory (index.json or model.safetensors inside) or a file.
+  // `path` is a directory or a file. In a directory model.safetensors is read when
+  // present (transformers' order), else the shards model.safetensors.index.json lists.
   explicit SafetensorsCheckpoint(const std::string& path);
   std::vector<std::string> names() const;  // sorted
   bool contains(const std::string& name) const;
