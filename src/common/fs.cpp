@@ -7,6 +7,8 @@
 #include <cerrno>
 #include <cstdio>
 
+#include "longlora/common/error.h"
+
 namespace longlora {
 
 bool remove_tree(const std::string& path) {
@@ -17,6 +19,11 @@ bool remove_tree(const std::string& path) {
   return ::nftw(path.c_str(),
                 [](const char* p, const struct stat*, int, struct FTW*) { return std::remove(p); },
                 64, FTW_DEPTH | FTW_PHYS) == 0;
+}
+
+void check_not_directory(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) fail(path, "", "is a directory, a file is expected");
 }
 
 }  // namespace longlora

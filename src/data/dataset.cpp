@@ -8,6 +8,7 @@
 #include <spdlog/spdlog.h>
 
 #include "longlora/common/error.h"
+#include "longlora/common/fs.h"
 #include "longlora/common/json_file.h"
 #include "longlora/data/tokenizer.h"
 #include "longlora/data/tokens.h"

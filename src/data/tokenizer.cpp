@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "longlora/common/error.h"
+#include "longlora/common/fs.h"
 
 namespace longlora::data {
 
@@ -19,9 +20,7 @@ struct Tokenizer::Impl {
 };
 
 Tokenizer::Tokenizer(const std::string& path) : impl_(std::make_unique<Impl>()), path_(path) {
-  // sentencepiece reads a directory through an ifstream and fails with a message
-  // that names no path.
-  if (std::filesystem::is_directory(path)) fail(path, "", "is a directory, a file is expected");
+  check_not_directory(path);  // sentencepiece's own message names no path
   auto st = impl_->sp.Load(path);
   if (!st.ok()) fail(path, "", "cannot load sentencepiece model: " + st.ToString());
 }

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "longlora/common/error.h"
+#include "longlora/common/fs.h"
 #include "longlora/data/tokenizer.h"
 
 namespace fs = std::filesystem;
@@ -15,13 +16,6 @@ namespace longlora::data {
 namespace {
 std::string ext_of(const std::string& path) { return fs::path(path).extension().string(); }
 }  // namespace
-
-void check_not_directory(const std::string& path) {
-  // Reading a directory through ifstream fails inside the stream with a message that
-  // names no file ("basic_filebuf::underflow ... Is a directory"), or reads as empty.
-  std::error_code ec;
-  if (fs::is_directory(path, ec)) fail(path, "", "is a directory, a file is expected");
-}
 
 std::vector<int32_t> read_bin(const std::string& path) {
   check_not_directory(path);

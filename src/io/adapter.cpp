@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "longlora/common/error.h"
+#include "longlora/common/fs.h"
 #include "longlora/common/json_file.h"
 #include "longlora/io/hf_config.h"
 

@@ -5,96 +5,12 @@
 #include <nlohmann/json.hpp>
 
 #include "longlora/common/error.h"
+#include "longlora/common/fs.h"
 #include "longlora/common/json_file.h"
 
 using nlohmann::json;
 
 namespace longlora::io {
-
-// ---------------------------------------------------------------------------
-// JsonFields
-
-namespace {
-// A value as JSON, cut short: the message stays one readable line.
-std::string brief(const json& v) {
-  std::string s = v.dump();
-  return s.size() > 80 ? s.substr(0, 77) + "..." : s;
-}
-}  // namespace
-
-void check_not_directory(const std::string& path) {
-  if (std::filesystem::is_directory(path)) fail(path, "", "is a directory, a file is expected");
-}
-
-JsonFields::JsonFields(const json& obj, std::string source, std::string prefix)
-    : j_(&obj), src_(std::move(source)), prefix_(std::move(prefix)) {
-  if (!obj.is_object()) longlora::fail(src_, prefix_, "expected a JSON object, got " + brief(obj));
-}
-
-bool JsonFields::given(const std::string& key) const {
-  return j_->contains(key) && !(*j_)[key].is_null();
-}
-
-const json& JsonFields::at(const std::string& key) const { return (*j_)[key]; }
-
-std::string JsonFields::field(const std::string& key) const {
-  if (prefix_.empty()) return key;
-  return key.empty() ? prefix_ : prefix_ + "." + key;
-}
-
-void JsonFields::fail(const std::string& key, const std::string& message) const {
-  longlora::fail(src_, field(key), message);
-}
-
-void JsonFields::expected(const std::string& key, const std::string& what) const {
-  fail(key, "expected " + what + ", got " + brief(at(key)));
-}
-
-std::optional<bool> JsonFields::boolean(const std::string& key) const {
-  if (!given(key)) return std::nullopt;
-  if (!at(key).is_boolean()) expected(key, "true or false");
-  return at(key).get<bool>();
-}
-
-std::optional<int64_t> JsonFields::integer(const std::string& key) const {
-  if (!given(key)) return std::nullopt;
-  const json& v = at(key);
-  // An unsigned above INT64_MAX would wrap to a negative value.
-  if (!v.is_number_integer() ||
-      (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)))
-    expected(key, "an integer");
-  return v.get<int64_t>();
-}
-
-std::optional<double> JsonFields::number(const std::string& key) const {
-  if (!given(key)) return std::nullopt;
-  if (!at(key).is_number() || !std::isfinite(at(key).get<double>())) expected(key, "a number");
-  return at(key).get<double>();
-}
-
-std::optional<std::string> JsonFields::string(const std::string& key) const {
-  if (!given(key)) return std::nullopt;
-  if (!at(key).is_string()) expected(key, "a string");
-  return at(key).get<std::string>();
-}
-
-std::optional<std::vector<std::string>> JsonFields::strings(const std::string& key) const {
-  if (!given(key)) return std::nullopt;
-  const json& v = at(key);
-  if (!v.is_array()) expected(key, "a list of strings");
-  std::vector<std::string> out;
-  for (const auto& s : v) {
-    if (!s.is_string()) expected(key, "a list of strings");
-    out.push_back(s.get<std::string>());
-  }
-  return out;
-}
-
-std::optional<JsonFields> JsonFields::object(const std::string& key) const {
-  if (!given(key)) return std::nullopt;
-  if (!at(key).is_object()) expected(key, "an object or null");
-  return JsonFields(at(key), src_, field(key));
-}
 
 // ---------------------------------------------------------------------------
 // config.json

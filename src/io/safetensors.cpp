@@ -219,7 +219,6 @@ SafetensorsCheckpoint::SafetensorsCheckpoint(const std::string& path) : path_(pa
     return;
   }
   if (fs::exists(index)) {
-    if (fs::is_directory(index)) fail(index.string(), "", "is a directory, a file is expected");
     json j = read_json_file(index.string());
     if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
       fail(index.string(), "weight_map", "missing or not an object");

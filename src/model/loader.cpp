@@ -8,6 +8,7 @@
 
 #include "longlora/common/device.h"
 #include "longlora/common/error.h"
+#include "longlora/common/fs.h"
 #include "longlora/common/json_file.h"
 #include "longlora/io/hf_config.h"
 
@@ -163,9 +164,9 @@ std::optional<double> training_checkpoint_factor(const fs::path& dir) {
   if (!fs::exists(dir / "COMPLETE"))
     fail(dir.string(), "COMPLETE", "missing: not a complete training checkpoint (interrupted save?)");
   if (!fs::exists(ts)) return std::nullopt;
-  io::check_not_directory(ts.string());
+  check_not_directory(ts.string());
   const auto st = read_json_file(ts.string());
-  const io::JsonFields f(st, ts.string());
+  const JsonFields f(st, ts.string());
   if (!st.contains("rope_factor")) return std::nullopt;  // older checkpoints: config.json's factor
   const auto& v = f.at("rope_factor");
   // A factor below 1 compresses nothing and 0 divides positions by zero (loss -nan).

@@ -193,18 +193,18 @@ TrainerState read_trainer_state(const std::string& dir) {
   if (!fs::is_directory(dir)) throw Error(dir + ": no such checkpoint directory");
   if (!fs::exists(fs::path(dir) / "COMPLETE")) throw Error(dir + ": not a complete checkpoint (no COMPLETE marker)");
   const json ts = read_json_file(file);
-  if (!ts.is_object()) fail(file, "", "expected a JSON object");
-  if (ts.value("format_version", json(0)) != json(kFormatVersion))
-    fail(file, "format_version", ts.value("format_version", json(nullptr)).dump() + " is not " +
-                                     std::to_string(kFormatVersion));
+  const JsonFields f(ts, file);
+  if (f.integer("format_version") != kFormatVersion)
+    f.fail("format_version", ts.value("format_version", json(nullptr)).dump() + " is not " +
+                                 std::to_string(kFormatVersion));
   auto count = [&](const char* key, bool required) -> int64_t {
-    if (!ts.contains(key)) {
-      if (required) fail(file, key, "missing");
+    const auto v = f.integer(key);
+    if (!v) {
+      if (required) f.fail(key, "missing");
       return 0;
     }
-    const json& v = ts[key];
-    if (!v.is_number_integer() || v.get<int64_t>() < 0) fail(file, key, "expected an integer >= 0, got " + v.dump());
-    return v.get<int64_t>();
+    if (*v < 0) f.expected(key, "an integer >= 0");
+    return *v;
   };
   TrainerState st;
   st.step = count("step", true);

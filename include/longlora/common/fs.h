@@ -11,4 +11,9 @@ namespace longlora {
 // Returns false (errno set) when something could not be removed.
 bool remove_tree(const std::string& path);
 
+// "PATH: is a directory, a file is expected" (an Error) when `path` is a directory:
+// an ifstream opens one and fails later with a message that names no file
+// ("basic_filebuf::underflow ... Is a directory"), or reads it as empty.
+void check_not_directory(const std::string& path);
+
 }  // namespace longlora

@@ -12,9 +12,6 @@ namespace longlora::data {
 
 class Tokenizer;
 
-// "PATH: is a directory, a file is expected" when `path` is a directory.
-void check_not_directory(const std::string& path);
-
 std::vector<int32_t> read_bin(const std::string& path);
 void write_bin(const std::string& path, const std::vector<int32_t>& ids);
 
