@@ -10,16 +10,6 @@
 using namespace longlora;
 using nlohmann::json;
 
-namespace {
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-}  // namespace
 
 TEST(RunConfig, DefaultsAreLongLoRAsRecipe) {
   train::RunConfig c;
@@ -37,19 +27,19 @@ TEST(RunConfig, DefaultsAreLongLoRAsRecipe) {
 }
 
 TEST(RunConfig, ErrorsNameFileKeyAndExpectation) {
-  auto e = error_of([] { train::parse_run_config(json::parse(R"({"lora": {"rnk": 4}})"), "my.json"); });
+  auto e = testutil::error_of([] { train::parse_run_config(json::parse(R"({"lora": {"rnk": 4}})"), "my.json"); });
   EXPECT_EQ(e, "my.json: lora.rnk: unknown key");
-  e = error_of([] { train::parse_run_config(json::parse(R"({"lora": {"r": "eight"}})"), "my.json"); });
+  e = testutil::error_of([] { train::parse_run_config(json::parse(R"({"lora": {"r": "eight"}})"), "my.json"); });
   EXPECT_NE(e.find("my.json: lora.r: expected an integer"), std::string::npos) << e;
-  e = error_of([] { train::parse_run_config(json::parse(R"({"lora": {"r": 0}})"), "my.json"); });
+  e = testutil::error_of([] { train::parse_run_config(json::parse(R"({"lora": {"r": 0}})"), "my.json"); });
   EXPECT_NE(e.find("lora.r: expected an integer >= 1"), std::string::npos) << e;
-  e = error_of([] { train::parse_run_config(json::parse(R"({"attention": {"group_ratio": 1.5}})"), "c.json"); });
+  e = testutil::error_of([] { train::parse_run_config(json::parse(R"({"attention": {"group_ratio": 1.5}})"), "c.json"); });
   EXPECT_NE(e.find("c.json: attention.group_ratio"), std::string::npos) << e;
-  e = error_of([] { train::parse_run_config(json::parse(R"({"train": {"scheduler": "step"}})"), "c.json"); });
+  e = testutil::error_of([] { train::parse_run_config(json::parse(R"({"train": {"scheduler": "step"}})"), "c.json"); });
   EXPECT_NE(e.find("train.scheduler: expected one of constant_with_warmup | cosine | linear"), std::string::npos) << e;
-  e = error_of([] { train::parse_run_config(json::parse(R"({"lora": {"targets": ["q_proj", "qkv"]}})"), "c.json"); });
+  e = testutil::error_of([] { train::parse_run_config(json::parse(R"({"lora": {"targets": ["q_proj", "qkv"]}})"), "c.json"); });
   EXPECT_NE(e.find("lora.targets"), std::string::npos) << e;
-  e = error_of([] { train::parse_run_config(json::parse(R"({"lora": 3})"), "c.json"); });
+  e = testutil::error_of([] { train::parse_run_config(json::parse(R"({"lora": 3})"), "c.json"); });
   EXPECT_NE(e.find("c.json: lora: expected an object"), std::string::npos) << e;
 }
 
@@ -61,11 +51,11 @@ TEST(RunConfig, OverridesUseTheSameValidation) {
   EXPECT_EQ(c.lora.r, 16);
   EXPECT_EQ(c.attention.shift_mode, "roll");
   EXPECT_EQ(c.lora.targets.size(), 2u);
-  EXPECT_NE(error_of([&] { train::apply_override(c, "lora.r=abc"); }).find("--set lora.r: expected an integer"),
+  EXPECT_NE(testutil::error_of([&] { train::apply_override(c, "lora.r=abc"); }).find("--set lora.r: expected an integer"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { train::apply_override(c, "lora.rank=4"); }).find("--set lora.rank: unknown key"),
+  EXPECT_NE(testutil::error_of([&] { train::apply_override(c, "lora.rank=4"); }).find("--set lora.rank: unknown key"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { train::apply_override(c, "lora.r"); }).find("key.path=value"), std::string::npos);
+  EXPECT_NE(testutil::error_of([&] { train::apply_override(c, "lora.r"); }).find("key.path=value"), std::string::npos);
 }
 
 TEST(RunConfig, JsonRoundTripAndReference) {
@@ -137,15 +127,15 @@ TEST(ModelConfig, BothRopeForms) {
   EXPECT_EQ(c5.rope_theta, 1e6);
   auto j6 = base;
   j6["rope_parameters"] = {{"rope_type", "yarn"}, {"factor", 4.0}};
-  EXPECT_NE(error_of([&] { io::parse_model_config(j6, "c6.json"); }).find("c6.json: rope_parameters.rope_type"),
+  EXPECT_NE(testutil::error_of([&] { io::parse_model_config(j6, "c6.json"); }).find("c6.json: rope_parameters.rope_type"),
             std::string::npos);
   auto j7 = base;
   j7["attention_bias"] = true;
-  EXPECT_NE(error_of([&] { io::parse_model_config(j7, "c7.json"); }).find("c7.json: attention_bias"),
+  EXPECT_NE(testutil::error_of([&] { io::parse_model_config(j7, "c7.json"); }).find("c7.json: attention_bias"),
             std::string::npos);
   auto j8 = base;
   j8["model_type"] = "mistral";
-  EXPECT_NE(error_of([&] { io::parse_model_config(j8, "c8.json"); }).find("model_type"), std::string::npos);
+  EXPECT_NE(testutil::error_of([&] { io::parse_model_config(j8, "c8.json"); }).find("model_type"), std::string::npos);
   // initializer_range: the std of a random init, as transformers draws it.
   auto j10 = base;
   j10["initializer_range"] = 0.1;
@@ -162,10 +152,10 @@ TEST(ModelConfig, BothRopeForms) {
     EXPECT_TRUE(torch::equal(m->model->norm->weight, torch::ones_like(m->model->norm->weight)));
   }
   j10["initializer_range"] = 0;
-  EXPECT_NE(error_of([&] { io::parse_model_config(j10, "c10.json"); }).find("c10.json: initializer_range"),
+  EXPECT_NE(testutil::error_of([&] { io::parse_model_config(j10, "c10.json"); }).find("c10.json: initializer_range"),
             std::string::npos);
   auto j9 = base;
   j9.erase("hidden_size");
-  EXPECT_NE(error_of([&] { io::parse_model_config(j9, "c9.json"); }).find("c9.json: hidden_size: missing"),
+  EXPECT_NE(testutil::error_of([&] { io::parse_model_config(j9, "c9.json"); }).find("c9.json: hidden_size: missing"),
             std::string::npos);
 }

@@ -207,15 +207,6 @@ TEST(Data, MakeDataRowTokensGiveRowsThatAreWholeDocuments) {
 
 namespace {
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
 bool has(const std::string& s, const std::string& what) { return s.find(what) != std::string::npos; }
 
 data::PasskeyCorpusOptions small_corpus(const std::string& out) {
@@ -243,13 +234,13 @@ TEST(DataBadInput, MakeDataNeverDamagesAnExistingOut) {
   const std::string out = d + "/precious.jsonl";
   testutil::write_file(out, "keep me\n");
   auto o = small_corpus(out);
-  EXPECT_TRUE(has(error_of([&] { data::write_passkey_corpus(o); }), "already exists (pass --overwrite"));
+  EXPECT_TRUE(has(testutil::error_of([&] { data::write_passkey_corpus(o); }), "already exists (pass --overwrite"));
   EXPECT_EQ(testutil::read_file(out), "keep me\n");
   // --overwrite, and the run fails: the old file stays, nothing beside it (a failure
   // after documents were written: MakeDataFailsOnAWriteError).
   o.overwrite = true;
   o.row_tokens = 64;  // one key and its question never fit 62 golden tokens
-  EXPECT_NE(error_of([&] { data::write_passkey_corpus(o); }), "(no error)");
+  EXPECT_NE(testutil::error_of([&] { data::write_passkey_corpus(o); }), "");
   EXPECT_EQ(testutil::read_file(out), "keep me\n");
   EXPECT_EQ(entries(d), 1u);
   // A successful --overwrite replaces it.
@@ -259,12 +250,12 @@ TEST(DataBadInput, MakeDataNeverDamagesAnExistingOut) {
   EXPECT_NE(testutil::read_file(out), "keep me\n");
   EXPECT_EQ(entries(d), 1u);
   // The output must be a .jsonl: under a .bin name training reads its bytes as token ids.
-  EXPECT_TRUE(has(error_of([&] { data::write_passkey_corpus(small_corpus(d + "/c.bin")); }),
+  EXPECT_TRUE(has(testutil::error_of([&] { data::write_passkey_corpus(small_corpus(d + "/c.bin")); }),
                   "c.bin: --out: must end in .jsonl"));
   std::filesystem::create_directory(d + "/dir.jsonl");
   o = small_corpus(d + "/dir.jsonl");
   o.overwrite = true;
-  EXPECT_TRUE(has(error_of([&] { data::write_passkey_corpus(o); }), "dir.jsonl: --out: is a directory"));
+  EXPECT_TRUE(has(testutil::error_of([&] { data::write_passkey_corpus(o); }), "dir.jsonl: --out: is a directory"));
   longlora::remove_tree(d);
 }
 
@@ -295,7 +286,7 @@ TEST(DataBadInput, MakeDataKeepsEveryDocumentWithinMaxTokens) {
   o.min_tokens = 16;
   o.max_tokens = 20;
   o.min_keys = o.max_keys = 5;
-  const auto e = error_of([&] { data::write_passkey_corpus(o); });
+  const auto e = testutil::error_of([&] { data::write_passkey_corpus(o); });
   EXPECT_TRUE(has(e, "--min-keys 5") && has(e, "--max-tokens 20")) << e;
   EXPECT_FALSE(std::filesystem::exists(o.out));
   // Some draws (two keys asked three times each) are longer than 260 tokens without
@@ -325,7 +316,7 @@ TEST(DataBadInput, LongAlpacaJsonIsParsedWhole) {
   testutil::write_file(d + "/garbage.json", records + " garbage");
   testutil::write_file(d + "/two.json", records + "\n" + records);
   for (const char* f : {"/garbage.json", "/two.json"}) {
-    const auto e = error_of([&] { data::Dataset(d + f, "auto", 128, &tok, 512); });
+    const auto e = testutil::error_of([&] { data::Dataset(d + f, "auto", 128, &tok, 512); });
     EXPECT_TRUE(has(e, std::string(f).substr(1) + ": bad JSON:")) << e;
     EXPECT_TRUE(has(e, "expected end of input")) << e;
   }
@@ -355,9 +346,9 @@ TEST(DataBadInput, ADirectoryIsNamedAsSuch) {
   for (const char* name : {"a.bin", "a.txt", "a.json", "a.jsonl"}) {
     const std::string p = d + "/" + name;
     std::filesystem::create_directory(p);
-    EXPECT_EQ(error_of([&] { data::Dataset(p, "auto", 8, &tok, 512); }), p + ": is a directory, a file is expected");
+    EXPECT_EQ(testutil::error_of([&] { data::Dataset(p, "auto", 8, &tok, 512); }), p + ": is a directory, a file is expected");
     if (std::string(name) != "a.json")  // eval's and data.eval's reader
-      EXPECT_EQ(error_of([&] { data::load_token_stream(p, &tok); }), p + ": is a directory, a file is expected");
+      EXPECT_EQ(testutil::error_of([&] { data::load_token_stream(p, &tok); }), p + ": is a directory, a file is expected");
   }
   longlora::remove_tree(d);
 }
@@ -370,8 +361,8 @@ TEST(DataBadInput, FormatContradictingTheExtensionIsRefused) {
   data::write_bin(d + "/t.bin", ids);
   testutil::write_file(d + "/t.jsonl", "{\"text\": \"The grass is green.\"}\n");
   for (const char* f : {"text", "sft"})
-    EXPECT_TRUE(has(error_of([&] { data::Dataset(d + "/t.bin", f, 8, &tok, 512); }), "t.bin: data.format: ")) << f;
-  EXPECT_TRUE(has(error_of([&] { data::Dataset(d + "/t.jsonl", "tokens", 8, &tok, 512); }), "t.jsonl: data.format: "));
+    EXPECT_TRUE(has(testutil::error_of([&] { data::Dataset(d + "/t.bin", f, 8, &tok, 512); }), "t.bin: data.format: ")) << f;
+  EXPECT_TRUE(has(testutil::error_of([&] { data::Dataset(d + "/t.jsonl", "tokens", 8, &tok, 512); }), "t.jsonl: data.format: "));
   EXPECT_EQ(data::Dataset(d + "/t.bin", "tokens", 8, &tok, 512).size(), 8);
   longlora::remove_tree(d);
 }
@@ -380,7 +371,7 @@ TEST(DataBadInput, GuessedInstructionDataSaysHowToReadItAsText) {
   const auto d = testutil::temp_dir("data-guess");
   data::Tokenizer tok(testutil::golden("tokenizer.model"));
   testutil::write_file(d + "/t.jsonl", "{\"text\": \"hello world\", \"instruction\": \"meta\"}\n");
-  const auto e = error_of([&] { data::Dataset(d + "/t.jsonl", "auto", 4, &tok, 512); });
+  const auto e = testutil::error_of([&] { data::Dataset(d + "/t.jsonl", "auto", 4, &tok, 512); });
   EXPECT_TRUE(has(e, "t.jsonl:1: output: missing")) << e;
   EXPECT_TRUE(has(e, "data.format=text")) << e;
   EXPECT_EQ(data::Dataset(d + "/t.jsonl", "text", 4, &tok, 512).kind(), "text");

@@ -133,24 +133,13 @@ TEST(EvalGolden, WindowsFollowTheStride) {
 
 namespace {
 
-std::string load_error(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    EXPECT_EQ(msg.find('\n'), std::string::npos) << "not one line: " << msg;
-    return msg;
-  }
-  return "";
-}
-
 nlohmann::json golden_config() { return testutil::read_json(testutil::golden("tiny-llama/model/config.json")); }
 
 // The error parse_model_config gives for the golden config.json changed by `edit`.
 std::string config_error(const std::function<void(nlohmann::json&)>& edit) {
   auto j = golden_config();
   edit(j);
-  return load_error([&] { io::parse_model_config(j, "m/config.json"); });
+  return testutil::error_of([&] { io::parse_model_config(j, "m/config.json"); });
 }
 
 // A copy of the golden adapter whose adapter_config.json is changed by `edit`,
@@ -170,7 +159,7 @@ std::string adapter_copy(const std::string& name, const std::function<void(nlohm
 std::string adapter_error(const std::string& name, const std::function<void(nlohmann::json&)>& edit) {
   const auto dir = adapter_copy(name, edit);
   auto m = tiny();
-  return load_error([&] { model::apply_adapter(*m, dir); });
+  return testutil::error_of([&] { model::apply_adapter(*m, dir); });
 }
 
 }  // namespace
@@ -247,7 +236,7 @@ TEST(LoadErrors, TrainingCheckpointAsAdapterIsChecked) {
   const std::string model = testutil::golden("tiny-llama/model");
   auto noop = [](nlohmann::json&) {};
   auto load = [&](const std::string& ck) {
-    return load_error([&] { model::load_for_inference(model, ck, "cpu", "fp32", 0); });
+    return testutil::error_of([&] { model::load_for_inference(model, ck, "cpu", "fp32", 0); });
   };
   // trainer_state.json's rope_factor, the rule export applies: a number >= 1.
   for (const std::string v : {"0", "-1", "0.5", "\"x\"", "null"}) {

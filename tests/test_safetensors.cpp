@@ -179,18 +179,6 @@ TEST(SafetensorsMalformed, CliReportsOneLineAndNonZeroExit) {
 
 namespace {
 
-// The one-line Error a call throws ("" when it throws none).
-std::string load_error(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    EXPECT_EQ(msg.find('\n'), std::string::npos) << "not one line: " << msg;
-    return msg;
-  }
-  return "";
-}
-
 // A copy of the golden sharded model whose config.json is changed by `edit`.
 std::string golden_model_copy(const std::string& name, const std::function<void(nlohmann::json&)>& edit) {
   const auto dir = testutil::temp_dir(name);
@@ -221,38 +209,38 @@ TEST(SafetensorsMalformed, DirectoryWhereAFileBelongs) {
   const std::string want = "is a directory, a file is expected";
   const auto dir = testutil::temp_dir("st-isdir");
   std::filesystem::create_directories(dir + "/x.safetensors");
-  EXPECT_NE(load_error([&] { io::SafetensorsFile f(dir + "/x.safetensors"); }).find(dir + "/x.safetensors: " + want),
+  EXPECT_NE(testutil::error_of([&] { io::SafetensorsFile f(dir + "/x.safetensors"); }).find(dir + "/x.safetensors: " + want),
             std::string::npos);
 
   const auto idx = testutil::temp_dir("st-isdir-index");
   std::filesystem::create_directories(idx + "/model.safetensors.index.json");
-  EXPECT_NE(load_error([&] { io::SafetensorsCheckpoint c(idx); })
+  EXPECT_NE(testutil::error_of([&] { io::SafetensorsCheckpoint c(idx); })
                 .find(idx + "/model.safetensors.index.json: " + want),
             std::string::npos);
 
   const auto shard = golden_model_copy("st-isdir-shard", [](nlohmann::json&) {});
   std::filesystem::remove(shard + "/model-00002-of-00004.safetensors");
   std::filesystem::create_directories(shard + "/model-00002-of-00004.safetensors");
-  EXPECT_NE(load_error([&] { model::load_model(shard, {}); })
+  EXPECT_NE(testutil::error_of([&] { model::load_model(shard, {}); })
                 .find(shard + "/model-00002-of-00004.safetensors: " + want),
             std::string::npos);
 
   const auto cfg = golden_model_copy("st-isdir-config", [](nlohmann::json&) {});
   std::filesystem::remove(cfg + "/config.json");
   std::filesystem::create_directories(cfg + "/config.json");
-  EXPECT_NE(load_error([&] { model::load_model(cfg, {}); }).find(cfg + "/config.json: " + want),
+  EXPECT_NE(testutil::error_of([&] { model::load_model(cfg, {}); }).find(cfg + "/config.json: " + want),
             std::string::npos);
 
   const auto tok = testutil::temp_dir("st-isdir-tok");
   std::filesystem::create_directories(tok + "/tokenizer.model");
-  EXPECT_NE(load_error([&] { data::Tokenizer t(tok + "/tokenizer.model"); }).find(tok + "/tokenizer.model: " + want),
+  EXPECT_NE(testutil::error_of([&] { data::Tokenizer t(tok + "/tokenizer.model"); }).find(tok + "/tokenizer.model: " + want),
             std::string::npos);
 }
 
 TEST(SafetensorsMalformed, EmptyShardNameInIndex) {
   const auto dir = testutil::temp_dir("st-empty-shard");
   testutil::write_file(dir + "/model.safetensors.index.json", R"({"weight_map": {"a": ""}})");
-  EXPECT_NE(load_error([&] { io::SafetensorsCheckpoint c(dir); })
+  EXPECT_NE(testutil::error_of([&] { io::SafetensorsCheckpoint c(dir); })
                 .find("model.safetensors.index.json: weight_map.a: shard must be a file name"),
             std::string::npos);
 }
@@ -265,7 +253,7 @@ TEST(SafetensorsMalformed, LayerCountCheckedBeforeTheModelIsBuilt) {
     const auto dir = golden_model_copy("st-layers-" + std::to_string(n),
                                        [n](nlohmann::json& c) { c["num_hidden_layers"] = n; });
     const auto t0 = std::chrono::steady_clock::now();
-    const auto err = load_error([&] { model::load_model(dir, {}); });
+    const auto err = testutil::error_of([&] { model::load_model(dir, {}); });
     EXPECT_NE(err.find(dir + "/config.json: num_hidden_layers: " + std::to_string(n) +
                        " but the checkpoint has no tensor of layer 2"),
               std::string::npos)

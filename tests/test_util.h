@@ -7,6 +7,7 @@
 #include <array>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <iterator>
 #include <map>
@@ -15,6 +16,7 @@
 #include <nlohmann/json.hpp>
 #include <vector>
 
+#include "longlora/common/error.h"
 #include "longlora/common/fs.h"
 #include "longlora/io/tensors.h"
 
@@ -88,6 +90,19 @@ inline RunResult run_cli(const std::string& args, const std::string& shell_prefi
   r.err.assign((std::istreambuf_iterator<char>(e)), std::istreambuf_iterator<char>());
   std::filesystem::remove(errf);
   return r;
+}
+
+// The message of the longlora::Error `f` throws ("" when it throws none); such a
+// message must be one line.
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const longlora::Error& e) {
+    const std::string msg = e.what();
+    EXPECT_EQ(msg.find('\n'), std::string::npos) << "not one line: " << msg;
+    return msg;
+  }
+  return "";
 }
 
 }  // namespace testutil
