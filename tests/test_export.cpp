@@ -651,6 +651,23 @@ TEST(ExportErrors, LoraFactorsOutsideTargetModulesAreRefused) {
   expect_clean_failure(r, dir, "out", {ad + "/adapter_model.safetensors", key, "target_modules"});
 }
 
+TEST(ExportErrors, NonFiniteMergedWeightsAreRefused) {
+  const auto dir = testutil::temp_dir("export-err-nan");
+  const std::string q = "model.layers.1.self_attn.q_proj";
+  const std::string nan_ad = copy_adapter(dir + "/nan", [&](Tensors& t) {
+    t[q + ".lora_B"] = t[q + ".lora_B"].clone();  // the loaded tensors view a read-only mapping
+    t[q + ".lora_B"].view(-1)[3] = NAN;
+  });
+  auto r = testutil::run_cli(export_cmd(nan_ad, dir + "/out", "--base " + kBase));
+  expect_clean_failure(r, dir, "out", {q + ".weight", "non-finite values after the merge"});
+  // B = 1e8 takes the merged weight past fp16's largest value (65504), not fp32's.
+  const std::string big = copy_adapter(dir + "/big", [&](Tensors& t) { t[q + ".lora_B"] = torch::full_like(t[q + ".lora_B"], 1e8); });
+  r = testutil::run_cli(export_cmd(big, dir + "/out", "--base " + kBase + " --dtype fp16"));
+  expect_clean_failure(r, dir, "out", {q + ".weight", "to float16"});
+  r = testutil::run_cli(export_cmd(big, dir + "/out32", "--base " + kBase + " --dtype fp32"));
+  EXPECT_EQ(r.code, 0) << r.err;
+}
+
 // Without a base, a peft export still checks the factors against r and each other.
 TEST(ExportErrors, PeftExportChecksRanksWithoutABase) {
   const auto dir = testutil::temp_dir("export-err-rank");

@@ -291,6 +291,12 @@ void write_tensor(const OutTensor& t, const Sink& sink) {
       c.copy_(out);
       out = c;
     }
+    // A NaN in the adapter, or a merged value past fp16's range, would be written as
+    // a model that loads and produces garbage.
+    if (!torch::isfinite(out).all().item<bool>())
+      fail(t.name, "", std::string("non-finite values after the ") + (merge ? "merge" : "cast") + " to " +
+                           torch_dtype_name(t.dtype) + (merge ? " (in the adapter's factors, or past the dtype's range)" : "") +
+                           "; nothing written");
     sink(out.data_ptr(), static_cast<size_t>(out.numel()) * out.element_size());
     if (t.release)
       release_pages(static_cast<const char*>(s.data) + static_cast<size_t>(r0) * row_bytes,
