@@ -482,9 +482,10 @@ TEST(Generate, NeverChoosesAnIdTheTokenizerLacks) {
   EXPECT_NO_THROW(tokenizer().decode(out));
 }
 
-TEST(EvalCli, ANonFiniteLossNamesTheTensorThatHoldsIt) {
-  // One NaN in a weight made eval print "loss nan" and exit 0, which reads as a result.
-  const auto d = testutil::temp_dir("eval-nan");
+namespace {
+
+// A copy of the golden model with one NaN in layer 0's q_proj.
+std::string model_with_a_nan(const std::string& d) {
   const std::string m = d + "/model";
   std::filesystem::copy(testutil::golden("tiny-llama/model"), m);
   const std::string shard = m + "/model-00001-of-00004.safetensors";
@@ -496,11 +497,24 @@ TEST(EvalCli, ANonFiniteLossNamesTheTensorThatHoldsIt) {
   }
   std::filesystem::remove(shard);
   longlora::io::save_tensors(shard, ts);
+  return m;
+}
+
+}  // namespace
+
+TEST(EvalCli, ANonFiniteLossNamesTheTensorThatHoldsIt) {
+  // One NaN in a weight made eval print "loss nan" and exit 0, which reads as a result;
+  // generate printed garbage, and passkey counted wrong answers.
+  const auto d = testutil::temp_dir("eval-nan");
+  const std::string m = model_with_a_nan(d);
+  const std::string nan_weight = "the model's model.layers.0.self_attn.q_proj.weight holds non-finite values";
+  auto g = testutil::run_cli("generate --model " + m + " --prompt hello --max-new-tokens 3 --device cpu");
+  EXPECT_EQ(g.code, 1) << g.out;
+  EXPECT_NE(g.err.find("generate: non-finite logits at new token 1: " + nan_weight), std::string::npos) << g.err;
   auto r = testutil::run_cli("eval --model " + m + " --data " + testutil::golden("tiny-llama/eval.bin") +
                              " --seq-len 64 --device cpu");
   EXPECT_EQ(r.code, 1) << r.out;
-  EXPECT_NE(r.err.find("the model's model.layers.0.self_attn.q_proj.weight holds non-finite values"),
-            std::string::npos) << r.err;
+  EXPECT_NE(r.err.find(nan_weight), std::string::npos) << r.err;
 }
 
 TEST(EvalCli, ALengthPastTheModelsContextIsWarnedOf) {

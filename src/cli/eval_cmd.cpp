@@ -103,14 +103,9 @@ int run_eval(const EvalArgs& a) {
   for (int64_t L : a.seq_lens) {
     auto r = eval::perplexity(*m, tokens, L, a.stride > 0 ? a.stride : L, a.data);
     // "loss nan" with exit 0 reads as a result; say where the non-finite values are.
-    if (!std::isfinite(r.loss)) {
-      for (const auto& p : m->named_parameters())
-        if (!torch::isfinite(p.value()).all().item<bool>())
-          throw Error("eval: loss " + std::to_string(r.loss) + ": the model's " + p.key() +
-                      " holds non-finite values (" + (a.adapter.empty() ? a.model : a.adapter + " on " + a.model) + ")");
-      throw Error("eval: seq_len " + std::to_string(L) + ": loss " + std::to_string(r.loss) +
-                  " with finite weights (an fp16 overflow? --dtype fp32 or bf16)");
-    }
+    if (!std::isfinite(r.loss))
+      throw Error("eval: " + (a.adapter.empty() ? a.model : a.adapter + " on " + a.model) + ": seq_len " +
+                  std::to_string(L) + ": loss " + std::to_string(r.loss) + ": " + model::explain_non_finite(*m));
     if (a.json) {
       nlohmann::json j = {{"loss", r.loss},       {"perplexity", r.perplexity}, {"tokens", r.tokens},
                           {"windows", r.windows}, {"seq_len", r.seq_len},       {"rope_factor", m->cfg.rope_factor}};

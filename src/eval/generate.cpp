@@ -4,6 +4,7 @@
 #include <numeric>
 
 #include "longlora/common/error.h"
+#include "longlora/model/loader.h"
 
 namespace longlora::eval {
 
@@ -76,6 +77,10 @@ std::vector<int> generate(model::LlamaForCausalLMImpl& m, const data::Tokenizer&
   const int eos = tok.eos_id();
   for (int64_t step = 0; step < o.max_new_tokens; ++step) {
     if (!o.use_cache) logits = last_logits(m.hidden(as_tensor(seq.data(), static_cast<int64_t>(seq.size())), {}));
+    // NaN logits would sample garbage (or argmax id 0) and print it as an answer.
+    if (!torch::isfinite(logits).all().item<bool>())
+      throw Error("generate: non-finite logits at new token " + std::to_string(step + 1) + ": " +
+                  model::explain_non_finite(m));
     const int id = sample_token(logits, o.temperature, o.top_p, rng, tok.vocab_size());
     out.push_back(id);
     seq.push_back(id);

@@ -288,4 +288,11 @@ io::AdapterConfig apply_adapter(LlamaForCausalLMImpl& m, const std::string& dir)
   return acfg;
 }
 
+std::string explain_non_finite(const LlamaForCausalLMImpl& m) {
+  torch::NoGradGuard ng;
+  for (const auto& p : m.named_parameters())
+    if (!torch::isfinite(p.value()).all().item<bool>()) return "the model's " + p.key() + " holds non-finite values";
+  return "every weight is finite (an fp16 overflow? --dtype bf16 or fp32)";
+}
+
 }  // namespace longlora::model

@@ -47,4 +47,9 @@ io::AdapterConfig apply_adapter(LlamaForCausalLMImpl& m, const std::string& dir)
 // modules_to_save / LongLoRA's "embed,norm" substring rule is in train/).
 bool is_module_to_save(const std::string& param_name, const std::vector<std::string>& modules);
 
+// Why a forward pass gave non-finite values, for a one-line error: "the model's NAME
+// holds non-finite values" for the first such parameter, or, with every weight
+// finite, a hint at the compute dtype's range.
+std::string explain_non_finite(const LlamaForCausalLMImpl& m);
+
 }  // namespace longlora::model
