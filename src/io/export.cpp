@@ -333,7 +333,7 @@ Source resolve_source(const ExportOptions& opt) {
   const bool acfg = fs::exists(s.dir / "adapter_config.json");
   const bool ast = fs::exists(s.dir / "adapter_model.safetensors");
   const bool full = fs::exists(s.dir / "model.safetensors") || fs::exists(s.dir / "model.safetensors.index.json");
-  s.training = fs::exists(s.dir / "run_config.json") || fs::exists(s.dir / "trainer_state.json");
+  s.training = model::is_training_checkpoint(dir);
   if (acfg || ast) {
     if (!acfg) fail(dir, "adapter_config.json", "missing (the adapter has weights but no config)");
     if (!ast)
@@ -347,19 +347,7 @@ Source resolve_source(const ExportOptions& opt) {
          "missing: neither a LoRA checkpoint / peft adapter (adapter_config.json + "
          "adapter_model.safetensors) nor a full fine-tuning checkpoint (model.safetensors)");
   }
-  if (s.training) {
-    if (!fs::exists(s.dir / "COMPLETE"))
-      fail(dir, "COMPLETE", "missing: not a complete training checkpoint (interrupted save?)");
-    const std::string ts_path = (s.dir / "trainer_state.json").string();
-    if (fs::exists(ts_path)) {
-      const json ts = read_json(ts_path);
-      if (ts.contains("rope_factor")) {
-        if (!ts["rope_factor"].is_number() || !(ts["rope_factor"].get<double>() >= 1.0))
-          fail(ts_path, "rope_factor", "expected a number >= 1, got " + ts["rope_factor"].dump());
-        s.trained_factor = ts["rope_factor"].get<double>();
-      }
-    }
-  }
+  s.trained_factor = model::trained_rope_factor(dir);  // also: a training checkpoint must be COMPLETE
   std::string from_run_config;
   const std::string rc_path = (s.dir / "run_config.json").string();
   if (fs::exists(rc_path)) {

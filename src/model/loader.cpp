@@ -153,29 +153,26 @@ LlamaForCausalLM load_model(const std::string& dir, const LoadOptions& opt) {
   return m;
 }
 
-namespace {
+bool is_training_checkpoint(const std::string& dir) {
+  return fs::exists(fs::path(dir) / "trainer_state.json") || fs::exists(fs::path(dir) / "run_config.json");
+}
 
-// What a training checkpoint given as --adapter says about how to run it. A peft
-// adapter directory has neither file and is taken as it is.
-std::optional<double> training_checkpoint_factor(const fs::path& dir) {
-  const fs::path ts = dir / "trainer_state.json";
-  if (!fs::exists(ts) && !fs::exists(dir / "run_config.json")) return std::nullopt;
-  // The same rule as export: a checkpoint whose save was interrupted is not one.
-  if (!fs::exists(dir / "COMPLETE"))
-    fail(dir.string(), "COMPLETE", "missing: not a complete training checkpoint (interrupted save?)");
+std::optional<double> trained_rope_factor(const std::string& dir) {
+  if (!is_training_checkpoint(dir)) return std::nullopt;  // a peft adapter directory
+  // A checkpoint whose save was interrupted is not one.
+  if (!fs::exists(fs::path(dir) / "COMPLETE"))
+    fail(dir, "COMPLETE", "missing: not a complete training checkpoint (interrupted save?)");
+  const std::string ts = (fs::path(dir) / "trainer_state.json").string();
   if (!fs::exists(ts)) return std::nullopt;
-  check_not_directory(ts.string());
-  const auto st = read_json_file(ts.string());
-  const JsonFields f(st, ts.string());
+  const auto st = read_json_file(ts);
+  const JsonFields f(st, ts);
   if (!st.contains("rope_factor")) return std::nullopt;  // older checkpoints: config.json's factor
   const auto& v = f.at("rope_factor");
   // A factor below 1 compresses nothing and 0 divides positions by zero (loss -nan).
   if (!v.is_number() || !std::isfinite(v.get<double>()) || !(v.get<double>() >= 1.0))
-    fail(ts.string(), "rope_factor", "expected a number >= 1, got " + v.dump());
+    fail(ts, "rope_factor", "expected a number >= 1, got " + v.dump());
   return v.get<double>();
 }
-
-}  // namespace
 
 LlamaForCausalLM load_for_inference(const std::string& dir, const std::string& adapter,
                                     const std::string& device, const std::string& dtype,
@@ -184,7 +181,7 @@ LlamaForCausalLM load_for_inference(const std::string& dir, const std::string& a
   lo.device = pick_device(device);
   lo.compute_dtype = pick_dtype(dtype, lo.device);
   std::optional<double> trained;
-  if (!adapter.empty() && fs::is_directory(adapter)) trained = training_checkpoint_factor(adapter);
+  if (!adapter.empty() && fs::is_directory(adapter)) trained = trained_rope_factor(adapter);
   if (rope_factor > 0) {
     lo.rope_factor = rope_factor;
   } else if (trained) {

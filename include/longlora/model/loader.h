@@ -45,6 +45,15 @@ io::AdapterConfig apply_adapter(LlamaForCausalLMImpl& m, const std::string& dir)
 
 // Whether a parameter name belongs to a module listed in `modules` (peft's
 // modules_to_save / LongLoRA's "embed,norm" substring rule is in train/).
+// A training checkpoint: a directory with trainer_state.json or run_config.json (a
+// peft adapter directory has neither).
+bool is_training_checkpoint(const std::string& dir);
+// The linear RoPE factor a training checkpoint was trained with (its
+// trainer_state.json's rope_factor, a number >= 1), if it records one; an Error when
+// the checkpoint is not COMPLETE or the factor is not such a number. nullopt for a
+// directory that is not a training checkpoint.
+std::optional<double> trained_rope_factor(const std::string& dir);
+
 bool is_module_to_save(const std::string& param_name, const std::vector<std::string>& modules);
 
 // Why a forward pass gave non-finite values, for a one-line error: "the model's NAME
