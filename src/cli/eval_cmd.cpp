@@ -87,10 +87,7 @@ int run_eval(const EvalArgs& a) {
   const auto tok_path = fs::path(a.model) / "tokenizer.model";
   if (fs::path(a.data).extension() != ".bin") tok = std::make_unique<data::Tokenizer>(tok_path.string());
   const auto tokens = data::load_token_stream(a.data, tok.get());
-  for (auto id : tokens)
-    if (id >= m->cfg.vocab_size)
-      throw Error(a.data + ": token id " + std::to_string(id) + " >= the model's vocab_size " +
-                  std::to_string(m->cfg.vocab_size));
+  data::check_token_ids(tokens, m->cfg.vocab_size, a.data);
 
   // Every length before the first window: a length the data is too short for failed
   // only after the earlier lengths had run and printed.

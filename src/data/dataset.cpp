@@ -111,12 +111,7 @@ Dataset::Dataset(const std::string& path, const std::string& format, int64_t L,
       fail(path, "data.format", kind_ + " does not read a '" + ext + "' file (auto picks " +
                                     (bin ? "tokens" : "text or sft") + " for it)");
   }
-  auto check_ids = [&](const std::vector<int32_t>& ids) {
-    for (auto id : ids)
-      if (id < 0 || id >= vocab)
-        fail(path, "", "token id " + std::to_string(id) + " outside the model's vocab of " +
-                           std::to_string(vocab));
-  };
+  auto check_ids = [&](const std::vector<int32_t>& ids) { check_token_ids(ids, vocab, path); };
   if (kind_ == "tokens" || kind_ == "text") {
     stream_ = kind_ == "tokens" ? read_bin(path) : load_token_stream(path, tok);
     check_ids(stream_);

@@ -17,6 +17,13 @@ namespace {
 std::string ext_of(const std::string& path) { return fs::path(path).extension().string(); }
 }  // namespace
 
+void check_token_ids(const std::vector<int32_t>& ids, int64_t vocab, const std::string& source) {
+  for (size_t i = 0; i < ids.size(); ++i)
+    if (ids[i] < 0 || ids[i] >= vocab)
+      throw Error(source + ": token " + std::to_string(i) + " is id " + std::to_string(ids[i]) +
+                  ", outside the model's vocabulary of " + std::to_string(vocab));
+}
+
 std::vector<int32_t> read_bin(const std::string& path) {
   check_not_directory(path);
   std::ifstream in(path, std::ios::binary);

@@ -9,6 +9,7 @@
 #include "longlora/common/device.h"
 #include "longlora/common/error.h"
 #include "longlora/data/tokens.h"
+#include "longlora/eval/perplexity.h"
 #include "longlora/model/loader.h"
 
 namespace fs = std::filesystem;
@@ -135,14 +136,9 @@ Session make_session(const RunConfig& c, bool with_data) {
       s.eval_data = std::make_unique<std::vector<int32_t>>(
           data::load_token_stream(c.data.eval, s.tokenizer.get()));
       // Checked now, not at the first save after hours of training.
-      if (static_cast<int64_t>(s.eval_data->size()) < c.data.seq_len + 1)
-        throw Error("data.eval: " + c.data.eval + ": " + std::to_string(s.eval_data->size()) +
-                    " tokens are too few for one window of seq_len " + std::to_string(c.data.seq_len) + " + 1");
-      for (size_t i = 0; i < s.eval_data->size(); ++i)
-        if ((*s.eval_data)[i] < 0 || (*s.eval_data)[i] >= m.cfg.vocab_size)
-          throw Error("data.eval: " + c.data.eval + ": token " + std::to_string(i) + " is id " +
-                      std::to_string((*s.eval_data)[i]) + ", outside the model's vocabulary of " +
-                      std::to_string(m.cfg.vocab_size));
+      const std::string source = "data.eval: " + c.data.eval;
+      eval::check_windows(static_cast<int64_t>(s.eval_data->size()), c.data.seq_len, source);
+      data::check_token_ids(*s.eval_data, m.cfg.vocab_size, source);
     }
   }
   return s;

@@ -12,6 +12,10 @@ namespace longlora::data {
 
 class Tokenizer;
 
+// "SOURCE: token I is id X, outside the model's vocabulary of V" for the first id
+// outside [0, vocab).
+void check_token_ids(const std::vector<int32_t>& ids, int64_t vocab, const std::string& source);
+
 std::vector<int32_t> read_bin(const std::string& path);
 void write_bin(const std::string& path, const std::vector<int32_t>& ids);
 
