@@ -188,7 +188,11 @@ void prune_checkpoints(const std::string& output_dir, int64_t keep) {
   for (size_t i = 0; i + keep < done.size(); ++i) remove_tree(done[i].second);
 }
 
-TrainerState read_trainer_state(const std::string& dir) {
+namespace {
+
+// A complete checkpoint's trainer_state.json, its fields checked into `st`; the
+// document itself for what else the caller reads of it.
+json read_state_file(const std::string& dir, TrainerState& st) {
   const std::string file = (fs::path(dir) / "trainer_state.json").string();
   if (!fs::is_directory(dir)) throw Error(dir + ": no such checkpoint directory");
   if (!fs::exists(fs::path(dir) / "COMPLETE")) throw Error(dir + ": not a complete checkpoint (no COMPLETE marker)");
@@ -206,12 +210,19 @@ TrainerState read_trainer_state(const std::string& dir) {
     if (*v < 0) f.expected(key, "an integer >= 0");
     return *v;
   };
-  TrainerState st;
   st.step = count("step", true);
   st.cursor = count("cursor", true);
   st.bad_steps = count("bad_steps", false);
   st.tokens_seen = count("tokens_seen", false);
   if (!ts.contains("model") || !ts["model"].is_object()) fail(file, "model", "missing");
+  return ts;
+}
+
+}  // namespace
+
+TrainerState read_trainer_state(const std::string& dir) {
+  TrainerState st;
+  read_state_file(dir, st);
   return st;
 }
 
@@ -234,8 +245,8 @@ TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainab
                              torch::optim::Optimizer& opt, const RunConfig& cfg,
                              const io::ModelConfig& model_cfg) {
   const fs::path d(dir);
-  const TrainerState st = read_trainer_state(dir);
-  const json ts = read_json_file((d / "trainer_state.json").string());
+  TrainerState st;
+  const json ts = read_state_file(dir, st);
   // What must agree for the saved tensors and optimizer state to mean the same thing.
   std::vector<std::string> diffs;
   const json want_model = model_fingerprint(model_cfg);
