@@ -10,6 +10,7 @@
 #include "longlora/cli/commands.h"
 #include "longlora/common/device.h"
 #include "longlora/common/error.h"
+#include "longlora/common/fs.h"
 #include "longlora/data/tokenizer.h"
 #include "longlora/eval/generate.h"
 #include "longlora/model/loader.h"
@@ -31,8 +32,7 @@ int run_generate(const GenerateArgs& a) {
 
   std::string prompt = a.prompt;
   if (!a.prompt_file.empty()) {
-    std::error_code ec;
-    if (fs::is_directory(a.prompt_file, ec)) fail(a.prompt_file, "--prompt-file", "is a directory, a file is expected");
+    check_not_directory(a.prompt_file, "--prompt-file");
     std::ifstream in(a.prompt_file, std::ios::binary);
     if (!in) throw Error(a.prompt_file + ": cannot read the prompt file");
     std::ostringstream ss;

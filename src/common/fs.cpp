@@ -21,9 +21,9 @@ bool remove_tree(const std::string& path) {
                 64, FTW_DEPTH | FTW_PHYS) == 0;
 }
 
-void check_not_directory(const std::string& path) {
+void check_not_directory(const std::string& path, const std::string& field) {
   struct stat st {};
-  if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) fail(path, "", "is a directory, a file is expected");
+  if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) fail(path, field, "is a directory, a file is expected");
 }
 
 }  // namespace longlora

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "longlora/common/error.h"
+#include "longlora/common/fs.h"
 #include "longlora/data/tokenizer.h"
 #include "longlora/eval/passkey.h"
 
@@ -96,7 +97,7 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
   {
     std::error_code ec;
     const auto st = fs::symlink_status(o.out, ec);
-    if (fs::is_directory(fs::status(o.out, ec))) fail(o.out, "--out", "is a directory, a file is expected");
+    check_not_directory(o.out, "--out");
     if (fs::exists(st)) {
       if (!o.overwrite) fail(o.out, "--out", "already exists (pass --overwrite to replace it)");
       // The finished file is renamed over --out: that must not replace a device or a link's target.

@@ -14,6 +14,7 @@ bool remove_tree(const std::string& path);
 // "PATH: is a directory, a file is expected" (an Error) when `path` is a directory:
 // an ifstream opens one and fails later with a message that names no file
 // ("basic_filebuf::underflow ... Is a directory"), or reads it as empty.
-void check_not_directory(const std::string& path);
+// `field` (a flag, say) goes in the message after the path when given.
+void check_not_directory(const std::string& path, const std::string& field = "");
 
 }  // namespace longlora
