@@ -6,7 +6,6 @@
 #include <nlohmann/json.hpp>
 
 #include "longlora/common/error.h"
-#include "longlora/common/fs.h"
 #include "longlora/common/json_file.h"
 #include "longlora/io/hf_config.h"
 
@@ -31,7 +30,6 @@ std::vector<std::string> module_list(const JsonFields& f, const std::string& key
 }  // namespace
 
 AdapterConfig load_adapter_config(const std::string& path) {
-  check_not_directory(path);
   const json j = read_json_file(path);
   const JsonFields f(j, path);
   if (f.string("peft_type").value_or("LORA") != "LORA")

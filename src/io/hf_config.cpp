@@ -1,11 +1,9 @@
 #include "longlora/io/hf_config.h"
 
 #include <cmath>
-#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "longlora/common/error.h"
-#include "longlora/common/fs.h"
 #include "longlora/common/json_file.h"
 
 using nlohmann::json;
@@ -125,7 +123,6 @@ ModelConfig parse_model_config(const json& j, const std::string& src) {
 }
 
 ModelConfig load_model_config(const std::string& path) {
-  check_not_directory(path);
   return parse_model_config(read_json_file(path), path);
 }
 
