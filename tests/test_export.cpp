@@ -325,6 +325,37 @@ TEST(ExportRoundTrip, FullFineTuningCheckpointIsCopiedWithConfig) {
   expect_clean_failure(r, dir, "peft", {"full fine-tuning", "--format peft"});
 }
 
+TEST(ExportRoundTrip, ARunFromDrawnWeightsExportsWithoutABase) {
+  // The demo's base stage: model.init "random", whose model.path holds config.json and
+  // tokenizer.model but no weights. Export took that folder for the base model and
+  // stopped on its missing safetensors.
+  const auto dir = testutil::temp_dir("export-random");
+  const std::string spec = dir + "/spec";
+  fs::create_directories(spec);
+  fs::copy_file(kBase + "/config.json", spec + "/config.json");
+  fs::copy_file(kBase + "/tokenizer.model", spec + "/tokenizer.model");
+  const std::string random = " --set model.path=" + spec + " --set model.init=random --set model.config=" + spec +
+                             "/config.json --set train.max_steps=2 --set output.save_steps=2";
+  auto r = testutil::run_cli("--config " + export_tiny_config(dir) + random + " --set lora.enabled=false");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const std::string ck = dir + "/out/checkpoint-2";
+  r = testutil::run_cli(export_cmd(ck, dir + "/merged", "--dtype fp32"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto got = testutil::load(dir + "/merged"), want = testutil::load(ck + "/model.safetensors");
+  ASSERT_EQ(got.size(), want.size());
+  for (auto& [name, t] : want) EXPECT_TRUE(torch::equal(got.at(name), t)) << name;
+  EXPECT_TRUE(fs::exists(dir + "/merged/tokenizer.model"));
+
+  // LoRA on drawn weights: nothing was saved to merge into; the adapter itself exports.
+  r = testutil::run_cli("--config " + export_tiny_config(dir) + random + " --set output.dir=" + dir + "/lora");
+  ASSERT_EQ(r.code, 0) << r.err;
+  r = testutil::run_cli(export_cmd(dir + "/lora/checkpoint-2", dir + "/lmerged"));
+  expect_clean_failure(r, dir, "lmerged", {"run_config.json: model.init", "never saved", "--format peft"});
+  r = testutil::run_cli(export_cmd(dir + "/lora/checkpoint-2", dir + "/lpeft", "--format peft"));
+  EXPECT_EQ(r.code, 0) << r.err;
+  longlora::remove_tree(dir);
+}
+
 TEST(ExportShards, SmallLimitGivesIndexedShardsThatLoadBackIdentically) {
   const auto dir = testutil::temp_dir("export-shards");
   const std::string one = dir + "/one", sharded = dir + "/sharded";

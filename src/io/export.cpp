@@ -349,12 +349,24 @@ Source resolve_source(const ExportOptions& opt) {
   }
   s.trained_factor = model::trained_rope_factor(dir);  // also: a training checkpoint must be COMPLETE
   std::string from_run_config;
+  bool random_init = false;  // the run drew its weights (model.init "random"): model.path holds none
   const std::string rc_path = (s.dir / "run_config.json").string();
   if (fs::exists(rc_path)) {
     const json rc = read_json(rc_path);
-    if (rc.contains("model") && rc["model"].is_object() && rc["model"].contains("path") &&
-        rc["model"]["path"].is_string())
-      from_run_config = rc["model"]["path"].get<std::string>();
+    if (rc.contains("model") && rc["model"].is_object()) {
+      const json& m = rc["model"];
+      if (m.contains("path") && m["path"].is_string()) from_run_config = m["path"].get<std::string>();
+      random_init = m.contains("init") && m["init"] == "random";
+    }
+  }
+  if (random_init && opt.base.empty()) {
+    // A full fine-tuning checkpoint holds every weight, its config.json and tokenizer;
+    // an adapter trained on drawn weights has nothing saved to merge into.
+    if (s.adapter && opt.format == "merged")
+      fail(rc_path, "model.init",
+           "\"random\": the run's base weights were drawn at start and never saved, so there is nothing to "
+           "merge the adapter into; export --format peft, or pass --base DIR");
+    from_run_config.clear();
   }
   if (!opt.base.empty()) {
     if (!fs::is_directory(opt.base)) fail(opt.base, "", "base model directory not found (--base)");
