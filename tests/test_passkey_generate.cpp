@@ -526,3 +526,38 @@ TEST(EvalCli, ALengthPastTheModelsContextIsWarnedOf) {
             std::string::npos) << r.err;
   EXPECT_EQ(r.err.find("seq_len 64 is past"), std::string::npos) << r.err;
 }
+
+TEST(EvalCli, ATokenizerWithMorePiecesThanTheModelsVocabularyIsNamed) {
+  // A model of 256 rows beside a 512-piece tokenizer: passkey and generate stopped on
+  // the first prompt id past 256 with "generate: prompt token id 330 ...", naming no file.
+  const auto d = testutil::temp_dir("tok-vocab");
+  const std::string m = d + "/model";
+  std::filesystem::copy(model_dir(), m);
+  for (const auto& e : std::filesystem::directory_iterator(m)) {
+    if (e.path().extension() != ".safetensors") continue;
+    std::vector<std::pair<std::string, torch::Tensor>> ts;
+    for (auto& [name, t] : io::load_tensors(e.path().string()))
+      ts.emplace_back(name, name == "model.embed_tokens.weight" || name == "lm_head.weight"
+                                ? t.slice(0, 0, 256).contiguous() : t);
+    io::save_tensors(e.path().string(), ts);
+  }
+  auto cfg = testutil::read_json(m + "/config.json");
+  cfg["vocab_size"] = 256;
+  testutil::write_file(m + "/config.json", cfg.dump());
+  testutil::write_file(d + "/doc.txt", "The grass is green. The sky is blue. The sun is yellow.\n");
+  testutil::write_file(d + "/run.json", nlohmann::json{{"model", {{"path", m}}},
+                                                       {"data", {{"train", d + "/doc.txt"}, {"seq_len", 16}}},
+                                                       {"train", {{"max_steps", 1}}},
+                                                       {"output", {{"dir", d + "/run"}}},
+                                                       {"device", "cpu"}}.dump());
+  const std::string want = m + "/tokenizer.model: 512 pieces, more than the model's vocab_size 256 (";
+  for (const std::string args : {"eval --task passkey --lengths 256 --trials 1 --device cpu --model " + m,
+                                 "generate --prompt hello --device cpu --model " + m,
+                                 "eval --data " + d + "/doc.txt --seq-len 8 --device cpu --model " + m,
+                                 "--config " + d + "/run.json"}) {
+    auto r = testutil::run_cli(args);
+    EXPECT_EQ(r.code, 1) << args;
+    EXPECT_NE(r.err.find(want), std::string::npos) << args << ": " << r.err;
+  }
+  longlora::remove_tree(d);
+}

@@ -26,6 +26,7 @@ int run_passkey(const EvalArgs& a, model::LlamaForCausalLMImpl& m) {
   const auto tok_path = (fs::path(a.model) / "tokenizer.model").string();
   if (!fs::exists(tok_path)) throw Error(tok_path + ": no tokenizer.model in the model directory");
   const data::Tokenizer tok(tok_path);
+  tok.check_fits(m.cfg.vocab_size, (fs::path(a.model) / "config.json").string());
   eval::PasskeyOptions po;
   po.lengths = a.lengths;
   po.trials = a.trials;
@@ -85,7 +86,10 @@ int run_eval(const EvalArgs& a) {
 
   std::unique_ptr<data::Tokenizer> tok;
   const auto tok_path = fs::path(a.model) / "tokenizer.model";
-  if (fs::path(a.data).extension() != ".bin") tok = std::make_unique<data::Tokenizer>(tok_path.string());
+  if (fs::path(a.data).extension() != ".bin") {
+    tok = std::make_unique<data::Tokenizer>(tok_path.string());
+    tok->check_fits(m->cfg.vocab_size, (fs::path(a.model) / "config.json").string());
+  }
   const auto tokens = data::load_token_stream(a.data, tok.get());
   data::check_token_ids(tokens, m->cfg.vocab_size, a.data);
 

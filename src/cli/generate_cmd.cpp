@@ -47,6 +47,7 @@ int run_generate(const GenerateArgs& a) {
   const data::Tokenizer tok(tok_path);
 
   auto m = model::load_for_inference(a.model, a.adapter, a.device, a.dtype, a.rope_factor);
+  tok.check_fits(m->cfg.vocab_size, (fs::path(a.model) / "config.json").string());
 
   std::vector<int> ids{tok.bos_id()};
   const auto body = tok.encode(prompt);

@@ -91,4 +91,11 @@ int Tokenizer::bos_id() const { return impl_->sp.bos_id(); }
 int Tokenizer::eos_id() const { return impl_->sp.eos_id(); }
 int Tokenizer::vocab_size() const { return impl_->sp.GetPieceSize(); }
 
+void Tokenizer::check_fits(int64_t model_vocab_size, const std::string& config_path) const {
+  if (vocab_size() > model_vocab_size)
+    fail(path_, "", std::to_string(vocab_size()) + " pieces, more than the model's vocab_size " +
+                        std::to_string(model_vocab_size) + " (" + config_path +
+                        "): the tokenizer belongs to another model");
+}
+
 }  // namespace longlora::data

@@ -128,6 +128,7 @@ Session make_session(const RunConfig& c, bool with_data) {
     const auto tok_path = fs::path(c.model.path) / "tokenizer.model";
     if (!c.model.path.empty() && fs::exists(tok_path))
       s.tokenizer = std::make_unique<data::Tokenizer>(tok_path.string());
+    if (s.tokenizer) s.tokenizer->check_fits(m.cfg.vocab_size, cfg_path);
     s.data = std::make_unique<data::Dataset>(c.data.train, c.data.format, c.data.seq_len,
                                              s.tokenizer.get(), m.cfg.vocab_size);
     spdlog::info("data: {} ({}), {} rows of {} tokens", c.data.train, s.data->kind(), s.data->size(),

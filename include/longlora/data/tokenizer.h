@@ -1,6 +1,7 @@
 // sentencepiece tokenizer.model (LLaMA's): encode, decode, bos/eos.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -21,6 +22,10 @@ class Tokenizer {
   int bos_id() const;
   int eos_id() const;
   int vocab_size() const;
+  // Refuses a tokenizer with more pieces than the model's embedding has rows
+  // (vocab_size, read from config_path): its ids past that would fail mid-prompt, or
+  // mid-run, far from the cause. Fewer pieces is fine (LLaMA vocabularies are padded).
+  void check_fits(int64_t model_vocab_size, const std::string& config_path) const;
 
  private:
   struct Impl;
