@@ -697,6 +697,12 @@ TEST(ExportErrors, NonFiniteMergedWeightsAreRefused) {
   expect_clean_failure(r, dir, "out", {q + ".weight", "to float16"});
   r = testutil::run_cli(export_cmd(big, dir + "/out32", "--base " + kBase + " --dtype fp32"));
   EXPECT_EQ(r.code, 0) << r.err;
+  // A NaN in a base weight no adapter touches, exported as stored (fp32 as the base):
+  // that path copied bytes unchecked.
+  const std::string down = "model.layers.0.mlp.down_proj.weight";
+  const std::string nan_base = testutil::golden_model_with_a_nan(dir + "/nanbase", down);
+  r = testutil::run_cli(export_cmd(kAdapter, dir + "/copied", "--base " + nan_base + " --dtype fp32"));
+  expect_clean_failure(r, dir, "copied", {down, "non-finite values in the source weight"});
 }
 
 // Without a base, a peft export still checks the factors against r and each other.

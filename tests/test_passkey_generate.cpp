@@ -482,31 +482,11 @@ TEST(Generate, NeverChoosesAnIdTheTokenizerLacks) {
   EXPECT_NO_THROW(tokenizer().decode(out));
 }
 
-namespace {
-
-// A copy of the golden model with one NaN in layer 0's q_proj.
-std::string model_with_a_nan(const std::string& d) {
-  const std::string m = d + "/model";
-  std::filesystem::copy(testutil::golden("tiny-llama/model"), m);
-  const std::string shard = m + "/model-00001-of-00004.safetensors";
-  std::vector<std::pair<std::string, torch::Tensor>> ts;
-  for (auto& [name, t] : longlora::io::load_tensors(shard)) {
-    auto c = t.clone();
-    if (name == "model.layers.0.self_attn.q_proj.weight") c.view(-1)[7] = std::nanf("");
-    ts.emplace_back(name, c);
-  }
-  std::filesystem::remove(shard);
-  longlora::io::save_tensors(shard, ts);
-  return m;
-}
-
-}  // namespace
-
 TEST(EvalCli, ANonFiniteLossNamesTheTensorThatHoldsIt) {
   // One NaN in a weight made eval print "loss nan" and exit 0, which reads as a result;
   // generate printed garbage, and passkey counted wrong answers.
   const auto d = testutil::temp_dir("eval-nan");
-  const std::string m = model_with_a_nan(d);
+  const std::string m = testutil::golden_model_with_a_nan(d + "/model", "model.layers.0.self_attn.q_proj.weight");
   const std::string nan_weight = "the model's model.layers.0.self_attn.q_proj.weight holds non-finite values";
   auto g = testutil::run_cli("generate --model " + m + " --prompt hello --max-new-tokens 3 --device cpu");
   EXPECT_EQ(g.code, 1) << g.out;

@@ -60,6 +60,29 @@ TEST(Safetensors, RoundTripAllDtypes) {
   }
 }
 
+TEST(Safetensors, AllFiniteAgreesWithTorchOnEveryBitPattern) {
+  // Every 16-bit pattern as bf16 and fp16 (inf, NaN, subnormals, -0 included), and
+  // random 32-bit ones plus the edges as fp32: one element at a time against isfinite.
+  using io::DType;
+  auto bits16 = torch::arange(0, 65536, torch::kInt32).to(torch::kInt16);  // wraps to the negative half
+  auto r = torch::randint(INT32_MIN, INT32_MAX, {100000}, torch::TensorOptions().dtype(torch::kInt64)).to(torch::kInt32);
+  auto edges = torch::tensor({0x7f800000, 0x7f7fffff, 0x7fc00000, static_cast<int32_t>(0xff800000u), 0x00000001},
+                             torch::kInt32);
+  auto bits32 = torch::cat({r, edges});
+  const std::pair<DType, torch::Tensor> cases[] = {{DType::BF16, bits16.view(torch::kBFloat16)},
+                                                   {DType::F16, bits16.view(torch::kFloat16)},
+                                                   {DType::F32, bits32.view(torch::kFloat32)}};
+  for (const auto& [d, t] : cases) {
+    const auto want = torch::isfinite(t);
+    int64_t disagree = 0;
+    for (int64_t i = 0; i < t.numel(); ++i)
+      disagree += io::all_finite(static_cast<const char*>(t.data_ptr()) + i * t.element_size(), 1, d) !=
+                  want[i].item<bool>();
+    EXPECT_EQ(disagree, 0) << io::dtype_name(d);
+    EXPECT_EQ(io::all_finite(t.data_ptr(), static_cast<size_t>(t.numel()), d), want.all().item<bool>());
+  }
+}
+
 TEST(Safetensors, ReadsTheGoldenShardedCheckpoint) {
   io::SafetensorsCheckpoint c(testutil::golden("tiny-llama/model"));
   EXPECT_EQ(c.names().size(), 21u);

@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <array>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <functional>
@@ -64,6 +65,24 @@ inline void write_file(const std::string& path, const std::string& content) {
 inline std::string read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// A copy of the golden tiny model at `dst` with one NaN in the weight `name`.
+inline std::string golden_model_with_a_nan(const std::string& dst, const std::string& name) {
+  std::filesystem::copy(golden("tiny-llama/model"), dst);
+  bool found = false;
+  for (const auto& e : std::filesystem::directory_iterator(dst)) {
+    if (e.path().extension() != ".safetensors") continue;
+    std::vector<std::pair<std::string, torch::Tensor>> ts;
+    for (auto& [n, t] : longlora::io::load_tensors(e.path().string())) {
+      auto c = t.clone();  // the loaded tensors view a read-only mapping
+      if (n == name) c.view(-1)[7] = std::nanf(""), found = true;
+      ts.emplace_back(n, c);
+    }
+    longlora::io::save_tensors(e.path().string(), ts);
+  }
+  EXPECT_TRUE(found) << name;
+  return dst;
 }
 
 struct RunResult {

@@ -248,9 +248,15 @@ void write_tensor(const OutTensor& t, const Sink& sink) {
   if (!merge && !cast) {
     // Same bytes: straight from the mapping, in chunks so the pages can be dropped as we go.
     const auto* p = static_cast<const char*>(s.data);
-    const size_t chunk = static_cast<size_t>(kChunkElems) * dtype_size(s.dtype);
+    const size_t esize = dtype_size(s.dtype);
+    const size_t chunk = static_cast<size_t>(kChunkElems) * esize;
+    // Checked as the merge and cast paths check theirs: a NaN in a full fine-tuning
+    // checkpoint (or a base weight no adapter touches) would be exported as a model that
+    // loads and produces garbage. The bytes are read to be copied anyway.
     for (size_t off = 0; off < s.nbytes; off += chunk) {
       const size_t n = std::min(chunk, s.nbytes - off);
+      if (!all_finite(p + off, n / esize, s.dtype))
+        fail(t.name, "", "non-finite values in the source weight (exported as stored); nothing written");
       sink(p + off, n);
       if (t.release) release_pages(p + off, n);
     }

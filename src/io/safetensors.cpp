@@ -334,4 +334,25 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
   }
 }
 
+namespace {
+
+template <typename U>
+bool exponent_never_all_ones(const void* p, size_t n, U mask) {
+  const U* u = static_cast<const U*>(p);
+  bool bad = false;
+  for (size_t i = 0; i < n; ++i) bad |= (u[i] & mask) == mask;
+  return !bad;
+}
+
+}  // namespace
+
+bool all_finite(const void* p, size_t n, DType d) {
+  switch (d) {
+    case DType::F32: return exponent_never_all_ones<uint32_t>(p, n, 0x7f800000u);
+    case DType::BF16: return exponent_never_all_ones<uint16_t>(p, n, 0x7f80u);
+    case DType::F16: return exponent_never_all_ones<uint16_t>(p, n, 0x7c00u);
+    default: return true;  // integers
+  }
+}
+
 }  // namespace longlora::io

@@ -21,6 +21,10 @@ enum class DType { F32, F16, BF16, I64, I32 };
 DType parse_dtype(const std::string& s, const std::string& file, const std::string& tensor);
 const char* dtype_name(DType d);
 size_t dtype_size(DType d);
+// True when none of the n elements at p (raw bits of dtype d) is inf or NaN; always
+// true for integers. Tested on the bits, not through torch::isfinite: a LLaMA-7B
+// export copies ~13 GB as stored, and isfinite on bf16 ran at 0.7 GB/s on two cores.
+bool all_finite(const void* p, size_t n, DType d);
 
 struct TensorInfo {
   std::string name;
