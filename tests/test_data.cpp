@@ -13,6 +13,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <iterator>
+#include <random>
 #include <set>
 
 #include "test_util.h"
@@ -59,6 +60,56 @@ TEST(Data, TextDocumentsMakeOneStreamForTrainingAndEval) {
 
 // Corpora are tokenized on several threads: the same ids, in the same order, as one
 // encode() per document, for documents of very different lengths.
+TEST(Data, Utf8CheckAgreesWithTheJsonParser) {
+  // The .jsonl path refuses what nlohmann's parser refuses in a string; .txt and
+  // prompt files are held to the same by check_utf8. Short random byte strings drawn
+  // to hit lead, continuation and invalid bytes, each judged by both.
+  const std::vector<unsigned char> alphabet = {'a', 0x7f, 0x80, 0x8f, 0x90, 0x9f, 0xa0, 0xbf, 0xc0, 0xc1, 0xc2,
+                                               0xdf, 0xe0, 0xe1, 0xec, 0xed, 0xee, 0xef, 0xf0, 0xf1, 0xf3, 0xf4,
+                                               0xf5, 0xf8, 0xff};
+  std::mt19937 rng(1);
+  int valid = 0;
+  for (int trial = 0; trial < 100000; ++trial) {
+    std::string s;
+    for (int k = 1 + static_cast<int>(rng() % 5); k > 0; --k) s.push_back(static_cast<char>(alphabet[rng() % alphabet.size()]));
+    bool json_ok = true;
+    try {
+      (void)nlohmann::json::parse("\"" + s + "\"");
+    } catch (const nlohmann::json::exception&) {
+      json_ok = false;
+    }
+    bool ours = true;
+    try {
+      data::check_utf8(s, "x");
+    } catch (const Error&) {
+      ours = false;
+    }
+    ASSERT_EQ(ours, json_ok) << testing::PrintToString(s);
+    valid += ours;
+  }
+  EXPECT_GT(valid, 1000);  // both verdicts were exercised
+  try {
+    data::check_utf8("caf\xc3\xa9\nna\xefve", "doc.txt");  // line 2: a Latin-1 byte
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(std::string(e.what()).rfind("doc.txt: line 2, byte 8: not valid UTF-8", 0), 0u) << e.what();
+  }
+}
+
+TEST(DataBadInput, Latin1TextIsRefusedAsJsonlIs) {
+  const auto d = testutil::temp_dir("latin1");
+  testutil::write_file(d + "/doc.txt", "The grass is green.\nCaf\xe9 au lait.\n");
+  auto r = testutil::run_cli("eval --model " + testutil::golden("tiny-llama/model") + " --data " + d +
+                             "/doc.txt --seq-len 4 --device cpu");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find(d + "/doc.txt: line 2, byte 23: not valid UTF-8"), std::string::npos) << r.err;
+  r = testutil::run_cli("generate --model " + testutil::golden("tiny-llama/model") + " --prompt-file " + d +
+                        "/doc.txt --device cpu");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find(d + "/doc.txt: line 2, byte 23: not valid UTF-8"), std::string::npos) << r.err;
+  longlora::remove_tree(d);
+}
+
 TEST(Data, ParallelTokenizationEqualsOneEncodePerText) {
   data::Tokenizer tok(testutil::golden("tokenizer.model"));
   std::vector<std::string> texts;

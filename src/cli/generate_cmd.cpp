@@ -12,6 +12,7 @@
 #include "longlora/common/error.h"
 #include "longlora/common/fs.h"
 #include "longlora/data/tokenizer.h"
+#include "longlora/data/tokens.h"
 #include "longlora/eval/generate.h"
 #include "longlora/model/loader.h"
 
@@ -41,6 +42,7 @@ int run_generate(const GenerateArgs& a) {
     // As --prompt "" is refused: generating from BOS alone is not what was asked.
     if (prompt.empty()) fail(a.prompt_file, "--prompt-file", "the prompt file is empty");
   }
+  data::check_utf8(prompt, a.prompt_file.empty() ? "--prompt" : a.prompt_file);
 
   const auto tok_path = (fs::path(a.model) / "tokenizer.model").string();
   if (!fs::exists(tok_path)) throw Error(tok_path + ": no tokenizer.model in the model directory");

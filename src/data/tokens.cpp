@@ -24,6 +24,40 @@ void check_token_ids(const std::vector<int32_t>& ids, int64_t vocab, const std::
                   ", outside the model's vocabulary of " + std::to_string(vocab));
 }
 
+void check_utf8(const std::string& text, const std::string& source) {
+  const auto* s = reinterpret_cast<const unsigned char*>(text.data());
+  const size_t n = text.size();
+  int64_t line = 1;
+  for (size_t i = 0; i < n;) {
+    const unsigned char c = s[i];
+    if (c < 0x80) {
+      line += c == '\n';
+      ++i;
+      continue;
+    }
+    // The sequence's length and the range of its second byte (which rules out
+    // overlongs, surrogates and > U+10FFFF); later bytes are 0x80-0xBF.
+    size_t len = 0;
+    unsigned char lo = 0x80, hi = 0xBF;
+    if (c >= 0xC2 && c <= 0xDF) len = 2;
+    else if (c == 0xE0) len = 3, lo = 0xA0;
+    else if (c == 0xED) len = 3, hi = 0x9F;
+    else if (c >= 0xE1 && c <= 0xEF) len = 3;
+    else if (c == 0xF0) len = 4, lo = 0x90;
+    else if (c >= 0xF1 && c <= 0xF3) len = 4;
+    else if (c == 0xF4) len = 4, hi = 0x8F;
+    bool ok = len != 0 && i + len <= n;
+    for (size_t k = 1; ok && k < len; ++k) {
+      const unsigned char b = s[i + k];
+      ok = k == 1 ? (b >= lo && b <= hi) : (b >= 0x80 && b <= 0xBF);
+    }
+    if (!ok)
+      throw Error(source + ": line " + std::to_string(line) + ", byte " + std::to_string(i) +
+                  ": not valid UTF-8 (convert the file, e.g. iconv -f latin1 -t utf-8)");
+    i += len;
+  }
+}
+
 std::vector<int32_t> read_bin(const std::string& path) {
   check_not_directory(path);
   std::ifstream in(path, std::ios::binary);
@@ -57,6 +91,7 @@ std::vector<std::string> read_documents(const std::string& path) {
   std::vector<std::string> docs;
   if (ext == ".txt") {
     docs.emplace_back((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    check_utf8(docs.back(), path);  // as .jsonl's parser checks its strings
     return docs;
   }
   if (ext != ".jsonl")
