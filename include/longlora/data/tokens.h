@@ -19,7 +19,7 @@ void check_token_ids(const std::vector<int32_t>& ids, int64_t vocab, const std::
 // "SOURCE: line L, byte B: not valid UTF-8 ..." at the first byte that is not part of
 // well-formed UTF-8 (RFC 3629: no overlongs, surrogates or code points past U+10FFFF),
 // as a JSON parser holds .jsonl strings to. sentencepiece would otherwise take a
-// Latin-1 file quietly, its accented letters as unknown pieces.
+// Latin-1 file quietly, every accented letter turned into U+FFFD.
 void check_utf8(const std::string& text, const std::string& source);
 
 std::vector<int32_t> read_bin(const std::string& path);
