@@ -207,6 +207,14 @@ TEST(LoadErrors, AdapterConfigFieldsAreCheckedNotIgnored) {
       {[](auto& j) { j["trainable_token_indices"] = {1, 2}; }, "trainable_token_indices: not supported"},
       {[](auto& j) { j["use_dora"] = "false"; }, "use_dora: expected true or false"},
       {[](auto& j) { j["target_modules"] = {"q_proj", 3}; }, "target_modules: expected a list of strings"},
+      // These inits move their first B·A out of the base weights: the factors are not for W.
+      {[](auto& j) { j["init_lora_weights"] = "pissa"; }, "init_lora_weights: \"pissa\" factors apply to a base"},
+      {[](auto& j) { j["init_lora_weights"] = "pissa_niter_4"; }, "init_lora_weights: \"pissa_niter_4\" factors"},
+      {[](auto& j) { j["init_lora_weights"] = "olora"; }, "init_lora_weights: \"olora\" factors"},
+      {[](auto& j) { j["init_lora_weights"] = "corda"; }, "init_lora_weights: \"corda\" factors"},
+      {[](auto& j) { j["init_lora_weights"] = "loftq"; }, "init_lora_weights: \"loftq\" factors"},
+      {[](auto& j) { j["init_lora_weights"] = "kaiming"; }, "init_lora_weights: unknown value \"kaiming\""},
+      {[](auto& j) { j["init_lora_weights"] = 1; }, "init_lora_weights: expected true, false or a string, got 1"},
   };
   int i = 0;
   for (const auto& [edit, want] : cases) {
@@ -220,6 +228,10 @@ TEST(LoadErrors, AdapterConfigFieldsAreCheckedNotIgnored) {
               j["use_rslora"] = false;
             }),
             "");
+  // Inits that leave the base as it is load as plain LoRA.
+  for (const nlohmann::json v : {nlohmann::json(false), nlohmann::json("gaussian"), nlohmann::json("eva"),
+                                 nlohmann::json("orthogonal")})
+    EXPECT_EQ(adapter_error("adapter-init-" + v.dump(), [&](auto& j) { j["init_lora_weights"] = v; }), "") << v;
 }
 
 TEST(LoadErrors, DuplicateTargetModuleIsOneTargetAsInPeft) {

@@ -51,6 +51,24 @@ AdapterConfig load_adapter_config(const std::string& path) {
   for (const char* k : {"exclude_modules", "target_parameters"})
     if (f.given(k) && !(f.at(k).is_array() && f.at(k).empty()))
       f.fail(k, "not supported (expected null or []), got " + f.at(k).dump());
+  // Most inits only set the factors' first values, which the saved ones replace. PiSSA,
+  // OLoRA, CorDA and LoftQ also subtract their first B·A from the base weights (peft
+  // redoes that at load); the saved factors then belong on that residual base, not on W.
+  if (f.given("init_lora_weights")) {
+    const json& v = f.at("init_lora_weights");
+    if (v.is_string()) {
+      const std::string s = v.get<std::string>();
+      if (s.rfind("pissa", 0) == 0 || s.rfind("corda", 0) == 0 || s == "olora" || s == "loftq")
+        f.fail("init_lora_weights", "\"" + s +
+                                        "\" factors apply to a base with their initial B·A removed, which is not "
+                                        "supported; convert the adapter to plain LoRA with peft first "
+                                        "(save_pretrained(..., path_initial_model_for_weight_conversion=...))");
+      if (s != "gaussian" && s != "eva" && s != "orthogonal")
+        f.fail("init_lora_weights", "unknown value \"" + s + "\"");
+    } else if (!v.is_boolean()) {
+      f.expected("init_lora_weights", "true, false or a string");
+    }
+  }
 
   AdapterConfig c;
   const auto r = f.integer("r");
