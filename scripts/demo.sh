@@ -13,10 +13,11 @@
 # whether the demo's claims hold on these numbers, scripts/demo_results.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x build/longlora-train ]; then
-  bash scripts/install-deps.sh
-  bash scripts/build.sh
-fi
+# Every time, not only when the binary is missing: after a git pull the binary must be
+# rebuilt, and when nothing changed both take seconds. Only the binary: the demo needs
+# no tests built.
+bash scripts/install-deps.sh
+bash scripts/build.sh longlora-train
 B=build/longlora-train
 # One floating-point path, so that a rerun, or another CPU of the same maker and kind,
 # gives the same numbers: two threads (the thread count changes how sums are split), and ATen's

@@ -42,4 +42,5 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
     .venv/bin/pip install --no-cache-dir --progress-bar off "$TORCH_SPEC" --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-.venv/bin/python -c 'import torch; print("install-deps: torch", torch.__version__, "cuda", torch.version.cuda)'
+# -W: the wheel warns that NumPy is missing; we use LibTorch, not NumPy.
+.venv/bin/python -W ignore -c 'import torch; print("install-deps: torch", torch.__version__, "cuda", torch.version.cuda)'
