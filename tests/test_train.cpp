@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "longlora/io/checksum.h"
 #include "longlora/model/loader.h"
 #include "longlora/train/checkpoint.h"
 #include "longlora/train/setup.h"
@@ -281,6 +282,69 @@ TEST(Train, MismatchedCheckpointIsRefused) {
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.err.find("does not fit the config"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("lora.r is 4 there, 8 here"), std::string::npos) << r.err;
+}
+
+TEST(Checksum, Crc32MatchesZlib) {
+  // Values from Python's zlib.crc32; the long file spans two 4 MiB read chunks.
+  const auto d = testutil::temp_dir("crc");
+  testutil::write_file(d + "/check", "123456789");
+  testutil::write_file(d + "/empty", "");
+  std::string big(5 * 1024 * 1024 + 17, '\0');
+  for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>((i * 7 + 3) % 251);
+  testutil::write_file(d + "/big", big);
+  EXPECT_EQ(io::digest_file(d + "/check").crc32, 0xcbf43926u);
+  EXPECT_EQ(io::digest_file(d + "/empty").crc32, 0u);
+  const auto b = io::digest_file(d + "/big");
+  EXPECT_EQ(b.crc32, 0x02565dd7u);
+  EXPECT_EQ(b.bytes, big.size());
+  longlora::remove_tree(d);
+}
+
+TEST(Train, ACheckpointFileChangedAfterTheSaveIsRefusedWhereverItIsRead) {
+  // Bytes changed at the same size (zeroed, as a sync placeholder leaves them) loaded
+  // as weights: resume trained on, eval scored them, export merged them.
+  const auto d = testutil::temp_dir("ckpt-crc");
+  ASSERT_EQ(testutil::run_cli("--config " + tiny_config(d) + " --set train.max_steps=3").code, 0);
+  const std::string ck = d + "/out/checkpoint-3";
+  const auto ts = testutil::read_json(ck + "/trainer_state.json");
+  for (const char* f : {"adapter_model.safetensors", "adapter_config.json", "state.pt"})
+    EXPECT_EQ(ts["files"][f]["bytes"], fs::file_size(ck + "/" + f)) << f;
+  auto zero_tail = [](const std::string& path) {
+    std::string b = testutil::read_file(path);
+    std::fill(b.end() - 4096, b.end(), '\0');
+    testutil::write_file(path, b);
+  };
+  const std::string adapter_bytes = testutil::read_file(ck + "/adapter_model.safetensors");
+  zero_tail(ck + "/adapter_model.safetensors");
+  const std::string says = ck + "/adapter_model.safetensors: " + std::to_string(adapter_bytes.size()) +
+                           " bytes with CRC-32 ";
+  const std::string eval = "eval --model " + testutil::golden("tiny-llama/model") + " --data " +
+                           testutil::golden("tiny-llama/eval.bin") + " --seq-len 64 --device cpu --adapter " + ck;
+  for (const std::string args : {"--config " + tiny_config(d) + " --resume", eval,
+                                 "export --checkpoint " + ck + " --output " + d + "/merged"}) {
+    auto r = testutil::run_cli(args);
+    EXPECT_EQ(r.code, 1) << args;
+    EXPECT_NE(r.err.find(says), std::string::npos) << args << ": " << r.err;
+    EXPECT_NE(r.err.find("the file changed after the save"), std::string::npos) << r.err;
+  }
+  testutil::write_file(ck + "/adapter_model.safetensors", adapter_bytes);
+  // The optimizer state matters to a resume only.
+  const std::string state_bytes = testutil::read_file(ck + "/state.pt");
+  zero_tail(ck + "/state.pt");
+  auto r = testutil::run_cli(eval);
+  EXPECT_EQ(r.code, 0) << r.err;
+  r = testutil::run_cli("--config " + tiny_config(d) + " --resume");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find(ck + "/state.pt: " + std::to_string(state_bytes.size()) + " bytes with CRC-32 "),
+            std::string::npos) << r.err;
+  testutil::write_file(ck + "/state.pt", state_bytes);
+  // A checkpoint saved before checksums were recorded resumes as before.
+  auto old = ts;
+  old.erase("files");
+  testutil::write_file(ck + "/trainer_state.json", old.dump());
+  r = testutil::run_cli("--config " + tiny_config(d) + " --resume");
+  EXPECT_EQ(r.code, 0) << r.err;
+  longlora::remove_tree(d);
 }
 
 TEST(Train, KillDuringSaveKeepsLastGoodCheckpoint) {

@@ -26,6 +26,7 @@
 #include "longlora/common/error.h"
 #include "longlora/common/json_file.h"
 #include "longlora/io/adapter.h"
+#include "longlora/io/checksum.h"
 #include "longlora/io/hf_config.h"
 #include "longlora/io/safetensors.h"
 #include "longlora/io/tensors.h"
@@ -354,6 +355,7 @@ Source resolve_source(const ExportOptions& opt) {
          "adapter_model.safetensors) nor a full fine-tuning checkpoint (model.safetensors)");
   }
   s.trained_factor = model::trained_rope_factor(dir);  // also: a training checkpoint must be COMPLETE
+  verify_checkpoint_files(dir, false);
   std::string from_run_config;
   bool random_init = false;  // the run drew its weights (model.init "random"): model.path holds none
   const std::string rc_path = (s.dir / "run_config.json").string();

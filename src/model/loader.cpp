@@ -10,6 +10,7 @@
 #include "longlora/common/error.h"
 #include "longlora/common/fs.h"
 #include "longlora/common/json_file.h"
+#include "longlora/io/checksum.h"
 #include "longlora/io/hf_config.h"
 
 #include <spdlog/spdlog.h>
@@ -122,6 +123,7 @@ LlamaForCausalLM load_model(const std::string& dir, const LoadOptions& opt) {
   auto cfg = io::load_model_config(cfg_path);
   if (opt.rope_factor) cfg.rope_factor = *opt.rope_factor;
   if (opt.random_init) return random_model(cfg, opt);
+  io::verify_checkpoint_files(dir, false);  // a full fine-tuning checkpoint as the model
 
   auto ckpt = std::make_shared<io::SafetensorsCheckpoint>(dir);
   check_layer_count(*ckpt, cfg, cfg_path);
@@ -233,6 +235,7 @@ io::AdapterConfig apply_adapter(LlamaForCausalLMImpl& m, const std::string& dir)
   const std::string cfg_path = (d / "adapter_config.json").string();
   if (!fs::exists(cfg_path)) fail(dir, "adapter_config.json", "missing");
   auto acfg = io::load_adapter_config(cfg_path);
+  io::verify_checkpoint_files(dir, false);  // a training checkpoint's adapter
   const std::string st_path = (d / "adapter_model.safetensors").string();
   if (!fs::exists(st_path))
     fail(dir, "adapter_model.safetensors",

@@ -18,6 +18,7 @@
 #include "longlora/common/json_file.h"
 #include "longlora/common/fs.h"
 #include "longlora/io/adapter.h"
+#include "longlora/io/checksum.h"
 #include "longlora/io/tensors.h"
 #include "longlora/io/hf_config.h"
 
@@ -149,7 +150,9 @@ std::string save_checkpoint(const std::string& output_dir, const model::LlamaFor
              {"cursor", st.cursor},              {"bad_steps", st.bad_steps},
              {"tokens_seen", st.tokens_seen},    {"model", model_fingerprint(m.cfg)},
              // The resolved linear RoPE factor the run trained with (export writes it down).
-             {"rope_factor", m.cfg.rope_factor}};
+             {"rope_factor", m.cfg.rope_factor},
+             // Every file written so far: weights, optimizer state, configs, tokenizer.
+             {"files", io::digest_directory(tmp.string())}};
   write_text((tmp / "trainer_state.json").string(), ts.dump(2));
   write_text((tmp / "run_config.json").string(), to_json(cfg).dump(2));
   write_text((tmp / "COMPLETE").string(), "ok\n");
@@ -247,6 +250,7 @@ TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainab
   const fs::path d(dir);
   TrainerState st;
   const json ts = read_state_file(dir, st);
+  io::verify_checkpoint_files(dir, true);
   // What must agree for the saved tensors and optimizer state to mean the same thing.
   std::vector<std::string> diffs;
   const json want_model = model_fingerprint(model_cfg);
