@@ -115,16 +115,10 @@ void save_adapter(const std::string& dir, const NamedTensors& trainable, const R
   io::save_tensors((fs::path(dir) / "adapter_model.safetensors").string(), out);
 }
 
-std::string save_checkpoint(const std::string& output_dir, const model::LlamaForCausalLMImpl& m,
-                            const NamedTensors& trainable, torch::optim::Optimizer& opt,
-                            const TrainerState& st, const RunConfig& cfg) {
-  const std::string name = "checkpoint-" + std::to_string(st.step);
-  const fs::path final_dir = fs::path(output_dir) / name;
-  const fs::path tmp = fs::path(output_dir) / (".tmp-" + name);
-  std::error_code ec;
-  remove_tree(tmp.string());
-  fs::create_directories(tmp, ec);
-  if (ec) throw Error(tmp.string() + ": cannot create: " + ec.message());
+namespace {
+
+void write_checkpoint_files(const fs::path& tmp, const model::LlamaForCausalLMImpl& m, const NamedTensors& trainable,
+                            torch::optim::Optimizer& opt, const TrainerState& st, const RunConfig& cfg) {
   if (cfg.lora.enabled) {
     save_adapter(tmp.string(), trainable, cfg);
   } else {
@@ -157,6 +151,26 @@ std::string save_checkpoint(const std::string& output_dir, const model::LlamaFor
   write_text((tmp / "run_config.json").string(), to_json(cfg).dump(2));
   write_text((tmp / "COMPLETE").string(), "ok\n");
   fsync_path(tmp.string());
+}
+
+}  // namespace
+
+std::string save_checkpoint(const std::string& output_dir, const model::LlamaForCausalLMImpl& m,
+                            const NamedTensors& trainable, torch::optim::Optimizer& opt,
+                            const TrainerState& st, const RunConfig& cfg) {
+  const std::string name = "checkpoint-" + std::to_string(st.step);
+  const fs::path final_dir = fs::path(output_dir) / name;
+  const fs::path tmp = fs::path(output_dir) / (".tmp-" + name);
+  std::error_code ec;
+  remove_tree(tmp.string());
+  fs::create_directories(tmp, ec);
+  if (ec) throw Error(tmp.string() + ": cannot create: " + ec.message());
+  try {
+    write_checkpoint_files(tmp, m, trainable, opt, st, cfg);
+  } catch (...) {
+    remove_tree(tmp.string());  // a failed save (disk full) must not keep the space it took
+    throw;
+  }
   remove_tree(final_dir.string());  // a re-save of the same step replaces it
   fs::rename(tmp, final_dir, ec);
   if (ec) throw Error(final_dir.string() + ": cannot rename checkpoint into place: " + ec.message());
@@ -171,8 +185,14 @@ std::vector<std::pair<int64_t, std::string>> complete_checkpoints(const std::str
   for (const auto& e : fs::directory_iterator(output_dir)) {
     std::smatch m;
     const std::string n = e.path().filename().string();
-    if (e.is_directory() && std::regex_match(n, m, re) && fs::exists(e.path() / "COMPLETE"))
-      out.emplace_back(std::stoll(m[1]), e.path().string());
+    if (!(e.is_directory() && std::regex_match(n, m, re) && fs::exists(e.path() / "COMPLETE"))) continue;
+    // 20 digits overflow int64 (std::stoll threw "stoll", naming nothing); no run of
+    // ours saves such a step, so the directory is not one of ours.
+    if (m[1].length() > 18) {
+      spdlog::warn("{}: step number too large: not a checkpoint of this tool, ignored", e.path().string());
+      continue;
+    }
+    out.emplace_back(std::stoll(m[1]), e.path().string());
   }
   std::sort(out.begin(), out.end());
   return out;
