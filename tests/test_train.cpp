@@ -235,6 +235,9 @@ TEST(Train, AFailedSaveIsAnErrorAndKeepsThePreviousCheckpoint) {
   EXPECT_EQ(r.code, 1) << r.err;
   EXPECT_NE(r.err.find(".tmp-checkpoint-3/state.pt: write failed: File too large"), std::string::npos) << r.err;
   EXPECT_FALSE(train::latest_checkpoint(d + "/out").has_value());
+  // Nor does the failed save keep the space it took: on a full disk the stale folder
+  // made the next --resume fail too.
+  EXPECT_FALSE(fs::exists(d + "/out/.tmp-checkpoint-3"));
 }
 
 TEST(Train, BadCheckpointFieldsAndTrainableNamesAreNamed) {
@@ -367,19 +370,112 @@ TEST(Train, KillDuringSaveKeepsLastGoodCheckpoint) {
 }
 
 TEST(Train, SigtermSavesAndExitsCleanly) {
-  const auto d = testutil::temp_dir("sigterm");
-  pid_t pid = spawn("--config " + tiny_config(d) + " --set train.max_steps=100000 --set output.save_steps=100000");
-  ASSERT_TRUE(wait_until([&] { return testutil::metric_losses(d + "/out/metrics.jsonl").size() >= 2; }, 120));
+  // SIGHUP as SIGTERM: a closed terminal saves instead of losing the steps since the
+  // last checkpoint.
+  for (int sig : {SIGTERM, SIGHUP}) {
+    SCOPED_TRACE(strsignal(sig));
+    const auto d = testutil::temp_dir("sigterm");
+    pid_t pid = spawn("--config " + tiny_config(d) + " --set train.max_steps=100000 --set output.save_steps=100000");
+    ASSERT_TRUE(wait_until([&] { return testutil::metric_losses(d + "/out/metrics.jsonl").size() >= 2; }, 120));
+    ::kill(pid, sig);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    ASSERT_TRUE(WIFEXITED(status));
+    EXPECT_EQ(WEXITSTATUS(status), 0);
+    auto ck = train::latest_checkpoint(d + "/out");
+    ASSERT_TRUE(ck.has_value());
+    auto st = json::parse(std::ifstream(*ck + "/trainer_state.json"));
+    EXPECT_GE(st["step"].get<int64_t>(), 2);
+    EXPECT_LT(st["step"].get<int64_t>(), 100000);
+  }
+}
+
+TEST(Train, OneRunAtATimeAndASignalDuringASaveStopsThere) {
+  const auto d = testutil::temp_dir("lock");
+  // Two pauses of 4 s in each save: the signal and the second run both land in the first.
+  setenv("LONGLORA_TEST_SAVE_PAUSE_MS", "4000", 1);
+  pid_t pid = spawn("--config " + tiny_config(d));
+  unsetenv("LONGLORA_TEST_SAVE_PAUSE_MS");
+  ASSERT_TRUE(wait_until([&] { return fs::exists(d + "/out/.tmp-checkpoint-3"); }, 120));
+  // The signal arrives during the save of step 3: the run stops at that checkpoint
+  // (it trained step 4 and saved again).
   ::kill(pid, SIGTERM);
+  // A second run into the same output.dir trimmed the first's metrics and overwrote its
+  // checkpoints, both exiting 0.
+  auto r = testutil::run_cli("--config " + tiny_config(d) + " --resume");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("is in use by another longlora-train run (pid " + std::to_string(pid) + ")"),
+            std::string::npos) << r.err;
   int status = 0;
   ::waitpid(pid, &status, 0);
   ASSERT_TRUE(WIFEXITED(status));
   EXPECT_EQ(WEXITSTATUS(status), 0);
-  auto ck = train::latest_checkpoint(d + "/out");
-  ASSERT_TRUE(ck.has_value());
-  auto st = json::parse(std::ifstream(*ck + "/trainer_state.json"));
-  EXPECT_GE(st["step"].get<int64_t>(), 2);
-  EXPECT_LT(st["step"].get<int64_t>(), 100000);
+  EXPECT_EQ(train::latest_checkpoint(d + "/out").value_or(""), d + "/out/checkpoint-3");
+  EXPECT_FALSE(fs::exists(d + "/out/checkpoint-4"));
+  EXPECT_EQ(testutil::metric_losses(d + "/out/metrics.jsonl").size(), 3u);
+  longlora::remove_tree(d);
+}
+
+TEST(Train, AResumeDropsARecordCutShortAndSkipsForeignCheckpointNames) {
+  const auto d = testutil::temp_dir("cut-short");
+  ASSERT_EQ(testutil::run_cli("--config " + tiny_config(d) + " --set train.max_steps=3").code, 0);
+  // A crash mid-write: the next record was appended to this fragment.
+  std::ofstream(d + "/out/metrics.jsonl", std::ios::app) << R"({"step":4,"lo)";
+  // A step number past int64: std::stoll stopped the run with "error: stoll".
+  fs::create_directories(d + "/out/checkpoint-99999999999999999999");
+  testutil::write_file(d + "/out/checkpoint-99999999999999999999/COMPLETE", "ok\n");
+  auto r = testutil::run_cli("--config " + tiny_config(d) + " --resume");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("checkpoint-99999999999999999999: step number too large"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("the last one cut short"), std::string::npos) << r.err;
+  std::ifstream in(d + "/out/metrics.jsonl");
+  std::vector<int64_t> steps;
+  for (std::string line; std::getline(in, line);) {
+    ASSERT_NO_THROW(steps.push_back(json::parse(line)["step"].get<int64_t>())) << line;
+  }
+  EXPECT_EQ(steps, (std::vector<int64_t>{1, 2, 3, 4, 5, 6}));
+  longlora::remove_tree(d);
+}
+
+TEST(Train, MetricsThatCannotBeWrittenStopTheRunWithACheckpoint) {
+  const auto d = testutil::temp_dir("metrics-fail");
+  fs::create_directories(d + "/out/metrics.jsonl");
+  auto r = testutil::run_cli("--config " + tiny_config(d));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("metrics.jsonl: not a regular file"), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find("step 1/"), std::string::npos) << "found only after training: " << r.err;
+  fs::remove(d + "/out/metrics.jsonl");
+  // Files may not exceed 800 blocks of 512 bytes: the checkpoint's files fit, the
+  // metrics (filled to just under it with step-0 records, which a new run keeps) do not.
+  std::string fill;
+  while (fill.size() < 409600 - 200) fill += R"({"step": 0, "note": "padding padding padding"})" "\n";
+  testutil::write_file(d + "/out/metrics.jsonl", fill);
+  r = testutil::run_cli("--config " + tiny_config(d), "trap '' XFSZ; ulimit -f 800; ");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("metrics.jsonl: write failed: checkpoint saved at step 1"), std::string::npos) << r.err;
+  EXPECT_TRUE(fs::exists(d + "/out/checkpoint-1/COMPLETE"));
+  longlora::remove_tree(d);
+}
+
+TEST(Train, AnOutputDirItCannotWriteIsFoundBeforeTheFirstStep) {
+  // As an unprivileged user (root writes anywhere): the run found out at its first save.
+  const std::string as_nobody = "setpriv --reuid=65534 --regid=65534 --clear-groups ";
+  if (std::system((as_nobody + LONGLORA_BINARY + " --version >/dev/null 2>&1").c_str()) != 0)
+    GTEST_SKIP() << "cannot run the binary as uid 65534 here";
+  const auto d = testutil::temp_dir("readonly");  // made by this (root) process, mode 755
+  ::chmod(d.c_str(), 0755);
+  for (const std::string extra : {" --dry-run", ""}) {
+    const std::string cmd = as_nobody + LONGLORA_BINARY + " --config " + tiny_config(d) + extra + " 2>&1";
+    FILE* p = ::popen(cmd.c_str(), "r");
+    std::string out;
+    char buf[4096];
+    for (size_t n; (n = std::fread(buf, 1, sizeof buf, p)) > 0;) out.append(buf, n);
+    const int status = ::pclose(p);
+    EXPECT_EQ(WEXITSTATUS(status), 1) << extra << ": " << out;
+    EXPECT_NE(out.find("output.dir: " + d + "/out: cannot write in " + d), std::string::npos) << extra << ": " << out;
+    EXPECT_EQ(out.find("step 1/"), std::string::npos) << out;
+  }
+  longlora::remove_tree(d);
 }
 
 TEST(Train, ScheduleFollowsTransformers) {

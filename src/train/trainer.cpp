@@ -3,14 +3,22 @@
 
 #include <spdlog/spdlog.h>
 
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <csignal>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <nlohmann/json.hpp>
-#include <unistd.h>
+#include <sstream>
 
 #include "longlora/common/device.h"
 #include "longlora/common/error.h"
@@ -34,6 +42,49 @@ void on_signal(int) {
   // First signal: finish the step, save, exit 0. Second: leave at once.
   if (g_signals.fetch_add(1) >= 1) ::_exit(130);
 }
+
+// SIGHUP too: a closed terminal or ssh session then saves instead of losing the steps
+// since the last checkpoint. A signal the parent set to be ignored (nohup, a
+// background job) stays ignored.
+void install_signal_handlers() {
+  for (int sig : {SIGINT, SIGTERM, SIGHUP}) {
+    struct sigaction old {};
+    if (::sigaction(sig, nullptr, &old) == 0 && old.sa_handler == SIG_IGN) continue;
+    struct sigaction sa {};
+    sa.sa_handler = on_signal;
+    ::sigemptyset(&sa.sa_mask);
+    ::sigaction(sig, &sa, nullptr);
+  }
+}
+
+// Holds an exclusive lock on OUTPUT_DIR/.lock for the run: two runs in one output.dir
+// pruned, overwrote and trimmed each other's checkpoints and metrics. Creating the file
+// also finds an output.dir we cannot write before the first step, not at the first save.
+class RunLock {
+ public:
+  explicit RunLock(const std::string& dir) : path_((fs::path(dir) / ".lock").string()) {
+    fd_ = ::open(path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd_ < 0) throw Error("output.dir: " + dir + ": cannot write there: " + std::strerror(errno));
+    if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+      char buf[32] = {};
+      const ssize_t n = ::pread(fd_, buf, sizeof buf - 1, 0);
+      const std::string pid = n > 0 ? std::string(buf, static_cast<size_t>(n)) : "?";
+      ::close(fd_);
+      throw Error("output.dir: " + dir + " is in use by another longlora-train run (pid " +
+                  pid.substr(0, pid.find('\n')) + "); wait for it to end, or choose another output.dir");
+    }
+    const std::string me = std::to_string(::getpid()) + "\n";
+    if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, me.data(), me.size(), 0) != static_cast<ssize_t>(me.size()))
+      throw Error(path_ + ": write failed: " + std::strerror(errno));
+  }
+  ~RunLock() { ::close(fd_); }  // the lock goes with the descriptor
+  RunLock(const RunLock&) = delete;
+  RunLock& operator=(const RunLock&) = delete;
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+};
 
 std::string eta(double seconds) {
   const int64_t s = static_cast<int64_t>(seconds);
@@ -83,6 +134,13 @@ void validate_for_training(const RunConfig& c, const ConfigOrigin& o) {
   std::error_code ec;
   if (fs::exists(c.output.dir, ec) && !fs::is_directory(c.output.dir, ec))
     throw Error(o.at("output.dir") + ": " + c.output.dir + ": exists and is not a directory");
+  // Where the run will create files: output.dir, or the nearest folder above it that
+  // exists. Found now, not at the first save hours later.
+  fs::path w = fs::absolute(c.output.dir, ec);
+  while (!w.empty() && !fs::exists(w, ec) && w.has_parent_path() && w.parent_path() != w) w = w.parent_path();
+  if (::access(w.c_str(), W_OK | X_OK) != 0)
+    throw Error(o.at("output.dir") + ": " + c.output.dir + ": cannot write in " + w.string() + ": " +
+                std::strerror(errno));
   if (c.attention.s2) {
     const double g = c.data.seq_len * c.attention.group_ratio;
     if (std::abs(g - std::round(g)) > 1e-9)
@@ -123,13 +181,28 @@ std::optional<std::string> plan_start(const RunConfig& cfg, const ResumeRequest&
 namespace {
 
 // metrics.jsonl keeps the records of steps up to `step`: those logged after the
-// resumed checkpoint (or by a run that saved none) are replaced by this run's.
+// resumed checkpoint (or by a run that saved none) are replaced by this run's. A last
+// line without its newline is a record cut short by a crash: dropped too, or the next
+// record would be appended to it.
 void trim_metrics(const fs::path& path, int64_t step) {
-  std::ifstream in(path);
+  std::error_code ec;
+  // A FIFO blocked the run before its first step; a device reads without end.
+  if (fs::exists(path, ec) && !fs::is_regular_file(path, ec))
+    throw Error(path.string() + ": not a regular file (the run appends its metrics there)");
+  std::ifstream in(path, std::ios::binary);
   if (!in) return;
+  const std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  in.close();
+  std::istringstream lines(all);
   std::string kept, line;
   int64_t dropped = 0;
-  while (std::getline(in, line)) {
+  const bool cut_short = !all.empty() && all.back() != '\n';
+  for (size_t left = static_cast<size_t>(std::count(all.begin(), all.end(), '\n')) + cut_short;
+       left > 0 && std::getline(lines, line); --left) {
+    if (left == 1 && cut_short) {
+      ++dropped;
+      continue;
+    }
     const auto rec = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
     if (rec.is_object() && rec.contains("step") && rec["step"].is_number_integer() &&
         rec["step"].get<int64_t>() > step) {
@@ -138,28 +211,34 @@ void trim_metrics(const fs::path& path, int64_t step) {
     }
     kept += line + "\n";
   }
-  in.close();
   if (dropped == 0) return;
   const fs::path tmp = path.string() + ".tmp";
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
     out << kept;
     out.flush();
-    if (!out) throw Error(tmp.string() + ": write failed");
+    if (!out) {
+      const int err = errno;
+      fs::remove(tmp);
+      throw Error(tmp.string() + ": write failed: " + std::strerror(err));
+    }
   }
   fs::rename(tmp, path);
-  spdlog::info("{}: {} records past step {} removed (this run logs those steps again)", path.string(), dropped,
-               step);
+  spdlog::info("{}: {} records past step {} removed{} (this run logs those steps again)", path.string(), dropped,
+               step, cut_short ? ", the last one cut short" : "");
 }
 
 }  // namespace
 
 int train(const RunConfig& cfg, const ResumeRequest& resume) {
+  std::error_code ec;
+  fs::create_directories(cfg.output.dir, ec);
+  if (ec) throw Error("output.dir: " + cfg.output.dir + ": cannot create: " + ec.message());
+  const RunLock lock(cfg.output.dir);
   const std::optional<std::string> from = plan_start(cfg, resume);
   Session s = make_session(cfg);
   auto& m = *s.model;
   const auto& tc = cfg.train;
-  fs::create_directories(cfg.output.dir);
 
   TrainerState st;
   if (from) {
@@ -170,9 +249,20 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
   }
   trim_metrics(fs::path(cfg.output.dir) / "metrics.jsonl", st.step);
 
-  std::signal(SIGINT, on_signal);
-  std::signal(SIGTERM, on_signal);
-  std::ofstream metrics(fs::path(cfg.output.dir) / "metrics.jsonl", std::ios::app);
+  install_signal_handlers();
+  const std::string metrics_path = (fs::path(cfg.output.dir) / "metrics.jsonl").string();
+  std::ofstream metrics(metrics_path, std::ios::app);
+  if (!metrics) throw Error(metrics_path + ": cannot open for appending: " + std::strerror(errno));
+  // A record that cannot be written (disk full) stops the run as a signal does: save,
+  // then exit 1. Unchecked, the run went on and its metrics were silently lost.
+  bool metrics_failed = false;
+  auto record = [&](const nlohmann::json& rec) {
+    metrics << rec.dump() << std::endl;
+    if (!metrics && !metrics_failed) {
+      metrics_failed = true;
+      spdlog::error("{}: write failed ({}): saving a checkpoint and stopping", metrics_path, std::strerror(errno));
+    }
+  };
 
   const int64_t L = cfg.data.seq_len, mbs = tc.micro_batch_size;
   std::vector<torch::Tensor> params;
@@ -198,6 +288,9 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
       int64_t* ip = ib.data_ptr<int64_t>();
       int64_t* tp = tb.data_ptr<int64_t>();
       for (int64_t b = 0; b < mbs; ++b) {
+        if (st.cursor > 0 && st.cursor % s.data->size() == 0)
+          spdlog::info("data: epoch {} begins at step {} ({} rows an epoch{})", st.cursor / s.data->size() + 1,
+                       st.step + 1, s.data->size(), cfg.data.shuffle ? ", reshuffled" : "");
         auto row = s.data->row_at(st.cursor++, cfg.data.shuffle, static_cast<uint64_t>(tc.seed));
         for (int64_t i = 0; i < L; ++i) {
           ip[b * L + i] = row.ids[i];
@@ -252,11 +345,11 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
       nlohmann::json rec = {{"step", st.step},         {"loss", loss},       {"lr", lr},
                             {"grad_norm", norm},       {"tokens_per_s", tps}, {"peak_mem_gib", mem},
                             {"step_time_s", step_s},   {"skipped", !finite}, {"tokens_seen", st.tokens_seen}};
-      metrics << rec.dump() << std::endl;
+      record(rec);
     }
 
     // ---- periodic work
-    const bool stop = g_signals.load() > 0;
+    const bool stop = g_signals.load() > 0 || metrics_failed;
     if (st.step % cfg.output.save_steps == 0 || st.step == tc.max_steps || stop) {
       const auto dir = save_checkpoint(cfg.output.dir, m, s.trainable, *s.optimizer, st, cfg);
       prune_checkpoints(cfg.output.dir, cfg.output.keep_last);
@@ -266,11 +359,13 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
         auto r = eval::perplexity(m, *s.eval_data, L, L, cfg.data.eval, tc.loss_chunk);
         m.train();
         spdlog::info("eval at step {}: loss {:.4f}, perplexity {:.3f}", st.step, r.loss, r.perplexity);
-        metrics << nlohmann::json({{"step", st.step}, {"eval_loss", r.loss}, {"eval_perplexity", r.perplexity}}).dump()
-                << std::endl;
+        record({{"step", st.step}, {"eval_loss", r.loss}, {"eval_perplexity", r.perplexity}});
       }
     }
-    if (stop) {
+    // A signal during the save or the eval: the checkpoint just written is where to stop
+    // (it was read only before them, and the run trained and saved one step more).
+    if (stop || (g_signals.load() > 0 && last_saved == st.step)) {
+      if (metrics_failed) throw Error(metrics_path + ": write failed: checkpoint saved at step " + std::to_string(st.step));
       spdlog::info("signal received: checkpoint saved at step {}, exiting", st.step);
       return 0;
     }
