@@ -5,6 +5,11 @@
 #include "longlora/data/tokenizer.h"
 #include "longlora/data/tokens.h"
 #include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <csignal>
+#include <thread>
 
 #include <algorithm>
 #include <cstdlib>
@@ -322,6 +327,28 @@ TEST(DataBadInput, MakeDataFailsOnAWriteError) {
   EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
   EXPECT_EQ(testutil::read_file(d + "/c.jsonl"), "keep me\n");
   EXPECT_EQ(entries(d), 2u);  // c.jsonl and err: no temporary file left
+  longlora::remove_tree(d);
+}
+
+TEST(DataBadInput, MakeDataInterruptedLeavesNoTemporaryAndTheOldFileWhole) {
+  // SIGINT/SIGTERM left .c.jsonl.tmp-PID beside --out; it stops before the next
+  // document, removes it and keeps the file it was to replace.
+  const auto d = testutil::temp_dir("make-data-signal");
+  testutil::write_file(d + "/c.jsonl", "keep me\n");
+  for (int sig : {SIGINT, SIGTERM}) {
+    const pid_t pid = testutil::spawn_cli("make-data --tokenizer " + testutil::golden("tokenizer.model") + " --out " +
+                                              d + "/c.jsonl --overwrite --docs 1000 --min-tokens 200 --max-tokens 300",
+                                          "LONGLORA_TEST_INTERRUPT_PAUSE_MS=100", d + "/err");
+    ASSERT_TRUE(testutil::wait_until([&] { return entries(d) == 3; }, 60)) << sig;  // c.jsonl, err and the temporary
+    ::kill(pid, sig);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    ASSERT_TRUE(WIFEXITED(status)) << sig << ": killed by signal " << (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+    EXPECT_EQ(WEXITSTATUS(status), 128 + sig);
+    EXPECT_EQ(testutil::read_file(d + "/err"), "interrupted: nothing written to " + d + "/c.jsonl\n");
+    EXPECT_EQ(testutil::read_file(d + "/c.jsonl"), "keep me\n");
+    EXPECT_EQ(entries(d), 2u);  // c.jsonl and err: no temporary file left
+  }
   longlora::remove_tree(d);
 }
 

@@ -1,11 +1,14 @@
 // export: merged HF model (golden peft merge, eval equality, config, shards,
 // bounded memory) and peft adapter round trip; bad inputs leave nothing behind.
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <chrono>
+#include <csignal>
 #include <cstdlib>
 #include <functional>
 #include <set>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -542,6 +545,38 @@ TEST(ExportErrors, DiskFullRemovesTheTemporaryDirectory) {
   fs::remove(errf);
   EXPECT_EQ(r.code, 1) << "status " << status;
   expect_clean_failure(r, dir, "out", {dir + "/out/model.safetensors", "File too large"});
+}
+
+TEST(ExportErrors, AStdoutThatCannotBeWrittenIsAnError) {
+  // > /dev/full lost "exported ... to OUT" and exited 0.
+  const auto dir = testutil::temp_dir("export-err-stdout");
+  auto r = testutil::run_cli(export_cmd(kAdapter, dir + "/out", "--base " + kBase) + " > /dev/full");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_EQ(last_line(r.err).rfind("error: stdout: the output could not be written", 0), 0u) << r.err;
+  EXPECT_TRUE(fs::exists(dir + "/out/model.safetensors"));  // the export itself is complete
+  longlora::remove_tree(dir);
+}
+
+TEST(ExportErrors, ASignalRemovesTheTemporaryDirectory) {
+  // Ctrl-C (or a kill) during an export left .OUT.tmp-export-PID/, as large as the
+  // model, that nothing removed. It stops at the next chunk, removes it and says so.
+  const auto dir = testutil::temp_dir("export-signal");
+  for (int sig : {SIGINT, SIGTERM}) {
+    const std::string out = dir + "/out", errf = dir + "/err";
+    const pid_t pid = testutil::spawn_cli(export_cmd(kAdapter, out, "--base " + kBase + " --max-shard-size 100KB"),
+                                          "LONGLORA_TEST_INTERRUPT_PAUSE_MS=300", errf);
+    ASSERT_TRUE(testutil::wait_until([&] { return !leftovers(dir, ".tmp-export-").empty(); }, 60)) << sig;
+    ::kill(pid, sig);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    ASSERT_TRUE(WIFEXITED(status)) << sig << ": killed by signal " << (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+    EXPECT_EQ(WEXITSTATUS(status), 128 + sig);
+    const auto err = testutil::read_file(errf);
+    EXPECT_EQ(last_line(err), "interrupted: nothing written to " + out) << err;
+    fs::remove(errf);
+    EXPECT_TRUE(leftovers(dir, "out").empty()) << "left behind: " << leftovers(dir, "out")[0];
+  }
+  longlora::remove_tree(dir);
 }
 
 TEST(ExportErrors, ExistingOutputNeedsOverwrite) {

@@ -34,24 +34,6 @@ std::string tiny_config(const std::string& dir, const std::string& extra = "") {
   return path;
 }
 
-pid_t spawn(const std::string& args) {
-  pid_t pid = fork();
-  if (pid == 0) {
-    std::string cmd = std::string("exec ") + LONGLORA_BINARY + " " + args + " >/dev/null 2>&1";
-    execl("/bin/sh", "sh", "-c", cmd.c_str(), (char*)nullptr);
-    _exit(127);
-  }
-  return pid;
-}
-
-template <class F>
-bool wait_until(F f, int seconds) {
-  for (int i = 0; i < seconds * 20; ++i) {
-    if (f()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  return false;
-}
 
 }  // namespace
 
@@ -352,11 +334,9 @@ TEST(Train, ACheckpointFileChangedAfterTheSaveIsRefusedWhereverItIsRead) {
 
 TEST(Train, KillDuringSaveKeepsLastGoodCheckpoint) {
   const auto d = testutil::temp_dir("kill-save");
-  setenv("LONGLORA_TEST_SAVE_PAUSE_MS", "3000", 1);
-  pid_t pid = spawn("--config " + tiny_config(d));
-  unsetenv("LONGLORA_TEST_SAVE_PAUSE_MS");
+  pid_t pid = testutil::spawn_cli("--config " + tiny_config(d), "LONGLORA_TEST_SAVE_PAUSE_MS=3000");
   // The first save (step 3) completes slowly; kill the second one (step 6) half-way.
-  ASSERT_TRUE(wait_until([&] { return fs::exists(d + "/out/.tmp-checkpoint-6"); }, 120));
+  ASSERT_TRUE(testutil::wait_until([&] { return fs::exists(d + "/out/.tmp-checkpoint-6"); }, 120));
   ::kill(pid, SIGKILL);
   int status = 0;
   ::waitpid(pid, &status, 0);
@@ -375,8 +355,8 @@ TEST(Train, SigtermSavesAndExitsCleanly) {
   for (int sig : {SIGTERM, SIGHUP}) {
     SCOPED_TRACE(strsignal(sig));
     const auto d = testutil::temp_dir("sigterm");
-    pid_t pid = spawn("--config " + tiny_config(d) + " --set train.max_steps=100000 --set output.save_steps=100000");
-    ASSERT_TRUE(wait_until([&] { return testutil::metric_losses(d + "/out/metrics.jsonl").size() >= 2; }, 120));
+    pid_t pid = testutil::spawn_cli("--config " + tiny_config(d) + " --set train.max_steps=100000 --set output.save_steps=100000");
+    ASSERT_TRUE(testutil::wait_until([&] { return testutil::metric_losses(d + "/out/metrics.jsonl").size() >= 2; }, 120));
     ::kill(pid, sig);
     int status = 0;
     ::waitpid(pid, &status, 0);
@@ -393,10 +373,8 @@ TEST(Train, SigtermSavesAndExitsCleanly) {
 TEST(Train, OneRunAtATimeAndASignalDuringASaveStopsThere) {
   const auto d = testutil::temp_dir("lock");
   // Two pauses of 4 s in each save: the signal and the second run both land in the first.
-  setenv("LONGLORA_TEST_SAVE_PAUSE_MS", "4000", 1);
-  pid_t pid = spawn("--config " + tiny_config(d));
-  unsetenv("LONGLORA_TEST_SAVE_PAUSE_MS");
-  ASSERT_TRUE(wait_until([&] { return fs::exists(d + "/out/.tmp-checkpoint-3"); }, 120));
+  pid_t pid = testutil::spawn_cli("--config " + tiny_config(d), "LONGLORA_TEST_SAVE_PAUSE_MS=4000");
+  ASSERT_TRUE(testutil::wait_until([&] { return fs::exists(d + "/out/.tmp-checkpoint-3"); }, 120));
   // The signal arrives during the save of step 3: the run stops at that checkpoint
   // (it trained step 4 and saved again).
   ::kill(pid, SIGTERM);

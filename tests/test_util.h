@@ -2,9 +2,13 @@
 #pragma once
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 #include <torch/torch.h>
 
 #include <array>
+#include <thread>
+#include <chrono>
+#include <csignal>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -83,6 +87,31 @@ inline std::string golden_model_with_a_nan(const std::string& dst, const std::st
   }
   EXPECT_TRUE(found) << name;
   return dst;
+}
+
+// Starts the binary in the background: `env` is put before it on the shell line
+// ("LONGLORA_TEST_SAVE_PAUSE_MS=3000"), stdout goes to /dev/null and stderr to `errf`.
+// SIGINT, SIGTERM and SIGHUP are reset to their defaults first: a test runner started
+// in the background (or under nohup) hands its children those ignored, and the binary
+// keeps ignoring a signal it was started with ignored.
+inline pid_t spawn_cli(const std::string& args, const std::string& env = "", const std::string& errf = "/dev/null") {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    for (int sig : {SIGINT, SIGTERM, SIGHUP}) std::signal(sig, SIG_DFL);
+    const std::string cmd = env + " exec " + LONGLORA_BINARY + " " + args + " >/dev/null 2>" + errf;
+    ::execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  return pid;
+}
+
+// Polls `f` every 50 ms for up to `seconds`.
+inline bool wait_until(const std::function<bool()>& f, int seconds) {
+  for (int i = 0; i < seconds * 20; ++i) {
+    if (f()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return false;
 }
 
 struct RunResult {

@@ -14,6 +14,7 @@
 
 #include "longlora/common/error.h"
 #include "longlora/common/fs.h"
+#include "longlora/common/interrupt.h"
 #include "longlora/data/tokenizer.h"
 #include "longlora/eval/passkey.h"
 
@@ -167,6 +168,9 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
     misses = 0;
   };
   while (written < o.docs) {
+    // A signal stops before the next document; ~AsideFile removes the temporary.
+    check_interrupt("interrupted: nothing written to " + o.out);
+    interrupt_test_pause();
     const bool exact = o.row_tokens > 0;
     const int64_t target = exact ? o.row_tokens - 2 : uniform(o.min_tokens, o.max_tokens);
     if (o.copy_frac > 0 && std::uniform_real_distribution<double>(0, 1)(rng) < o.copy_frac) {
@@ -284,6 +288,7 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
     }
     emit(found->first);
   }
+  check_interrupt("interrupted: nothing written to " + o.out);
   file.commit();
   return written;
 }

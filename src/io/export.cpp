@@ -24,6 +24,7 @@
 #include <sstream>
 
 #include "longlora/common/error.h"
+#include "longlora/common/interrupt.h"
 #include "longlora/common/json_file.h"
 #include "longlora/io/adapter.h"
 #include "longlora/io/checksum.h"
@@ -244,6 +245,7 @@ void write_tensor(const OutTensor& t, const Sink& sink) {
   const TensorInfo& s = *t.src;
   const int64_t numel = s.numel();
   if (numel == 0) return;
+  interrupt_test_pause();
   const bool merge = t.lora_a != nullptr;
   const bool cast = is_float(s.dtype) && s.dtype != t.dtype;
   if (!merge && !cast) {
@@ -255,6 +257,7 @@ void write_tensor(const OutTensor& t, const Sink& sink) {
     // checkpoint (or a base weight no adapter touches) would be exported as a model that
     // loads and produces garbage. The bytes are read to be copied anyway.
     for (size_t off = 0; off < s.nbytes; off += chunk) {
+      check_interrupt();  // a signal stops at the next chunk; OutputDir removes the temporary
       const size_t n = std::min(chunk, s.nbytes - off);
       if (!all_finite(p + off, n / esize, s.dtype))
         fail(t.name, "", "non-finite values in the source weight (exported as stored); nothing written");
@@ -280,6 +283,7 @@ void write_tensor(const OutTensor& t, const Sink& sink) {
   torch::Tensor acc = merge ? torch::empty({cap}, torch::kFloat32) : torch::Tensor();
   torch::Tensor cast_buf = (!merge || out_dtype != torch::kFloat32) ? torch::empty({cap}, out_dtype) : torch::Tensor();
   for (int64_t r0 = 0; r0 < rows; r0 += step) {
+    check_interrupt();
     const int64_t r1 = std::min(rows, r0 + step);
     const torch::Tensor chunk = src.slice(0, r0, r1);
     torch::Tensor out;
@@ -838,6 +842,7 @@ void export_checkpoint(const ExportOptions& opt) {
       for (const auto& t : ts) entries.push_back(to_write(t));
       write_safetensors((out.tmp() / "adapter_model.safetensors").string(), entries, {{"format", "pt"}});
     });
+    check_interrupt();  // the last chance to leave nothing behind; after the rename the export is done
     out.commit();
     spdlog::info("export: wrote {}", opt.output);
     return;
@@ -916,6 +921,7 @@ void export_checkpoint(const ExportOptions& opt) {
       if (e.is_regular_file() && is_tokenizer_file(n)) copy_small_file(e.path(), out.tmp() / n);
     }
   });
+  check_interrupt();  // the last chance to leave nothing behind; after the rename the export is done
   out.commit();
   spdlog::info("export: wrote {}", opt.output);
 

@@ -8,11 +8,9 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
-#include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -22,6 +20,7 @@
 
 #include "longlora/common/device.h"
 #include "longlora/common/error.h"
+#include "longlora/common/interrupt.h"
 #include "longlora/data/dataset.h"
 #include "longlora/data/tokenizer.h"
 #include "longlora/eval/perplexity.h"
@@ -36,26 +35,10 @@ namespace fs = std::filesystem;
 namespace longlora::train {
 namespace {
 
-std::atomic<int> g_signals{0};
-
-void on_signal(int) {
-  // First signal: finish the step, save, exit 0. Second: leave at once.
-  if (g_signals.fetch_add(1) >= 1) ::_exit(130);
-}
-
-// SIGHUP too: a closed terminal or ssh session then saves instead of losing the steps
-// since the last checkpoint. A signal the parent set to be ignored (nohup, a
-// background job) stays ignored.
-void install_signal_handlers() {
-  for (int sig : {SIGINT, SIGTERM, SIGHUP}) {
-    struct sigaction old {};
-    if (::sigaction(sig, nullptr, &old) == 0 && old.sa_handler == SIG_IGN) continue;
-    struct sigaction sa {};
-    sa.sa_handler = on_signal;
-    ::sigemptyset(&sa.sa_mask);
-    ::sigaction(sig, &sa, nullptr);
-  }
-}
+// SIGINT, SIGTERM and SIGHUP (common/interrupt.h): the first finishes the step, saves
+// and exits 0; SIGHUP too, so that a closed terminal or ssh session saves instead of
+// losing the steps since the last checkpoint. A second signal leaves at once.
+bool signalled() { return interrupt_signal() != 0; }
 
 // Holds an exclusive lock on OUTPUT_DIR/.lock for the run: two runs in one output.dir
 // pruned, overwrote and trimmed each other's checkpoints and metrics. Creating the file
@@ -249,7 +232,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
   }
   trim_metrics(fs::path(cfg.output.dir) / "metrics.jsonl", st.step);
 
-  install_signal_handlers();
+  install_interrupt_handlers();
   const std::string metrics_path = (fs::path(cfg.output.dir) / "metrics.jsonl").string();
   std::ofstream metrics(metrics_path, std::ios::app);
   if (!metrics) throw Error(metrics_path + ": cannot open for appending: " + std::strerror(errno));
@@ -349,7 +332,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
     }
 
     // ---- periodic work
-    const bool stop = g_signals.load() > 0 || metrics_failed;
+    const bool stop = signalled() || metrics_failed;
     if (st.step % cfg.output.save_steps == 0 || st.step == tc.max_steps || stop) {
       const auto dir = save_checkpoint(cfg.output.dir, m, s.trainable, *s.optimizer, st, cfg);
       prune_checkpoints(cfg.output.dir, cfg.output.keep_last);
@@ -364,7 +347,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
     }
     // A signal during the save or the eval: the checkpoint just written is where to stop
     // (it was read only before them, and the run trained and saved one step more).
-    if (stop || (g_signals.load() > 0 && last_saved == st.step)) {
+    if (stop || (signalled() && last_saved == st.step)) {
       if (metrics_failed) throw Error(metrics_path + ": write failed: checkpoint saved at step " + std::to_string(st.step));
       spdlog::info("signal received: checkpoint saved at step {}, exiting", st.step);
       return 0;
