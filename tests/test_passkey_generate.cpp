@@ -278,6 +278,25 @@ TEST(Generate, TopPKeepsTheNucleusOnly) {
   EXPECT_EQ(eval::sample_token(logits, 0.0, 0.9, rng), 0);
 }
 
+TEST(Generate, ATinyTemperatureIsGreedy) {
+  // logits / 1e-308 overflowed to inf, softmax gave NaN and sample_token returned id 0,
+  // printed as "⁇ ⁇ ..." with exit 0. T -> 0 is greedy: every finite T > 0 must sample.
+  auto logits = torch::tensor({-3.0, 2.5, 7.0, 6.9, -50.0});
+  std::mt19937_64 rng(0);
+  for (double t : {1e-308, 5e-324, 1e-30, 1e-3}) EXPECT_EQ(eval::sample_token(logits, t, 0.9, rng), 2) << t;
+  // A huge T is about uniform, not NaN: every id comes up.
+  std::map<int, int> seen;
+  for (int i = 0; i < 500; ++i) ++seen[eval::sample_token(logits, 1e300, 1.0, rng)];
+  EXPECT_EQ(seen.size(), 5u);
+
+  const std::string base = "generate --model " + model_dir() + " --prompt 'the cat' --max-new-tokens 10 --device cpu";
+  const auto greedy = testutil::run_cli(base + " --temperature 0");
+  ASSERT_EQ(greedy.code, 0) << greedy.err;
+  const auto tiny_t = testutil::run_cli(base + " --temperature 1e-308");
+  ASSERT_EQ(tiny_t.code, 0) << tiny_t.err;
+  EXPECT_EQ(tiny_t.out, greedy.out);
+}
+
 TEST(Generate, StreamDecoderPiecesJoinToTheDecodedText) {
   const auto& tok = tokenizer();
   for (const std::string text : std::vector<std::string>{"Hello world, this is a test.", "The pass key is 12345. Remember it.",
@@ -540,4 +559,85 @@ TEST(EvalCli, ATokenizerWithMorePiecesThanTheModelsVocabularyIsNamed) {
     EXPECT_NE(r.err.find(want), std::string::npos) << args << ": " << r.err;
   }
   longlora::remove_tree(d);
+}
+
+TEST(EvalCli, ResultsThatCannotBeWrittenToStdoutAreAnError) {
+  // > /dev/full: the results were lost and every command exited 0, reading as success.
+  const std::string m = " --model " + model_dir() + " --device cpu";
+  for (const std::string args :
+       {"eval" + m + " --data " + testutil::golden("tiny-llama/eval.bin") + " --seq-len 64 --json",
+        "eval" + m + " --data " + testutil::golden("tiny-llama/eval.bin") + " --seq-len 64",
+        "eval --task passkey" + m + " --lengths 128 --trials 1 --json",
+        "generate" + m + " --prompt 'the cat' --max-new-tokens 10 --temperature 0", std::string("--version")}) {
+    const auto r = testutil::run_cli(args + " > /dev/full");
+    EXPECT_EQ(r.code, 1) << args;
+    EXPECT_NE(r.err.find("error: stdout: the output could not be written"),
+              std::string::npos) << args << "\n" << r.err;
+    // To a writable stdout, the same command succeeds.
+    EXPECT_EQ(testutil::run_cli(args + " > /dev/null").code, 0) << args;
+  }
+}
+
+TEST(EvalCli, RunningOutOfMemoryIsAOneLineError) {
+  // A failed CPU allocation aborted (exit 134, "[F ... Logging.cpp:54] [enforce fail at
+  // alloc_cpu.cpp:127]"): libsentencepiece's static constructor set c10's flag that
+  // turns a failed CAFFE_ENFORCE into an abort. A 2M-token window under a 4 GB limit.
+  const auto d = testutil::temp_dir("eval-oom");
+  data::write_bin(d + "/big.bin", std::vector<int32_t>(2100000, 7));
+  const auto r = testutil::run_cli("eval --model " + model_dir() + " --data " + d +
+                                       "/big.bin --seq-len 2000000 --device cpu",
+                                   "ulimit -v 4000000; ");
+  EXPECT_EQ(r.code, 1) << r.err;
+  EXPECT_EQ(r.err.find("Logging.cpp"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("\nerror: out of memory: you tried to allocate "), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.back(), '\n');
+  longlora::remove_tree(d);
+}
+
+TEST(BenchCli, ASeqLenPastRopeFactor1024IsRefused) {
+  // bench --seq-len 100000000 ran a model at "rope factor 24415" (model.rope_factor and
+  // --rope-factor stop at 1024), then aborted out of memory.
+  const std::string shape = model_dir() + "/config.json";  // 128 positions
+  const auto r = testutil::run_cli("bench --shape " + shape + " --seq-len 131073 --steps 1 --warmup 0 --device cpu");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_EQ(r.err, "error: --seq-len: 131073 needs rope factor 1025 with " + shape +
+                       "'s max_position_embeddings 128, past the limit of 1024: at most 131072\n");
+}
+
+TEST(BenchCli, AttentionBenchWithoutCudaIsAnErrorOnStderr) {
+  // "attention bench: no CUDA device available; nothing to time" came on stdout.
+  if (torch::cuda::is_available()) GTEST_SKIP() << "a CUDA device is here: the bench would run";
+  const auto r = testutil::run_cli("bench attention --seq-len 1024 --heads 2 --kv-heads 2 --head-dim 64");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_EQ(r.out, "");
+  EXPECT_EQ(lines(r.err), 1u) << r.err;
+  EXPECT_EQ(r.err.rfind("error: attention bench: ", 0), 0u) << r.err;
+  EXPECT_NE(r.err.find("; nothing to time"), std::string::npos) << r.err;
+}
+
+TEST(GenerateCli, APromptPlusNewTokensPastTheModelsContextIsWarnedOf) {
+  // eval and passkey warned of positions the model never saw; generate did not.
+  const std::string base = "generate --model " + model_dir() + " --prompt 'the cat' --temperature 0 --device cpu";
+  const auto r = testutil::run_cli(base + " --max-new-tokens 200");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("prompt (4 tokens) + --max-new-tokens 200 = 204 is past the model's context (128 positions x rope factor 1 = 128)"), std::string::npos)
+      << r.err;
+  const auto fits = testutil::run_cli(base + " --max-new-tokens 125");  // 128 positions run
+  ASSERT_EQ(fits.code, 0) << fits.err;
+  EXPECT_EQ(fits.err.find("past the model's context"), std::string::npos) << fits.err;
+}
+
+TEST(PasskeyCli, APromptPastTheModelsContextIsWarnedOfWhenTheLengthIsNot) {
+  // --lengths 128 runs 157-token prompts on the 128-position model: no warning, since
+  // only the requested length was compared with the context.
+  const auto r = testutil::run_cli("eval --task passkey --model " + model_dir() + " --lengths 128 --trials 1 --device cpu");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("passkey length 128: prompts of 157 tokens are past the model's context (128 positions x "
+                       "rope factor 1 = 128)"),
+            std::string::npos) << r.err;
+  EXPECT_EQ(count_of(r.err, "past the model's context"), 1u) << r.err;
+  const auto fits = testutil::run_cli("eval --task passkey --model " + model_dir() +
+                                      " --lengths 128 --trials 1 --rope-factor 2 --device cpu");
+  ASSERT_EQ(fits.code, 0) << fits.err;
+  EXPECT_EQ(fits.err.find("past the model's context"), std::string::npos) << fits.err;
 }

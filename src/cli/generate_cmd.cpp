@@ -55,6 +55,15 @@ int run_generate(const GenerateArgs& a) {
   const auto body = tok.encode(prompt);
   ids.insert(ids.end(), body.begin(), body.end());
 
+  // As eval and passkey warn: positions past the context were never trained. The
+  // last new token is never fed back, so total - 1 positions run.
+  const double context = m->cfg.max_position_embeddings * m->cfg.rope_factor;
+  const int64_t total = static_cast<int64_t>(ids.size()) + a.max_new_tokens;
+  if (context > 0 && static_cast<double>(total - 1) > context)
+    spdlog::warn("prompt ({} tokens) + --max-new-tokens {} = {} is past the model's context ({} positions x rope "
+                 "factor {:g} = {:g})",
+                 ids.size(), a.max_new_tokens, total, m->cfg.max_position_embeddings, m->cfg.rope_factor, context);
+
   eval::GenerateOptions g;
   g.max_new_tokens = a.max_new_tokens;
   g.temperature = a.temperature;
@@ -67,7 +76,8 @@ int run_generate(const GenerateArgs& a) {
   const auto t0 = std::chrono::steady_clock::now();
   const auto out = eval::generate(*m, tok, ids, g, [&](int id) {
     if (id != eos) std::cout << dec.push(id) << std::flush;
-    return true;
+    // Text that cannot be written is lost: stop here, main() reports it.
+    return static_cast<bool>(std::cout);
   });
   std::cout << dec.finish() << std::endl;
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

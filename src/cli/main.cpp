@@ -1,10 +1,15 @@
 // longlora-train: LongLoRA context extension for LLaMA checkpoints.
+#include <cerrno>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <CLI/CLI.hpp>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
 #include <c10/util/Exception.h>
+#include <c10/util/Logging.h>
+#include <torch/cuda.h>
 
 #include <charconv>
 #include <cstdint>
@@ -17,6 +22,7 @@
 #include "longlora/train/config.h"
 #include "longlora/cli/commands.h"
 #include "longlora/common/error.h"
+#include "longlora/common/interrupt.h"
 #include "longlora/eval/passkey.h"
 
 using namespace longlora;
@@ -55,9 +61,18 @@ void add_model_options(CLI::App* cmd, std::string& model, std::string& adapter, 
   cmd->add_option("--dtype", dtype, "compute dtype: auto | fp32 | bf16 | fp16")
       ->check(CLI::IsMember({"auto", "fp32", "bf16", "fp16"}));
 }
-}  // namespace
 
-int main(int argc, char** argv) {
+// The command itself; main() adds the check that stdout was written.
+int run(int argc, char** argv) {
+  // An allocation that fails (CPU out of memory) must throw c10::Error for the handler
+  // below, not abort (exit 134). c10's flag that makes CAFFE_ENFORCE abort is false by
+  // default, but the system libsentencepiece.so.0 exports an absl::Flag<int>
+  // FLAGS_minloglevel (32 bytes) under the name of libc10's int FLAGS_minloglevel; the
+  // dynamic linker binds it to libc10's, and its static constructor overwrites the
+  // flag next to it with a byte of its vtable pointer (0xff, true). Setting it back
+  // breaks that vtable pointer in turn, which is never read: the class's only virtual
+  // function is its destructor, and the one of a static object runs by a direct call.
+  FLAGS_caffe2_use_fatal_for_enforce = false;
   // Long contexts allocate tensors of many sizes; growable segments keep the caching
   // allocator from reserving far more than it holds. The user's own setting wins.
   if (!std::getenv("PYTORCH_CUDA_ALLOC_CONF") && !std::getenv("PYTORCH_ALLOC_CONF"))
@@ -206,8 +221,18 @@ int main(int argc, char** argv) {
     }
     if (*gen_cmd) return cli::run_generate(gen);
     if (*exp) return cli::run_export(ex);
-    if (*bench_attn) return attention::run_attention_bench(ab);
+    if (*bench_attn) {
+      // Checked here so that these go to stderr as one-line errors, as every other does
+      // (the kernel bench prints them on stdout, where they read as results).
+#ifndef LONGLORA_WITH_CUDA
+      throw Error("attention bench: this build has no CUDA kernels (LONGLORA_WITH_CUDA off); nothing to time");
+#else
+      if (!torch::cuda::is_available()) throw Error("attention bench: no CUDA device available; nothing to time");
+#endif
+      return attention::run_attention_bench(ab);
+    }
     if (*mk) {
+      install_interrupt_handlers();  // so that the temporary .jsonl is removed
       std::cout << data::write_passkey_corpus(pc) << " documents written to " << pc.out << std::endl;
       return 0;
     }
@@ -224,14 +249,45 @@ int main(int argc, char** argv) {
       return 2;
     }
     return cli::run_train(train);
+  } catch (const Interrupted& e) {
+    std::cerr << e.what() << "\n";
+    return e.exit_code();
   } catch (const Error& e) {
     std::cerr << "error: " << e.what() << "\n";
     return 1;
   } catch (const c10::Error& e) {
-    std::cerr << "error: " << e.what_without_backtrace() << "\n";
+    std::string m = e.what_without_backtrace();
+    // Tensors past the free memory: a CUDA OutOfMemoryError, or the CPU allocator's
+    // "[enforce fail at alloc_cpu.cpp:...] ... can't allocate memory: you tried ...".
+    if (dynamic_cast<const c10::OutOfMemoryError*>(&e) || m.find("can't allocate memory") != std::string::npos) {
+      if (const auto p = m.find("can't allocate memory: "); p != std::string::npos) m = m.substr(p + 23);
+      m = "out of memory: " + m + " (lower the sequence length or the batch, or use a larger machine)";
+    }
+    // One line, whatever c10 put in the message.
+    for (auto& c : m)
+      if (c == '\n') c = ' ';
+    std::cerr << "error: " << m << "\n";
     return 1;
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";
     return 1;
   }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int rc = run(argc, argv);
+  // Results that never reached stdout (a full disk, a closed pipe) must not end in
+  // exit 0: the caller would take the missing output for an empty result.
+  errno = 0;
+  std::cout.flush();
+  const bool flushed = std::fflush(stdout) == 0;
+  const int err = errno;
+  if (rc == 0 && (!flushed || std::cout.fail() || std::ferror(stdout))) {
+    std::cerr << "error: stdout: the output could not be written" << (err ? std::string(": ") + std::strerror(err) : "")
+              << "\n";
+    return 1;
+  }
+  return rc;
 }

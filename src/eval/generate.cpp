@@ -15,7 +15,11 @@ int sample_token(const torch::Tensor& logits_in, double temperature, double top_
   auto logits = logits_in.reshape({-1});
   if (n_ids > 0 && n_ids < logits.numel()) logits = logits.slice(0, 0, n_ids);
   if (temperature <= 0) return static_cast<int>(logits.argmax().item<int64_t>());
-  auto p = torch::softmax(logits.to(torch::kCPU, torch::kFloat64) / temperature, -1).contiguous();
+  // The max logit comes off before the division: logits / 1e-308 overflowed to inf,
+  // softmax gave NaN and id 0 came out. Shifted, every term is <= 0, so a tiny T
+  // sends the rest to -inf (probability 0) and tends to greedy as it should.
+  auto l64 = logits.to(torch::kCPU, torch::kFloat64);
+  auto p = torch::softmax((l64 - l64.max()) / temperature, -1).contiguous();
   const double* pp = p.data_ptr<double>();
   const auto V = static_cast<size_t>(p.numel());
   std::vector<int> order(V);

@@ -114,8 +114,9 @@ std::string passkey_verdict(bool correct, const std::string& answered) {
 }
 
 std::vector<std::string> passkey_length_warnings(const data::Tokenizer& tok, const std::vector<int64_t>& lengths,
-                                                 double chars_per_token) {
+                                                 double chars_per_token, std::vector<int64_t>* prompt_tokens) {
   std::vector<std::string> out;
+  if (prompt_tokens) prompt_tokens->clear();
   for (size_t i = 0; i < lengths.size(); ++i) {
     const int64_t L = lengths[i];
     const int64_t chars = passkey_filler_chars(L, chars_per_token);
@@ -131,6 +132,7 @@ std::vector<std::string> passkey_length_warnings(const data::Tokenizer& tok, con
     // Trial 0's prompt stands for all: the others differ only in the key's digits.
     const auto d = passkey_draw(L, 0, 0, chars_per_token);
     const auto n = static_cast<int64_t>(tok.encode(passkey_prompt(L, d.key, d.split, chars_per_token).prompt).size()) + 1;
+    if (prompt_tokens) prompt_tokens->push_back(n);
     if (4 * std::llabs(n - L) > L)
       out.push_back(fmt::format("passkey length {}: the prompt is {} tokens, more than 25% away ({} filler "
                                 "characters: LongLoRA's filler is a multiple of 1024 characters)",
@@ -149,14 +151,31 @@ PasskeyResult passkey_eval(model::LlamaForCausalLMImpl& m, const data::Tokenizer
                o.chars_per_token > 0 ? "given" : "measured on the tokenizer; LLaMA's gives LongLoRA's 3.75");
   // Lengths past the context the model was trained for are the point of the test
   // (the base model at 4x), but a long run there should not come as a surprise.
+  // The prompts that run, not the requested length, are what must fit: LongLoRA's
+  // filler is rounded, so --lengths 128 runs 157-token prompts. Trial 0's prompt
+  // stands for a length's before the run; a later one a token or two longer (the
+  // key's digits) is caught as it runs.
   const double context = static_cast<double>(m.cfg.max_position_embeddings) * m.cfg.rope_factor;
-  for (int64_t L : o.lengths)
-    if (context > 0 && static_cast<double>(L) > context)
+  std::vector<int64_t> first_prompt;
+  const auto length_warnings = passkey_length_warnings(tok, o.lengths, r.chars_per_token, &first_prompt);
+  std::vector<bool> warned(o.lengths.size(), false);
+  auto warn_context = [&](size_t i, int64_t prompt) {
+    const int64_t L = o.lengths[i];
+    if (warned[i] || !(context > 0) || static_cast<double>(std::max(L, prompt)) <= context) return;
+    warned[i] = true;
+    if (static_cast<double>(L) > context)
       spdlog::warn("passkey length {} is past the model's context ({} positions x rope factor {:g} = {:g})", L,
                    m.cfg.max_position_embeddings, m.cfg.rope_factor, context);
-  for (const auto& w : passkey_length_warnings(tok, o.lengths, r.chars_per_token)) spdlog::warn("{}", w);
+    else
+      spdlog::warn("passkey length {}: prompts of {} tokens are past the model's context ({} positions x rope "
+                   "factor {:g} = {:g})",
+                   L, prompt, m.cfg.max_position_embeddings, m.cfg.rope_factor, context);
+  };
+  for (size_t i = 0; i < o.lengths.size(); ++i) warn_context(i, first_prompt[i]);
+  for (const auto& w : length_warnings) spdlog::warn("{}", w);
   const auto t0 = std::chrono::steady_clock::now();
-  for (int64_t L : o.lengths) {
+  for (size_t li = 0; li < o.lengths.size(); ++li) {
+    const int64_t L = o.lengths[li];
     int64_t passed = 0, tokens = 0, shortest = 0, longest = 0;
     for (int64_t t = 0; t < o.trials; ++t) {
       const auto d = passkey_draw(L, o.seed, t, r.chars_per_token);
@@ -164,6 +183,7 @@ PasskeyResult passkey_eval(model::LlamaForCausalLMImpl& m, const data::Tokenizer
       int64_t n = 0;
       std::string said;
       const bool ok = passkey_trial(m, tok, p, o.use_cache, &n, &said);
+      warn_context(li, n);
       passed += ok;
       tokens += n;
       shortest = t == 0 ? n : std::min(shortest, n);

@@ -99,9 +99,11 @@ std::string passkey_verdict(bool correct, const std::string& answered);
 
 // Warns (before any trial) where two requested lengths give the same prompts (the
 // same filler after LongLoRA's rounding) and where a length's prompt is more than
-// 25% away from it; those are the checks below, exposed for tests.
+// 25% away from it; those are the checks below, exposed for tests. `prompt_tokens`,
+// when given, receives each length's trial-0 prompt length in tokens (with BOS).
 std::vector<std::string> passkey_length_warnings(const data::Tokenizer& tok, const std::vector<int64_t>& lengths,
-                                                 double chars_per_token);
+                                                 double chars_per_token,
+                                                 std::vector<int64_t>* prompt_tokens = nullptr);
 
 PasskeyResult passkey_eval(model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok,
                            const PasskeyOptions& o);
