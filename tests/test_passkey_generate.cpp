@@ -514,6 +514,7 @@ TEST(EvalCli, ANonFiniteLossNamesTheTensorThatHoldsIt) {
                              " --seq-len 64 --device cpu");
   EXPECT_EQ(r.code, 1) << r.out;
   EXPECT_NE(r.err.find(nan_weight), std::string::npos) << r.err;
+  longlora::remove_tree(d);
 }
 
 TEST(EvalCli, ALengthPastTheModelsContextIsWarnedOf) {

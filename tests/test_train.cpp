@@ -260,6 +260,17 @@ TEST(Train, EvalDataAndModelConfigAreCheckedBeforeTheFirstStep) {
   EXPECT_NE(r.err.find("--set model.config: goes with model.init \"random\""), std::string::npos) << r.err;
 }
 
+TEST(Train, ASeqLenPastRopeFactor1024IsRefused) {
+  // model.rope_factor's range ends at 1024; the factor resolved from seq_len had no limit.
+  const auto d = testutil::temp_dir("rope-limit");
+  auto r = testutil::run_cli("--config " + tiny_config(d) + " --set data.seq_len=131073 --set attention.s2=false");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("data.seq_len: 131073 needs a RoPE factor of 1025 over max_position_embeddings 128, past "
+                       "the limit of 1024"),
+            std::string::npos) << r.err;
+  longlora::remove_tree(d);
+}
+
 TEST(Train, MismatchedCheckpointIsRefused) {
   const auto d = testutil::temp_dir("resume-mismatch");
   ASSERT_EQ(testutil::run_cli("--config " + tiny_config(d) + " --set train.max_steps=3").code, 0);
