@@ -601,8 +601,8 @@ TEST(BenchCli, ASeqLenPastRopeFactor1024IsRefused) {
   const std::string shape = model_dir() + "/config.json";  // 128 positions
   const auto r = testutil::run_cli("bench --shape " + shape + " --seq-len 131073 --steps 1 --warmup 0 --device cpu");
   EXPECT_EQ(r.code, 1);
-  EXPECT_EQ(r.err, "error: --seq-len: 131073 needs rope factor 1025 with " + shape +
-                       "'s max_position_embeddings 128, past the limit of 1024: at most 131072\n");
+  EXPECT_EQ(r.err, "error: --seq-len: 131073 needs a RoPE factor of 1025 over max_position_embeddings 128, past the "
+                   "limit of 1024: at most 131072\n");
 }
 
 TEST(BenchCli, AttentionBenchWithoutCudaIsAnErrorOnStderr) {

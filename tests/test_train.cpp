@@ -266,7 +266,7 @@ TEST(Train, ASeqLenPastRopeFactor1024IsRefused) {
   auto r = testutil::run_cli("--config " + tiny_config(d) + " --set data.seq_len=131073 --set attention.s2=false");
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.err.find("data.seq_len: 131073 needs a RoPE factor of 1025 over max_position_embeddings 128, past "
-                       "the limit of 1024"),
+                       "the limit of 1024: at most 131072"),
             std::string::npos) << r.err;
   longlora::remove_tree(d);
 }

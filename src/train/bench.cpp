@@ -54,9 +54,6 @@ double time_ms(const torch::Device& d, int warmup, int reps, F f) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / reps;
 }
 
-// model.rope_factor's upper bound (config.cpp), which eval's and export's --rope-factor share.
-constexpr double kMaxRopeFactor = 1024;
-
 }  // namespace
 
 int run_train_bench(const TrainBenchOptions& o) {
@@ -69,18 +66,7 @@ int run_train_bench(const TrainBenchOptions& o) {
   c.train.max_steps = o.warmup + o.steps;
   c.device = o.device;
   for (const auto& s : o.overrides) apply_override(c, s);
-  {
-    // The factor that covers --seq-len is capped at 1024 as model.rope_factor is: past
-    // it, bench timed a model no config accepts ("rope factor 244141") or ran out of memory.
-    const auto mc = io::load_model_config(o.shape);
-    const double factor = resolve_rope_factor(c, mc);
-    if (factor > kMaxRopeFactor)
-      fail("--seq-len", "",
-           std::to_string(o.seq_len) + " needs rope factor " + std::to_string(static_cast<int64_t>(factor)) + " with " +
-               o.shape + "'s max_position_embeddings " + std::to_string(mc.max_position_embeddings) +
-               ", past the limit of 1024: at most " +
-               std::to_string(static_cast<int64_t>(kMaxRopeFactor) * mc.max_position_embeddings));
-  }
+  resolve_rope_factor(c, io::load_model_config(o.shape), "--seq-len");  // named as bench's flag
   Session s = make_session(c, /*with_data=*/false);
   auto& m = *s.model;
   const auto& mc = m.cfg;

@@ -16,15 +16,17 @@ namespace fs = std::filesystem;
 
 namespace longlora::train {
 
-double resolve_rope_factor(const RunConfig& c, const io::ModelConfig& m) {
+double resolve_rope_factor(const RunConfig& c, const io::ModelConfig& m, const std::string& seq_len_field) {
   if (c.model.rope_factor > 0) return c.model.rope_factor;
   if (c.data.seq_len > m.max_position_embeddings) {
     const double f = std::ceil(static_cast<double>(c.data.seq_len) / static_cast<double>(m.max_position_embeddings));
-    // The same limit as model.rope_factor's own range.
+    // The same limit as model.rope_factor's own range (past it, bench timed a model no
+    // config accepts, "rope factor 244141", or ran out of memory).
     if (f > 1024)
-      throw Error("data.seq_len: " + std::to_string(c.data.seq_len) + " needs a RoPE factor of " +
+      throw Error(seq_len_field + ": " + std::to_string(c.data.seq_len) + " needs a RoPE factor of " +
                   std::to_string(static_cast<int64_t>(f)) + " over max_position_embeddings " +
-                  std::to_string(m.max_position_embeddings) + ", past the limit of 1024");
+                  std::to_string(m.max_position_embeddings) + ", past the limit of 1024: at most " +
+                  std::to_string(1024 * m.max_position_embeddings));
     return f;
   }
   return m.rope_factor;

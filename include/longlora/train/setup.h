@@ -30,7 +30,10 @@ struct Session {
 
 // Linear RoPE factor for the run: model.rope_factor, or ceil(seq_len / max_pos)
 // when seq_len exceeds the model's context (LongLoRA), else the config's own.
-double resolve_rope_factor(const RunConfig& c, const io::ModelConfig& m);
+// `seq_len_field` names the sequence length in the error for a factor past 1024
+// ("data.seq_len" in a run, "--seq-len" in bench).
+double resolve_rope_factor(const RunConfig& c, const io::ModelConfig& m,
+                           const std::string& seq_len_field = "data.seq_len");
 
 // Marks parameters trainable (LoRA factors + names containing one of the
 // trainable_params substrings; everything when LoRA is off), turns them into fp32
