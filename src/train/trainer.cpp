@@ -174,18 +174,14 @@ void trim_metrics(const fs::path& path, int64_t step) {
     throw Error(path.string() + ": not a regular file (the run appends its metrics there)");
   std::ifstream in(path, std::ios::binary);
   if (!in) return;
-  const std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   in.close();
+  const bool cut_short = !all.empty() && all.back() != '\n';
+  if (cut_short) all.erase(all.rfind('\n') + 1);  // npos + 1 == 0: the one line goes
   std::istringstream lines(all);
   std::string kept, line;
-  int64_t dropped = 0;
-  const bool cut_short = !all.empty() && all.back() != '\n';
-  for (size_t left = static_cast<size_t>(std::count(all.begin(), all.end(), '\n')) + cut_short;
-       left > 0 && std::getline(lines, line); --left) {
-    if (left == 1 && cut_short) {
-      ++dropped;
-      continue;
-    }
+  int64_t dropped = cut_short;
+  while (std::getline(lines, line)) {
     const auto rec = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
     if (rec.is_object() && rec.contains("step") && rec["step"].is_number_integer() &&
         rec["step"].get<int64_t>() > step) {
@@ -332,8 +328,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
     }
 
     // ---- periodic work
-    const bool stop = signalled() || metrics_failed;
-    if (st.step % cfg.output.save_steps == 0 || st.step == tc.max_steps || stop) {
+    if (st.step % cfg.output.save_steps == 0 || st.step == tc.max_steps || signalled() || metrics_failed) {
       const auto dir = save_checkpoint(cfg.output.dir, m, s.trainable, *s.optimizer, st, cfg);
       prune_checkpoints(cfg.output.dir, cfg.output.keep_last);
       last_saved = st.step;
@@ -345,9 +340,9 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
         record({{"step", st.step}, {"eval_loss", r.loss}, {"eval_perplexity", r.perplexity}});
       }
     }
-    // A signal during the save or the eval: the checkpoint just written is where to stop
-    // (it was read only before them, and the run trained and saved one step more).
-    if (stop || (signalled() && last_saved == st.step)) {
+    // Read again after the save and the eval: a signal or a failed metrics write during
+    // them stops at the checkpoint just written, not one step and one save later.
+    if ((signalled() || metrics_failed) && last_saved == st.step) {
       if (metrics_failed) throw Error(metrics_path + ": write failed: checkpoint saved at step " + std::to_string(st.step));
       spdlog::info("signal received: checkpoint saved at step {}, exiting", st.step);
       return 0;
