@@ -54,7 +54,11 @@ nlohmann::json digest_directory(const std::string& dir) {
 void verify_checkpoint_files(const std::string& dir, bool with_optimizer_state) {
   const std::string ts = (fs::path(dir) / "trainer_state.json").string();
   if (!fs::exists(ts)) return;
-  const nlohmann::json j = read_json_file(ts);
+  verify_checkpoint_files(dir, read_json_file(ts), ts, with_optimizer_state);
+}
+
+void verify_checkpoint_files(const std::string& dir, const nlohmann::json& j, const std::string& ts,
+                             bool with_optimizer_state) {
   const JsonFields top(j, ts);
   const auto files = top.object("files");
   if (!files) return;  // saved before checksums were recorded

@@ -270,7 +270,7 @@ TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainab
   const fs::path d(dir);
   TrainerState st;
   const json ts = read_state_file(dir, st);
-  io::verify_checkpoint_files(dir, true);
+  io::verify_checkpoint_files(dir, ts, (d / "trainer_state.json").string(), true);
   // What must agree for the saved tensors and optimizer state to mean the same thing.
   std::vector<std::string> diffs;
   const json want_model = model_fingerprint(model_cfg);

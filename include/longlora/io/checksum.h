@@ -24,5 +24,8 @@ nlohmann::json digest_directory(const std::string& dir);
 // all but state.pt when with_optimizer_state is false: eval and export read no
 // optimizer state). Checkpoints saved before checksums were recorded pass unchecked.
 void verify_checkpoint_files(const std::string& dir, bool with_optimizer_state);
+// The same, from a trainer_state.json already read (its path names it in errors).
+void verify_checkpoint_files(const std::string& dir, const nlohmann::json& trainer_state,
+                             const std::string& trainer_state_path, bool with_optimizer_state);
 
 }  // namespace longlora::io
