@@ -582,7 +582,8 @@ TEST(EvalCli, ResultsThatCannotBeWrittenToStdoutAreAnError) {
 TEST(EvalCli, RunningOutOfMemoryIsAOneLineError) {
   // A failed CPU allocation aborted (exit 134, "[F ... Logging.cpp:54] [enforce fail at
   // alloc_cpu.cpp:127]"): libsentencepiece's static constructor set c10's flag that
-  // turns a failed CAFFE_ENFORCE into an abort. A 2M-token window under a 4 GB limit.
+  // turns a failed CAFFE_ENFORCE into an abort (sentencepiece is now loaded apart,
+  // data/sentencepiece_module.h). A 2M-token window under a 4 GB limit.
   const auto d = testutil::temp_dir("eval-oom");
   data::write_bin(d + "/big.bin", std::vector<int32_t>(2100000, 7));
   const auto r = testutil::run_cli("eval --model " + model_dir() + " --data " + d +

@@ -64,15 +64,6 @@ void add_model_options(CLI::App* cmd, std::string& model, std::string& adapter, 
 
 // The command itself; main() adds the check that stdout was written.
 int run(int argc, char** argv) {
-  // An allocation that fails (CPU out of memory) must throw c10::Error for the handler
-  // below, not abort (exit 134). c10's flag that makes CAFFE_ENFORCE abort is false by
-  // default, but the system libsentencepiece.so.0 exports an absl::Flag<int>
-  // FLAGS_minloglevel (32 bytes) under the name of libc10's int FLAGS_minloglevel; the
-  // dynamic linker binds it to libc10's, and its static constructor overwrites the
-  // flag next to it with a byte of its vtable pointer (0xff, true). Setting it back
-  // breaks that vtable pointer in turn, which is never read: the class's only virtual
-  // function is its destructor, and the one of a static object runs by a direct call.
-  FLAGS_caffe2_use_fatal_for_enforce = false;
   // Long contexts allocate tensors of many sizes; growable segments keep the caching
   // allocator from reserving far more than it holds. The user's own setting wins.
   if (!std::getenv("PYTORCH_CUDA_ALLOC_CONF") && !std::getenv("PYTORCH_ALLOC_CONF"))

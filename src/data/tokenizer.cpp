@@ -1,6 +1,7 @@
 #include "longlora/data/tokenizer.h"
 
-#include <sentencepiece_processor.h>
+#include <dlfcn.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -12,26 +13,69 @@
 
 #include "longlora/common/error.h"
 #include "longlora/common/fs.h"
+#include "longlora/data/sentencepiece_module.h"
 
 namespace longlora::data {
 
+namespace {
+
+// The module lies next to the executable (build/, as the binary is run from there).
+std::string module_path() {
+  std::error_code ec;
+  const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  return ((ec ? std::filesystem::path(".") : exe.parent_path()) / LONGLORA_SPM_MODULE).string();
+}
+
+// Loaded once, never unloaded; a failure is reported to every caller, naming the file.
+const LongloraSpmApi& module_api() {
+  static const LongloraSpmApi* api = nullptr;
+  static std::string error;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    const std::string path = module_path();
+    // A namespace of its own (see sentencepiece_module.h).
+    void* handle = dlmopen(LM_ID_NEWLM, path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!handle) {
+      error = std::string("cannot load the sentencepiece module (it belongs next to the binary): ") + dlerror();
+      return;
+    }
+    auto entry = reinterpret_cast<LongloraSpmEntry>(dlsym(handle, LONGLORA_SPM_ENTRY));
+    const LongloraSpmApi* a = entry ? entry() : nullptr;
+    if (!a || a->abi != LONGLORA_SPM_ABI) {
+      error = "not the sentencepiece module of this build (rebuild it)";
+      return;
+    }
+    api = a;
+  });
+  if (!api) fail(module_path(), "", error);
+  return *api;
+}
+
+}  // namespace
+
 struct Tokenizer::Impl {
-  sentencepiece::SentencePieceProcessor sp;
+  const LongloraSpmApi* api = nullptr;
+  void* sp = nullptr;
+  ~Impl() {
+    if (sp) api->destroy(sp);
+  }
 };
 
 Tokenizer::Tokenizer(const std::string& path) : impl_(std::make_unique<Impl>()), path_(path) {
   check_not_directory(path);  // sentencepiece's own message names no path
-  auto st = impl_->sp.Load(path);
-  if (!st.ok()) fail(path, "", "cannot load sentencepiece model: " + st.ToString());
+  impl_->api = &module_api();
+  impl_->sp = impl_->api->load(path.c_str());
+  if (!impl_->sp) fail(path, "", std::string("cannot load sentencepiece model: ") + impl_->api->error());
 }
 
 Tokenizer::~Tokenizer() = default;
 
 std::vector<int> Tokenizer::encode(const std::string& text) const {
-  std::vector<int> ids;
-  auto st = impl_->sp.Encode(text, &ids);
-  if (!st.ok()) fail(path_, "", "encode failed: " + st.ToString());
-  return ids;
+  const int* ids = nullptr;
+  size_t n = 0;
+  if (impl_->api->encode(impl_->sp, text.data(), text.size(), &ids, &n) != 0)
+    fail(path_, "", std::string("encode failed: ") + impl_->api->error());
+  return std::vector<int>(ids, ids + n);
 }
 
 namespace {
@@ -80,16 +124,24 @@ std::vector<std::vector<int>> Tokenizer::encode_all(const std::vector<std::strin
 }
 
 std::string Tokenizer::decode(const std::vector<int>& ids) const {
-  std::string out;
-  auto st = impl_->sp.Decode(ids, &out);
-  if (!st.ok()) fail(path_, "", "decode failed: " + st.ToString());
-  return out;
+  const char* text = nullptr;
+  size_t n = 0;
+  if (impl_->api->decode(impl_->sp, ids.data(), ids.size(), &text, &n) != 0)
+    fail(path_, "", std::string("decode failed: ") + impl_->api->error());
+  return std::string(text, n);
 }
 
-std::string Tokenizer::piece(int id) const { return impl_->sp.IdToPiece(id); }
-int Tokenizer::bos_id() const { return impl_->sp.bos_id(); }
-int Tokenizer::eos_id() const { return impl_->sp.eos_id(); }
-int Tokenizer::vocab_size() const { return impl_->sp.GetPieceSize(); }
+std::string Tokenizer::piece(int id) const {
+  const char* text = nullptr;
+  size_t n = 0;
+  if (impl_->api->id_to_piece(impl_->sp, id, &text, &n) != 0)
+    fail(path_, "", std::string("piece failed: ") + impl_->api->error());
+  return std::string(text, n);
+}
+
+int Tokenizer::bos_id() const { return impl_->api->bos_id(impl_->sp); }
+int Tokenizer::eos_id() const { return impl_->api->eos_id(impl_->sp); }
+int Tokenizer::vocab_size() const { return impl_->api->piece_size(impl_->sp); }
 
 void Tokenizer::check_fits(int64_t model_vocab_size, const std::string& config_path) const {
   if (vocab_size() > model_vocab_size)

@@ -1,0 +1,71 @@
+// The tokenizer against Python sentencepiece's ids, and the isolation of sentencepiece
+// from LibTorch's libraries (include/longlora/data/sentencepiece_module.h).
+#include <dlfcn.h>
+#include <gtest/gtest.h>
+
+#include <torch/torch.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "longlora/common/fs.h"
+#include "longlora/data/tokenizer.h"
+#include "longlora/data/tokens.h"
+#include "test_util.h"
+
+using namespace longlora;
+
+TEST(Tokenizer, EncodesTheGoldenTextToPythonSentencepiecesIds) {
+  // eval.bin is BOS then the GPL-3 text as Python's sentencepiece 0.2.2 encoded it.
+  data::Tokenizer tok(testutil::golden("tokenizer.model"));
+  const auto bin = data::read_bin(testutil::golden("tiny-llama/eval.bin"));
+  ASSERT_GT(bin.size(), 1000u);
+  EXPECT_EQ(bin[0], tok.bos_id());
+  const std::vector<int> want(bin.begin() + 1, bin.end());
+  const std::string text = tok.decode(want);
+  EXPECT_EQ(text.rfind("GNU GENERAL PUBLIC LICENSE", 0), 0u) << text.substr(0, 80);
+  EXPECT_EQ(tok.encode(text), want);
+  EXPECT_EQ(tok.vocab_size(), 512);
+  EXPECT_EQ(tok.eos_id(), 2);
+  std::string pieces;  // the word with sentencepiece's dummy-prefix space
+  for (int id : tok.encode("GNU")) pieces += tok.piece(id);
+  EXPECT_EQ(pieces, "\xe2\x96\x81GNU");
+}
+
+TEST(Tokenizer, SentencepieceDoesNotShareLibTorchsNames) {
+  // Linked into the binary, libsentencepiece's absl FLAGS_minloglevel bound to libc10's
+  // int of that name and its constructor set the flag beside it, which turns every
+  // failed CAFFE_ENFORCE (a CPU out-of-memory among them) into an abort.
+  data::Tokenizer tok(testutil::golden("tokenizer.model"));
+  EXPECT_EQ(tok.encode("The sky is blue.").size(), tok.encode(" The sky is blue.").size());
+  // Looked up, not named: naming it would copy-relocate the flag into this binary,
+  // out of the overwritten bytes' way, and the check could not fail.
+  const auto* fatal = static_cast<const bool*>(dlsym(RTLD_DEFAULT, "FLAGS_caffe2_use_fatal_for_enforce"));
+  ASSERT_NE(fatal, nullptr);
+  EXPECT_FALSE(*fatal);
+  // What that flag decides: an allocation that cannot be met throws (it aborted).
+  EXPECT_THROW(torch::empty({int64_t{1} << 58}, torch::kUInt8), c10::Error);
+  // sentencepiece is loaded, but not where this process's names are looked up.
+  EXPECT_EQ(dlsym(RTLD_DEFAULT, "_ZN13sentencepiece22SentencePieceProcessorC1Ev"), nullptr);
+  EXPECT_EQ(dlsym(RTLD_DEFAULT, "longlora_spm_api"), nullptr);
+}
+
+TEST(Tokenizer, ABinaryWithoutItsModuleSaysWhereTheModuleBelongs) {
+  // A copy of the binary alone in a folder (its library path is absolute, so LibTorch
+  // is still found): the first command that tokenizes names the missing module.
+  const auto d = testutil::temp_dir("no-spm-module");
+  std::filesystem::copy_file(LONGLORA_BINARY, d + "/longlora-train");
+  std::filesystem::permissions(d + "/longlora-train", std::filesystem::perms::owner_exec,
+                               std::filesystem::perm_options::add);
+  const std::string cmd = d + "/longlora-train generate --model " + testutil::golden("tiny-llama/model") +
+                          " --prompt hi --device cpu > /dev/null 2> " + d + "/err";
+  const int status = std::system(cmd.c_str());
+  const std::string err = testutil::read_file(d + "/err");
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 1) << err;
+  EXPECT_EQ(err.rfind("error: " + d + "/longlora-sentencepiece.so: cannot load the sentencepiece module", 0), 0u)
+      << err;
+  EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+  longlora::remove_tree(d);
+}
