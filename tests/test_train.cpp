@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "longlora/data/tokenizer.h"
 #include "longlora/io/checksum.h"
 #include "longlora/model/loader.h"
 #include "longlora/train/checkpoint.h"
@@ -489,6 +490,44 @@ TEST(Train, BadDataIsAClearError) {
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.err.find("sft.jsonl:2"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("instruction"), std::string::npos) << r.err;
+}
+
+TEST(Train, ThroughputIsOverTheLoggedStepsAndCountsLossTokensApart) {
+  // tokens/s was the last step's rate, and for instruction data it counted padding as
+  // trained tokens. Now each record covers the steps since the last one, and
+  // loss_tokens_per_s counts only positions with a target: the output and EOS.
+  const auto d = testutil::temp_dir("throughput");
+  const std::string output = "The sky is blue.";
+  std::string jsonl;
+  for (int i = 0; i < 8; ++i) jsonl += json({{"instruction", "Say it."}, {"output", output}}).dump() + "\n";
+  testutil::write_file(d + "/sft.jsonl", jsonl);
+  auto r = testutil::run_cli("--config " + tiny_config(d) + " --set data.train=" + d +
+                             "/sft.jsonl --set train.max_steps=4 --set output.log_steps=2 --set data.seq_len=256");
+  ASSERT_EQ(r.code, 0) << r.err;
+  data::Tokenizer tok(testutil::golden("tiny-llama/model/tokenizer.model"));
+  const double per_row = static_cast<double>(tok.encode(output).size() + 1);
+  std::vector<json> recs;
+  std::ifstream in(d + "/out/metrics.jsonl");
+  for (std::string line; std::getline(in, line);)
+    if (json j = json::parse(line); j.contains("loss")) recs.push_back(j);
+  ASSERT_EQ(recs.size(), 2u);
+  for (const auto& j : recs) {
+    const double tps = j["tokens_per_s"].get<double>();
+    // 2 rows x 2 accumulation steps x 256 positions a step, at the mean step time
+    // (the Alpaca prompt alone takes more than 64 of this tokenizer's tokens).
+    EXPECT_NEAR(tps * j["step_time_s"].get<double>(), 1024.0, 1e-6 * 1024);
+    EXPECT_NEAR(j["loss_tokens_per_s"].get<double>() / tps, per_row / 256, 1e-9);
+  }
+  EXPECT_NE(r.err.find(" with loss) | peak mem"), std::string::npos) << r.err;
+  // Packed text: every position but a row's last has a target (the next token).
+  r = testutil::run_cli("--config " + tiny_config(d) + " --set train.max_steps=2 --set output.dir=" + d + "/packed");
+  ASSERT_EQ(r.code, 0) << r.err;
+  std::ifstream packed(d + "/packed/metrics.jsonl");
+  std::string line;
+  ASSERT_TRUE(std::getline(packed, line));
+  const json j = json::parse(line);
+  EXPECT_NEAR(j["loss_tokens_per_s"].get<double>() / j["tokens_per_s"].get<double>(), 63.0 / 64, 1e-9);
+  EXPECT_EQ(r.err.find(" with loss)"), std::string::npos) << r.err;
 }
 
 TEST(Train, EvalOfACheckpointUsesItsTrainedRopeFactor) {

@@ -249,6 +249,10 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
   int64_t last_saved = from ? st.step : -1;
   const auto t_start = std::chrono::steady_clock::now();
   const int64_t first_step = st.step;
+  // Throughput over the steps since the last record (not the last step alone: its rate
+  // is noisy), from the steps' own time (a save or eval between them is left out).
+  double interval_s = 0;
+  int64_t interval_steps = 0, interval_positions = 0, interval_loss_tokens = 0;
   m.train();
 
   while (st.step < tc.max_steps) {
@@ -311,20 +315,40 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
 
     // ---- diagnostics
     const auto now = std::chrono::steady_clock::now();
-    const double step_s = std::chrono::duration<double>(now - t0).count();
+    interval_s += std::chrono::duration<double>(now - t0).count();
+    interval_steps += 1;
+    interval_positions += mbs * L * tc.grad_accum;
+    interval_loss_tokens += count;
     if (st.step % cfg.output.log_steps == 0 || st.step == tc.max_steps) {
       const double elapsed = std::chrono::duration<double>(now - t_start).count();
       const double per_step = elapsed / static_cast<double>(st.step - first_step);
-      const double tps = mbs * L * tc.grad_accum / step_s;
+      // tokens/s counts every position the model computes, padding included (what a
+      // benchmark compares); loss tokens/s only those with a target (an SFT output).
+      const double tps = static_cast<double>(interval_positions) / interval_s;
+      const double loss_tps = static_cast<double>(interval_loss_tokens) / interval_s;
       const double mem = peak_memory_gib(s.device);
-      spdlog::info("step {}/{} | loss {:.4f} | lr {:.3e} | grad norm {:.3f} | {:.0f} tokens/s | "
+      // Packed rows have a target at every position but their last; fewer means
+      // masked prompts or padding (instruction data), worth a figure of its own.
+      const int64_t packed_targets = interval_positions / L * (L - 1);
+      const std::string with_loss =
+          interval_loss_tokens < packed_targets ? fmt::format(" ({:.0f} with loss)", loss_tps) : "";
+      spdlog::info("step {}/{} | loss {:.4f} | lr {:.3e} | grad norm {:.3f} | {:.0f} tokens/s{} | "
                    "peak mem {:.2f} GiB | ETA {}",
-                   st.step, tc.max_steps, loss, lr, norm, tps, mem,
+                   st.step, tc.max_steps, loss, lr, norm, tps, with_loss, mem,
                    eta(per_step * static_cast<double>(tc.max_steps - st.step)));
-      nlohmann::json rec = {{"step", st.step},         {"loss", loss},       {"lr", lr},
-                            {"grad_norm", norm},       {"tokens_per_s", tps}, {"peak_mem_gib", mem},
-                            {"step_time_s", step_s},   {"skipped", !finite}, {"tokens_seen", st.tokens_seen}};
+      nlohmann::json rec = {{"step", st.step},
+                            {"loss", loss},
+                            {"lr", lr},
+                            {"grad_norm", norm},
+                            {"tokens_per_s", tps},
+                            {"loss_tokens_per_s", loss_tps},
+                            {"peak_mem_gib", mem},
+                            {"step_time_s", interval_s / static_cast<double>(interval_steps)},
+                            {"skipped", !finite},
+                            {"tokens_seen", st.tokens_seen}};
       record(rec);
+      interval_s = 0;
+      interval_steps = interval_positions = interval_loss_tokens = 0;
     }
 
     // ---- periodic work
