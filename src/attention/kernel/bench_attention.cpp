@@ -72,16 +72,12 @@ double time_ms(const std::function<void()>& f, int warmup, int iters) {
 #endif
 
 int run_attention_bench(const AttentionBenchOptions& opt) {
+  // Errors, on stderr as one line (printed on stdout they read as results).
 #ifndef LONGLORA_WITH_CUDA
   (void)opt;
-  std::printf("attention bench: this build has no CUDA kernels (LONGLORA_WITH_CUDA off); "
-              "nothing to time\n");
-  return 1;
+  throw Error("attention bench: this build has no CUDA kernels (LONGLORA_WITH_CUDA off); nothing to time");
 #else
-  if (!torch::cuda::is_available()) {
-    std::printf("attention bench: no CUDA device available; nothing to time\n");
-    return 1;
-  }
+  if (!torch::cuda::is_available()) throw Error("attention bench: no CUDA device available; nothing to time");
   const Mode mode = parse_mode(opt.mode);
   torch::ScalarType dtype;
   if (opt.dtype == "bf16") {
