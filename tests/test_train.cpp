@@ -8,6 +8,7 @@
 
 #include "longlora/data/tokenizer.h"
 #include "longlora/io/checksum.h"
+#include "longlora/io/tensors.h"
 #include "longlora/model/loader.h"
 #include "longlora/train/checkpoint.h"
 #include "longlora/train/setup.h"
@@ -294,6 +295,28 @@ TEST(Checksum, Crc32MatchesZlib) {
   const auto b = io::digest_file(d + "/big");
   EXPECT_EQ(b.crc32, 0x02565dd7u);
   EXPECT_EQ(b.bytes, big.size());
+  longlora::remove_tree(d);
+}
+
+TEST(Checksum, TheBigFilesAreDigestedAsTheyAreWritten) {
+  // model.safetensors and state.pt are digested by their writers, not read back; each
+  // recorded digest must still be the file's, as a read finds it.
+  const auto d = testutil::temp_dir("crc-written");
+  const auto w = io::save_tensors(d + "/x.safetensors", {{"a", torch::randn({300, 7})}, {"b", torch::ones({5})}});
+  const auto r = io::digest_file(d + "/x.safetensors");
+  EXPECT_EQ(w.bytes, r.bytes);
+  EXPECT_EQ(w.crc32, r.crc32);
+  ASSERT_EQ(testutil::run_cli("--config " + tiny_config(d) + " --set train.max_steps=1 --set lora.enabled=false").code, 0);
+  const std::string ck = d + "/out/checkpoint-1";
+  const auto files = testutil::read_json(ck + "/trainer_state.json")["files"];
+  for (const char* f : {"model.safetensors", "state.pt", "config.json", "tokenizer.model"}) {
+    ASSERT_TRUE(files.contains(f)) << f;
+    const auto want = io::digest_file(ck + "/" + f);
+    char hex[9];
+    std::snprintf(hex, sizeof hex, "%08x", want.crc32);
+    EXPECT_EQ(files[f]["bytes"], want.bytes) << f;
+    EXPECT_EQ(files[f]["crc32"], std::string(hex)) << f;
+  }
   longlora::remove_tree(d);
 }
 

@@ -26,6 +26,11 @@ std::string hex8(uint32_t v) {
 
 }  // namespace
 
+void FileDigest::add(const void* p, size_t n) {
+  crc32 = crc32_fast(p, n, crc32);
+  bytes += n;
+}
+
 FileDigest digest_file(const std::string& path) {
   std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "rb"), &std::fclose);
   if (!f) fail(path, "", std::string("cannot open: ") + std::strerror(errno));
@@ -33,19 +38,19 @@ FileDigest digest_file(const std::string& path) {
   FileDigest d;
   for (;;) {
     const size_t n = std::fread(buf.data(), 1, buf.size(), f.get());
-    d.crc32 = crc32_fast(buf.data(), n, d.crc32);
-    d.bytes += n;
+    d.add(buf.data(), n);
     if (n < buf.size()) break;
   }
   if (std::ferror(f.get())) fail(path, "", "read failed");
   return d;
 }
 
-nlohmann::json digest_directory(const std::string& dir) {
+nlohmann::json digest_directory(const std::string& dir, const std::map<std::string, FileDigest>& written) {
   nlohmann::json out = nlohmann::json::object();
   for (const auto& e : fs::directory_iterator(dir)) {
     if (!e.is_regular_file()) continue;
-    const FileDigest d = digest_file(e.path().string());
+    const auto w = written.find(e.path().filename().string());
+    const FileDigest d = w != written.end() ? w->second : digest_file(e.path().string());
     out[e.path().filename().string()] = {{"bytes", d.bytes}, {"crc32", hex8(d.crc32)}};
   }
   return out;

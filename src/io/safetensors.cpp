@@ -273,8 +273,8 @@ struct Fd {
 };
 }  // namespace
 
-void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
-                       const std::map<std::string, std::string>& metadata) {
+FileDigest write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                             const std::map<std::string, std::string>& metadata) {
   nlohmann::ordered_json h;
   if (!metadata.empty()) h["__metadata__"] = metadata;
   size_t off = 0;
@@ -292,7 +292,9 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
   Fd f;
   f.fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (f.fd < 0) fail(path, "", std::string("cannot write: ") + std::strerror(errno));
+  FileDigest digest;
   auto put = [&](const void* p, size_t n) {
+    digest.add(p, n);
     const char* c = static_cast<const char*>(p);
     while (n > 0) {
       ssize_t w = ::write(f.fd, c, n);
@@ -332,6 +334,7 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
     ::unlink(tmp.c_str());
     fail(path, "", std::string("cannot rename into place: ") + std::strerror(errno));
   }
+  return digest;
 }
 
 namespace {

@@ -40,9 +40,9 @@ std::map<std::string, torch::Tensor> load_tensors(const std::string& path) {
   return out;
 }
 
-void save_tensors(const std::string& path,
-                  const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
-                  const std::map<std::string, std::string>& metadata) {
+FileDigest save_tensors(const std::string& path,
+                        const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                        const std::map<std::string, std::string>& metadata) {
   std::vector<TensorToWrite> entries;
   for (const auto& [name, t] : tensors) {
     TensorToWrite e;
@@ -56,7 +56,7 @@ void save_tensors(const std::string& path,
     };
     entries.push_back(std::move(e));
   }
-  write_safetensors(path, entries, metadata);
+  return write_safetensors(path, entries, metadata);
 }
 
 }  // namespace longlora::io

@@ -55,11 +55,13 @@ void write_text(const std::string& path, const std::string& text) {
 // The archive goes through a write function we check: when the archive writer writes
 // the file itself, a short write (disk full) makes it throw from its destructor,
 // which aborts the process. Here the writer never sees a failure; we report it.
-void write_archive(torch::serialize::OutputArchive& ar, const std::string& path) {
+io::FileDigest write_archive(torch::serialize::OutputArchive& ar, const std::string& path) {
   FILE* f = std::fopen(path.c_str(), "wb");
   if (!f) throw Error(path + ": cannot create: " + std::strerror(errno));
   int err = 0;
+  io::FileDigest digest;
   ar.save_to([&](const void* buf, size_t n) -> size_t {
+    digest.add(buf, n);
     if (err == 0 && n > 0 && std::fwrite(buf, 1, n, f) != n) err = errno ? errno : EIO;
     return n;
   });
@@ -67,6 +69,7 @@ void write_archive(torch::serialize::OutputArchive& ar, const std::string& path)
   if (::fsync(::fileno(f)) != 0 && err == 0) err = errno;
   if (std::fclose(f) != 0 && err == 0) err = errno;
   if (err != 0) throw Error(path + ": write failed: " + std::strerror(err));
+  return digest;
 }
 
 // A libtorch error's first line (no C++ backtrace) for a one-line message.
@@ -119,12 +122,13 @@ namespace {
 
 void write_checkpoint_files(const fs::path& tmp, const model::LlamaForCausalLMImpl& m, const NamedTensors& trainable,
                             torch::optim::Optimizer& opt, const TrainerState& st, const RunConfig& cfg) {
+  std::map<std::string, io::FileDigest> written;  // the big files, digested as they were written
   if (cfg.lora.enabled) {
     save_adapter(tmp.string(), trainable, cfg);
   } else {
     NamedTensors all;
     for (const auto& item : m.named_parameters()) all.emplace_back(item.key(), item.value());
-    io::save_tensors((tmp / "model.safetensors").string(), all);
+    written["model.safetensors"] = io::save_tensors((tmp / "model.safetensors").string(), all);
     write_text((tmp / "config.json").string(), io::model_config_to_json(m.cfg).dump(2));
     // A full fine-tune's checkpoint is a complete model directory: bring the tokenizer.
     const fs::path tok = fs::path(cfg.model.path) / "tokenizer.model";
@@ -137,7 +141,7 @@ void write_checkpoint_files(const fs::path& tmp, const model::LlamaForCausalLMIm
     ar.write("rng_cpu", at::detail::getDefaultCPUGenerator().get_state());
     if (torch::cuda::is_available())
       ar.write("rng_cuda", at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, 0)).get_state());
-    write_archive(ar, (tmp / "state.pt").string());
+    written["state.pt"] = write_archive(ar, (tmp / "state.pt").string());
   }
   test_pause();
   json ts = {{"format_version", kFormatVersion}, {"step", st.step},
@@ -146,7 +150,7 @@ void write_checkpoint_files(const fs::path& tmp, const model::LlamaForCausalLMIm
              // The resolved linear RoPE factor the run trained with (export writes it down).
              {"rope_factor", m.cfg.rope_factor},
              // Every file written so far: weights, optimizer state, configs, tokenizer.
-             {"files", io::digest_directory(tmp.string())}};
+             {"files", io::digest_directory(tmp.string(), written)}};
   write_text((tmp / "trainer_state.json").string(), ts.dump(2));
   write_text((tmp / "run_config.json").string(), to_json(cfg).dump(2));
   write_text((tmp / "COMPLETE").string(), "ok\n");

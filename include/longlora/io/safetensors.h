@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "longlora/io/checksum.h"
+
 namespace longlora::io {
 
 enum class DType { F32, F16, BF16, I64, I32 };
@@ -88,8 +90,9 @@ struct TensorToWrite {
   std::function<void(const std::function<void(const void*, size_t)>& sink)> write;
 };
 
-// Writes `path` (through path + ".tmp" and a rename). Errors name the file.
-void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
+// Writes `path` (through path + ".tmp" and a rename) and returns the size and CRC-32
+// of what it wrote. Errors name the file.
+FileDigest write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
 
 // Byte size of one tensor entry.

@@ -23,9 +23,10 @@ torch::Tensor view_tensor(const TensorInfo& t, std::shared_ptr<const void> owner
 // Opens a checkpoint and returns every tensor as a view (keeps the files mapped).
 std::map<std::string, torch::Tensor> load_tensors(const std::string& path);
 
-// Writes named tensors (any device, contiguous-ified one at a time) to `path`.
-void save_tensors(const std::string& path,
-                  const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
-                  const std::map<std::string, std::string>& metadata = {{"format", "pt"}});
+// Writes named tensors (any device, contiguous-ified one at a time) to `path`; returns
+// the file's size and CRC-32.
+FileDigest save_tensors(const std::string& path,
+                        const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                        const std::map<std::string, std::string>& metadata = {{"format", "pt"}});
 
 }  // namespace longlora::io
