@@ -515,6 +515,37 @@ TEST(Train, BadDataIsAClearError) {
   EXPECT_NE(r.err.find("instruction"), std::string::npos) << r.err;
 }
 
+TEST(Train, ARunStoppedByNonFiniteStepsSavesItsLastFiniteState) {
+  // The stop (train.max_bad_steps in a row) saved nothing: the good steps since the
+  // last save were lost. Skipped steps change nothing, so the state saved at the stop
+  // is the one after the last finite step, and the older checkpoint stays.
+  const auto d = testutil::temp_dir("bad-steps");
+  const std::string cfg = tiny_config(d, "") + " --set train.max_steps=20 --set output.save_steps=4 "
+                          "--set output.keep_last=1 --set train.max_bad_steps=3";
+  auto r = testutil::run_cli("--config " + cfg, "LONGLORA_TEST_NONFINITE_FROM_STEP=6 ");
+  EXPECT_EQ(r.code, 3) << r.err;
+  EXPECT_NE(r.err.find("3 non-finite steps in a row: stopping"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("checkpoint-8: the state after step 5, the last finite one"), std::string::npos) << r.err;
+  EXPECT_TRUE(fs::exists(d + "/out/checkpoint-4/COMPLETE"));  // not pruned for it
+  ASSERT_TRUE(fs::exists(d + "/out/checkpoint-8/COMPLETE"));
+  const auto ts = testutil::read_json(d + "/out/checkpoint-8/trainer_state.json");
+  EXPECT_EQ(ts["step"], 8);
+  EXPECT_EQ(ts["bad_steps"], 3);
+  // Its weights are those of a run that stopped after step 5 (bit-identical on the CPU).
+  const auto e = d + "/five";
+  fs::create_directories(e);
+  ASSERT_EQ(testutil::run_cli("--config " + tiny_config(e) + " --set train.max_steps=5 --set output.save_steps=5").code, 0);
+  auto a = io::load_tensors(d + "/out/checkpoint-8/adapter_model.safetensors");
+  auto b = io::load_tensors(e + "/out/checkpoint-5/adapter_model.safetensors");
+  ASSERT_EQ(a.size(), b.size());
+  for (const auto& [name, t] : b) EXPECT_TRUE(torch::equal(a.at(name), t)) << name;
+  // It resumes; finite steps reset the count.
+  r = testutil::run_cli("--config " + cfg + " --set train.max_steps=10 --resume");
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(testutil::read_json(d + "/out/checkpoint-10/trainer_state.json")["bad_steps"], 0);
+  longlora::remove_tree(d);
+}
+
 TEST(Train, ThroughputIsOverTheLoggedStepsAndCountsLossTokensApart) {
   // tokens/s was the last step's rate, and for instruction data it counted padding as
   // trained tokens. Now each record covers the steps since the last one, and

@@ -163,6 +163,13 @@ std::optional<std::string> plan_start(const RunConfig& cfg, const ResumeRequest&
 
 namespace {
 
+bool all_finite(const std::vector<torch::Tensor>& params) {
+  torch::NoGradGuard no_grad;
+  for (const auto& p : params)
+    if (!torch::isfinite(p).all().item<bool>()) return false;
+  return true;
+}
+
 // metrics.jsonl keeps the records of steps up to `step`: those logged after the
 // resumed checkpoint (or by a run that saved none) are replaced by this run's. A last
 // line without its newline is a record cut short by a crash: dropped too, or the next
@@ -247,6 +254,9 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
   std::vector<torch::Tensor> params;
   for (auto& [n, p] : s.trainable) params.push_back(p);
   int64_t last_saved = from ? st.step : -1;
+  // Tests make every step from this one on non-finite (a NaN loss is hard to cause in fp32).
+  const char* nonfinite_env = std::getenv("LONGLORA_TEST_NONFINITE_FROM_STEP");
+  const int64_t test_nonfinite_from = nonfinite_env ? std::atoll(nonfinite_env) : 0;
   const auto t_start = std::chrono::steady_clock::now();
   const int64_t first_step = st.step;
   // Throughput over the steps since the last record (not the last step alone: its rate
@@ -292,7 +302,8 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
       (sum / static_cast<double>(std::max<int64_t>(count, 1))).backward();
       nll += sum.item<double>();
     }
-    const double loss = nll / std::max<int64_t>(count, 1);
+    double loss = nll / std::max<int64_t>(count, 1);
+    if (test_nonfinite_from > 0 && st.step + 1 >= test_nonfinite_from) loss = std::nan("");
     const double norm = torch::nn::utils::clip_grad_norm_(
         params, tc.max_grad_norm > 0 ? tc.max_grad_norm : std::numeric_limits<double>::infinity());
     const bool finite = std::isfinite(loss) && std::isfinite(norm);
@@ -308,8 +319,20 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
     ++st.step;
     st.tokens_seen += mbs * L * tc.grad_accum;
     if (st.bad_steps >= tc.max_bad_steps) {
-      spdlog::error("{} non-finite steps in a row: stopping; the last good checkpoint is kept",
-                    st.bad_steps);
+      spdlog::error("{} non-finite steps in a row: stopping", st.bad_steps);
+      // Skipped steps change nothing, so the weights and optimizer state are those after
+      // the last finite step: saved, the good steps since the last save are kept (they
+      // were lost). Nothing is pruned for it, and weights that are not finite (an
+      // update blew them up) are not saved over anything.
+      if (last_saved != st.step) {
+        if (all_finite(params)) {
+          const auto dir = save_checkpoint(cfg.output.dir, m, s.trainable, *s.optimizer, st, cfg);
+          spdlog::info("saved {}: the state after step {}, the last finite one (no checkpoint removed)", dir,
+                       st.step - st.bad_steps);
+        } else {
+          spdlog::error("the trainable weights are not finite: nothing saved");
+        }
+      }
       return 3;
     }
 
