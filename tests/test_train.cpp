@@ -543,6 +543,14 @@ TEST(Train, ARunStoppedByNonFiniteStepsSavesItsLastFiniteState) {
   r = testutil::run_cli("--config " + cfg + " --set train.max_steps=10 --resume");
   EXPECT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(testutil::read_json(d + "/out/checkpoint-10/trainer_state.json")["bad_steps"], 0);
+  // Trainable weights that are not finite are not saved (a full fine-tune of a model
+  // with a NaN in its final norm: every step's loss is NaN).
+  const auto nan_model = testutil::golden_model_with_a_nan(d + "/nan-model", "model.norm.weight");
+  r = testutil::run_cli("--config " + tiny_config(d + "/five") + " --set model.path=" + nan_model +
+                        " --set lora.enabled=false --set train.max_bad_steps=2 --set output.dir=" + d + "/nan-out");
+  EXPECT_EQ(r.code, 3) << r.err;
+  EXPECT_NE(r.err.find("the trainable weights are not finite: nothing saved"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(d + "/nan-out/checkpoint-2"));
   longlora::remove_tree(d);
 }
 

@@ -324,14 +324,12 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
       // the last finite step: saved, the good steps since the last save are kept (they
       // were lost). Nothing is pruned for it, and weights that are not finite (an
       // update blew them up) are not saved over anything.
-      if (last_saved != st.step) {
-        if (all_finite(params)) {
-          const auto dir = save_checkpoint(cfg.output.dir, m, s.trainable, *s.optimizer, st, cfg);
-          spdlog::info("saved {}: the state after step {}, the last finite one (no checkpoint removed)", dir,
-                       st.step - st.bad_steps);
-        } else {
-          spdlog::error("the trainable weights are not finite: nothing saved");
-        }
+      if (all_finite(params)) {
+        const auto dir = save_checkpoint(cfg.output.dir, m, s.trainable, *s.optimizer, st, cfg);
+        spdlog::info("saved {}: the state after step {}, the last finite one (no checkpoint removed)", dir,
+                     st.step - st.bad_steps);
+      } else {
+        spdlog::error("the trainable weights are not finite: nothing saved");
       }
       return 3;
     }
