@@ -237,7 +237,7 @@ TEST(ExportGolden, TransformersFiveConfigGetsRopeParameters) {
   auto cfg = testutil::read_json(out + "/config.json");
   EXPECT_EQ(cfg["rope_parameters"], json({{"rope_type", "linear"}, {"factor", 2.0}, {"rope_theta", 10000.0}}));
   EXPECT_FALSE(cfg.contains("rope_scaling"));
-  EXPECT_EQ(cfg["max_position_embeddings"], 256);
+  EXPECT_EQ(cfg["max_position_embeddings"], 128);  // the base's: context = 128 x 2
   EXPECT_EQ(cfg["torch_dtype"], "bfloat16");
   EXPECT_EQ(cfg["dtype"], "bfloat16");
   EXPECT_TRUE(fs::exists(out + "/generation_config.json"));
@@ -265,8 +265,17 @@ TEST(ExportRoundTrip, TrainedCheckpointMergedAndPeftEvalLikeTheCheckpoint) {
   EXPECT_EQ(r.err.find("cannot record"), std::string::npos) << r.err;  // config.json records it
   auto cfg = testutil::read_json(merged + "/config.json");
   EXPECT_EQ(cfg["rope_scaling"], json({{"type", "linear"}, {"factor", 2.0}}));
-  EXPECT_EQ(cfg["max_position_embeddings"], 128 * 2);
+  // The base's, as LongLoRA's merge writes it: the context is 128 x 2. (It was 256,
+  // which the trainer then read as 256 original positions: half the factor needed.)
+  EXPECT_EQ(cfg["max_position_embeddings"], 128);
   EXPECT_EQ(cfg["torch_dtype"], "float32");
+
+  // Training continued from the export at 256 tokens needs the factor the base needs
+  // there (2); with 256 recorded it took 1, no interpolation at all.
+  r = testutil::run_cli("--config " + export_tiny_config(dir) + " --set model.path=" + merged +
+                        " --set data.seq_len=256 --set train.max_steps=1 --set output.dir=" + dir + "/continued");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("rope factor 2,"), std::string::npos) << r.err;
 
   const double want = eval_loss("--model " + kBase + " --adapter " + ck + " --rope-factor 2");
   const double got = eval_loss("--model " + merged);  // factor 2 read from the exported config.json
@@ -319,7 +328,10 @@ TEST(ExportRoundTrip, FullFineTuningCheckpointIsCopiedWithConfig) {
   ASSERT_EQ(r.code, 0) << r.err;
   auto cfg = testutil::read_json(out + "/config.json");
   EXPECT_EQ(cfg["rope_scaling"], json({{"type", "linear"}, {"factor", 2.0}}));
-  EXPECT_EQ(cfg["max_position_embeddings"], 256);
+  // As the checkpoint's own config.json has them: the two forms of one model agree.
+  const auto ck_cfg = testutil::read_json(ck + "/config.json");
+  EXPECT_EQ(cfg["max_position_embeddings"], ck_cfg["max_position_embeddings"]);
+  EXPECT_EQ(ck_cfg["max_position_embeddings"], 128);
   EXPECT_TRUE(fs::exists(out + "/tokenizer.model"));
   auto got = testutil::load(out), want = testutil::load(ck + "/model.safetensors");
   ASSERT_EQ(got.size(), want.size());

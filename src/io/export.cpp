@@ -557,10 +557,10 @@ ordered_json merged_config(const std::string& template_path, DType dtype, const 
   const ModelConfig c = parse_model_config(json::parse(text), template_path);
   if (rope.change) {
     const double f = rope.factor;
-    // The context the weights were pretrained for: a base that is itself already
-    // interpolated (factor F0, max_position_embeddings = original x F0) is not compounded.
-    const double original = std::round(static_cast<double>(c.max_position_embeddings) / c.rope_factor);
-    j["max_position_embeddings"] = static_cast<int64_t>(std::llround(original * f));
+    // max_position_embeddings stays the base's: the context is max_position_embeddings
+    // x factor, as LongLoRA's merge script, Hugging Face, vLLM and this tool's trainer
+    // read it (and as its full fine-tuning checkpoints write it). Scaled here too, a
+    // run continued from the export took half the factor it needed, without a warning.
     if (j.contains("rope_parameters") && !j["rope_parameters"].is_null()) {
       // transformers 5 form
       ordered_json r = ordered_json::object();
