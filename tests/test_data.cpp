@@ -164,18 +164,52 @@ TEST(Data, SupervisedRecordsCountOnlyTheOutputAndEos) {
   EXPECT_EQ(ds.kind(), "sft");
   ASSERT_EQ(ds.size(), 2);
   auto r = ds.row_at(0, false, 0);
-  const auto prompt = tok.encode(data::sft_prompt({"Say hi.", "", "hi there"}));
-  const auto out = tok.encode("hi there");
+  // LongLoRA's supervised-fine-tune.py: BOS + tokens(prompt + output) + EOS, the first
+  // 1 + len(tokens(prompt)) labels masked.
+  const std::string prompt_text = data::sft_prompt({"Say hi.", "", "hi there"});
+  const auto prompt = tok.encode(prompt_text);
+  const auto whole = tok.encode(prompt_text + "hi there");
   const size_t p = 1 + prompt.size();  // BOS + prompt
   ASSERT_EQ(r.ids.size(), 128u);
   EXPECT_EQ(r.ids[0], tok.bos_id());
+  for (size_t i = 0; i < whole.size(); ++i) EXPECT_EQ(r.ids[1 + i], whole[i]) << i;
+  EXPECT_EQ(r.ids[1 + whole.size()], tok.eos_id());
+  // Tokenized apart, the output would start with a word-initial piece that the joint
+  // text does not have after "Response:".
+  EXPECT_NE(std::vector<int>(whole.begin() + prompt.size(), whole.end()), tok.encode("hi there"));
   // Predictions of prompt tokens are not counted; the output tokens and EOS are.
   for (size_t i = 0; i + 1 < p; ++i) EXPECT_EQ(r.targets[i], -1) << i;
-  for (size_t k = 0; k < out.size(); ++k) EXPECT_EQ(r.targets[p - 1 + k], out[k]) << k;
-  EXPECT_EQ(r.targets[p - 1 + out.size()], tok.eos_id());
+  for (size_t i = p - 1; i < whole.size(); ++i) EXPECT_EQ(r.targets[i], whole[i]) << i;
+  EXPECT_EQ(r.targets[whole.size()], tok.eos_id());
   // Padding is never counted.
-  for (size_t i = p + out.size(); i < 128; ++i) EXPECT_EQ(r.targets[i], -1) << i;
+  for (size_t i = whole.size() + 1; i < 128; ++i) EXPECT_EQ(r.targets[i], -1) << i;
   EXPECT_NE(data::sft_prompt({"Add", "2 and 3", "5"}).find("### Input:\n2 and 3"), std::string::npos);
+}
+
+TEST(Data, SupervisedRecordsWithoutATemplateAreTheInstructionThenTheOutput) {
+  // data.sft_prompt "none": LongLoRA's supervised-fine-tune.py since Nov 2023, which
+  // tokenizes instruction + output with no template around them.
+  const auto d = testutil::temp_dir("sft-none");
+  testutil::write_file(d + "/a.jsonl", R"({"instruction": "Say hi.", "output": " hi there", "file": "x"})" "\n");
+  data::Tokenizer tok(testutil::golden("tokenizer.model"));
+  data::Dataset ds(d + "/a.jsonl", "auto", 64, &tok, 512, "none");
+  ASSERT_EQ(ds.size(), 1);
+  const auto r = ds.row_at(0, false, 0);
+  const auto prompt = tok.encode("Say hi.");
+  const auto whole = tok.encode("Say hi. hi there");
+  ASSERT_LT(whole.size() + 1, 64u);
+  EXPECT_EQ(r.ids[0], tok.bos_id());
+  for (size_t i = 0; i < whole.size(); ++i) EXPECT_EQ(r.ids[1 + i], whole[i]) << i;
+  EXPECT_EQ(r.ids[1 + whole.size()], tok.eos_id());
+  for (size_t i = 0; i < prompt.size(); ++i) EXPECT_EQ(r.targets[i], -1) << i;
+  for (size_t i = prompt.size(); i < whole.size(); ++i) EXPECT_EQ(r.targets[i], whole[i]) << i;
+  EXPECT_EQ(r.targets[whole.size()], tok.eos_id());
+  // An input has no place there: refused, not dropped.
+  testutil::write_file(d + "/b.jsonl", R"({"instruction": "Add", "output": "5"})" "\n"
+                                       R"({"instruction": "Add", "input": "2 and 3", "output": "5"})" "\n");
+  const auto e = testutil::error_of([&] { data::Dataset(d + "/b.jsonl", "auto", 64, &tok, 512, "none"); });
+  EXPECT_NE(e.find(d + "/b.jsonl: record 2: input: not empty, but data.sft_prompt \"none\""), std::string::npos) << e;
+  EXPECT_EQ(data::Dataset(d + "/b.jsonl", "auto", 256, &tok, 512).size(), 2);  // the Alpaca template has one
 }
 
 TEST(Data, MakeDataStopsWithAnErrorWhereNoDocumentFitsTheRowLength) {

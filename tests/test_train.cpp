@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "longlora/data/dataset.h"
 #include "longlora/data/tokenizer.h"
 #include "longlora/io/checksum.h"
 #include "longlora/io/tensors.h"
@@ -567,7 +568,9 @@ TEST(Train, ThroughputIsOverTheLoggedStepsAndCountsLossTokensApart) {
                              "/sft.jsonl --set train.max_steps=4 --set output.log_steps=2 --set data.seq_len=256");
   ASSERT_EQ(r.code, 0) << r.err;
   data::Tokenizer tok(testutil::golden("tiny-llama/model/tokenizer.model"));
-  const double per_row = static_cast<double>(tok.encode(output).size() + 1);
+  // The output's tokens (tokenized with its prompt, as LongLoRA does) and EOS.
+  const std::string prompt = data::sft_prompt({"Say it.", "", output});
+  const double per_row = static_cast<double>(tok.encode(prompt + output).size() - tok.encode(prompt).size() + 1);
   std::vector<json> recs;
   std::ifstream in(d + "/out/metrics.jsonl");
   for (std::string line; std::getline(in, line);)

@@ -18,7 +18,8 @@ using nlohmann::json;
 
 namespace longlora::data {
 
-std::string sft_prompt(const SftRecord& r) {
+std::string sft_prompt(const SftRecord& r, const std::string& style) {
+  if (style == "none") return r.instruction;
   if (!r.input.empty())
     return "Below is an instruction that describes a task, paired with an input that provides "
            "further context. Write a response that appropriately completes the request.\n\n"
@@ -91,7 +92,7 @@ std::vector<SftRecord> read_sft_records(const std::string& path) {
 }
 
 Dataset::Dataset(const std::string& path, const std::string& format, int64_t L,
-                 const Tokenizer* tok, int64_t vocab) : seq_len_(L) {
+                 const Tokenizer* tok, int64_t vocab, const std::string& prompt_style) : seq_len_(L) {
   if (!fs::exists(path)) fail(path, "", "data file not found");
   check_not_directory(path);
   const std::string ext = fs::path(path).extension().string();
@@ -131,23 +132,29 @@ Dataset::Dataset(const std::string& path, const std::string& format, int64_t L,
     throw Error(std::string(e.what()) +
                 " (read as instruction data: the first record has \"instruction\"; data.format=text reads it as text)");
   }
-  // Prompts and outputs tokenized on every core, a slice of records at a time.
+  // As LongLoRA's supervised-fine-tune.py: prompt + output tokenized as one text, the
+  // first as many tokens as the prompt alone has masked. (Tokenized apart, every output
+  // began with sentencepiece's word-initial "▁", a token LongLoRA never trains on.)
+  // On every core, a slice of records at a time.
   constexpr size_t kSlice = 4096;
   for (size_t s0 = 0; s0 < records.size(); s0 += kSlice) {
     const size_t n = std::min(kSlice, records.size() - s0);
     std::vector<std::string> texts;
     for (size_t j = 0; j < n; ++j) {
-      texts.push_back(sft_prompt(records[s0 + j]));
-      texts.push_back(records[s0 + j].output);
+      if (prompt_style == "none" && !records[s0 + j].input.empty())
+        fail(path + ": record " + std::to_string(s0 + j + 1), "input",
+             "not empty, but data.sft_prompt \"none\" has no place for it (LongLoRA's script drops it): "
+             "put it in the instruction, or use data.sft_prompt \"alpaca\"");
+      const std::string prompt = sft_prompt(records[s0 + j], prompt_style);
+      texts.push_back(prompt);
+      texts.push_back(prompt + records[s0 + j].output);
     }
     const auto encoded = tok->encode_all(texts);
     for (size_t j = 0; j < n; ++j) {
-      const auto& prompt = encoded[2 * j];
-      const auto& output = encoded[2 * j + 1];
+      const auto& whole = encoded[2 * j + 1];
       std::vector<int32_t> ids{tok->bos_id()};
-      ids.insert(ids.end(), prompt.begin(), prompt.end());
-      const size_t prompt_len = ids.size();
-      ids.insert(ids.end(), output.begin(), output.end());
+      const size_t prompt_len = ids.size() + encoded[2 * j].size();
+      ids.insert(ids.end(), whole.begin(), whole.end());
       ids.push_back(tok->eos_id());
       const bool cut = static_cast<int64_t>(ids.size()) > L;
       if (cut) ids.resize(L);

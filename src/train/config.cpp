@@ -139,6 +139,10 @@ const std::vector<Field>& schema() {
                     {"auto", "tokens", "text", "sft"}));
     f.push_back(integer("data.seq_len", [](RunConfig& c) -> auto& { return c.data.seq_len; }, 2,
                         "training context length in tokens"));
+    f.push_back(str("data.sft_prompt", [](RunConfig& c) -> auto& { return c.data.sft_prompt; },
+                    "instruction records: alpaca = in the Alpaca template (LongLoRA's first script); "
+                    "none = the instruction as it is, then the output (LongLoRA's script since Nov 2023)",
+                    {"alpaca", "none"}));
     f.push_back(boolean("data.shuffle", [](RunConfig& c) -> auto& { return c.data.shuffle; },
                         "shuffle rows each epoch (deterministic from train.seed)"));
     f.push_back(str("data.eval", [](RunConfig& c) -> auto& { return c.data.eval; },

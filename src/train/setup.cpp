@@ -139,7 +139,7 @@ Session make_session(const RunConfig& c, bool with_data) {
       s.tokenizer = std::make_unique<data::Tokenizer>(tok_path.string());
     if (s.tokenizer) s.tokenizer->check_fits(m.cfg.vocab_size, cfg_path);
     s.data = std::make_unique<data::Dataset>(c.data.train, c.data.format, c.data.seq_len,
-                                             s.tokenizer.get(), m.cfg.vocab_size);
+                                             s.tokenizer.get(), m.cfg.vocab_size, c.data.sft_prompt);
     spdlog::info("data: {} ({}), {} rows of {} tokens", c.data.train, s.data->kind(), s.data->size(),
                  c.data.seq_len);
     if (!c.data.eval.empty()) {

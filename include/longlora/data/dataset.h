@@ -23,16 +23,18 @@ struct SftRecord {
   std::string instruction, input, output;
 };
 
-// LongLoRA's prompt (Alpaca's template): with or without an input.
-std::string sft_prompt(const SftRecord& r);
+// The text before the output. "alpaca": LongLoRA's first prompt (Alpaca's template),
+// with or without an input; "none": the instruction alone, as LongLoRA's
+// supervised-fine-tune.py has it since Nov 2023 (it has no place for an input).
+std::string sft_prompt(const SftRecord& r, const std::string& style = "alpaca");
 // Records of a .json (array) or .jsonl file; errors name the record / line.
 std::vector<SftRecord> read_sft_records(const std::string& path);
 
 class Dataset {
  public:
-  // format: auto | tokens | text | sft.
+  // format: auto | tokens | text | sft; prompt: sft_prompt's style for instruction records.
   Dataset(const std::string& path, const std::string& format, int64_t seq_len,
-          const Tokenizer* tok, int64_t vocab_size);
+          const Tokenizer* tok, int64_t vocab_size, const std::string& prompt = "alpaca");
   int64_t size() const { return n_rows_; }
   int64_t seq_len() const { return seq_len_; }
   const std::string& kind() const { return kind_; }

@@ -32,6 +32,7 @@ struct AttentionSection {
 struct DataSection {
   std::string train;              // .bin | .txt | .jsonl (text) | .json/.jsonl (instruction records)
   std::string format = "auto";    // auto | tokens | text | sft
+  std::string sft_prompt = "alpaca";  // alpaca | none (instruction records)
   int64_t seq_len = 8192;
   bool shuffle = true;
   std::string eval;               // optional held-out data for eval_steps
