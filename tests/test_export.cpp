@@ -338,6 +338,10 @@ TEST(ExportRoundTrip, FullFineTuningCheckpointIsCopiedWithConfig) {
   for (auto& [name, t] : want) EXPECT_TRUE(torch::equal(got.at(name), t)) << name;
   r = testutil::run_cli(export_cmd(ck, dir + "/peft", "--format peft"));
   expect_clean_failure(r, dir, "peft", {"full fine-tuning", "--format peft"});
+  // As an --adapter it is refused, saying it is a model (it said only "missing").
+  r = testutil::run_cli("eval --model " + kBase + " --adapter " + ck + " --data " + kEvalBin + " --seq-len 64");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("a full fine-tuning checkpoint, a whole model: pass it as --model"), std::string::npos) << r.err;
 }
 
 TEST(ExportRoundTrip, ARunFromDrawnWeightsExportsWithoutABase) {

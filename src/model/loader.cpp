@@ -233,7 +233,13 @@ io::AdapterConfig apply_adapter(LlamaForCausalLMImpl& m, const std::string& dir)
   const fs::path d(dir);
   if (!fs::is_directory(d)) fail(dir, "", "adapter directory not found");
   const std::string cfg_path = (d / "adapter_config.json").string();
-  if (!fs::exists(cfg_path)) fail(dir, "adapter_config.json", "missing");
+  if (!fs::exists(cfg_path)) {
+    // A full fine-tuning checkpoint is a whole model, not an adapter.
+    if (fs::exists(d / "config.json") && fs::exists(d / "model.safetensors"))
+      fail(dir, "adapter_config.json",
+           "missing: this is a full fine-tuning checkpoint, a whole model: pass it as --model, without --adapter");
+    fail(dir, "adapter_config.json", "missing");
+  }
   auto acfg = io::load_adapter_config(cfg_path);
   io::verify_checkpoint_files(dir, false);  // a training checkpoint's adapter
   const std::string st_path = (d / "adapter_model.safetensors").string();
