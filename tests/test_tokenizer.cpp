@@ -52,6 +52,21 @@ TEST(Tokenizer, SentencepieceDoesNotShareLibTorchsNames) {
   EXPECT_EQ(dlsym(RTLD_DEFAULT, "longlora_spm_api"), nullptr);
 }
 
+TEST(Tokenizer, AnInstalledBinaryFindsItsModule) {
+  // `cmake --install` puts the module in PREFIX/lib/longlora-train/, not beside the binary.
+  const auto d = testutil::temp_dir("install");
+  const std::string install = std::string(LONGLORA_CMAKE_COMMAND) + " --install " + LONGLORA_BUILD_DIR +
+                              " --prefix " + d + " > " + d + "/install.log 2>&1";
+  ASSERT_EQ(std::system(install.c_str()), 0) << testutil::read_file(d + "/install.log");
+  ASSERT_TRUE(std::filesystem::exists(d + "/lib/longlora-train/longlora-sentencepiece.so"));
+  ASSERT_FALSE(std::filesystem::exists(d + "/bin/longlora-sentencepiece.so"));
+  const std::string cmd = d + "/bin/longlora-train generate --model " + testutil::golden("tiny-llama/model") +
+                          " --prompt hi --max-new-tokens 2 --device cpu > /dev/null 2> " + d + "/err";
+  const int status = std::system(cmd.c_str());
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << testutil::read_file(d + "/err");
+  longlora::remove_tree(d);
+}
+
 TEST(Tokenizer, ABinaryWithoutItsModuleSaysWhereTheModuleBelongs) {
   // A copy of the binary alone in a folder (its library path is absolute, so LibTorch
   // is still found): the first command that tokenizes names the missing module.

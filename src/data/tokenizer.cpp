@@ -19,11 +19,16 @@ namespace longlora::data {
 
 namespace {
 
-// The module lies next to the executable (build/, as the binary is run from there).
+// The module lies next to the executable (build/, as the binary is run from there), or
+// in ../lib/longlora-train/ where `cmake --install` puts it; errors name the first.
 std::string module_path() {
   std::error_code ec;
   const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
-  return ((ec ? std::filesystem::path(".") : exe.parent_path()) / LONGLORA_SPM_MODULE).string();
+  const auto dir = ec ? std::filesystem::path(".") : exe.parent_path();
+  const auto installed = dir / ".." / "lib" / "longlora-train" / LONGLORA_SPM_MODULE;
+  if (!std::filesystem::exists(dir / LONGLORA_SPM_MODULE) && std::filesystem::exists(installed, ec))
+    return installed.lexically_normal().string();
+  return (dir / LONGLORA_SPM_MODULE).string();
 }
 
 // Loaded once, never unloaded; a failure is reported to every caller, naming the file.
