@@ -34,14 +34,15 @@ std::string module_path() {
 // Loaded once, never unloaded; a failure is reported to every caller, naming the file.
 const LongloraSpmApi& module_api() {
   static const LongloraSpmApi* api = nullptr;
-  static std::string error;
+  static std::string path, error;
   static std::once_flag once;
   std::call_once(once, [] {
-    const std::string path = module_path();
+    path = module_path();
     // A namespace of its own (see sentencepiece_module.h).
     void* handle = dlmopen(LM_ID_NEWLM, path.c_str(), RTLD_NOW | RTLD_LOCAL);
     if (!handle) {
-      error = std::string("cannot load the sentencepiece module (it belongs next to the binary): ") + dlerror();
+      error = std::string("cannot load the sentencepiece module (it belongs beside the binary, or in "
+                          "../lib/longlora-train/ after cmake --install): ") + dlerror();
       return;
     }
     auto entry = reinterpret_cast<LongloraSpmEntry>(dlsym(handle, LONGLORA_SPM_ENTRY));
@@ -52,7 +53,7 @@ const LongloraSpmApi& module_api() {
     }
     api = a;
   });
-  if (!api) fail(module_path(), "", error);
+  if (!api) fail(path, "", error);
   return *api;
 }
 

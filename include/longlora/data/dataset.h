@@ -32,9 +32,9 @@ std::vector<SftRecord> read_sft_records(const std::string& path);
 
 class Dataset {
  public:
-  // format: auto | tokens | text | sft; prompt: sft_prompt's style for instruction records.
+  // format: auto | tokens | text | sft; prompt_style: sft_prompt's, for instruction records.
   Dataset(const std::string& path, const std::string& format, int64_t seq_len,
-          const Tokenizer* tok, int64_t vocab_size, const std::string& prompt = "alpaca");
+          const Tokenizer* tok, int64_t vocab_size, const std::string& prompt_style = "alpaca");
   int64_t size() const { return n_rows_; }
   int64_t seq_len() const { return seq_len_; }
   const std::string& kind() const { return kind_; }
