@@ -118,6 +118,12 @@ TEST(SafetensorsMalformed, OverlappingTensors) {
                          R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
                          R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12),
                {"tensor 'b'", "overlaps tensor 'a'"});
+  // An empty tensor that sorts between two overlapping ones does not hide them.
+  expect_error(make_file(dir, "e.safetensors",
+                         R"({"a":{"dtype":"F32","shape":[25],"data_offsets":[0,100]},)"
+                         R"("z":{"dtype":"F32","shape":[0],"data_offsets":[10,10]},)"
+                         R"("c":{"dtype":"F32","shape":[2],"data_offsets":[50,58]}})", 100),
+               {"tensor 'c'", "overlaps tensor 'a'"});
 }
 
 TEST(SafetensorsMalformed, ShapeTimesDtypeMismatch) {

@@ -175,9 +175,15 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
     tensors_.push_back(std::move(t));
   }
   std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.b < b.b; });
-  for (size_t i = 1; i < spans.size(); ++i)
-    if (spans[i].b < spans[i - 1].e && spans[i].e > spans[i].b)
-      bad("tensor '" + spans[i].name + "'", "data overlaps tensor '" + spans[i - 1].name + "'");
+  // Against the furthest-reaching span so far, not only the previous one: an empty
+  // span between two others must not hide their overlap.
+  const Span* reach = nullptr;
+  for (const auto& s : spans) {
+    if (s.e == s.b) continue;
+    if (reach && s.b < reach->e)
+      bad("tensor '" + s.name + "'", "data overlaps tensor '" + reach->name + "'");
+    if (!reach || s.e > reach->e) reach = &s;
+  }
 }
 
 void SafetensorsFile::release() {
