@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <map>
+#include <set>
 #include <sstream>
 
 #include "longlora/common/error.h"
@@ -50,6 +51,42 @@ size_t count_of(const std::string& s, const std::string& what) {
 }
 
 size_t lines(const std::string& s) { return static_cast<size_t>(std::count(s.begin(), s.end(), '\n')); }
+
+// A model whose greedy continuation is known without running it: after chain[i] it
+// picks chain[i + 1]. The golden config with random weights, every o_proj and
+// down_proj zero, so no layer adds to the residual stream and the last hidden state is
+// the final RMSNorm (weight 1) of the current token's embedding alone. chain[i]'s
+// embedding is the basis vector e_i, which the norm scales to 8 e_i (hidden 64);
+// lm_head's first n = chain.size() columns are zero but for column i of row
+// chain[i + 1], 10: after chain[i] that token scores 80 and every other token 0.
+// The chain's tokens must be distinct (a token has one successor).
+model::LlamaForCausalLM chain_model(const std::vector<int>& chain) {
+  auto cfg = io::load_model_config(model_dir() + "/config.json");
+  EXPECT_FALSE(cfg.tie_word_embeddings);  // lm_head is set apart from the embedding
+  EXPECT_LE(static_cast<int64_t>(chain.size()), cfg.hidden_size);
+  EXPECT_EQ(std::set<int>(chain.begin(), chain.end()).size(), chain.size()) << "the chain repeats a token";
+  model::LoadOptions lo;
+  lo.random_init = true;
+  lo.seed = 11;
+  auto m = model::random_model(cfg, lo);
+  torch::NoGradGuard ng;
+  auto params = m->named_parameters();
+  for (auto& p : params) {
+    const auto& name = p.key();
+    if (name.find("o_proj.weight") != std::string::npos || name.find("down_proj.weight") != std::string::npos)
+      p.value().zero_();
+  }
+  auto embed = params["model.embed_tokens.weight"], head = params["lm_head.weight"];
+  const auto n = static_cast<int64_t>(chain.size());
+  head.slice(1, 0, n).zero_();
+  for (int64_t i = 0; i < n; ++i) {
+    embed[chain[i]].zero_();
+    embed[chain[i]][i] = 1.0;
+    if (i + 1 < n) head[chain[i + 1]][i] = 10.0;
+  }
+  EXPECT_TRUE(torch::equal(params["model.norm.weight"], torch::ones({cfg.hidden_size})));
+  return m;
+}
 
 }  // namespace
 
@@ -165,6 +202,59 @@ TEST(PasskeyTrial, ReportsWhatTheModelAnswered) {
   EXPECT_EQ(n, static_cast<int64_t>(with_bos(p.prompt).size()));
 }
 
+TEST(PasskeyTrial, CountsTheKeyWhenTheModelAnswersIt) {
+  // No other test has a trial come out correct: a model made to answer "27183" after
+  // the question (its last token, then the key's own encoding, leading piece included).
+  const auto p = eval::passkey_prompt(300, 27183, 100);
+  const auto answer = tokenizer().encode(p.answer);
+  std::vector<int> chain{with_bos(p.prompt).back()};
+  chain.insert(chain.end(), answer.begin(), answer.end());
+  auto m = chain_model(chain);
+  std::string said;
+  EXPECT_TRUE(eval::passkey_trial(*m, tokenizer(), p, true, nullptr, &said));
+  EXPECT_EQ(said, "27183");
+  EXPECT_TRUE(eval::passkey_trial(*m, tokenizer(), p, false));
+  // The same digits in another order, as many tokens: the model still says 27183, a miss.
+  const auto other = eval::passkey_prompt(300, 27138, 100);
+  ASSERT_EQ(tokenizer().encode(other.answer).size(), answer.size());
+  EXPECT_FALSE(eval::passkey_trial(*m, tokenizer(), other, true, nullptr, &said));
+  EXPECT_EQ(said, "27183");
+}
+
+TEST(PasskeyEval, AccuracyIsTheShareOfTrialsAnsweredExactly) {
+  // A model that answers trial 0's key and nothing else scores exactly 1/2 over 2 trials.
+  // The seed is the first one whose trial-0 key has distinct tokens (the chain needs
+  // them) and whose trial-1 key is another key of as many tokens: the model then says
+  // trial 0's key there, a miss.
+  const double cpt = eval::passkey_chars_per_token(tokenizer());
+  const int64_t L = 128;
+  uint64_t seed = 0;
+  std::vector<int> key0;
+  for (;; ++seed) {
+    ASSERT_LT(seed, 100u);
+    const auto k0 = eval::passkey_draw(L, seed, 0, cpt).key, k1 = eval::passkey_draw(L, seed, 1, cpt).key;
+    key0 = tokenizer().encode(std::to_string(k0));
+    const auto key1 = tokenizer().encode(std::to_string(k1));
+    if (std::set<int>(key0.begin(), key0.end()).size() == key0.size() && key1.size() == key0.size() && key1 != key0)
+      break;
+  }
+  const auto d0 = eval::passkey_draw(L, seed, 0, cpt);
+  std::vector<int> chain{with_bos(eval::passkey_prompt(L, d0.key, d0.split, cpt).prompt).back()};
+  chain.insert(chain.end(), key0.begin(), key0.end());
+  auto m = chain_model(chain);
+  eval::PasskeyOptions o;
+  o.lengths = {L};
+  o.trials = 2;
+  o.seed = seed;
+  o.chars_per_token = cpt;
+  const auto r = eval::passkey_eval(*m, tokenizer(), o);
+  ASSERT_EQ(r.accuracy.size(), 1u);
+  EXPECT_EQ(r.accuracy[0], 0.5);
+  // One trial, the one the model answers: all of them.
+  o.trials = 1;
+  EXPECT_EQ(eval::passkey_eval(*m, tokenizer(), o).accuracy, std::vector<double>{1.0});
+}
+
 TEST(PasskeyTrial, VerdictQuotesAndEscapesTheAnswer) {
   EXPECT_EQ(eval::passkey_verdict(true, "31415"), "correct");
   EXPECT_EQ(eval::passkey_verdict(false, "4937."), "wrong (answered \"4937.\")");
@@ -249,7 +339,14 @@ TEST(Generate, StopsAtEosMaxTokensOrCallback) {
   eval::GenerateOptions o;
   o.max_new_tokens = 7;
   o.temperature = 0;
-  EXPECT_LE(eval::generate(*m, tokenizer(), ids, o).size(), 7u);
+  o.stop_at_eos = false;
+  const auto all = eval::generate(*m, tokenizer(), ids, o);
+  EXPECT_EQ(all.size(), 7u);
+  // Stopping at EOS: the same greedy ids, cut right after the first EOS if there is one.
+  o.stop_at_eos = true;
+  const auto eos_at = std::find(all.begin(), all.end(), tokenizer().eos_id());
+  EXPECT_EQ(eval::generate(*m, tokenizer(), ids, o),
+            std::vector<int>(all.begin(), eos_at == all.end() ? all.end() : eos_at + 1));
   int calls = 0;
   const auto out = eval::generate(*m, tokenizer(), ids, o, [&](int) { return ++calls < 3; });
   EXPECT_EQ(calls, 3);
@@ -259,6 +356,27 @@ TEST(Generate, StopsAtEosMaxTokensOrCallback) {
   logits[tokenizer().eos_id()] = 10;
   std::mt19937_64 rng(0);
   EXPECT_EQ(eval::sample_token(logits, 0, 1, rng), tokenizer().eos_id());
+}
+
+TEST(Generate, StopsRightAfterTheEosTheModelPicks) {
+  // A model whose greedy first token is EOS (chain_model: the prompt's last token, then
+  // EOS): generation ends there, the EOS included; without stop_at_eos it goes on to
+  // max_new_tokens.
+  const auto ids = with_bos("Once upon a time");
+  const int eos = tokenizer().eos_id();
+  auto m = chain_model({ids.back(), eos});
+  eval::GenerateOptions o;
+  o.max_new_tokens = 7;
+  o.temperature = 0;
+  for (bool cache : {true, false}) {
+    o.use_cache = cache;
+    o.stop_at_eos = true;
+    EXPECT_EQ(eval::generate(*m, tokenizer(), ids, o), std::vector<int>{eos}) << "cache " << cache;
+    o.stop_at_eos = false;
+    const auto out = eval::generate(*m, tokenizer(), ids, o);
+    ASSERT_EQ(out.size(), 7u) << "cache " << cache;
+    EXPECT_EQ(out[0], eos);
+  }
 }
 
 TEST(Generate, TopPKeepsTheNucleusOnly) {
@@ -276,6 +394,27 @@ TEST(Generate, TopPKeepsTheNucleusOnly) {
   // A tiny top_p or temperature 0: the argmax.
   EXPECT_EQ(eval::sample_token(logits, 1.0, 0.01, rng), 0);
   EXPECT_EQ(eval::sample_token(logits, 0.0, 0.9, rng), 0);
+}
+
+TEST(Generate, TemperatureScalesTheLogitsBeforeTheSoftmax) {
+  // With top_p 1 every id is drawn with probability softmax(l / T); each frequency over
+  // n draws must lie within 4 standard deviations (sqrt(p (1 - p) / n)) of it.
+  const std::vector<double> l{0.0, 1.0, 2.0, -1.0};
+  const auto logits = torch::tensor(l, torch::kFloat64).to(torch::kFloat32);
+  std::mt19937_64 rng(3);
+  const int n = 20000;
+  for (double t : {0.5, 2.0}) {
+    std::vector<double> p(l.size());
+    double z = 0;
+    for (size_t i = 0; i < l.size(); ++i) z += p[i] = std::exp(l[i] / t);
+    std::vector<int> seen(l.size(), 0);
+    for (int i = 0; i < n; ++i) ++seen.at(static_cast<size_t>(eval::sample_token(logits, t, 1.0, rng)));
+    for (size_t i = 0; i < l.size(); ++i) {
+      const double want = p[i] / z;
+      EXPECT_NEAR(seen[i] / static_cast<double>(n), want, 4 * std::sqrt(want * (1 - want) / n))
+          << "T " << t << ", id " << i;
+    }
+  }
 }
 
 TEST(Generate, ATinyTemperatureIsGreedy) {
@@ -342,6 +481,35 @@ TEST(GenerateCli, StreamsTheSameTextWithAndWithoutCache) {
   ASSERT_EQ(c.code, 0) << c.err;
   EXPECT_EQ(c.out, a.out);
   longlora::remove_tree(dir);
+}
+
+TEST(GenerateCli, SeedTemperatureAndTopPReachTheSampler) {
+  // The printed text is the decoding of generate()'s ids under the same sampling
+  // options, the same on every run; another seed draws another text.
+  const std::string prompt = "Once upon a time";
+  auto cli = [&](int seed) {
+    return testutil::run_cli("generate --model " + model_dir() + " --prompt '" + prompt +
+                             "' --max-new-tokens 24 --temperature 1.5 --top-p 0.7 --seed " + std::to_string(seed) +
+                             " --device cpu");
+  };
+  const auto a = cli(5), again = cli(5), b = cli(6);
+  ASSERT_EQ(a.code, 0) << a.err;
+  ASSERT_EQ(again.code, 0) << again.err;
+  ASSERT_EQ(b.code, 0) << b.err;
+  EXPECT_EQ(again.out, a.out);
+  EXPECT_NE(b.out, a.out);
+  auto m = tiny();
+  eval::GenerateOptions o;
+  o.max_new_tokens = 24;
+  o.temperature = 1.5;
+  o.top_p = 0.7;
+  o.seed = 5;
+  const auto ids = with_bos(prompt);
+  auto out = eval::generate(*m, tokenizer(), ids, o);
+  if (!out.empty() && out.back() == tokenizer().eos_id()) out.pop_back();  // not printed
+  std::vector<int> ctx{ids.back()};
+  ctx.insert(ctx.end(), out.begin(), out.end());
+  EXPECT_EQ(a.out, tokenizer().decode(ctx).substr(tokenizer().decode({ids.back()}).size()) + "\n");
 }
 
 TEST(GenerateCli, BadInputIsOneLine) {
