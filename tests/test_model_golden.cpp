@@ -108,6 +108,33 @@ TEST(EvalGolden, CliReproducesAllThreeLosses) {
   }
 }
 
+TEST(EvalGolden, OverlappingWindowsWithAStrideBelowSeqLen) {
+  // eval --stride 32 at seq-len 64: windows at 0, 32, 64, ... while start + 65 <= n, the
+  // loss the mean NLL of every prediction of every window (overlaps counted again),
+  // computed here from the model's logits window by window.
+  const int64_t L = 64, S = 32;
+  const auto tokens = data::read_bin(testutil::golden("tiny-llama/eval.bin"));
+  const auto n = static_cast<int64_t>(tokens.size());
+  auto m = tiny();
+  torch::NoGradGuard ng;
+  double nll = 0;
+  int64_t windows = 0;
+  for (int64_t s = 0; s + L + 1 <= n; s += S, ++windows) {
+    auto w = torch::tensor(std::vector<int64_t>(tokens.begin() + s, tokens.begin() + s + L + 1)).unsqueeze(0);
+    auto logp = torch::log_softmax(m->forward(w.slice(1, 0, L), {}).to(torch::kFloat64), -1);
+    nll -= logp.gather(-1, w.slice(1, 1, L + 1).unsqueeze(-1)).sum().item<double>();
+  }
+  ASSERT_GT(windows, 2 * (n / L) - 3);  // about twice the windows of stride L
+  const double want = nll / static_cast<double>(windows * L);
+  auto r = testutil::run_cli("eval --model " + testutil::golden("tiny-llama/model") + " --data " +
+                             testutil::golden("tiny-llama/eval.bin") + " --seq-len 64 --stride 32 --json --device cpu");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto out = nlohmann::json::parse(r.out);
+  EXPECT_EQ(out["windows"].get<int64_t>(), windows);
+  EXPECT_EQ(out["tokens"].get<int64_t>(), windows * L);
+  EXPECT_NEAR(out["loss"].get<double>(), want, 1e-5 * want);
+}
+
 TEST(EvalGolden, TooShortDataIsAClearError) {
   const std::string dir = testutil::temp_dir("short");
   data::write_bin(dir + "/short.bin", {1, 5, 7, 9});
@@ -242,6 +269,27 @@ TEST(LoadErrors, DuplicateTargetModuleIsOneTargetAsInPeft) {
   auto m = tiny();
   model::apply_adapter(*m, dir);
   expect_logits(m, g["input_ids"], g["logits_lora"]);
+}
+
+TEST(ModelGolden, RsLoraScalesByAlphaOverSqrtR) {
+  // peft's use_rslora scales by lora_alpha / sqrt(r). The golden adapter (r 4, alpha 8)
+  // is scaled by 8 / 4 = 2; with use_rslora and alpha 4, 4 / sqrt(4) is 2 again, so the
+  // logits are the golden ones; plain LoRA at alpha 4 (scale 1) gives others.
+  auto g = testutil::load(testutil::golden("tiny-llama/golden.safetensors"));
+  const auto rs = adapter_copy("adapter-rslora", [](auto& j) {
+    j["use_rslora"] = true;
+    j["lora_alpha"] = 4;
+  });
+  auto m = tiny();
+  model::apply_adapter(*m, rs);
+  expect_logits(m, g["input_ids"], g["logits_lora"]);
+  const auto plain = adapter_copy("adapter-alpha4", [](auto& j) { j["lora_alpha"] = 4; });
+  auto p = tiny();
+  model::apply_adapter(*p, plain);
+  torch::NoGradGuard ng;
+  EXPECT_GT(testutil::max_abs_diff(p->forward(g["input_ids"], {}), g["logits_lora"]), 1e-2);
+  longlora::remove_tree(rs);
+  longlora::remove_tree(plain);
 }
 
 TEST(LoadErrors, TrainingCheckpointAsAdapterIsChecked) {
