@@ -393,4 +393,9 @@ INSTANTIATE_TEST_SUITE_P(S2Emulated, S2Emulated, ::testing::ValuesIn(emu_cases()
 
 }  // namespace
 
+#else
+// Said, not silent: a build without the CUDA toolkit runs none of the kernel checks.
+TEST(S2Emulated, NotBuilt) {
+  GTEST_SKIP() << "built without CUDA (LONGLORA_WITH_CUDA off): the kernels' CPU emulation is not compiled";
+}
 #endif  // LONGLORA_WITH_CUDA
