@@ -18,6 +18,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <iterator>
+#include <numeric>
 #include <random>
 #include <set>
 
@@ -36,13 +37,34 @@ TEST(Data, TokenRowsPredictTheNextTokenInsideTheRow) {
   auto r = ds.row_at(1, /*shuffle=*/false, 0);
   EXPECT_EQ(r.ids, (std::vector<int32_t>{11, 12, 13, 14, 15, 16, 17, 18}));
   EXPECT_EQ(r.targets, (std::vector<int32_t>{12, 13, 14, 15, 16, 17, 18, -1}));
-  // Shuffled order is a permutation per epoch, the same for the same seed.
-  std::set<int32_t> firsts;
-  for (int64_t c = 0; c < 3; ++c) firsts.insert(ds.row_at(c, true, 7).ids[0]);
-  EXPECT_EQ(firsts, (std::set<int32_t>{3, 11, 19}));
-  EXPECT_EQ(ds.row_at(4, true, 7).ids, ds.row_at(4, true, 7).ids);
-  EXPECT_EQ(data::permutation(100, 7, 0), data::permutation(100, 7, 0));
-  EXPECT_NE(data::permutation(100, 7, 0), data::permutation(100, 7, 1));
+}
+
+TEST(Data, ShuffledRowsAreANewPermutationEachEpochAndSeed) {
+  const auto d = testutil::temp_dir("shuffle");
+  std::vector<int32_t> ids;
+  for (int i = 0; i < 50 * 4; ++i) ids.push_back(i + 3);
+  data::write_bin(d + "/t.bin", ids);
+  data::Dataset ds(d + "/t.bin", "auto", 4, nullptr, 512);
+  ASSERT_EQ(ds.size(), 50);
+  // The order rows come in, by their first token's row number.
+  auto order = [&](int64_t epoch, uint64_t seed, bool shuffle) {
+    std::vector<int32_t> o;
+    for (int64_t c = epoch * 50; c < (epoch + 1) * 50; ++c) o.push_back((ds.row_at(c, shuffle, seed).ids[0] - 3) / 4);
+    return o;
+  };
+  std::vector<int32_t> identity(50);
+  std::iota(identity.begin(), identity.end(), 0);
+  EXPECT_EQ(order(0, 7, false), identity);
+  EXPECT_EQ(order(1, 7, false), identity);
+  const auto e0 = order(0, 7, true), e1 = order(1, 7, true);
+  for (const auto& o : {e0, e1}) {  // every row once an epoch, not in file order
+    EXPECT_EQ(std::set<int32_t>(o.begin(), o.end()).size(), 50u);
+    EXPECT_NE(o, identity);
+  }
+  EXPECT_NE(e0, e1);                 // reshuffled each epoch
+  EXPECT_NE(order(0, 8, true), e0);  // another seed, another order
+  EXPECT_EQ(order(0, 7, true), e0);  // the same seed and epoch, the same order (resume)
+  EXPECT_EQ(order(1, 7, true), e1);
 }
 
 TEST(Data, TextDocumentsMakeOneStreamForTrainingAndEval) {
@@ -166,7 +188,15 @@ TEST(Data, SupervisedRecordsCountOnlyTheOutputAndEos) {
   auto r = ds.row_at(0, false, 0);
   // LongLoRA's supervised-fine-tune.py: BOS + tokens(prompt + output) + EOS, the first
   // 1 + len(tokens(prompt)) labels masked.
-  const std::string prompt_text = data::sft_prompt({"Say hi.", "", "hi there"});
+  // PROMPT_DICT of LongLoRA's supervised-fine-tune.py (Stanford Alpaca's), letter for letter.
+  const std::string prompt_text =
+      "Below is an instruction that describes a task. Write a response that appropriately "
+      "completes the request.\n\n### Instruction:\nSay hi.\n\n### Response:";
+  EXPECT_EQ(data::sft_prompt({"Say hi.", "", "hi there"}), prompt_text);
+  EXPECT_EQ(data::sft_prompt({"Add", "2 and 3", "5"}),
+            "Below is an instruction that describes a task, paired with an input that provides further "
+            "context. Write a response that appropriately completes the request.\n\n### Instruction:\nAdd"
+            "\n\n### Input:\n2 and 3\n\n### Response:");
   const auto prompt = tok.encode(prompt_text);
   const auto whole = tok.encode(prompt_text + "hi there");
   const size_t p = 1 + prompt.size();  // BOS + prompt
