@@ -56,6 +56,12 @@ TEST(RunConfig, OverridesUseTheSameValidation) {
   EXPECT_NE(testutil::error_of([&] { train::apply_override(c, "lora.rank=4"); }).find("--set lora.rank: unknown key"),
             std::string::npos);
   EXPECT_NE(testutil::error_of([&] { train::apply_override(c, "lora.r"); }).find("key.path=value"), std::string::npos);
+  // A factor below 1 trained, then eval and export refused the checkpoint it left.
+  EXPECT_NE(testutil::error_of([&] { train::apply_override(c, "model.rope_factor=0.5"); })
+                .find("--set model.rope_factor: expected 0 or a number in [1, 1024], got 0.5"),
+            std::string::npos);
+  for (const char* ok : {"model.rope_factor=0", "model.rope_factor=1", "model.rope_factor=1024"})
+    EXPECT_EQ(testutil::error_of([&] { train::apply_override(c, ok); }), "") << ok;
 }
 
 TEST(RunConfig, JsonRoundTripAndReference) {

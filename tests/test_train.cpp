@@ -577,6 +577,26 @@ TEST(Train, ASecondSignalExitsAtOnceAndAnIgnoredOneStaysIgnored) {
   }
 }
 
+TEST(Train, TheStepARunStopsAtIsInTheMetrics) {
+  // log_steps past the run: only the checkpoint's step is recorded, and it is, though
+  // the signal lands during its save. (The resume logs from the step after it.)
+  const auto d = testutil::temp_dir("stop-record");
+  pid_t pid = testutil::spawn_cli("--config " + tiny_config(d) + " --set output.log_steps=1000 --set output.save_steps=2",
+                                  "LONGLORA_TEST_SAVE_PAUSE_MS=1000");
+  ASSERT_TRUE(testutil::wait_until([&] { return fs::exists(d + "/out/.tmp-checkpoint-2"); }, 120));
+  ::kill(pid, SIGTERM);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  ASSERT_TRUE(fs::exists(d + "/out/checkpoint-2/COMPLETE"));
+  std::vector<int> logged;
+  std::ifstream in(d + "/out/metrics.jsonl");
+  for (std::string line; std::getline(in, line);) logged.push_back(json::parse(line)["step"].get<int>());
+  EXPECT_EQ(logged, std::vector<int>{2});
+  longlora::remove_tree(d);
+}
+
 TEST(Train, OneRunAtATimeAndASignalDuringASaveStopsThere) {
   const auto d = testutil::temp_dir("lock");
   // Two pauses of 4 s in each save: the signal and the second run both land in the first.
@@ -715,6 +735,16 @@ TEST(Train, ARunStoppedByNonFiniteStepsSavesItsLastFiniteState) {
   r = testutil::run_cli("--config " + cfg + " --set train.max_steps=10 --resume");
   EXPECT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(testutil::read_json(d + "/out/checkpoint-10/trainer_state.json")["bad_steps"], 0);
+  // Every step has its record, the one the run stopped at too (skipped), which the
+  // resume, starting after it, never logs again.
+  std::vector<int> logged;
+  std::ifstream in(d + "/out/metrics.jsonl");
+  for (std::string line; std::getline(in, line);)
+    if (json j = json::parse(line); j.contains("loss")) {
+      logged.push_back(j["step"].get<int>());
+      EXPECT_EQ(j["skipped"].get<bool>(), logged.back() >= 6 && logged.back() <= 8) << line;
+    }
+  EXPECT_EQ(logged, (std::vector<int>{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}));
   // A normal save prunes to output.keep_last (1 here): both older checkpoints go.
   EXPECT_FALSE(fs::exists(d + "/out/checkpoint-4"));
   EXPECT_FALSE(fs::exists(d + "/out/checkpoint-8"));
@@ -739,7 +769,8 @@ TEST(Train, ThroughputIsOverTheLoggedStepsAndCountsLossTokensApart) {
   for (int i = 0; i < 8; ++i) jsonl += json({{"instruction", "Say it."}, {"output", output}}).dump() + "\n";
   testutil::write_file(d + "/sft.jsonl", jsonl);
   auto r = testutil::run_cli("--config " + tiny_config(d) + " --set data.train=" + d +
-                             "/sft.jsonl --set train.max_steps=4 --set output.log_steps=2 --set data.seq_len=256");
+                             "/sft.jsonl --set train.max_steps=4 --set output.log_steps=2 --set data.seq_len=256" +
+                             " --set output.save_steps=4");
   ASSERT_EQ(r.code, 0) << r.err;
   data::Tokenizer tok(testutil::golden("tiny-llama/model/tokenizer.model"));
   // The output's tokens (tokenized with its prompt, as LongLoRA does) and EOS.
@@ -767,9 +798,9 @@ TEST(Train, ThroughputIsOverTheLoggedStepsAndCountsLossTokensApart) {
   const json j = json::parse(line);
   EXPECT_NEAR(j["loss_tokens_per_s"].get<double>() / j["tokens_per_s"].get<double>(), 63.0 / 64, 1e-9);
   EXPECT_EQ(r.err.find(" with loss)"), std::string::npos) << r.err;
-  // A save after every step, each held up for a second or more (0.3 s between its
+  // A save every other step, each held up for a second or more (0.3 s between its
   // files): the step time leaves them out (a step of this model takes milliseconds).
-  r = testutil::run_cli("--config " + tiny_config(d) + " --set train.max_steps=4 --set output.save_steps=1" +
+  r = testutil::run_cli("--config " + tiny_config(d) + " --set train.max_steps=4 --set output.save_steps=2" +
                             " --set output.log_steps=2 --set output.dir=" + d + "/saves",
                         "LONGLORA_TEST_SAVE_PAUSE_MS=300 ");
   ASSERT_EQ(r.code, 0) << r.err;
@@ -781,6 +812,52 @@ TEST(Train, ThroughputIsOverTheLoggedStepsAndCountsLossTokensApart) {
       EXPECT_LT(k["step_time_s"].get<double>(), 0.5) << line;
     }
   EXPECT_EQ(records, 2);
+}
+
+TEST(Train, ConfigsThatCannotRunAreSaidBeforeTheFirstStep) {
+  const auto d = testutil::temp_dir("cannot-run");
+  // Our kernel on the CPU failed at the first step, naming no config key.
+  for (const std::string extra : {" --dry-run", ""}) {
+    auto r = testutil::run_cli("--config " + tiny_config(d) + " --set attention.backend=kernel --set device=cpu" + extra);
+    EXPECT_EQ(r.code, 1) << extra;
+    EXPECT_NE(r.err.find("attention.backend: kernel"), std::string::npos) << r.err;
+    EXPECT_EQ(r.err.find("step 1/"), std::string::npos) << r.err;
+  }
+  // A .json read as text: refused naming data.format (it failed on the extension alone).
+  testutil::write_file(d + "/a.json", R"([{"instruction": "Say hi.", "output": "hi"}])");
+  auto r = testutil::run_cli("--config " + tiny_config(d) + " --set data.train=" + d + "/a.json --set data.format=text");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("a.json: data.format: text does not read a '.json' file (auto picks sft for it)"),
+            std::string::npos)
+      << r.err;
+  // Group ratio 1 is full attention: any seq_len trains (an odd one was refused as an
+  // odd S2 group).
+  r = testutil::run_cli("--config " + tiny_config(d) + " --set attention.group_ratio=1 --set data.seq_len=63" +
+                        " --set train.max_steps=1 --set output.dir=" + d + "/odd");
+  EXPECT_EQ(r.code, 0) << r.err;
+  longlora::remove_tree(d);
+}
+
+TEST(Train, TheAutomaticRopeFactorNeverDropsBelowTheModelsOwn) {
+  // A model extended before (rope_scaling x4 over 128 positions: 512 tokens) trained on:
+  // at 256 tokens the factor was ceil(256 / 128) = 2, half the model's, with no word.
+  const auto d = testutil::temp_dir("rope-own");
+  fs::create_directories(d + "/m");
+  for (const auto& e : fs::directory_iterator(testutil::golden("tiny-llama/model")))
+    fs::copy(e.path(), d + "/m/" + e.path().filename().string());
+  auto cfg = testutil::read_json(d + "/m/config.json");
+  cfg["rope_scaling"] = {{"type", "linear"}, {"factor", 4.0}};
+  testutil::write_file(d + "/m/config.json", cfg.dump());
+  for (const auto& [seq_len, want] : std::vector<std::pair<int, double>>{{64, 4}, {256, 4}, {512, 4}, {1024, 8}}) {
+    const std::string out = d + "/out-" + std::to_string(seq_len);
+    auto r = testutil::run_cli("--config " + tiny_config(d) + " --set model.path=" + d + "/m --set data.seq_len=" +
+                               std::to_string(seq_len) + " --set train.max_steps=1 --set train.micro_batch_size=1" +
+                               " --set train.grad_accum=1 --set output.dir=" + out);
+    ASSERT_EQ(r.code, 0) << r.err;
+    EXPECT_EQ(testutil::read_json(out + "/checkpoint-1/trainer_state.json")["rope_factor"].get<double>(), want)
+        << "seq_len " << seq_len;
+  }
+  longlora::remove_tree(d);
 }
 
 TEST(Train, EvalOfACheckpointUsesItsTrainedRopeFactor) {

@@ -55,6 +55,7 @@ int64_t check_s2_shape(int64_t H, int64_t Hkv, int64_t L, int64_t group, Mode mo
   if (L % group != 0)
     throw Error("attention.group_ratio: sequence length " + std::to_string(L) +
                 " is not a multiple of the S2 group size " + std::to_string(group));
+  if (group == L) return L;  // ratio 1: full attention, nothing shifted, any L and H
   if (group % 2 != 0)
     throw Error("attention.group_ratio: S2 group size " + std::to_string(group) +
                 " is odd; the shift of half a group needs it even");

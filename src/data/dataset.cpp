@@ -107,10 +107,18 @@ Dataset::Dataset(const std::string& path, const std::string& format, int64_t L,
   } else {
     // A format the extension contradicts would read the file as something it is not:
     // text read a .bin as tokens anyway; tokens read a text file's bytes as token ids.
-    const bool bin = ext == ".bin", textual = ext == ".txt" || ext == ".json" || ext == ".jsonl";
-    if ((bin && kind_ != "tokens") || (textual && kind_ == "tokens"))
+    // tokens reads .bin; text .txt and .jsonl; sft (instruction records) .json and .jsonl.
+    const bool fits = kind_ == "tokens" ? ext == ".bin"
+                      : kind_ == "text" ? ext == ".txt" || ext == ".jsonl"
+                                        : ext == ".json" || ext == ".jsonl";
+    if (!fits)
       fail(path, "data.format", kind_ + " does not read a '" + ext + "' file (auto picks " +
-                                    (bin ? "tokens" : "text or sft") + " for it)");
+                                    (ext == ".bin"    ? "tokens"
+                                     : ext == ".txt"  ? "text"
+                                     : ext == ".json" ? "sft"
+                                     : ext == ".jsonl" ? "text or sft"
+                                                       : "nothing: .bin, .txt, .json or .jsonl are read") +
+                                    " for it)");
   }
   auto check_ids = [&](const std::vector<int32_t>& ids) { check_token_ids(ids, vocab, path); };
   if (kind_ == "tokens" || kind_ == "text") {

@@ -94,9 +94,21 @@ const std::vector<Field>& schema() {
     f.push_back(str("model.dtype", [](RunConfig& c) -> auto& { return c.model.dtype; },
                     "compute dtype; auto = bf16 on GPU, fp32 on CPU",
                     {"auto", "fp32", "bf16", "fp16"}));
-    f.push_back(number("model.rope_factor", [](RunConfig& c) -> auto& { return c.model.rope_factor; },
-                       0, 1024, false,
-                       "linear position interpolation factor; 0 = ceil(seq_len / max_position_embeddings)"));
+    {
+      // Below 1 a factor would stretch positions, and no reader of the checkpoint (eval,
+      // export, Hugging Face) takes such a factor: refused here, not after the training.
+      const std::string type = "0 or a number in [1, 1024]";
+      f.push_back({"model.rope_factor", type,
+                   "linear position interpolation factor; 0 = the model's own (1 without rope_scaling), raised to "
+                   "ceil(seq_len / max_position_embeddings) where seq_len needs more",
+                   [type](RunConfig& c, const json& v, const std::string& w) {
+                     if (!v.is_number() || !(v.get<double>() == 0 || (v.get<double>() >= 1 && v.get<double>() <= 1024)))
+                       bad(w, type, v);
+                     const double x = v.get<double>();
+                     c.model.rope_factor = x;
+                   },
+                   [](const RunConfig& c) { return json(c.model.rope_factor); }});
+    }
     f.push_back(boolean("lora.enabled", [](RunConfig& c) -> auto& { return c.lora.enabled; },
                         "false = full fine-tuning (every parameter trains)"));
     f.push_back(integer("lora.r", [](RunConfig& c) -> auto& { return c.lora.r; }, 1, "LoRA rank"));
@@ -135,7 +147,7 @@ const std::vector<Field>& schema() {
                     "training data: .bin (uint16 ids), .txt/.jsonl text, .json/.jsonl instruction records"));
     f.push_back(str("data.format", [](RunConfig& c) -> auto& { return c.data.format; },
                     "auto: .bin = tokens, .txt = text, .json = sft, .jsonl = text or sft by its fields; "
-                    "tokens for a .bin only, text or sft for the others",
+                    "tokens reads .bin, text .txt/.jsonl, sft .json/.jsonl",
                     {"auto", "tokens", "text", "sft"}));
     f.push_back(integer("data.seq_len", [](RunConfig& c) -> auto& { return c.data.seq_len; }, 2,
                         "training context length in tokens"));
@@ -197,7 +209,7 @@ const std::vector<Field>& schema() {
     f.push_back(integer("output.keep_last", [](RunConfig& c) -> auto& { return c.output.keep_last; }, 1,
                         "checkpoints kept"));
     f.push_back(integer("output.log_steps", [](RunConfig& c) -> auto& { return c.output.log_steps; }, 1,
-                        "progress line and metrics.jsonl record every N steps"));
+                        "progress line and metrics.jsonl record every N steps, and at every save and stop"));
     f.push_back(str("device", [](RunConfig& c) -> auto& { return c.device; },
                     "auto = CUDA when present", {"auto", "cpu", "cuda"}));
     return f;

@@ -18,7 +18,9 @@ namespace longlora::train {
 
 double resolve_rope_factor(const RunConfig& c, const io::ModelConfig& m, const std::string& seq_len_field) {
   if (c.model.rope_factor > 0) return c.model.rope_factor;
-  if (c.data.seq_len > m.max_position_embeddings) {
+  // Never below the model's own factor: a model extended before (rope_scaling x8 over
+  // 4096 positions) trained at 16k would otherwise drop to x4 and lose its context.
+  if (c.data.seq_len > m.max_position_embeddings * m.rope_factor) {
     const double f = std::ceil(static_cast<double>(c.data.seq_len) / static_cast<double>(m.max_position_embeddings));
     // The same limit as model.rope_factor's own range (past it, bench timed a model no
     // config accepts, "rope factor 244141", or ran out of memory).

@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "longlora/attention/attention.h"
 #include "longlora/common/device.h"
 #include "longlora/common/error.h"
 #include "longlora/common/interrupt.h"
@@ -133,6 +134,14 @@ void validate_for_training(const RunConfig& c, const ConfigOrigin& o) {
     if (G < c.data.seq_len && G % 2 != 0)
       throw Error(o.at("attention.group_ratio") + ": group size " + std::to_string(G) +
                   " is odd; the half-group shift needs it even");
+  }
+  // Our CUDA kernel runs on CUDA tensors only: said now, not at the first step.
+  if (c.attention.backend == "kernel") {
+    if (!attention::kernel_compiled())
+      throw Error(o.at("attention.backend") + ": kernel: this build has no CUDA kernels (built without CUDA)");
+    if (pick_device(c.device).is_cpu())
+      throw Error(o.at("attention.backend") + ": kernel runs on a CUDA device, and this run is on the CPU (device " +
+                  c.device + (c.device == "auto" ? ", no CUDA device found" : "") + ")");
   }
   if (c.train.warmup_steps >= c.train.max_steps)
     spdlog::warn("{}: {} steps of warmup in {} steps: the learning rate never reaches train.lr {}",
@@ -318,21 +327,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
     }
     ++st.step;
     st.tokens_seen += mbs * L * tc.grad_accum;
-    if (st.bad_steps >= tc.max_bad_steps) {
-      spdlog::error("{} non-finite steps in a row: stopping", st.bad_steps);
-      // Skipped steps change nothing, so the weights and optimizer state are those after
-      // the last finite step: saved, the good steps since the last save are kept (they
-      // were lost). Nothing is pruned for it, and weights that are not finite (an
-      // update blew them up) are not saved over anything.
-      if (all_finite(params)) {
-        const auto dir = save_checkpoint(cfg.output.dir, m, s.trainable, *s.optimizer, st, cfg);
-        spdlog::info("saved {}: the state after step {}, the last finite one (no checkpoint removed)", dir,
-                     st.step - st.bad_steps);
-      } else {
-        spdlog::error("the trainable weights are not finite: nothing saved");
-      }
-      return 3;
-    }
+    const bool stop_bad = st.bad_steps >= tc.max_bad_steps, stop_signal = signalled();
 
     // ---- diagnostics
     const auto now = std::chrono::steady_clock::now();
@@ -340,7 +335,10 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
     interval_steps += 1;
     interval_positions += mbs * L * tc.grad_accum;
     interval_loss_tokens += count;
-    if (st.step % cfg.output.log_steps == 0 || st.step == tc.max_steps) {
+    // Every step a checkpoint may hold is recorded (a resume logs from the step after
+    // it): the saved ones and the one a run stops at.
+    if (st.step % cfg.output.log_steps == 0 || st.step % cfg.output.save_steps == 0 || st.step == tc.max_steps ||
+        stop_bad || stop_signal) {
       const double elapsed = std::chrono::duration<double>(now - t_start).count();
       const double per_step = elapsed / static_cast<double>(st.step - first_step);
       // tokens/s counts every position the model computes, padding included (what a
@@ -370,6 +368,22 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
       record(rec);
       interval_s = 0;
       interval_steps = interval_positions = interval_loss_tokens = 0;
+    }
+
+    if (stop_bad) {
+      spdlog::error("{} non-finite steps in a row: stopping", st.bad_steps);
+      // Skipped steps change nothing, so the weights and optimizer state are those after
+      // the last finite step: saved, the good steps since the last save are kept (they
+      // were lost). Nothing is pruned for it, and weights that are not finite (an
+      // update blew them up) are not saved over anything.
+      if (all_finite(params)) {
+        const auto dir = save_checkpoint(cfg.output.dir, m, s.trainable, *s.optimizer, st, cfg);
+        spdlog::info("saved {}: the state after step {}, the last finite one (no checkpoint removed)", dir,
+                     st.step - st.bad_steps);
+      } else {
+        spdlog::error("the trainable weights are not finite: nothing saved");
+      }
+      return 3;
     }
 
     // ---- periodic work
