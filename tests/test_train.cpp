@@ -262,6 +262,71 @@ TEST(Train, TinyModelLossFallsAndCheckpointLoadsAsAdapter) {
   EXPECT_LT(json::parse(e.out)["loss"].get<double>(), json::parse(base.out)["loss"].get<double>() - 0.3);
 }
 
+TEST(Train, InstructionBatchesAreCutToTheirLongestRow) {
+  // Padded to seq_len, a short record cost as much as a long one, and S2 grouped it by
+  // a quarter of seq_len. Cut to the micro-batch's longest row (rounded to S2's four
+  // even groups), the step is the one replayed here on the cut rows, a group being a
+  // quarter of their width, as LongLoRA sizes it from the batch.
+  const auto d = testutil::temp_dir("sft-cut");
+  std::string jsonl;
+  for (const char* out : {"Blue.", "The sky is blue and the grass is green today.", "Yes.", "No, it is not."})
+    jsonl += json({{"instruction", "Say it."}, {"output", out}}).dump() + "\n";
+  testutil::write_file(d + "/sft.jsonl", jsonl);
+  auto r = testutil::run_cli("--config " + tiny_config(d) + " --set data.train=" + d + "/sft.jsonl" +
+                             " --set data.seq_len=256 --set lora.dropout=0 --set data.shuffle=false" +
+                             " --set train.grad_accum=1 --set train.max_steps=2 --set output.save_steps=1");
+  ASSERT_EQ(r.code, 0) << r.err;
+  std::vector<json> recs;
+  std::ifstream in(d + "/out/metrics.jsonl");
+  for (std::string line; std::getline(in, line);) recs.push_back(json::parse(line));
+  ASSERT_EQ(recs.size(), 2u);
+  data::Tokenizer tok(testutil::golden("tiny-llama/model/tokenizer.model"));
+  data::Dataset ds(d + "/sft.jsonl", "auto", 256, &tok, 512);
+  model::LoadOptions lo;
+  lo.rope_factor = 2;  // seq_len 256 over the model's 128 positions
+  auto m = model::load_model(testutil::golden("tiny-llama/model"), lo);
+  model::apply_adapter(*m, d + "/out/checkpoint-1");  // the initial weights (lr 0 at step 1)
+  m->train();
+  torch::NoGradGuard ng;
+  for (int step = 0; step < 2; ++step) {
+    std::vector<data::Row> rows{ds.row_at(2 * step, false, 0), ds.row_at(2 * step + 1, false, 0)};
+    int64_t need = 0;
+    for (const auto& row : rows)
+      for (int64_t i = 0; i < 256; ++i)
+        if (row.targets[i] >= 0) need = std::max(need, i + 1);
+    const int64_t width = (need + 7) / 8 * 8;
+    ASSERT_LT(width, 256);
+    auto batch = [&](int64_t w, bool targets) {
+      std::vector<torch::Tensor> t;
+      for (const auto& row : rows) {
+        const auto& v = targets ? row.targets : row.ids;
+        t.push_back(torch::tensor(std::vector<int64_t>(v.begin(), v.begin() + w)));
+      }
+      return torch::stack(t);
+    };
+    auto loss_at = [&](int64_t w, int64_t group) {
+      model::ForwardOptions fo;
+      fo.attn.mode = attention::Mode::Segments;
+      fo.attn.group = group;
+      auto logp = torch::log_softmax(m->logits(m->hidden(batch(w, false), fo)), -1);
+      auto t = batch(w, true);
+      return (-(logp.gather(2, t.clamp_min(0).unsqueeze(2)).squeeze(2) * t.ge(0)).sum() / t.ge(0).sum())
+          .item<double>();
+    };
+    const double want = loss_at(width, width / 4);
+    if (step == 0) {
+      EXPECT_NEAR(recs[0]["loss"].get<double>(), want, 2e-6 * want);
+      // Uncut, S2's groups of 64 see the rows otherwise: the check above tells them apart.
+      EXPECT_GT(std::abs(loss_at(256, 64) - want), 1e-3 * want);
+    }
+    // The positions computed are the cut rows'.
+    EXPECT_NEAR(recs[step]["tokens_per_s"].get<double>() * recs[step]["step_time_s"].get<double>(), 2.0 * width,
+                1e-6 * width)
+        << "step " << step + 1;
+  }
+  longlora::remove_tree(d);
+}
+
 TEST(Train, EvalDataIsScoredAtEverySaveAsEvalScoresThatCheckpoint) {
   const auto a = testutil::temp_dir("eval-data-a"), b = testutil::temp_dir("eval-data-b");
   const std::string eval_bin = testutil::golden("tiny-llama/eval.bin");
@@ -776,6 +841,9 @@ TEST(Train, ThroughputIsOverTheLoggedStepsAndCountsLossTokensApart) {
   // The output's tokens (tokenized with its prompt, as LongLoRA does) and EOS.
   const std::string prompt = data::sft_prompt({"Say it.", "", output});
   const double per_row = static_cast<double>(tok.encode(prompt + output).size() - tok.encode(prompt).size() + 1);
+  // Rows cut to the longest (all alike here): up to the position that predicts EOS, in
+  // multiples of 8 (S2's four groups, each even).
+  const double width = std::ceil((tok.encode(prompt + output).size() + 1) / 8.0) * 8;
   std::vector<json> recs;
   std::ifstream in(d + "/out/metrics.jsonl");
   for (std::string line; std::getline(in, line);)
@@ -783,10 +851,10 @@ TEST(Train, ThroughputIsOverTheLoggedStepsAndCountsLossTokensApart) {
   ASSERT_EQ(recs.size(), 2u);
   for (const auto& j : recs) {
     const double tps = j["tokens_per_s"].get<double>();
-    // 2 rows x 2 accumulation steps x 256 positions a step, at the mean step time
+    // 2 rows x 2 accumulation steps x the rows' width a step, at the mean step time
     // (the Alpaca prompt alone takes more than 64 of this tokenizer's tokens).
-    EXPECT_NEAR(tps * j["step_time_s"].get<double>(), 1024.0, 1e-6 * 1024);
-    EXPECT_NEAR(j["loss_tokens_per_s"].get<double>() / tps, per_row / 256, 1e-9);
+    EXPECT_NEAR(tps * j["step_time_s"].get<double>(), 4 * width, 1e-6 * 4 * width);
+    EXPECT_NEAR(j["loss_tokens_per_s"].get<double>() / tps, per_row / width, 1e-9);
   }
   EXPECT_NE(r.err.find(" with loss) | peak mem"), std::string::npos) << r.err;
   // Packed text: every position but a row's last has a target (the next token).

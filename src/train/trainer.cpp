@@ -260,6 +260,14 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
   };
 
   const int64_t L = cfg.data.seq_len, mbs = tc.micro_batch_size;
+  // Instruction rows are right-padded to seq_len; a micro-batch is cut to its longest
+  // row (as LongLoRA's collator pads to the batch's longest), rounded up so that S2's
+  // groups (seq_len / group of them) stay whole and even. The group then is a fraction
+  // of that length, as LongLoRA sizes it from the batch's q_len.
+  const bool trim = s.data->kind() == "sft";
+  const bool grouped = s.train_forward.attn.mode != attention::Mode::Full && s.train_forward.attn.group < L;
+  const int64_t n_groups = grouped ? L / s.train_forward.attn.group : 1;
+  const int64_t trim_unit = grouped ? 2 * n_groups : 1;
   std::vector<torch::Tensor> params;
   for (auto& [n, p] : s.trainable) params.push_back(p);
   int64_t last_saved = from ? st.step : -1;
@@ -271,7 +279,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
   // Throughput over the steps since the last record (not the last step alone: its rate
   // is noisy), from the steps' own time (a save or eval between them is left out).
   double interval_s = 0;
-  int64_t interval_steps = 0, interval_positions = 0, interval_loss_tokens = 0;
+  int64_t interval_steps = 0, interval_positions = 0, interval_rows = 0, interval_loss_tokens = 0;
   m.train();
 
   while (st.step < tc.max_steps) {
@@ -282,7 +290,8 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
 
     // ---- the step: gather rows, normalize by the number of target tokens
     std::vector<torch::Tensor> ids, tgts;
-    int64_t count = 0;
+    std::vector<int64_t> widths;
+    int64_t count = 0, positions = 0;
     for (int64_t a = 0; a < tc.grad_accum; ++a) {
       // Filled through raw pointers: indexing a tensor element by element (ib[b][i] = ...)
       // goes through the dispatcher twice per token: 8-12% of the demo's step time.
@@ -300,13 +309,24 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
           count += row.targets[i] >= 0;
         }
       }
-      ids.push_back(ib.to(s.device));
-      tgts.push_back(tb.to(s.device));
+      int64_t width = L;
+      if (trim) {
+        int64_t need = 1;  // up to each row's last position with a target
+        for (int64_t i = 0; i < mbs * L; ++i)
+          if (tp[i] >= 0) need = std::max(need, i % L + 1);
+        width = std::min(L, (need + trim_unit - 1) / trim_unit * trim_unit);
+      }
+      widths.push_back(width);
+      positions += mbs * width;
+      ids.push_back(ib.slice(1, 0, width).contiguous().to(s.device));
+      tgts.push_back(tb.slice(1, 0, width).contiguous().to(s.device));
     }
     s.optimizer->zero_grad();
     double nll = 0;
     for (size_t a = 0; a < ids.size(); ++a) {
-      auto h = m.hidden(ids[a], s.train_forward);
+      auto fwd = s.train_forward;
+      if (grouped) fwd.attn.group = widths[a] / n_groups;
+      auto h = m.hidden(ids[a], fwd);
       auto [sum, n] = model::chunked_nll(m, h, tgts[a], tc.loss_chunk);
       (sum / static_cast<double>(std::max<int64_t>(count, 1))).backward();
       nll += sum.item<double>();
@@ -326,14 +346,15 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
                    st.bad_steps);
     }
     ++st.step;
-    st.tokens_seen += mbs * L * tc.grad_accum;
+    st.tokens_seen += positions;
     const bool stop_bad = st.bad_steps >= tc.max_bad_steps, stop_signal = signalled();
 
     // ---- diagnostics
     const auto now = std::chrono::steady_clock::now();
     interval_s += std::chrono::duration<double>(now - t0).count();
     interval_steps += 1;
-    interval_positions += mbs * L * tc.grad_accum;
+    interval_positions += positions;
+    interval_rows += mbs * tc.grad_accum;
     interval_loss_tokens += count;
     // Every step a checkpoint may hold is recorded (a resume logs from the step after
     // it): the saved ones and the one a run stops at.
@@ -348,7 +369,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
       const double mem = peak_memory_gib(s.device);
       // Packed rows have a target at every position but their last; fewer means
       // masked prompts or padding (instruction data), worth a figure of its own.
-      const int64_t packed_targets = interval_positions / L * (L - 1);
+      const int64_t packed_targets = interval_rows * (L - 1);
       const std::string with_loss =
           interval_loss_tokens < packed_targets ? fmt::format(" ({:.0f} with loss)", loss_tps) : "";
       spdlog::info("step {}/{} | loss {:.4f} | lr {:.3e} | grad norm {:.3f} | {:.0f} tokens/s{} | "
@@ -367,7 +388,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
                             {"tokens_seen", st.tokens_seen}};
       record(rec);
       interval_s = 0;
-      interval_steps = interval_positions = interval_loss_tokens = 0;
+      interval_steps = interval_positions = interval_rows = interval_loss_tokens = 0;
     }
 
     if (stop_bad) {
