@@ -235,10 +235,16 @@ TEST(Data, SupervisedRecordsWithoutATemplateAreTheInstructionThenTheOutput) {
   for (size_t i = prompt.size(); i < whole.size(); ++i) EXPECT_EQ(r.targets[i], whole[i]) << i;
   EXPECT_EQ(r.targets[whole.size()], tok.eos_id());
   // An input has no place there: refused, not dropped.
-  testutil::write_file(d + "/b.jsonl", R"({"instruction": "Add", "output": "5"})" "\n"
+  // Named where a parse error would name it: the line (a blank one before it here).
+  testutil::write_file(d + "/b.jsonl", R"({"instruction": "Add", "output": "5"})" "\n\n"
                                        R"({"instruction": "Add", "input": "2 and 3", "output": "5"})" "\n");
   const auto e = testutil::error_of([&] { data::Dataset(d + "/b.jsonl", "auto", 64, &tok, 512, "none"); });
-  EXPECT_NE(e.find(d + "/b.jsonl: record 2: input: not empty, but data.sft_prompt \"none\""), std::string::npos) << e;
+  EXPECT_NE(e.find(d + "/b.jsonl:3: input: not empty, but data.sft_prompt \"none\""), std::string::npos) << e;
+  testutil::write_file(d + "/b.json", R"([{"instruction": "Add", "output": "5"},)"
+                                      R"( {"instruction": "Add", "input": "2 and 3", "output": "5"}])");
+  EXPECT_NE(testutil::error_of([&] { data::Dataset(d + "/b.json", "auto", 64, &tok, 512, "none"); })
+                .find(d + "/b.json: record 1: input: not empty"),
+            std::string::npos);
   EXPECT_EQ(data::Dataset(d + "/b.jsonl", "auto", 256, &tok, 512).size(), 2);  // the Alpaca template has one
 }
 

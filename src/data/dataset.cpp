@@ -40,7 +40,7 @@ SftRecord parse_record(const json& j, const std::string& where) {
     if (!j[k].is_string()) fail(where, k, "must be a string");
     return j[k].get<std::string>();
   };
-  return {get("instruction", true), get("input", false), get("output", true)};
+  return {get("instruction", true), get("input", false), get("output", true), where};
 }
 
 bool looks_like_sft(const std::string& path) {
@@ -150,7 +150,7 @@ Dataset::Dataset(const std::string& path, const std::string& format, int64_t L,
     std::vector<std::string> texts;
     for (size_t j = 0; j < n; ++j) {
       if (prompt_style == "none" && !records[s0 + j].input.empty())
-        fail(path + ": record " + std::to_string(s0 + j + 1), "input",
+        fail(records[s0 + j].where, "input",
              "not empty, but data.sft_prompt \"none\" has no place for it (LongLoRA's script drops it): "
              "put it in the instruction, or use data.sft_prompt \"alpaca\"");
       const std::string prompt = sft_prompt(records[s0 + j], prompt_style);

@@ -21,6 +21,7 @@ struct Row {
 
 struct SftRecord {
   std::string instruction, input, output;
+  std::string where;  // "file:LINE" (.jsonl) or "file: record I" (.json), for errors
 };
 
 // The text before the output. "alpaca": LongLoRA's first prompt (Alpaca's template),
