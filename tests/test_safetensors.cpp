@@ -291,3 +291,62 @@ TEST(SafetensorsMalformed, LayerCountCheckedBeforeTheModelIsBuilt) {
     if (HasFailure()) break;  // without the check the big case takes minutes and gigabytes
   }
 }
+
+TEST(SafetensorsMalformed, ShapeWhoseSizeOverflowsIsRefused) {
+  // A dimension of 2^63 read as int64 was negative, and products wrapped: these passed
+  // as 0 bytes against data_offsets [0, 0]. safetensors' own reader refuses them.
+  const auto dir = testutil::temp_dir("st-overflow");
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"F32", "[9223372036854775808,2]"},  // a dimension past int64
+      {"F32", "[4611686018427387904,4]"},  // 2^64 elements
+      {"F16", "[4611686018427387904,2]"},  // 2^63 elements, 2^64 bytes
+      {"F32", "[2305843009213693952,2]"},  // 2^62 elements, 2^64 bytes
+  };
+  int i = 0;
+  for (const auto& [dtype, shape] : cases) {
+    SCOPED_TRACE(shape);
+    expect_error(make_file(dir, "o" + std::to_string(i++) + ".safetensors",
+                           R"({"w":{"dtype":")" + dtype + R"(","shape":)" + shape + R"(,"data_offsets":[0,0]}})", 0),
+                 {"tensor 'w'", "shape " + shape + " overflows"});
+  }
+  // Large shapes that do fit are still only checked against data_offsets.
+  expect_error(make_file(dir, "big.safetensors",
+                         R"({"w":{"dtype":"F32","shape":[1073741824,2],"data_offsets":[0,0]}})", 0),
+               {"tensor 'w'", "8589934592 bytes"});
+  // export --format peft copied such an entry into an adapter no reader takes.
+  const std::string ad = dir + "/adapter";
+  std::filesystem::create_directories(ad);
+  std::filesystem::copy_file(testutil::golden("tiny-llama/adapter/adapter_config.json"), ad + "/adapter_config.json");
+  make_file(ad, "adapter_model.safetensors",
+            R"({"base_model.model.model.embed_tokens.weight":{"dtype":"F32","shape":[9223372036854775808,2],)"
+            R"("data_offsets":[0,0]}})",
+            0);
+  auto r = testutil::run_cli("export --checkpoint " + ad + " --output " + dir + "/out --format peft");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_EQ(r.err, "error: " + ad + "/adapter_model.safetensors: tensor 'base_model.model.model.embed_tokens.weight': "
+                   "shape [9223372036854775808,2] overflows: a dimension past 2^63 - 1\n");
+  EXPECT_FALSE(std::filesystem::exists(dir + "/out"));
+}
+
+TEST(SafetensorsMalformed, TensorInTwoShardsIsRefused) {
+  // transformers loads every tensor of each shard, so of a tensor stored twice the
+  // last shard's copy wins whatever weight_map says; taking weight_map's was silent.
+  const auto dir = golden_model_copy("st-two-shards", [](nlohmann::json&) {});
+  const std::string norm = "model.norm.weight", s3 = dir + "/model-00003-of-00004.safetensors",
+                    s4 = dir + "/model-00004-of-00004.safetensors";
+  ASSERT_EQ(testutil::read_json(dir + "/model.safetensors.index.json")["weight_map"][norm],
+            "model-00003-of-00004.safetensors");
+  std::vector<std::pair<std::string, torch::Tensor>> shard4;
+  for (auto& [n, t] : io::load_tensors(s4)) shard4.emplace_back(n, t.clone());
+  shard4.emplace_back(norm, torch::full({64}, 3.0));
+  io::save_tensors(s4, shard4);
+  const auto err = testutil::error_of([&] { io::SafetensorsCheckpoint c(dir); });
+  EXPECT_EQ(err, s4 + ": tensor '" + norm + "': also in " + s3 + "; a tensor must be in one shard only");
+  const auto r = testutil::run_cli("eval --model " + dir + " --data " + testutil::golden("tiny-llama/eval.bin") +
+                                   " --seq-len 16 --device cpu");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_EQ(r.err, "error: " + err + "\n");
+  // The untouched shards load (a tensor once in each file is the normal case).
+  const auto good = golden_model_copy("st-two-shards-good", [](nlohmann::json&) {});
+  EXPECT_EQ(testutil::error_of([&] { io::SafetensorsCheckpoint c(good); }), "");
+}

@@ -11,8 +11,11 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
+#include <stdexcept>
 
 #include "longlora/common/error.h"
 #include "longlora/common/json_file.h"
@@ -56,14 +59,31 @@ size_t dtype_size(DType d) {
 
 int64_t TensorInfo::numel() const {
   int64_t n = 1;
-  for (auto s : shape) n *= s;
+  for (auto s : shape) n *= s;  // the reader checked that the byte size, hence this, fits
   return n;
 }
 
-size_t tensor_nbytes(DType dtype, const std::vector<int64_t>& shape) {
-  size_t n = dtype_size(dtype);
-  for (auto s : shape) n *= static_cast<size_t>(s);
+namespace {
+// The byte size of `shape` in `dtype`, or nullopt when it (or the element count) does
+// not fit int64: wrapped products made shapes like [2^63, 2] pass as 0 bytes.
+std::optional<uint64_t> checked_nbytes(DType dtype, const std::vector<int64_t>& shape) {
+  uint64_t elems = 1;
+  for (auto s : shape) {
+    if (s < 0 || __builtin_mul_overflow(elems, static_cast<uint64_t>(s), &elems)) return std::nullopt;
+  }
+  uint64_t n = 0;
+  if (__builtin_mul_overflow(elems, static_cast<uint64_t>(dtype_size(dtype)), &n) ||
+      n > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+    return std::nullopt;
   return n;
+}
+}  // namespace
+
+size_t tensor_nbytes(DType dtype, const std::vector<int64_t>& shape) {
+  const auto n = checked_nbytes(dtype, shape);
+  // The reader refuses such shapes, so only a bug gets here.
+  if (!n) throw std::logic_error("internal: tensor_nbytes of a shape whose size overflows");
+  return static_cast<size_t>(*n);
 }
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
@@ -154,8 +174,13 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
     if (!v["shape"].is_array()) bad(field, "shape must be an array");
     for (const auto& d : v["shape"]) {
       if (!d.is_number_unsigned()) bad(field, "shape entries must be non-negative integers");
+      if (d.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+        bad(field, "shape " + v["shape"].dump() + " overflows: a dimension past 2^63 - 1");
       t.shape.push_back(d.get<int64_t>());
     }
+    const auto size = checked_nbytes(t.dtype, t.shape);
+    if (!size)
+      bad(field, "shape " + v["shape"].dump() + " overflows: its size in bytes does not fit in 64 bits");
     const json& off = v["data_offsets"];
     if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() ||
         !off[1].is_number_unsigned())
@@ -165,7 +190,7 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
       bad(field, "data_offsets [" + std::to_string(b) + ", " + std::to_string(e) +
                      ") out of bounds of the " + std::to_string(data_size) + "-byte data section");
     t.nbytes = static_cast<size_t>(e - b);
-    const size_t want = tensor_nbytes(t.dtype, t.shape);
+    const size_t want = static_cast<size_t>(*size);
     if (want != t.nbytes)
       bad(field, "shape x dtype size is " + std::to_string(want) + " bytes but data_offsets span " +
                      std::to_string(t.nbytes));
@@ -245,6 +270,14 @@ SafetensorsCheckpoint::SafetensorsCheckpoint(const std::string& path) : path_(pa
              "listed in model.safetensors.index.json but not in the shard");
       where_[it.key()] = f;
     }
+    // transformers loads every tensor of each shard, in file-name order, so of a tensor
+    // stored twice the last copy wins whatever weight_map says: ambiguous, refused.
+    std::map<std::string, std::string> first_file;
+    for (const auto& [shard, f] : opened)
+      for (const auto& t : f->tensors())
+        if (auto [prev, fresh] = first_file.emplace(t.name, f->path()); !fresh)
+          fail(f->path(), "tensor '" + t.name + "'",
+               "also in " + prev->second + "; a tensor must be in one shard only");
     return;
   }
   fail(path, "", "no model.safetensors or model.safetensors.index.json in the folder");
