@@ -7,6 +7,7 @@
 #include <csignal>
 #include <cstdlib>
 #include <functional>
+#include <map>
 #include <set>
 #include <thread>
 
@@ -248,6 +249,81 @@ TEST(ExportGolden, TransformersFiveConfigGetsRopeParameters) {
   auto want = testutil::load(testutil::golden("tiny-llama/merged/model.safetensors"));
   for (auto& [name, w] : want)
     EXPECT_LE(testutil::max_abs_diff(got[name], w.to(torch::kBFloat16)), 1e-6) << name;
+}
+
+// Names as peft matches them: modules_to_save by a plain suffix of the full name ("norm"
+// covers input_layernorm), target_modules by the full name or its tail after a dot
+// ("self_attn.q_proj"). Real peft adapters use both; the golden adapter named so is
+// still the golden one, and merges into peft's merge.
+TEST(ExportGolden, PeftNamesOfModulesAndTargetsMergeAsPeftDoes) {
+  const auto dir = testutil::temp_dir("export-peft-names");
+  const std::string ad = copy_adapter(dir + "/adapter", {});
+  const auto golden_cfg = testutil::read_json(ad + "/adapter_config.json");
+  auto want = testutil::load(testutil::golden("tiny-llama/merged/model.safetensors"));
+  const json mts = {"embed_tokens", "norm"},
+             targets = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"};
+  for (const std::string field : {"modules_to_save", "target_modules"}) {
+    SCOPED_TRACE(field);
+    auto acfg = golden_cfg;
+    acfg[field] = field == "modules_to_save" ? mts : targets;
+    testutil::write_file(ad + "/adapter_config.json", acfg.dump());
+    auto r = testutil::run_cli(export_cmd(ad, dir + "/merged", "--base " + kBase + " --dtype fp32 --overwrite"));
+    EXPECT_EQ(r.code, 0) << r.err;
+    if (r.code != 0) continue;
+    auto got = testutil::load(dir + "/merged");
+    ASSERT_EQ(got.size(), want.size());
+    for (auto& [name, w] : want) {
+      ASSERT_TRUE(got.count(name)) << name;
+      EXPECT_LE(testutil::max_abs_diff(got[name], w), 1e-6) << name;
+    }
+    r = testutil::run_cli(export_cmd(ad, dir + "/peft", "--base " + kBase + " --format peft --overwrite"));
+    EXPECT_EQ(r.code, 0) << r.err;
+    EXPECT_EQ(testutil::read_json(dir + "/peft/adapter_config.json")[field], acfg[field]);
+  }
+
+  auto acfg = golden_cfg;
+  acfg["modules_to_save"] = mts;
+  acfg["target_modules"] = targets;
+  // A tail that does not start at a dot names nothing: refused, as peft finds no module.
+  acfg["target_modules"].push_back("attn.q_proj");
+  testutil::write_file(ad + "/adapter_config.json", acfg.dump());
+  auto r = testutil::run_cli(export_cmd(ad, dir + "/bad", "--base " + kBase));
+  expect_clean_failure(r, dir, "bad", {ad + "/adapter_model.safetensors", "target_modules", "'attn.q_proj'"});
+  // A saved weight whose module's name no entry ends is still refused.
+  acfg["target_modules"].erase(acfg["target_modules"].size() - 1);
+  acfg["modules_to_save"] = {"embed_tokens", "model.norm"};
+  testutil::write_file(ad + "/adapter_config.json", acfg.dump());
+  r = testutil::run_cli(export_cmd(ad, dir + "/bad", "--base " + kBase));
+  expect_clean_failure(r, dir, "bad", {"model.layers.0.input_layernorm.weight", "modules_to_save"});
+  longlora::remove_tree(dir);
+}
+
+// transformers >= 4.47 saves the chat template as chat_template.jinja (or .json) and
+// named ones in additional_chat_templates/; a BPE tokenizer has vocab.json and
+// merges.txt. A merged model without them prompts differently from its base.
+TEST(ExportGolden, ChatTemplatesAndTokenizerVocabularyAreCopied) {
+  const auto dir = testutil::temp_dir("export-chat");
+  const std::string base = copy_base(dir + "/base", {});
+  const std::map<std::string, std::string> files = {
+      {"chat_template.jinja", "{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}\n"},
+      {"chat_template.json", R"({"chat_template": "{{ messages[0].content }}"})"},
+      {"additional_chat_templates/tool_use.jinja", "{{ tools | tojson }}\n"},
+      {"additional_chat_templates/rag/v1.jinja", "{{ documents }}\n"},
+      {"vocab.json", R"({"a": 0, "b": 1})"},
+      {"merges.txt", "#version: 0.2\na b\n"},
+      {"tokenizer_config.json", R"({"add_bos_token": true})"},
+  };
+  for (const auto& [rel, text] : files) {
+    fs::create_directories(fs::path(base + "/" + rel).parent_path());
+    testutil::write_file(base + "/" + rel, text);
+  }
+  testutil::write_file(base + "/notes.txt", "not a model file");
+  auto r = testutil::run_cli(export_cmd(kAdapter, dir + "/out", "--base " + base));
+  ASSERT_EQ(r.code, 0) << r.err;
+  for (const auto& [rel, text] : files) EXPECT_EQ(testutil::read_file(dir + "/out/" + rel), text) << rel;
+  EXPECT_TRUE(fs::exists(dir + "/out/tokenizer.model"));
+  EXPECT_FALSE(fs::exists(dir + "/out/notes.txt"));
+  longlora::remove_tree(dir);
 }
 
 TEST(ExportRoundTrip, TrainedCheckpointMergedAndPeftEvalLikeTheCheckpoint) {

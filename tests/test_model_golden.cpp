@@ -271,6 +271,45 @@ TEST(LoadErrors, DuplicateTargetModuleIsOneTargetAsInPeft) {
   expect_logits(m, g["input_ids"], g["logits_lora"]);
 }
 
+TEST(ModelGolden, PeftNameMatchingOfModulesToSaveAndTargets) {
+  // peft wraps every module whose full name ends with a modules_to_save entry, with no
+  // dot boundary (utils/other.py _set_trainable), so ["embed_tokens", "norm"] also
+  // saves input_layernorm and post_attention_layernorm: the golden adapter's modules.
+  // A target_modules entry names a module whose full name is it or ends with "." + it
+  // (tuners_utils check_target_module_exists), so "self_attn.q_proj" is q_proj.
+  // Either way the adapter is the golden one, whose logits peft computed.
+  auto g = testutil::load(testutil::golden("tiny-llama/golden.safetensors"));
+  const std::vector<std::pair<std::string, std::function<void(nlohmann::json&)>>> same = {
+      {"adapter-mts-suffix", [](auto& j) { j["modules_to_save"] = {"embed_tokens", "norm"}; }},
+      {"adapter-target-path",
+       [](auto& j) { j["target_modules"] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "o_proj"}; }},
+      // Two names of one layer are one LoRA, as in peft.
+      {"adapter-target-both", [](auto& j) { j["target_modules"].push_back("self_attn.q_proj"); }},
+      {"adapter-target-full",
+       [](auto& j) {
+         j["target_modules"] = {"k_proj", "v_proj", "o_proj", "model.layers.0.self_attn.q_proj",
+                                "model.layers.1.self_attn.q_proj"};
+       }},
+  };
+  for (const auto& [name, edit] : same) {
+    SCOPED_TRACE(name);
+    const auto dir = adapter_copy(name, edit);
+    auto m = tiny();
+    EXPECT_EQ(testutil::error_of([&] { model::apply_adapter(*m, dir); }), "");
+    if (!HasFailure()) expect_logits(m, g["input_ids"], g["logits_lora"]);
+    longlora::remove_tree(dir);
+  }
+  // Still refused: a target that names no layer (the tail must start at a dot), and a
+  // saved weight whose module no entry ends.
+  EXPECT_NE(adapter_error("adapter-target-tail", [](auto& j) { j["target_modules"].push_back("attn.q_proj"); })
+                .find("adapter_config.json: target_modules: lora.targets: 'attn.q_proj' matches no layer"),
+            std::string::npos);
+  EXPECT_NE(adapter_error("adapter-mts-missing", [](auto& j) { j["modules_to_save"] = {"embed_tokens", "model.norm"}; })
+                .find("adapter_model.safetensors: tensor 'base_model.model.model.layers.0.input_layernorm.weight': "
+                      "replaces a base weight but its module is not in modules_to_save"),
+            std::string::npos);
+}
+
 TEST(ModelGolden, RsLoraScalesByAlphaOverSqrtR) {
   // peft's use_rslora scales by lora_alpha / sqrt(r). The golden adapter (r 4, alpha 8)
   // is scaled by 8 / 4 = 2; with use_rslora and alpha 4, 4 / sqrt(4) is 2 again, so the

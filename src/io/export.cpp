@@ -435,11 +435,10 @@ AdapterPlan open_adapter(const fs::path& dir) {
       continue;
     }
     const std::string mod = rest.substr(0, rest.size() - 14);
-    const std::string last = mod.substr(mod.rfind('.') + 1);
     // eval --adapter adds LoRA only to target_modules (and refuses other factors);
     // peft ignores them. Merging them would give a third model.
-    if (std::find(p.cfg.target_modules.begin(), p.cfg.target_modules.end(), last) == p.cfg.target_modules.end())
-      fail(st, field, "LoRA factor of a '" + last + "' module, which adapter_config.json target_modules does not list");
+    if (!model::is_lora_target(mod, p.cfg.target_modules))
+      fail(st, field, "LoRA factor of '" + mod + "', a module adapter_config.json target_modules does not name");
     // A is [r, in], B is [out, r]; in and out need the base, r does not.
     const bool fits = t.shape.size() == 2 && t.shape[is_a ? 0 : 1] == r;
     if (!fits)
@@ -494,17 +493,18 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
                " with r = " + std::to_string(ap.cfg.r) + " (expected " + shape_str({out, ap.cfg.r}) + "; " +
                base->file_of(w).path() + ")");
     const std::string mod = w.substr(0, w.size() - 7);
-    targets_hit.insert(mod.substr(mod.rfind('.') + 1));
+    for (const auto& t : ap.cfg.target_modules)
+      if (model::is_lora_target(mod, {t})) targets_hit.insert(t);
   }
   // Every base Linear that target_modules names must have its factors.
   for (const auto& name : base->names()) {
     if (!ends_with(name, ".weight") || base->get(name).shape.size() != 2) continue;
     const std::string mod = name.substr(0, name.size() - 7);
-    const std::string last = mod.substr(mod.rfind('.') + 1);
-    if (std::find(ap.cfg.target_modules.begin(), ap.cfg.target_modules.end(), last) != ap.cfg.target_modules.end() &&
-        !lora_a.count(name))
-      fail(st, "tensor '" + prefix + mod + ".lora_A.weight'",
-           "missing (adapter_config.json target_modules lists '" + last + "')");
+    if (lora_a.count(name)) continue;
+    for (const auto& t : ap.cfg.target_modules)
+      if (model::is_lora_target(mod, {t}))
+        fail(st, "tensor '" + prefix + mod + ".lora_A.weight'",
+             "missing (adapter_config.json target_modules lists '" + t + "')");
   }
   for (const auto& t : ap.cfg.target_modules)
     if (!targets_hit.count(t))
@@ -582,9 +582,34 @@ ordered_json merged_config(const std::string& template_path, DType dtype, const 
   return j;
 }
 
+// What a merged model needs beside its weights to tokenize and prompt as the base does.
+// transformers >= 4.47 keeps the chat template in chat_template.jinja (or .json) and
+// named ones in additional_chat_templates/, no longer in tokenizer_config.json.
 bool is_tokenizer_file(const std::string& n) {
   return n.rfind("tokenizer", 0) == 0 || n == "special_tokens_map.json" || n == "added_tokens.json" ||
-         n == "generation_config.json";
+         n == "generation_config.json" || n == "chat_template.jinja" || n == "chat_template.json" ||
+         n == "vocab.json" || n == "merges.txt";
+}
+const char* const kChatTemplateDir = "additional_chat_templates";
+
+// Copies a folder of small files (additional_chat_templates/) with everything below it.
+void copy_small_tree(const fs::path& from, const fs::path& to) {
+  std::error_code ec;
+  fs::create_directory(to, ec);
+  if (ec) fail(to.string(), "", "cannot create the directory: " + ec.message());
+  for (const auto& e : fs::directory_iterator(from)) {
+    if (e.is_directory() && !e.is_symlink()) copy_small_tree(e.path(), to / e.path().filename());  // no link loops
+    else if (e.is_regular_file()) copy_small_file(e.path(), to / e.path().filename());
+  }
+}
+
+// Copies the tokenizer and chat-template files of `from` into `to`.
+void copy_tokenizer_files(const fs::path& from, const fs::path& to) {
+  for (const auto& e : fs::directory_iterator(from)) {
+    const std::string n = e.path().filename().string();
+    if (e.is_regular_file() && is_tokenizer_file(n)) copy_small_file(e.path(), to / n);
+    if (e.is_directory() && n == kChatTemplateDir) copy_small_tree(e.path(), to / n);
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -915,11 +940,7 @@ void export_checkpoint(const ExportOptions& opt) {
   out.fill([&] {
     write_model(out.tmp(), ts, opt.max_shard_size);
     write_text((out.tmp() / "config.json").string(), config.dump(2) + "\n");
-    const fs::path files_from = src.base.empty() ? src.dir : fs::path(src.base);
-    for (const auto& e : fs::directory_iterator(files_from)) {
-      const std::string n = e.path().filename().string();
-      if (e.is_regular_file() && is_tokenizer_file(n)) copy_small_file(e.path(), out.tmp() / n);
-    }
+    copy_tokenizer_files(src.base.empty() ? src.dir : fs::path(src.base), out.tmp());
   });
   check_interrupt();  // the last chance to leave nothing behind; after the rename the export is done
   out.commit();

@@ -197,19 +197,32 @@ LlamaForCausalLM load_for_inference(const std::string& dir, const std::string& a
   return m;
 }
 
+namespace {
+bool ends_with(const std::string& s, const std::string& suf) {
+  return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
+}
+}  // namespace
+
+bool is_lora_target(const std::string& module, const std::vector<std::string>& targets) {
+  // peft's check_target_module_exists for a list: the full name, or its tail on a dot
+  // boundary, so "q_proj" and "self_attn.q_proj" both name layers.N.self_attn.q_proj.
+  for (const auto& t : targets)
+    if (module == t || ends_with(module, "." + t)) return true;
+  return false;
+}
+
 void add_lora(LlamaForCausalLMImpl& m, const lora::LoraSpec& spec) {
   std::set<std::string> matched;
   for (const auto& item : m.named_modules()) {
     auto* l = dynamic_cast<lora::LinearImpl*>(item.value().get());
     if (!l) continue;
     const std::string& name = item.key();
-    const std::string last = name.substr(name.rfind('.') + 1);
-    for (const auto& t : spec.targets) {
-      if (t == last) {
-        TORCH_CHECK(!l->has_lora(), "LoRA added twice to ", name);
-        l->add_lora(spec.r, spec.alpha, spec.dropout);
-        matched.insert(t);
-      }
+    for (const auto& t : spec.targets)
+      if (is_lora_target(name, {t})) matched.insert(t);
+    // Two targets may name one layer ("q_proj" and "self_attn.q_proj"): one LoRA, as in peft.
+    if (is_lora_target(name, spec.targets)) {
+      TORCH_CHECK(!l->has_lora(), "LoRA added twice to ", name);
+      l->add_lora(spec.r, spec.alpha, spec.dropout);
     }
   }
   for (const auto& t : spec.targets)
@@ -217,15 +230,14 @@ void add_lora(LlamaForCausalLMImpl& m, const lora::LoraSpec& spec) {
 }
 
 bool is_module_to_save(const std::string& param, const std::vector<std::string>& modules) {
-  // peft's rule: the module's full name ends with a listed name (on a dot boundary).
+  // peft's _set_trainable: the module's full name in the PeftModel ends with a listed
+  // name, with no dot boundary, so "norm" also covers input_layernorm and
+  // post_attention_layernorm (and peft saves their weights).
   const auto dot = param.rfind('.');
-  const std::string mod = dot == std::string::npos ? "" : param.substr(0, dot);
-  for (const auto& m : modules) {
-    if (mod == m) return true;
-    if (mod.size() > m.size() && mod.compare(mod.size() - m.size(), m.size(), m) == 0 &&
-        mod[mod.size() - m.size() - 1] == '.')
-      return true;
-  }
+  if (dot == std::string::npos) return false;
+  const std::string mod = io::kPeftPrefix + param.substr(0, dot);
+  for (const auto& m : modules)
+    if (ends_with(mod, m)) return true;
   return false;
 }
 

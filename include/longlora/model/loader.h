@@ -36,7 +36,11 @@ LlamaForCausalLM load_for_inference(const std::string& dir, const std::string& a
 // Random weights from a config.json (for smoke tests and benchmarks).
 LlamaForCausalLM random_model(const io::ModelConfig& cfg, const LoadOptions& opt);
 
-// Adds LoRA (rank, alpha, dropout) to every Linear whose last name is in `targets`.
+// Whether a module (full name, "model.layers.0.self_attn.q_proj") is one peft puts
+// LoRA on for target_modules `targets`: the name is a target or ends with "." + target.
+bool is_lora_target(const std::string& module, const std::vector<std::string>& targets);
+// Adds LoRA (rank, alpha, dropout) to every Linear that is_lora_target names; an Error
+// for a target that names none.
 void add_lora(LlamaForCausalLMImpl& m, const lora::LoraSpec& spec);
 
 // Applies a peft adapter directory: LoRA on its targets + its modules_to_save.
