@@ -39,6 +39,20 @@ TEST(Data, TokenRowsPredictTheNextTokenInsideTheRow) {
   EXPECT_EQ(r.targets, (std::vector<int32_t>{12, 13, 14, 15, 16, 17, 18, -1}));
 }
 
+TEST(Data, TokenFilesReadWholeAcrossSlicesAndOddSizesAreRefused) {
+  const auto d = testutil::temp_dir("bin-read");
+  // 600k ids: more than one 1 MiB slice of the reader, every value of uint16 used.
+  std::vector<int32_t> ids(600000);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 40503u) % 65536u);
+  data::write_bin(d + "/big.bin", ids);
+  EXPECT_EQ(data::read_bin(d + "/big.bin"), ids);
+  testutil::write_file(d + "/odd.bin", std::string("\x01\x00\x02", 3));
+  EXPECT_NE(testutil::error_of([&] { data::read_bin(d + "/odd.bin"); })
+                .find("odd.bin: odd byte count 3: not a uint16 token file"),
+            std::string::npos);
+  longlora::remove_tree(d);
+}
+
 TEST(Data, ShuffledRowsAreANewPermutationEachEpochAndSeed) {
   const auto d = testutil::temp_dir("shuffle");
   std::vector<int32_t> ids;
