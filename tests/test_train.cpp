@@ -354,6 +354,36 @@ TEST(Train, EvalDataIsScoredAtEverySaveAsEvalScoresThatCheckpoint) {
   longlora::remove_tree(b);
 }
 
+TEST(Train, RelativePathsOfARunAreReadFromAnyDirectory) {
+  // A relative model.path went into run_config.json as given, and export, run from
+  // another directory, looked for the base model there (or found another one).
+  const auto d = testutil::temp_dir("relative-paths");
+  fs::create_directories(d + "/work");
+  fs::create_directory_symlink(testutil::golden("tiny-llama/model"), d + "/work/m");
+  fs::create_symlink(testutil::golden("tiny-llama/eval.bin"), d + "/work/eval.bin");
+  testutil::write_file(d + "/work/run.json", R"({
+    "model": {"path": "m"}, "data": {"train": "eval.bin", "seq_len": 64},
+    "lora": {"r": 4}, "train": {"max_steps": 2, "grad_accum": 1},
+    "output": {"dir": "out", "save_steps": 1}})");
+  const std::string in_work = "cd " + d + "/work && ";
+  auto r = testutil::run_cli("--config run.json --set train.max_steps=1", in_work);
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto rc = testutil::read_json(d + "/work/out/checkpoint-1/run_config.json");
+  EXPECT_EQ(rc["model"]["path"], d + "/work/m");
+  EXPECT_EQ(rc["data"]["train"], d + "/work/eval.bin");
+  EXPECT_EQ(rc["output"]["dir"], d + "/work/out");
+  r = testutil::run_cli("export --checkpoint " + d + "/work/out/checkpoint-1 --output " + d + "/merged", "cd / && ");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_TRUE(fs::exists(d + "/merged/tokenizer.model"));  // the base was found
+  // The same relative config resumes without a word about changed paths.
+  r = testutil::run_cli("--config run.json --resume", in_work);
+  ASSERT_EQ(r.code, 0) << r.err;
+  for (const char* key : {"model.path", "data.train", "output.dir"})
+    EXPECT_EQ(r.err.find(std::string("resume: ") + key), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("resume: train.max_steps is 2 now, 1 in"), std::string::npos) << r.err;
+  longlora::remove_tree(d);
+}
+
 TEST(Train, ResumeIsBitIdentical) {
   const auto a = testutil::temp_dir("resume-a"), b = testutil::temp_dir("resume-b");
   auto r = testutil::run_cli("--config " + tiny_config(a));

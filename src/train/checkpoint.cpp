@@ -78,6 +78,20 @@ std::string first_line(const c10::Error& e) {
   return m.substr(0, m.find('\n'));
 }
 
+// A run config with its file paths made absolute. Written so into run_config.json:
+// export reads the base model from it, and a relative model.path was resolved against
+// export's working directory, not the training's. A resume compares configs this way,
+// so a relative path (here or in an older checkpoint) is no change.
+json with_absolute_paths(json j) {
+  for (const auto& [sec, key] : {std::pair<const char*, const char*>{"model", "path"}, {"model", "config"},
+                                 {"data", "train"}, {"data", "eval"}, {"output", "dir"}}) {
+    if (!j.contains(sec) || !j[sec].is_object() || !j[sec].contains(key) || !j[sec][key].is_string()) continue;
+    const std::string p = j[sec][key].get<std::string>();
+    if (!p.empty() && fs::path(p).is_relative()) j[sec][key] = fs::absolute(p).lexically_normal().string();
+  }
+  return j;
+}
+
 // Optional pause between files of a save, so a test can kill the process mid-save.
 void test_pause() {
   if (const char* ms = std::getenv("LONGLORA_TEST_SAVE_PAUSE_MS"))
@@ -152,7 +166,7 @@ void write_checkpoint_files(const fs::path& tmp, const model::LlamaForCausalLMIm
              // Every file written so far: weights, optimizer state, configs, tokenizer.
              {"files", io::digest_directory(tmp.string(), written)}};
   write_text((tmp / "trainer_state.json").string(), ts.dump(2));
-  write_text((tmp / "run_config.json").string(), to_json(cfg).dump(2));
+  write_text((tmp / "run_config.json").string(), with_absolute_paths(to_json(cfg)).dump(2));
   write_text((tmp / "COMPLETE").string(), "ok\n");
   fsync_path(tmp.string());
 }
@@ -283,8 +297,8 @@ TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainab
       diffs.push_back("model " + it.key() + " is " + ts["model"].value(it.key(), json(nullptr)).dump() +
                       " there, " + it.value().dump() + " here");
   const std::string saved_path = (d / "run_config.json").string();
-  const json saved = read_json_file(saved_path);
-  const json now = to_json(cfg);
+  const json saved = with_absolute_paths(read_json_file(saved_path));
+  const json now = with_absolute_paths(to_json(cfg));
   const std::vector<std::string> fatal{"lora.enabled", "lora.r", "lora.alpha", "lora.targets", "trainable_params"};
   std::vector<std::tuple<std::string, json, json>> changed;
   config_diffs(saved, now, "", changed);
