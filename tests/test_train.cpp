@@ -372,6 +372,8 @@ TEST(Train, RelativePathsOfARunAreReadFromAnyDirectory) {
   EXPECT_EQ(rc["model"]["path"], d + "/work/m");
   EXPECT_EQ(rc["data"]["train"], d + "/work/eval.bin");
   EXPECT_EQ(rc["output"]["dir"], d + "/work/out");
+  EXPECT_EQ(testutil::read_json(d + "/work/out/checkpoint-1/adapter_config.json")["base_model_name_or_path"],
+            d + "/work/m");
   r = testutil::run_cli("export --checkpoint " + d + "/work/out/checkpoint-1 --output " + d + "/merged", "cd / && ");
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_TRUE(fs::exists(d + "/merged/tokenizer.model"));  // the base was found

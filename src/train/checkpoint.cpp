@@ -115,7 +115,8 @@ void save_adapter(const std::string& dir, const NamedTensors& trainable, const R
   a.lora_alpha = cfg.lora.alpha;
   a.lora_dropout = cfg.lora.dropout;
   a.target_modules = cfg.lora.targets;
-  a.base_model_name_or_path = cfg.model.path;
+  // Absolute, as in run_config.json: peft loads the base from it, from any directory.
+  a.base_model_name_or_path = cfg.model.path.empty() ? "" : fs::absolute(cfg.model.path).lexically_normal().string();
   std::set<std::string> saved;
   NamedTensors out;
   for (const auto& [name, p] : trainable) {
