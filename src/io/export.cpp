@@ -26,6 +26,7 @@
 #include "longlora/common/error.h"
 #include "longlora/common/interrupt.h"
 #include "longlora/common/json_file.h"
+#include "longlora/common/strings.h"
 #include "longlora/io/adapter.h"
 #include "longlora/io/checksum.h"
 #include "longlora/io/hf_config.h"
@@ -127,10 +128,6 @@ std::string shape_str(const std::vector<int64_t>& s) {
 }
 
 bool is_float(DType d) { return d == DType::F32 || d == DType::F16 || d == DType::BF16; }
-
-bool ends_with(const std::string& s, const std::string& suf) {
-  return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
-}
 
 DType dtype_from_flag(const std::string& s) {
   if (s == "bf16" || s == "bfloat16") return DType::BF16;
@@ -494,7 +491,7 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
                base->file_of(w).path() + ")");
     const std::string mod = w.substr(0, w.size() - 7);
     for (const auto& t : ap.cfg.target_modules)
-      if (model::is_lora_target(mod, {t})) targets_hit.insert(t);
+      if (model::is_lora_target(mod, t)) targets_hit.insert(t);
   }
   // Every base Linear that target_modules names must have its factors.
   for (const auto& name : base->names()) {
@@ -502,7 +499,7 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
     const std::string mod = name.substr(0, name.size() - 7);
     if (lora_a.count(name)) continue;
     for (const auto& t : ap.cfg.target_modules)
-      if (model::is_lora_target(mod, {t}))
+      if (model::is_lora_target(mod, t))
         fail(st, "tensor '" + prefix + mod + ".lora_A.weight'",
              "missing (adapter_config.json target_modules lists '" + t + "')");
   }

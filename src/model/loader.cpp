@@ -10,6 +10,7 @@
 #include "longlora/common/error.h"
 #include "longlora/common/fs.h"
 #include "longlora/common/json_file.h"
+#include "longlora/common/strings.h"
 #include "longlora/io/checksum.h"
 #include "longlora/io/hf_config.h"
 
@@ -197,17 +198,15 @@ LlamaForCausalLM load_for_inference(const std::string& dir, const std::string& a
   return m;
 }
 
-namespace {
-bool ends_with(const std::string& s, const std::string& suf) {
-  return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
-}
-}  // namespace
-
-bool is_lora_target(const std::string& module, const std::vector<std::string>& targets) {
+bool is_lora_target(const std::string& module, const std::string& target) {
   // peft's check_target_module_exists for a list: the full name, or its tail on a dot
   // boundary, so "q_proj" and "self_attn.q_proj" both name layers.N.self_attn.q_proj.
+  return module == target || ends_with(module, "." + target);
+}
+
+bool is_lora_target(const std::string& module, const std::vector<std::string>& targets) {
   for (const auto& t : targets)
-    if (module == t || ends_with(module, "." + t)) return true;
+    if (is_lora_target(module, t)) return true;
   return false;
 }
 
@@ -218,7 +217,7 @@ void add_lora(LlamaForCausalLMImpl& m, const lora::LoraSpec& spec) {
     if (!l) continue;
     const std::string& name = item.key();
     for (const auto& t : spec.targets)
-      if (is_lora_target(name, {t})) matched.insert(t);
+      if (is_lora_target(name, t)) matched.insert(t);
     // Two targets may name one layer ("q_proj" and "self_attn.q_proj"): one LoRA, as in peft.
     if (is_lora_target(name, spec.targets)) {
       TORCH_CHECK(!l->has_lora(), "LoRA added twice to ", name);

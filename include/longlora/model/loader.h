@@ -38,6 +38,7 @@ LlamaForCausalLM random_model(const io::ModelConfig& cfg, const LoadOptions& opt
 
 // Whether a module (full name, "model.layers.0.self_attn.q_proj") is one peft puts
 // LoRA on for target_modules `targets`: the name is a target or ends with "." + target.
+bool is_lora_target(const std::string& module, const std::string& target);
 bool is_lora_target(const std::string& module, const std::vector<std::string>& targets);
 // Adds LoRA (rank, alpha, dropout) to every Linear that is_lora_target names; an Error
 // for a target that names none.
