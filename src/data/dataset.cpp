@@ -98,27 +98,24 @@ Dataset::Dataset(const std::string& path, const std::string& format, int64_t L,
   const std::string ext = fs::path(path).extension().string();
   kind_ = format;
   bool guessed_sft = false;  // a .jsonl taken as instruction data by its first record
+  // The formats that read each extension, one table for auto's choice and the check of
+  // an explicit format: a format the extension contradicts would read the file as
+  // something it is not (text read a .bin as tokens; tokens read text bytes as ids).
+  const std::vector<std::string> readers = ext == ".bin"     ? std::vector<std::string>{"tokens"}
+                                           : ext == ".txt"   ? std::vector<std::string>{"text"}
+                                           : ext == ".json"  ? std::vector<std::string>{"sft"}
+                                           : ext == ".jsonl" ? std::vector<std::string>{"text", "sft"}
+                                                             : std::vector<std::string>{};
   if (kind_ == "auto") {
-    if (ext == ".bin") kind_ = "tokens";
-    else if (ext == ".txt") kind_ = "text";
-    else if (ext == ".json") kind_ = "sft";
-    else if (ext == ".jsonl") kind_ = (guessed_sft = looks_like_sft(path)) ? "sft" : "text";
-    else fail(path, "", "unknown data extension '" + ext + "' (expected .bin, .txt, .json or .jsonl)");
-  } else {
-    // A format the extension contradicts would read the file as something it is not:
-    // text read a .bin as tokens anyway; tokens read a text file's bytes as token ids.
-    // tokens reads .bin; text .txt and .jsonl; sft (instruction records) .json and .jsonl.
-    const bool fits = kind_ == "tokens" ? ext == ".bin"
-                      : kind_ == "text" ? ext == ".txt" || ext == ".jsonl"
-                                        : ext == ".json" || ext == ".jsonl";
-    if (!fits)
-      fail(path, "data.format", kind_ + " does not read a '" + ext + "' file (auto picks " +
-                                    (ext == ".bin"    ? "tokens"
-                                     : ext == ".txt"  ? "text"
-                                     : ext == ".json" ? "sft"
-                                     : ext == ".jsonl" ? "text or sft"
-                                                       : "nothing: .bin, .txt, .json or .jsonl are read") +
-                                    " for it)");
+    if (readers.empty())
+      fail(path, "", "unknown data extension '" + ext + "' (expected .bin, .txt, .json or .jsonl)");
+    kind_ = readers.size() == 1 ? readers[0] : (guessed_sft = looks_like_sft(path)) ? "sft" : "text";
+  } else if (std::find(readers.begin(), readers.end(), kind_) == readers.end()) {
+    fail(path, "data.format", kind_ + " does not read a '" + ext + "' file (auto picks " +
+                                  (readers.empty()       ? "nothing: .bin, .txt, .json or .jsonl are read"
+                                   : readers.size() == 1 ? readers[0]
+                                                         : readers[0] + " or " + readers[1]) +
+                                  " for it)");
   }
   auto check_ids = [&](const std::vector<int32_t>& ids) { check_token_ids(ids, vocab, path); };
   if (kind_ == "tokens" || kind_ == "text") {
