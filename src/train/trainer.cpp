@@ -279,7 +279,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
   // Throughput over the steps since the last record (not the last step alone: its rate
   // is noisy), from the steps' own time (a save or eval between them is left out).
   double interval_s = 0;
-  int64_t interval_steps = 0, interval_positions = 0, interval_rows = 0, interval_loss_tokens = 0;
+  int64_t interval_steps = 0, interval_positions = 0, interval_loss_tokens = 0;
   m.train();
 
   while (st.step < tc.max_steps) {
@@ -298,6 +298,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
       auto ib = torch::empty({mbs, L}, torch::kInt64), tb = torch::empty({mbs, L}, torch::kInt64);
       int64_t* ip = ib.data_ptr<int64_t>();
       int64_t* tp = tb.data_ptr<int64_t>();
+      int64_t need = 1;  // up to the rows' last position with a target (for the cut)
       for (int64_t b = 0; b < mbs; ++b) {
         if (st.cursor > 0 && st.cursor % s.data->size() == 0)
           spdlog::info("data: epoch {} begins at step {} ({} rows an epoch{})", st.cursor / s.data->size() + 1,
@@ -306,16 +307,13 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
         for (int64_t i = 0; i < L; ++i) {
           ip[b * L + i] = row.ids[i];
           tp[b * L + i] = row.targets[i];
-          count += row.targets[i] >= 0;
+          if (row.targets[i] >= 0) {
+            ++count;
+            need = std::max(need, i + 1);
+          }
         }
       }
-      int64_t width = L;
-      if (trim) {
-        int64_t need = 1;  // up to each row's last position with a target
-        for (int64_t i = 0; i < mbs * L; ++i)
-          if (tp[i] >= 0) need = std::max(need, i % L + 1);
-        width = std::min(L, (need + trim_unit - 1) / trim_unit * trim_unit);
-      }
+      const int64_t width = trim ? std::min(L, (need + trim_unit - 1) / trim_unit * trim_unit) : L;
       widths.push_back(width);
       positions += mbs * width;
       ids.push_back(ib.slice(1, 0, width).contiguous().to(s.device));
@@ -354,7 +352,6 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
     interval_s += std::chrono::duration<double>(now - t0).count();
     interval_steps += 1;
     interval_positions += positions;
-    interval_rows += mbs * tc.grad_accum;
     interval_loss_tokens += count;
     // Every step a checkpoint may hold is recorded (a resume logs from the step after
     // it): the saved ones and the one a run stops at.
@@ -369,7 +366,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
       const double mem = peak_memory_gib(s.device);
       // Packed rows have a target at every position but their last; fewer means
       // masked prompts or padding (instruction data), worth a figure of its own.
-      const int64_t packed_targets = interval_rows * (L - 1);
+      const int64_t packed_targets = interval_steps * tc.grad_accum * mbs * (L - 1);
       const std::string with_loss =
           interval_loss_tokens < packed_targets ? fmt::format(" ({:.0f} with loss)", loss_tps) : "";
       spdlog::info("step {}/{} | loss {:.4f} | lr {:.3e} | grad norm {:.3f} | {:.0f} tokens/s{} | "
@@ -388,7 +385,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
                             {"tokens_seen", st.tokens_seen}};
       record(rec);
       interval_s = 0;
-      interval_steps = interval_positions = interval_rows = interval_loss_tokens = 0;
+      interval_steps = interval_positions = interval_loss_tokens = 0;
     }
 
     if (stop_bad) {
