@@ -78,6 +78,11 @@ std::string first_line(const c10::Error& e) {
   return m.substr(0, m.find('\n'));
 }
 
+// `p` made absolute (and normalized) against the working directory; "" stays "".
+std::string absolute_path(const std::string& p) {
+  return p.empty() ? p : fs::absolute(p).lexically_normal().string();
+}
+
 // A run config with its file paths made absolute. Written so into run_config.json:
 // export reads the base model from it, and a relative model.path was resolved against
 // export's working directory, not the training's. A resume compares configs this way,
@@ -87,7 +92,7 @@ json with_absolute_paths(json j) {
                                  {"data", "train"}, {"data", "eval"}, {"output", "dir"}}) {
     if (!j.contains(sec) || !j[sec].is_object() || !j[sec].contains(key) || !j[sec][key].is_string()) continue;
     const std::string p = j[sec][key].get<std::string>();
-    if (!p.empty() && fs::path(p).is_relative()) j[sec][key] = fs::absolute(p).lexically_normal().string();
+    if (fs::path(p).is_relative()) j[sec][key] = absolute_path(p);
   }
   return j;
 }
@@ -116,7 +121,7 @@ void save_adapter(const std::string& dir, const NamedTensors& trainable, const R
   a.lora_dropout = cfg.lora.dropout;
   a.target_modules = cfg.lora.targets;
   // Absolute, as in run_config.json: peft loads the base from it, from any directory.
-  a.base_model_name_or_path = cfg.model.path.empty() ? "" : fs::absolute(cfg.model.path).lexically_normal().string();
+  a.base_model_name_or_path = absolute_path(cfg.model.path);
   std::set<std::string> saved;
   NamedTensors out;
   for (const auto& [name, p] : trainable) {

@@ -102,9 +102,8 @@ const std::vector<Field>& schema() {
                    "linear position interpolation factor; 0 = the model's own (1 without rope_scaling), raised to "
                    "ceil(seq_len / max_position_embeddings) where seq_len needs more",
                    [type](RunConfig& c, const json& v, const std::string& w) {
-                     if (!v.is_number() || !(v.get<double>() == 0 || (v.get<double>() >= 1 && v.get<double>() <= 1024)))
-                       bad(w, type, v);
-                     const double x = v.get<double>();
+                     const double x = v.is_number() ? v.get<double>() : -1;
+                     if (!(x == 0 || (x >= 1 && x <= 1024))) bad(w, type, v);
                      c.model.rope_factor = x;
                    },
                    [](const RunConfig& c) { return json(c.model.rope_factor); }});
