@@ -86,3 +86,36 @@ TEST(GpuTrain, LossCurveFollowsTheCpuRun) {
     EXPECT_NEAR(g, c, 0.03 * c) << "steps " << s << ".." << s + 19;
   }
 }
+
+namespace {
+std::string device_config(const std::string& dir, const std::string& device, int steps) {
+  const std::string path = dir + "/run-" + device + ".json";
+  testutil::write_file(path, R"({
+    "model": {"path": ")" + testutil::golden("tiny-llama/model") + R"("},
+    "data": {"train": ")" + testutil::golden("tiny-llama/eval.bin") + R"(", "seq_len": 64},
+    "lora": {"r": 8, "dropout": 0.0},
+    "train": {"lr": 0.003, "warmup_steps": 2, "max_steps": )" + std::to_string(steps) + R"(, "grad_accum": 1, "micro_batch_size": 2},
+    "output": {"dir": ")" + dir + R"(/out", "save_steps": 3, "keep_last": 5, "log_steps": 1},
+    "device": ")" + device + R"("
+  })");
+  return path;
+}
+}  // namespace
+
+// fp16 on the GPU with its dynamic loss scale follows the fp32 CPU run.
+TEST(GpuTrain, Fp16WithItsLossScaleFollowsTheCpuRun) {
+  SKIP_WITHOUT_CUDA();
+  const auto c = testutil::temp_dir("fp16-ref"), g = testutil::temp_dir("fp16-gpu");
+  auto r = testutil::run_cli("--config " + device_config(c, "cpu", 60) + " --set output.save_steps=60");
+  ASSERT_EQ(r.code, 0) << r.err;
+  r = testutil::run_cli("--config " + device_config(g, "cuda", 60) + " --set output.save_steps=60 --set model.dtype=fp16");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto cpu = testutil::metric_losses(c + "/out/metrics.jsonl"), gpu = testutil::metric_losses(g + "/out/metrics.jsonl");
+  ASSERT_EQ(cpu.size(), 60u);
+  ASSERT_EQ(gpu.size(), 60u);
+  for (size_t s = 0; s < 60; s += 20) {
+    double a = 0, b = 0;
+    for (size_t i = s; i < s + 20; ++i) a += cpu[i] / 20, b += gpu[i] / 20;
+    EXPECT_NEAR(b, a, 0.03 * a) << "steps " << s << ".." << s + 19;
+  }
+}

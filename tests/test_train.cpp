@@ -978,3 +978,101 @@ TEST(Train, EvalOfACheckpointUsesItsTrainedRopeFactor) {
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(json::parse(r.out)["loss"].get<double>(), loss);
 }
+
+namespace {
+std::vector<json> metric_records(const std::string& path) {
+  std::vector<json> out;
+  std::ifstream in(path);
+  for (std::string line; std::getline(in, line);) {
+    auto j = json::parse(line);
+    if (j.contains("loss")) out.push_back(j);
+  }
+  return out;
+}
+}  // namespace
+
+TEST(Train, Fp16ScalesTheLossSoThatSmallGradientsSurvive) {
+  // lm_head shrunk by 1e-5: every gradient below it is ~1e-8 per token, under fp16's
+  // smallest subnormal (6e-8), as a long context's 1/tokens share of the loss makes them.
+  const auto d = testutil::temp_dir("fp16-scale");
+  const std::string model = d + "/model";
+  std::filesystem::copy(testutil::golden("tiny-llama/model"), model);
+  bool found = false;
+  for (const auto& e : std::filesystem::directory_iterator(model)) {
+    if (e.path().extension() != ".safetensors") continue;
+    std::vector<std::pair<std::string, torch::Tensor>> ts;
+    for (auto& [n, t] : io::load_tensors(e.path().string())) {
+      found = found || n == "lm_head.weight";
+      ts.emplace_back(n, n == "lm_head.weight" ? t * 1e-5 : t.clone());
+    }
+    io::save_tensors(e.path().string(), ts);
+  }
+  ASSERT_TRUE(found);
+  auto run = [&](const std::string& name, const std::string& flags) {
+    auto r = testutil::run_cli("--config " + tiny_config(d) + " --set model.path=" + model + " --set output.dir=" + d +
+                               "/" + name + " --set train.max_steps=2 --set data.shuffle=false --set device=cpu " + flags);
+    EXPECT_EQ(r.code, 0) << r.err;
+    return metric_records(d + "/" + name + "/metrics.jsonl");
+  };
+  const auto fp32 = run("fp32", "--set model.dtype=fp32");
+  const auto scaled = run("scaled", "--set model.dtype=fp16");
+  const auto unscaled = run("unscaled", "--set model.dtype=fp16 --set train.loss_scale=1");
+  ASSERT_EQ(fp32.size(), 2u);
+  ASSERT_EQ(scaled.size(), 2u);
+  ASSERT_EQ(unscaled.size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    const double want = fp32[i]["grad_norm"].get<double>();
+    ASSERT_GT(want, 0);
+    EXPECT_NEAR(scaled[i]["grad_norm"].get<double>(), want, 0.01 * want) << "step " << i + 1;
+    EXPECT_EQ(scaled[i]["loss_scale"], 65536.0);
+    // What the scale is for: unscaled, fp16 loses them (all of them, on this CPU).
+    EXPECT_LT(unscaled[i]["grad_norm"].get<double>(), 0.1 * want) << "step " << i + 1;
+    EXPECT_FALSE(unscaled[i].contains("loss_scale"));
+    EXPECT_FALSE(fp32[i].contains("loss_scale"));
+  }
+}
+
+TEST(Train, Fp16LossScaleHalvesAtAnOverflowGrowsAfterItsWindowAndResumes) {
+  // Starting at 2^21 the scaled gradients overflow fp16 (65504): the scale must halve,
+  // the update be skipped without counting as a bad step (one would stop this run),
+  // and after 2 finite steps in a row the scale doubles (and may overflow again).
+  const std::string flags =
+      " --set model.dtype=fp16 --set device=cpu --set train.initial_loss_scale=2097152"
+      " --set train.loss_scale_window=2 --set train.max_bad_steps=1 --set lora.dropout=0 --set train.max_steps=10"
+      " --set output.save_steps=5";
+  const auto a = testutil::temp_dir("fp16-overflow-a"), b = testutil::temp_dir("fp16-overflow-b");
+  auto r = testutil::run_cli("--config " + tiny_config(a) + flags);
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("step 1: gradient overflow at loss scale 2.09715e+06, update skipped; scale now 1.04858e+06"),
+            std::string::npos)
+      << r.err;
+  const auto recs = metric_records(a + "/out/metrics.jsonl");
+  ASSERT_EQ(recs.size(), 10u);
+  double scale = 2097152.0;
+  int good = 0, skipped = 0, doubled = 0;
+  for (const auto& rec : recs) {
+    const std::string at = "step " + rec["step"].dump();
+    if (rec["skipped"].get<bool>()) {
+      scale /= 2, good = 0, ++skipped;
+    } else if (++good == 2) {
+      scale *= 2, good = 0, ++doubled;
+    }
+    EXPECT_EQ(rec["loss_scale"].get<double>(), scale) << at;
+  }
+  EXPECT_GE(skipped, 2);
+  EXPECT_GE(doubled, 1);
+  // The checkpoint keeps the scale: a run stopped at 5 and resumed logs what the
+  // uninterrupted one did, loss and scale.
+  const auto ts = testutil::read_json(a + "/out/checkpoint-5/trainer_state.json");
+  EXPECT_EQ(ts["loss_scale"].get<double>(), recs[4]["loss_scale"].get<double>());
+  r = testutil::run_cli("--config " + tiny_config(b) + flags + " --set train.max_steps=5");
+  ASSERT_EQ(r.code, 0) << r.err;
+  r = testutil::run_cli("--config " + tiny_config(b) + flags + " --resume");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto again = metric_records(b + "/out/metrics.jsonl");
+  ASSERT_EQ(again.size(), 10u);
+  for (size_t i = 5; i < 10; ++i) {
+    EXPECT_EQ(again[i]["loss"], recs[i]["loss"]) << "step " << i + 1;
+    EXPECT_EQ(again[i]["loss_scale"], recs[i]["loss_scale"]) << "step " << i + 1;
+  }
+}

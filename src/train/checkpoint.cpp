@@ -167,6 +167,7 @@ void write_checkpoint_files(const fs::path& tmp, const model::LlamaForCausalLMIm
   json ts = {{"format_version", kFormatVersion}, {"step", st.step},
              {"cursor", st.cursor},              {"bad_steps", st.bad_steps},
              {"tokens_seen", st.tokens_seen},    {"model", model_fingerprint(m.cfg)},
+             {"loss_scale", st.loss_scale},      {"loss_scale_good_steps", st.loss_scale_good_steps},
              // The resolved linear RoPE factor the run trained with (export writes it down).
              {"rope_factor", m.cfg.rope_factor},
              // Every file written so far: weights, optimizer state, configs, tokenizer.
@@ -261,6 +262,12 @@ json read_state_file(const std::string& dir, TrainerState& st) {
   st.cursor = count("cursor", true);
   st.bad_steps = count("bad_steps", false);
   st.tokens_seen = count("tokens_seen", false);
+  st.loss_scale_good_steps = count("loss_scale_good_steps", false);
+  // Absent before fp16 loss scaling: 0, and a dynamic scale starts afresh.
+  if (const auto s = f.number("loss_scale")) {
+    if (*s < 0) f.expected("loss_scale", "a number >= 0");
+    st.loss_scale = *s;
+  }
   if (!ts.contains("model") || !ts["model"].is_object()) fail(file, "model", "missing");
   return ts;
 }

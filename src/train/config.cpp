@@ -199,6 +199,16 @@ const std::vector<Field>& schema() {
                         "tokens per MLP chunk in recompute and no-grad forward (0 = whole sequence)"));
     f.push_back(integer("train.max_bad_steps", [](RunConfig& c) -> auto& { return c.train.max_bad_steps; },
                         1, "consecutive non-finite steps skipped before the run stops"));
+    f.push_back(number("train.loss_scale", [](RunConfig& c) -> auto& { return c.train.loss_scale; }, 0, 1e30,
+                       false,
+                       "loss scale; 0 = dynamic with fp16 (halved at a gradient overflow, doubled after "
+                       "train.loss_scale_window finite steps), none otherwise"));
+    f.push_back(number("train.initial_loss_scale",
+                       [](RunConfig& c) -> auto& { return c.train.initial_loss_scale; }, 1, 1e30, false,
+                       "the dynamic loss scale's start"));
+    f.push_back(integer("train.loss_scale_window",
+                        [](RunConfig& c) -> auto& { return c.train.loss_scale_window; }, 1,
+                        "finite steps in a row before the dynamic loss scale doubles"));
     f.push_back(integer("train.loss_chunk", [](RunConfig& c) -> auto& { return c.train.loss_chunk; }, 1,
                         "tokens per chunk of the cross-entropy (no whole L x vocab logits)"));
     f.push_back(str("output.dir", [](RunConfig& c) -> auto& { return c.output.dir; },

@@ -270,6 +270,15 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
   const int64_t trim_unit = grouped ? 2 * n_groups : 1;
   std::vector<torch::Tensor> params;
   for (auto& [n, p] : s.trainable) params.push_back(p);
+  // fp16 gradients of the activations underflow (a 32k-token step's share of the loss
+  // per token is ~3e-5, at fp16's smallest normal): the loss is scaled up before the
+  // backward and the gradients down after it. Dynamic, as torch's GradScaler: halved,
+  // and the update skipped, when a gradient overflows; doubled after
+  // train.loss_scale_window finite steps in a row. Its state goes with the checkpoint.
+  const bool dynamic_scale = tc.loss_scale == 0 && s.dtype == torch::kFloat16;
+  if (!dynamic_scale) st.loss_scale = 0, st.loss_scale_good_steps = 0;
+  else if (st.loss_scale == 0) st.loss_scale = tc.initial_loss_scale;
+  const double fixed_scale = tc.loss_scale > 0 ? tc.loss_scale : 1.0;
   int64_t last_saved = from ? st.step : -1;
   // Tests make every step from this one on non-finite (a NaN loss is hard to cause in fp32).
   const char* nonfinite_env = std::getenv("LONGLORA_TEST_NONFINITE_FROM_STEP");
@@ -320,25 +329,44 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
       tgts.push_back(tb.slice(1, 0, width).contiguous().to(s.device));
     }
     s.optimizer->zero_grad();
+    const double scale = dynamic_scale ? st.loss_scale : fixed_scale;
     double nll = 0;
     for (size_t a = 0; a < ids.size(); ++a) {
       auto fwd = s.train_forward;
       if (grouped) fwd.attn.group = widths[a] / n_groups;
       auto h = m.hidden(ids[a], fwd);
       auto [sum, n] = model::chunked_nll(m, h, tgts[a], tc.loss_chunk);
-      (sum / static_cast<double>(std::max<int64_t>(count, 1))).backward();
+      (sum * (scale / static_cast<double>(std::max<int64_t>(count, 1)))).backward();
       nll += sum.item<double>();
+    }
+    if (scale != 1) {  // the fp32 master gradients, unscaled before clipping and the update
+      torch::NoGradGuard ng;
+      for (auto& p : params)
+        if (p.grad().defined()) p.mutable_grad().mul_(1.0 / scale);
     }
     double loss = nll / std::max<int64_t>(count, 1);
     if (test_nonfinite_from > 0 && st.step + 1 >= test_nonfinite_from) loss = std::nan("");
     const double norm = torch::nn::utils::clip_grad_norm_(
         params, tc.max_grad_norm > 0 ? tc.max_grad_norm : std::numeric_limits<double>::infinity());
     const bool finite = std::isfinite(loss) && std::isfinite(norm);
+    // An overflow of the scaled gradients, not of the model: at a scale of 1 there is
+    // nothing left to lower, and it counts as a non-finite step.
+    const bool overflow = dynamic_scale && !finite && std::isfinite(loss) && st.loss_scale > 1;
     if (finite) {
       s.optimizer->step();
       st.bad_steps = 0;
+      if (dynamic_scale && ++st.loss_scale_good_steps >= tc.loss_scale_window) {
+        st.loss_scale *= 2;
+        st.loss_scale_good_steps = 0;
+      }
+    } else if (overflow) {
+      st.loss_scale = std::max(1.0, st.loss_scale / 2);
+      st.loss_scale_good_steps = 0;
+      spdlog::warn("step {}: gradient overflow at loss scale {:g}, update skipped; scale now {:g}", st.step + 1,
+                   scale, st.loss_scale);
     } else {
       ++st.bad_steps;
+      st.loss_scale_good_steps = 0;
       spdlog::warn("step {}: non-finite {} ({}), update skipped ({} in a row)", st.step + 1,
                    std::isfinite(loss) ? "gradient norm" : "loss", std::isfinite(loss) ? norm : loss,
                    st.bad_steps);
@@ -369,9 +397,10 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
       const int64_t packed_targets = interval_steps * tc.grad_accum * mbs * (L - 1);
       const std::string with_loss =
           interval_loss_tokens < packed_targets ? fmt::format(" ({:.0f} with loss)", loss_tps) : "";
-      spdlog::info("step {}/{} | loss {:.4f} | lr {:.3e} | grad norm {:.3f} | {:.0f} tokens/s{} | "
+      const std::string scale_note = dynamic_scale ? fmt::format(" | loss scale {:g}", st.loss_scale) : "";
+      spdlog::info("step {}/{} | loss {:.4f} | lr {:.3e} | grad norm {:.3f}{} | {:.0f} tokens/s{} | "
                    "peak mem {:.2f} GiB | ETA {}",
-                   st.step, tc.max_steps, loss, lr, norm, tps, with_loss, mem,
+                   st.step, tc.max_steps, loss, lr, norm, scale_note, tps, with_loss, mem,
                    eta(per_step * static_cast<double>(tc.max_steps - st.step)));
       nlohmann::json rec = {{"step", st.step},
                             {"loss", loss},
@@ -383,6 +412,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
                             {"step_time_s", interval_s / static_cast<double>(interval_steps)},
                             {"skipped", !finite},
                             {"tokens_seen", st.tokens_seen}};
+      if (dynamic_scale) rec["loss_scale"] = st.loss_scale;  // after this step's change
       record(rec);
       interval_s = 0;
       interval_steps = interval_positions = interval_loss_tokens = 0;

@@ -30,6 +30,9 @@ struct TrainerState {
   int64_t cursor = 0;  // rows consumed
   int64_t bad_steps = 0;
   int64_t tokens_seen = 0;
+  // The dynamic loss scale (0: none) and its finite steps since it last changed.
+  double loss_scale = 0;
+  int64_t loss_scale_good_steps = 0;
 };
 
 // peft adapter (LoRA + modules_to_save) of the trainable parameters.

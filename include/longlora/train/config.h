@@ -55,6 +55,11 @@ struct TrainSection {
   bool offload_activations = true;   // checkpointed layer inputs in pinned host memory (CUDA)
   int64_t mlp_chunk = 8192;          // tokens per MLP chunk where no graph is kept; 0 = whole
   int64_t max_bad_steps = 10;     // consecutive non-finite steps before stopping
+  // Loss scaling: 0 = dynamic when model.dtype is fp16 (as torch's GradScaler), none
+  // otherwise; > 0 = that fixed scale (1 = none).
+  double loss_scale = 0;
+  double initial_loss_scale = 65536;  // where the dynamic scale starts
+  int64_t loss_scale_window = 2000;   // finite steps in a row before it doubles
   int64_t loss_chunk = 2048;      // tokens per chunk of the chunked cross-entropy
 };
 
