@@ -102,6 +102,29 @@ std::string device_config(const std::string& dir, const std::string& device, int
 }
 }  // namespace
 
+// A checkpoint moves between machines: the optimizer state saved by a GPU run resumes
+// on the CPU (where CUDA storage cannot be loaded), and a CPU run's on the GPU (where
+// CPU moments beside CUDA parameters failed the first update). The resumed steps
+// follow an uninterrupted CPU run.
+TEST(GpuTrain, AResumeMovesBetweenTheCpuAndTheGpu) {
+  SKIP_WITHOUT_CUDA();
+  const auto ref = testutil::temp_dir("move-ref");
+  auto r = testutil::run_cli("--config " + device_config(ref, "cpu", 6));
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto want = testutil::metric_losses(ref + "/out/metrics.jsonl");
+  ASSERT_EQ(want.size(), 6u);
+  for (const auto& [first, second] : {std::pair{"cuda", "cpu"}, std::pair{"cpu", "cuda"}}) {
+    const auto d = testutil::temp_dir(std::string("move-") + first);
+    r = testutil::run_cli("--config " + device_config(d, first, 3));
+    ASSERT_EQ(r.code, 0) << r.err;
+    r = testutil::run_cli("--config " + device_config(d, second, 6) + " --resume");
+    ASSERT_EQ(r.code, 0) << first << " -> " << second << ": " << r.err;
+    const auto got = testutil::metric_losses(d + "/out/metrics.jsonl");
+    ASSERT_EQ(got.size(), 6u);
+    for (size_t i = 3; i < 6; ++i) EXPECT_NEAR(got[i], want[i], 0.02 * want[i]) << first << " -> " << second;
+  }
+}
+
 // fp16 on the GPU with its dynamic loss scale follows the fp32 CPU run.
 TEST(GpuTrain, Fp16WithItsLossScaleFollowsTheCpuRun) {
   SKIP_WITHOUT_CUDA();

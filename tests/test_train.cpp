@@ -1076,3 +1076,26 @@ TEST(Train, Fp16LossScaleHalvesAtAnOverflowGrowsAfterItsWindowAndResumes) {
     EXPECT_EQ(again[i]["loss_scale"], recs[i]["loss_scale"]) << "step " << i + 1;
   }
 }
+
+TEST(Train, AResumeOnRewrittenDataSaysTheCursorCountsTheOldRows) {
+  const auto d = testutil::temp_dir("data-changed");
+  const std::string data = d + "/train.bin";
+  std::filesystem::copy_file(testutil::golden("tiny-llama/eval.bin"), data);
+  const std::string args = "--config " + tiny_config(d) + " --set data.train=" + data;
+  auto r = testutil::run_cli(args + " --set train.max_steps=3");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto ts = testutil::read_json(d + "/out/checkpoint-3/trainer_state.json");
+  EXPECT_EQ(ts["data"]["rows"], 257);  // 16482 tokens in rows of 64
+  EXPECT_EQ(ts["data"]["bytes"], 32964);
+  // The same data: nothing to say.
+  r = testutil::run_cli(args + " --set train.max_steps=4 --resume");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.err.find("counts the old rows"), std::string::npos) << r.err;
+  std::filesystem::resize_file(data, 64 * 2 * 100);  // 100 rows
+  r = testutil::run_cli(args + " --set train.max_steps=5 --resume");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find(data + " has 100 rows (12800 bytes) now, 257 (32964 bytes) when " + d +
+                       "/out/checkpoint-4 was saved: the data cursor (row 16) counts the old rows"),
+            std::string::npos)
+      << r.err;
+}

@@ -168,6 +168,7 @@ void write_checkpoint_files(const fs::path& tmp, const model::LlamaForCausalLMIm
              {"cursor", st.cursor},              {"bad_steps", st.bad_steps},
              {"tokens_seen", st.tokens_seen},    {"model", model_fingerprint(m.cfg)},
              {"loss_scale", st.loss_scale},      {"loss_scale_good_steps", st.loss_scale_good_steps},
+             {"data", {{"rows", st.data_rows}, {"bytes", st.data_bytes}}},
              // The resolved linear RoPE factor the run trained with (export writes it down).
              {"rope_factor", m.cfg.rope_factor},
              // Every file written so far: weights, optimizer state, configs, tokenizer.
@@ -268,6 +269,15 @@ json read_state_file(const std::string& dir, TrainerState& st) {
     if (*s < 0) f.expected("loss_scale", "a number >= 0");
     st.loss_scale = *s;
   }
+  if (const auto d = f.object("data")) {  // absent in checkpoints before it was recorded
+    auto n = [&](const char* key) {
+      const auto v = d->integer(key);
+      if (v && *v < 0) d->expected(key, "an integer >= 0");
+      return v.value_or(0);
+    };
+    st.data_rows = n("rows");
+    st.data_bytes = n("bytes");
+  }
   if (!ts.contains("model") || !ts["model"].is_object()) fail(file, "model", "missing");
   return ts;
 }
@@ -355,7 +365,9 @@ TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainab
   for (auto& g : opt.param_groups()) asked.push_back(g.options().clone());
   try {
     torch::serialize::InputArchive ar;
-    ar.load_from(state);
+    // Onto the CPU whatever device saved it (a GPU run's state loads where there is no
+    // CUDA), then the moments go to their parameters' device below.
+    ar.load_from(state, torch::Device(torch::kCPU));
     opt.load(ar);
     torch::Tensor rng;
     ar.read("rng_cpu", rng);
@@ -377,10 +389,15 @@ TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainab
     for (const auto& p : g.params()) {
       auto it = opt.state().find(p.unsafeGetTensorImpl());
       if (it == opt.state().end()) continue;
-      const auto& ps = static_cast<const torch::optim::AdamWParamState&>(*it->second);
+      auto& ps = static_cast<torch::optim::AdamWParamState&>(*it->second);
       if (ps.exp_avg().sizes() != p.sizes())
         throw Error(state + ": optimizer moments of shape " + c10::str(ps.exp_avg().sizes()) +
                     " for a parameter of shape " + c10::str(p.sizes()) + ": the state of another run?");
+      if (ps.exp_avg().device() != p.device()) {
+        ps.exp_avg(ps.exp_avg().to(p.device()));
+        ps.exp_avg_sq(ps.exp_avg_sq().to(p.device()));
+        if (ps.max_exp_avg_sq().defined()) ps.max_exp_avg_sq(ps.max_exp_avg_sq().to(p.device()));
+      }
     }
   return st;
 }

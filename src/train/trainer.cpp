@@ -242,6 +242,17 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
     if (st.step >= tc.max_steps)
       spdlog::warn("{} is at step {}, train.max_steps is {}: nothing left to train", *from, st.step, tc.max_steps);
   }
+  // The data cursor counts rows of the data it was saved with: changed data (same
+  // path, rewritten) resumes at another place in it, which the user should know.
+  {
+    const int64_t rows = s.data->size(), bytes = static_cast<int64_t>(fs::file_size(cfg.data.train, ec));
+    if (from && st.data_rows > 0 && (st.data_rows != rows || st.data_bytes != bytes))
+      spdlog::warn("resume: {} has {} rows ({} bytes) now, {} ({} bytes) when {} was saved: the data cursor "
+                   "(row {}) counts the old rows",
+                   cfg.data.train, rows, bytes, st.data_rows, st.data_bytes, *from, st.cursor);
+    st.data_rows = rows;
+    st.data_bytes = bytes;
+  }
   trim_metrics(fs::path(cfg.output.dir) / "metrics.jsonl", st.step);
 
   install_interrupt_handlers();
