@@ -350,3 +350,24 @@ TEST(SafetensorsMalformed, TensorInTwoShardsIsRefused) {
   const auto good = golden_model_copy("st-two-shards-good", [](nlohmann::json&) {});
   EXPECT_EQ(testutil::error_of([&] { io::SafetensorsCheckpoint c(good); }), "");
 }
+
+// A model of PyTorch pickles only (as LongLoRA's released ones): one line saying how
+// to convert it, from the CLI, not "no model.safetensors".
+TEST(SafetensorsMalformed, APickleCheckpointIsNamedWithItsConversion) {
+  for (const std::string file : {"pytorch_model.bin", "pytorch_model.bin.index.json"}) {
+    const auto dir = testutil::temp_dir("st-pickle");
+    std::filesystem::copy(testutil::golden("tiny-llama/model/config.json"), dir + "/config.json");
+    testutil::write_file(dir + "/" + file, "PK");
+    auto r = testutil::run_cli("eval --model " + dir + " --data " + testutil::golden("tiny-llama/eval.bin") +
+                               " --seq-len 16");
+    EXPECT_EQ(r.code, 1);
+    EXPECT_NE(r.err.find(dir + ": holds pytorch_model.bin weights (PyTorch pickles), which are not read; save them "
+                               "as safetensors first: python -c \"import sys, transformers as t; "
+                               "t.AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype='auto')"
+                               ".save_pretrained(sys.argv[2], safe_serialization=True)\" " +
+                               dir + " NEW_DIR, then copy tokenizer.model into NEW_DIR"),
+              std::string::npos)
+        << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  }
+}

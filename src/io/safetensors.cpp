@@ -280,6 +280,15 @@ SafetensorsCheckpoint::SafetensorsCheckpoint(const std::string& path) : path_(pa
                "also in " + prev->second + "; a tensor must be in one shard only");
     return;
   }
+  // LongLoRA's released models (and most from 2023) hold PyTorch pickles only. libtorch's
+  // unpickler turns the OrderedDict that transformers saves into None, so they are not
+  // read here; the conversion is one line of the Python stack their users have.
+  if (fs::exists(dir / "pytorch_model.bin") || fs::exists(dir / "pytorch_model.bin.index.json"))
+    fail(path, "",
+         "holds pytorch_model.bin weights (PyTorch pickles), which are not read; save them as safetensors first: "
+         "python -c \"import sys, transformers as t; t.AutoModelForCausalLM.from_pretrained(sys.argv[1], "
+         "torch_dtype='auto').save_pretrained(sys.argv[2], safe_serialization=True)\" " +
+             path + " NEW_DIR, then copy tokenizer.model into NEW_DIR");
   fail(path, "", "no model.safetensors or model.safetensors.index.json in the folder");
 }
 
