@@ -420,6 +420,61 @@ TEST(ExportRoundTrip, FullFineTuningCheckpointIsCopiedWithConfig) {
   EXPECT_NE(r.err.find("a full fine-tuning checkpoint, a whole model: pass it as --model"), std::string::npos) << r.err;
 }
 
+TEST(ExportRoundTrip, FullFineTuningCheckpointConfigKeepsTheBaseFields) {
+  // The checkpoint's config.json was rebuilt from the fields we model: an eos_token_id
+  // list became its first id, pad_token_id and fields we do not read were dropped, and
+  // Hugging Face then stopped generating at other tokens.
+  const auto dir = testutil::temp_dir("export-full-config");
+  for (const bool tf5 : {false, true}) {
+    const std::string base = dir + (tf5 ? "/base5" : "/base4");
+    fs::copy(kBase, base);
+    json bc = testutil::read_json(kBase + "/config.json");
+    bc["eos_token_id"] = {2, 7};
+    bc["pad_token_id"] = 0;
+    bc["some_unknown_field"] = {{"kept", true}, {"list", {1, 2}}};
+    bc["torch_dtype"] = "bfloat16";  // the base's; the checkpoint's weights are fp32
+    if (tf5) {
+      bc.erase("rope_scaling");
+      bc.erase("rope_theta");
+      bc.erase("torch_dtype");
+      bc["dtype"] = "bfloat16";
+      bc["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 10000.0}};
+    }
+    testutil::write_file(base + "/config.json", bc.dump(2));
+    // seq_len 256 over max_position_embeddings 128: the run picks RoPE factor 2.
+    const std::string out = dir + (tf5 ? "/out5" : "/out4");
+    auto r = testutil::run_cli("--config " + export_tiny_config(dir) + " --set model.path=" + base +
+                               " --set data.seq_len=256 --set train.max_steps=2 --set output.save_steps=2"
+                               " --set lora.enabled=false --set output.dir=" + out);
+    ASSERT_EQ(r.code, 0) << r.err;
+    const std::string ck = out + "/checkpoint-2";
+    const json cc = testutil::read_json(ck + "/config.json");
+    // .value: a missing field is null here, not a const operator[]'s undefined behavior.
+    EXPECT_EQ(cc.value("eos_token_id", json()), json({2, 7})) << tf5;
+    EXPECT_EQ(cc.value("pad_token_id", json()), 0) << tf5;
+    EXPECT_EQ(cc.value("some_unknown_field", json()), bc["some_unknown_field"]) << tf5;
+    for (auto& [name, t] : testutil::load(ck + "/model.safetensors")) ASSERT_EQ(t.scalar_type(), torch::kFloat32) << name;
+    // Only the RoPE factor and the dtype differ from the base's config.json.
+    json want = bc;
+    if (tf5) {
+      want["rope_parameters"] = {{"rope_type", "linear"}, {"factor", 2.0}, {"rope_theta", 10000.0}};
+      want["dtype"] = "float32";
+    } else {
+      want["rope_scaling"] = {{"type", "linear"}, {"factor", 2.0}};
+    }
+    want["torch_dtype"] = "float32";
+    EXPECT_EQ(cc, want) << tf5 << "\n" << cc.dump(2);
+    // Loaded again, the checkpoint has the factor it was trained with.
+    EXPECT_EQ(io::load_model_config(ck + "/config.json").rope_factor, 2.0) << tf5;
+    EXPECT_EQ(model::load_model(ck, {})->cfg.rope_factor, 2.0) << tf5;
+    // And its export says the same.
+    r = testutil::run_cli(export_cmd(ck, out + "/merged", "--dtype fp32"));
+    ASSERT_EQ(r.code, 0) << r.err;
+    EXPECT_EQ(testutil::read_json(out + "/merged/config.json"), want) << tf5;
+  }
+  longlora::remove_tree(dir);
+}
+
 TEST(ExportRoundTrip, ARunFromDrawnWeightsExportsWithoutABase) {
   // The demo's base stage: model.init "random", whose model.path holds config.json and
   // tokenizer.model but no weights. Export took that folder for the base model and

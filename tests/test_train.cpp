@@ -1099,3 +1099,26 @@ TEST(Train, AResumeOnRewrittenDataSaysTheCursorCountsTheOldRows) {
             std::string::npos)
       << r.err;
 }
+
+// A full fine-tuning checkpoint's config.json is the base's, read when the run starts:
+// a base folder moved away during a long run does not fail the saves.
+TEST(Train, AFullFineTuneSavesTheConfigReadAtItsStart) {
+  const auto d = testutil::temp_dir("fullft-config");
+  const std::string base = d + "/base";
+  std::filesystem::copy(testutil::golden("tiny-llama/model"), base);
+  const std::string want = testutil::read_file(base + "/config.json");
+  pid_t pid = testutil::spawn_cli("--config " + tiny_config(d) + " --set model.path=" + base +
+                                  " --set lora.enabled=false --set train.max_steps=100000 --set output.save_steps=100000");
+  ASSERT_TRUE(testutil::wait_until([&] { return testutil::metric_losses(d + "/out/metrics.jsonl").size() >= 1; }, 120));
+  std::filesystem::remove(base + "/config.json");
+  ::kill(pid, SIGTERM);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  auto ck = train::latest_checkpoint(d + "/out");
+  ASSERT_TRUE(ck.has_value());
+  auto got = testutil::read_json(*ck + "/config.json"), base_cfg = json::parse(want);
+  base_cfg["torch_dtype"] = "float32";  // the fp32 master weights it holds
+  EXPECT_EQ(got, base_cfg);
+}

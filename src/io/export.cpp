@@ -783,6 +783,11 @@ class OutputDir {
 
 }  // namespace
 
+std::string model_dir_config(const std::string& template_path, DType dtype, double rope_factor) {
+  const bool change = rope_factor != load_model_config(template_path).rope_factor;
+  return merged_config(template_path, dtype, {change, rope_factor}).dump(2) + "\n";
+}
+
 // ---------------------------------------------------------------------------
 
 void export_checkpoint(const ExportOptions& opt) {

@@ -19,6 +19,7 @@
 #include "longlora/common/fs.h"
 #include "longlora/io/adapter.h"
 #include "longlora/io/checksum.h"
+#include "longlora/io/export.h"
 #include "longlora/io/tensors.h"
 #include "longlora/io/hf_config.h"
 
@@ -141,7 +142,8 @@ void save_adapter(const std::string& dir, const NamedTensors& trainable, const R
 namespace {
 
 void write_checkpoint_files(const fs::path& tmp, const model::LlamaForCausalLMImpl& m, const NamedTensors& trainable,
-                            torch::optim::Optimizer& opt, const TrainerState& st, const RunConfig& cfg) {
+                            torch::optim::Optimizer& opt, const TrainerState& st, const RunConfig& cfg,
+                            const std::string& model_config) {
   std::map<std::string, io::FileDigest> written;  // the big files, digested as they were written
   if (cfg.lora.enabled) {
     save_adapter(tmp.string(), trainable, cfg);
@@ -149,7 +151,8 @@ void write_checkpoint_files(const fs::path& tmp, const model::LlamaForCausalLMIm
     NamedTensors all;
     for (const auto& item : m.named_parameters()) all.emplace_back(item.key(), item.value());
     written["model.safetensors"] = io::save_tensors((tmp / "model.safetensors").string(), all);
-    write_text((tmp / "config.json").string(), io::model_config_to_json(m.cfg).dump(2));
+    if (model_config.empty()) throw Error("save_checkpoint: a full fine-tuning checkpoint needs its config.json");
+    write_text((tmp / "config.json").string(), model_config);
     // A full fine-tune's checkpoint is a complete model directory: bring the tokenizer.
     const fs::path tok = fs::path(cfg.model.path) / "tokenizer.model";
     if (!cfg.model.path.empty() && fs::exists(tok)) fs::copy_file(tok, tmp / "tokenizer.model");
@@ -181,9 +184,18 @@ void write_checkpoint_files(const fs::path& tmp, const model::LlamaForCausalLMIm
 
 }  // namespace
 
+std::string full_finetune_config(const RunConfig& cfg, double rope_factor) {
+  // The run's model config.json (setup.cpp's cfg_path) with the trained RoPE factor and
+  // fp32 (the master weights a full fine-tune saves): fields we do not model (an
+  // eos_token_id list, pad_token_id) stay.
+  const std::string cfg_path =
+      !cfg.model.config.empty() ? cfg.model.config : (fs::path(cfg.model.path) / "config.json").string();
+  return io::model_dir_config(cfg_path, io::DType::F32, rope_factor);
+}
+
 std::string save_checkpoint(const std::string& output_dir, const model::LlamaForCausalLMImpl& m,
                             const NamedTensors& trainable, torch::optim::Optimizer& opt,
-                            const TrainerState& st, const RunConfig& cfg) {
+                            const TrainerState& st, const RunConfig& cfg, const std::string& model_config) {
   const std::string name = "checkpoint-" + std::to_string(st.step);
   const fs::path final_dir = fs::path(output_dir) / name;
   const fs::path tmp = fs::path(output_dir) / (".tmp-" + name);
@@ -192,7 +204,7 @@ std::string save_checkpoint(const std::string& output_dir, const model::LlamaFor
   fs::create_directories(tmp, ec);
   if (ec) throw Error(tmp.string() + ": cannot create: " + ec.message());
   try {
-    write_checkpoint_files(tmp, m, trainable, opt, st, cfg);
+    write_checkpoint_files(tmp, m, trainable, opt, st, cfg, model_config);
   } catch (...) {
     remove_tree(tmp.string());  // a failed save (disk full) must not keep the space it took
     throw;

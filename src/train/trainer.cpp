@@ -235,6 +235,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
   auto& m = *s.model;
   const auto& tc = cfg.train;
 
+  const std::string model_config = cfg.lora.enabled ? "" : full_finetune_config(cfg, m.cfg.rope_factor);
   TrainerState st;
   if (from) {
     st = load_checkpoint(*from, s.trainable, *s.optimizer, cfg, m.cfg);
@@ -436,7 +437,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
       // were lost). Nothing is pruned for it, and weights that are not finite (an
       // update blew them up) are not saved over anything.
       if (all_finite(params)) {
-        const auto dir = save_checkpoint(cfg.output.dir, m, s.trainable, *s.optimizer, st, cfg);
+        const auto dir = save_checkpoint(cfg.output.dir, m, s.trainable, *s.optimizer, st, cfg, model_config);
         spdlog::info("saved {}: the state after step {}, the last finite one (no checkpoint removed)", dir,
                      st.step - st.bad_steps);
       } else {
@@ -447,7 +448,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
 
     // ---- periodic work
     if (st.step % cfg.output.save_steps == 0 || st.step == tc.max_steps || signalled() || metrics_failed) {
-      const auto dir = save_checkpoint(cfg.output.dir, m, s.trainable, *s.optimizer, st, cfg);
+      const auto dir = save_checkpoint(cfg.output.dir, m, s.trainable, *s.optimizer, st, cfg, model_config);
       prune_checkpoints(cfg.output.dir, cfg.output.keep_last);
       last_saved = st.step;
       spdlog::info("saved {}", dir);
@@ -466,7 +467,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
       return 0;
     }
   }
-  if (last_saved != st.step) save_checkpoint(cfg.output.dir, m, s.trainable, *s.optimizer, st, cfg);
+  if (last_saved != st.step) save_checkpoint(cfg.output.dir, m, s.trainable, *s.optimizer, st, cfg, model_config);
   spdlog::info("training done: {} steps", st.step);
   return 0;
 }

@@ -20,6 +20,8 @@
 #include <optional>
 #include <string>
 
+#include "longlora/io/safetensors.h"
+
 namespace longlora::io {
 
 struct ExportOptions {
@@ -45,5 +47,13 @@ uint64_t parse_size(const std::string& s, const std::string& what = "--max-shard
 // target_modules, and against the base when it is known; an output that is or
 // contains the checkpoint or the base model is refused, --overwrite or not.
 void export_checkpoint(const ExportOptions& opt);
+
+// The config.json text of a model directory whose weights are stored as `dtype`
+// (a full fine-tuning checkpoint's; built as a merged export's is): the config.json at
+// `template_path` with only torch_dtype (and dtype, when given) set and, when
+// `rope_factor` differs from the template's, its linear RoPE fields (rope_scaling or
+// the transformers-5 rope_parameters) set to it. Everything else is kept as written:
+// an eos_token_id list, pad_token_id, fields this tool does not read.
+std::string model_dir_config(const std::string& template_path, DType dtype, double rope_factor);
 
 }  // namespace longlora::io

@@ -41,10 +41,16 @@ struct TrainerState {
 // peft adapter (LoRA + modules_to_save) of the trainable parameters.
 void save_adapter(const std::string& dir, const NamedTensors& trainable, const RunConfig& cfg);
 
-// Writes a complete checkpoint; returns its directory.
+// A full fine-tuning checkpoint's config.json text: the run's model config.json with
+// the RoPE factor and fp32 set, everything else as written. Read once at the start of
+// a run, so that a save hours later does not depend on the base's file still being there.
+std::string full_finetune_config(const RunConfig& cfg, double rope_factor);
+
+// Writes a complete checkpoint; returns its directory. `model_config` is the
+// config.json text of a full fine-tuning checkpoint (unused with LoRA).
 std::string save_checkpoint(const std::string& output_dir, const model::LlamaForCausalLMImpl& m,
                             const NamedTensors& trainable, torch::optim::Optimizer& opt,
-                            const TrainerState& st, const RunConfig& cfg);
+                            const TrainerState& st, const RunConfig& cfg, const std::string& model_config);
 
 // The directories checkpoint-N with COMPLETE under output_dir, by step.
 std::vector<std::pair<int64_t, std::string>> complete_checkpoints(const std::string& output_dir);
