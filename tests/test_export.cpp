@@ -298,6 +298,76 @@ TEST(ExportGolden, PeftNamesOfModulesAndTargetsMergeAsPeftDoes) {
   longlora::remove_tree(dir);
 }
 
+// peft's save_embedding_layers writes the whole embed_tokens and lm_head, not listed in
+// modules_to_save; peft loads them in place of the base's, so the merge carries them.
+TEST(ExportGolden, SavedEmbeddingLayersAreMergedAsPeftLoadsThem) {
+  const auto dir = testutil::temp_dir("export-saved-embed");
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(11);
+  torch::Tensor embed, head = at::normal(0.0, 0.1, {512, 64}, gen);
+  const std::string ad = copy_adapter(dir + "/adapter", [&](Tensors& t) {
+    embed = t["model.embed_tokens"] + at::normal(0.0, 0.05, {512, 64}, gen);
+    t["model.embed_tokens"] = embed;
+    t["lm_head"] = head;
+  });
+  auto acfg = testutil::read_json(ad + "/adapter_config.json");
+  acfg["modules_to_save"] = {"input_layernorm", "post_attention_layernorm", "norm"};
+  testutil::write_file(ad + "/adapter_config.json", acfg.dump());
+
+  auto r = testutil::run_cli(export_cmd(ad, dir + "/merged", "--base " + kBase + " --dtype fp32"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto got = testutil::load(dir + "/merged");
+  EXPECT_TRUE(torch::equal(got["model.embed_tokens.weight"], embed));
+  EXPECT_TRUE(torch::equal(got["lm_head.weight"], head));
+  // Everything else is peft's merge of the golden adapter.
+  auto want = testutil::load(testutil::golden("tiny-llama/merged/model.safetensors"));
+  ASSERT_EQ(got.size(), want.size());
+  for (auto& [name, w] : want)
+    if (name != "model.embed_tokens.weight" && name != "lm_head.weight")
+      EXPECT_LE(testutil::max_abs_diff(got[name], w), 1e-6) << name;
+  // The merged model computes what eval --adapter computes.
+  auto g = testutil::load(testutil::golden("tiny-llama/golden.safetensors"));
+  auto m = model::load_model(kBase, {});
+  model::apply_adapter(*m, ad);
+  torch::NoGradGuard ng;
+  EXPECT_LE(testutil::max_abs_diff(logits_of(dir + "/merged"), m->forward(g["input_ids"], {})), 1e-5);
+  // A peft export keeps them as they were.
+  r = testutil::run_cli(export_cmd(ad, dir + "/peft", "--base " + kBase + " --format peft"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto peft = testutil::load(dir + "/peft/adapter_model.safetensors");
+  EXPECT_TRUE(torch::equal(peft[std::string(io::kPeftPrefix) + "lm_head.weight"], head));
+
+  // A tied base has one matrix: peft saves it twice, and the checkpoint's lm_head.weight
+  // beside it is written as that matrix too. Two different ones are refused.
+  const std::string tied = copy_base(dir + "/tied", {}, [](json& c) { c["tie_word_embeddings"] = true; });
+  const std::string twice = copy_adapter(dir + "/twice", [&](Tensors& t) {
+    t["model.embed_tokens"] = embed;
+    t["lm_head"] = embed.clone();
+  });
+  testutil::write_file(twice + "/adapter_config.json", acfg.dump());
+  r = testutil::run_cli(export_cmd(twice, dir + "/merged-tied", "--base " + tied + " --dtype fp32"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  got = testutil::load(dir + "/merged-tied");
+  EXPECT_TRUE(torch::equal(got["model.embed_tokens.weight"], embed));
+  EXPECT_TRUE(torch::equal(got["lm_head.weight"], embed));
+  r = testutil::run_cli(export_cmd(ad, dir + "/bad", "--base " + tied));
+  expect_clean_failure(r, dir, "bad", {"tensor 'base_model.model.lm_head.weight': differs from", "ties the two"});
+
+  // An adapter of a resized vocabulary is refused, naming the tensor.
+  const std::string resized = copy_adapter(dir + "/resized", [&](Tensors& t) {
+    t["lm_head"] = torch::zeros({520, 64});
+  });
+  testutil::write_file(resized + "/adapter_config.json", acfg.dump());
+  const std::string key = std::string(io::kPeftPrefix) + "lm_head.weight";
+  for (const std::string fmt : {"merged", "peft"}) {
+    r = testutil::run_cli(export_cmd(resized, dir + "/bad", "--base " + kBase + " --format " + fmt));
+    expect_clean_failure(r, dir, "bad",
+                         {resized + "/adapter_model.safetensors", "tensor '" + key + "'",
+                          "shape [520, 64] but the base model's is [512, 64]: the adapter's vocabulary differs",
+                          "not supported"});
+  }
+  longlora::remove_tree(dir);
+}
+
 // transformers >= 4.47 saves the chat template as chat_template.jinja (or .json) and
 // named ones in additional_chat_templates/; a BPE tokenizer has vocab.json and
 // merges.txt. A merged model without them prompts differently from its base.

@@ -242,6 +242,18 @@ TEST(LoadErrors, AdapterConfigFieldsAreCheckedNotIgnored) {
       {[](auto& j) { j["init_lora_weights"] = "loftq"; }, "init_lora_weights: \"loftq\" factors"},
       {[](auto& j) { j["init_lora_weights"] = "kaiming"; }, "init_lora_weights: unknown value \"kaiming\""},
       {[](auto& j) { j["init_lora_weights"] = 1; }, "init_lora_weights: expected true, false or a string, got 1"},
+      // Options newer peft versions add build other models: each only at its default.
+      {[](auto& j) { j["use_qalora"] = true; }, "use_qalora: not supported (expected false), got true"},
+      {[](auto& j) { j["use_bdlora"] = {{"nblocks", 2}}; }, "use_bdlora: not supported (expected null)"},
+      {[](auto& j) { j["arrow_config"] = {{"top_k", 3}}; }, "arrow_config: not supported (expected null)"},
+      {[](auto& j) { j["lora_ga_config"] = nlohmann::json::object(); }, "lora_ga_config: not supported (expected null)"},
+      {[](auto& j) { j["ensure_weight_tying"] = true; }, "ensure_weight_tying: not supported (expected false)"},
+      {[](auto& j) { j["megatron_config"] = {{"tensor_model_parallel_size", 2}}; }, "megatron_config: not supported"},
+      // And one no peft version we know of has: refused unless it is off.
+      {[](auto& j) { j["use_hyper_lora"] = true; }, "use_hyper_lora: not supported (an option this loader does not know"},
+      {[](auto& j) { j["hyper_config"] = {{"k", 1}}; }, "hyper_config: not supported"},
+      {[](auto& j) { j["hyper_mode"] = "fast"; }, "hyper_mode: not supported"},
+      {[](auto& j) { j["hyper_groups"] = 0; }, "hyper_groups: not supported"},
   };
   int i = 0;
   for (const auto& [edit, want] : cases) {
@@ -255,10 +267,53 @@ TEST(LoadErrors, AdapterConfigFieldsAreCheckedNotIgnored) {
               j["use_rslora"] = false;
             }),
             "");
+  // Unknown keys that are off, and harmless ones at any value (peft 0.2's enable_lora /
+  // merge_weights among them).
+  EXPECT_EQ(adapter_error("adapter-off", [](auto& j) {
+              j["enable_lora"] = nullptr;
+              j["merge_weights"] = false;
+              j["use_hyper_lora"] = false;
+              j["hyper_config"] = nlohmann::json::object();
+              j["hyper_layers"] = nlohmann::json::array();
+              j["use_qalora"] = nullptr;
+              j["qalora_group_size"] = 64;
+              j["megatron_core"] = "my.megatron";
+              j["auto_mapping"] = {{"base_model_class", "LlamaForCausalLM"}};
+              j["task_type"] = "FEATURE_EXTRACTION";
+              j["eva_config"] = {{"rho", 2.0}};
+            }),
+            "");
   // Inits that leave the base as it is load as plain LoRA.
   for (const nlohmann::json v : {nlohmann::json(false), nlohmann::json("gaussian"), nlohmann::json("eva"),
                                  nlohmann::json("orthogonal")})
     EXPECT_EQ(adapter_error("adapter-init-" + v.dump(), [&](auto& j) { j["init_lora_weights"] = v; }), "") << v;
+}
+
+TEST(ModelGolden, Peft017AdapterConfigLoads) {
+  // adapter_config.json as peft 0.17 writes it, every field spelled out (the golden
+  // one is 0.21's); the weights are the golden adapter's.
+  const auto dir = adapter_copy("adapter-peft017", [](auto& j) {
+    j = nlohmann::json::parse(R"({
+      "alora_invocation_tokens": null, "alpha_pattern": {}, "auto_mapping": null,
+      "base_model_name_or_path": "/models/tiny-llama", "bias": "none", "corda_config": null,
+      "eva_config": null, "exclude_modules": null, "fan_in_fan_out": false, "inference_mode": true,
+      "init_lora_weights": true, "layer_replication": null, "layers_pattern": null,
+      "layers_to_transform": null, "loftq_config": {}, "lora_alpha": 8, "lora_bias": false,
+      "lora_dropout": 0.0, "megatron_config": null, "megatron_core": "megatron.core",
+      "modules_to_save": ["embed_tokens", "input_layernorm", "post_attention_layernorm", "norm"],
+      "peft_type": "LORA", "peft_version": "0.17.1", "qalora_group_size": 16, "r": 4,
+      "rank_pattern": {}, "revision": null, "target_modules": ["q_proj", "v_proj", "k_proj", "o_proj"],
+      "target_parameters": null, "task_type": "CAUSAL_LM", "trainable_token_indices": null,
+      "use_dora": false, "use_qalora": false, "use_rslora": false})");
+  });
+  const auto c = io::load_adapter_config(dir + "/adapter_config.json");
+  EXPECT_EQ(c.r, 4);
+  EXPECT_EQ(c.base_model_name_or_path, "/models/tiny-llama");
+  auto g = testutil::load(testutil::golden("tiny-llama/golden.safetensors"));
+  auto m = tiny();
+  model::apply_adapter(*m, dir);
+  expect_logits(m, g["input_ids"], g["logits_lora"]);
+  longlora::remove_tree(dir);
 }
 
 TEST(LoadErrors, DuplicateTargetModuleIsOneTargetAsInPeft) {
@@ -365,4 +420,129 @@ TEST(LoadErrors, CliRefusesAZeroRopeFactorInOneLine) {
                              " --data " + testutil::golden("tiny-llama/eval.bin") + " --seq-len 128 --device cpu");
   EXPECT_EQ(r.code, 1);
   EXPECT_EQ(r.err, "error: " + ck + "/trainer_state.json: rope_factor: expected a number >= 1, got 0\n");
+}
+
+// ---------------------------------------------------------------------------
+// peft's save_pretrained(save_embedding_layers=True, or "auto" with a resized vocabulary
+// or targeted embeddings) writes the whole embed_tokens and lm_head beside the LoRA
+// factors, not listed in modules_to_save; peft's load puts them into the base model.
+
+namespace {
+
+using Named = std::vector<std::pair<std::string, torch::Tensor>>;
+
+// Writes fp32 tensors with the project's safetensors writer.
+void write_fp32(const std::string& path, const Named& ts) {
+  std::vector<io::TensorToWrite> entries;
+  for (const auto& [name, t] : ts) {
+    auto c = t.to(torch::kFloat32).contiguous();
+    io::TensorToWrite e;
+    e.name = name;
+    e.dtype = io::DType::F32;
+    e.shape = c.sizes().vec();
+    e.write = [c](const std::function<void(const void*, size_t)>& sink) { sink(c.data_ptr(), c.numel() * 4); };
+    entries.push_back(std::move(e));
+  }
+  io::write_safetensors(path, entries, {{"format", "pt"}});
+}
+
+// The golden adapter with embed_tokens out of modules_to_save (as peft writes it when
+// only save_embedding_layers saved the layer), its safetensors holding `embed` and
+// `head` (when defined) under peft's keys.
+std::string adapter_with_saved_embeddings(const std::string& name, const torch::Tensor& embed, const torch::Tensor& head) {
+  const std::string pre = io::kPeftPrefix;
+  const auto dir = adapter_copy(name, [](auto& j) { j["modules_to_save"] = {"input_layernorm", "post_attention_layernorm", "norm"}; });
+  Named ts;
+  for (auto& [n, t] : testutil::load(testutil::golden("tiny-llama/adapter/adapter_model.safetensors")))
+    if (n != pre + "model.embed_tokens.weight") ts.emplace_back(n, t);
+  if (embed.defined()) ts.emplace_back(pre + "model.embed_tokens.weight", embed);
+  if (head.defined()) ts.emplace_back(pre + "lm_head.weight", head);
+  write_fp32(dir + "/adapter_model.safetensors", ts);
+  return dir;
+}
+
+torch::Tensor golden_adapter_tensor(const std::string& param) {
+  return testutil::load(testutil::golden("tiny-llama/adapter/adapter_model.safetensors"))[io::kPeftPrefix + param];
+}
+
+}  // namespace
+
+TEST(ModelGolden, SavedEmbeddingLayersReplaceTheBaseWeights) {
+  auto g = testutil::load(testutil::golden("tiny-llama/golden.safetensors"));
+  const torch::Tensor trained_embed = golden_adapter_tensor("model.embed_tokens.weight");
+  // The golden embedding saved this way is the golden adapter again.
+  {
+    const auto dir = adapter_with_saved_embeddings("adapter-saved-embed-golden", trained_embed, {});
+    auto m = tiny();
+    model::apply_adapter(*m, dir);
+    expect_logits(m, g["input_ids"], g["logits_lora"]);
+    longlora::remove_tree(dir);
+  }
+  // Other values of both layers: the model holds them, and its logits are those of the
+  // golden adapter with both matrices set to them.
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(7);
+  const auto embed = trained_embed + at::normal(0.0, 0.05, trained_embed.sizes().vec(), gen);
+  const auto head = at::normal(0.0, 0.1, {512, 64}, gen);
+  const auto dir = adapter_with_saved_embeddings("adapter-saved-embed", embed, head);
+  auto m = tiny();
+  ASSERT_EQ(testutil::error_of([&] { model::apply_adapter(*m, dir); }), "");
+  EXPECT_TRUE(torch::equal(m->model->embed_tokens->weight, embed));
+  EXPECT_TRUE(torch::equal(m->lm_head->weight, head));
+  auto want = tiny();
+  model::apply_adapter(*want, testutil::golden("tiny-llama/adapter"));
+  want->model->embed_tokens->weight.set_data(embed.clone());
+  want->lm_head->weight.set_data(head.clone());
+  torch::NoGradGuard ng;
+  const auto got = m->forward(g["input_ids"], {});
+  EXPECT_LE(testutil::max_abs_diff(got, want->forward(g["input_ids"], {})), 1e-5);
+  EXPECT_GT(testutil::max_abs_diff(got, g["logits_lora"]), 1e-2);
+  longlora::remove_tree(dir);
+}
+
+TEST(LoadErrors, SavedEmbeddingOfAnotherVocabularyIsRefused) {
+  const auto embed = golden_adapter_tensor("model.embed_tokens.weight");
+  const std::string pre = io::kPeftPrefix;
+  for (const bool is_head : {false, true}) {
+    const auto big = torch::cat({embed, torch::zeros({8, 64})});
+    const auto dir = adapter_with_saved_embeddings("adapter-vocab", is_head ? embed : big, is_head ? big : torch::Tensor());
+    auto m = tiny();
+    const auto err = testutil::error_of([&] { model::apply_adapter(*m, dir); });
+    const std::string key = pre + (is_head ? "lm_head.weight" : "model.embed_tokens.weight");
+    EXPECT_NE(err.find(dir + "/adapter_model.safetensors: tensor '" + key +
+                       "': shape [520, 64] but the base model's is [512, 64]: the adapter's vocabulary differs"),
+              std::string::npos)
+        << err;
+    EXPECT_NE(err.find("resizing the embeddings, which is not supported"), std::string::npos) << err;
+    longlora::remove_tree(dir);
+  }
+}
+
+TEST(ModelGolden, SavedEmbeddingLayersOfATiedBaseAreItsOneMatrix) {
+  // With tie_word_embeddings peft saves both layers as copies of the one matrix.
+  const auto base = testutil::temp_dir("tied-base");
+  for (const auto& e : std::filesystem::directory_iterator(testutil::golden("tiny-llama/model")))
+    std::filesystem::copy_file(e.path(), base + "/" + e.path().filename().string());
+  auto cfg = golden_config();
+  cfg["tie_word_embeddings"] = true;
+  testutil::write_file(base + "/config.json", cfg.dump());
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(3);
+  const auto embed = at::normal(0.0, 0.1, {512, 64}, gen);
+  for (const int which : {0, 1, 2}) {  // both, embed_tokens only, lm_head only
+    SCOPED_TRACE(which);
+    const auto dir = adapter_with_saved_embeddings("adapter-tied", which != 2 ? embed : torch::Tensor(),
+                                                   which != 1 ? embed.clone() : torch::Tensor());
+    auto m = model::load_model(base, {});
+    ASSERT_EQ(testutil::error_of([&] { model::apply_adapter(*m, dir); }), "");
+    EXPECT_TRUE(torch::equal(m->head_weight(), embed));
+    longlora::remove_tree(dir);
+  }
+  // Two different matrices cannot both be the one.
+  const auto dir = adapter_with_saved_embeddings("adapter-tied-differ", embed, embed * 2);
+  auto m = model::load_model(base, {});
+  EXPECT_NE(testutil::error_of([&] { model::apply_adapter(*m, dir); })
+                .find("tensor 'base_model.model.lm_head.weight': differs from "
+                      "'base_model.model.model.embed_tokens.weight', but the base model ties the two"),
+            std::string::npos);
+  longlora::remove_tree(dir);
+  longlora::remove_tree(base);
 }

@@ -2,8 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "longlora/common/error.h"
 #include "longlora/common/json_file.h"
@@ -26,6 +29,41 @@ std::vector<std::string> module_list(const JsonFields& f, const std::string& key
     f.fail(key, "a regular expression is not supported; list the module names");
   return f.strings(key).value_or(std::vector<std::string>{});
 }
+
+// A value for a one-line message.
+std::string brief(const json& v) {
+  std::string s = v.dump();
+  return s.size() > 80 ? s.substr(0, 77) + "..." : s;
+}
+
+// adapter_config.json keys load_adapter_config reads (and checks) itself.
+const std::set<std::string> kReadKeys = {
+    "peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "modules_to_save",
+    "base_model_name_or_path", "init_lora_weights", "use_dora", "fan_in_fan_out", "lora_bias", "bias",
+    "layers_to_transform", "layer_replication", "alora_invocation_tokens", "trainable_token_indices",
+    "rank_pattern", "alpha_pattern", "exclude_modules", "target_parameters"};
+
+// Keys whose value, whatever it is, cannot change the model peft loads from this file.
+const std::set<std::string> kHarmlessKeys = {
+    // PeftConfig bookkeeping: the wrapper class, trainability, where the base came from.
+    "task_type", "inference_mode", "auto_mapping", "revision", "peft_version",
+    // peft reads it only together with layers_to_transform, which must be null.
+    "layers_pattern",
+    // Imported only when megatron_config is set, which must be null.
+    "megatron_core",
+    // Read only by the QALoRA variant (use_qalora, which must be false).
+    "qalora_group_size",
+    // Only for init_lora_weights "loftq" / "corda" (refused above) or "eva", whose
+    // data-driven first factors the saved ones replace (a changed rank is in rank_pattern).
+    "loftq_config", "corda_config", "eva_config",
+    // Never saved by peft; only moves DoRA's init to the GPU.
+    "runtime_config"};
+
+// Options we do not implement, each allowed only at its default (null always is).
+const std::map<std::string, json> kOffByDefault = {
+    {"use_qalora", false},         {"ensure_weight_tying", false}, {"megatron_config", nullptr},
+    {"use_bdlora", nullptr},       {"arrow_config", nullptr},      {"lora_ga_config", nullptr},
+    {"kasa_config", nullptr},      {"monteclora_config", nullptr}, {"velora_config", nullptr}};
 
 }  // namespace
 
@@ -69,6 +107,17 @@ AdapterConfig load_adapter_config(const std::string& path) {
       f.expected("init_lora_weights", "true, false or a string");
     }
   }
+  // Newer peft versions add options; one we do not know may build another model, so
+  // any other key passes only at a value that leaves it off.
+  for (const auto& [k, v] : j.items()) {
+    if (kReadKeys.count(k) || kHarmlessKeys.count(k) || v.is_null()) continue;
+    if (const auto d = kOffByDefault.find(k); d != kOffByDefault.end()) {
+      if (v != d->second) f.fail(k, "not supported (expected " + d->second.dump() + "), got " + brief(v));
+    } else if (!(v.is_boolean() && !v.get<bool>()) && !((v.is_object() || v.is_array()) && v.empty())) {
+      f.fail(k, "not supported (an option this loader does not know; only null, false, {} or [] are taken), got " +
+                    brief(v));
+    }
+  }
 
   AdapterConfig c;
   const auto r = f.integer("r");
@@ -91,6 +140,30 @@ AdapterConfig load_adapter_config(const std::string& path) {
   c.modules_to_save = module_list(f, "modules_to_save");
   c.base_model_name_or_path = f.string("base_model_name_or_path").value_or("");
   return c;
+}
+
+bool is_embedding_layer(const std::string& param) {
+  return param == "model.embed_tokens.weight" || param == "lm_head.weight";
+}
+
+std::string tied_embedding_key(const SafetensorsFile& adapter) {
+  const std::string prefix = kPeftPrefix, e = prefix + "model.embed_tokens.weight", h = prefix + "lm_head.weight";
+  if (adapter.contains(e) && adapter.contains(h)) {
+    const TensorInfo &a = adapter.get(e), &b = adapter.get(h);
+    if (a.dtype != b.dtype || a.shape != b.shape || std::memcmp(a.data, b.data, a.nbytes) != 0)
+      fail(adapter.path(), "tensor '" + h + "'",
+           "differs from '" + e + "', but the base model ties the two (tie_word_embeddings): one matrix cannot be both");
+  }
+  return adapter.contains(h) ? h : adapter.contains(e) ? e : "";
+}
+
+std::string vocabulary_mismatch(const std::string& param, const std::vector<int64_t>& got,
+                                const std::vector<int64_t>& want) {
+  if (!is_embedding_layer(param) || got.size() != 2 || want.size() != 2 || got[1] != want[1] || got[0] == want[0])
+    return "";
+  return "shape [" + std::to_string(got[0]) + ", " + std::to_string(got[1]) + "] but the base model's is [" +
+         std::to_string(want[0]) + ", " + std::to_string(want[1]) + "]: the adapter's vocabulary differs from the " +
+         "base's (it was saved after resizing the embeddings, which is not supported)";
 }
 
 json adapter_config_to_json(const AdapterConfig& c) {

@@ -399,7 +399,8 @@ Source resolve_source(const ExportOptions& opt) {
 
 // A LoRA adapter, its tensors sorted by role and checked against its own
 // adapter_config.json (what needs no base model): peft keys, float dtypes, lora_A /
-// lora_B in pairs of rank r on target_modules, other tensors only for modules_to_save.
+// lora_B in pairs of rank r on target_modules, other tensors only for modules_to_save
+// or peft's saved embedding layers (embed_tokens, lm_head).
 struct AdapterPlan {
   AdapterConfig cfg;
   std::shared_ptr<SafetensorsFile> file;
@@ -426,7 +427,7 @@ AdapterPlan open_adapter(const fs::path& dir) {
     if (!is_a && !is_b) {
       if (rest.find(".lora_") != std::string::npos)
         fail(st, field, "unsupported LoRA tensor (only lora_A / lora_B of Linear layers are merged)");
-      if (!model::is_module_to_save(rest, p.cfg.modules_to_save))
+      if (!model::is_module_to_save(rest, p.cfg.modules_to_save) && !is_embedding_layer(rest))
         fail(st, field, "replaces a base weight but its module is not in modules_to_save");
       p.replace[rest] = &t;
       continue;
@@ -461,11 +462,23 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
   const std::string& st = ap.file_path;
   const auto& lora_a = ap.lora_a;
   const auto& lora_b = ap.lora_b;
-  const auto& replace = ap.replace;
+  auto replace = ap.replace;
+  if (load_model_config((fs::path(base_dir) / "config.json").string()).tie_word_embeddings) {
+    // One matrix for both layers, as eval --adapter loads it; a checkpoint's lm_head.weight
+    // beside it (transformers ignores it) is written as the same matrix.
+    const std::string key = tied_embedding_key(*ap.file);
+    replace.erase("model.embed_tokens.weight");
+    replace.erase("lm_head.weight");
+    if (!key.empty())
+      for (const char* w : {"model.embed_tokens.weight", "lm_head.weight"})
+        if (base->contains(w)) replace[w] = &ap.file->get(key);
+  }
   for (const auto& [rest, t] : replace) {
     const std::string field = "tensor '" + t->name + "'";
     if (!base->contains(rest)) fail(st, field, "no tensor '" + rest + "' in the base model " + base_dir);
     const auto& w = base->get(rest);
+    if (const auto msg = vocabulary_mismatch(rest, t->shape, w.shape); !msg.empty())
+      fail(st, field, msg + " (" + base->file_of(rest).path() + ")");
     if (w.shape != t->shape)
       fail(st, field, "shape " + shape_str(t->shape) + " but the base model's '" + rest + "' is " +
                           shape_str(w.shape) + " (" + base->file_of(rest).path() + ")");

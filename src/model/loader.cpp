@@ -273,14 +273,20 @@ io::AdapterConfig apply_adapter(LlamaForCausalLMImpl& m, const std::string& dir)
   const auto dev = m.head_weight().device();
   std::set<std::string> used;
   const auto shapes = base_shapes(m);
+  // A tied base's one matrix (the model has no lm_head parameter) takes the adapter's
+  // embed_tokens or lm_head, whichever it saved.
+  const std::string tied_key = m.cfg.tie_word_embeddings ? io::tied_embedding_key(*file) : "";
+  if (!tied_key.empty()) used.insert({prefix + "model.embed_tokens.weight", prefix + "lm_head.weight"});
   for (auto& item : m.named_parameters()) {
     const std::string& name = item.key();
     const bool is_lora = name.find(".lora_A.") != std::string::npos ||
                          name.find(".lora_B.") != std::string::npos;
-    const std::string key = prefix + name;
+    const std::string key = !tied_key.empty() && name == "model.embed_tokens.weight" ? tied_key : prefix + name;
     if (!is_lora && !file->contains(key)) continue;
     if (is_lora && !file->contains(key)) fail(st_path, "tensor '" + key + "'", "missing");
-    if (!is_lora && !is_module_to_save(name, acfg.modules_to_save))
+    const bool saved_module = !is_lora && is_module_to_save(name, acfg.modules_to_save);
+    const bool saved_embedding = !is_lora && !saved_module && io::is_embedding_layer(name);
+    if (!is_lora && !saved_module && !saved_embedding)
       fail(st_path, "tensor '" + key + "'",
            "replaces a base weight but its module is not in modules_to_save");
     const auto& info = file->get(key);
@@ -288,11 +294,18 @@ io::AdapterConfig apply_adapter(LlamaForCausalLMImpl& m, const std::string& dir)
       fail(st_path, "tensor '" + key + "'", "dtype is not a float type");
     auto& p = item.value();
     const auto want = is_lora ? p.sizes().vec() : shapes.at(name);
+    if (const auto msg = io::vocabulary_mismatch(name, info.shape, want); !msg.empty())
+      fail(st_path, "tensor '" + key + "'", msg);
     if (info.shape != want)
       fail(st_path, "tensor '" + key + "'",
            "shape " + shape_str(info.shape) + " but the model needs " + shape_str(want));
-    // LoRA factors and saved modules are trainable: fp32 masters, owned memory.
-    p.set_data(io::view_tensor(info, file).to(dev, torch::kFloat32, false, /*copy=*/true));
+    if (saved_embedding) {
+      // As peft loads it: copied into the base weight, whose dtype it takes; still frozen.
+      p.set_data(io::view_tensor(info, file).to(p.device(), p.scalar_type(), false, /*copy=*/true));
+    } else {
+      // LoRA factors and saved modules are trainable: fp32 masters, owned memory.
+      p.set_data(io::view_tensor(info, file).to(dev, torch::kFloat32, false, /*copy=*/true));
+    }
     used.insert(key);
   }
   for (const auto& t : file->tensors())

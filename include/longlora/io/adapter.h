@@ -1,6 +1,6 @@
 // peft adapters: adapter_config.json + adapter_model.safetensors.
 // Keys: base_model.model.<param name>, LoRA as <module>.lora_A.weight / lora_B.weight,
-// modules_to_save as full tensors under their own names.
+// modules_to_save (and peft's saved embedding layers) as full tensors under their own names.
 #pragma once
 
 #include <cstdint>
@@ -8,6 +8,8 @@
 #include <vector>
 
 #include <nlohmann/json_fwd.hpp>
+
+#include "longlora/io/safetensors.h"
 
 namespace longlora::io {
 
@@ -26,5 +28,21 @@ inline const char* kPeftPrefix = "base_model.model.";
 
 AdapterConfig load_adapter_config(const std::string& path);  // adapter_config.json
 nlohmann::json adapter_config_to_json(const AdapterConfig& c);
+
+// peft's save_pretrained(save_embedding_layers=True, or "auto" on a resized vocabulary)
+// stores the whole embed_tokens and lm_head weights without listing them in
+// modules_to_save, and its load puts them into the base in place of its weights.
+// Whether the base parameter `param` ("lm_head.weight") is one of those two.
+bool is_embedding_layer(const std::string& param);
+
+// For a base with tie_word_embeddings (one matrix for both layers): the key of the
+// adapter tensor that becomes that matrix, "" when the adapter saved neither. peft
+// saves both as copies; two that differ are an error (peft would keep lm_head's).
+std::string tied_embedding_key(const SafetensorsFile& adapter);
+
+// The error for a saved embed_tokens / lm_head whose rows differ from the base's (an
+// adapter of a resized vocabulary); "" when `param` is not one or the rows agree.
+std::string vocabulary_mismatch(const std::string& param, const std::vector<int64_t>& got,
+                                const std::vector<int64_t>& want);
 
 }  // namespace longlora::io
