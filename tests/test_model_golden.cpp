@@ -359,6 +359,10 @@ TEST(ModelGolden, PeftNameMatchingOfModulesToSaveAndTargets) {
   EXPECT_NE(adapter_error("adapter-target-tail", [](auto& j) { j["target_modules"].push_back("attn.q_proj"); })
                 .find("adapter_config.json: target_modules: lora.targets: 'attn.q_proj' matches no layer"),
             std::string::npos);
+  // LoRA on lm_head: our logits read its weight alone, so it would be left out.
+  EXPECT_NE(adapter_error("adapter-target-head", [](auto& j) { j["target_modules"].push_back("lm_head"); })
+                .find("adapter_config.json: target_modules: lora.targets: 'lm_head' is a LoRA target, which is not supported"),
+            std::string::npos);
   EXPECT_NE(adapter_error("adapter-mts-missing", [](auto& j) { j["modules_to_save"] = {"embed_tokens", "model.norm"}; })
                 .find("adapter_model.safetensors: tensor 'base_model.model.model.layers.0.input_layernorm.weight': "
                       "replaces a base weight but its module is not in modules_to_save"),

@@ -220,6 +220,12 @@ void add_lora(LlamaForCausalLMImpl& m, const lora::LoraSpec& spec) {
       if (is_lora_target(name, t)) matched.insert(t);
     // Two targets may name one layer ("q_proj" and "self_attn.q_proj"): one LoRA, as in peft.
     if (is_lora_target(name, spec.targets)) {
+      // A peft adapter may name it (lora.targets cannot): the logits are computed from
+      // lm_head's weight alone (the chunked cross-entropy), so its LoRA was left out of
+      // eval and generate, silently.
+      if (name == "lm_head")
+        throw Error("lora.targets: 'lm_head' is a LoRA target, which is not supported (LoRA on the layers; a peft adapter "
+                    "with it merges with export, and the merged model evaluates)");
       TORCH_CHECK(!l->has_lora(), "LoRA added twice to ", name);
       l->add_lora(spec.r, spec.alpha, spec.dropout);
     }
