@@ -425,10 +425,7 @@ TEST(DataBadInput, MakeDataInterruptedLeavesNoTemporaryAndTheOldFileWhole) {
                                           "LONGLORA_TEST_INTERRUPT_PAUSE_MS=100", d + "/err");
     ASSERT_TRUE(testutil::wait_until([&] { return entries(d) == 3; }, 60)) << sig;  // c.jsonl, err and the temporary
     ::kill(pid, sig);
-    int status = 0;
-    ::waitpid(pid, &status, 0);
-    ASSERT_TRUE(WIFEXITED(status)) << sig << ": killed by signal " << (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
-    EXPECT_EQ(WEXITSTATUS(status), 128 + sig);
+    EXPECT_EQ(testutil::wait_exit(pid), 128 + sig) << sig;
     EXPECT_EQ(testutil::read_file(d + "/err"), "interrupted: nothing written to " + d + "/c.jsonl\n");
     EXPECT_EQ(testutil::read_file(d + "/c.jsonl"), "keep me\n");
     EXPECT_EQ(entries(d), 2u);  // c.jsonl and err: no temporary file left

@@ -784,10 +784,7 @@ TEST(ExportErrors, ASignalRemovesTheTemporaryDirectory) {
                                           "LONGLORA_TEST_INTERRUPT_PAUSE_MS=300", errf);
     ASSERT_TRUE(testutil::wait_until([&] { return !leftovers(dir, ".tmp-export-").empty(); }, 60)) << sig;
     ::kill(pid, sig);
-    int status = 0;
-    ::waitpid(pid, &status, 0);
-    ASSERT_TRUE(WIFEXITED(status)) << sig << ": killed by signal " << (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
-    EXPECT_EQ(WEXITSTATUS(status), 128 + sig);
+    EXPECT_EQ(testutil::wait_exit(pid), 128 + sig) << sig;
     const auto err = testutil::read_file(errf);
     EXPECT_EQ(last_line(err), "interrupted: nothing written to " + out) << err;
     fs::remove(errf);

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <torch/torch.h>
 
@@ -112,6 +113,14 @@ inline bool wait_until(const std::function<bool()>& f, int seconds) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   return false;
+}
+
+// Waits for the process `pid`: its exit status, or 1000 + the signal that killed it
+// (never a valid exit status, so a comparison with one fails and shows which).
+inline int wait_exit(pid_t pid) {
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 1000 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
 }
 
 struct RunResult {
