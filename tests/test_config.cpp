@@ -62,6 +62,12 @@ TEST(RunConfig, OverridesUseTheSameValidation) {
             std::string::npos);
   for (const char* ok : {"model.rope_factor=0", "model.rope_factor=1", "model.rope_factor=1024"})
     EXPECT_EQ(testutil::error_of([&] { train::apply_override(c, ok); }), "") << ok;
+  // A fixed loss scale below 1 shrinks fp16 gradients into underflow, silently.
+  EXPECT_NE(testutil::error_of([&] { train::apply_override(c, "train.loss_scale=0.001"); })
+                .find("--set train.loss_scale: expected 0 or a number in [1, 1e+30], got 0.001"),
+            std::string::npos);
+  for (const char* ok : {"train.loss_scale=0", "train.loss_scale=1", "train.loss_scale=1024"})
+    EXPECT_EQ(testutil::error_of([&] { train::apply_override(c, ok); }), "") << ok;
 }
 
 TEST(RunConfig, JsonRoundTripAndReference) {

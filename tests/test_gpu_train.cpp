@@ -91,7 +91,7 @@ namespace {
 std::string device_config(const std::string& dir, const std::string& device, int steps) {
   const std::string path = dir + "/run-" + device + ".json";
   testutil::write_file(path, R"({
-    "model": {"path": ")" + testutil::golden("tiny-llama/model") + R"("},
+    "model": {"path": ")" + testutil::golden("tiny-llama/model") + R"(", "dtype": "fp32"},
     "data": {"train": ")" + testutil::golden("tiny-llama/eval.bin") + R"(", "seq_len": 64},
     "lora": {"r": 8, "dropout": 0.0},
     "train": {"lr": 0.003, "warmup_steps": 2, "max_steps": )" + std::to_string(steps) + R"(, "grad_accum": 1, "micro_batch_size": 2},
@@ -105,7 +105,7 @@ std::string device_config(const std::string& dir, const std::string& device, int
 // A checkpoint moves between machines: the optimizer state saved by a GPU run resumes
 // on the CPU (where CUDA storage cannot be loaded), and a CPU run's on the GPU (where
 // CPU moments beside CUDA parameters failed the first update). The resumed steps
-// follow an uninterrupted CPU run.
+// follow an uninterrupted CPU run (fp32 on both, so one step's loss may be compared).
 TEST(GpuTrain, AResumeMovesBetweenTheCpuAndTheGpu) {
   SKIP_WITHOUT_CUDA();
   const auto ref = testutil::temp_dir("move-ref");

@@ -224,7 +224,7 @@ void add_lora(LlamaForCausalLMImpl& m, const lora::LoraSpec& spec) {
       // lm_head's weight alone (the chunked cross-entropy), so its LoRA was left out of
       // eval and generate, silently.
       if (name == "lm_head")
-        throw Error("lora.targets: 'lm_head' is a LoRA target, which is not supported (LoRA on the layers; a peft adapter "
+        throw Error("'lm_head' is a LoRA target, which is not supported (LoRA on the layers; a peft adapter "
                     "with it merges with export, and the merged model evaluates)");
       TORCH_CHECK(!l->has_lora(), "LoRA added twice to ", name);
       l->add_lora(spec.r, spec.alpha, spec.dropout);

@@ -199,10 +199,19 @@ const std::vector<Field>& schema() {
                         "tokens per MLP chunk in recompute and no-grad forward (0 = whole sequence)"));
     f.push_back(integer("train.max_bad_steps", [](RunConfig& c) -> auto& { return c.train.max_bad_steps; },
                         1, "consecutive non-finite steps skipped before the run stops"));
-    f.push_back(number("train.loss_scale", [](RunConfig& c) -> auto& { return c.train.loss_scale; }, 0, 1e30,
-                       false,
-                       "loss scale; 0 = dynamic with fp16 (halved at a gradient overflow, doubled after "
-                       "train.loss_scale_window finite steps), none otherwise"));
+    {
+      // Below 1 a fixed scale shrinks the gradients: fp16 would lose more of them, not fewer.
+      const std::string type = "0 or a number in [1, 1e+30]";
+      f.push_back({"train.loss_scale", type,
+                   "loss scale; 0 = dynamic with fp16 (halved at a gradient overflow, doubled after "
+                   "train.loss_scale_window finite steps), none otherwise",
+                   [type](RunConfig& c, const json& v, const std::string& w) {
+                     const double x = v.is_number() ? v.get<double>() : -1;
+                     if (!(x == 0 || (x >= 1 && x <= 1e30))) bad(w, type, v);
+                     c.train.loss_scale = x;
+                   },
+                   [](const RunConfig& c) { return json(c.train.loss_scale); }});
+    }
     f.push_back(number("train.initial_loss_scale",
                        [](RunConfig& c) -> auto& { return c.train.initial_loss_scale; }, 1, 1e30, false,
                        "the dynamic loss scale's start"));

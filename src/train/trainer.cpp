@@ -246,7 +246,8 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
   // The data cursor counts rows of the data it was saved with: changed data (same
   // path, rewritten) resumes at another place in it, which the user should know.
   {
-    const int64_t rows = s.data->size(), bytes = static_cast<int64_t>(fs::file_size(cfg.data.train, ec));
+    const auto size = fs::file_size(cfg.data.train, ec);
+    const int64_t rows = s.data->size(), bytes = ec ? 0 : static_cast<int64_t>(size);
     if (from && st.data_rows > 0 && (st.data_rows != rows || st.data_bytes != bytes))
       spdlog::warn("resume: {} has {} rows ({} bytes) now, {} ({} bytes) when {} was saved: the data cursor "
                    "(row {}) counts the old rows",
@@ -283,7 +284,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
   std::vector<torch::Tensor> params;
   for (auto& [n, p] : s.trainable) params.push_back(p);
   // fp16 gradients of the activations underflow (a 32k-token step's share of the loss
-  // per token is ~3e-5, at fp16's smallest normal): the loss is scaled up before the
+  // per token is ~3e-5, below fp16's smallest normal, 6e-5): the loss is scaled up before the
   // backward and the gradients down after it. Dynamic, as torch's GradScaler: halved,
   // and the update skipped, when a gradient overflows; doubled after
   // train.loss_scale_window finite steps in a row. Its state goes with the checkpoint.
@@ -292,6 +293,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
   else if (st.loss_scale == 0) st.loss_scale = tc.initial_loss_scale;
   const double fixed_scale = tc.loss_scale > 0 ? tc.loss_scale : 1.0;
   int64_t last_saved = from ? st.step : -1;
+  int64_t last_update = st.step;  // the weights are those after this step
   // Tests make every step from this one on non-finite (a NaN loss is hard to cause in fp32).
   const char* nonfinite_env = std::getenv("LONGLORA_TEST_NONFINITE_FROM_STEP");
   const int64_t test_nonfinite_from = nonfinite_env ? std::atoll(nonfinite_env) : 0;
@@ -366,6 +368,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
     const bool overflow = dynamic_scale && !finite && std::isfinite(loss) && st.loss_scale > 1;
     if (finite) {
       s.optimizer->step();
+      last_update = st.step + 1;
       st.bad_steps = 0;
       if (dynamic_scale && ++st.loss_scale_good_steps >= tc.loss_scale_window) {
         st.loss_scale *= 2;
@@ -439,7 +442,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
       if (all_finite(params)) {
         const auto dir = save_checkpoint(cfg.output.dir, m, s.trainable, *s.optimizer, st, cfg, model_config);
         spdlog::info("saved {}: the state after step {}, the last finite one (no checkpoint removed)", dir,
-                     st.step - st.bad_steps);
+                     last_update);
       } else {
         spdlog::error("the trainable weights are not finite: nothing saved");
       }
