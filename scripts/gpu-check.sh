@@ -4,14 +4,14 @@
 # of the test suite on the GPU. Logs go to $OUT (default ./gpu-out); a summary is
 # printed last. Stages are skipped once DEADLINE seconds (default 400) would be
 # passed, so a slow stage cannot eat the others' time.
-#   STAGES="build kernel attn train suite" scripts/gpu-check.sh
+#   STAGES="build kernel attn train checks suite" scripts/gpu-check.sh   (also: sft)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
 B="${BUILD_DIR:-/tmp/longlora-gpu-build}"
 DEADLINE="${DEADLINE:-400}"
-STAGES="${STAGES:-build kernel attn train suite}"
+STAGES="${STAGES:-build kernel attn train checks suite}"
 export PATH="/usr/local/cuda/bin:$PATH"
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
@@ -124,6 +124,44 @@ if want train 40; then
       --seq-len "$L" --steps "$steps" --warmup "$warmup" --json "${args[@]}" >"$OUT/train_$n.log" 2>&1
     { grep "^{" "$OUT/train_$n.log" || tail -3 "$OUT/train_$n.log"; } | tail -3 | tee -a "$SUMMARY"
   done <<<"$TRAIN_RUNS"
+fi
+
+if want checks 30; then
+  # What only this machine shows: the sentencepiece module loads beside CUDA, and a step
+  # that does not fit says so in one line (exit 1), not a stack of CUDA frames.
+  if "$BIN" make-data --tokenizer configs/demo/tokenizer.model --out "$OUT/spm.jsonl" --overwrite --docs 5 \
+       >"$OUT/spm.log" 2>&1; then
+    note "sentencepiece module: loads (make-data wrote $(wc -l <"$OUT/spm.jsonl") documents)"
+  else
+    note "sentencepiece module: FAILED: $(tail -1 "$OUT/spm.log")"
+  fi
+  timeout 90 "$BIN" bench --shape configs/shapes/llama2-7b.json --seq-len 1048576 --steps 1 --warmup 0 \
+    --set train.activation_checkpointing=false >"$OUT/oom.log" 2>&1
+  note "out of memory: exit $?, $(grep -c . "$OUT/oom.log") line(s): $(tail -1 "$OUT/oom.log" | cut -c1-200)"
+fi
+
+# Instruction data shaped like LongAlpaca (answers of 100-3000 words after contexts of
+# 1k-24k words), 7B shape from drawn weights at 32k: the micro-batch is cut to its
+# longest row, so the step time follows the data, not seq_len. Not in the default
+# stages (minutes): STAGES="build sft".
+if want sft 120; then
+  python3 - "$OUT/sft.json" <<'PY'
+import json, random, sys
+random.seed(1)
+w = "the grass is green the sky is blue here we go there and back again".split()
+text = lambda n: " ".join(random.choice(w) for _ in range(n))
+recs = [{"instruction": text(random.randint(1000, 24000)) + "\nSummarize the text above.",
+         "input": "", "output": text(random.randint(100, 3000))} for _ in range(64)]
+json.dump(recs, open(sys.argv[1], "w"))
+PY
+  mkdir -p "$OUT/sft-model"
+  cp configs/shapes/llama2-7b.json "$OUT/sft-model/config.json"
+  cp configs/demo/tokenizer.model "$OUT/sft-model/tokenizer.model"
+  timeout 300 "$BIN" --config configs/llama7b_32k.json --set model.init=random --set model.path="$OUT/sft-model" \
+    --set data.train="$OUT/sft.json" --set data.format=sft --set train.max_steps=6 --set train.grad_accum=1 \
+    --set output.dir="$OUT/sft-run" --set output.save_steps=1000 >"$OUT/sft.log" 2>&1
+  note "sft 32k (cut rows): exit $?"
+  grep -E "step [0-9]+/" "$OUT/sft.log" | tail -6 | tee -a "$SUMMARY"
 fi
 
 if want suite 40; then
