@@ -71,6 +71,20 @@ Field number(std::string path, Ref<double> ref, double lo, double hi, bool lo_op
           [ref](const RunConfig& c) { return json(ref(const_cast<RunConfig&>(c))); }};
 }
 
+// 0 (for a value chosen elsewhere) or a number in [lo, hi].
+Field zero_or_number(std::string path, Ref<double> ref, double lo, double hi, std::string doc) {
+  std::ostringstream range;
+  range << "0 or a number in [" << lo << ", " << hi << "]";
+  const std::string type = range.str();
+  return {path, type, doc,
+          [ref, lo, hi, type](RunConfig& c, const json& v, const std::string& w) {
+            const double x = v.is_number() ? v.get<double>() : -1;
+            if (!(x == 0 || (x >= lo && x <= hi))) bad(w, type, v);
+            ref(c) = x;
+          },
+          [ref](const RunConfig& c) { return json(ref(const_cast<RunConfig&>(c))); }};
+}
+
 Field boolean(std::string path, Ref<bool> ref, std::string doc) {
   return {path, "boolean", doc,
           [ref](RunConfig& c, const json& v, const std::string& w) {
@@ -94,20 +108,12 @@ const std::vector<Field>& schema() {
     f.push_back(str("model.dtype", [](RunConfig& c) -> auto& { return c.model.dtype; },
                     "compute dtype; auto = bf16 on GPU, fp32 on CPU",
                     {"auto", "fp32", "bf16", "fp16"}));
-    {
-      // Below 1 a factor would stretch positions, and no reader of the checkpoint (eval,
-      // export, Hugging Face) takes such a factor: refused here, not after the training.
-      const std::string type = "0 or a number in [1, 1024]";
-      f.push_back({"model.rope_factor", type,
-                   "linear position interpolation factor; 0 = the model's own (1 without rope_scaling), raised to "
-                   "ceil(seq_len / max_position_embeddings) where seq_len needs more",
-                   [type](RunConfig& c, const json& v, const std::string& w) {
-                     const double x = v.is_number() ? v.get<double>() : -1;
-                     if (!(x == 0 || (x >= 1 && x <= 1024))) bad(w, type, v);
-                     c.model.rope_factor = x;
-                   },
-                   [](const RunConfig& c) { return json(c.model.rope_factor); }});
-    }
+    // Below 1 a factor would stretch positions, and no reader of the checkpoint (eval,
+    // export, Hugging Face) takes such a factor: refused here, not after the training.
+    f.push_back(zero_or_number("model.rope_factor", [](RunConfig& c) -> auto& { return c.model.rope_factor; }, 1,
+                               1024,
+                               "linear position interpolation factor; 0 = the model's own (1 without rope_scaling), "
+                               "raised to ceil(seq_len / max_position_embeddings) where seq_len needs more"));
     f.push_back(boolean("lora.enabled", [](RunConfig& c) -> auto& { return c.lora.enabled; },
                         "false = full fine-tuning (every parameter trains)"));
     f.push_back(integer("lora.r", [](RunConfig& c) -> auto& { return c.lora.r; }, 1, "LoRA rank"));
@@ -199,19 +205,10 @@ const std::vector<Field>& schema() {
                         "tokens per MLP chunk in recompute and no-grad forward (0 = whole sequence)"));
     f.push_back(integer("train.max_bad_steps", [](RunConfig& c) -> auto& { return c.train.max_bad_steps; },
                         1, "consecutive non-finite steps skipped before the run stops"));
-    {
-      // Below 1 a fixed scale shrinks the gradients: fp16 would lose more of them, not fewer.
-      const std::string type = "0 or a number in [1, 1e+30]";
-      f.push_back({"train.loss_scale", type,
-                   "loss scale; 0 = dynamic with fp16 (halved at a gradient overflow, doubled after "
-                   "train.loss_scale_window finite steps), none otherwise",
-                   [type](RunConfig& c, const json& v, const std::string& w) {
-                     const double x = v.is_number() ? v.get<double>() : -1;
-                     if (!(x == 0 || (x >= 1 && x <= 1e30))) bad(w, type, v);
-                     c.train.loss_scale = x;
-                   },
-                   [](const RunConfig& c) { return json(c.train.loss_scale); }});
-    }
+    // Below 1 a fixed scale shrinks the gradients: fp16 would lose more of them, not fewer.
+    f.push_back(zero_or_number("train.loss_scale", [](RunConfig& c) -> auto& { return c.train.loss_scale; }, 1, 1e30,
+                               "loss scale; 0 = dynamic with fp16 (halved at a gradient overflow, doubled after "
+                               "train.loss_scale_window finite steps), none otherwise"));
     f.push_back(number("train.initial_loss_scale",
                        [](RunConfig& c) -> auto& { return c.train.initial_loss_scale; }, 1, 1e30, false,
                        "the dynamic loss scale's start"));
