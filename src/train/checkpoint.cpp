@@ -185,12 +185,10 @@ void write_checkpoint_files(const fs::path& tmp, const model::LlamaForCausalLMIm
 }  // namespace
 
 std::string full_finetune_config(const RunConfig& cfg, double rope_factor) {
-  // The run's model config.json (setup.cpp's cfg_path) with the trained RoPE factor and
-  // fp32 (the master weights a full fine-tune saves): fields we do not model (an
-  // eos_token_id list, pad_token_id) stay.
-  const std::string cfg_path =
-      !cfg.model.config.empty() ? cfg.model.config : (fs::path(cfg.model.path) / "config.json").string();
-  return io::model_dir_config(cfg_path, io::DType::F32, rope_factor);
+  // The run's model config.json with the trained RoPE factor and fp32 (the master
+  // weights a full fine-tune saves): fields we do not model (an eos_token_id list,
+  // pad_token_id) stay.
+  return io::model_dir_config(model_config_path(cfg), io::DType::F32, rope_factor);
 }
 
 std::string save_checkpoint(const std::string& output_dir, const model::LlamaForCausalLMImpl& m,

@@ -1,5 +1,6 @@
 #include "longlora/train/config.h"
 
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -301,6 +302,10 @@ json to_json(const RunConfig& c) {
     return p;
   }())] = f.get(c);
   return j;
+}
+
+std::string model_config_path(const RunConfig& c) {
+  return !c.model.config.empty() ? c.model.config : (std::filesystem::path(c.model.path) / "config.json").string();
 }
 
 std::string config_reference() {

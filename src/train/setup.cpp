@@ -74,8 +74,7 @@ Session make_session(const RunConfig& c, bool with_data) {
   s.dtype = pick_dtype(c.model.dtype, s.device);
   torch::manual_seed(static_cast<uint64_t>(c.train.seed));
 
-  const std::string cfg_path =
-      !c.model.config.empty() ? c.model.config : (fs::path(c.model.path) / "config.json").string();
+  const std::string cfg_path = model_config_path(c);
   auto mcfg = io::load_model_config(cfg_path);
   model::LoadOptions lo;
   lo.device = s.device;

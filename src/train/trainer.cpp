@@ -237,6 +237,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
 
   const std::string model_config = cfg.lora.enabled ? "" : full_finetune_config(cfg, m.cfg.rope_factor);
   TrainerState st;
+  auto save = [&] { return save_checkpoint(cfg.output.dir, m, s.trainable, *s.optimizer, st, cfg, model_config); };
   if (from) {
     st = load_checkpoint(*from, s.trainable, *s.optimizer, cfg, m.cfg);
     spdlog::info("resumed from {} at step {}", *from, st.step);
@@ -440,7 +441,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
       // were lost). Nothing is pruned for it, and weights that are not finite (an
       // update blew them up) are not saved over anything.
       if (all_finite(params)) {
-        const auto dir = save_checkpoint(cfg.output.dir, m, s.trainable, *s.optimizer, st, cfg, model_config);
+        const auto dir = save();
         spdlog::info("saved {}: the state after step {}, the last finite one (no checkpoint removed)", dir,
                      last_update);
       } else {
@@ -451,7 +452,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
 
     // ---- periodic work
     if (st.step % cfg.output.save_steps == 0 || st.step == tc.max_steps || signalled() || metrics_failed) {
-      const auto dir = save_checkpoint(cfg.output.dir, m, s.trainable, *s.optimizer, st, cfg, model_config);
+      const auto dir = save();
       prune_checkpoints(cfg.output.dir, cfg.output.keep_last);
       last_saved = st.step;
       spdlog::info("saved {}", dir);
@@ -470,7 +471,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
       return 0;
     }
   }
-  if (last_saved != st.step) save_checkpoint(cfg.output.dir, m, s.trainable, *s.optimizer, st, cfg, model_config);
+  if (last_saved != st.step) save();
   spdlog::info("training done: {} steps", st.step);
   return 0;
 }

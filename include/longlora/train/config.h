@@ -97,6 +97,9 @@ struct ConfigOrigin {
   std::string at(const std::string& key) const;
 };
 nlohmann::json to_json(const RunConfig& c);
+// The model's config.json: model.config when given (a run from drawn weights), else
+// model.path's.
+std::string model_config_path(const RunConfig& c);
 // Markdown table of every key: path, type, default, meaning (README reference).
 std::string config_reference();
 
