@@ -660,9 +660,7 @@ TEST(Train, ASecondSignalExitsAtOnceAndAnIgnoredOneStaysIgnored) {
     }, 120));
     ASSERT_FALSE(exited) << "the run stopped on SIGTERM";
     ::kill(pid, SIGINT);
-    ::waitpid(pid, &status, 0);
-    ASSERT_TRUE(WIFEXITED(status));
-    EXPECT_EQ(WEXITSTATUS(status), 0);
+    EXPECT_EQ(testutil::wait_exit(pid), 0);
     EXPECT_TRUE(train::latest_checkpoint(d + "/out").has_value());
     longlora::remove_tree(d);
   }
@@ -823,12 +821,10 @@ TEST(Train, ARunStoppedByNonFiniteStepsSavesItsLastFiniteState) {
   // Every step has its record, the one the run stopped at too (skipped), which the
   // resume, starting after it, never logs again.
   std::vector<int> logged;
-  std::ifstream in(d + "/out/metrics.jsonl");
-  for (std::string line; std::getline(in, line);)
-    if (json j = json::parse(line); j.contains("loss")) {
-      logged.push_back(j["step"].get<int>());
-      EXPECT_EQ(j["skipped"].get<bool>(), logged.back() >= 6 && logged.back() <= 8) << line;
-    }
+  for (const auto& j : testutil::metric_records(d + "/out/metrics.jsonl")) {
+    logged.push_back(j["step"].get<int>());
+    EXPECT_EQ(j["skipped"].get<bool>(), logged.back() >= 6 && logged.back() <= 8) << j.dump();
+  }
   EXPECT_EQ(logged, (std::vector<int>{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}));
   // A normal save prunes to output.keep_last (1 here): both older checkpoints go.
   EXPECT_FALSE(fs::exists(d + "/out/checkpoint-4"));
@@ -864,10 +860,7 @@ TEST(Train, ThroughputIsOverTheLoggedStepsAndCountsLossTokensApart) {
   // Rows cut to the longest (all alike here): up to the position that predicts EOS, in
   // multiples of 8 (S2's four groups, each even).
   const double width = std::ceil((tok.encode(prompt + output).size() + 1) / 8.0) * 8;
-  std::vector<json> recs;
-  std::ifstream in(d + "/out/metrics.jsonl");
-  for (std::string line; std::getline(in, line);)
-    if (json j = json::parse(line); j.contains("loss")) recs.push_back(j);
+  const auto recs = testutil::metric_records(d + "/out/metrics.jsonl");
   ASSERT_EQ(recs.size(), 2u);
   for (const auto& j : recs) {
     const double tps = j["tokens_per_s"].get<double>();
@@ -894,14 +887,9 @@ TEST(Train, ThroughputIsOverTheLoggedStepsAndCountsLossTokensApart) {
                             " --set output.log_steps=1 --set output.dir=" + d + "/saves",
                         "LONGLORA_TEST_SAVE_PAUSE_MS=1500 ");
   ASSERT_EQ(r.code, 0) << r.err;
-  std::ifstream saves(d + "/saves/metrics.jsonl");
-  int records = 0;
-  for (std::string line; std::getline(saves, line);)
-    if (json k = json::parse(line); k.contains("loss")) {
-      ++records;
-      EXPECT_LT(k["step_time_s"].get<double>(), 2.0) << line;
-    }
-  EXPECT_EQ(records, 4);
+  const auto saves = testutil::metric_records(d + "/saves/metrics.jsonl");
+  for (const auto& k : saves) EXPECT_LT(k["step_time_s"].get<double>(), 2.0) << k.dump();
+  EXPECT_EQ(saves.size(), 4u);
 }
 
 TEST(Train, ConfigsThatCannotRunAreSaidBeforeTheFirstStep) {
@@ -969,42 +957,20 @@ TEST(Train, EvalOfACheckpointUsesItsTrainedRopeFactor) {
   EXPECT_EQ(json::parse(r.out)["loss"].get<double>(), loss);
 }
 
-namespace {
-std::vector<json> metric_records(const std::string& path) {
-  std::vector<json> out;
-  std::ifstream in(path);
-  for (std::string line; std::getline(in, line);) {
-    auto j = json::parse(line);
-    if (j.contains("loss")) out.push_back(j);
-  }
-  return out;
-}
-}  // namespace
-
 TEST(Train, Fp16ScalesTheLossSoThatSmallGradientsSurvive) {
   // lm_head shrunk by 1e-5: every gradient below it is ~1e-8 per token, under fp16's
   // smallest subnormal (6e-8), as a long context's 1/tokens share of the loss makes them.
   // (Its fp16 weights are subnormals themselves: this takes torch's default of keeping
   // subnormals, not flushing them.)
   const auto d = testutil::temp_dir("fp16-scale");
-  const std::string model = d + "/model";
-  std::filesystem::copy(testutil::golden("tiny-llama/model"), model);
-  bool found = false;
-  for (const auto& e : std::filesystem::directory_iterator(model)) {
-    if (e.path().extension() != ".safetensors") continue;
-    std::vector<std::pair<std::string, torch::Tensor>> ts;
-    for (auto& [n, t] : io::load_tensors(e.path().string())) {
-      found = found || n == "lm_head.weight";
-      ts.emplace_back(n, n == "lm_head.weight" ? t * 1e-5 : t.clone());
-    }
-    io::save_tensors(e.path().string(), ts);
-  }
-  ASSERT_TRUE(found);
+  const std::string model =
+      testutil::golden_model_with(d + "/model", "lm_head.weight", [](torch::Tensor& w) { w.mul_(1e-5); });
+  ASSERT_FALSE(HasFailure());
   auto run = [&](const std::string& name, const std::string& flags) {
     auto r = testutil::run_cli("--config " + tiny_config(d) + " --set model.path=" + model + " --set output.dir=" + d +
                                "/" + name + " --set train.max_steps=2 --set data.shuffle=false --set device=cpu " + flags);
     EXPECT_EQ(r.code, 0) << r.err;
-    return metric_records(d + "/" + name + "/metrics.jsonl");
+    return testutil::metric_records(d + "/" + name + "/metrics.jsonl");
   };
   const auto fp32 = run("fp32", "--set model.dtype=fp32");
   const auto scaled = run("scaled", "--set model.dtype=fp16");
@@ -1038,7 +1004,7 @@ TEST(Train, Fp16LossScaleHalvesAtAnOverflowGrowsAfterItsWindowAndResumes) {
   EXPECT_NE(r.err.find("step 1: gradient overflow at loss scale 2.09715e+06, update skipped; scale now 1.04858e+06"),
             std::string::npos)
       << r.err;
-  const auto recs = metric_records(a + "/out/metrics.jsonl");
+  const auto recs = testutil::metric_records(a + "/out/metrics.jsonl");
   ASSERT_EQ(recs.size(), 10u);
   double scale = 2097152.0;
   int good = 0, skipped = 0, doubled = 0;
@@ -1061,7 +1027,7 @@ TEST(Train, Fp16LossScaleHalvesAtAnOverflowGrowsAfterItsWindowAndResumes) {
   ASSERT_EQ(r.code, 0) << r.err;
   r = testutil::run_cli("--config " + tiny_config(b) + flags + " --resume");
   ASSERT_EQ(r.code, 0) << r.err;
-  const auto again = metric_records(b + "/out/metrics.jsonl");
+  const auto again = testutil::metric_records(b + "/out/metrics.jsonl");
   ASSERT_EQ(again.size(), 10u);
   for (size_t i = 5; i < 10; ++i) {
     EXPECT_EQ(again[i]["loss"], recs[i]["loss"]) << "step " << i + 1;

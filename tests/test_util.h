@@ -40,13 +40,20 @@ inline nlohmann::json read_json(const std::string& path) { return nlohmann::json
 inline nlohmann::json golden_json() { return read_json(golden("tiny-llama/golden.json")); }
 
 // The training losses of a metrics.jsonl, in step order (eval records skipped).
-inline std::vector<double> metric_losses(const std::string& metrics) {
-  std::vector<double> out;
+// metrics.jsonl's step records (those with a loss; eval records have none).
+inline std::vector<nlohmann::json> metric_records(const std::string& metrics) {
+  std::vector<nlohmann::json> out;
   std::ifstream in(metrics);
   for (std::string line; std::getline(in, line);) {
     auto j = nlohmann::json::parse(line);
-    if (j.contains("loss")) out.push_back(j["loss"].get<double>());
+    if (j.contains("loss")) out.push_back(std::move(j));
   }
+  return out;
+}
+
+inline std::vector<double> metric_losses(const std::string& metrics) {
+  std::vector<double> out;
+  for (const auto& j : metric_records(metrics)) out.push_back(j["loss"].get<double>());
   return out;
 }
 
@@ -72,8 +79,9 @@ inline std::string read_file(const std::string& path) {
   return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
 }
 
-// A copy of the golden tiny model at `dst` with one NaN in the weight `name`.
-inline std::string golden_model_with_a_nan(const std::string& dst, const std::string& name) {
+// A copy of the golden tiny model at `dst` whose weight `name` is edited in place.
+inline std::string golden_model_with(const std::string& dst, const std::string& name,
+                                     const std::function<void(torch::Tensor&)>& edit) {
   std::filesystem::copy(golden("tiny-llama/model"), dst);
   bool found = false;
   for (const auto& e : std::filesystem::directory_iterator(dst)) {
@@ -81,13 +89,18 @@ inline std::string golden_model_with_a_nan(const std::string& dst, const std::st
     std::vector<std::pair<std::string, torch::Tensor>> ts;
     for (auto& [n, t] : longlora::io::load_tensors(e.path().string())) {
       auto c = t.clone();  // the loaded tensors view a read-only mapping
-      if (n == name) c.view(-1)[7] = std::nanf(""), found = true;
+      if (n == name) edit(c), found = true;
       ts.emplace_back(n, c);
     }
     longlora::io::save_tensors(e.path().string(), ts);
   }
   EXPECT_TRUE(found) << name;
   return dst;
+}
+
+// A copy of the golden tiny model at `dst` with one NaN in the weight `name`.
+inline std::string golden_model_with_a_nan(const std::string& dst, const std::string& name) {
+  return golden_model_with(dst, name, [](torch::Tensor& w) { w.view(-1)[7] = std::nanf(""); });
 }
 
 // Starts the binary in the background: `env` is put before it on the shell line
