@@ -262,6 +262,36 @@ TEST(Train, TinyModelLossFallsAndCheckpointLoadsAsAdapter) {
   EXPECT_LT(json::parse(e.out)["loss"].get<double>(), json::parse(base.out)["loss"].get<double>() - 0.3);
 }
 
+// A tied base trains one matrix for both layers. peft loads each module_to_save as its
+// own copy, so a saved embed_tokens alone would leave peft's lm_head on the base's
+// matrix: the checkpoint names lm_head too, with the same matrix.
+TEST(Train, ATiedBasesTrainedEmbeddingIsSavedForBothLayers) {
+  const auto dir = testutil::temp_dir("train-tied");
+  const std::string base = dir + "/base";
+  std::filesystem::copy(testutil::golden("tiny-llama/model"), base);
+  auto mc = testutil::read_json(base + "/config.json");
+  mc["tie_word_embeddings"] = true;
+  testutil::write_file(base + "/config.json", mc.dump());
+  auto r = testutil::run_cli("--config " + tiny_config(dir) + " --set model.path=" + base +
+                             " --set train.max_steps=2 --set output.save_steps=2");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const std::string ck = dir + "/out/checkpoint-2";
+  const auto cfg = testutil::read_json(ck + "/adapter_config.json");
+  const auto mods = cfg["modules_to_save"].get<std::vector<std::string>>();
+  EXPECT_NE(std::find(mods.begin(), mods.end(), "embed_tokens"), mods.end()) << cfg.dump();
+  EXPECT_NE(std::find(mods.begin(), mods.end(), "lm_head"), mods.end()) << cfg.dump();
+  auto t = testutil::load(ck + "/adapter_model.safetensors");
+  const std::string pre = io::kPeftPrefix;
+  const auto& embed = t.at(pre + "model.embed_tokens.weight");
+  EXPECT_TRUE(torch::equal(t.at(pre + "lm_head.weight"), embed));
+  // Trained, and loads back as the one matrix.
+  auto m = model::load_model(base, {});
+  EXPECT_GT(testutil::max_abs_diff(embed, m->head_weight()), 0);
+  model::apply_adapter(*m, ck);
+  EXPECT_TRUE(torch::equal(m->head_weight(), embed));
+  longlora::remove_tree(dir);
+}
+
 TEST(Train, InstructionBatchesAreCutToTheirLongestRow) {
   // Padded to seq_len, a short record cost as much as a long one, and S2 grouped it by
   // a quarter of seq_len. Cut to the micro-batch's longest row (rounded to S2's four

@@ -115,7 +115,8 @@ json model_fingerprint(const io::ModelConfig& c) {
 
 }  // namespace
 
-void save_adapter(const std::string& dir, const NamedTensors& trainable, const RunConfig& cfg) {
+void save_adapter(const std::string& dir, const NamedTensors& trainable, const RunConfig& cfg,
+                  bool tied_embeddings) {
   io::AdapterConfig a;
   a.r = cfg.lora.r;
   a.lora_alpha = cfg.lora.alpha;
@@ -133,6 +134,10 @@ void save_adapter(const std::string& dir, const NamedTensors& trainable, const R
       mod = mod.substr(mod.rfind('.') + 1);
       if (saved.insert(mod).second) a.modules_to_save.push_back(mod);
     }
+    if (tied_embeddings && name == "model.embed_tokens.weight" && saved.insert("lm_head").second) {
+      out.emplace_back(std::string(io::kPeftPrefix) + "lm_head.weight", p);
+      a.modules_to_save.push_back("lm_head");
+    }
   }
   json j = io::adapter_config_to_json(a);
   write_text((fs::path(dir) / "adapter_config.json").string(), j.dump(2));
@@ -146,7 +151,7 @@ void write_checkpoint_files(const fs::path& tmp, const model::LlamaForCausalLMIm
                             const std::string& model_config) {
   std::map<std::string, io::FileDigest> written;  // the big files, digested as they were written
   if (cfg.lora.enabled) {
-    save_adapter(tmp.string(), trainable, cfg);
+    save_adapter(tmp.string(), trainable, cfg, m.cfg.tie_word_embeddings);
   } else {
     NamedTensors all;
     for (const auto& item : m.named_parameters()) all.emplace_back(item.key(), item.value());

@@ -38,8 +38,11 @@ struct TrainerState {
   int64_t data_bytes = 0;
 };
 
-// peft adapter (LoRA + modules_to_save) of the trainable parameters.
-void save_adapter(const std::string& dir, const NamedTensors& trainable, const RunConfig& cfg);
+// peft adapter (LoRA + modules_to_save) of the trainable parameters. With a tied base
+// (`tied_embeddings`) a trained embedding is also saved as lm_head: peft copies each
+// module it saves, so with embed_tokens alone its lm_head would stay the base's matrix.
+void save_adapter(const std::string& dir, const NamedTensors& trainable, const RunConfig& cfg,
+                  bool tied_embeddings = false);
 
 // A full fine-tuning checkpoint's config.json text: the run's model config.json with
 // the RoPE factor and fp32 set, everything else as written. Read once at the start of
