@@ -52,6 +52,8 @@ TEST(Bench, TrainBenchHonoursTheMicroBatch) {
   ASSERT_EQ(r.code, 0) << r.err;
   auto j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j["micro_batch_size"], 3);
+  // The batch the step ran (bench counts its tensor), and the rate over it.
+  EXPECT_EQ(j["tokens_per_step"], 3 * 64);
   EXPECT_NEAR(j["tokens_per_s"].get<double>(), 3 * 64 / (j["step_ms"].get<double>() / 1000.0),
               1e-6 * j["tokens_per_s"].get<double>());
 }

@@ -129,13 +129,16 @@ int run_train_bench(const TrainBenchOptions& o) {
   const double flops = 6.0 * L * (per_layer_w * mc.num_hidden_layers + mc.hidden_size * mc.vocab_size) +
                        mc.num_hidden_layers * 4.0 * 3.0 * H * D * pairs;
   const std::string dev = device_name(s.device);
-  const double tps = B * L / (step_ms / 1000.0);
-  const double tflops = B * flops / (step_ms / 1000.0) / 1e12;
+  // Counted on the batch the step ran, not from the config that asked for it.
+  const int64_t step_tokens = ids.numel();
+  const double tps = step_tokens / (step_ms / 1000.0);
+  const double tflops = ids.size(0) * flops / (step_ms / 1000.0) / 1e12;
   const double peak = peak_tflops(dev);
   nlohmann::json j = {{"device", dev},
                       {"shape", o.shape},
                       {"seq_len", L},
                       {"micro_batch_size", B},
+                      {"tokens_per_step", step_tokens},
                       {"dtype", dtype_string(s.dtype)},
                       {"attention_backend", attention::to_string(attention::resolve_backend(
                                                 s.train_forward.attn.backend, s.device.is_cuda()))},
