@@ -379,6 +379,35 @@ TEST(Generate, StopsRightAfterTheEosTheModelPicks) {
   }
 }
 
+// config.json's eos_token_id may list several end tokens (LLaMA 3 Instruct ends its
+// turns with the second); transformers stops at any of them.
+TEST(Generate, StopsAtAnyEndTokenOfAnEosTokenIdList) {
+  const auto dir = testutil::temp_dir("eos-list");
+  auto j = testutil::read_json(model_dir() + "/config.json");
+  j["eos_token_id"] = {2, 101};
+  testutil::write_file(dir + "/config.json", j.dump());
+  const auto cfg = io::load_model_config(dir + "/config.json");
+  EXPECT_EQ(cfg.eos_token_id, 2);
+  EXPECT_EQ(cfg.eos_token_ids, (std::vector<int64_t>{2, 101}));
+  EXPECT_EQ(io::model_config_to_json(cfg)["eos_token_id"], j["eos_token_id"]);  // written back as a list
+
+  const auto ids = with_bos("Once upon a time");
+  auto m = chain_model({ids.back(), 100, 101, 102});
+  eval::GenerateOptions o;
+  o.max_new_tokens = 5;
+  o.temperature = 0;
+  for (bool cache : {true, false}) {
+    o.use_cache = cache;
+    const auto on = eval::generate(*m, tokenizer(), ids, o);  // end token 2 only: 101 is no end
+    ASSERT_EQ(on.size(), 5u) << "cache " << cache;
+    EXPECT_EQ(std::vector<int>(on.begin(), on.begin() + 3), (std::vector<int>{100, 101, 102}));
+    m->cfg.eos_token_ids = cfg.eos_token_ids;
+    EXPECT_EQ(eval::generate(*m, tokenizer(), ids, o), (std::vector<int>{100, 101})) << "cache " << cache;
+    m->cfg.eos_token_ids = {2};
+  }
+  longlora::remove_tree(dir);
+}
+
 TEST(Generate, TopPKeepsTheNucleusOnly) {
   // p = (0.5, 0.3, 0.15, 0.05): top_p 0.7 keeps tokens 0 and 1 (0.5 < 0.7 <= 0.8).
   auto logits = torch::tensor({0.5, 0.3, 0.15, 0.05}, torch::kFloat64).log().to(torch::kFloat32);

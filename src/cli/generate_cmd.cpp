@@ -72,17 +72,16 @@ int run_generate(const GenerateArgs& a) {
   g.use_cache = !a.no_cache;
 
   eval::StreamDecoder dec(tok, ids.back());
-  const int eos = tok.eos_id();
   const auto t0 = std::chrono::steady_clock::now();
   const auto out = eval::generate(*m, tok, ids, g, [&](int id) {
-    if (id != eos) std::cout << dec.push(id) << std::flush;
+    if (!eval::is_stop_token(*m, tok, id)) std::cout << dec.push(id) << std::flush;
     // Text that cannot be written is lost: stop here, main() reports it.
     return static_cast<bool>(std::cout);
   });
   std::cout << dec.finish() << std::endl;
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   spdlog::info("{} prompt tokens, {} new tokens ({}) in {:.2f} s, {:.1f} tokens/s", ids.size(), out.size(),
-               !out.empty() && out.back() == eos ? "stopped at EOS" : "max tokens", secs,
+               !out.empty() && eval::is_stop_token(*m, tok, out.back()) ? "stopped at EOS" : "max tokens", secs,
                static_cast<double>(out.size()) / std::max(secs, 1e-9));
   return 0;
 }

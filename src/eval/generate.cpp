@@ -40,6 +40,11 @@ int sample_token(const torch::Tensor& logits_in, double temperature, double top_
   return order[keep - 1];
 }
 
+bool is_stop_token(const model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok, int id) {
+  const auto& l = m.cfg.eos_token_ids;
+  return id == tok.eos_id() || std::find(l.begin(), l.end(), id) != l.end();
+}
+
 std::vector<int> generate(model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok,
                           const std::vector<int>& prompt_ids, const GenerateOptions& o,
                           const std::function<bool(int)>& on_token) {
@@ -78,7 +83,6 @@ std::vector<int> generate(model::LlamaForCausalLMImpl& m, const data::Tokenizer&
   if (o.use_cache) feed_cached(seq.data(), static_cast<int64_t>(seq.size()));
 
   std::mt19937_64 rng(o.seed);
-  const int eos = tok.eos_id();
   for (int64_t step = 0; step < o.max_new_tokens; ++step) {
     if (!o.use_cache) logits = last_logits(m.hidden(as_tensor(seq.data(), static_cast<int64_t>(seq.size())), {}));
     // NaN logits would sample garbage (or argmax id 0) and print it as an answer.
@@ -89,7 +93,7 @@ std::vector<int> generate(model::LlamaForCausalLMImpl& m, const data::Tokenizer&
     out.push_back(id);
     seq.push_back(id);
     const bool go_on = !on_token || on_token(id);
-    if (!go_on || (o.stop_at_eos && id == eos) || step + 1 == o.max_new_tokens) break;
+    if (!go_on || (o.stop_at_eos && is_stop_token(m, tok, id)) || step + 1 == o.max_new_tokens) break;
     if (o.use_cache) feed_cached(&seq.back(), 1);
   }
   return out;

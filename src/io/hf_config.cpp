@@ -80,15 +80,19 @@ ModelConfig parse_model_config(const json& j, const std::string& src) {
   c.tie_word_embeddings = f.boolean("tie_word_embeddings").value_or(false);
   c.bos_token_id = get_int(f, "bos_token_id", false, 1, 0);
   if (f.given("eos_token_id") && f.at("eos_token_id").is_array()) {
-    // Several end tokens (LLaMA 3 style): generation stops at the first listed.
+    // Several end tokens (LLaMA 3 style): generation stops at any of them.
     const json& l = f.at("eos_token_id");
     if (l.empty()) f.fail("eos_token_id", "empty list");
-    for (const auto& e : l)
+    c.eos_token_ids.clear();
+    for (const auto& e : l) {
       if (!e.is_number_integer() || e.get<int64_t>() < 0)
         f.expected("eos_token_id", "an integer >= 0 or a list of them");
-    c.eos_token_id = l[0].get<int64_t>();
+      c.eos_token_ids.push_back(e.get<int64_t>());
+    }
+    c.eos_token_id = c.eos_token_ids[0];
   } else {
     c.eos_token_id = get_int(f, "eos_token_id", false, 2, 0);
+    c.eos_token_ids = {c.eos_token_id};
   }
   // Decides the dtype of a merged export: an unknown name must not become fp32 silently.
   for (const char* k : {"torch_dtype", "dtype"}) {
@@ -144,7 +148,7 @@ json model_config_to_json(const ModelConfig& c) {
       {"rope_theta", c.rope_theta},
       {"tie_word_embeddings", c.tie_word_embeddings},
       {"bos_token_id", c.bos_token_id},
-      {"eos_token_id", c.eos_token_id},
+      {"eos_token_id", c.eos_token_ids.size() > 1 ? json(c.eos_token_ids) : json(c.eos_token_id)},
       {"attention_bias", false},
       {"mlp_bias", false},
       {"pretraining_tp", 1},

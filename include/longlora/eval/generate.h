@@ -34,6 +34,10 @@ std::vector<int> generate(model::LlamaForCausalLMImpl& m, const data::Tokenizer&
                           const std::vector<int>& prompt_ids, const GenerateOptions& o,
                           const std::function<bool(int)>& on_token = {});
 
+// Whether `id` ends a generation: the tokenizer's EOS or any eos_token_id of the
+// model's config.json (a list: transformers' generate stops at each of them).
+bool is_stop_token(const model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok, int id);
+
 // The next token from one row of logits (vocab,) under `o` (temperature, top_p);
 // `rng` is drawn from only when sampling (temperature > 0). Only ids below `n_ids`
 // (> 0: the tokenizer's piece count) are chosen; generate() passes the tokenizer's.

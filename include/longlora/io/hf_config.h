@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json_fwd.hpp>
 
@@ -26,6 +27,9 @@ struct ModelConfig {
   bool tie_word_embeddings = false;
   int64_t bos_token_id = 1;
   int64_t eos_token_id = 2;
+  // Every end token of an eos_token_id list (transformers' generate stops at any of
+  // them; LLaMA 3 Instruct ends its turns with the second); {eos_token_id} otherwise.
+  std::vector<int64_t> eos_token_ids{2};
   std::string torch_dtype = "float32";
 };
 
