@@ -368,6 +368,56 @@ TEST(ExportGolden, SavedEmbeddingLayersAreMergedAsPeftLoadsThem) {
   longlora::remove_tree(dir);
 }
 
+// On a base that ties its embeddings, peft wraps each modules_to_save entry in a copy
+// of its module: an embed_tokens saved that way leaves lm_head on the base's matrix,
+// and an lm_head saved that way leaves the embedding. eval --adapter and the merge
+// follow it; the oracle is the untied base whose lm_head is the embedding, with the
+// same adapter.
+TEST(ExportGolden, ModulesToSaveEmbeddingsPartATiedBaseAsPeftLoadsThem) {
+  const auto dir = testutil::temp_dir("export-tied-mts");
+  const std::string tied = copy_base(dir + "/tied", [](Tensors& t) { t.erase("lm_head.weight"); },
+                                     [](json& c) { c["tie_word_embeddings"] = true; });
+  const std::string untied =
+      copy_base(dir + "/untied", [](Tensors& t) { t["lm_head.weight"] = t["model.embed_tokens.weight"].clone(); });
+  const auto base_embed = testutil::load(kBase)["model.embed_tokens.weight"];
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(5);
+  const auto head = at::normal(0.0, 0.1, {512, 64}, gen);
+  const std::string with_head = copy_adapter(dir + "/head", [&](Tensors& t) {
+    t.erase("model.embed_tokens");
+    t["lm_head"] = head;
+  });
+  auto acfg = testutil::read_json(with_head + "/adapter_config.json");
+  acfg["modules_to_save"] = {"lm_head", "norm"};
+  testutil::write_file(with_head + "/adapter_config.json", acfg.dump());
+  const auto ids = testutil::load(testutil::golden("tiny-llama/golden.safetensors"))["input_ids"];
+  for (const auto& [ad, want_embed, want_head] :
+       {std::tuple{kAdapter, testutil::load(kAdapter + "/adapter_model.safetensors")
+                                 [std::string(io::kPeftPrefix) + "model.embed_tokens.weight"],
+                   base_embed},
+        std::tuple{with_head, base_embed, head}}) {
+    SCOPED_TRACE(ad);
+    auto oracle = model::load_model(untied, {});
+    model::apply_adapter(*oracle, ad);
+    auto m = model::load_model(tied, {});
+    model::apply_adapter(*m, ad);
+    EXPECT_FALSE(m->cfg.tie_word_embeddings);
+    EXPECT_TRUE(torch::equal(m->model->embed_tokens->weight, want_embed));
+    EXPECT_TRUE(torch::equal(m->head_weight(), want_head));
+    torch::NoGradGuard ng;
+    const auto want = oracle->forward(ids, {});
+    EXPECT_LE(testutil::max_abs_diff(m->forward(ids, {}), want), 1e-6);
+
+    auto r = testutil::run_cli(export_cmd(ad, dir + "/merged", "--base " + tied + " --dtype fp32 --overwrite"));
+    ASSERT_EQ(r.code, 0) << r.err;
+    EXPECT_EQ(testutil::read_json(dir + "/merged/config.json")["tie_word_embeddings"], false);
+    auto got = testutil::load(dir + "/merged");
+    EXPECT_TRUE(torch::equal(got["model.embed_tokens.weight"], want_embed));
+    EXPECT_TRUE(torch::equal(got["lm_head.weight"], want_head));
+    EXPECT_LE(testutil::max_abs_diff(logits_of(dir + "/merged"), want), 1e-5);
+  }
+  longlora::remove_tree(dir);
+}
+
 // transformers >= 4.47 saves the chat template as chat_template.jinja (or .json) and
 // named ones in additional_chat_templates/; a BPE tokenizer has vocab.json and
 // merges.txt. A merged model without them prompts differently from its base.

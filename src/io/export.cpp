@@ -456,14 +456,38 @@ AdapterPlan open_adapter(const fs::path& dir) {
 
 // Output tensors of base + adapter, merged; validates every adapter tensor
 // against the base (shapes, targets) before anything is written.
+// `untied` (optional) is set when the adapter parts a tied base's embeddings (see
+// model::unties_embeddings): the merged config.json must then say they are not tied.
 std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<SafetensorsCheckpoint>& base,
-                                  const std::string& base_dir, DType out_dtype) {
+                                  const std::string& base_dir, DType out_dtype, bool* untied = nullptr) {
   const std::string prefix = kPeftPrefix;
   const std::string& st = ap.file_path;
   const auto& lora_a = ap.lora_a;
   const auto& lora_b = ap.lora_b;
   auto replace = ap.replace;
-  if (load_model_config((fs::path(base_dir) / "config.json").string()).tie_word_embeddings) {
+  const std::string embed = "model.embed_tokens.weight", head = "lm_head.weight";
+  // Untied here: lm_head.weight's source, the adapter's or the base's one matrix.
+  const TensorInfo* head_src = nullptr;
+  const bool base_tied = load_model_config((fs::path(base_dir) / "config.json").string()).tie_word_embeddings;
+  if (base_tied && model::unties_embeddings(*ap.file, ap.cfg)) {
+    // As peft loads it (and eval --adapter): each layer its own saved matrix, else the
+    // base's. The base's lm_head.weight, if its checkpoint has one, is not what
+    // transformers uses for a tied model: the embedding is.
+    if (!base->contains(embed)) fail(st, "tensor '" + prefix + embed + "'", "no tensor '" + embed + "' in the base model " + base_dir);
+    const auto h = replace.find(head);
+    head_src = h != replace.end() ? h->second : &base->get(embed);
+    if (const auto msg = vocabulary_mismatch(head, head_src->shape, base->get(embed).shape); !msg.empty())
+      fail(st, "tensor '" + head_src->name + "'", msg);
+    if (head_src->shape != base->get(embed).shape)
+      fail(st, "tensor '" + head_src->name + "'",
+           "shape " + shape_str(head_src->shape) + " but the base model's embedding is " +
+               shape_str(base->get(embed).shape));
+    replace.erase(head);
+    if (untied) *untied = true;
+    spdlog::info("export: {} gives embed_tokens and lm_head matrices of their own (modules_to_save), as peft loads "
+                 "it; the merged model's config.json sets tie_word_embeddings false",
+                 st);
+  } else if (base_tied) {
     // One matrix for both layers, as eval --adapter loads it; a checkpoint's lm_head.weight
     // beside it (transformers ignores it) is written as the same matrix.
     const std::string key = tied_embedding_key(*ap.file);
@@ -541,6 +565,21 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
         o.scale = scale;
       }
     }
+    if (head_src && name == head) {
+      o.src = head_src;
+      o.owner = head_src == &base->get(embed) ? std::shared_ptr<const void>(base) : ap.file;
+      o.release = false;
+    }
+    o.dtype = is_float(o.src->dtype) ? out_dtype : o.src->dtype;
+    out.push_back(std::move(o));
+  }
+  if (head_src && !base->contains(head)) {
+    // A tied checkpoint usually stores the embedding alone.
+    OutTensor o;
+    o.name = head;
+    o.src = head_src;
+    o.owner = head_src == &base->get(embed) ? std::shared_ptr<const void>(base) : ap.file;
+    o.release = false;
     o.dtype = is_float(o.src->dtype) ? out_dtype : o.src->dtype;
     out.push_back(std::move(o));
   }
@@ -905,9 +944,10 @@ void export_checkpoint(const ExportOptions& opt) {
   }
 
   std::vector<OutTensor> ts;
+  bool untied = false;  // the adapter parts a tied base's embeddings
   std::shared_ptr<SafetensorsCheckpoint> full;
   if (src.adapter) {
-    ts = plan_merge(*ap, base_ckpt, src.base, out_dtype);
+    ts = plan_merge(*ap, base_ckpt, src.base, out_dtype, &untied);
   } else {
     // The weights against their own config.json, then (the exported config.json is
     // the base's when there is one) tensor for tensor against the checked base.
@@ -943,7 +983,8 @@ void export_checkpoint(const ExportOptions& opt) {
     }
     std::stable_sort(ts.begin(), ts.end(), [](const OutTensor& a, const OutTensor& b) { return hf_order(a.name, b.name); });
   }
-  const ordered_json config = merged_config(template_cfg, out_dtype, rope);
+  ordered_json config = merged_config(template_cfg, out_dtype, rope);
+  if (untied) config["tie_word_embeddings"] = false;
   uint64_t total = 0;
   for (const auto& t : ts) total += t.nbytes();
   spdlog::info("export: merged {} {}{} -> {} ({}, rope factor {}, {} tensors, {})",

@@ -269,6 +269,16 @@ torch::Tensor LlamaForCausalLMImpl::head_weight() const {
   return cfg.tie_word_embeddings ? model->embed_tokens->weight : lm_head->weight;
 }
 
+void LlamaForCausalLMImpl::untie_embeddings() {
+  if (!cfg.tie_word_embeddings) return;
+  torch::NoGradGuard ng;
+  const auto& w = model->embed_tokens->weight;
+  lm_head = register_module("lm_head", lora::Linear(cfg.hidden_size, cfg.vocab_size));
+  lm_head->weight.set_data(w.detach().clone());
+  lm_head->weight.set_requires_grad(false);
+  cfg.tie_word_embeddings = false;
+}
+
 namespace {
 
 #ifdef LONGLORA_WITH_CUDA

@@ -1,6 +1,7 @@
 #include "longlora/model/loader.h"
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <optional>
 #include <set>
@@ -246,6 +247,17 @@ bool is_module_to_save(const std::string& param, const std::vector<std::string>&
   return false;
 }
 
+bool unties_embeddings(const io::SafetensorsFile& adapter, const io::AdapterConfig& cfg) {
+  const std::string pre = io::kPeftPrefix, e = "model.embed_tokens.weight", h = "lm_head.weight";
+  const bool has_e = adapter.contains(pre + e), has_h = adapter.contains(pre + h);
+  const bool copied = (has_e && is_module_to_save(e, cfg.modules_to_save)) ||
+                      (has_h && is_module_to_save(h, cfg.modules_to_save));
+  if (!copied) return false;
+  if (!has_e || !has_h) return true;
+  const auto &a = adapter.get(pre + e), &b = adapter.get(pre + h);
+  return a.dtype != b.dtype || a.shape != b.shape || std::memcmp(a.data, b.data, a.nbytes) != 0;
+}
+
 io::AdapterConfig apply_adapter(LlamaForCausalLMImpl& m, const std::string& dir) {
   const fs::path d(dir);
   if (!fs::is_directory(d)) fail(dir, "", "adapter directory not found");
@@ -278,6 +290,12 @@ io::AdapterConfig apply_adapter(LlamaForCausalLMImpl& m, const std::string& dir)
   const std::string prefix = io::kPeftPrefix;
   const auto dev = m.head_weight().device();
   std::set<std::string> used;
+  if (m.cfg.tie_word_embeddings && unties_embeddings(*file, acfg)) {
+    spdlog::info("{}: the adapter gives embed_tokens and lm_head matrices of their own (modules_to_save), as peft "
+                 "loads it on a base that ties them",
+                 st_path);
+    m.untie_embeddings();
+  }
   const auto shapes = base_shapes(m);
   // A tied base's one matrix (the model has no lm_head parameter) takes the adapter's
   // embed_tokens or lm_head, whichever it saved.

@@ -35,9 +35,10 @@ nlohmann::json adapter_config_to_json(const AdapterConfig& c);
 // Whether the base parameter `param` ("lm_head.weight") is one of those two.
 bool is_embedding_layer(const std::string& param);
 
-// For a base with tie_word_embeddings (one matrix for both layers): the key of the
-// adapter tensor that becomes that matrix, "" when the adapter saved neither. peft
-// saves both as copies; two that differ are an error (peft would keep lm_head's).
+// For a base with tie_word_embeddings (one matrix for both layers) and an adapter that
+// keeps them one (model::unties_embeddings is false): the key of the adapter tensor
+// that becomes that matrix, "" when the adapter saved neither. peft saves both as
+// copies; two that differ are an error (peft would keep lm_head's).
 std::string tied_embedding_key(const SafetensorsFile& adapter);
 
 // The error for a saved embed_tokens / lm_head whose rows differ from the base's (an

@@ -114,6 +114,9 @@ struct LlamaForCausalLMImpl : torch::nn::Module {
   }
   // The lm_head weight (tied to the embedding when the config says so).
   torch::Tensor head_weight() const;
+  // A tied model gets an lm_head of its own, a frozen copy of the embedding (an adapter
+  // then replaces one of the two); cfg.tie_word_embeddings becomes false.
+  void untie_embeddings();
 
   io::ModelConfig cfg;
   torch::ScalarType compute_dtype = torch::kFloat32;

@@ -61,6 +61,14 @@ std::optional<double> trained_rope_factor(const std::string& dir);
 
 bool is_module_to_save(const std::string& param_name, const std::vector<std::string>& modules);
 
+// For a base that ties its embeddings: whether, loaded as peft loads it, the adapter
+// gives embed_tokens and lm_head matrices of their own. peft wraps each modules_to_save
+// entry in a copy of its module (ensure_weight_tying is false, the only value taken),
+// so an embed_tokens or lm_head saved that way leaves the other layer on the base's
+// matrix. Saved embedding layers (not in modules_to_save) load into the one matrix, and
+// an adapter that saves both layers equal keeps them one.
+bool unties_embeddings(const io::SafetensorsFile& adapter, const io::AdapterConfig& cfg);
+
 // Why a forward pass gave non-finite values, for a one-line error: "the model's NAME
 // holds non-finite values" for the first such parameter, or, with every weight
 // finite, a hint at the compute dtype's range.
