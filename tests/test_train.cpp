@@ -357,6 +357,28 @@ TEST(Train, InstructionBatchesAreCutToTheirLongestRow) {
   longlora::remove_tree(d);
 }
 
+// group_ratio 1 is full attention; with instruction rows cut to their longest, its
+// group (seq_len) was once left wider than the cut rows and the first step failed.
+TEST(Train, S2AtRatioOneOnInstructionRowsIsFullAttention) {
+  const auto d = testutil::temp_dir("sft-ratio1");
+  std::string jsonl;
+  for (const char* out : {"Blue.", "The sky is blue and the grass is green today.", "Yes.", "No, it is not."})
+    jsonl += json({{"instruction", "Say it."}, {"output", out}}).dump() + "\n";
+  testutil::write_file(d + "/sft.jsonl", jsonl);
+  std::vector<std::vector<double>> losses;
+  for (const std::string attn : {"attention.group_ratio=1", "attention.s2=false"}) {
+    longlora::remove_tree(d + "/out");
+    auto r = testutil::run_cli("--config " + tiny_config(d) + " --set data.train=" + d + "/sft.jsonl" +
+                               " --set data.seq_len=256 --set lora.dropout=0 --set data.shuffle=false" +
+                               " --set train.grad_accum=1 --set train.max_steps=2 --set " + attn);
+    ASSERT_EQ(r.code, 0) << attn << ": " << r.err;
+    losses.push_back(testutil::metric_losses(d + "/out/metrics.jsonl"));
+  }
+  ASSERT_EQ(losses[0].size(), 2u);
+  EXPECT_EQ(losses[0], losses[1]);
+  longlora::remove_tree(d);
+}
+
 TEST(Train, EvalDataIsScoredAtEverySaveAsEvalScoresThatCheckpoint) {
   const auto a = testutil::temp_dir("eval-data-a"), b = testutil::temp_dir("eval-data-b");
   const std::string eval_bin = testutil::golden("tiny-llama/eval.bin");

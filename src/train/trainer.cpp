@@ -348,7 +348,8 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
     double nll = 0;
     for (size_t a = 0; a < ids.size(); ++a) {
       auto fwd = s.train_forward;
-      if (grouped) fwd.attn.group = widths[a] / n_groups;
+      // Ungrouped (ratio 1) the group is the whole row, the cut one included.
+      fwd.attn.group = grouped ? widths[a] / n_groups : widths[a];
       auto h = m.hidden(ids[a], fwd);
       auto [sum, n] = model::chunked_nll(m, h, tgts[a], tc.loss_chunk);
       (sum * (scale / static_cast<double>(std::max<int64_t>(count, 1)))).backward();
