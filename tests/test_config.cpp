@@ -137,6 +137,25 @@ TEST(ModelConfig, BothRopeForms) {
   auto c5 = io::parse_model_config(j5, "c5");
   EXPECT_EQ(c5.rope_factor, 4.0);
   EXPECT_EQ(c5.rope_theta, 1e6);
+  // Both forms: transformers 4 reads rope_scaling alone, 5 `rope_scaling or
+  // rope_parameters`; rope_scaling wins in both, and a null or {} one is no form at all.
+  auto j45 = j5;
+  j45["rope_scaling"] = {{"type", "linear"}, {"factor", 2.0}};
+  j45["rope_theta"] = 1e6;
+  EXPECT_EQ(io::parse_model_config(j45, "c45").rope_factor, 2.0);
+  for (const json empty : {json(nullptr), json::object()}) {
+    j45["rope_scaling"] = empty;
+    EXPECT_EQ(io::parse_model_config(j45, "c45").rope_factor, 4.0) << empty;
+  }
+  j45["rope_scaling"] = {{"type", "linear"}, {"factor", 2.0}, {"rope_theta", 5e5}};
+  EXPECT_NE(testutil::error_of([&] { io::parse_model_config(j45, "c45.json"); })
+                .find("c45.json: rope_scaling.rope_theta: differs from rope_theta"),
+            std::string::npos);
+  // dtype (transformers 5) over torch_dtype, as transformers 5 keeps it.
+  auto jd = base;
+  jd["torch_dtype"] = "float32";
+  jd["dtype"] = "bfloat16";
+  EXPECT_EQ(io::parse_model_config(jd, "cd").torch_dtype, "bfloat16");
   auto j6 = base;
   j6["rope_parameters"] = {{"rope_type", "yarn"}, {"factor", 4.0}};
   EXPECT_NE(testutil::error_of([&] { io::parse_model_config(j6, "c6.json"); }).find("c6.json: rope_parameters.rope_type"),

@@ -95,25 +95,25 @@ ModelConfig parse_model_config(const json& j, const std::string& src) {
     c.eos_token_ids = {c.eos_token_id};
   }
   // Decides the dtype of a merged export: an unknown name must not become fp32 silently.
-  for (const char* k : {"torch_dtype", "dtype"}) {
+  // dtype (transformers 5's name) wins over torch_dtype, as transformers 5 keeps it
+  // when both are given; older versions know torch_dtype alone.
+  for (const char* k : {"dtype", "torch_dtype"}) {
     const auto d = f.string(k);
     if (!d) continue;
     if (*d != "float32" && *d != "float16" && *d != "bfloat16" && *d != "auto")
       f.fail(k, "expected one of float32, float16, bfloat16, auto, got \"" + *d + "\"");
     c.torch_dtype = *d;
-    break;  // torch_dtype (transformers 4) wins over dtype (5), as before
+    break;
   }
 
-  // RoPE, transformers 5 form first, then 4.
+  // RoPE: transformers 4 reads rope_scaling alone; 5 takes `rope_scaling or
+  // rope_parameters`, so a rope_scaling that is not null or {} wins in both.
   c.rope_theta = f.number("rope_theta").value_or(10000.0);
-  if (auto r = f.object("rope_parameters")) {
-    const std::string type = rope_type_of(*r, "default");
-    c.rope_theta = r->number("rope_theta").value_or(c.rope_theta);
-    if (type == "linear")
-      c.rope_factor = parse_factor(*r);
-    else if (type != "default")
-      r->fail("rope_type", "'" + type + "' is not implemented (supported: default, linear)");
-  } else if (auto r = f.object("rope_scaling")) {
+  const auto scaling = f.object("rope_scaling");
+  if (scaling && !f.at("rope_scaling").empty()) {
+    const auto& r = scaling;
+    if (auto t = r->number("rope_theta"); t && *t != c.rope_theta)
+      r->fail("rope_theta", "differs from rope_theta (transformers 5 reads this one, 4 the other)");
     const std::string type = rope_type_of(*r, "");
     if (type == "linear")
       c.rope_factor = parse_factor(*r);
@@ -121,6 +121,13 @@ ModelConfig parse_model_config(const json& j, const std::string& src) {
       r->fail("type", "missing (supported: linear)");
     else if (type != "default")
       r->fail("type", "'" + type + "' is not implemented (supported: linear)");
+  } else if (auto r = f.object("rope_parameters")) {
+    const std::string type = rope_type_of(*r, "default");
+    c.rope_theta = r->number("rope_theta").value_or(c.rope_theta);
+    if (type == "linear")
+      c.rope_factor = parse_factor(*r);
+    else if (type != "default")
+      r->fail("rope_type", "'" + type + "' is not implemented (supported: default, linear)");
   }
   if (!(c.rope_theta > 0)) f.fail("rope_theta", "must be > 0");
   return c;
