@@ -163,21 +163,21 @@ Dataset::Dataset(const std::string& path, const std::string& format, int64_t L,
       ids.push_back(tok->eos_id());
       const bool cut = static_cast<int64_t>(ids.size()) > L;
       if (cut) ids.resize(L);
-      // targets[i] = ids[i+1] when ids[i+1] belongs to the output (or EOS).
-      std::vector<int32_t> tgt(L, -1);
-      for (size_t i = 0; i + 1 < ids.size(); ++i)
-        if (i + 1 >= prompt_len) tgt[i] = ids[i + 1];
-      ids.resize(L, pad_id_);
       check_ids(ids);
-      if (std::all_of(tgt.begin(), tgt.end(), [](int32_t t) { return t < 0; })) {
+      // Nothing to predict: every next token is the prompt's.
+      if (prompt_len >= ids.size()) {
         ++dropped_;
         continue;
       }
       truncated_ += cut;
+      // Kept unpadded (row() pads): LongAlpaca's 12k records padded to 32k tokens
+      // were 3 GB of ids and targets.
+      ids.shrink_to_fit();
       sft_ids_.push_back(std::move(ids));
-      sft_tgt_.push_back(std::move(tgt));
+      sft_prompt_len_.push_back(static_cast<int32_t>(prompt_len));
     }
   }
+  check_ids({pad_id_});
   n_rows_ = static_cast<int64_t>(sft_ids_.size());
   if (n_rows_ == 0)
     fail(path, "", "no record has output tokens within seq_len " + std::to_string(L));
@@ -190,8 +190,13 @@ Dataset::Dataset(const std::string& path, const std::string& format, int64_t L,
 Row Dataset::row(int64_t i) const {
   Row r;
   if (!sft_ids_.empty()) {
-    r.ids = sft_ids_[i];
-    r.targets = sft_tgt_[i];
+    const auto& ids = sft_ids_[i];
+    const size_t prompt_len = sft_prompt_len_[i];
+    // targets[j] = ids[j+1] when ids[j+1] belongs to the output (or EOS); right-padded.
+    r.ids.assign(ids.begin(), ids.end());
+    r.ids.resize(seq_len_, pad_id_);
+    r.targets.assign(seq_len_, -1);
+    for (size_t j = prompt_len - 1; j + 1 < ids.size(); ++j) r.targets[j] = ids[j + 1];
     return r;
   }
   const auto* b = stream_.data() + i * seq_len_;

@@ -52,7 +52,8 @@ class Dataset {
   int64_t seq_len_ = 0, n_rows_ = 0, dropped_ = 0, truncated_ = 0;
   int32_t pad_id_ = 0;
   std::vector<int32_t> stream_;                         // tokens/text
-  std::vector<std::vector<int32_t>> sft_ids_, sft_tgt_;  // sft
+  std::vector<std::vector<int32_t>> sft_ids_;            // sft: BOS, prompt, output, EOS (cut at seq_len)
+  std::vector<int32_t> sft_prompt_len_;                  // sft: BOS + prompt tokens, never trained on
   mutable int64_t perm_epoch_ = -1;                     // this epoch's order, cached
   mutable uint64_t perm_seed_ = 0;
   mutable std::vector<int64_t> perm_;
