@@ -1060,8 +1060,14 @@ TEST(Train, Fp16LossScaleHalvesAtAnOverflowGrowsAfterItsWindowAndResumes) {
   ASSERT_EQ(recs.size(), 10u);
   double scale = 2097152.0;
   int good = 0, skipped = 0, doubled = 0;
+  // The schedule (warmup 2, then constant) counts the updates only, as HF's Trainer.
+  train::TrainSection t;
+  t.lr = 0.003;
+  t.warmup_steps = 2;
+  t.max_steps = 10;
   for (const auto& rec : recs) {
     const std::string at = "step " + rec["step"].dump();
+    EXPECT_DOUBLE_EQ(rec["lr"].get<double>(), train::lr_at(t, rec["step"].get<int>() - 1 - skipped)) << at;
     if (rec["skipped"].get<bool>()) {
       scale /= 2, good = 0, ++skipped;
     } else if (++good == 2) {

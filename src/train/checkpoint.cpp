@@ -176,6 +176,7 @@ void write_checkpoint_files(const fs::path& tmp, const model::LlamaForCausalLMIm
              {"cursor", st.cursor},              {"bad_steps", st.bad_steps},
              {"tokens_seen", st.tokens_seen},    {"model", model_fingerprint(m.cfg)},
              {"loss_scale", st.loss_scale},      {"loss_scale_good_steps", st.loss_scale_good_steps},
+             {"overflow_steps", st.overflow_steps},
              {"data", {{"rows", st.data_rows}, {"bytes", st.data_bytes}}},
              // The resolved linear RoPE factor the run trained with (export writes it down).
              {"rope_factor", m.cfg.rope_factor},
@@ -279,6 +280,8 @@ json read_state_file(const std::string& dir, TrainerState& st) {
   st.bad_steps = count("bad_steps", false);
   st.tokens_seen = count("tokens_seen", false);
   st.loss_scale_good_steps = count("loss_scale_good_steps", false);
+  st.overflow_steps = count("overflow_steps", false);
+  if (st.overflow_steps > st.step) f.fail("overflow_steps", "more than step");
   // Absent before fp16 loss scaling: 0, and a dynamic scale starts afresh.
   if (const auto s = f.number("loss_scale")) {
     if (*s < 0) f.expected("loss_scale", "a number >= 0");

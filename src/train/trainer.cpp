@@ -308,7 +308,9 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
 
   while (st.step < tc.max_steps) {
     const auto t0 = std::chrono::steady_clock::now();
-    const double lr = lr_at(tc, st.step);
+    // Steps skipped at an fp16 overflow leave the schedule where it was (HF's Trainer
+    // steps its scheduler only when the optimizer ran): they would eat the warmup.
+    const double lr = lr_at(tc, st.step - st.overflow_steps);
     for (auto& g : s.optimizer->param_groups())
       static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
 
@@ -379,6 +381,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
     } else if (overflow) {
       st.loss_scale = std::max(1.0, st.loss_scale / 2);
       st.loss_scale_good_steps = 0;
+      ++st.overflow_steps;
       spdlog::warn("step {}: gradient overflow at loss scale {:g}, update skipped; scale now {:g}", st.step + 1,
                    scale, st.loss_scale);
     } else {

@@ -33,6 +33,9 @@ struct TrainerState {
   // The dynamic loss scale (0: none) and its finite steps since it last changed.
   double loss_scale = 0;
   int64_t loss_scale_good_steps = 0;
+  // Steps skipped at a gradient overflow: the schedule does not count them, as HF's
+  // Trainer steps its scheduler only when the optimizer ran.
+  int64_t overflow_steps = 0;
   // What data.train held when saved (0: not recorded): the cursor counts its rows.
   int64_t data_rows = 0;
   int64_t data_bytes = 0;
