@@ -83,6 +83,49 @@ TEST(EvalGolden, PerplexityFunctionReproducesEvalLoss) {
   EXPECT_EQ(r.tokens, j["eval_tokens"].get<int64_t>());
 }
 
+// --protocol longlora is LongLoRA's eval.py. One window left (starts range(0, n - L,
+// 256) without the last): its 127 next tokens scored from transformers' logits of the
+// first 128 tokens.
+TEST(EvalGolden, LongLorasProtocolScoresAWindowsOwnNextTokens) {
+  auto g = testutil::load(testutil::golden("tiny-llama/golden.safetensors"));
+  auto tokens = data::read_bin(testutil::golden("tiny-llama/eval.bin"));
+  const auto dir = testutil::temp_dir("eval-longlora");
+  data::write_bin(dir + "/one.bin", std::vector<int32_t>(tokens.begin(), tokens.begin() + 128 + 300));
+  auto r = testutil::run_cli("eval --model " + testutil::golden("tiny-llama/model") + " --data " + dir +
+                             "/one.bin --seq-len 128 --protocol longlora --json --device cpu");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  const auto ids = g["input_ids"];
+  const auto logp = torch::log_softmax(g["logits"][0].slice(0, 0, 127), -1);
+  const double want = -logp.gather(1, ids[0].slice(0, 1, 128).unsqueeze(1)).mean().item<double>();
+  EXPECT_NEAR(j["loss"].get<double>(), want, 1e-5 * want);
+  EXPECT_EQ(j["windows"], 1);
+  EXPECT_EQ(j["tokens"], 127);
+  EXPECT_EQ(j["protocol"], "longlora");
+  EXPECT_DOUBLE_EQ(j["perplexity"].get<double>(), std::pow(2.71828, j["loss"].get<double>()));
+
+  // Batches weigh the average: windows at 0, 100, 200 (300 dropped) in batches of 2 are
+  // ((w0 + w1) / 2 + w2) / 2, each window's loss that of the plain protocol on its own
+  // L - 1 inputs.
+  data::write_bin(dir + "/three.bin", std::vector<int32_t>(tokens.begin(), tokens.begin() + 128 + 301));
+  std::vector<double> w;
+  for (int s : {0, 100, 200}) {
+    data::write_bin(dir + "/w.bin", std::vector<int32_t>(tokens.begin() + s, tokens.begin() + s + 128));
+    auto p = testutil::run_cli("eval --model " + testutil::golden("tiny-llama/model") + " --data " + dir +
+                               "/w.bin --seq-len 127 --json --device cpu");
+    ASSERT_EQ(p.code, 0) << p.err;
+    w.push_back(nlohmann::json::parse(p.out)["loss"].get<double>());
+  }
+  r = testutil::run_cli("eval --model " + testutil::golden("tiny-llama/model") + " --data " + dir +
+                        "/three.bin --seq-len 128 --protocol longlora --stride 100 --batch-size 2 --json --device cpu");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const double got = nlohmann::json::parse(r.out)["loss"].get<double>();
+  EXPECT_NEAR(got, ((w[0] + w[1]) / 2 + w[2]) / 2, 1e-6 * got);
+  EXPECT_GT(std::abs(got - (w[0] + w[1] + w[2]) / 3), 1e-5 * got);  // not the plain mean
+  EXPECT_EQ(nlohmann::json::parse(r.out)["windows"], 3);
+  longlora::remove_tree(dir);
+}
+
 TEST(EvalGolden, CliReproducesAllThreeLosses) {
   auto j = testutil::golden_json();
   const std::string model = testutil::golden("tiny-llama/model");

@@ -637,7 +637,13 @@ TEST(EvalCli, FlagsAreCheckedBeforeAnyResultInOneLine) {
            {"eval --task passkey" + m + " --lengths 256 --seq-len 64",
             "error: eval: --seq-len is for --task perplexity, not passkey\n"},
            {"eval" + m + data + " --seq-len 64 --trials 3", "error: eval: --trials is for --task passkey, not perplexity\n"},
-           {"eval" + m + data + " --seq-len 64 --seed 0", "error: eval: --seed is for --task passkey, not perplexity\n"}}) {
+           {"eval" + m + data + " --seq-len 64 --seed 0", "error: eval: --seed is for --task passkey, not perplexity\n"},
+           {"eval" + m + data + " --seq-len 64 --protocol lm-eval",
+            "error: eval: --protocol must be plain or longlora, got 'lm-eval'\n"},
+           {"eval" + m + data + " --seq-len 64 --batch-size 4",
+            "error: eval: --batch-size is for --protocol longlora (its batches weigh the average)\n"},
+           {"eval --task passkey" + m + " --lengths 256 --protocol longlora",
+            "error: eval: --protocol is for --task perplexity, not passkey\n"}}) {
     const auto r = testutil::run_cli(args);
     EXPECT_NE(r.code, 0) << args;
     EXPECT_EQ(r.err, want) << args;

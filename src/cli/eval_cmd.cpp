@@ -61,7 +61,7 @@ int run_eval(const EvalArgs& a) {
   // Checked here rather than by CLI11 so that each is one line on stderr.
   if (a.model.empty()) throw Error("eval: --model DIR is required");
   // A flag of the other task would be ignored: a run that is not the one asked for.
-  const std::vector<std::string> perplexity_only{"--data", "--seq-len", "--stride"};
+  const std::vector<std::string> perplexity_only{"--data", "--seq-len", "--stride", "--protocol", "--batch-size"};
   const std::vector<std::string> passkey_only{"--lengths", "--trials", "--seed"};
   for (const auto& f : a.given) {
     const auto& other = a.task == "passkey" ? perplexity_only : passkey_only;
@@ -77,6 +77,13 @@ int run_eval(const EvalArgs& a) {
   } else if (a.task == "perplexity") {
     if (a.data.empty()) throw Error("eval: --task perplexity needs --data FILE");
     if (a.seq_lens.empty()) throw Error("eval: --task perplexity needs --seq-len L[,L2,...]");
+    if (a.protocol != "plain" && a.protocol != "longlora")
+      throw Error("eval: --protocol must be plain or longlora, got '" + a.protocol + "'");
+    if (a.protocol == "plain" && std::find(a.given.begin(), a.given.end(), "--batch-size") != a.given.end())
+      throw Error("eval: --batch-size is for --protocol longlora (its batches weigh the average)");
+    if (a.protocol == "longlora")
+      for (int64_t L : a.seq_lens)
+        if (L < 2) throw Error("eval: --seq-len " + std::to_string(L) + ": --protocol longlora scores L - 1 tokens a window");
   } else {
     throw Error("eval: --task must be perplexity or passkey, got '" + a.task + "'");
   }
@@ -95,26 +102,38 @@ int run_eval(const EvalArgs& a) {
 
   // Every length before the first window: a length the data is too short for failed
   // only after the earlier lengths had run and printed.
-  for (int64_t L : a.seq_lens) eval::check_windows(static_cast<int64_t>(tokens.size()), L, a.data);
+  const bool longlora = a.protocol == "longlora";
+  const int64_t stride = a.stride > 0 ? a.stride : 0;  // 0: each protocol's default
+  for (int64_t L : a.seq_lens) {
+    eval::check_windows(static_cast<int64_t>(tokens.size()), L, a.data);
+    const int64_t S = stride > 0 ? stride : 256;
+    // range(0, n - L, S) without its last start must keep one: n - L > S.
+    if (longlora && static_cast<int64_t>(tokens.size()) - L <= S)
+      throw Error(a.data + ": " + std::to_string(tokens.size()) + " tokens leave no window of seq_len " +
+                  std::to_string(L) + " under --protocol longlora (starts range(0, n - L, " + std::to_string(S) +
+                  ") without the last one: it needs more than seq_len + stride tokens)");
+  }
   const double context = m->cfg.max_position_embeddings * m->cfg.rope_factor;
   for (int64_t L : a.seq_lens)
     if (static_cast<double>(L) > context)
       spdlog::warn("seq_len {} is past the model's context ({} positions x rope factor {:g} = {:g})", L,
                    m->cfg.max_position_embeddings, m->cfg.rope_factor, context);
   for (int64_t L : a.seq_lens) {
-    auto r = eval::perplexity(*m, tokens, L, a.stride > 0 ? a.stride : L, a.data);
+    auto r = longlora ? eval::perplexity_longlora(*m, tokens, L, stride > 0 ? stride : 256, a.batch_size, a.data)
+                      : eval::perplexity(*m, tokens, L, stride > 0 ? stride : L, a.data);
     // "loss nan" with exit 0 reads as a result; say where the non-finite values are.
     if (!std::isfinite(r.loss))
       throw Error("eval: " + (a.adapter.empty() ? a.model : a.adapter + " on " + a.model) + ": seq_len " +
                   std::to_string(L) + ": loss " + std::to_string(r.loss) + ": " + model::explain_non_finite(*m));
     if (a.json) {
       nlohmann::json j = {{"loss", r.loss},       {"perplexity", r.perplexity}, {"tokens", r.tokens},
-                          {"windows", r.windows}, {"seq_len", r.seq_len},       {"rope_factor", m->cfg.rope_factor}};
+                          {"windows", r.windows}, {"seq_len", r.seq_len},       {"rope_factor", m->cfg.rope_factor},
+                          {"protocol", a.protocol}};
       std::cout << j.dump() << std::endl;
     } else {
       std::cout << "seq_len " << r.seq_len << ": loss " << r.loss << ", perplexity " << r.perplexity
                 << " (" << r.tokens << " tokens, " << r.windows << " windows, rope factor "
-                << m->cfg.rope_factor << ")" << std::endl;
+                << m->cfg.rope_factor << (longlora ? ", LongLoRA's eval.py protocol" : "") << ")" << std::endl;
     }
   }
   return 0;

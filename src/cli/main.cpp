@@ -105,7 +105,13 @@ int run(int argc, char** argv) {
   eval->add_option("--trials", ev.trials, "passkey: trials (random key and depth) per length (default 10)")
       ->check(integer_in(1));
   eval->add_option("--seed", ev.seed, "passkey: seed of the keys and depths (default 0)")->check(integer_in(0));
-  eval->add_option("--stride", ev.stride, "perplexity: window stride (default: seq-len)")->check(integer_in(1));
+  eval->add_option("--stride", ev.stride, "perplexity: window stride (default: seq-len; 256 with --protocol longlora)")
+      ->check(integer_in(1));
+  eval->add_option("--protocol", ev.protocol,
+                   "perplexity: plain (default: every window's L predictions, one mean) | longlora (LongLoRA's "
+                   "eval.py: L - 1 predictions a window, the last start dropped, batch means averaged, 2.71828^loss)");
+  eval->add_option("--batch-size", ev.batch_size, "perplexity, --protocol longlora: windows per batch (default 32)")
+      ->check(integer_in(1));
   eval->add_flag("--json", ev.json, "print one JSON object per seq-len (passkey: one for all lengths)");
 
   cli::GenerateArgs gen;

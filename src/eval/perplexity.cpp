@@ -55,4 +55,52 @@ PerplexityResult perplexity(model::LlamaForCausalLMImpl& m, const std::vector<in
   return r;
 }
 
+PerplexityResult perplexity_longlora(model::LlamaForCausalLMImpl& m, const std::vector<int32_t>& tokens,
+                                     int64_t L, int64_t S, int64_t batch_size, const std::string& source,
+                                     int64_t loss_chunk) {
+  if (L < 2 || S <= 0 || batch_size <= 0) throw Error("perplexity_longlora: seq_len >= 2, stride and batch size > 0");
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  std::vector<int64_t> starts;
+  for (int64_t s = 0; s < n - L; s += S) starts.push_back(s);
+  if (!starts.empty()) starts.pop_back();  // as eval.py's all_ix.pop()
+  if (starts.empty())
+    throw Error(source + ": " + std::to_string(n) + " tokens leave no window of seq_len " + std::to_string(L) +
+                " under LongLoRA's protocol (window starts range(0, n - L, " + std::to_string(S) +
+                ") without the last one: it needs more than seq_len + stride tokens)");
+  torch::NoGradGuard no_grad;
+  m.eval();
+  const auto dev = m.head_weight().device();
+  model::ForwardOptions opt;  // full attention
+  double batch_sum = 0, sum_of_batches = 0;
+  int64_t in_batch = 0, batches = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto last = t0;
+  for (size_t w = 0; w < starts.size(); ++w) {
+    auto ids = torch::from_blob(const_cast<int32_t*>(tokens.data() + starts[w]), {1, L}, torch::kInt32)
+                   .to(dev, torch::kInt64);
+    // labels = input_ids, shifted inside the model: the last position predicts nothing.
+    auto targets = torch::cat({ids.slice(1, 1, L), torch::full({1, 1}, -1, ids.options())}, 1);
+    auto [sum, count] = model::chunked_nll(m, m.hidden(ids, opt), targets, loss_chunk);
+    batch_sum += sum.item<double>() / static_cast<double>(count);
+    if (++in_batch == batch_size || w + 1 == starts.size()) {
+      sum_of_batches += batch_sum / static_cast<double>(in_batch);
+      ++batches;
+      batch_sum = 0;
+      in_batch = 0;
+    }
+    const auto now = std::chrono::steady_clock::now();
+    if (now - last > std::chrono::seconds(5)) {
+      last = now;
+      spdlog::info("eval seq_len {} (LongLoRA's protocol): window {}/{}", L, w + 1, starts.size());
+    }
+  }
+  PerplexityResult r;
+  r.loss = sum_of_batches / static_cast<double>(batches);
+  r.perplexity = std::pow(2.71828, r.loss);  // eval.py's constant, not e
+  r.tokens = static_cast<int64_t>(starts.size()) * (L - 1);
+  r.windows = static_cast<int64_t>(starts.size());
+  r.seq_len = L;
+  return r;
+}
+
 }  // namespace longlora::eval

@@ -18,6 +18,8 @@ struct EvalArgs {
   std::string model, adapter, data, task = "perplexity";
   std::vector<int64_t> seq_lens;
   int64_t stride = 0;
+  std::string protocol = "plain";  // plain | longlora (LongLoRA's eval.py)
+  int64_t batch_size = 32;         // --protocol longlora: windows per averaged batch
   double rope_factor = 0;  // 0 = config.json's
   bool json = false;
   std::string device = "auto", dtype = "auto";

@@ -26,4 +26,13 @@ PerplexityResult perplexity(model::LlamaForCausalLMImpl& m, const std::vector<in
                             int64_t seq_len, int64_t stride, const std::string& source,
                             int64_t loss_chunk = 2048);
 
+// LongLoRA's eval.py, so that figures compare with its tables: window starts
+// range(0, n - L, stride) without the last one; each window tokens[s, s+L) scores its
+// own L - 1 next tokens (labels = input_ids); the windows' mean losses are averaged in
+// batches of `batch_size` (its --batch_size, 32), the batches' means averaged, and the
+// perplexity is 2.71828 ** loss, as it writes it. An Error when no window is left.
+PerplexityResult perplexity_longlora(model::LlamaForCausalLMImpl& m, const std::vector<int32_t>& tokens,
+                                     int64_t seq_len, int64_t stride, int64_t batch_size,
+                                     const std::string& source, int64_t loss_chunk = 2048);
+
 }  // namespace longlora::eval
