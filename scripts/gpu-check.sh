@@ -40,7 +40,7 @@ fi
 BIN="$B/longlora-train"
 
 if want kernel; then
-  timeout 200 ctest --test-dir "$B" -R "${KERNEL_TESTS:-S2Kernel|Fused|TrainMemory|TrainGolden|GpuTrain}" -j8 --output-on-failure \
+  timeout 200 ctest --test-dir "$B" -R "${KERNEL_TESTS:-S2Kernel|Fused|TrainMemory|TrainGolden|GpuTrain|GpuGenerate}" -j8 --output-on-failure \
     >"$OUT/kernel.log" 2>&1
   note "kernel tests: $(grep -E 'tests passed|tests failed' "$OUT/kernel.log")"
   grep -E 'kernel max abs diff|non-finite|Failed|\*\*\*' "$OUT/kernel.log" | head -40 | tee -a "$SUMMARY"
@@ -169,7 +169,7 @@ if want suite 40; then
   # Most of these run on the CPU: 8 at a time, each with LibTorch's default of one
   # OpenMP thread per core, spun 16-thread pools against each other and timed out
   # CPU evals that take 1-11 s alone. Two threads each fill the 16 cores.
-  OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" timeout "$t" ctest --test-dir "$B" -E 'S2Kernel|TrainMemory|TrainGolden|GpuTrain' -j8 --timeout 120 --output-on-failure \
+  OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" timeout "$t" ctest --test-dir "$B" -E 'S2Kernel|TrainMemory|TrainGolden|GpuTrain|GpuGenerate' -j8 --timeout 120 --output-on-failure \
     ${SUITE_ARGS:-} >"$OUT/suite.log" 2>&1
   note "suite on GPU: $(grep -E 'tests passed|tests failed' "$OUT/suite.log")"
   grep -E '^\s+[0-9]+ - ' "$OUT/suite.log" | head -30 | tee -a "$SUMMARY"

@@ -5,6 +5,9 @@
 #include <nlohmann/json.hpp>
 
 #include "golden_step.h"
+#include "longlora/data/tokenizer.h"
+#include "longlora/eval/generate.h"
+#include "longlora/model/loader.h"
 #include "test_util.h"
 
 using namespace longlora;
@@ -141,4 +144,32 @@ TEST(GpuTrain, Fp16WithItsLossScaleFollowsTheCpuRun) {
     for (size_t i = s; i < s + 20; ++i) a += cpu[i] / 20, b += gpu[i] / 20;
     EXPECT_NEAR(b, a, 0.03 * a) << "steps " << s << ".." << s + 19;
   }
+}
+
+// On a GPU generate prefills the whole prompt at once (the fused attention; chunks after
+// the first would build (heads, chunk, T) fp32 scores). Greedy, fp32: the same tokens
+// as chunks of 7 and as the CPU.
+TEST(GpuGenerate, WholePromptPrefillGivesTheChunkedAndTheCpuTokens) {
+  SKIP_WITHOUT_CUDA();
+  const data::Tokenizer tok(testutil::golden("tiny-llama/model/tokenizer.model"));
+  std::vector<int> ids{tok.bos_id()};
+  const auto body = tok.encode(
+      "This program is free software: you can redistribute it and/or modify it under the terms of the GNU "
+      "General Public License as published by the Free Software Foundation, either version 3");
+  ids.insert(ids.end(), body.begin(), body.end());
+  ASSERT_GT(ids.size(), 30u);
+  auto run = [&](torch::Device dev, int64_t chunk) {
+    model::LoadOptions lo;
+    lo.device = dev;
+    auto m = model::load_model(testutil::golden("tiny-llama/model"), lo);
+    eval::GenerateOptions o;
+    o.temperature = 0;
+    o.max_new_tokens = 12;
+    o.stop_at_eos = false;
+    o.prefill_chunk = chunk;
+    return eval::generate(*m, tok, ids, o);
+  };
+  const auto cpu = run(torch::kCPU, 0), whole = run(torch::kCUDA, 0), chunked = run(torch::kCUDA, 7);
+  EXPECT_EQ(whole, chunked);
+  EXPECT_EQ(whole, cpu);
 }

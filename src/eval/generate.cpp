@@ -70,7 +70,7 @@ std::vector<int> generate(model::LlamaForCausalLMImpl& m, const data::Tokenizer&
   model::KVCache cache;
   torch::Tensor logits;
   auto feed_cached = [&](const int* p, int64_t n) {
-    const int64_t chunk = o.prefill_chunk > 0 ? o.prefill_chunk : n;
+    const int64_t chunk = o.prefill_chunk > 0 ? o.prefill_chunk : dev.is_cuda() ? n : 512;
     for (int64_t s = 0; s < n; s += chunk) {
       const int64_t e = std::min(n, s + chunk);
       model::ForwardOptions f;  // full attention

@@ -190,9 +190,10 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     ck = prefill ? k : torch::cat({ck, k}, 2);
     cv = prefill ? v : torch::cat({cv, v}, 2);
     if (prefill) {
-      // The whole prompt at once: full causal attention through the dispatch (the fused
-      // flash kernel on a GPU), never the L x L scores of cached_attention (128 GiB in
-      // fp32 for a 32k passkey prompt of a 7B).
+      // The first chunk of the prompt (on a GPU generate feeds the whole prompt as one):
+      // full causal attention through the dispatch (the fused flash kernel on a GPU),
+      // never the L x L scores of cached_attention (128 GiB in fp32 for a 32k passkey
+      // prompt of a 7B).
       attention::Options full = opt.attn;
       full.mode = attention::Mode::Full;
       o = attention::attention(q, k, v, full);
