@@ -37,6 +37,16 @@ std::string tiny_config(const std::string& dir, const std::string& extra = "") {
   return path;
 }
 
+// Four instruction records of different lengths in `dir`/sft.jsonl, and the flags that
+// train on them at seq_len 256, in order, without dropout.
+std::string sft_flags(const std::string& dir) {
+  std::string jsonl;
+  for (const char* out : {"Blue.", "The sky is blue and the grass is green today.", "Yes.", "No, it is not."})
+    jsonl += json({{"instruction", "Say it."}, {"output", out}}).dump() + "\n";
+  testutil::write_file(dir + "/sft.jsonl", jsonl);
+  return " --set data.train=" + dir + "/sft.jsonl --set data.seq_len=256 --set lora.dropout=0 --set data.shuffle=false";
+}
+
 
 }  // namespace
 
@@ -298,12 +308,7 @@ TEST(Train, InstructionBatchesAreCutToTheirLongestRow) {
   // even groups), the step is the one replayed here on the cut rows, a group being a
   // quarter of their width, as LongLoRA sizes it from the batch.
   const auto d = testutil::temp_dir("sft-cut");
-  std::string jsonl;
-  for (const char* out : {"Blue.", "The sky is blue and the grass is green today.", "Yes.", "No, it is not."})
-    jsonl += json({{"instruction", "Say it."}, {"output", out}}).dump() + "\n";
-  testutil::write_file(d + "/sft.jsonl", jsonl);
-  auto r = testutil::run_cli("--config " + tiny_config(d) + " --set data.train=" + d + "/sft.jsonl" +
-                             " --set data.seq_len=256 --set lora.dropout=0 --set data.shuffle=false" +
+  auto r = testutil::run_cli("--config " + tiny_config(d) + sft_flags(d) +
                              " --set train.grad_accum=1 --set train.max_steps=2 --set output.save_steps=1");
   ASSERT_EQ(r.code, 0) << r.err;
   std::vector<json> recs;
@@ -361,15 +366,10 @@ TEST(Train, InstructionBatchesAreCutToTheirLongestRow) {
 // group (seq_len) was once left wider than the cut rows and the first step failed.
 TEST(Train, S2AtRatioOneOnInstructionRowsIsFullAttention) {
   const auto d = testutil::temp_dir("sft-ratio1");
-  std::string jsonl;
-  for (const char* out : {"Blue.", "The sky is blue and the grass is green today.", "Yes.", "No, it is not."})
-    jsonl += json({{"instruction", "Say it."}, {"output", out}}).dump() + "\n";
-  testutil::write_file(d + "/sft.jsonl", jsonl);
   std::vector<std::vector<double>> losses;
   for (const std::string attn : {"attention.group_ratio=1", "attention.s2=false"}) {
     longlora::remove_tree(d + "/out");
-    auto r = testutil::run_cli("--config " + tiny_config(d) + " --set data.train=" + d + "/sft.jsonl" +
-                               " --set data.seq_len=256 --set lora.dropout=0 --set data.shuffle=false" +
+    auto r = testutil::run_cli("--config " + tiny_config(d) + sft_flags(d) +
                                " --set train.grad_accum=1 --set train.max_steps=2 --set " + attn);
     ASSERT_EQ(r.code, 0) << attn << ": " << r.err;
     losses.push_back(testutil::metric_losses(d + "/out/metrics.jsonl"));
