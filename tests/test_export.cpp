@@ -300,6 +300,32 @@ TEST(ExportGolden, PeftNamesOfModulesAndTargetsMergeAsPeftDoes) {
 
 // peft's save_embedding_layers writes the whole embed_tokens and lm_head, not listed in
 // modules_to_save; peft loads them in place of the base's, so the merge carries them.
+// LongLoRA's adapter files (adapter_model.bin and trainable_params.bin, see
+// tests/data/longlora-adapter/make.py) merge into peft's merge of the same adapter, and
+// a peft export turns them into one safetensors adapter with modules_to_save.
+TEST(ExportGolden, LongLorasAdapterFilesMergeAsPeftAndConvertToSafetensors) {
+  const auto dir = testutil::temp_dir("export-longlora");
+  const std::string ad = testutil::data("longlora-adapter");
+  auto r = testutil::run_cli(export_cmd(ad, dir + "/merged", "--base " + kBase + " --dtype fp32"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto got = testutil::load(dir + "/merged");
+  auto want = testutil::load(testutil::golden("tiny-llama/merged/model.safetensors"));
+  ASSERT_EQ(got.size(), want.size());
+  for (auto& [name, w] : want) EXPECT_LE(testutil::max_abs_diff(got[name], w), 1e-6) << name;
+
+  r = testutil::run_cli(export_cmd(ad, dir + "/peft", "--base " + kBase + " --format peft"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_TRUE(fs::exists(dir + "/peft/adapter_model.safetensors"));
+  EXPECT_EQ(testutil::read_json(dir + "/peft/adapter_config.json")["modules_to_save"],
+            json({"embed_tokens", "input_layernorm", "post_attention_layernorm", "norm"}));
+  auto g = testutil::load(testutil::golden("tiny-llama/golden.safetensors"));
+  auto m = model::load_model(kBase, {});
+  model::apply_adapter(*m, dir + "/peft");
+  torch::NoGradGuard ng;
+  EXPECT_LE(testutil::max_abs_diff(m->forward(g["input_ids"], {}), g["logits_lora"]), 1e-5);
+  longlora::remove_tree(dir);
+}
+
 TEST(ExportGolden, SavedEmbeddingLayersAreMergedAsPeftLoadsThem) {
   const auto dir = testutil::temp_dir("export-saved-embed");
   auto gen = at::make_generator<at::CPUGeneratorImpl>(11);

@@ -1,4 +1,5 @@
 // The LLaMA forward pass against Hugging Face transformers (golden, fp32, CPU).
+#include <fstream>
 #include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -513,6 +514,42 @@ torch::Tensor golden_adapter_tensor(const std::string& param) {
 }
 
 }  // namespace
+
+// LongLoRA's scripts leave an adapter as adapter_model.bin (torch.save of a plain dict)
+// and trainable_params.bin (the embedding and norms, by the base's names), which they
+// load into the base before PeftModel. tests/data/longlora-adapter is the golden
+// adapter so split (its make.py): it must give peft's logits of the golden adapter.
+TEST(ModelGolden, LongLorasAdapterFilesLoadAsItsScriptsLoadThem) {
+  auto g = testutil::load(testutil::golden("tiny-llama/golden.safetensors"));
+  const std::string dir = testutil::data("longlora-adapter");
+  {
+    auto m = tiny();
+    model::apply_adapter(*m, dir);
+    expect_logits(m, g["input_ids"], g["logits_lora"]);
+  }
+  // A state_dict() saved as it is (an OrderedDict) is one line, with the Python fix.
+  auto m = tiny();
+  EXPECT_NE(testutil::error_of([&] { model::apply_adapter(*m, dir + "/ordered"); })
+                .find(dir + "/ordered/adapter_model.bin: holds an OrderedDict"),
+            std::string::npos);
+  // A trainable weight the base lacks, or of another shape, is named.
+  const auto bad = testutil::temp_dir("longlora-bad-trainable");
+  for (const auto& f : {"adapter_config.json", "adapter_model.bin"})
+    std::filesystem::copy_file(dir + "/" + f, bad + "/" + f);
+  for (const auto& [name, shape, want] :
+       std::vector<std::tuple<std::string, std::vector<int64_t>, std::string>>{
+           {"model.layers.9.input_layernorm.weight", {64}, "not a weight of the base model"},
+           {"model.norm.weight", {32}, "shape [32] but the model needs [64]"}}) {
+    c10::Dict<std::string, torch::Tensor> d;
+    d.insert(name, torch::ones(shape));
+    const auto bytes = torch::pickle_save(d);
+    std::ofstream(bad + "/trainable_params.bin", std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    auto mb = tiny();
+    const auto err = testutil::error_of([&] { model::apply_adapter(*mb, bad); });
+    EXPECT_NE(err.find(bad + "/trainable_params.bin: tensor '" + name + "': " + want), std::string::npos) << err;
+  }
+  longlora::remove_tree(bad);
+}
 
 TEST(ModelGolden, SavedEmbeddingLayersReplaceTheBaseWeights) {
   auto g = testutil::load(testutil::golden("tiny-llama/golden.safetensors"));

@@ -339,16 +339,12 @@ Source resolve_source(const ExportOptions& opt) {
   if (!fs::exists(s.dir)) fail(dir, "", "checkpoint directory not found");
   if (!fs::is_directory(s.dir)) fail(dir, "", "not a directory (expected checkpoint-STEP or a peft adapter directory)");
   const bool acfg = fs::exists(s.dir / "adapter_config.json");
-  const bool ast = fs::exists(s.dir / "adapter_model.safetensors");
+  const bool ast = fs::exists(s.dir / "adapter_model.safetensors") || fs::exists(s.dir / "adapter_model.bin");
   const bool full = fs::exists(s.dir / "model.safetensors") || fs::exists(s.dir / "model.safetensors.index.json");
   s.training = model::is_training_checkpoint(dir);
   if (acfg || ast) {
     if (!acfg) fail(dir, "adapter_config.json", "missing (the adapter has weights but no config)");
-    if (!ast)
-      fail(dir, "adapter_model.safetensors",
-           fs::exists(s.dir / "adapter_model.bin")
-               ? "missing (only safetensors adapters are read; convert adapter_model.bin first)"
-               : "missing (the adapter has a config but no weights)");
+    if (!ast) fail(dir, "adapter_model.safetensors", "missing (the adapter has a config but no weights)");
     s.adapter = true;
   } else if (!full) {
     fail(dir, "adapter_config.json",
@@ -407,13 +403,16 @@ struct AdapterPlan {
   std::string file_path;
   // Keyed by the base weight's name (model.layers.0.self_attn.q_proj.weight).
   std::map<std::string, const TensorInfo*> lora_a, lora_b, replace;
+  // LongLoRA's trainable_params.bin: base weights its scripts load before the adapter.
+  std::shared_ptr<SafetensorsFile> trainable;
 };
 
 AdapterPlan open_adapter(const fs::path& dir) {
   AdapterPlan p;
   p.cfg = load_adapter_config((dir / "adapter_config.json").string());
-  p.file_path = (dir / "adapter_model.safetensors").string();
-  p.file = std::make_shared<SafetensorsFile>(p.file_path);
+  p.file = open_adapter_weights(dir.string());
+  p.file_path = p.file->path();
+  p.trainable = open_trainable_params(dir.string());
   const std::string prefix = kPeftPrefix;
   const std::string& st = p.file_path;
   const int64_t r = p.cfg.r;
@@ -497,14 +496,36 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
       for (const char* w : {"model.embed_tokens.weight", "lm_head.weight"})
         if (base->contains(w)) replace[w] = &ap.file->get(key);
   }
+  // Which file an entry of `replace` is from: the adapter's or trainable_params.bin.
+  auto from_trainable = [&](const TensorInfo* t) {
+    return ap.trainable && ap.trainable->contains(t->name) && &ap.trainable->get(t->name) == t;
+  };
+  if (ap.trainable) {
+    // Loaded into the base before the adapter (LongLoRA's load_state_dict), so the
+    // adapter's own saved modules, already in `replace`, win.
+    const std::string& tp = ap.trainable->path();
+    for (const auto& t : ap.trainable->tensors()) {
+      std::vector<std::string> names{t.name};
+      if (base_tied && (t.name == embed || t.name == head)) {
+        if (head_src) fail(tp, "tensor '" + t.name + "'", "an embedding beside an adapter that parts a tied base's is not supported");
+        names = {embed, head};  // the one matrix
+      }
+      for (const auto& n : names) {
+        if (n == head && base_tied && !base->contains(head)) continue;
+        if (!base->contains(n)) fail(tp, "tensor '" + t.name + "'", "not a weight of the base model " + base_dir);
+        replace.emplace(n, &t);
+      }
+    }
+  }
   for (const auto& [rest, t] : replace) {
     const std::string field = "tensor '" + t->name + "'";
-    if (!base->contains(rest)) fail(st, field, "no tensor '" + rest + "' in the base model " + base_dir);
+    const std::string& file = from_trainable(t) ? ap.trainable->path() : st;
+    if (!base->contains(rest)) fail(file, field, "no tensor '" + rest + "' in the base model " + base_dir);
     const auto& w = base->get(rest);
     if (const auto msg = vocabulary_mismatch(rest, t->shape, w.shape); !msg.empty())
-      fail(st, field, msg + " (" + base->file_of(rest).path() + ")");
+      fail(file, field, msg + " (" + base->file_of(rest).path() + ")");
     if (w.shape != t->shape)
-      fail(st, field, "shape " + shape_str(t->shape) + " but the base model's '" + rest + "' is " +
+      fail(file, field, "shape " + shape_str(t->shape) + " but the base model's '" + rest + "' is " +
                           shape_str(w.shape) + " (" + base->file_of(rest).path() + ")");
   }
   std::set<std::string> targets_hit;
@@ -553,7 +574,7 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
     o.name = name;
     if (auto it = replace.find(name); it != replace.end()) {
       o.src = it->second;
-      o.owner = ap.file;
+      o.owner = from_trainable(it->second) ? ap.trainable : ap.file;
       o.release = false;  // small adapter file
     } else {
       o.src = &base->get(name);
@@ -910,6 +931,34 @@ void export_checkpoint(const ExportOptions& opt) {
                    opt.rope_factor ? "--rope-factor asks for" : "the run trained with", *factor, *factor, *factor);
     }
     AdapterConfig cfg = ap->cfg;
+    if (ap->trainable) {
+      // LongLoRA's trainable_params.bin becomes modules_to_save: peft then holds each in a
+      // copy of its module, which is what loading it into the base amounted to. On a tied
+      // base the embedding is saved as lm_head too (peft's copy of embed_tokens alone
+      // would leave lm_head on the old matrix, where load_state_dict changed both).
+      const bool tied =
+          !src.base.empty() && load_model_config((fs::path(src.base) / "config.json").string()).tie_word_embeddings;
+      auto add = [&](const TensorInfo& t, const std::string& param) {
+        const std::string key = std::string(kPeftPrefix) + param;
+        if (ap->file->contains(key)) return;  // the adapter's own, which peft loads after
+        OutTensor o;
+        o.name = key;
+        o.src = &t;
+        o.owner = ap->trainable;
+        o.dtype = has_flag_dtype ? flag_dtype : t.dtype;
+        o.release = false;
+        ts.push_back(std::move(o));
+        std::string mod = param.substr(0, param.rfind('.'));
+        mod = mod.substr(mod.rfind('.') + 1);
+        if (std::find(cfg.modules_to_save.begin(), cfg.modules_to_save.end(), mod) == cfg.modules_to_save.end())
+          cfg.modules_to_save.push_back(mod);
+      };
+      for (const auto& t : ap->trainable->tensors()) {
+        add(t, t.name);
+        if (tied && (t.name == "model.embed_tokens.weight" || t.name == "lm_head.weight"))
+          add(t, t.name == "lm_head.weight" ? "model.embed_tokens.weight" : "lm_head.weight");
+      }
+    }
     if (cfg.base_model_name_or_path.empty() && !src.base.empty())
       cfg.base_model_name_or_path = fs::absolute(src.base).lexically_normal().string();
     spdlog::info("export: peft adapter {} (r {}, lora_alpha {}, {} tensors) -> {}", opt.checkpoint, cfg.r,

@@ -211,6 +211,12 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   }
 }
 
+SafetensorsFile::SafetensorsFile(std::string path, std::vector<TensorInfo> tensors, std::shared_ptr<const void> owner)
+    : path_(std::move(path)), tensors_(std::move(tensors)), owner_(std::move(owner)) {
+  for (size_t i = 0; i < tensors_.size(); ++i)
+    if (!index_.emplace(tensors_[i].name, i).second) fail(path_, "tensor '" + tensors_[i].name + "'", "twice");
+}
+
 void SafetensorsFile::release() {
   if (map_) ::munmap(map_, map_size_);
   map_ = nullptr;

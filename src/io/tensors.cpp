@@ -1,8 +1,80 @@
 #include "longlora/io/tensors.h"
 
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
 #include "longlora/common/error.h"
 
 namespace longlora::io {
+
+namespace {
+
+// torch.save of a dict of tensors, read with LibTorch's unpickler into owned bytes.
+std::shared_ptr<SafetensorsFile> read_pickled_tensors(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail(path, "", "cannot read");
+  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  // LibTorch's unpickler has no OrderedDict, the type of a module's state_dict(): it
+  // gives None, or fails inside.
+  const std::string ordered =
+      "holds an OrderedDict (a state_dict() as it is), which LibTorch cannot read: save it as a plain dict, in "
+      "Python: torch.save(dict(torch.load(F)), F), or as safetensors";
+  c10::IValue v;
+  try {
+    v = torch::pickle_load(bytes);
+  } catch (const c10::Error& e) {
+    const std::string what = e.what_without_backtrace();
+    if (what.find("got None") != std::string::npos) fail(path, "", ordered);
+    fail(path, "", "cannot read it as a torch.save file: " + what.substr(0, what.find('\n')));
+  }
+  if (v.isNone()) fail(path, "", ordered);
+  if (!v.isGenericDict()) fail(path, "", "expected a dict of tensors (torch.save of a state dict)");
+  std::vector<std::pair<std::string, torch::Tensor>> items;
+  size_t total = 0;
+  for (const auto& kv : v.toGenericDict()) {
+    if (!kv.key().isString()) fail(path, "", "a key that is not a string");
+    const std::string name = kv.key().toStringRef();
+    if (!kv.value().isTensor()) fail(path, "tensor '" + name + "'", "not a tensor");
+    auto t = kv.value().toTensor();
+    const auto st = t.scalar_type();
+    if (st != torch::kFloat32 && st != torch::kFloat16 && st != torch::kBFloat16)
+      fail(path, "tensor '" + name + "'", std::string("dtype ") + c10::toString(st) + " is not a float type");
+    t = t.contiguous();
+    total += static_cast<size_t>(t.numel() * t.element_size());
+    items.emplace_back(name, t);
+  }
+  auto buf = std::shared_ptr<char[]>(new char[std::max<size_t>(total, 1)]);
+  std::vector<TensorInfo> infos;
+  size_t off = 0;
+  for (const auto& [name, t] : items) {
+    TensorInfo ti;
+    ti.name = name;
+    ti.dtype = from_torch_dtype(t.scalar_type(), path + ": tensor '" + name + "'");
+    ti.shape = t.sizes().vec();
+    ti.nbytes = static_cast<size_t>(t.numel() * t.element_size());
+    std::memcpy(buf.get() + off, t.data_ptr(), ti.nbytes);
+    ti.data = buf.get() + off;
+    off += ti.nbytes;
+    infos.push_back(std::move(ti));
+  }
+  return std::make_shared<SafetensorsFile>(path, std::move(infos), std::shared_ptr<const void>(buf, buf.get()));
+}
+
+}  // namespace
+
+std::shared_ptr<SafetensorsFile> open_adapter_weights(const std::string& dir) {
+  const auto d = std::filesystem::path(dir);
+  if (std::filesystem::exists(d / "adapter_model.safetensors"))
+    return std::make_shared<SafetensorsFile>((d / "adapter_model.safetensors").string());
+  if (std::filesystem::exists(d / "adapter_model.bin")) return read_pickled_tensors((d / "adapter_model.bin").string());
+  fail(dir, "adapter_model.safetensors", "missing (the adapter has a config but no weights)");
+}
+
+std::shared_ptr<SafetensorsFile> open_trainable_params(const std::string& dir) {
+  const auto p = std::filesystem::path(dir) / "trainable_params.bin";
+  return std::filesystem::exists(p) ? read_pickled_tensors(p.string()) : nullptr;
+}
 
 torch::ScalarType to_torch_dtype(DType d) {
   switch (d) {

@@ -271,11 +271,8 @@ io::AdapterConfig apply_adapter(LlamaForCausalLMImpl& m, const std::string& dir)
   }
   auto acfg = io::load_adapter_config(cfg_path);
   io::verify_checkpoint_files(dir, false);  // a training checkpoint's adapter
-  const std::string st_path = (d / "adapter_model.safetensors").string();
-  if (!fs::exists(st_path))
-    fail(dir, "adapter_model.safetensors",
-         "missing (only safetensors adapters are read; convert adapter_model.bin first)");
-  auto file = std::make_shared<io::SafetensorsFile>(st_path);
+  auto file = io::open_adapter_weights(dir);
+  const std::string st_path = file->path();
 
   lora::LoraSpec spec;
   spec.r = acfg.r;
@@ -297,6 +294,28 @@ io::AdapterConfig apply_adapter(LlamaForCausalLMImpl& m, const std::string& dir)
     m.untie_embeddings();
   }
   const auto shapes = base_shapes(m);
+  if (const auto tp = io::open_trainable_params(dir)) {
+    // LongLoRA's scripts load_state_dict these into the base before PeftModel: base
+    // weights, in their dtype, frozen; the adapter's own modules_to_save come after.
+    torch::NoGradGuard ng;
+    auto params = m.named_parameters();
+    for (const auto& t : tp->tensors()) {
+      // A tied base's lm_head.weight is its embedding (load_state_dict fills the one matrix).
+      const std::string name =
+          m.cfg.tie_word_embeddings && t.name == "lm_head.weight" ? "model.embed_tokens.weight" : t.name;
+      auto* p = params.find(name);
+      if (!p || !shapes.count(name))
+        fail(tp->path(), "tensor '" + t.name + "'", "not a weight of the base model");
+      if (const auto msg = io::vocabulary_mismatch(name, t.shape, shapes.at(name)); !msg.empty())
+        fail(tp->path(), "tensor '" + t.name + "'", msg);
+      if (t.shape != shapes.at(name))
+        fail(tp->path(), "tensor '" + t.name + "'",
+             "shape " + shape_str(t.shape) + " but the model needs " + shape_str(shapes.at(name)));
+      p->set_data(io::view_tensor(t, tp).to(p->device(), p->scalar_type(), false, /*copy=*/true));
+    }
+    spdlog::info("{}: {} base weights loaded before the adapter, as LongLoRA's scripts do", tp->path(),
+                 tp->tensors().size());
+  }
   // A tied base's one matrix (the model has no lm_head parameter) takes the adapter's
   // embed_tokens or lm_head, whichever it saved.
   const std::string tied_key = m.cfg.tie_word_embeddings ? io::tied_embedding_key(*file) : "";

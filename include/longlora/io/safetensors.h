@@ -41,6 +41,9 @@ struct TensorInfo {
 class SafetensorsFile {
  public:
   explicit SafetensorsFile(const std::string& path);
+  // Entries over bytes that `owner` holds: a file read some other way (a torch.save
+  // pickle), named by `path` in errors.
+  SafetensorsFile(std::string path, std::vector<TensorInfo> tensors, std::shared_ptr<const void> owner);
   ~SafetensorsFile();
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
@@ -59,6 +62,7 @@ class SafetensorsFile {
   std::map<std::string, std::string> metadata_;
   std::vector<TensorInfo> tensors_;
   std::map<std::string, size_t> index_;
+  std::shared_ptr<const void> owner_;
 };
 
 // A checkpoint directory or file: one model.safetensors, or shards listed in

@@ -23,6 +23,16 @@ torch::Tensor view_tensor(const TensorInfo& t, std::shared_ptr<const void> owner
 // Opens a checkpoint and returns every tensor as a view (keeps the files mapped).
 std::map<std::string, torch::Tensor> load_tensors(const std::string& path);
 
+// A peft adapter's weights: adapter_model.safetensors, mapped, or else the
+// adapter_model.bin of older peft versions and LongLoRA's scripts (torch.save of a
+// plain dict), read whole. An Error naming the directory when neither is there.
+std::shared_ptr<SafetensorsFile> open_adapter_weights(const std::string& dir);
+
+// LongLoRA's trainable_params.bin beside its adapter: the embedding and norms it
+// trained, keyed by the base's names ("model.norm.weight"), which its eval and merge
+// scripts load into the base before the adapter. nullptr when the file is absent.
+std::shared_ptr<SafetensorsFile> open_trainable_params(const std::string& dir);
+
 // Writes named tensors (any device, contiguous-ified one at a time) to `path`; returns
 // the file's size and CRC-32.
 FileDigest save_tensors(const std::string& path,
