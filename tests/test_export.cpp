@@ -6,6 +6,7 @@
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <set>
@@ -415,14 +416,26 @@ TEST(ExportGolden, ModulesToSaveEmbeddingsPartATiedBaseAsPeftLoadsThem) {
   auto acfg = testutil::read_json(with_head + "/adapter_config.json");
   acfg["modules_to_save"] = {"lm_head", "norm"};
   testutil::write_file(with_head + "/adapter_config.json", acfg.dump());
+  // LongLoRA's trainable_params.bin is loaded into the one matrix first: lm_head keeps it.
+  const auto trained = at::normal(0.0, 0.1, {512, 64}, gen);
+  const std::string with_trained = dir + "/trained";
+  fs::create_directories(with_trained);
+  for (const auto& f : {"adapter_config.json", "adapter_model.safetensors"})
+    fs::copy_file(kAdapter + "/" + f, with_trained + "/" + f);
+  c10::Dict<std::string, torch::Tensor> tp;
+  tp.insert("model.embed_tokens.weight", trained);
+  const auto bytes = torch::pickle_save(tp);
+  std::ofstream(with_trained + "/trainable_params.bin", std::ios::binary)
+      .write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  const std::string untied_trained = copy_base(dir + "/untied-trained", [&](Tensors& t) { t["lm_head.weight"] = trained; });
+  const auto adapter_embed =
+      testutil::load(kAdapter + "/adapter_model.safetensors")[std::string(io::kPeftPrefix) + "model.embed_tokens.weight"];
   const auto ids = testutil::load(testutil::golden("tiny-llama/golden.safetensors"))["input_ids"];
-  for (const auto& [ad, want_embed, want_head] :
-       {std::tuple{kAdapter, testutil::load(kAdapter + "/adapter_model.safetensors")
-                                 [std::string(io::kPeftPrefix) + "model.embed_tokens.weight"],
-                   base_embed},
-        std::tuple{with_head, base_embed, head}}) {
+  for (const auto& [ad, want_embed, want_head, oracle_base] :
+       {std::tuple{kAdapter, adapter_embed, base_embed, untied}, std::tuple{with_head, base_embed, head, untied},
+        std::tuple{with_trained, adapter_embed, trained, untied_trained}}) {
     SCOPED_TRACE(ad);
-    auto oracle = model::load_model(untied, {});
+    auto oracle = model::load_model(oracle_base, {});
     model::apply_adapter(*oracle, ad);
     auto m = model::load_model(tied, {});
     model::apply_adapter(*m, ad);

@@ -527,6 +527,20 @@ TEST(ModelGolden, LongLorasAdapterFilesLoadAsItsScriptsLoadThem) {
     model::apply_adapter(*m, dir);
     expect_logits(m, g["input_ids"], g["logits_lora"]);
   }
+  // Saved from a GPU (storages on "cuda:0"): read onto the CPU, the same factors.
+  {
+    auto a = tiny(), b = tiny();
+    model::apply_adapter(*a, dir);
+    model::apply_adapter(*b, dir + "/cuda");
+    auto pb = b->named_parameters();
+    int n = 0;
+    for (const auto& p : a->named_parameters())
+      if (p.key().find("lora_") != std::string::npos) {
+        EXPECT_TRUE(torch::equal(p.value(), pb[p.key()])) << p.key();
+        ++n;
+      }
+    EXPECT_EQ(n, 16);
+  }
   // A state_dict() saved as it is (an OrderedDict) is one line, with the Python fix.
   auto m = tiny();
   EXPECT_NE(testutil::error_of([&] { model::apply_adapter(*m, dir + "/ordered"); })

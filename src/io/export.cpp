@@ -468,13 +468,28 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
   // Untied here: lm_head.weight's source, the adapter's or the base's one matrix.
   const TensorInfo* head_src = nullptr;
   const bool base_tied = load_model_config((fs::path(base_dir) / "config.json").string()).tie_word_embeddings;
+  // trainable_params.bin's embedding of a tied base (either name fills the one matrix),
+  // loaded before the adapter.
+  const TensorInfo* trained_embed = nullptr;
+  if (base_tied && ap.trainable)
+    for (const auto& n : {head, embed})
+      if (ap.trainable->contains(n)) trained_embed = &ap.trainable->get(n);
+  // Which file an entry is from, so that it stays mapped (or held) while written.
+  auto from_trainable = [&](const TensorInfo* t) {
+    return ap.trainable && ap.trainable->contains(t->name) && &ap.trainable->get(t->name) == t;
+  };
+  auto owner_of = [&](const TensorInfo* t) -> std::shared_ptr<const void> {
+    if (from_trainable(t)) return ap.trainable;
+    if (base->contains(t->name) && &base->get(t->name) == t) return base;
+    return ap.file;
+  };
   if (base_tied && model::unties_embeddings(*ap.file, ap.cfg)) {
     // As peft loads it (and eval --adapter): each layer its own saved matrix, else the
-    // base's. The base's lm_head.weight, if its checkpoint has one, is not what
-    // transformers uses for a tied model: the embedding is.
+    // base's (as trainable_params.bin left it). The base's lm_head.weight, if its
+    // checkpoint has one, is not what transformers uses for a tied model: the embedding is.
     if (!base->contains(embed)) fail(st, "tensor '" + prefix + embed + "'", "no tensor '" + embed + "' in the base model " + base_dir);
     const auto h = replace.find(head);
-    head_src = h != replace.end() ? h->second : &base->get(embed);
+    head_src = h != replace.end() ? h->second : trained_embed ? trained_embed : &base->get(embed);
     if (const auto msg = vocabulary_mismatch(head, head_src->shape, base->get(embed).shape); !msg.empty())
       fail(st, "tensor '" + head_src->name + "'", msg);
     if (head_src->shape != base->get(embed).shape)
@@ -496,10 +511,6 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
       for (const char* w : {"model.embed_tokens.weight", "lm_head.weight"})
         if (base->contains(w)) replace[w] = &ap.file->get(key);
   }
-  // Which file an entry of `replace` is from: the adapter's or trainable_params.bin.
-  auto from_trainable = [&](const TensorInfo* t) {
-    return ap.trainable && ap.trainable->contains(t->name) && &ap.trainable->get(t->name) == t;
-  };
   if (ap.trainable) {
     // Loaded into the base before the adapter (LongLoRA's load_state_dict), so the
     // adapter's own saved modules, already in `replace`, win.
@@ -507,8 +518,8 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
     for (const auto& t : ap.trainable->tensors()) {
       std::vector<std::string> names{t.name};
       if (base_tied && (t.name == embed || t.name == head)) {
-        if (head_src) fail(tp, "tensor '" + t.name + "'", "an embedding beside an adapter that parts a tied base's is not supported");
-        names = {embed, head};  // the one matrix
+        if (&t != trained_embed) continue;  // both saved: the one loaded last, as load_state_dict
+        names = head_src ? std::vector<std::string>{embed} : std::vector<std::string>{embed, head};
       }
       for (const auto& n : names) {
         if (n == head && base_tied && !base->contains(head)) continue;
@@ -566,6 +577,16 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
       fail(st, "target_modules", "'" + t + "' has no LoRA factors in the adapter / matches no weight of the base model " +
                                      base_dir);
 
+  // lm_head.weight of a merge that parts a tied base's embeddings.
+  auto head_out = [&] {
+    OutTensor o;
+    o.name = head;
+    o.src = head_src;
+    o.owner = owner_of(head_src);
+    o.release = false;
+    o.dtype = is_float(o.src->dtype) ? out_dtype : o.src->dtype;
+    return o;
+  };
   std::vector<OutTensor> out;
   const double scale = ap.cfg.scale();
   for (const auto& name : base->names()) {
@@ -574,8 +595,8 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
     o.name = name;
     if (auto it = replace.find(name); it != replace.end()) {
       o.src = it->second;
-      o.owner = from_trainable(it->second) ? ap.trainable : ap.file;
-      o.release = false;  // small adapter file
+      o.owner = owner_of(it->second);
+      o.release = false;  // small adapter file, or held in memory
     } else {
       o.src = &base->get(name);
       o.owner = base;
@@ -587,23 +608,16 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
       }
     }
     if (head_src && name == head) {
-      o.src = head_src;
-      o.owner = head_src == &base->get(embed) ? std::shared_ptr<const void>(base) : ap.file;
+      const OutTensor h = head_out();
+      o.src = h.src;
+      o.owner = h.owner;
       o.release = false;
     }
     o.dtype = is_float(o.src->dtype) ? out_dtype : o.src->dtype;
     out.push_back(std::move(o));
   }
-  if (head_src && !base->contains(head)) {
-    // A tied checkpoint usually stores the embedding alone.
-    OutTensor o;
-    o.name = head;
-    o.src = head_src;
-    o.owner = head_src == &base->get(embed) ? std::shared_ptr<const void>(base) : ap.file;
-    o.release = false;
-    o.dtype = is_float(o.src->dtype) ? out_dtype : o.src->dtype;
-    out.push_back(std::move(o));
-  }
+  // A tied checkpoint usually stores the embedding alone.
+  if (head_src && !base->contains(head)) out.push_back(head_out());
   std::stable_sort(out.begin(), out.end(), [](const OutTensor& a, const OutTensor& b) { return hf_order(a.name, b.name); });
   return out;
 }

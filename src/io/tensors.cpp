@@ -1,8 +1,9 @@
 #include "longlora/io/tensors.h"
 
-#include <cstring>
+#include <caffe2/serialize/inline_container.h>
+#include <torch/csrc/jit/serialization/import_read.h>
+
 #include <filesystem>
-#include <fstream>
 
 #include "longlora/common/error.h"
 
@@ -10,11 +11,10 @@ namespace longlora::io {
 
 namespace {
 
-// torch.save of a dict of tensors, read with LibTorch's unpickler into owned bytes.
+// torch.save of a dict of tensors, read with LibTorch's unpickler onto the CPU (older
+// peft saved an adapter where the model was, often on a GPU: map_location="cpu").
 std::shared_ptr<SafetensorsFile> read_pickled_tensors(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail(path, "", "cannot read");
-  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (!std::filesystem::is_regular_file(path)) fail(path, "", "cannot read: not a file");
   // LibTorch's unpickler has no OrderedDict, the type of a module's state_dict(): it
   // gives None, or fails inside.
   const std::string ordered =
@@ -22,7 +22,9 @@ std::shared_ptr<SafetensorsFile> read_pickled_tensors(const std::string& path) {
       "Python: torch.save(dict(torch.load(F)), F), or as safetensors";
   c10::IValue v;
   try {
-    v = torch::pickle_load(bytes);
+    caffe2::serialize::PyTorchStreamReader reader(path);
+    v = torch::jit::readArchiveAndTensors("data", "", "", std::nullopt, std::nullopt, torch::Device(torch::kCPU),
+                                          reader);
   } catch (const c10::Error& e) {
     const std::string what = e.what_without_backtrace();
     if (what.find("got None") != std::string::npos) fail(path, "", ordered);
@@ -30,35 +32,27 @@ std::shared_ptr<SafetensorsFile> read_pickled_tensors(const std::string& path) {
   }
   if (v.isNone()) fail(path, "", ordered);
   if (!v.isGenericDict()) fail(path, "", "expected a dict of tensors (torch.save of a state dict)");
-  std::vector<std::pair<std::string, torch::Tensor>> items;
-  size_t total = 0;
+  // The entries point into the tensors themselves, which the file object keeps.
+  auto held = std::make_shared<std::vector<torch::Tensor>>();
+  std::vector<TensorInfo> infos;
   for (const auto& kv : v.toGenericDict()) {
     if (!kv.key().isString()) fail(path, "", "a key that is not a string");
     const std::string name = kv.key().toStringRef();
     if (!kv.value().isTensor()) fail(path, "tensor '" + name + "'", "not a tensor");
-    auto t = kv.value().toTensor();
+    auto t = kv.value().toTensor().to(torch::kCPU).contiguous();
     const auto st = t.scalar_type();
     if (st != torch::kFloat32 && st != torch::kFloat16 && st != torch::kBFloat16)
       fail(path, "tensor '" + name + "'", std::string("dtype ") + c10::toString(st) + " is not a float type");
-    t = t.contiguous();
-    total += static_cast<size_t>(t.numel() * t.element_size());
-    items.emplace_back(name, t);
-  }
-  auto buf = std::shared_ptr<char[]>(new char[std::max<size_t>(total, 1)]);
-  std::vector<TensorInfo> infos;
-  size_t off = 0;
-  for (const auto& [name, t] : items) {
     TensorInfo ti;
     ti.name = name;
-    ti.dtype = from_torch_dtype(t.scalar_type(), path + ": tensor '" + name + "'");
+    ti.dtype = from_torch_dtype(st, path + ": tensor '" + name + "'");
     ti.shape = t.sizes().vec();
     ti.nbytes = static_cast<size_t>(t.numel() * t.element_size());
-    std::memcpy(buf.get() + off, t.data_ptr(), ti.nbytes);
-    ti.data = buf.get() + off;
-    off += ti.nbytes;
+    ti.data = t.data_ptr();
+    held->push_back(t);
     infos.push_back(std::move(ti));
   }
-  return std::make_shared<SafetensorsFile>(path, std::move(infos), std::shared_ptr<const void>(buf, buf.get()));
+  return std::make_shared<SafetensorsFile>(path, std::move(infos), held);
 }
 
 }  // namespace

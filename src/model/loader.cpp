@@ -287,16 +287,12 @@ io::AdapterConfig apply_adapter(LlamaForCausalLMImpl& m, const std::string& dir)
   const std::string prefix = io::kPeftPrefix;
   const auto dev = m.head_weight().device();
   std::set<std::string> used;
-  if (m.cfg.tie_word_embeddings && unties_embeddings(*file, acfg)) {
-    spdlog::info("{}: the adapter gives embed_tokens and lm_head matrices of their own (modules_to_save), as peft "
-                 "loads it on a base that ties them",
-                 st_path);
-    m.untie_embeddings();
-  }
-  const auto shapes = base_shapes(m);
+  auto shapes = base_shapes(m);
   if (const auto tp = io::open_trainable_params(dir)) {
     // LongLoRA's scripts load_state_dict these into the base before PeftModel: base
-    // weights, in their dtype, frozen; the adapter's own modules_to_save come after.
+    // weights, in their dtype, frozen; the adapter's own modules_to_save come after,
+    // and so does an untying below (lm_head then copies this embedding, as peft's
+    // wrapping of a tied model's embed_tokens leaves lm_head on the loaded matrix).
     torch::NoGradGuard ng;
     auto params = m.named_parameters();
     for (const auto& t : tp->tensors()) {
@@ -315,6 +311,13 @@ io::AdapterConfig apply_adapter(LlamaForCausalLMImpl& m, const std::string& dir)
     }
     spdlog::info("{}: {} base weights loaded before the adapter, as LongLoRA's scripts do", tp->path(),
                  tp->tensors().size());
+  }
+  if (m.cfg.tie_word_embeddings && unties_embeddings(*file, acfg)) {
+    spdlog::info("{}: the adapter gives embed_tokens and lm_head matrices of their own (modules_to_save), as peft "
+                 "loads it on a base that ties them",
+                 st_path);
+    m.untie_embeddings();
+    shapes = base_shapes(m);
   }
   // A tied base's one matrix (the model has no lm_head parameter) takes the adapter's
   // embed_tokens or lm_head, whichever it saved.

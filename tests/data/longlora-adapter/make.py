@@ -30,3 +30,17 @@ json.dump(cfg, open(out + "/adapter_config.json", "w"), indent=2)
 os.makedirs(out + "/ordered", exist_ok=True)
 torch.save(collections.OrderedDict(lora), out + "/ordered/adapter_model.bin")
 json.dump(cfg, open(out + "/ordered/adapter_config.json", "w"), indent=2)
+
+# cuda/: the LoRA factors as a GPU run saves them (storages located on "cuda:0"), made
+# without a GPU by rewriting the location in the pickle; they must load onto the CPU.
+import zipfile
+os.makedirs(out + "/cuda", exist_ok=True)
+src_zip = zipfile.ZipFile(out + "/adapter_model.bin")
+with zipfile.ZipFile(out + "/cuda/adapter_model.bin", "w", zipfile.ZIP_STORED) as z:
+    for info in src_zip.infolist():
+        data = src_zip.read(info.filename)
+        if info.filename.endswith("data.pkl"):
+            assert b"X\x03\x00\x00\x00cpu" in data  # BINUNICODE, later uses are memo gets
+            data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+        z.writestr(info.filename, data)
+json.dump(cfg, open(out + "/cuda/adapter_config.json", "w"), indent=2)
