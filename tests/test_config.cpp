@@ -147,7 +147,15 @@ TEST(ModelConfig, BothRopeForms) {
     j45["rope_scaling"] = empty;
     EXPECT_EQ(io::parse_model_config(j45, "c45").rope_factor, 4.0) << empty;
   }
-  j45["rope_scaling"] = {{"type", "linear"}, {"factor", 2.0}, {"rope_theta", 5e5}};
+  // rope_parameters that rope_scaling leaves unread, its theta another than the one used.
+  j45["rope_scaling"] = {{"type", "linear"}, {"factor", 4.0}};
+  j45["rope_parameters"]["rope_theta"] = 5e5;
+  EXPECT_NE(testutil::error_of([&] { io::parse_model_config(j45, "c45.json"); })
+                .find("c45.json: rope_parameters.rope_theta: differs from the rope_theta used (1000000.0)"),
+            std::string::npos);
+  j45 = j5;
+  j45["rope_theta"] = 1e6;
+  j45["rope_scaling"] = {{"type", "linear"}, {"factor", 4.0}, {"rope_theta", 5e5}};
   EXPECT_NE(testutil::error_of([&] { io::parse_model_config(j45, "c45.json"); })
                 .find("c45.json: rope_scaling.rope_theta: differs from rope_theta"),
             std::string::npos);

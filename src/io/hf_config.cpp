@@ -121,6 +121,14 @@ ModelConfig parse_model_config(const json& j, const std::string& src) {
       r->fail("type", "missing (supported: linear)");
     else if (type != "default")
       r->fail("type", "'" + type + "' is not implemented (supported: linear)");
+    // Both versions then ignore rope_parameters, its theta too: a transformers 5 config
+    // given a rope_scaling by hand (LongLoRA's instructions), its theta only in
+    // rope_parameters, would silently fall back to 10000.
+    if (auto rp = f.object("rope_parameters"))
+      if (auto t = rp->number("rope_theta"); t && *t != c.rope_theta)
+        rp->fail("rope_theta", "differs from the rope_theta used (" + json(c.rope_theta).dump() +
+                                   "): rope_scaling is given, and transformers 4 and 5 then ignore rope_parameters; "
+                                   "put rope_theta at the top level");
   } else if (auto r = f.object("rope_parameters")) {
     const std::string type = rope_type_of(*r, "default");
     c.rope_theta = r->number("rope_theta").value_or(c.rope_theta);
