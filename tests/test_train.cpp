@@ -1049,7 +1049,7 @@ TEST(Train, Fp16LossScaleHalvesAtAnOverflowGrowsAfterItsWindowAndResumes) {
   const std::string flags =
       " --set model.dtype=fp16 --set device=cpu --set train.initial_loss_scale=2097152"
       " --set train.loss_scale_window=2 --set train.max_bad_steps=1 --set lora.dropout=0 --set train.max_steps=10"
-      " --set output.save_steps=5";
+      " --set output.save_steps=5 --set train.scheduler=cosine";
   const auto a = testutil::temp_dir("fp16-overflow-a"), b = testutil::temp_dir("fp16-overflow-b");
   auto r = testutil::run_cli("--config " + tiny_config(a) + flags);
   ASSERT_EQ(r.code, 0) << r.err;
@@ -1060,11 +1060,12 @@ TEST(Train, Fp16LossScaleHalvesAtAnOverflowGrowsAfterItsWindowAndResumes) {
   ASSERT_EQ(recs.size(), 10u);
   double scale = 2097152.0;
   int good = 0, skipped = 0, doubled = 0;
-  // The schedule (warmup 2, then constant) counts the updates only, as HF's Trainer.
+  // The schedule (warmup 2, then cosine) counts the updates only, as HF's Trainer.
   train::TrainSection t;
   t.lr = 0.003;
   t.warmup_steps = 2;
   t.max_steps = 10;
+  t.scheduler = "cosine";
   for (const auto& rec : recs) {
     const std::string at = "step " + rec["step"].dump();
     EXPECT_DOUBLE_EQ(rec["lr"].get<double>(), train::lr_at(t, rec["step"].get<int>() - 1 - skipped)) << at;
@@ -1081,6 +1082,9 @@ TEST(Train, Fp16LossScaleHalvesAtAnOverflowGrowsAfterItsWindowAndResumes) {
   // uninterrupted one did, loss and scale.
   const auto ts = testutil::read_json(a + "/out/checkpoint-5/trainer_state.json");
   EXPECT_EQ(ts["loss_scale"].get<double>(), recs[4]["loss_scale"].get<double>());
+  int skipped_by_5 = 0;
+  for (size_t i = 0; i < 5; ++i) skipped_by_5 += recs[i]["skipped"].get<bool>();
+  EXPECT_EQ(ts["overflow_steps"], skipped_by_5);
   r = testutil::run_cli("--config " + tiny_config(b) + flags + " --set train.max_steps=5");
   ASSERT_EQ(r.code, 0) << r.err;
   r = testutil::run_cli("--config " + tiny_config(b) + flags + " --resume");
@@ -1090,6 +1094,7 @@ TEST(Train, Fp16LossScaleHalvesAtAnOverflowGrowsAfterItsWindowAndResumes) {
   for (size_t i = 5; i < 10; ++i) {
     EXPECT_EQ(again[i]["loss"], recs[i]["loss"]) << "step " << i + 1;
     EXPECT_EQ(again[i]["loss_scale"], recs[i]["loss_scale"]) << "step " << i + 1;
+    EXPECT_EQ(again[i]["lr"], recs[i]["lr"]) << "step " << i + 1;
   }
 }
 
