@@ -104,6 +104,14 @@ TEST(EvalGolden, LongLorasProtocolScoresAWindowsOwnNextTokens) {
   EXPECT_EQ(j["tokens"], 127);
   EXPECT_EQ(j["protocol"], "longlora");
   EXPECT_DOUBLE_EQ(j["perplexity"].get<double>(), std::pow(2.71828, j["loss"].get<double>()));
+  // A stride that leaves no start once the last is dropped: one line, before any row.
+  r = testutil::run_cli("eval --model " + testutil::golden("tiny-llama/model") + " --data " + dir +
+                        "/one.bin --seq-len 64,128 --protocol longlora --stride 300 --device cpu");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_EQ(r.out, "");
+  EXPECT_NE(r.err.find("one.bin: 428 tokens leave no window of seq_len 128 under LongLoRA's protocol"),
+            std::string::npos)
+      << r.err;
 
   // Batches weigh the average: windows at 0, 100, 200 (300 dropped) in batches of 2 are
   // ((w0 + w1) / 2 + w2) / 2, each window's loss that of the plain protocol on its own

@@ -106,12 +106,8 @@ int run_eval(const EvalArgs& a) {
   const int64_t stride = a.stride > 0 ? a.stride : 0;  // 0: each protocol's default
   for (int64_t L : a.seq_lens) {
     eval::check_windows(static_cast<int64_t>(tokens.size()), L, a.data);
-    const int64_t S = stride > 0 ? stride : 256;
-    // range(0, n - L, S) without its last start must keep one: n - L > S.
-    if (longlora && static_cast<int64_t>(tokens.size()) - L <= S)
-      throw Error(a.data + ": " + std::to_string(tokens.size()) + " tokens leave no window of seq_len " +
-                  std::to_string(L) + " under --protocol longlora (starts range(0, n - L, " + std::to_string(S) +
-                  ") without the last one: it needs more than seq_len + stride tokens)");
+    if (longlora)
+      eval::check_longlora_windows(static_cast<int64_t>(tokens.size()), L, stride > 0 ? stride : 256, a.data);
   }
   const double context = m->cfg.max_position_embeddings * m->cfg.rope_factor;
   for (int64_t L : a.seq_lens)

@@ -55,18 +55,23 @@ PerplexityResult perplexity(model::LlamaForCausalLMImpl& m, const std::vector<in
   return r;
 }
 
+void check_longlora_windows(int64_t n, int64_t L, int64_t S, const std::string& source) {
+  // range(0, n - L, S) without its last start must keep one: n - L > S.
+  if (n - L > S) return;
+  throw Error(source + ": " + std::to_string(n) + " tokens leave no window of seq_len " + std::to_string(L) +
+              " under LongLoRA's protocol (window starts range(0, n - L, " + std::to_string(S) +
+              ") without the last one: it needs more than seq_len + stride tokens)");
+}
+
 PerplexityResult perplexity_longlora(model::LlamaForCausalLMImpl& m, const std::vector<int32_t>& tokens,
                                      int64_t L, int64_t S, int64_t batch_size, const std::string& source,
                                      int64_t loss_chunk) {
   if (L < 2 || S <= 0 || batch_size <= 0) throw Error("perplexity_longlora: seq_len >= 2, stride and batch size > 0");
   const int64_t n = static_cast<int64_t>(tokens.size());
+  check_longlora_windows(n, L, S, source);
   std::vector<int64_t> starts;
   for (int64_t s = 0; s < n - L; s += S) starts.push_back(s);
-  if (!starts.empty()) starts.pop_back();  // as eval.py's all_ix.pop()
-  if (starts.empty())
-    throw Error(source + ": " + std::to_string(n) + " tokens leave no window of seq_len " + std::to_string(L) +
-                " under LongLoRA's protocol (window starts range(0, n - L, " + std::to_string(S) +
-                ") without the last one: it needs more than seq_len + stride tokens)");
+  starts.pop_back();  // as eval.py's all_ix.pop()
   torch::NoGradGuard no_grad;
   m.eval();
   const auto dev = m.head_weight().device();

@@ -142,6 +142,13 @@ AdapterConfig load_adapter_config(const std::string& path) {
   return c;
 }
 
+void add_module_to_save(AdapterConfig& c, const std::string& param) {
+  std::string mod = param.substr(0, param.rfind('.'));
+  mod = mod.substr(mod.rfind('.') + 1);
+  if (std::find(c.modules_to_save.begin(), c.modules_to_save.end(), mod) == c.modules_to_save.end())
+    c.modules_to_save.push_back(mod);
+}
+
 bool is_embedding_layer(const std::string& param) {
   return param == "model.embed_tokens.weight" || param == "lm_head.weight";
 }

@@ -952,9 +952,12 @@ void export_checkpoint(const ExportOptions& opt) {
       // would leave lm_head on the old matrix, where load_state_dict changed both).
       const bool tied =
           !src.base.empty() && load_model_config((fs::path(src.base) / "config.json").string()).tie_word_embeddings;
+      std::set<std::string> added;
       auto add = [&](const TensorInfo& t, const std::string& param) {
         const std::string key = std::string(kPeftPrefix) + param;
-        if (ap->file->contains(key)) return;  // the adapter's own, which peft loads after
+        // The adapter's own, which peft loads after; or (a tied base's two names for one
+        // matrix) written already.
+        if (ap->file->contains(key) || !added.insert(key).second) return;
         OutTensor o;
         o.name = key;
         o.src = &t;
@@ -962,10 +965,7 @@ void export_checkpoint(const ExportOptions& opt) {
         o.dtype = has_flag_dtype ? flag_dtype : t.dtype;
         o.release = false;
         ts.push_back(std::move(o));
-        std::string mod = param.substr(0, param.rfind('.'));
-        mod = mod.substr(mod.rfind('.') + 1);
-        if (std::find(cfg.modules_to_save.begin(), cfg.modules_to_save.end(), mod) == cfg.modules_to_save.end())
-          cfg.modules_to_save.push_back(mod);
+        add_module_to_save(cfg, param);
       };
       for (const auto& t : ap->trainable->tensors()) {
         add(t, t.name);

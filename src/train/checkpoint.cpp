@@ -124,19 +124,13 @@ void save_adapter(const std::string& dir, const NamedTensors& trainable, const R
   a.target_modules = cfg.lora.targets;
   // Absolute, as in run_config.json: peft loads the base from it, from any directory.
   a.base_model_name_or_path = absolute_path(cfg.model.path);
-  std::set<std::string> saved;
   NamedTensors out;
   for (const auto& [name, p] : trainable) {
     out.emplace_back(io::kPeftPrefix + name, p);
-    if (!is_lora(name)) {
-      // peft names modules_to_save by the module's last name (embed_tokens, norm, ...).
-      auto mod = name.substr(0, name.rfind('.'));
-      mod = mod.substr(mod.rfind('.') + 1);
-      if (saved.insert(mod).second) a.modules_to_save.push_back(mod);
-    }
-    if (tied_embeddings && name == "model.embed_tokens.weight" && saved.insert("lm_head").second) {
+    if (!is_lora(name)) io::add_module_to_save(a, name);
+    if (tied_embeddings && name == "model.embed_tokens.weight") {
       out.emplace_back(std::string(io::kPeftPrefix) + "lm_head.weight", p);
-      a.modules_to_save.push_back("lm_head");
+      io::add_module_to_save(a, "lm_head.weight");
     }
   }
   json j = io::adapter_config_to_json(a);

@@ -26,6 +26,9 @@ PerplexityResult perplexity(model::LlamaForCausalLMImpl& m, const std::vector<in
                             int64_t seq_len, int64_t stride, const std::string& source,
                             int64_t loss_chunk = 2048);
 
+// The same under LongLoRA's protocol (below): an Error unless a window is left.
+void check_longlora_windows(int64_t n_tokens, int64_t seq_len, int64_t stride, const std::string& source);
+
 // LongLoRA's eval.py, so that figures compare with its tables: window starts
 // range(0, n - L, stride) without the last one; each window tokens[s, s+L) scores its
 // own L - 1 next tokens (labels = input_ids); the windows' mean losses are averaged in

@@ -35,6 +35,10 @@ nlohmann::json adapter_config_to_json(const AdapterConfig& c);
 // Whether the base parameter `param` ("lm_head.weight") is one of those two.
 bool is_embedding_layer(const std::string& param);
 
+// Adds the modules_to_save entry of a base weight ("model.layers.0.input_layernorm.weight"):
+// its module's last name ("input_layernorm"), as peft names them, once.
+void add_module_to_save(AdapterConfig& c, const std::string& param);
+
 // For a base with tie_word_embeddings (one matrix for both layers) and an adapter that
 // keeps them one (model::unties_embeddings is false): the key of the adapter tensor
 // that becomes that matrix, "" when the adapter saved neither. peft saves both as
