@@ -103,11 +103,11 @@ int run_eval(const EvalArgs& a) {
   // Every length before the first window: a length the data is too short for failed
   // only after the earlier lengths had run and printed.
   const bool longlora = a.protocol == "longlora";
-  const int64_t stride = a.stride > 0 ? a.stride : 0;  // 0: each protocol's default
+  // --stride, else each protocol's default: seq_len, or eval.py's 256.
+  auto stride_for = [&](int64_t L) { return a.stride > 0 ? a.stride : longlora ? 256 : L; };
   for (int64_t L : a.seq_lens) {
     eval::check_windows(static_cast<int64_t>(tokens.size()), L, a.data);
-    if (longlora)
-      eval::check_longlora_windows(static_cast<int64_t>(tokens.size()), L, stride > 0 ? stride : 256, a.data);
+    if (longlora) eval::check_longlora_windows(static_cast<int64_t>(tokens.size()), L, stride_for(L), a.data);
   }
   const double context = m->cfg.max_position_embeddings * m->cfg.rope_factor;
   for (int64_t L : a.seq_lens)
@@ -115,8 +115,8 @@ int run_eval(const EvalArgs& a) {
       spdlog::warn("seq_len {} is past the model's context ({} positions x rope factor {:g} = {:g})", L,
                    m->cfg.max_position_embeddings, m->cfg.rope_factor, context);
   for (int64_t L : a.seq_lens) {
-    auto r = longlora ? eval::perplexity_longlora(*m, tokens, L, stride > 0 ? stride : 256, a.batch_size, a.data)
-                      : eval::perplexity(*m, tokens, L, stride > 0 ? stride : L, a.data);
+    auto r = longlora ? eval::perplexity_longlora(*m, tokens, L, stride_for(L), a.batch_size, a.data)
+                      : eval::perplexity(*m, tokens, L, stride_for(L), a.data);
     // "loss nan" with exit 0 reads as a result; say where the non-finite values are.
     if (!std::isfinite(r.loss))
       throw Error("eval: " + (a.adapter.empty() ? a.model : a.adapter + " on " + a.model) + ": seq_len " +

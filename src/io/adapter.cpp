@@ -153,14 +153,18 @@ bool is_embedding_layer(const std::string& param) {
   return param == "model.embed_tokens.weight" || param == "lm_head.weight";
 }
 
+bool saves_equal_embeddings(const SafetensorsFile& adapter) {
+  const std::string prefix = kPeftPrefix, e = prefix + "model.embed_tokens.weight", h = prefix + "lm_head.weight";
+  if (!adapter.contains(e) || !adapter.contains(h)) return false;
+  const TensorInfo &a = adapter.get(e), &b = adapter.get(h);
+  return a.dtype == b.dtype && a.shape == b.shape && std::memcmp(a.data, b.data, a.nbytes) == 0;
+}
+
 std::string tied_embedding_key(const SafetensorsFile& adapter) {
   const std::string prefix = kPeftPrefix, e = prefix + "model.embed_tokens.weight", h = prefix + "lm_head.weight";
-  if (adapter.contains(e) && adapter.contains(h)) {
-    const TensorInfo &a = adapter.get(e), &b = adapter.get(h);
-    if (a.dtype != b.dtype || a.shape != b.shape || std::memcmp(a.data, b.data, a.nbytes) != 0)
-      fail(adapter.path(), "tensor '" + h + "'",
-           "differs from '" + e + "', but the base model ties the two (tie_word_embeddings): one matrix cannot be both");
-  }
+  if (adapter.contains(e) && adapter.contains(h) && !saves_equal_embeddings(adapter))
+    fail(adapter.path(), "tensor '" + h + "'",
+         "differs from '" + e + "', but the base model ties the two (tie_word_embeddings): one matrix cannot be both");
   return adapter.contains(h) ? h : adapter.contains(e) ? e : "";
 }
 

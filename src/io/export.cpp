@@ -483,6 +483,18 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
     if (base->contains(t->name) && &base->get(t->name) == t) return base;
     return ap.file;
   };
+  // A tensor that takes the place of the base's `base_name` must have its shape.
+  auto check_against = [&](const TensorInfo* t, const std::string& base_name) {
+    const std::string field = "tensor '" + t->name + "'";
+    const std::string& file = from_trainable(t) ? ap.trainable->path() : st;
+    if (!base->contains(base_name)) fail(file, field, "no tensor '" + base_name + "' in the base model " + base_dir);
+    const auto& w = base->get(base_name);
+    if (const auto msg = vocabulary_mismatch(base_name, t->shape, w.shape); !msg.empty())
+      fail(file, field, msg + " (" + base->file_of(base_name).path() + ")");
+    if (w.shape != t->shape)
+      fail(file, field, "shape " + shape_str(t->shape) + " but the base model's '" + base_name + "' is " +
+                            shape_str(w.shape) + " (" + base->file_of(base_name).path() + ")");
+  };
   if (base_tied && model::unties_embeddings(*ap.file, ap.cfg)) {
     // As peft loads it (and eval --adapter): each layer its own saved matrix, else the
     // base's (as trainable_params.bin left it). The base's lm_head.weight, if its
@@ -490,12 +502,7 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
     if (!base->contains(embed)) fail(st, "tensor '" + prefix + embed + "'", "no tensor '" + embed + "' in the base model " + base_dir);
     const auto h = replace.find(head);
     head_src = h != replace.end() ? h->second : trained_embed ? trained_embed : &base->get(embed);
-    if (const auto msg = vocabulary_mismatch(head, head_src->shape, base->get(embed).shape); !msg.empty())
-      fail(st, "tensor '" + head_src->name + "'", msg);
-    if (head_src->shape != base->get(embed).shape)
-      fail(st, "tensor '" + head_src->name + "'",
-           "shape " + shape_str(head_src->shape) + " but the base model's embedding is " +
-               shape_str(base->get(embed).shape));
+    check_against(head_src, embed);  // the base may store no lm_head.weight
     replace.erase(head);
     if (untied) *untied = true;
     spdlog::info("export: {} gives embed_tokens and lm_head matrices of their own (modules_to_save), as peft loads "
@@ -528,17 +535,7 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
       }
     }
   }
-  for (const auto& [rest, t] : replace) {
-    const std::string field = "tensor '" + t->name + "'";
-    const std::string& file = from_trainable(t) ? ap.trainable->path() : st;
-    if (!base->contains(rest)) fail(file, field, "no tensor '" + rest + "' in the base model " + base_dir);
-    const auto& w = base->get(rest);
-    if (const auto msg = vocabulary_mismatch(rest, t->shape, w.shape); !msg.empty())
-      fail(file, field, msg + " (" + base->file_of(rest).path() + ")");
-    if (w.shape != t->shape)
-      fail(file, field, "shape " + shape_str(t->shape) + " but the base model's '" + rest + "' is " +
-                          shape_str(w.shape) + " (" + base->file_of(rest).path() + ")");
-  }
+  for (const auto& [rest, t] : replace) check_against(t, rest);
   std::set<std::string> targets_hit;
   for (const auto& [w, a] : lora_a) {
     const std::string a_key = a->name;
@@ -607,10 +604,9 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
         o.scale = scale;
       }
     }
-    if (head_src && name == head) {
-      const OutTensor h = head_out();
-      o.src = h.src;
-      o.owner = h.owner;
+    if (head_src && name == head) {  // LoRA factors of lm_head, if any, stay
+      o.src = head_src;
+      o.owner = owner_of(head_src);
       o.release = false;
     }
     o.dtype = is_float(o.src->dtype) ? out_dtype : o.src->dtype;

@@ -1,7 +1,6 @@
 #include "longlora/model/loader.h"
 
 #include <cmath>
-#include <cstring>
 #include <filesystem>
 #include <optional>
 #include <set>
@@ -29,6 +28,14 @@ std::string shape_str(c10::IntArrayRef s) {
   for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
   o << "]";
   return o.str();
+}
+
+// A saved tensor (`key` in `file`) against the shape the model has for `param`.
+void check_saved_shape(const std::string& file, const std::string& key, const std::string& param,
+                       const std::vector<int64_t>& got, const std::vector<int64_t>& want) {
+  if (const auto msg = io::vocabulary_mismatch(param, got, want); !msg.empty()) fail(file, "tensor '" + key + "'", msg);
+  if (got != want)
+    fail(file, "tensor '" + key + "'", "shape " + shape_str(got) + " but the model needs " + shape_str(want));
 }
 
 // The shape every base parameter must have, from the module that owns it.
@@ -252,10 +259,7 @@ bool unties_embeddings(const io::SafetensorsFile& adapter, const io::AdapterConf
   const bool has_e = adapter.contains(pre + e), has_h = adapter.contains(pre + h);
   const bool copied = (has_e && is_module_to_save(e, cfg.modules_to_save)) ||
                       (has_h && is_module_to_save(h, cfg.modules_to_save));
-  if (!copied) return false;
-  if (!has_e || !has_h) return true;
-  const auto &a = adapter.get(pre + e), &b = adapter.get(pre + h);
-  return a.dtype != b.dtype || a.shape != b.shape || std::memcmp(a.data, b.data, a.nbytes) != 0;
+  return copied && !io::saves_equal_embeddings(adapter);
 }
 
 io::AdapterConfig apply_adapter(LlamaForCausalLMImpl& m, const std::string& dir) {
@@ -302,11 +306,7 @@ io::AdapterConfig apply_adapter(LlamaForCausalLMImpl& m, const std::string& dir)
       auto* p = params.find(name);
       if (!p || !shapes.count(name))
         fail(tp->path(), "tensor '" + t.name + "'", "not a weight of the base model");
-      if (const auto msg = io::vocabulary_mismatch(name, t.shape, shapes.at(name)); !msg.empty())
-        fail(tp->path(), "tensor '" + t.name + "'", msg);
-      if (t.shape != shapes.at(name))
-        fail(tp->path(), "tensor '" + t.name + "'",
-             "shape " + shape_str(t.shape) + " but the model needs " + shape_str(shapes.at(name)));
+      check_saved_shape(tp->path(), t.name, name, t.shape, shapes.at(name));
       p->set_data(io::view_tensor(t, tp).to(p->device(), p->scalar_type(), false, /*copy=*/true));
     }
     spdlog::info("{}: {} base weights loaded before the adapter, as LongLoRA's scripts do", tp->path(),
@@ -339,12 +339,7 @@ io::AdapterConfig apply_adapter(LlamaForCausalLMImpl& m, const std::string& dir)
     if (!is_float(info.dtype))
       fail(st_path, "tensor '" + key + "'", "dtype is not a float type");
     auto& p = item.value();
-    const auto want = is_lora ? p.sizes().vec() : shapes.at(name);
-    if (const auto msg = io::vocabulary_mismatch(name, info.shape, want); !msg.empty())
-      fail(st_path, "tensor '" + key + "'", msg);
-    if (info.shape != want)
-      fail(st_path, "tensor '" + key + "'",
-           "shape " + shape_str(info.shape) + " but the model needs " + shape_str(want));
+    check_saved_shape(st_path, key, name, info.shape, is_lora ? p.sizes().vec() : shapes.at(name));
     if (saved_embedding) {
       // As peft loads it: copied into the base weight, whose dtype it takes; still frozen.
       p.set_data(io::view_tensor(info, file).to(p.device(), p.scalar_type(), false, /*copy=*/true));

@@ -45,6 +45,10 @@ void add_module_to_save(AdapterConfig& c, const std::string& param);
 // copies; two that differ are an error (peft would keep lm_head's).
 std::string tied_embedding_key(const SafetensorsFile& adapter);
 
+// Whether the adapter saves both embed_tokens and lm_head, with the same dtype, shape
+// and bytes (peft's two copies of a tied base's one matrix).
+bool saves_equal_embeddings(const SafetensorsFile& adapter);
+
 // The error for a saved embed_tokens / lm_head whose rows differ from the base's (an
 // adapter of a resized vocabulary); "" when `param` is not one or the rows agree.
 std::string vocabulary_mismatch(const std::string& param, const std::vector<int64_t>& got,
