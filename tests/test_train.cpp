@@ -246,7 +246,14 @@ TEST(Train, StepsMatchAReplayOfS2AndAdamWWrittenOutHere) {
     for (size_t i = 0; i < params.size(); ++i) {
       const auto& [n, p] = params[i];
       const auto& w = want[i].second;
-      EXPECT_LE(testutil::max_abs_diff(p, w), 1e-6 + 1e-5 * w.abs().max().item<double>()) << mode << " " << n;
+      // AdamW divides by sqrt(v): an entry whose gradient is near zero (a sum that
+      // cancels) moves by lr times a ratio that rounding decides. On AVX-512 one of the
+      // embedding's 32768 entries differed by 1.4e-5, the rest within 1e-7. A wrong lr,
+      // beta or decay moves most entries by more than the tolerance.
+      const auto diff = (p - w).abs();
+      const double tol = 1e-6 + 1e-5 * w.abs().max().item<double>();
+      EXPECT_LE((diff > tol).sum().item<int64_t>(), diff.numel() / 1000) << mode << " " << n;
+      EXPECT_LE(diff.max().item<double>(), 1e-4) << mode << " " << n;
     }
     longlora::remove_tree(d);
   }
