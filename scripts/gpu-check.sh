@@ -5,6 +5,7 @@
 # printed last. Stages are skipped once DEADLINE seconds (default 400) would be
 # passed, so a slow stage cannot eat the others' time.
 #   STAGES="build kernel attn train checks suite" scripts/gpu-check.sh   (also: sft)
+#   KERNEL_VARIANTS="pipe bulkdq" limits the kernel switches tested again (default: all six)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-out}"
@@ -40,7 +41,7 @@ fi
 BIN="$B/longlora-train"
 
 if want kernel; then
-  timeout 200 ctest --test-dir "$B" -R "${KERNEL_TESTS:-S2Kernel|Fused|TrainMemory|TrainGolden|GpuTrain|GpuGenerate}" -j8 --output-on-failure \
+  timeout 200 ctest --test-dir "$B" -R "${KERNEL_TESTS:-S2Kernel|Fused|TrainMemory|TrainGolden|GpuTrain|GpuGenerate|LongLorasAdapterFiles}" -j8 --output-on-failure \
     >"$OUT/kernel.log" 2>&1
   note "kernel tests: $(grep -E 'tests passed|tests failed' "$OUT/kernel.log")"
   grep -E 'kernel max abs diff|non-finite|Failed|\*\*\*' "$OUT/kernel.log" | head -40 | tee -a "$SUMMARY"
@@ -49,6 +50,7 @@ if want kernel; then
     variant() {
       local name=$1 label=$2
       shift 2
+      [[ " ${KERNEL_VARIANTS:-alt 2d mma nopipe pipe bulkdq} " == *" $name "* ]] && [ "$(left)" -gt 60 ] || return 0
       env "$@" timeout 100 ctest --test-dir "$B" -R 'S2Kernel' -j8 --output-on-failure \
         >"$OUT/kernel_$name.log" 2>&1
       note "kernel tests, $label: $(grep -E 'tests passed|tests failed' "$OUT/kernel_$name.log")"
@@ -63,9 +65,10 @@ if want kernel; then
     # The mma.sync kernels (s2_fwd_kernel.cuh, s2_bwd2d_kernel.cuh), which the wgmma ones
     # replace on sm_90.
     variant mma "mma.sync kernels" LONGLORA_S2_FWD_MMA=1 LONGLORA_S2_BWD_MMA=1
-    # The experiments: both wgmma kernels pipelined within each warpgroup; the wgmma
-    # backward's dQ by bulk adds.
-    variant pipe "pipelined wgmma kernels" LONGLORA_S2_FWD_PIPE=1 LONGLORA_S2_BWD_PIPE=1
+    # The wgmma backward without its pipelining (the default pipelines it); the
+    # experiments: the wgmma forward pipelined, the backward's dQ by bulk adds.
+    variant nopipe "unpipelined wgmma backward" LONGLORA_S2_BWD_PIPE=0
+    variant pipe "pipelined wgmma forward" LONGLORA_S2_FWD_PIPE=1
     variant bulkdq "wgmma backward with bulk dQ" LONGLORA_S2_BWD_BULKDQ=1
   fi
   # The torch-free kernel bench: default and alternative tiles must agree (GQA, roll).
@@ -88,7 +91,8 @@ ATTN_RUNS="${ATTN_RUNS:-8192 segments
 32768 segments
 102400 segments
 32768 roll
-32768 segments LONGLORA_S2_FWD_PIPE=1 LONGLORA_S2_BWD_PIPE=1
+32768 segments LONGLORA_S2_BWD_PIPE=0
+32768 segments LONGLORA_S2_FWD_PIPE=1
 32768 segments LONGLORA_S2_BWD_BULKDQ=1
 32768 segments LONGLORA_S2_FWD_MMA=1 LONGLORA_S2_BWD_MMA=1
 32768 segments LONGLORA_S2_FWD_ALT=1 LONGLORA_S2_BWD_ALT=1}"
@@ -169,7 +173,7 @@ if want suite 40; then
   # Most of these run on the CPU: 8 at a time, each with LibTorch's default of one
   # OpenMP thread per core, spun 16-thread pools against each other and timed out
   # CPU evals that take 1-11 s alone. Two threads each fill the 16 cores.
-  OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" timeout "$t" ctest --test-dir "$B" -E 'S2Kernel|TrainMemory|TrainGolden|GpuTrain|GpuGenerate' -j8 --timeout 120 --output-on-failure \
+  OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" timeout "$t" ctest --test-dir "$B" -E 'S2Kernel|TrainMemory|TrainGolden|GpuTrain|GpuGenerate|LongLorasAdapterFiles' -j8 --timeout 120 --output-on-failure \
     ${SUITE_ARGS:-} >"$OUT/suite.log" 2>&1
   note "suite on GPU: $(grep -E 'tests passed|tests failed' "$OUT/suite.log")"
   grep -E '^\s+[0-9]+ - ' "$OUT/suite.log" | head -30 | tee -a "$SUMMARY"

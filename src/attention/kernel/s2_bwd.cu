@@ -9,21 +9,22 @@
 namespace longlora::attention::kernel {
 
 // The backward main kernel for head dim D in this process. On H100/H200 at D = 128 the
-// wgmma kernel (s2_bwd_wgmma_kernel.cuh; 17.9 ms against 22.7 ms for the 2-D-tiled
-// mma.sync kernel at L = 32768, docs/benchmarks.md); LONGLORA_S2_BWD_MMA=1 forces the
-// mma.sync kernels there. Otherwise the mma.sync default (s2_traits.cuh: 2-D-tiled at
+// wgmma kernel pipelined within each warpgroup (s2_bwd_wgmma_kernel.cuh, kPipelined:
+// 17.15 ms against 17.7-17.9 ms unpipelined and 22.7-22.9 ms for the 2-D-tiled mma.sync
+// kernel at L = 32768; 157.7 against 162.7 ms at 102400; docs/benchmarks.md).
+// LONGLORA_S2_BWD_PIPE=0 picks the unpipelined wgmma kernel, LONGLORA_S2_BWD_MMA=1 the
+// mma.sync kernels. Otherwise the mma.sync default (s2_traits.cuh: 2-D-tiled at
 // D = 128, one-dimensional at 64); LONGLORA_S2_BWD_2D=1 forces the 2-D tiling,
 // LONGLORA_S2_BWD_ALT=1 the alternative one-dimensional tiles, which keep those code
-// paths tested and comparable. LONGLORA_S2_BWD_PIPE=1 picks the wgmma kernel with its
-// elementwise work overlapped (S2BwdWgmmaPipeTraits), LONGLORA_S2_BWD_BULKDQ=1 the one
-// whose dQ goes to dq_accum by bulk adds (S2BwdWgmmaBulkTraits; both together:
-// S2BwdWgmmaPipeBulkTraits): experiments not yet timed on a GPU. Flags read once.
+// paths tested and comparable. LONGLORA_S2_BWD_BULKDQ=1 sends dQ to dq_accum by bulk
+// adds (S2BwdWgmmaPipeBulkTraits, or S2BwdWgmmaBulkTraits unpipelined): slower on the
+// H100 (17.5 against 17.15 ms at 32k), kept as an experiment. Flags read once.
 enum class S2BwdKind { kWgmma, kWgmmaPipe, kWgmmaBulk, kWgmmaPipeBulk, kMma, kMma2D, kMmaAlt };
 static S2BwdKind s2_bwd_kind(int D) {
   static const bool tiled_2d = s2_env_flag("LONGLORA_S2_BWD_2D");
   static const bool alt = s2_env_flag("LONGLORA_S2_BWD_ALT");
   static const bool mma = s2_env_flag("LONGLORA_S2_BWD_MMA");
-  static const bool pipe = s2_env_flag("LONGLORA_S2_BWD_PIPE");
+  static const bool pipe = s2_env_default_on("LONGLORA_S2_BWD_PIPE");
   static const bool bulk = s2_env_flag("LONGLORA_S2_BWD_BULKDQ");
   if (tiled_2d) return S2BwdKind::kMma2D;
   if (alt) return S2BwdKind::kMmaAlt;

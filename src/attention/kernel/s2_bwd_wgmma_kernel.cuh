@@ -16,10 +16,11 @@
 // Two barriers per step: at the top (this step's copies visible; every warp done with
 // the previous step's stage and dS^T), and before dQ (both warpgroups' dS^T stored).
 // The dV/dK products run while the warpgroups wait at the second one.
-// Pipelined (Traits::kPipelined: S2BwdWgmmaPipeTraits, LONGLORA_S2_BWD_PIPE=1; an
-// experiment not yet timed on a GPU): S^T and dP^T are two groups, P^T is computed
-// while dP^T runs, and dV is issued before dS^T is made, so that it runs meanwhile.
-// Bulk dQ (Traits::kBulkDq, LONGLORA_S2_BWD_BULKDQ=1; also not yet timed): each
+// Pipelined (Traits::kPipelined: S2BwdWgmmaPipeTraits, the default on H100/H200,
+// LONGLORA_S2_BWD_PIPE=0 turns it off; 3-4% faster there): S^T and dP^T are two groups,
+// P^T is computed while dP^T runs, and dV is issued before dS^T is made, so that it
+// runs meanwhile.
+// Bulk dQ (Traits::kBulkDq, LONGLORA_S2_BWD_BULKDQ=1; 2-3% slower on the H100): each
 // warpgroup stages its 64 x 64 dQ block in shared memory, and 64 of its threads hand one
 // row each to the bulk-copy engine (cp.reduce.async.bulk .add.f32), as flash-attention 3
 // does, instead of 32 vector atomics per thread; the adds run while the next step

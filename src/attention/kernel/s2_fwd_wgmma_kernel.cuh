@@ -12,7 +12,7 @@
 //     conflicts; K and V are double-buffered: the copies of tile n + 1 run while tile n
 //     is computed, with one barrier per tile.
 // Pipelined (Traits::kPipelined: S2FwdWgmmaPipeTraits, LONGLORA_S2_FWD_PIPE=1; an
-// experiment not yet timed on a GPU): each warpgroup's tensor cores compute P V of the
+// experiment, 3-5% slower on the H100, so off by default): each warpgroup's tensor cores compute P V of the
 // previous tile while it does this tile's softmax, instead of idling through it; V then
 // needs a third stage (Q, 2 K and 3 V tiles: 193 KB at D = 128 in bf16).
 // The mask, the online softmax and the epilogue are the mma.sync kernel's

@@ -34,6 +34,11 @@ inline bool s2_env_flag(const char* name) {
   const char* e = std::getenv(name);
   return e != nullptr && std::string(e) == "1";
 }
+// A default that is on: true unless the variable is "0".
+inline bool s2_env_default_on(const char* name) {
+  const char* e = std::getenv(name);
+  return e == nullptr || std::string(e) != "0";
+}
 
 // Whether the wgmma kernels can run on the current device: compute capability 9.0 and
 // sm_90a code in this binary (TORCH_CUDA_ARCH_LIST holds 9.0a). Probed once (s2_fwd.cu).
