@@ -186,6 +186,24 @@ TEST(ExportSize, ParsesUnits) {
     EXPECT_THROW(io::parse_size(bad), Error) << bad;
 }
 
+// A base of PyTorch pickles (transformers' sharded .bin, tests/data/pickled-model) merges
+// into the same weights as its safetensors, and its inv_freq buffers are not exported.
+TEST(ExportGolden, APickledBaseMergesAsItsSafetensors) {
+  const auto dir = testutil::temp_dir("export-pickled");
+  auto r = testutil::run_cli(export_cmd(kAdapter, dir + "/a", "--base " + testutil::data("pickled-model") + " --dtype fp32"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  r = testutil::run_cli(export_cmd(kAdapter, dir + "/b", "--base " + kBase + " --dtype fp32"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto a = testutil::load(dir + "/a");
+  auto b = testutil::load(dir + "/b");
+  ASSERT_EQ(a.size(), b.size());
+  for (auto& [name, t] : b) {
+    ASSERT_TRUE(a.count(name)) << name;
+    EXPECT_TRUE(torch::equal(a[name], t)) << name;
+  }
+  longlora::remove_tree(dir);
+}
+
 TEST(ExportGolden, MergedMatchesPeftMergeAndEvalsLikeTheAdapter) {
   const auto dir = testutil::temp_dir("export-golden");
   const std::string out = dir + "/merged";

@@ -37,6 +37,25 @@ TEST(ModelGolden, LogitsMatchTransformers) {
   expect_logits(m, g["input_ids"], g["logits"]);
 }
 
+// transformers' sharded PyTorch pickles (tests/data/pickled-model/make.py: a plain dict
+// per shard, with the inv_freq buffers 4.28-4.30 saved) give transformers' logits, and
+// the same weights, bit for bit, as the safetensors shards they were made from.
+TEST(ModelGolden, PickledShardsLoadAsTransformersSavedThem) {
+  auto g = testutil::load(testutil::golden("tiny-llama/golden.safetensors"));
+  auto m = model::load_model(testutil::data("pickled-model"), {});
+  expect_logits(m, g["input_ids"], g["logits"]);
+  auto want = tiny();
+  const auto got_params = m->named_parameters();
+  for (const auto& p : want->named_parameters())
+    EXPECT_TRUE(torch::equal(got_params[p.key()], p.value())) << p.key();
+  // The same eval from the command line, as a user points it at such a folder.
+  const std::string eval = " --data " + testutil::golden("tiny-llama/eval.bin") + " --seq-len 64 --device cpu --json";
+  const auto a = testutil::run_cli("eval --model " + testutil::data("pickled-model") + eval);
+  const auto b = testutil::run_cli("eval --model " + testutil::golden("tiny-llama/model") + eval);
+  ASSERT_EQ(a.code, 0) << a.err;
+  EXPECT_EQ(a.out, b.out);
+}
+
 TEST(ModelGolden, PositionInterpolationFactor2At256Tokens) {
   auto g = testutil::load(testutil::golden("tiny-llama/golden.safetensors"));
   auto m = tiny(2.0);

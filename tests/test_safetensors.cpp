@@ -351,23 +351,40 @@ TEST(SafetensorsMalformed, TensorInTwoShardsIsRefused) {
   EXPECT_EQ(testutil::error_of([&] { io::SafetensorsCheckpoint c(good); }), "");
 }
 
-// A model of PyTorch pickles only (as LongLoRA's released ones): one line saying how
-// to convert it, from the CLI, not "no model.safetensors".
-TEST(SafetensorsMalformed, APickleCheckpointIsNamedWithItsConversion) {
-  for (const std::string file : {"pytorch_model.bin", "pytorch_model.bin.index.json"}) {
+// A model of PyTorch pickles that LibTorch cannot read: one line naming the file and
+// what is wrong, from the CLI. (Readable ones: ModelGolden.PickledShardsLoad...)
+TEST(SafetensorsMalformed, AnUnreadablePickleCheckpointNamesItsFile) {
+  struct Case {
+    std::string file, bytes, want;
+  };
+  const std::string ordered_bytes = testutil::read_file(testutil::data("longlora-adapter/ordered/adapter_model.bin"));
+  ASSERT_FALSE(ordered_bytes.empty());
+  const Case cases[] = {
+      {"pytorch_model.bin", "PK", "/pytorch_model.bin: cannot read it as a torch.save file: "},
+      {"pytorch_model.bin.index.json", "PK", "/pytorch_model.bin.index.json: "},
+      // DeepSpeed's zero_to_fp32.py saves the state_dict as it is, an OrderedDict.
+      {"pytorch_model.bin", ordered_bytes,
+       "/pytorch_model.bin: holds an OrderedDict (a state_dict() as it is), which LibTorch cannot read: save it "
+       "as a plain dict, in Python: torch.save(dict(torch.load(F)), F), or as safetensors"},
+  };
+  for (const auto& c : cases) {
     const auto dir = testutil::temp_dir("st-pickle");
     std::filesystem::copy(testutil::golden("tiny-llama/model/config.json"), dir + "/config.json");
-    testutil::write_file(dir + "/" + file, "PK");
+    testutil::write_file(dir + "/" + c.file, c.bytes);
     auto r = testutil::run_cli("eval --model " + dir + " --data " + testutil::golden("tiny-llama/eval.bin") +
                                " --seq-len 16");
     EXPECT_EQ(r.code, 1);
-    EXPECT_NE(r.err.find(dir + ": holds pytorch_model.bin weights (PyTorch pickles), which are not read; save them "
-                               "as safetensors first: python -c \"import sys, transformers as t; "
-                               "t.AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype='auto')"
-                               ".save_pretrained(sys.argv[2], safe_serialization=True)\" " +
-                               dir + " NEW_DIR, then copy tokenizer.model into NEW_DIR"),
-              std::string::npos)
-        << r.err;
+    EXPECT_EQ(r.err.rfind("error: " + dir + c.want, 0), 0u) << r.err;
     EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   }
+  // Without LibTorch's reader (the checkpoint class alone) pickles get the conversion.
+  const std::string pickled = testutil::data("pickled-model");
+  EXPECT_NE(testutil::error_of([&] { io::SafetensorsCheckpoint c(pickled); })
+                .find(pickled + ": holds pytorch_model.bin weights (PyTorch pickles), which are not read; save them "
+                                "as safetensors first: python -c"),
+            std::string::npos);
+  // Safetensors come first, as in transformers: a broken pickle beside them is not read.
+  const auto both = golden_model_copy("st-and-pickle", [](nlohmann::json&) {});
+  testutil::write_file(both + "/pytorch_model.bin", "PK");
+  EXPECT_EQ(testutil::error_of([&] { (void)model::load_model(both, {}); }), "");
 }

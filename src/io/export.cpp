@@ -230,7 +230,9 @@ struct OutTensor {
   const TensorInfo* lora_b = nullptr;
   std::shared_ptr<const void> lora_owner;
   double scale = 0;
-  bool release = true;  // drop the source pages after writing (large mapped inputs)
+  // Drop the source pages after writing: for large inputs, and only where they are a
+  // file mapping (SafetensorsFile::mapped); madvise on a pickle's heap memory frees it.
+  bool release = false;
 
   size_t nbytes() const { return tensor_nbytes(dtype, src->shape); }
 };
@@ -580,7 +582,6 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
     o.name = head;
     o.src = head_src;
     o.owner = owner_of(head_src);
-    o.release = false;
     o.dtype = is_float(o.src->dtype) ? out_dtype : o.src->dtype;
     return o;
   };
@@ -593,10 +594,10 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
     if (auto it = replace.find(name); it != replace.end()) {
       o.src = it->second;
       o.owner = owner_of(it->second);
-      o.release = false;  // small adapter file, or held in memory
     } else {
       o.src = &base->get(name);
       o.owner = base;
+      o.release = base->file_of(name).mapped();
       if (auto a = lora_a.find(name); a != lora_a.end()) {
         o.lora_a = a->second;
         o.lora_b = lora_b.at(name);
@@ -607,7 +608,6 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
     if (head_src && name == head) {  // LoRA factors of lm_head, if any, stay
       o.src = head_src;
       o.owner = owner_of(head_src);
-      o.release = false;
     }
     o.dtype = is_float(o.src->dtype) ? out_dtype : o.src->dtype;
     out.push_back(std::move(o));
@@ -913,7 +913,7 @@ void export_checkpoint(const ExportOptions& opt) {
     // The base as eval would load it: an adapter checked against (or merged into) a
     // base that does not match its own config.json is checked against nothing.
     check_model_dir(src.base);
-    if (src.adapter) base_ckpt = std::make_shared<SafetensorsCheckpoint>(src.base);
+    if (src.adapter) base_ckpt = open_checkpoint(src.base);
   }
 
   if (opt.format == "peft") {
@@ -926,7 +926,6 @@ void export_checkpoint(const ExportOptions& opt) {
       o.src = &t;
       o.owner = ap->file;
       o.dtype = has_flag_dtype ? flag_dtype : t.dtype;
-      o.release = false;
       ts.push_back(std::move(o));
     }
     // adapter_config.json has no field for the RoPE factor, so an evaluator of the
@@ -959,7 +958,6 @@ void export_checkpoint(const ExportOptions& opt) {
         o.src = &t;
         o.owner = ap->trainable;
         o.dtype = has_flag_dtype ? flag_dtype : t.dtype;
-        o.release = false;
         ts.push_back(std::move(o));
         add_module_to_save(cfg, param);
       };
@@ -1011,9 +1009,9 @@ void export_checkpoint(const ExportOptions& opt) {
     // The weights against their own config.json, then (the exported config.json is
     // the base's when there is one) tensor for tensor against the checked base.
     if (fs::exists(src.dir / "config.json")) check_model_dir(src.dir.string());
-    full = std::make_shared<SafetensorsCheckpoint>(src.dir.string());
+    full = open_checkpoint(src.dir.string());
     std::shared_ptr<SafetensorsCheckpoint> base_for_check;
-    if (!src.base.empty()) base_for_check = std::make_shared<SafetensorsCheckpoint>(src.base);
+    if (!src.base.empty()) base_for_check = open_checkpoint(src.base);
     auto skip = [](const std::string& name) { return name.find("rotary_emb.inv_freq") != std::string::npos; };
     if (base_for_check)
       for (const auto& name : base_for_check->names())
@@ -1037,6 +1035,7 @@ void export_checkpoint(const ExportOptions& opt) {
       o.name = name;
       o.src = &t;
       o.owner = full;
+      o.release = full->file_of(name).mapped();
       o.dtype = is_float(t.dtype) ? out_dtype : t.dtype;
       ts.push_back(std::move(o));
     }

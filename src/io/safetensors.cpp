@@ -232,30 +232,22 @@ const TensorInfo& SafetensorsFile::get(const std::string& name) const {
   return tensors_[it->second];
 }
 
-SafetensorsCheckpoint::SafetensorsCheckpoint(const std::string& path) : path_(path) {
+SafetensorsCheckpoint::SafetensorsCheckpoint(const std::string& path, PickleReader read_pickle) : path_(path) {
   if (!fs::exists(path)) fail(path, "", "no such file or directory");
-  if (!fs::is_directory(path)) {
-    auto f = std::make_shared<SafetensorsFile>(path);
+  auto add_whole = [&](std::shared_ptr<SafetensorsFile> f) {
     files_.push_back(f);
     for (const auto& t : f->tensors()) where_[t.name] = f;
+  };
+  auto open_safetensors = [](const std::string& p) { return std::make_shared<SafetensorsFile>(p); };
+  if (!fs::is_directory(path)) {
+    const bool pickle = read_pickle && fs::path(path).extension() == ".bin";
+    add_whole(pickle ? read_pickle(path) : open_safetensors(path));
     return;
   }
   const fs::path dir(path);
-  const fs::path index = dir / "model.safetensors.index.json";
-  const fs::path single = dir / "model.safetensors";
-  // transformers' from_pretrained looks for model.safetensors before the sharded
-  // index; a folder with both (a merged file saved next to the shards) must give
-  // the same weights here as there.
-  if (fs::exists(single)) {
-    if (fs::exists(index))
-      spdlog::warn("{}: has both model.safetensors and model.safetensors.index.json; reading "
-                   "model.safetensors, as transformers does", path);
-    auto f = std::make_shared<SafetensorsFile>(single.string());
-    files_.push_back(f);
-    for (const auto& t : f->tensors()) where_[t.name] = f;
-    return;
-  }
-  if (fs::exists(index)) {
+  // The shards an index lists, each opened once by `open`.
+  auto add_shards = [&](const fs::path& index, const PickleReader& open) {
+    const std::string index_name = index.filename().string();
     json j = read_json_file(index.string());
     if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
       fail(index.string(), "weight_map", "missing or not an object");
@@ -268,12 +260,11 @@ SafetensorsCheckpoint::SafetensorsCheckpoint(const std::string& path) : path_(pa
         fail(index.string(), "weight_map." + it.key(), "shard must be a file name in the folder");
       auto& f = opened[shard];
       if (!f) {
-        f = std::make_shared<SafetensorsFile>((dir / shard).string());
+        f = open((dir / shard).string());
         files_.push_back(f);
       }
       if (!f->contains(it.key()))
-        fail(f->path(), "tensor '" + it.key() + "'",
-             "listed in model.safetensors.index.json but not in the shard");
+        fail(f->path(), "tensor '" + it.key() + "'", "listed in " + index_name + " but not in the shard");
       where_[it.key()] = f;
     }
     // transformers loads every tensor of each shard, in file-name order, so of a tensor
@@ -284,18 +275,40 @@ SafetensorsCheckpoint::SafetensorsCheckpoint(const std::string& path) : path_(pa
         if (auto [prev, fresh] = first_file.emplace(t.name, f->path()); !fresh)
           fail(f->path(), "tensor '" + t.name + "'",
                "also in " + prev->second + "; a tensor must be in one shard only");
+  };
+  const fs::path index = dir / "model.safetensors.index.json";
+  const fs::path single = dir / "model.safetensors";
+  // transformers' from_pretrained looks for model.safetensors before the sharded
+  // index; a folder with both (a merged file saved next to the shards) must give
+  // the same weights here as there.
+  if (fs::exists(single)) {
+    if (fs::exists(index))
+      spdlog::warn("{}: has both model.safetensors and model.safetensors.index.json; reading "
+                   "model.safetensors, as transformers does", path);
+    add_whole(open_safetensors(single.string()));
     return;
   }
-  // LongLoRA's released models (and most from 2023) hold PyTorch pickles only. libtorch's
-  // unpickler turns the OrderedDict that transformers saves into None, so they are not
-  // read here; the conversion is one line of the Python stack their users have.
-  if (fs::exists(dir / "pytorch_model.bin") || fs::exists(dir / "pytorch_model.bin.index.json"))
-    fail(path, "",
-         "holds pytorch_model.bin weights (PyTorch pickles), which are not read; save them as safetensors first: "
-         "python -c \"import sys, transformers as t; t.AutoModelForCausalLM.from_pretrained(sys.argv[1], "
-         "torch_dtype='auto').save_pretrained(sys.argv[2], safe_serialization=True)\" " +
-             path + " NEW_DIR, then copy tokenizer.model into NEW_DIR");
-  fail(path, "", "no model.safetensors or model.safetensors.index.json in the folder");
+  if (fs::exists(index)) {
+    add_shards(index, open_safetensors);
+    return;
+  }
+  // LongLoRA's released models (and most from 2023) hold PyTorch pickles only, which
+  // transformers saves as plain dicts, one per shard, and LibTorch's unpickler reads.
+  const fs::path bin = dir / "pytorch_model.bin", bin_index = dir / "pytorch_model.bin.index.json";
+  if (fs::exists(bin) || fs::exists(bin_index)) {
+    if (!read_pickle)
+      fail(path, "",
+           "holds pytorch_model.bin weights (PyTorch pickles), which are not read; save them as safetensors first: "
+           "python -c \"import sys, transformers as t; t.AutoModelForCausalLM.from_pretrained(sys.argv[1], "
+           "torch_dtype='auto').save_pretrained(sys.argv[2], safe_serialization=True)\" " +
+               path + " NEW_DIR, then copy tokenizer.model into NEW_DIR");
+    if (fs::exists(bin))
+      add_whole(read_pickle(bin.string()));
+    else
+      add_shards(bin_index, read_pickle);
+    return;
+  }
+  fail(path, "", "no model.safetensors, model.safetensors.index.json or pytorch_model.bin in the folder");
 }
 
 std::vector<std::string> SafetensorsCheckpoint::names() const {

@@ -9,10 +9,8 @@
 
 namespace longlora::io {
 
-namespace {
-
-// torch.save of a dict of tensors, read with LibTorch's unpickler onto the CPU (older
-// peft saved an adapter where the model was, often on a GPU: map_location="cpu").
+// Onto the CPU: older peft saved an adapter where the model was, often on a GPU
+// (map_location="cpu").
 std::shared_ptr<SafetensorsFile> read_pickled_tensors(const std::string& path) {
   if (!std::filesystem::is_regular_file(path)) fail(path, "", "cannot read: not a file");
   // LibTorch's unpickler has no OrderedDict, the type of a module's state_dict(): it
@@ -55,7 +53,9 @@ std::shared_ptr<SafetensorsFile> read_pickled_tensors(const std::string& path) {
   return std::make_shared<SafetensorsFile>(path, std::move(infos), held);
 }
 
-}  // namespace
+std::shared_ptr<SafetensorsCheckpoint> open_checkpoint(const std::string& path) {
+  return std::make_shared<SafetensorsCheckpoint>(path, read_pickled_tensors);
+}
 
 std::shared_ptr<SafetensorsFile> open_adapter_weights(const std::string& dir) {
   const auto d = std::filesystem::path(dir);
@@ -100,7 +100,7 @@ torch::Tensor view_tensor(const TensorInfo& t, std::shared_ptr<const void> owner
 }
 
 std::map<std::string, torch::Tensor> load_tensors(const std::string& path) {
-  auto ckpt = std::make_shared<SafetensorsCheckpoint>(path);
+  auto ckpt = open_checkpoint(path);
   std::map<std::string, torch::Tensor> out;
   for (const auto& n : ckpt->names()) out[n] = view_tensor(ckpt->get(n), ckpt);
   return out;

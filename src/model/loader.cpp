@@ -134,7 +134,7 @@ LlamaForCausalLM load_model(const std::string& dir, const LoadOptions& opt) {
   if (opt.random_init) return random_model(cfg, opt);
   io::verify_checkpoint_files(dir, false);  // a full fine-tuning checkpoint as the model
 
-  auto ckpt = std::make_shared<io::SafetensorsCheckpoint>(dir);
+  auto ckpt = io::open_checkpoint(dir);
   check_layer_count(*ckpt, cfg, cfg_path);
   LlamaForCausalLM m(cfg);
   m->compute_dtype = opt.compute_dtype;

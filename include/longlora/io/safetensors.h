@@ -49,6 +49,8 @@ class SafetensorsFile {
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
 
   const std::string& path() const { return path_; }
+  // Whether the entries lie in a read-only file mapping (else in memory `owner` holds).
+  bool mapped() const { return map_ != nullptr; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   const std::vector<TensorInfo>& tensors() const { return tensors_; }
   bool contains(const std::string& name) const;
@@ -65,13 +67,21 @@ class SafetensorsFile {
   std::shared_ptr<const void> owner_;
 };
 
+// Reads a torch.save file of tensors into a SafetensorsFile (io/tensors.h's
+// read_pickled_tensors, which needs LibTorch; this file does not).
+using PickleReader = std::function<std::shared_ptr<SafetensorsFile>(const std::string& path)>;
+
 // A checkpoint directory or file: one model.safetensors, or shards listed in
-// model.safetensors.index.json. Files stay mapped while this object lives.
+// model.safetensors.index.json; given a PickleReader, also PyTorch pickles
+// (pytorch_model.bin, or the shards pytorch_model.bin.index.json lists). Files stay
+// mapped (pickles: read whole) while this object lives.
 class SafetensorsCheckpoint {
  public:
-  // `path` is a directory or a file. In a directory model.safetensors is read when
-  // present (transformers' order), else the shards model.safetensors.index.json lists.
-  explicit SafetensorsCheckpoint(const std::string& path);
+  // `path` is a directory or a file. In a directory the first of model.safetensors,
+  // model.safetensors.index.json, pytorch_model.bin and pytorch_model.bin.index.json
+  // is read, transformers' order. Without `read_pickle`, pickles are refused with
+  // their conversion to safetensors; a file is then always read as safetensors.
+  explicit SafetensorsCheckpoint(const std::string& path, PickleReader read_pickle = nullptr);
   std::vector<std::string> names() const;  // sorted
   bool contains(const std::string& name) const;
   const TensorInfo& get(const std::string& name) const;

@@ -20,6 +20,15 @@ DType from_torch_dtype(torch::ScalarType t, const std::string& what);
 // A read-only CPU view of the entry. `owner` is kept alive by the view.
 torch::Tensor view_tensor(const TensorInfo& t, std::shared_ptr<const void> owner);
 
+// torch.save of a plain dict of float tensors, read whole with LibTorch's unpickler
+// onto the CPU. An Error naming the file for anything else, with the one-line Python
+// re-save for an OrderedDict (a state_dict() saved as it is), which LibTorch cannot read.
+std::shared_ptr<SafetensorsFile> read_pickled_tensors(const std::string& path);
+
+// A model checkpoint, a directory or one file: safetensors (mapped) or PyTorch pickles
+// (pytorch_model.bin, sharded or not, as transformers saves them; read whole).
+std::shared_ptr<SafetensorsCheckpoint> open_checkpoint(const std::string& path);
+
 // Opens a checkpoint and returns every tensor as a view (keeps the files mapped).
 std::map<std::string, torch::Tensor> load_tensors(const std::string& path);
 
