@@ -274,7 +274,7 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
       const int64_t base = n;
       for (int64_t c = 1; n != target && c < 64; ++c) {
         padded = text + "\n" + eval::passkey_filler(c);
-        n = by_parts ? base + filler_tokens(c) : count(padded);
+        n = by_parts ? base + count("\n" + eval::passkey_filler(c)) : count(padded);
         if (n > target) break;
       }
       if (n != target) return std::nullopt;
