@@ -54,6 +54,18 @@ TEST(ModelGolden, PickledShardsLoadAsTransformersSavedThem) {
   const auto b = testutil::run_cli("eval --model " + testutil::golden("tiny-llama/model") + eval);
   ASSERT_EQ(a.code, 0) << a.err;
   EXPECT_EQ(a.out, b.out);
+  // One pytorch_model.bin (transformers saves a model under its shard size so), written
+  // here by LibTorch's pickler from the safetensors weights.
+  const auto one = testutil::temp_dir("pickled-one");
+  std::filesystem::copy_file(testutil::golden("tiny-llama/model/config.json"), one + "/config.json");
+  c10::Dict<std::string, torch::Tensor> all;
+  for (const auto& [name, t] : testutil::load(testutil::golden("tiny-llama/model"))) all.insert(name, t.clone());
+  const auto bytes = torch::pickle_save(all);
+  std::ofstream(one + "/pytorch_model.bin", std::ios::binary)
+      .write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  auto single = model::load_model(one, {});
+  expect_logits(single, g["input_ids"], g["logits"]);
+  longlora::remove_tree(one);
 }
 
 TEST(ModelGolden, PositionInterpolationFactor2At256Tokens) {
