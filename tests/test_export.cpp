@@ -422,6 +422,10 @@ TEST(ExportGolden, ModulesToSaveEmbeddingsPartATiedBaseAsPeftLoadsThem) {
   const auto dir = testutil::temp_dir("export-tied-mts");
   const std::string tied = copy_base(dir + "/tied", [](Tensors& t) { t.erase("lm_head.weight"); },
                                      [](json& c) { c["tie_word_embeddings"] = true; });
+  // Tied, with lm_head.weight stored as well (some checkpoints keep both names).
+  const std::string tied_both =
+      copy_base(dir + "/tied-both", [](Tensors& t) { t["lm_head.weight"] = t["model.embed_tokens.weight"].clone(); },
+                [](json& c) { c["tie_word_embeddings"] = true; });
   const std::string untied =
       copy_base(dir + "/untied", [](Tensors& t) { t["lm_head.weight"] = t["model.embed_tokens.weight"].clone(); });
   const auto base_embed = testutil::load(kBase)["model.embed_tokens.weight"];
@@ -452,25 +456,27 @@ TEST(ExportGolden, ModulesToSaveEmbeddingsPartATiedBaseAsPeftLoadsThem) {
   for (const auto& [ad, want_embed, want_head, oracle_base] :
        {std::tuple{kAdapter, adapter_embed, base_embed, untied}, std::tuple{with_head, base_embed, head, untied},
         std::tuple{with_trained, adapter_embed, trained, untied_trained}}) {
-    SCOPED_TRACE(ad);
-    auto oracle = model::load_model(oracle_base, {});
-    model::apply_adapter(*oracle, ad);
-    auto m = model::load_model(tied, {});
-    model::apply_adapter(*m, ad);
-    EXPECT_FALSE(m->cfg.tie_word_embeddings);
-    EXPECT_TRUE(torch::equal(m->model->embed_tokens->weight, want_embed));
-    EXPECT_TRUE(torch::equal(m->head_weight(), want_head));
-    torch::NoGradGuard ng;
-    const auto want = oracle->forward(ids, {});
-    EXPECT_LE(testutil::max_abs_diff(m->forward(ids, {}), want), 1e-6);
+    for (const auto& base : {tied, tied_both}) {
+      SCOPED_TRACE(ad + " on " + base);
+      auto oracle = model::load_model(oracle_base, {});
+      model::apply_adapter(*oracle, ad);
+      auto m = model::load_model(base, {});
+      model::apply_adapter(*m, ad);
+      EXPECT_FALSE(m->cfg.tie_word_embeddings);
+      EXPECT_TRUE(torch::equal(m->model->embed_tokens->weight, want_embed));
+      EXPECT_TRUE(torch::equal(m->head_weight(), want_head));
+      torch::NoGradGuard ng;
+      const auto want = oracle->forward(ids, {});
+      EXPECT_LE(testutil::max_abs_diff(m->forward(ids, {}), want), 1e-6);
 
-    auto r = testutil::run_cli(export_cmd(ad, dir + "/merged", "--base " + tied + " --dtype fp32 --overwrite"));
-    ASSERT_EQ(r.code, 0) << r.err;
-    EXPECT_EQ(testutil::read_json(dir + "/merged/config.json")["tie_word_embeddings"], false);
-    auto got = testutil::load(dir + "/merged");
-    EXPECT_TRUE(torch::equal(got["model.embed_tokens.weight"], want_embed));
-    EXPECT_TRUE(torch::equal(got["lm_head.weight"], want_head));
-    EXPECT_LE(testutil::max_abs_diff(logits_of(dir + "/merged"), want), 1e-5);
+      auto r = testutil::run_cli(export_cmd(ad, dir + "/merged", "--base " + base + " --dtype fp32 --overwrite"));
+      ASSERT_EQ(r.code, 0) << r.err;
+      EXPECT_EQ(testutil::read_json(dir + "/merged/config.json")["tie_word_embeddings"], false);
+      auto got = testutil::load(dir + "/merged");
+      EXPECT_TRUE(torch::equal(got["model.embed_tokens.weight"], want_embed));
+      EXPECT_TRUE(torch::equal(got["lm_head.weight"], want_head));
+      EXPECT_LE(testutil::max_abs_diff(logits_of(dir + "/merged"), want), 1e-5);
+    }
   }
   longlora::remove_tree(dir);
 }

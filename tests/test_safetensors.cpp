@@ -383,6 +383,15 @@ TEST(SafetensorsMalformed, AnUnreadablePickleCheckpointNamesItsFile) {
                 .find(pickled + ": holds pytorch_model.bin weights (PyTorch pickles), which are not read; save them "
                                 "as safetensors first: python -c"),
             std::string::npos);
+  // pytorch_model.bin comes before the shards' index, as in transformers: a broken one
+  // beside good shards is what is read (and named).
+  const auto shards = testutil::temp_dir("st-pickle-order");
+  for (const auto& e : std::filesystem::directory_iterator(pickled))
+    std::filesystem::copy_file(e.path(), shards + "/" + e.path().filename().string());
+  testutil::write_file(shards + "/pytorch_model.bin", "PK");
+  EXPECT_EQ(testutil::error_of([&] { (void)model::load_model(shards, {}); })
+                .rfind(shards + "/pytorch_model.bin: cannot read it as a torch.save file", 0),
+            0u);
   // Safetensors come first, as in transformers: a broken pickle beside them is not read.
   const auto both = golden_model_copy("st-and-pickle", [](nlohmann::json&) {});
   testutil::write_file(both + "/pytorch_model.bin", "PK");

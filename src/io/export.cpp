@@ -220,12 +220,13 @@ int64_t proc_status_kib(const std::string& key) {
 
 using Sink = std::function<void(const void*, size_t)>;
 
-// One output tensor: `src` (memory-mapped) cast to `dtype`, plus scale * B @ A when merged.
+// One output tensor: `src` (mapped, or held in memory) cast to `dtype`, plus scale * B @ A
+// when merged.
 struct OutTensor {
   std::string name;
   DType dtype;
   const TensorInfo* src = nullptr;
-  std::shared_ptr<const void> owner;  // keeps src's mapping alive
+  std::shared_ptr<const void> owner;  // keeps src's bytes alive
   const TensorInfo* lora_a = nullptr;
   const TensorInfo* lora_b = nullptr;
   std::shared_ptr<const void> lora_owner;
@@ -342,7 +343,7 @@ Source resolve_source(const ExportOptions& opt) {
   if (!fs::is_directory(s.dir)) fail(dir, "", "not a directory (expected checkpoint-STEP or a peft adapter directory)");
   const bool acfg = fs::exists(s.dir / "adapter_config.json");
   const bool ast = fs::exists(s.dir / "adapter_model.safetensors") || fs::exists(s.dir / "adapter_model.bin");
-  const bool full = fs::exists(s.dir / "model.safetensors") || fs::exists(s.dir / "model.safetensors.index.json");
+  const bool full = has_weight_files(dir);
   s.training = model::is_training_checkpoint(dir);
   if (acfg || ast) {
     if (!acfg) fail(dir, "adapter_config.json", "missing (the adapter has weights but no config)");
@@ -351,7 +352,8 @@ Source resolve_source(const ExportOptions& opt) {
   } else if (!full) {
     fail(dir, "adapter_config.json",
          "missing: neither a LoRA checkpoint / peft adapter (adapter_config.json + "
-         "adapter_model.safetensors) nor a full fine-tuning checkpoint (model.safetensors)");
+         "adapter_model.safetensors) nor a full fine-tuning checkpoint (model.safetensors or pytorch_model.bin, "
+         "or their shards' index)");
   }
   s.trained_factor = model::trained_rope_factor(dir);  // also: a training checkpoint must be COMPLETE
   verify_checkpoint_files(dir, false);
@@ -588,7 +590,7 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
   std::vector<OutTensor> out;
   const double scale = ap.cfg.scale();
   for (const auto& name : base->names()) {
-    if (name.find("rotary_emb.inv_freq") != std::string::npos) continue;  // stale buffer of old checkpoints
+    if (is_stale_buffer(name)) continue;
     OutTensor o;
     o.name = name;
     if (auto it = replace.find(name); it != replace.end()) {
@@ -608,6 +610,7 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
     if (head_src && name == head) {  // LoRA factors of lm_head, if any, stay
       o.src = head_src;
       o.owner = owner_of(head_src);
+      o.release = false;  // not the base's tensor, maybe not a mapping
     }
     o.dtype = is_float(o.src->dtype) ? out_dtype : o.src->dtype;
     out.push_back(std::move(o));
@@ -755,7 +758,12 @@ void write_model(const fs::path& dir, const std::vector<OutTensor>& ts, uint64_t
 // config.json implies, of its shape and a float dtype, and nothing else), by the same
 // code. On the CPU with no weight dtype the tensors are views of the file mapping,
 // so this reads headers only and costs no memory whatever the model's size.
-void check_model_dir(const std::string& dir) { (void)model::load_model(dir, model::LoadOptions{}); }
+// Loads the model in `dir` from its opened weights, to check them against its config.json.
+void check_model_dir(const std::string& dir, const std::shared_ptr<SafetensorsCheckpoint>& weights) {
+  model::LoadOptions lo;
+  lo.checkpoint = weights;
+  (void)model::load_model(dir, lo);
+}
 
 fs::path resolved(const fs::path& p) {
   std::error_code ec;
@@ -912,8 +920,8 @@ void export_checkpoint(const ExportOptions& opt) {
   if (!src.base.empty() && (src.adapter || opt.format == "merged")) {
     // The base as eval would load it: an adapter checked against (or merged into) a
     // base that does not match its own config.json is checked against nothing.
-    check_model_dir(src.base);
-    if (src.adapter) base_ckpt = open_checkpoint(src.base);
+    base_ckpt = open_checkpoint(src.base);
+    check_model_dir(src.base, base_ckpt);
   }
 
   if (opt.format == "peft") {
@@ -1008,11 +1016,10 @@ void export_checkpoint(const ExportOptions& opt) {
   } else {
     // The weights against their own config.json, then (the exported config.json is
     // the base's when there is one) tensor for tensor against the checked base.
-    if (fs::exists(src.dir / "config.json")) check_model_dir(src.dir.string());
     full = open_checkpoint(src.dir.string());
-    std::shared_ptr<SafetensorsCheckpoint> base_for_check;
-    if (!src.base.empty()) base_for_check = open_checkpoint(src.base);
-    auto skip = [](const std::string& name) { return name.find("rotary_emb.inv_freq") != std::string::npos; };
+    if (fs::exists(src.dir / "config.json")) check_model_dir(src.dir.string(), full);
+    const std::shared_ptr<SafetensorsCheckpoint> base_for_check = base_ckpt;
+    auto skip = [](const std::string& name) { return is_stale_buffer(name); };
     if (base_for_check)
       for (const auto& name : base_for_check->names())
         if (!skip(name) && !full->contains(name))

@@ -232,6 +232,15 @@ const TensorInfo& SafetensorsFile::get(const std::string& name) const {
   return tensors_[it->second];
 }
 
+bool has_weight_files(const std::string& dir) {
+  for (const char* f : {"model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                        "pytorch_model.bin.index.json"})
+    if (fs::exists(fs::path(dir) / f)) return true;
+  return false;
+}
+
+bool is_stale_buffer(const std::string& name) { return name.find("rotary_emb.inv_freq") != std::string::npos; }
+
 SafetensorsCheckpoint::SafetensorsCheckpoint(const std::string& path, PickleReader read_pickle) : path_(path) {
   if (!fs::exists(path)) fail(path, "", "no such file or directory");
   auto add_whole = [&](std::shared_ptr<SafetensorsFile> f) {
@@ -302,6 +311,9 @@ SafetensorsCheckpoint::SafetensorsCheckpoint(const std::string& path, PickleRead
            "python -c \"import sys, transformers as t; t.AutoModelForCausalLM.from_pretrained(sys.argv[1], "
            "torch_dtype='auto').save_pretrained(sys.argv[2], safe_serialization=True)\" " +
                path + " NEW_DIR, then copy tokenizer.model into NEW_DIR");
+    if (fs::exists(bin) && fs::exists(bin_index))
+      spdlog::warn("{}: has both pytorch_model.bin and pytorch_model.bin.index.json; reading "
+                   "pytorch_model.bin, as transformers does", path);
     if (fs::exists(bin))
       add_whole(read_pickle(bin.string()));
     else

@@ -134,7 +134,7 @@ LlamaForCausalLM load_model(const std::string& dir, const LoadOptions& opt) {
   if (opt.random_init) return random_model(cfg, opt);
   io::verify_checkpoint_files(dir, false);  // a full fine-tuning checkpoint as the model
 
-  auto ckpt = io::open_checkpoint(dir);
+  auto ckpt = opt.checkpoint ? opt.checkpoint : io::open_checkpoint(dir);
   check_layer_count(*ckpt, cfg, cfg_path);
   LlamaForCausalLM m(cfg);
   m->compute_dtype = opt.compute_dtype;
@@ -156,7 +156,7 @@ LlamaForCausalLM load_model(const std::string& dir, const LoadOptions& opt) {
   }
   for (const auto& name : ckpt->names()) {
     if (shapes.count(name)) continue;
-    if (name.find("rotary_emb.inv_freq") != std::string::npos) continue;  // old checkpoints
+    if (io::is_stale_buffer(name)) continue;
     if (cfg.tie_word_embeddings && name == "lm_head.weight") continue;
     fail(ckpt->file_of(name).path(), "tensor '" + name + "'",
          "unexpected in a LLaMA checkpoint of this config");
@@ -268,7 +268,7 @@ io::AdapterConfig apply_adapter(LlamaForCausalLMImpl& m, const std::string& dir)
   const std::string cfg_path = (d / "adapter_config.json").string();
   if (!fs::exists(cfg_path)) {
     // A full fine-tuning checkpoint is a whole model, not an adapter.
-    if (fs::exists(d / "config.json") && fs::exists(d / "model.safetensors"))
+    if (fs::exists(d / "config.json") && io::has_weight_files(dir))
       fail(dir, "adapter_config.json",
            "missing: this is a full fine-tuning checkpoint, a whole model: pass it as --model, without --adapter");
     fail(dir, "adapter_config.json", "missing");

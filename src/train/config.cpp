@@ -100,7 +100,7 @@ const std::vector<Field>& schema() {
     const double inf = 1e300;
     std::vector<Field> f;
     f.push_back(str("model.path", [](RunConfig& c) -> auto& { return c.model.path; },
-                    "Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.model)"));
+                    "Hugging Face checkpoint directory (config.json, tokenizer.model, weights as safetensors or pytorch_model.bin)"));
     f.push_back(str("model.init", [](RunConfig& c) -> auto& { return c.model.init; },
                     "`random`: weights drawn from model.config alone (smoke tests, benchmarks)",
                     {"pretrained", "random"}));

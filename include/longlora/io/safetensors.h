@@ -32,12 +32,13 @@ struct TensorInfo {
   std::string name;
   DType dtype;
   std::vector<int64_t> shape;
-  const void* data = nullptr;  // into the mapping
+  const void* data = nullptr;  // into the mapping (or the memory its file holds)
   size_t nbytes = 0;
   int64_t numel() const;
 };
 
-// A memory-mapped, validated safetensors file.
+// A validated safetensors file, memory-mapped; or (the second constructor) entries over
+// bytes held in memory, such as a torch.save pickle's.
 class SafetensorsFile {
  public:
   explicit SafetensorsFile(const std::string& path);
@@ -66,6 +67,15 @@ class SafetensorsFile {
   std::map<std::string, size_t> index_;
   std::shared_ptr<const void> owner_;
 };
+
+// Whether `dir` holds a model's weights under a name transformers looks for:
+// model.safetensors, model.safetensors.index.json, pytorch_model.bin or
+// pytorch_model.bin.index.json.
+bool has_weight_files(const std::string& dir);
+
+// rotary_emb.inv_freq: a buffer transformers 4.28-4.30 saved with the weights, which
+// later versions (and we) skip on load and leave out of a merge.
+bool is_stale_buffer(const std::string& name);
 
 // Reads a torch.save file of tensors into a SafetensorsFile (io/tensors.h's
 // read_pickled_tensors, which needs LibTorch; this file does not).

@@ -4,11 +4,13 @@
 
 #include <torch/torch.h>
 
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "longlora/io/adapter.h"
+#include "longlora/io/safetensors.h"
 #include "longlora/model/llama.h"
 
 namespace longlora::model {
@@ -22,10 +24,14 @@ struct LoadOptions {
   // Frozen weights are cast to this dtype on load when set (random init: the dtype
   // to create them in). Unset: the stored dtype (bf16 checkpoints stay bf16).
   std::optional<torch::ScalarType> weight_dtype;
+  // dir's weights opened already (io::open_checkpoint(dir)), so that a caller that reads
+  // them again (export) reads a pickled checkpoint once. Unset: opened here.
+  std::shared_ptr<io::SafetensorsCheckpoint> checkpoint;
 };
 
-// `dir` holds config.json and model.safetensors(.index.json). Every tensor the
-// model needs must be present with the right shape; unexpected ones are refused.
+// `dir` holds config.json and the weights (model.safetensors, pytorch_model.bin, or
+// their shards' index). Every tensor the model needs must be present with the right
+// shape; unexpected ones are refused.
 LlamaForCausalLM load_model(const std::string& dir, const LoadOptions& opt);
 // What eval and generate do: the model on `device` ("auto" | "cpu" | "cuda") in
 // `dtype` ("auto" | "fp32" | "bf16" | "fp16"), RoPE factor overridden when > 0,
