@@ -80,8 +80,9 @@ if want kernel; then
       note "s2-kernel-bench D=$D: FAILED"; cat "$OUT/kernel_bench_$D.log" | tee -a "$SUMMARY"
     fi
   done
-  # Every wgmma configuration (default, pipelined, bulk dQ, both) against the mma.sync
-  # kernels at 32k, on the same inputs in one process: agreement and timings.
+  # Every wgmma configuration (unpipelined, the default's pipelined backward, both
+  # pipelined, bulk dQ, pipelined with bulk dQ) against the mma.sync kernels at 32k, on
+  # the same inputs in one process: agreement and timings.
   timeout 150 "$B/s2-kernel-bench" --seq-len 32768 --heads 32 --kv-heads 32 --head-dim 128 \
     --mode segments --iters 5 --all-wgmma 2>&1 | tee "$OUT/kernel_bench_wgmma.log" | tee -a "$SUMMARY"
 fi

@@ -11,7 +11,7 @@
 // tiling bugs; the oracle for both is attention_reference, in tests/test_s2_kernel.cpp.
 //
 //   s2-kernel-bench --seq-len 32768 --heads 32 --kv-heads 32 --head-dim 128 --mode segments
-//   s2-kernel-bench ... --fwd-wgmma --bwd-wgmma   (H100/H200: the kernels the dispatch uses)
+//   s2-kernel-bench ... --fwd-wgmma --bwd-pipe    (H100/H200: the kernels the dispatch uses)
 //   s2-kernel-bench ... --all-wgmma               (H100/H200: every wgmma variant, one table)
 #include <CLI/CLI.hpp>
 #include <cuda_runtime.h>
@@ -136,6 +136,7 @@ std::vector<Config> configs(const Opts& o) {
     using namespace kn;
     if (o.all_wgmma) {
       cs.push_back(config<S2FwdWgmmaTraits<bf16, D>, S2BwdWgmmaTraits<bf16, D>>("wgmma/wgmma"));
+      cs.push_back(config<S2FwdWgmmaTraits<bf16, D>, S2BwdWgmmaPipeTraits<bf16, D>>("wgmma/pipe"));  // the default
       cs.push_back(config<S2FwdWgmmaPipeTraits<bf16, D>, S2BwdWgmmaPipeTraits<bf16, D>>("pipe/pipe"));
       cs.push_back(config<S2FwdWgmmaTraits<bf16, D>, S2BwdWgmmaBulkTraits<bf16, D>>("wgmma/wgmma+bulk"));
       cs.push_back(config<S2FwdWgmmaPipeTraits<bf16, D>, S2BwdWgmmaPipeBulkTraits<bf16, D>>("pipe/pipe+bulk"));
