@@ -201,6 +201,17 @@ TEST(ExportGolden, APickledBaseMergesAsItsSafetensors) {
     ASSERT_TRUE(a.count(name)) << name;
     EXPECT_TRUE(torch::equal(a[name], t)) << name;
   }
+  // Exported as it is (a whole model), it becomes the safetensors it was made from:
+  // export converts a pickled model without Python.
+  r = testutil::run_cli(export_cmd(testutil::data("pickled-model"), dir + "/converted"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto converted = testutil::load(dir + "/converted");
+  auto original = testutil::load(kBase);
+  ASSERT_EQ(converted.size(), original.size());  // no inv_freq
+  for (auto& [name, t] : original) {
+    ASSERT_TRUE(converted.count(name)) << name;
+    EXPECT_TRUE(torch::equal(converted[name], t)) << name;
+  }
   longlora::remove_tree(dir);
 }
 
