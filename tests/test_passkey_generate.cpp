@@ -425,6 +425,38 @@ TEST(Generate, TopPKeepsTheNucleusOnly) {
   EXPECT_EQ(eval::sample_token(logits, 0.0, 0.9, rng), 0);
 }
 
+TEST(Generate, TopKKeepsTheKMostProbableThenTopPRenormalized) {
+  // p = (0.5, 0.3, 0.15, 0.05).
+  auto logits = torch::tensor({0.5, 0.3, 0.15, 0.05}, torch::kFloat64).log().to(torch::kFloat32);
+  std::mt19937_64 rng(2);
+  // top_k 2, top_p 1: tokens 0 and 1 only, 0 with 0.5 / 0.8 of the draws.
+  std::map<int, int> seen;
+  for (int i = 0; i < 4000; ++i) ++seen[eval::sample_token(logits, 1.0, 1.0, rng, 0, 2)];
+  EXPECT_EQ(seen.size(), 2u);
+  EXPECT_NEAR(seen[0] / 4000.0, 0.5 / 0.8, 0.03);
+  // top_k 1 samples as greedy does.
+  for (int i = 0; i < 50; ++i) EXPECT_EQ(eval::sample_token(logits, 1.0, 1.0, rng, 0, 1), 0);
+  // top_p acts on what top_k kept, renormalized (transformers' order): after top_k 2,
+  // token 0 holds 0.625 >= top_p 0.6, so it alone is kept. Without top_k, 0.5 < 0.6
+  // lets token 1 in as well.
+  seen.clear();
+  for (int i = 0; i < 500; ++i) ++seen[eval::sample_token(logits, 1.0, 0.6, rng, 0, 2)];
+  EXPECT_EQ(seen.size(), 1u);
+  seen.clear();
+  for (int i = 0; i < 500; ++i) ++seen[eval::sample_token(logits, 1.0, 0.6, rng, 0, 0)];
+  EXPECT_EQ(seen.size(), 2u);
+  // Ties with the k-th are kept, as TopKLogitsWarper removes only scores below it.
+  auto tied = torch::tensor({1.0, 1.0, 1.0, 0.0});
+  seen.clear();
+  for (int i = 0; i < 600; ++i) ++seen[eval::sample_token(tied, 1.0, 1.0, rng, 0, 2)];
+  EXPECT_EQ(seen.size(), 3u);
+  EXPECT_EQ(seen.count(3), 0u);
+  // A k past the vocabulary is no limit.
+  seen.clear();
+  for (int i = 0; i < 4000; ++i) ++seen[eval::sample_token(logits, 1.0, 1.0, rng, 0, 100)];
+  EXPECT_EQ(seen.size(), 4u);
+}
+
 TEST(Generate, TemperatureScalesTheLogitsBeforeTheSoftmax) {
   // With top_p 1 every id is drawn with probability softmax(l / T); each frequency over
   // n draws must lie within 4 standard deviations (sqrt(p (1 - p) / n)) of it.
@@ -541,10 +573,26 @@ TEST(GenerateCli, SeedTemperatureAndTopPReachTheSampler) {
   EXPECT_EQ(a.out, tokenizer().decode(ctx).substr(tokenizer().decode({ids.back()}).size()) + "\n");
 }
 
+TEST(GenerateCli, TopKReachesTheSampler) {
+  // --top-k 1 leaves one candidate: any seed prints the greedy text, which sampling at
+  // T 1.5 over the default 50 does not (SeedTemperatureAndTopPReachTheSampler: seeds differ).
+  auto cli = [&](const std::string& flags) {
+    return testutil::run_cli("generate --model " + model_dir() +
+                             " --prompt 'Once upon a time' --max-new-tokens 24 --device cpu " + flags);
+  };
+  const auto greedy = cli("--temperature 0");
+  const auto k1 = cli("--temperature 1.5 --top-k 1 --seed 5"), k1b = cli("--temperature 1.5 --top-k 1 --seed 6");
+  ASSERT_EQ(greedy.code, 0) << greedy.err;
+  ASSERT_EQ(k1.code, 0) << k1.err;
+  EXPECT_EQ(k1.out, greedy.out);
+  EXPECT_EQ(k1b.out, greedy.out);
+}
+
 TEST(GenerateCli, BadInputIsOneLine) {
   for (const std::string& args : std::vector<std::string>{"generate --prompt hi", "generate --model " + model_dir(),
         "generate --model " + model_dir() + " --prompt hi --prompt-file /nonexistent",
         "generate --model " + model_dir() + " --prompt hi --top-p 0",
+        "generate --model " + model_dir() + " --prompt hi --top-k -1",
         "generate --model " + model_dir() + " --prompt hi --max-new-tokens 0"}) {
     auto r = testutil::run_cli(args);
     EXPECT_NE(r.code, 0) << args;

@@ -68,6 +68,7 @@ int run_generate(const GenerateArgs& a) {
   g.max_new_tokens = a.max_new_tokens;
   g.temperature = a.temperature;
   g.top_p = a.top_p;
+  g.top_k = a.top_k;
   g.seed = a.seed;
   g.use_cache = !a.no_cache;
 

@@ -124,6 +124,10 @@ int run(int argc, char** argv) {
   gen_cmd->add_option("--max-new-tokens", gen.max_new_tokens, "stop after this many new tokens (default 512) or at EOS");
   gen_cmd->add_option("--temperature", gen.temperature, "sampling temperature (default 0.6); 0 = greedy");
   gen_cmd->add_option("--top-p", gen.top_p, "nucleus sampling: keep the most probable tokens up to this mass (default 0.9)");
+  gen_cmd->add_option("--top-k", gen.top_k,
+                      "sample among the k most probable tokens, before --top-p (default 50, as transformers' "
+                      "generate; 0 = off)")
+      ->check(integer_in(0));
   gen_cmd->add_option("--seed", gen.seed, "sampling seed (default 0)")->check(integer_in(0));
   gen_cmd->add_flag("--no-cache", gen.no_cache, "recompute the whole sequence for every token (no KV cache)");
 

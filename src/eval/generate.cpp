@@ -9,7 +9,7 @@
 namespace longlora::eval {
 
 int sample_token(const torch::Tensor& logits_in, double temperature, double top_p, std::mt19937_64& rng,
-                 int64_t n_ids) {
+                 int64_t n_ids, int64_t top_k) {
   // Only the first n_ids can be chosen: a model's vocab may have rows past the
   // tokenizer's pieces (LongAlpaca's 32001 for 32000), which decode() refuses.
   auto logits = logits_in.reshape({-1});
@@ -25,11 +25,22 @@ int sample_token(const torch::Tensor& logits_in, double temperature, double top_
   std::vector<int> order(V);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return pp[a] > pp[b]; });
-  // Nucleus: the most probable tokens until their mass reaches top_p (at least one),
-  // as transformers' TopPLogitsWarper keeps them.
+  // transformers' order: temperature, then top-k, then top-p on what top-k left.
+  // Top-k keeps every token whose probability reaches the k-th largest (ties too,
+  // as TopKLogitsWarper's `scores < kth` removes only those below).
+  size_t candidates = V;
+  if (top_k > 0 && static_cast<size_t>(top_k) < V) {
+    const double kth = pp[order[static_cast<size_t>(top_k) - 1]];
+    candidates = static_cast<size_t>(top_k);
+    while (candidates < V && pp[order[candidates]] >= kth) ++candidates;
+  }
+  double kept_mass = 0;
+  for (size_t i = 0; i < candidates; ++i) kept_mass += pp[order[i]];
+  // Nucleus: the most probable tokens until their share of the candidates' mass
+  // reaches top_p (at least one), as transformers' TopPLogitsWarper keeps them.
   double mass = 0;
   size_t keep = 0;
-  while (keep < V && (keep == 0 || mass < top_p)) mass += pp[order[keep++]];
+  while (keep < candidates && (keep == 0 || mass < top_p * kept_mass)) mass += pp[order[keep++]];
   // 53 random bits -> [0, 1), the same on every standard library.
   const double u = static_cast<double>(rng() >> 11) * 0x1.0p-53 * mass;
   double acc = 0;
@@ -89,7 +100,7 @@ std::vector<int> generate(model::LlamaForCausalLMImpl& m, const data::Tokenizer&
     if (!torch::isfinite(logits).all().item<bool>())
       throw Error("generate: non-finite logits at new token " + std::to_string(step + 1) + ": " +
                   model::explain_non_finite(m));
-    const int id = sample_token(logits, o.temperature, o.top_p, rng, tok.vocab_size());
+    const int id = sample_token(logits, o.temperature, o.top_p, rng, tok.vocab_size(), o.top_k);
     out.push_back(id);
     seq.push_back(id);
     const bool go_on = !on_token || on_token(id);

@@ -36,6 +36,7 @@ struct GenerateArgs {
   int64_t max_new_tokens = 512;     // defaults: LongLoRA's inference.py
   double temperature = 0.6;         // 0 = greedy
   double top_p = 0.9;
+  int64_t top_k = 50;               // transformers' generate default; 0 = off
   uint64_t seed = 0;
   double rope_factor = 0;           // 0 = config.json's
   bool no_cache = false;

@@ -18,6 +18,8 @@ struct GenerateOptions {
   int64_t max_new_tokens = 512;  // LongLoRA's inference.py max_gen_len
   double temperature = 0.6;      // 0 = greedy (argmax); LongLoRA's inference.py default
   double top_p = 0.9;            // nucleus: smallest set of tokens whose probability reaches top_p
+  int64_t top_k = 50;            // the k most probable tokens (ties kept) before top_p; 0 = off.
+                                 // 50: what transformers' generate applies unless told
   uint64_t seed = 0;             // sampling RNG (std::mt19937_64)
   bool use_cache = true;         // false: every step recomputes the whole sequence
   bool stop_at_eos = true;
@@ -41,12 +43,12 @@ std::vector<int> generate(model::LlamaForCausalLMImpl& m, const data::Tokenizer&
 // model's config.json (a list: transformers' generate stops at each of them).
 bool is_stop_token(const model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok, int id);
 
-// The next token from one row of logits (vocab,) under `o` (temperature, top_p);
-// `rng` is drawn from only when sampling (temperature > 0). Only ids below `n_ids`
-// (> 0: the tokenizer's piece count) are chosen; generate() passes the tokenizer's.
-// Exposed for tests.
+// The next token from one row of logits (vocab,) under temperature, top_k (0 = off)
+// and top_p, applied in transformers' order; `rng` is drawn from only when sampling
+// (temperature > 0). Only ids below `n_ids` (> 0: the tokenizer's piece count) are
+// chosen; generate() passes the tokenizer's. Exposed for tests.
 int sample_token(const torch::Tensor& logits, double temperature, double top_p, std::mt19937_64& rng,
-                 int64_t n_ids = 0);
+                 int64_t n_ids = 0, int64_t top_k = 0);
 
 // Turns a stream of generated ids into text pieces to print: each push() returns
 // the text the new id adds (possibly empty while a multi-byte character or a
