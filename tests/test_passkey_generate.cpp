@@ -451,6 +451,10 @@ TEST(Generate, TopKKeepsTheKMostProbableThenTopPRenormalized) {
   for (int i = 0; i < 600; ++i) ++seen[eval::sample_token(tied, 1.0, 1.0, rng, 0, 2)];
   EXPECT_EQ(seen.size(), 3u);
   EXPECT_EQ(seen.count(3), 0u);
+  // k counts the ids that can be chosen: with the best logit past n_ids, top_k 1 is
+  // the best id below it.
+  auto past = torch::tensor({0.0, 2.0, 1.0, 9.0});
+  for (int i = 0; i < 50; ++i) EXPECT_EQ(eval::sample_token(past, 1.0, 1.0, rng, 3, 1), 1);
   // A k past the vocabulary is no limit.
   seen.clear();
   for (int i = 0; i < 4000; ++i) ++seen[eval::sample_token(logits, 1.0, 1.0, rng, 0, 100)];
@@ -575,7 +579,7 @@ TEST(GenerateCli, SeedTemperatureAndTopPReachTheSampler) {
 
 TEST(GenerateCli, TopKReachesTheSampler) {
   // --top-k 1 leaves one candidate: any seed prints the greedy text, which sampling at
-  // T 1.5 over the default 50 does not (SeedTemperatureAndTopPReachTheSampler: seeds differ).
+  // T 1.5 over the default 50 does not.
   auto cli = [&](const std::string& flags) {
     return testutil::run_cli("generate --model " + model_dir() +
                              " --prompt 'Once upon a time' --max-new-tokens 24 --device cpu " + flags);
@@ -586,6 +590,8 @@ TEST(GenerateCli, TopKReachesTheSampler) {
   ASSERT_EQ(k1.code, 0) << k1.err;
   EXPECT_EQ(k1.out, greedy.out);
   EXPECT_EQ(k1b.out, greedy.out);
+  // Without it (the default 50) the same seed samples another text: the check can fail.
+  EXPECT_NE(cli("--temperature 1.5 --seed 5").out, greedy.out);
 }
 
 TEST(GenerateCli, BadInputIsOneLine) {
