@@ -273,8 +273,9 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
       std::string padded = text;
       const int64_t base = n;
       for (int64_t c = 1; n != target && c < 64; ++c) {
-        padded = text + "\n" + eval::passkey_filler(c);
-        n = by_parts ? base + count("\n" + eval::passkey_filler(c)) : count(padded);
+        const std::string pad = "\n" + eval::passkey_filler(c);
+        padded = text + pad;
+        n = by_parts ? base + count(pad) : count(padded);
         if (n > target) break;
       }
       if (n != target) return std::nullopt;

@@ -78,8 +78,7 @@ PerplexityResult perplexity_longlora(model::LlamaForCausalLMImpl& m, const std::
   model::ForwardOptions opt;  // full attention
   double batch_sum = 0, sum_of_batches = 0;
   int64_t in_batch = 0, batches = 0;
-  const auto t0 = std::chrono::steady_clock::now();
-  auto last = t0;
+  auto last = std::chrono::steady_clock::now();
   for (size_t w = 0; w < starts.size(); ++w) {
     auto ids = torch::from_blob(const_cast<int32_t*>(tokens.data() + starts[w]), {1, L}, torch::kInt32)
                    .to(dev, torch::kInt64);

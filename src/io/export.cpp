@@ -528,7 +528,7 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
     const std::string& tp = ap.trainable->path();
     for (const auto& t : ap.trainable->tensors()) {
       std::vector<std::string> names{t.name};
-      if (base_tied && (t.name == embed || t.name == head)) {
+      if (base_tied && is_embedding_layer(t.name)) {
         if (&t != trained_embed) continue;  // both saved: the one loaded last, as load_state_dict
         names = head_src ? std::vector<std::string>{embed} : std::vector<std::string>{embed, head};
       }
@@ -971,7 +971,7 @@ void export_checkpoint(const ExportOptions& opt) {
       };
       for (const auto& t : ap->trainable->tensors()) {
         add(t, t.name);
-        if (tied && (t.name == "model.embed_tokens.weight" || t.name == "lm_head.weight"))
+        if (tied && is_embedding_layer(t.name))
           add(t, t.name == "lm_head.weight" ? "model.embed_tokens.weight" : "lm_head.weight");
       }
     }
@@ -1018,23 +1018,21 @@ void export_checkpoint(const ExportOptions& opt) {
     // the base's when there is one) tensor for tensor against the checked base.
     full = open_checkpoint(src.dir.string());
     if (fs::exists(src.dir / "config.json")) check_model_dir(src.dir.string(), full);
-    const std::shared_ptr<SafetensorsCheckpoint> base_for_check = base_ckpt;
-    auto skip = [](const std::string& name) { return is_stale_buffer(name); };
-    if (base_for_check)
-      for (const auto& name : base_for_check->names())
-        if (!skip(name) && !full->contains(name))
+    if (base_ckpt)
+      for (const auto& name : base_ckpt->names())
+        if (!is_stale_buffer(name) && !full->contains(name))
           fail(src.dir.string(), "tensor '" + name + "'",
                "missing from the checkpoint (the base model " + src.base + " has it)");
     for (const auto& name : full->names()) {
-      if (skip(name)) continue;
+      if (is_stale_buffer(name)) continue;
       const auto& t = full->get(name);
-      if (base_for_check && !base_for_check->contains(name))
+      if (base_ckpt && !base_ckpt->contains(name))
         fail(full->file_of(name).path(), "tensor '" + name + "'",
              "not in the base model " + src.base + ", whose config.json the export gets");
-      if (base_for_check && base_for_check->get(name).shape != t.shape)
+      if (base_ckpt && base_ckpt->get(name).shape != t.shape)
         fail(full->file_of(name).path(), "tensor '" + name + "'",
              "shape " + shape_str(t.shape) + " but the base model's is " +
-                 shape_str(base_for_check->get(name).shape) + " (" + base_for_check->file_of(name).path() + ")");
+                 shape_str(base_ckpt->get(name).shape) + " (" + base_ckpt->file_of(name).path() + ")");
       if (!is_float(t.dtype))
         fail(full->file_of(name).path(), "tensor '" + name + "'",
              std::string("dtype ") + dtype_name(t.dtype) + " is not a float type");
