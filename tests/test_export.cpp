@@ -457,9 +457,7 @@ TEST(ExportGolden, ModulesToSaveEmbeddingsPartATiedBaseAsPeftLoadsThem) {
     fs::copy_file(kAdapter + "/" + f, with_trained + "/" + f);
   c10::Dict<std::string, torch::Tensor> tp;
   tp.insert("model.embed_tokens.weight", trained);
-  const auto bytes = torch::pickle_save(tp);
-  std::ofstream(with_trained + "/trainable_params.bin", std::ios::binary)
-      .write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  testutil::write_pickle(with_trained + "/trainable_params.bin", tp);
   const std::string untied_trained = copy_base(dir + "/untied-trained", [&](Tensors& t) { t["lm_head.weight"] = trained; });
   const auto adapter_embed =
       testutil::load(kAdapter + "/adapter_model.safetensors")[std::string(io::kPeftPrefix) + "model.embed_tokens.weight"];

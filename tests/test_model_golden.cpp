@@ -60,9 +60,7 @@ TEST(ModelGolden, PickledShardsLoadAsTransformersSavedThem) {
   std::filesystem::copy_file(testutil::golden("tiny-llama/model/config.json"), one + "/config.json");
   c10::Dict<std::string, torch::Tensor> all;
   for (const auto& [name, t] : testutil::load(testutil::golden("tiny-llama/model"))) all.insert(name, t.clone());
-  const auto bytes = torch::pickle_save(all);
-  std::ofstream(one + "/pytorch_model.bin", std::ios::binary)
-      .write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  testutil::write_pickle(one + "/pytorch_model.bin", all);
   auto single = model::load_model(one, {});
   expect_logits(single, g["input_ids"], g["logits"]);
   longlora::remove_tree(one);
@@ -595,8 +593,7 @@ TEST(ModelGolden, LongLorasAdapterFilesLoadAsItsScriptsLoadThem) {
            {"model.norm.weight", {32}, "shape [32] but the model needs [64]"}}) {
     c10::Dict<std::string, torch::Tensor> d;
     d.insert(name, torch::ones(shape));
-    const auto bytes = torch::pickle_save(d);
-    std::ofstream(bad + "/trainable_params.bin", std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    testutil::write_pickle(bad + "/trainable_params.bin", d);
     auto mb = tiny();
     const auto err = testutil::error_of([&] { model::apply_adapter(*mb, bad); });
     EXPECT_NE(err.find(bad + "/trainable_params.bin: tensor '" + name + "': " + want), std::string::npos) << err;

@@ -74,6 +74,13 @@ inline void write_file(const std::string& path, const std::string& content) {
   std::ofstream(path, std::ios::binary) << content;
 }
 
+// A torch.save file of named tensors (LibTorch's pickler: a plain dict, as Python's
+// torch.save of one writes it).
+inline void write_pickle(const std::string& path, const c10::Dict<std::string, torch::Tensor>& tensors) {
+  const auto bytes = torch::pickle_save(tensors);
+  std::ofstream(path, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
 inline std::string read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
