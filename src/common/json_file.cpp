@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <fstream>
+#include <iterator>
 #include <set>
 #include <vector>
 
@@ -43,8 +44,12 @@ nlohmann::json read_json_file(const std::string& path, bool reject_duplicate_key
     }
     return true;
   };
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  // nlohmann takes a NUL for the end of the input and ignores what follows.
+  if (const auto z = text.find('\0'); z != std::string::npos)
+    fail(path, "", "a NUL byte at offset " + std::to_string(z) + ": not a JSON text");
   try {
-    return reject_duplicate_keys ? json::parse(in, cb) : json::parse(in);
+    return reject_duplicate_keys ? json::parse(text, cb) : json::parse(text);
   } catch (const json::exception& e) {
     fail(path, "", std::string("bad JSON: ") + e.what());
   }
@@ -56,16 +61,36 @@ using nlohmann::json;
 // JsonFields
 
 namespace {
-// A value as JSON, cut short: the message stays one readable line.
-std::string brief(const json& v) {
-  std::string s = v.dump();
-  return s.size() > 80 ? s.substr(0, 77) + "..." : s;
+// Appends v to out until out passes `limit`; the recursion is as deep as the part of
+// the value that fits, so at most `limit` levels.
+void brief_into(const json& v, std::string& out, size_t limit) {
+  if (out.size() > limit) return;
+  if (v.is_array() || v.is_object()) {
+    out += v.is_array() ? '[' : '{';
+    bool first = true;
+    for (auto it = v.begin(); it != v.end() && out.size() <= limit; ++it) {
+      if (!first) out += ',';
+      first = false;
+      if (v.is_object()) out += json(it.key()).dump(-1, ' ', false, json::error_handler_t::replace) + ':';
+      brief_into(it.value(), out, limit);
+    }
+    out += v.is_array() ? ']' : '}';
+  } else {
+    // A scalar: no recursion. Invalid UTF-8 in a string would make dump() throw.
+    out += v.dump(-1, ' ', false, json::error_handler_t::replace);
+  }
 }
 }  // namespace
 
+std::string json_brief(const json& v, size_t max_chars) {
+  std::string s;
+  brief_into(v, s, max_chars);
+  return s.size() > max_chars ? s.substr(0, max_chars - 3) + "..." : s;
+}
+
 JsonFields::JsonFields(const json& obj, std::string source, std::string prefix)
     : j_(&obj), src_(std::move(source)), prefix_(std::move(prefix)) {
-  if (!obj.is_object()) ::longlora::fail(src_, prefix_, "expected a JSON object, got " + brief(obj));
+  if (!obj.is_object()) ::longlora::fail(src_, prefix_, "expected a JSON object, got " + json_brief(obj));
 }
 
 bool JsonFields::given(const std::string& key) const {
@@ -84,7 +109,7 @@ void JsonFields::fail(const std::string& key, const std::string& message) const 
 }
 
 void JsonFields::expected(const std::string& key, const std::string& what) const {
-  fail(key, "expected " + what + ", got " + brief(at(key)));
+  fail(key, "expected " + what + ", got " + json_brief(at(key)));
 }
 
 std::optional<bool> JsonFields::boolean(const std::string& key) const {

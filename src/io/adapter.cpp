@@ -30,11 +30,6 @@ std::vector<std::string> module_list(const JsonFields& f, const std::string& key
   return f.strings(key).value_or(std::vector<std::string>{});
 }
 
-// A value for a one-line message.
-std::string brief(const json& v) {
-  std::string s = v.dump();
-  return s.size() > 80 ? s.substr(0, 77) + "..." : s;
-}
 
 // adapter_config.json keys load_adapter_config reads (and checks) itself.
 const std::set<std::string> kReadKeys = {
@@ -83,12 +78,12 @@ AdapterConfig load_adapter_config(const std::string& path) {
   // (layers_pattern is not here: peft reads it only together with layers_to_transform.)
   for (const char* k : {"layers_to_transform", "layer_replication", "alora_invocation_tokens",
                         "trainable_token_indices"})
-    if (f.given(k)) f.fail(k, "not supported (expected null), got " + f.at(k).dump());
+    if (f.given(k)) f.fail(k, "not supported (expected null), got " + json_brief(f.at(k)));
   for (const char* k : {"rank_pattern", "alpha_pattern"})
     if (auto p = f.object(k); p && !f.at(k).empty()) f.fail(k, "not supported (expected {})");
   for (const char* k : {"exclude_modules", "target_parameters"})
     if (f.given(k) && !(f.at(k).is_array() && f.at(k).empty()))
-      f.fail(k, "not supported (expected null or []), got " + f.at(k).dump());
+      f.fail(k, "not supported (expected null or []), got " + json_brief(f.at(k)));
   // Most inits only set the factors' first values, which the saved ones replace. PiSSA,
   // OLoRA, CorDA and LoftQ also subtract their first B·A from the base weights (peft
   // redoes that at load); the saved factors then belong on that residual base, not on W.
@@ -112,10 +107,10 @@ AdapterConfig load_adapter_config(const std::string& path) {
   for (const auto& [k, v] : j.items()) {
     if (kReadKeys.count(k) || kHarmlessKeys.count(k) || v.is_null()) continue;
     if (const auto d = kOffByDefault.find(k); d != kOffByDefault.end()) {
-      if (v != d->second) f.fail(k, "not supported (expected " + d->second.dump() + "), got " + brief(v));
+      if (v != d->second) f.fail(k, "not supported (expected " + json_brief(d->second) + "), got " + json_brief(v));
     } else if (!(v.is_boolean() && !v.get<bool>()) && !((v.is_object() || v.is_array()) && v.empty())) {
       f.fail(k, "not supported (an option this loader does not know; only null, false, {} or [] are taken), got " +
-                    brief(v));
+                    json_brief(v));
     }
   }
 
@@ -127,11 +122,11 @@ AdapterConfig load_adapter_config(const std::string& path) {
   const auto alpha = f.number("lora_alpha");
   if (!alpha || !(*alpha > 0) || *alpha > std::numeric_limits<float>::max())
     f.fail("lora_alpha", "expected a number > 0 that fits in float32, got " +
-                             (f.given("lora_alpha") ? f.at("lora_alpha").dump() : std::string("nothing")));
+                             (f.given("lora_alpha") ? json_brief(f.at("lora_alpha")) : std::string("nothing")));
   c.lora_alpha = *alpha;
   c.lora_dropout = f.number("lora_dropout").value_or(0.0);
   if (!(c.lora_dropout >= 0 && c.lora_dropout < 1))
-    f.fail("lora_dropout", "expected a number in [0, 1), got " + f.at("lora_dropout").dump());
+    f.fail("lora_dropout", "expected a number in [0, 1), got " + json_brief(f.at("lora_dropout")));
   c.use_rslora = f.boolean("use_rslora").value_or(false);
   // peft keeps target_modules as a set: a name listed twice is one target.
   for (auto& t : module_list(f, "target_modules"))

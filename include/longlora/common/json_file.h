@@ -14,6 +14,11 @@ namespace longlora {
 // the last silently; for our own config files that hides a mistake).
 nlohmann::json read_json_file(const std::string& path, bool reject_duplicate_keys = false);
 
+// A value as JSON for a one-line message, cut after about max_chars. Safe for any
+// value a file can hold: nlohmann's dump() recurses once per nesting level, and a
+// value nested 100000 deep (a 200 KB file) overflowed the stack.
+std::string json_brief(const nlohmann::json& v, size_t max_chars = 80);
+
 // Typed reads of one JSON object's fields, for the Hugging Face json files we read
 // (config.json, adapter_config.json, trainer_state.json): a wrong type is one line
 // "SOURCE: FIELD: expected T, got V", never nlohmann's message without file or field.
