@@ -1,5 +1,6 @@
 #include "longlora/data/tokens.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -7,6 +8,7 @@
 
 #include "longlora/common/error.h"
 #include "longlora/common/fs.h"
+#include "longlora/common/strings.h"
 #include "longlora/data/tokenizer.h"
 
 namespace fs = std::filesystem;
@@ -25,37 +27,11 @@ void check_token_ids(const std::vector<int32_t>& ids, int64_t vocab, const std::
 }
 
 void check_utf8(const std::string& text, const std::string& source) {
-  const auto* s = reinterpret_cast<const unsigned char*>(text.data());
-  const size_t n = text.size();
-  int64_t line = 1;
-  for (size_t i = 0; i < n;) {
-    const unsigned char c = s[i];
-    if (c < 0x80) {
-      line += c == '\n';
-      ++i;
-      continue;
-    }
-    // The sequence's length and the range of its second byte (which rules out
-    // overlongs, surrogates and > U+10FFFF); later bytes are 0x80-0xBF.
-    size_t len = 0;
-    unsigned char lo = 0x80, hi = 0xBF;
-    if (c >= 0xC2 && c <= 0xDF) len = 2;
-    else if (c == 0xE0) len = 3, lo = 0xA0;
-    else if (c == 0xED) len = 3, hi = 0x9F;
-    else if (c >= 0xE1 && c <= 0xEF) len = 3;
-    else if (c == 0xF0) len = 4, lo = 0x90;
-    else if (c >= 0xF1 && c <= 0xF3) len = 4;
-    else if (c == 0xF4) len = 4, hi = 0x8F;
-    bool ok = len != 0 && i + len <= n;
-    for (size_t k = 1; ok && k < len; ++k) {
-      const unsigned char b = s[i + k];
-      ok = k == 1 ? (b >= lo && b <= hi) : (b >= 0x80 && b <= 0xBF);
-    }
-    if (!ok)
-      throw Error(source + ": line " + std::to_string(line) + ", byte " + std::to_string(i) +
-                  ": not valid UTF-8 (convert the file, e.g. iconv -f latin1 -t utf-8)");
-    i += len;
-  }
+  const size_t i = invalid_utf8_at(text);
+  if (i == std::string::npos) return;
+  const auto line = 1 + std::count(text.begin(), text.begin() + static_cast<std::ptrdiff_t>(i), '\n');
+  throw Error(source + ": line " + std::to_string(line) + ", byte " + std::to_string(i) +
+              ": not valid UTF-8 (convert the file, e.g. iconv -f latin1 -t utf-8)");
 }
 
 std::vector<int32_t> read_bin(const std::string& path) {

@@ -3,12 +3,15 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <map>
+#include <set>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "longlora/common/error.h"
 #include "longlora/common/json_file.h"
+#include "longlora/common/strings.h"
 
 using nlohmann::json;
 
@@ -23,7 +26,7 @@ struct Field {
 };
 
 [[noreturn]] void bad(const std::string& where, const std::string& expected, const json& v) {
-  throw Error(where + ": expected " + expected + ", got " + v.dump());
+  throw Error(where + ": expected " + expected + ", got " + json_brief(v));
 }
 
 template <class T>
@@ -40,6 +43,13 @@ Field str(std::string path, Ref<std::string> ref, std::string doc,
           [ref, choices, type](RunConfig& c, const json& v, const std::string& w) {
             if (!v.is_string()) bad(w, choices.empty() ? "a string" : "one of " + type, v);
             auto s = v.get<std::string>();
+            // A NUL would cut the path the OS sees short of the one we check (a data
+            // file "x.jsonl\0.txt" was read as text); invalid UTF-8 (from --set) cannot
+            // be written into run_config.json, which would fail the first save.
+            if (s.find('\0') != std::string::npos) throw Error(w + ": holds a NUL byte");
+            if (const size_t i = invalid_utf8_at(s); i != std::string::npos)
+              throw Error(w + ": not valid UTF-8 at byte " + std::to_string(i) +
+                          " (run_config.json is JSON and holds only UTF-8: rename the file or directory)");
             if (!choices.empty() && std::find(choices.begin(), choices.end(), s) == choices.end())
               bad(w, "one of " + type, v);
             ref(c) = s;
@@ -47,11 +57,18 @@ Field str(std::string path, Ref<std::string> ref, std::string doc,
           [ref](const RunConfig& c) { return json(ref(const_cast<RunConfig&>(c))); }};
 }
 
-Field integer(std::string path, Ref<int64_t> ref, int64_t lo, std::string doc) {
-  return {path, "integer >= " + std::to_string(lo), doc,
-          [ref, lo](RunConfig& c, const json& v, const std::string& w) {
-            if (!v.is_number_integer()) bad(w, "an integer", v);
-            if (v.get<int64_t>() < lo) bad(w, "an integer >= " + std::to_string(lo), v);
+Field integer(std::string path, Ref<int64_t> ref, int64_t lo, std::string doc,
+              int64_t hi = std::numeric_limits<int64_t>::max()) {
+  const std::string type = hi == std::numeric_limits<int64_t>::max()
+                               ? "integer >= " + std::to_string(lo)
+                               : "integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
+  return {path, type, doc,
+          [ref, lo, hi, type](RunConfig& c, const json& v, const std::string& w) {
+            // An unsigned above INT64_MAX would wrap to a negative value.
+            if (!v.is_number_integer() ||
+                (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)) ||
+                v.get<int64_t>() < lo || v.get<int64_t>() > hi)
+              bad(w, "an " + type, v);
             ref(c) = v.get<int64_t>();
           },
           [ref](const RunConfig& c) { return json(ref(const_cast<RunConfig&>(c))); }};
@@ -97,7 +114,6 @@ Field boolean(std::string path, Ref<bool> ref, std::string doc) {
 
 const std::vector<Field>& schema() {
   static const std::vector<Field> fields = [] {
-    const double inf = 1e300;
     std::vector<Field> f;
     f.push_back(str("model.path", [](RunConfig& c) -> auto& { return c.model.path; },
                     "Hugging Face checkpoint directory (config.json, tokenizer.model, weights as safetensors or pytorch_model.bin)"));
@@ -117,8 +133,11 @@ const std::vector<Field>& schema() {
                                "raised to ceil(seq_len / max_position_embeddings) where seq_len needs more"));
     f.push_back(boolean("lora.enabled", [](RunConfig& c) -> auto& { return c.lora.enabled; },
                         "false = full fine-tuning (every parameter trains)"));
-    f.push_back(integer("lora.r", [](RunConfig& c) -> auto& { return c.lora.r; }, 1, "LoRA rank"));
-    f.push_back(number("lora.alpha", [](RunConfig& c) -> auto& { return c.lora.alpha; }, 0, inf,
+    // The upper bounds keep sizes computed from these far from int64 overflow (rank
+    // 2^63 - 1 failed at the first allocation with "Storage size calculation overflowed").
+    f.push_back(integer("lora.r", [](RunConfig& c) -> auto& { return c.lora.r; }, 1, "LoRA rank", 65536));
+    // alpha / r scales in fp32: 1e300 passed here and failed at the first step.
+    f.push_back(number("lora.alpha", [](RunConfig& c) -> auto& { return c.lora.alpha; }, 0, 1e30,
                        true, "LoRA alpha; the update is scaled by alpha / r"));
     f.push_back(number("lora.dropout", [](RunConfig& c) -> auto& { return c.lora.dropout; }, 0, 0.99,
                        false, "dropout on the LoRA path"));
@@ -189,7 +208,7 @@ const std::vector<Field>& schema() {
     f.push_back(integer("train.max_steps", [](RunConfig& c) -> auto& { return c.train.max_steps; }, 1,
                         "optimizer steps"));
     f.push_back(integer("train.micro_batch_size", [](RunConfig& c) -> auto& { return c.train.micro_batch_size; },
-                        1, "rows per forward pass"));
+                        1, "rows per forward pass", 65536));
     f.push_back(integer("train.grad_accum", [](RunConfig& c) -> auto& { return c.train.grad_accum; }, 1,
                         "micro-batches per optimizer step"));
     f.push_back(number("train.max_grad_norm", [](RunConfig& c) -> auto& { return c.train.max_grad_norm; },
@@ -245,14 +264,18 @@ bool is_section(const std::string& path) {
   return false;
 }
 
-void walk(RunConfig& c, const json& j, const std::string& prefix, const std::string& source) {
+// `seen`: the keys set so far, so that one given twice, once dotted ("model.path" at
+// the top) and once nested, is an error as a key twice in one object is.
+void walk(RunConfig& c, const json& j, const std::string& prefix, const std::string& source,
+          std::set<std::string>& seen) {
   for (auto it = j.begin(); it != j.end(); ++it) {
     const std::string path = prefix.empty() ? it.key() : prefix + "." + it.key();
     if (const Field* f = find_field(path)) {
+      if (!seen.insert(path).second) throw Error(source + ": " + path + ": appears twice");
       f->set(c, it.value(), source + ": " + path);
     } else if (is_section(path)) {
       if (!it.value().is_object()) bad(source + ": " + path, "an object", it.value());
-      walk(c, it.value(), path, source);
+      walk(c, it.value(), path, source, seen);
     } else {
       throw Error(source + ": " + path + ": unknown key");
     }
@@ -264,7 +287,8 @@ void walk(RunConfig& c, const json& j, const std::string& prefix, const std::str
 RunConfig parse_run_config(const json& j, const std::string& source) {
   if (!j.is_object()) throw Error(source + ": expected a JSON object");
   RunConfig c;
-  walk(c, j, "", source);
+  std::set<std::string> seen;
+  walk(c, j, "", source, seen);
   return c;
 }
 
