@@ -7,6 +7,7 @@
 #include "longlora/common/error.h"
 #include "longlora/data/tokenizer.h"
 #include "longlora/io/safetensors.h"
+#include "longlora/io/tensors.h"
 #include "longlora/model/loader.h"
 #include "test_util.h"
 
@@ -277,8 +278,9 @@ TEST(SafetensorsMalformed, EmptyShardNameInIndex) {
 TEST(SafetensorsMalformed, LayerCountCheckedBeforeTheModelIsBuilt) {
   // A layer the checkpoint lacks altogether is config.json's num_hidden_layers at
   // fault; it is found from the tensor names, before any layer is allocated (a
-  // num_hidden_layers of 1000000 used to build every layer and run out of memory).
-  for (int64_t n : {3, 1000000}) {
+  // num_hidden_layers of 1000000 used to build every layer and run out of memory; the
+  // largest config.json now allows is 65536).
+  for (int64_t n : {3, 65536}) {
     const auto dir = golden_model_copy("st-layers-" + std::to_string(n),
                                        [n](nlohmann::json& c) { c["num_hidden_layers"] = n; });
     const auto t0 = std::chrono::steady_clock::now();
@@ -396,4 +398,16 @@ TEST(SafetensorsMalformed, AnUnreadablePickleCheckpointNamesItsFile) {
   const auto both = golden_model_copy("st-and-pickle", [](nlohmann::json&) {});
   testutil::write_file(both + "/pytorch_model.bin", "PK");
   EXPECT_EQ(testutil::error_of([&] { (void)model::load_model(both, {}); }), "");
+}
+
+// LibTorch's reader takes a record's bytes as they are: a tensor whose record was cut
+// short was read past its end (a different loss, exit 0), or crashed when empty.
+TEST(SafetensorsMalformed, DamagedPicklesAreRefusedNotRead) {
+  const std::string dir = testutil::data("damaged-pickle/");
+  EXPECT_EQ(testutil::error_of([&] { (void)io::read_pickled_tensors(dir + "short_record.bin"); }),
+            dir + "short_record.bin: tensor 'w': its shape and strides need 64 bytes of its storage record, which "
+                  "holds 8: the file is damaged");
+  EXPECT_EQ(testutil::error_of([&] { (void)io::read_pickled_tensors(dir + "legacy.bin"); })
+                .rfind(dir + "legacy.bin: a torch.save file in the legacy (non-zip) format, which LibTorch cannot read", 0),
+            0u);
 }

@@ -3,8 +3,10 @@
 #include "longlora/common/error.h"
 
 #include <sys/resource.h>
+#include <unistd.h>
 
 #ifdef LONGLORA_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
 
@@ -56,6 +58,13 @@ double peak_gib(const torch::Device& d, bool reserved) {
 }
 
 }  // namespace
+
+double device_memory_gib(const torch::Device& d) {
+#ifdef LONGLORA_WITH_CUDA
+  if (d.is_cuda()) return at::cuda::getDeviceProperties(d.index())->totalGlobalMem / double(1 << 30);
+#endif
+  return static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGESIZE)) / double(1 << 30);
+}
 
 double peak_memory_gib(const torch::Device& d) { return peak_gib(d, /*reserved=*/true); }
 double peak_allocated_gib(const torch::Device& d) { return peak_gib(d, /*reserved=*/false); }

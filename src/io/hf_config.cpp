@@ -1,6 +1,7 @@
 #include "longlora/io/hf_config.h"
 
 #include <cmath>
+#include <limits>
 #include <nlohmann/json.hpp>
 
 #include "longlora/common/error.h"
@@ -15,21 +16,29 @@ namespace longlora::io {
 
 namespace {
 
+// Sizes far past any LLaMA's (405B: hidden 16384, 126 layers, 128 heads) but small
+// enough that products of two of them stay clear of int64 overflow: a config with
+// 10^15 layers made random init grow memory without end, and one with a vocabulary of
+// 2^62 failed inside LibTorch, naming no file.
+constexpr int64_t kMaxSize = int64_t{1} << 24;
+
 int64_t get_int(const JsonFields& f, const std::string& key, bool required, int64_t def,
-                int64_t min_value = 1) {
+                int64_t min_value = 1, int64_t max_value = kMaxSize) {
   const auto v = f.integer(key);
   if (!v) {
     if (required) f.fail(key, "missing (expected an integer)");
     return def;
   }
   if (*v < min_value) f.fail(key, "must be >= " + std::to_string(min_value));
+  if (*v > max_value) f.fail(key, std::to_string(*v) + " is past the limit of " + std::to_string(max_value));
   return *v;
 }
 
+// The run config's limit on model.rope_factor, and eval's on --rope-factor.
 double parse_factor(const JsonFields& r) {
   const auto f = r.number("factor");
   if (!f) r.fail("factor", "missing: linear RoPE scaling needs a numeric factor");
-  if (!(*f >= 1.0)) r.fail("factor", "must be >= 1");
+  if (!(*f >= 1.0) || *f > 1024) r.fail("factor", "expected a number in [1, 1024], got " + json_brief(r.at("factor")));
   return *f;
 }
 
@@ -63,14 +72,20 @@ ModelConfig parse_model_config(const json& j, const std::string& src) {
   ModelConfig c;
   c.hidden_size = get_int(f, "hidden_size", true, 0);
   c.intermediate_size = get_int(f, "intermediate_size", true, 0);
-  c.num_hidden_layers = get_int(f, "num_hidden_layers", true, 0);
+  c.num_hidden_layers = get_int(f, "num_hidden_layers", true, 0, 1, int64_t{1} << 16);  // modules are built per layer
   c.num_attention_heads = get_int(f, "num_attention_heads", true, 0);
   c.num_key_value_heads = get_int(f, "num_key_value_heads", false, c.num_attention_heads);
-  c.vocab_size = get_int(f, "vocab_size", true, 0);
-  c.max_position_embeddings = get_int(f, "max_position_embeddings", false, 2048);
+  // Token ids are int32 here (and uint16 in LongLoRA's .bin files).
+  c.vocab_size = get_int(f, "vocab_size", true, 0, 1, std::numeric_limits<int32_t>::max());
+  c.max_position_embeddings = get_int(f, "max_position_embeddings", false, 2048, 1, int64_t{1} << 32);
   if (c.hidden_size % c.num_attention_heads != 0 && !f.given("head_dim"))
     f.fail("hidden_size", "not divisible by num_attention_heads and no head_dim given");
   c.head_dim = get_int(f, "head_dim", false, c.hidden_size / c.num_attention_heads);
+  // RoPE rotates pairs of dimensions: an odd head_dim left a column its tables do not
+  // cover (a width of 1 broadcast silently; 15 failed inside LibTorch).
+  if (c.head_dim % 2 != 0)
+    f.fail(f.given("head_dim") ? "head_dim" : "hidden_size",
+           "gives a head_dim of " + std::to_string(c.head_dim) + ", odd: rotary embeddings need it even");
   if (c.num_attention_heads % c.num_key_value_heads != 0)
     f.fail("num_key_value_heads", "must divide num_attention_heads");
   c.rms_norm_eps = f.number("rms_norm_eps").value_or(1e-6);
@@ -137,7 +152,10 @@ ModelConfig parse_model_config(const json& j, const std::string& src) {
     else if (type != "default")
       r->fail("rope_type", "'" + type + "' is not implemented (supported: default, linear)");
   }
-  if (!(c.rope_theta > 0)) f.fail("rope_theta", "must be > 0");
+  // The inverse frequencies theta^(-2i/d) are computed in fp32: 1e-300 made them
+  // infinite (every loss NaN), 1e308 did not fit.
+  if (!(c.rope_theta >= 1 && c.rope_theta <= 1e30))
+    f.fail("rope_theta", "expected a number in [1, 1e30], got " + json(c.rope_theta).dump());
   return c;
 }
 

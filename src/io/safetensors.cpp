@@ -19,6 +19,7 @@
 
 #include "longlora/common/error.h"
 #include "longlora/common/json_file.h"
+#include "longlora/common/strings.h"
 
 #include <spdlog/spdlog.h>
 
@@ -122,6 +123,13 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   const size_t data_size = map_size_ - 8 - hlen;
   const uint8_t* data = bytes + 8 + hlen;
 
+  // nlohmann takes a NUL for the end of the input: what followed one went unread (the
+  // format pads headers with spaces).
+  if (const void* z = std::memchr(hbeg, 0, hlen)) {
+    release();
+    fail(path, "header", "a NUL byte at offset " + std::to_string(static_cast<const char*>(z) - hbeg + 8) +
+                             ": not a JSON header");
+  }
   json header;
   try {
     std::set<std::string> seen;
@@ -239,7 +247,9 @@ bool has_weight_files(const std::string& dir) {
   return false;
 }
 
-bool is_stale_buffer(const std::string& name) { return name.find("rotary_emb.inv_freq") != std::string::npos; }
+bool is_stale_buffer(const std::string& name) {
+  return name == "rotary_emb.inv_freq" || ends_with(name, ".rotary_emb.inv_freq");
+}
 
 SafetensorsCheckpoint::SafetensorsCheckpoint(const std::string& path, PickleReader read_pickle) : path_(path) {
   if (!fs::exists(path)) fail(path, "", "no such file or directory");

@@ -2,8 +2,10 @@
 
 #include <caffe2/serialize/inline_container.h>
 #include <torch/csrc/jit/serialization/import_read.h>
+#include <torch/csrc/jit/serialization/storage_context.h>
 
 #include <filesystem>
+#include <fstream>
 
 #include "longlora/common/error.h"
 
@@ -11,6 +13,31 @@ namespace longlora::io {
 
 // Onto the CPU: older peft saved an adapter where the model was, often on a GPU
 // (map_location="cpu").
+namespace {
+// LibTorch's reader takes a record's bytes as they are: a record cut short (an empty
+// data/N entry) left a tensor whose view ran past its storage, and reading it
+// crashed or gave whatever lay beyond.
+void check_within_storage(const torch::Tensor& t, const std::string& path, const std::string& name) {
+  if (t.numel() == 0) return;
+  uint64_t last = static_cast<uint64_t>(t.storage_offset());  // last element's index
+  bool overflow = t.storage_offset() < 0;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    uint64_t step = 0;
+    overflow = overflow || t.stride(d) < 0 ||
+               __builtin_mul_overflow(static_cast<uint64_t>(t.size(d) - 1), static_cast<uint64_t>(t.stride(d)), &step) ||
+               __builtin_add_overflow(last, step, &last);
+  }
+  uint64_t need = 0;
+  overflow = overflow || __builtin_add_overflow(last, uint64_t{1}, &need) ||
+             __builtin_mul_overflow(need, static_cast<uint64_t>(t.element_size()), &need);
+  const uint64_t have = t.storage().nbytes();
+  if (overflow || need > have)
+    fail(path, "tensor '" + name + "'",
+         "its shape and strides need " + (overflow ? std::string("more than 2^64") : std::to_string(need)) +
+             " bytes of its storage record, which holds " + std::to_string(have) + ": the file is damaged");
+}
+}  // namespace
+
 std::shared_ptr<SafetensorsFile> read_pickled_tensors(const std::string& path) {
   if (!std::filesystem::is_regular_file(path)) fail(path, "", "cannot read: not a file");
   // LibTorch's unpickler has no OrderedDict, the type of a module's state_dict(): it
@@ -18,11 +45,31 @@ std::shared_ptr<SafetensorsFile> read_pickled_tensors(const std::string& path) {
   const std::string ordered =
       "holds an OrderedDict (a state_dict() as it is), which LibTorch cannot read: save it as a plain dict, in "
       "Python: torch.save(dict(torch.load(F)), F), or as safetensors";
+  // torch.save before 1.6 (or with _use_new_zipfile_serialization=False) wrote a bare
+  // pickle stream, which LibTorch cannot read; it called such a file corrupted.
+  {
+    std::ifstream f(path, std::ios::binary);
+    char head[2] = {0, 0};
+    f.read(head, 2);
+    if (f.gcount() == 2 && static_cast<unsigned char>(head[0]) == 0x80 && head[1] >= 2 && head[1] <= 5)
+      fail(path, "", "a torch.save file in the legacy (non-zip) format, which LibTorch cannot read: re-save it in "
+                     "Python: torch.save(torch.load(F), F), or as safetensors");
+  }
   c10::IValue v;
   try {
     caffe2::serialize::PyTorchStreamReader reader(path);
+    // The storages from their records, each as long as its record really is: left to
+    // itself the unpickler sizes a storage by the element count the pickle states,
+    // whatever the record holds, and check_within_storage would pass a cut record.
+    auto storages = std::make_shared<torch::jit::DeserializationStorageContext>();
+    for (const auto& rec : reader.getAllRecords()) {
+      if (rec.rfind("data/", 0) != 0) continue;  // torch.save's layout: data/KEY
+      auto [ptr, size] = reader.getRecord(rec);
+      storages->addStorage(rec.substr(5), c10::Storage(c10::Storage::use_byte_size_t(), size, std::move(ptr),
+                                                       /*allocator=*/nullptr, /*resizable=*/false));
+    }
     v = torch::jit::readArchiveAndTensors("data", "", "", std::nullopt, std::nullopt, torch::Device(torch::kCPU),
-                                          reader);
+                                          reader, torch::jit::Unpickler::defaultTypeParser, storages);
   } catch (const c10::Error& e) {
     const std::string what = e.what_without_backtrace();
     if (what.find("got None") != std::string::npos) fail(path, "", ordered);
@@ -37,7 +84,9 @@ std::shared_ptr<SafetensorsFile> read_pickled_tensors(const std::string& path) {
     if (!kv.key().isString()) fail(path, "", "a key that is not a string");
     const std::string name = kv.key().toStringRef();
     if (!kv.value().isTensor()) fail(path, "tensor '" + name + "'", "not a tensor");
-    auto t = kv.value().toTensor().to(torch::kCPU).contiguous();
+    const auto& raw = kv.value().toTensor();
+    check_within_storage(raw, path, name);
+    auto t = raw.to(torch::kCPU).contiguous();
     const auto st = t.scalar_type();
     if (st != torch::kFloat32 && st != torch::kFloat16 && st != torch::kBFloat16)
       fail(path, "tensor '" + name + "'", std::string("dtype ") + c10::toString(st) + " is not a float type");

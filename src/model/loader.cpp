@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <iomanip>
 #include <optional>
 #include <set>
 #include <sstream>
@@ -56,10 +57,11 @@ std::map<std::string, std::vector<int64_t>> base_shapes(LlamaForCausalLMImpl& m)
   return out;
 }
 
-// A handle to the parameter (set_data on it changes the module's parameter).
-torch::Tensor param_ref(LlamaForCausalLMImpl& m, const std::string& name) {
-  auto params = m.named_parameters();
-  auto* p = params.find(name);
+// A handle to the parameter (set_data on it changes the module's parameter) in
+// `params`, the model's named_parameters() taken once: taking them per parameter made
+// building a model quadratic in its layers (a 2048-layer config took minutes).
+torch::Tensor param_ref(const torch::OrderedDict<std::string, torch::Tensor>& params, const std::string& name) {
+  const auto* p = params.find(name);
   TORCH_CHECK(p, "no parameter ", name);
   return *p;
 }
@@ -70,7 +72,28 @@ bool is_float(io::DType d) {
 
 }  // namespace
 
-LlamaForCausalLM random_model(const io::ModelConfig& cfg, const LoadOptions& opt) {
+double parameter_count(const io::ModelConfig& c) {
+  const double h = static_cast<double>(c.hidden_size), q = static_cast<double>(c.num_attention_heads * c.head_dim),
+               kv = static_cast<double>(c.num_key_value_heads * c.head_dim),
+               v = static_cast<double>(c.vocab_size);
+  const double layer = h * q * 2 + h * kv * 2 + 3 * h * static_cast<double>(c.intermediate_size) + 2 * h;
+  return v * h * (c.tie_word_embeddings ? 1 : 2) + static_cast<double>(c.num_hidden_layers) * layer + h;
+}
+
+void check_weights_fit(const io::ModelConfig& c, const torch::Device& device, torch::ScalarType dtype,
+                       const std::string& source) {
+  const double n = parameter_count(c), gib = n * static_cast<double>(c10::elementSize(dtype)) / double(1 << 30),
+               have = device_memory_gib(device);
+  if (gib <= have) return;
+  std::ostringstream m;
+  m << std::setprecision(3) << "the weights alone take " << gib << " GiB in " << dtype_string(dtype) << " ("
+    << n / 1e9 << "B parameters), more than the " << have << " GiB of " << device.str()
+    << (device.is_cuda() ? ": training and evaluation run on one GPU; a larger one is needed" : "");
+  fail(source, "", m.str());
+}
+
+LlamaForCausalLM random_model(const io::ModelConfig& cfg, const LoadOptions& opt, const std::string& source) {
+  check_weights_fit(cfg, opt.device, opt.weight_dtype.value_or(opt.compute_dtype), source);
   LlamaForCausalLM m(cfg);
   m->compute_dtype = opt.compute_dtype;
   const auto dt = opt.weight_dtype.value_or(opt.compute_dtype);
@@ -83,8 +106,9 @@ LlamaForCausalLM random_model(const io::ModelConfig& cfg, const LoadOptions& opt
     dev_gen = at::globalContext().defaultGenerator(opt.device).clone();
     dev_gen.set_current_seed(opt.seed);
   }
+  const auto params = m->named_parameters();
   for (auto& [name, shape] : base_shapes(*m)) {
-    auto p = param_ref(*m, name);
+    auto p = param_ref(params, name);
     torch::Tensor t;
     if (shape.size() == 1) {
       t = torch::ones(shape, torch::dtype(dt).device(opt.device));
@@ -131,14 +155,19 @@ LlamaForCausalLM load_model(const std::string& dir, const LoadOptions& opt) {
   if (!fs::is_directory(dir)) fail(dir, "", "model directory not found");
   auto cfg = io::load_model_config(cfg_path);
   if (opt.rope_factor) cfg.rope_factor = *opt.rope_factor;
-  if (opt.random_init) return random_model(cfg, opt);
+  if (opt.random_init) return random_model(cfg, opt, cfg_path);
   io::verify_checkpoint_files(dir, false);  // a full fine-tuning checkpoint as the model
 
+  // On the CPU a checkpoint stored in the compute dtype stays mapped, and the page
+  // cache can hold less than all of it.
+  if (opt.device.is_cuda())
+    check_weights_fit(cfg, opt.device, opt.weight_dtype.value_or(opt.compute_dtype), cfg_path);
   auto ckpt = opt.checkpoint ? opt.checkpoint : io::open_checkpoint(dir);
   check_layer_count(*ckpt, cfg, cfg_path);
   LlamaForCausalLM m(cfg);
   m->compute_dtype = opt.compute_dtype;
   auto shapes = base_shapes(*m);
+  const auto params = m->named_parameters();
   for (auto& [name, shape] : shapes) {
     if (!ckpt->contains(name)) fail(dir, "tensor '" + name + "'", "missing from the checkpoint");
     const auto& info = ckpt->get(name);
@@ -152,7 +181,7 @@ LlamaForCausalLM load_model(const std::string& dir, const LoadOptions& opt) {
     auto t = io::view_tensor(info, ckpt);
     if (opt.weight_dtype && t.scalar_type() != *opt.weight_dtype) t = t.to(*opt.weight_dtype);
     if (opt.device != torch::kCPU) t = t.to(opt.device);
-    param_ref(*m, name).set_data(t);
+    param_ref(params, name).set_data(t);
   }
   for (const auto& name : ckpt->names()) {
     if (shapes.count(name)) continue;
@@ -181,7 +210,7 @@ std::optional<double> trained_rope_factor(const std::string& dir) {
   const auto& v = f.at("rope_factor");
   // A factor below 1 compresses nothing and 0 divides positions by zero (loss -nan).
   if (!v.is_number() || !std::isfinite(v.get<double>()) || !(v.get<double>() >= 1.0))
-    fail(ts, "rope_factor", "expected a number >= 1, got " + v.dump());
+    fail(ts, "rope_factor", "expected a number >= 1, got " + json_brief(v));
   return v.get<double>();
 }
 
@@ -218,7 +247,7 @@ bool is_lora_target(const std::string& module, const std::vector<std::string>& t
   return false;
 }
 
-void add_lora(LlamaForCausalLMImpl& m, const lora::LoraSpec& spec) {
+void add_lora(LlamaForCausalLMImpl& m, const lora::LoraSpec& spec, const std::string& field) {
   std::set<std::string> matched;
   for (const auto& item : m.named_modules()) {
     auto* l = dynamic_cast<lora::LinearImpl*>(item.value().get());
@@ -239,7 +268,7 @@ void add_lora(LlamaForCausalLMImpl& m, const lora::LoraSpec& spec) {
     }
   }
   for (const auto& t : spec.targets)
-    if (!matched.count(t)) throw Error("lora.targets: '" + t + "' matches no layer of the model");
+    if (!matched.count(t)) throw Error((field.empty() ? "" : field + ": ") + "'" + t + "' matches no layer of the model");
 }
 
 bool is_module_to_save(const std::string& param, const std::vector<std::string>& modules) {
@@ -284,7 +313,7 @@ io::AdapterConfig apply_adapter(LlamaForCausalLMImpl& m, const std::string& dir)
   spec.dropout = acfg.lora_dropout;
   spec.targets = acfg.target_modules;
   try {
-    add_lora(m, spec);
+    add_lora(m, spec, "");
   } catch (const Error& e) {
     fail(cfg_path, "target_modules", e.what());
   }

@@ -22,6 +22,7 @@
 #include "longlora/io/export.h"
 #include "longlora/io/tensors.h"
 #include "longlora/io/hf_config.h"
+#include "longlora/model/loader.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -258,7 +259,7 @@ json read_state_file(const std::string& dir, TrainerState& st) {
   const json ts = read_json_file(file);
   const JsonFields f(ts, file);
   if (f.integer("format_version") != kFormatVersion)
-    f.fail("format_version", ts.value("format_version", json(nullptr)).dump() + " is not " +
+    f.fail("format_version", json_brief(ts.value("format_version", json(nullptr))) + " is not " +
                                  std::to_string(kFormatVersion));
   auto count = [&](const char* key, bool required) -> int64_t {
     const auto v = f.integer(key);
@@ -266,7 +267,9 @@ json read_state_file(const std::string& dir, TrainerState& st) {
       if (required) f.fail(key, "missing");
       return 0;
     }
-    if (*v < 0) f.expected(key, "an integer >= 0");
+    // The bound leaves room to count on: a cursor of 2^63 - 1 overflowed at the next
+    // row and indexed the data out of bounds.
+    if (*v < 0 || *v > (int64_t{1} << 62)) f.expected(key, "an integer in [0, 2^62]");
     return *v;
   };
   st.step = count("step", true);
@@ -329,8 +332,8 @@ TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainab
   const json want_model = model_fingerprint(model_cfg);
   for (auto it = want_model.begin(); it != want_model.end(); ++it)
     if (ts["model"].value(it.key(), json(nullptr)) != it.value())
-      diffs.push_back("model " + it.key() + " is " + ts["model"].value(it.key(), json(nullptr)).dump() +
-                      " there, " + it.value().dump() + " here");
+      diffs.push_back("model " + it.key() + " is " + json_brief(ts["model"].value(it.key(), json(nullptr))) +
+                      " there, " + json_brief(it.value()) + " here");
   const std::string saved_path = (d / "run_config.json").string();
   const json saved = with_absolute_paths(read_json_file(saved_path));
   const json now = with_absolute_paths(to_json(cfg));
@@ -339,7 +342,7 @@ TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainab
   config_diffs(saved, now, "", changed);
   for (const auto& [key, was, is] : changed)
     if (std::find(fatal.begin(), fatal.end(), key) != fatal.end())
-      diffs.push_back(key + " is " + (was.is_null() ? "missing" : was.dump()) + " there, " + is.dump() + " here");
+      diffs.push_back(key + " is " + (was.is_null() ? "missing" : json_brief(was, 200)) + " there, " + json_brief(is, 200) + " here");
   if (!diffs.empty()) {
     std::string msg;
     for (const auto& s : diffs) msg += (msg.empty() ? "" : "; ") + s;
@@ -349,15 +352,16 @@ TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainab
   // silently: the data cursor, for one, counts rows of the old data and batch shape.
   for (const auto& [key, was, is] : changed)
     if (std::find(fatal.begin(), fatal.end(), key) == fatal.end())
-      spdlog::warn("resume: {} is {} now, {} in {}", key, is.dump(), was.is_null() ? "missing" : was.dump(),
+      spdlog::warn("resume: {} is {} now, {} in {}", key, json_brief(is, 200), was.is_null() ? "missing" : json_brief(was, 200),
                    saved_path);
 
   // Changing seq_len moves the automatic RoPE factor: the adapter trained at one
   // position scale would continue at another.
-  if (ts.contains("rope_factor") && ts["rope_factor"].is_number() &&
-      ts["rope_factor"].get<double>() != model_cfg.rope_factor)
-    spdlog::warn("resume: linear RoPE factor {} now, {} in {}", model_cfg.rope_factor,
-                 ts["rope_factor"].get<double>(), (d / "trainer_state.json").string());
+  // trained_rope_factor refuses a recorded factor that is not a number >= 1, as eval
+  // and export do.
+  if (const auto was = model::trained_rope_factor(dir); was && *was != model_cfg.rope_factor)
+    spdlog::warn("resume: linear RoPE factor {} now, {} in {}", model_cfg.rope_factor, *was,
+                 (d / "trainer_state.json").string());
 
   auto tensors = io::load_tensors(
       (d / (cfg.lora.enabled ? "adapter_model.safetensors" : "model.safetensors")).string());

@@ -13,6 +13,9 @@ torch::Device pick_device(const std::string& name);
 torch::ScalarType pick_dtype(const std::string& name, const torch::Device& device);
 std::string dtype_string(torch::ScalarType t);
 
+// All the memory of the device in GiB: a GPU's total, the machine's RAM for the CPU.
+double device_memory_gib(const torch::Device& d);
+
 // Peak memory in GiB: on a GPU what the caching allocator has reserved at its
 // peak (what the device really held, fragmentation included); on the CPU the
 // process's peak resident set.

@@ -39,8 +39,19 @@ LlamaForCausalLM load_model(const std::string& dir, const LoadOptions& opt);
 LlamaForCausalLM load_for_inference(const std::string& dir, const std::string& adapter,
                                     const std::string& device, const std::string& dtype,
                                     double rope_factor);
+// The parameters of the LLaMA `c` describes: embedding, layers, final norm, and
+// lm_head unless tied (LoRA not counted).
+double parameter_count(const io::ModelConfig& c);
+// An Error naming `source` (the config.json) when the weights alone, in `dtype`, take
+// more than all of the device's memory: said at once, not after minutes of loading
+// (a 70B model in bf16 on one 80 GB GPU).
+void check_weights_fit(const io::ModelConfig& c, const torch::Device& device, torch::ScalarType dtype,
+                       const std::string& source);
+
 // Random weights from a config.json (for smoke tests and benchmarks).
-LlamaForCausalLM random_model(const io::ModelConfig& cfg, const LoadOptions& opt);
+// `source` names the config in check_weights_fit's error.
+LlamaForCausalLM random_model(const io::ModelConfig& cfg, const LoadOptions& opt,
+                              const std::string& source = "config.json");
 
 // Whether a module (full name, "model.layers.0.self_attn.q_proj") is one peft puts
 // LoRA on for target_modules `targets`: the name is a target or ends with "." + target.
@@ -48,7 +59,8 @@ bool is_lora_target(const std::string& module, const std::string& target);
 bool is_lora_target(const std::string& module, const std::vector<std::string>& targets);
 // Adds LoRA (rank, alpha, dropout) to every Linear that is_lora_target names; an Error
 // for a target that names none.
-void add_lora(LlamaForCausalLMImpl& m, const lora::LoraSpec& spec);
+// `field` starts that error ("lora.targets"; none when empty).
+void add_lora(LlamaForCausalLMImpl& m, const lora::LoraSpec& spec, const std::string& field = "lora.targets");
 
 // Applies a peft adapter directory: LoRA on its targets + its modules_to_save.
 // Returns the adapter's description (what it set).
