@@ -1,4 +1,6 @@
 // Run config and model config.json: validation names the file, key and expectation.
+#include <chrono>
+#include <functional>
 #include <nlohmann/json.hpp>
 
 #include "longlora/common/error.h"
@@ -32,7 +34,7 @@ TEST(RunConfig, ErrorsNameFileKeyAndExpectation) {
   e = testutil::error_of([] { train::parse_run_config(json::parse(R"({"lora": {"r": "eight"}})"), "my.json"); });
   EXPECT_NE(e.find("my.json: lora.r: expected an integer"), std::string::npos) << e;
   e = testutil::error_of([] { train::parse_run_config(json::parse(R"({"lora": {"r": 0}})"), "my.json"); });
-  EXPECT_NE(e.find("lora.r: expected an integer >= 1"), std::string::npos) << e;
+  EXPECT_NE(e.find("lora.r: expected an integer in [1, 65536]"), std::string::npos) << e;
   e = testutil::error_of([] { train::parse_run_config(json::parse(R"({"attention": {"group_ratio": 1.5}})"), "c.json"); });
   EXPECT_NE(e.find("c.json: attention.group_ratio"), std::string::npos) << e;
   e = testutil::error_of([] { train::parse_run_config(json::parse(R"({"train": {"scheduler": "step"}})"), "c.json"); });
@@ -82,6 +84,7 @@ TEST(RunConfig, JsonRoundTripAndReference) {
 TEST(RunConfig, CliDryRunAndErrors) {
   const auto dir = testutil::temp_dir("cfg-cli");
   std::filesystem::create_directories(dir + "/m");
+  std::filesystem::copy_file(testutil::golden("tiny-llama/model/config.json"), dir + "/m/config.json");
   testutil::write_file(dir + "/d.bin", "");
   testutil::write_file(dir + "/ok.json", R"({"model": {"path": ")" + dir + R"(/m"}, "data": {"train": ")" + dir +
                                              R"(/d.bin", "seq_len": 64}, "output": {"dir": ")" + dir + R"(/out"}})");
@@ -101,7 +104,12 @@ TEST(RunConfig, CliDryRunAndErrors) {
   // The value at fault came from --set, not from the file.
   r = testutil::run_cli("--config " + dir + "/ok.json --set attention.group_ratio=0.3 --dry-run");
   EXPECT_EQ(r.code, 1);
-  EXPECT_NE(r.err.find("--set attention.group_ratio: seq_len 64"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("error: --set attention.group_ratio x " + dir + "/ok.json: data.seq_len: 0.3 x 64 is not a whole group size"),
+            std::string::npos)
+      << r.err;
+  r = testutil::run_cli("--config " + dir + "/ok.json --set attention.group_ratio=1e-300 --dry-run");
+  EXPECT_EQ(r.code, 1);  // rounds to a group of 0 tokens; the run failed only after loading the model
+  EXPECT_NE(r.err.find("is a group of no tokens"), std::string::npos) << r.err;
   // A dry run checks what a run would open first.
   r = testutil::run_cli("--config " + dir + "/ok.json --set data.train=" + dir + "/missing.bin --dry-run");
   EXPECT_EQ(r.code, 1);
@@ -117,6 +125,50 @@ TEST(RunConfig, CliDryRunAndErrors) {
   r = testutil::run_cli("--config " + dir + "/ok.json --set 'lora.targets=[\"q_proj\",\"q_proj\"]' --dry-run");
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.err.find("--set lora.targets: expected each layer name once"), std::string::npos) << r.err;
+  // What the run refused only after loading the model, a dry run refuses too, naming
+  // where the value came from.
+  r = testutil::run_cli("--config " + dir + "/ok.json --set trainable_params=embed,nrom --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("--set trainable_params: \"nrom\" is in no parameter name of the model"), std::string::npos)
+      << r.err;
+  r = testutil::run_cli("--config " + dir + "/ok.json --set trainable_params=layers.1.input_layernorm --dry-run");
+  EXPECT_EQ(r.code, 0) << r.err;  // the stand-in model has the real one's layers
+  r = testutil::run_cli("--config " + dir + "/ok.json --set trainable_params=layers.2.input_layernorm --dry-run");
+  EXPECT_EQ(r.code, 1) << r.err;
+  r = testutil::run_cli("--config " + dir + "/ok.json --set data.format=text --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("d.bin: data.format: text does not read a '.bin' file"), std::string::npos) << r.err;
+  r = testutil::run_cli("--config " + dir + "/ok.json --set data.seq_len=100000000 --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("--set data.seq_len: 100000000 needs a RoPE factor"), std::string::npos) << r.err;
+  // A NUL cut the path the OS opened short of the one whose extension chose the
+  // reader; bytes that are not UTF-8 failed the first save, after the training.
+  testutil::write_file(dir + "/nul.json", R"({"data": {"train": "x.jsonl\u0000.txt"}})");
+  r = testutil::run_cli("--config " + dir + "/nul.json --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("nul.json: data.train: holds a NUL byte"), std::string::npos) << r.err;
+  r = testutil::run_cli("--config " + dir + "/ok.json --set 'output.dir=" + dir + "/o\xff' --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("--set output.dir: not valid UTF-8 at byte"), std::string::npos) << r.err;
+  // The working directory goes into run_config.json with every relative path.
+  const std::string odd = dir + "/w\xff";
+  std::filesystem::create_directories(odd);
+  r = testutil::run_cli("--config " + dir + "/ok.json --set output.dir=out --dry-run", "cd '" + odd + "' &&");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("--set output.dir: " + dir + "/w"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("not valid UTF-8"), std::string::npos) << r.err;
+  // A key given dotted and nested is given twice.
+  testutil::write_file(dir + "/dot.json", R"({"train": {"lr": 0.001}, "train.lr": 5})");
+  r = testutil::run_cli("--config " + dir + "/dot.json --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("dot.json: train.lr: appears twice"), std::string::npos) << r.err;
+  // nlohmann's dump() recursed once per level: printing this value overflowed the stack.
+  testutil::write_file(dir + "/deep.json", R"({"train": {"lr": )" + std::string(100000, '[') +
+                                               std::string(100000, ']') + "}}");
+  r = testutil::run_cli("--config " + dir + "/deep.json --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("deep.json: train.lr: expected a number in (0, 10], got [[[["), std::string::npos) << r.err;
+  EXPECT_LT(r.err.size(), 200u) << r.err;
   r = testutil::run_cli("--version");
   EXPECT_EQ(r.code, 0);
   EXPECT_NE(r.out.find("longlora-train"), std::string::npos);
@@ -197,4 +249,89 @@ TEST(ModelConfig, BothRopeForms) {
   j9.erase("hidden_size");
   EXPECT_NE(testutil::error_of([&] { io::parse_model_config(j9, "c9.json"); }).find("c9.json: hidden_size: missing"),
             std::string::npos);
+}
+
+// Values config.json can hold but no LLaMA has: each failed later, inside LibTorch
+// naming no file, or not at all (an odd head_dim broadcast against the rotary tables).
+TEST(ModelConfig, SizesAndRopeValuesAreBounded) {
+  const auto base = json::parse(R"({"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "model_type": "llama"})");
+  EXPECT_EQ(testutil::error_of([&] { io::parse_model_config(base, "c.json"); }), "");
+  struct Case {
+    std::function<void(json&)> edit;
+    std::string want;
+  };
+  const Case cases[] = {
+      {[](json& j) { j["num_hidden_layers"] = 1000000000000000LL; },
+       "c.json: num_hidden_layers: 1000000000000000 is past the limit of 65536"},
+      {[](json& j) { j["vocab_size"] = int64_t{1} << 62; }, "c.json: vocab_size: 4611686018427387904 is past the limit"},
+      {[](json& j) { j["intermediate_size"] = int64_t{1} << 40; }, "c.json: intermediate_size: "},
+      {[](json& j) { j["head_dim"] = 15; }, "c.json: head_dim: gives a head_dim of 15, odd"},
+      {[](json& j) {
+         j["hidden_size"] = 63;
+         j["num_attention_heads"] = 3;
+         j["num_key_value_heads"] = 3;
+       },
+       "c.json: hidden_size: gives a head_dim of 21, odd"},
+      {[](json& j) { j["rope_theta"] = 1e-300; }, "c.json: rope_theta: expected a number in [1, 1e30]"},
+      {[](json& j) { j["rope_theta"] = 1e308; }, "c.json: rope_theta: expected a number in [1, 1e30]"},
+      {[](json& j) { j["rope_scaling"] = {{"type", "linear"}, {"factor", 1e300}}; },
+       "c.json: rope_scaling.factor: expected a number in [1, 1024], got 1e+300"},
+  };
+  for (const auto& c : cases) {
+    auto j = base;
+    c.edit(j);
+    const auto e = testutil::error_of([&] { io::parse_model_config(j, "c.json"); });
+    EXPECT_EQ(e.rfind(c.want, 0), 0u) << e;
+  }
+}
+
+// The weights alone past all of the device's memory: said before anything is built
+// (10^6 layers of hidden 4096 grew memory for minutes; 70B in bf16 on one 80 GB GPU
+// loaded for minutes first).
+TEST(ModelConfig, WeightsLargerThanTheDeviceAreRefusedAtOnce) {
+  auto j = json::parse(R"({"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000, "model_type": "llama"})");
+  const auto c = io::parse_model_config(j, "70b.json");
+  EXPECT_EQ(model::parameter_count(c), 68976648192.0);  // LLaMA-2-70B, as transformers counts it
+  j["tie_word_embeddings"] = true;
+  EXPECT_EQ(model::parameter_count(io::parse_model_config(j, "70b.json")), 68976648192.0 - 32000.0 * 8192);
+  model::LoadOptions lo;  // CPU, fp32: 257 GiB, past this machine's memory (and CI's)
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto e = testutil::error_of([&] { (void)model::random_model(c, lo, "70b.json"); });
+  EXPECT_EQ(e.rfind("70b.json: the weights alone take 257 GiB in fp32 (69B parameters), more than the ", 0), 0u) << e;
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
+}
+
+// Flags whose values were dropped or misread without a word.
+TEST(Cli, FlagsAreNotSilentlyDroppedOrMisread) {
+  const std::string model = testutil::golden("tiny-llama/model"), data = testutil::golden("tiny-llama/eval.bin");
+  struct Case {
+    std::string args, want;
+  };
+  const Case cases[] = {
+      // CLI::Range let NaN through; the model's own factor was used instead.
+      {"eval --model " + model + " --data " + data + " --seq-len 16 --rope-factor nan",
+       "--rope-factor: expected a number in [1, 1024], got 'nan'"},
+      {"make-data --tokenizer " + model + "/tokenizer.model --out x.jsonl --copy-frac nan",
+       "--copy-frac: expected a number in [0, 1], got 'nan'"},
+      // Training flags before a subcommand were parsed and ignored.
+      {"--config " + model + "/config.json eval --model " + model + " --data " + data + " --seq-len 16",
+       "error: --config: a training flag, which does not go with the eval subcommand"},
+      {"bench --shape " + model + "/config.json attention --seq-len 64",
+       "error: bench --shape: not a flag of `bench attention`"},
+      // An empty value read as "not given".
+      {"eval --model " + model + " --adapter '' --data " + data + " --seq-len 16", "error: eval --adapter: empty value"},
+      {"--config " + model + "/config.json --resume-from ''", "error: --resume-from: empty value"},
+      // bench reported the --shape it did not time.
+      {"bench --shape " + model + "/config.json --seq-len 16 --set model.config=" + model + "/config.json",
+       "error: bench --set model.config: set by bench's flags"},
+      {"eval --task PASSKEY --model " + model + " --lengths 64", "error: eval: --task must be perplexity or passkey"},
+  };
+  for (const auto& c : cases) {
+    const auto r = testutil::run_cli(c.args);
+    EXPECT_NE(r.code, 0) << c.args;
+    EXPECT_NE(r.err.find(c.want), std::string::npos) << c.args << "\n" << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  }
 }

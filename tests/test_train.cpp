@@ -3,6 +3,7 @@
 #include <signal.h>
 #include <sys/wait.h>
 
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -522,7 +523,26 @@ TEST(Train, BadCheckpointFieldsAndTrainableNamesAreNamed) {
   testutil::write_file(ts, j.dump());
   auto r = testutil::run_cli("--config " + tiny_config(d) + " --resume");
   EXPECT_EQ(r.code, 1);
-  EXPECT_NE(r.err.find("trainer_state.json: step: expected an integer >= 0, got -3"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("trainer_state.json: step: expected an integer in [0, 2^62], got -3"), std::string::npos)
+      << r.err;
+  // A cursor of 2^63 - 1 overflowed at the next row: a crash, or rows read out of bounds.
+  j["step"] = 3;
+  j["cursor"] = std::numeric_limits<int64_t>::max();
+  testutil::write_file(ts, j.dump());
+  r = testutil::run_cli("--config " + tiny_config(d) + " --resume --set train.max_steps=5");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("trainer_state.json: cursor: expected an integer in [0, 2^62], got 9223372036854775807"),
+            std::string::npos)
+      << r.err;
+  // A recorded RoPE factor eval and export refuse is refused on resume too (it was
+  // ignored when not a number).
+  j["cursor"] = 12;
+  j["rope_factor"] = "x";
+  testutil::write_file(ts, j.dump());
+  r = testutil::run_cli("--config " + tiny_config(d) + " --resume --set train.max_steps=5");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("trainer_state.json: rope_factor: expected a number >= 1, got \"x\""), std::string::npos)
+      << r.err;
   // A trainable_params entry that names no parameter would train less than asked.
   r = testutil::run_cli("--config " + tiny_config(testutil::temp_dir("bad-trainable")) +
                         " --set trainable_params=embed,nrom");

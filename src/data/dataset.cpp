@@ -91,13 +91,11 @@ std::vector<SftRecord> read_sft_records(const std::string& path) {
   return out;
 }
 
-Dataset::Dataset(const std::string& path, const std::string& format, int64_t L,
-                 const Tokenizer* tok, int64_t vocab, const std::string& prompt_style) : seq_len_(L) {
+std::string data_reader(const std::string& path, const std::string& format, bool* guessed_sft) {
   if (!fs::exists(path)) fail(path, "", "data file not found");
   check_not_directory(path);
   const std::string ext = fs::path(path).extension().string();
-  kind_ = format;
-  bool guessed_sft = false;  // a .jsonl taken as instruction data by its first record
+  std::string kind = format;
   // The formats that read each extension, one table for auto's choice and the check of
   // an explicit format: a format the extension contradicts would read the file as
   // something it is not (text read a .bin as tokens; tokens read text bytes as ids).
@@ -106,17 +104,26 @@ Dataset::Dataset(const std::string& path, const std::string& format, int64_t L,
                                            : ext == ".json"  ? std::vector<std::string>{"sft"}
                                            : ext == ".jsonl" ? std::vector<std::string>{"text", "sft"}
                                                              : std::vector<std::string>{};
-  if (kind_ == "auto") {
+  if (kind == "auto") {
     if (readers.empty())
       fail(path, "", "unknown data extension '" + ext + "' (expected .bin, .txt, .json or .jsonl)");
-    kind_ = readers.size() == 1 ? readers[0] : (guessed_sft = looks_like_sft(path)) ? "sft" : "text";
-  } else if (std::find(readers.begin(), readers.end(), kind_) == readers.end()) {
-    fail(path, "data.format", kind_ + " does not read a '" + ext + "' file (auto picks " +
+    const bool sft = readers.size() == 2 && looks_like_sft(path);
+    if (guessed_sft) *guessed_sft = sft;
+    kind = readers.size() == 1 ? readers[0] : sft ? "sft" : "text";
+  } else if (std::find(readers.begin(), readers.end(), kind) == readers.end()) {
+    fail(path, "data.format", kind + " does not read a '" + ext + "' file (auto picks " +
                                   (readers.empty()       ? "nothing: .bin, .txt, .json or .jsonl are read"
                                    : readers.size() == 1 ? readers[0]
                                                          : readers[0] + " or " + readers[1]) +
                                   " for it)");
   }
+  return kind;
+}
+
+Dataset::Dataset(const std::string& path, const std::string& format, int64_t L,
+                 const Tokenizer* tok, int64_t vocab, const std::string& prompt_style) : seq_len_(L) {
+  bool guessed_sft = false;  // a .jsonl taken as instruction data by its first record
+  kind_ = data_reader(path, format, &guessed_sft);
   auto check_ids = [&](const std::vector<int32_t>& ids) { check_token_ids(ids, vocab, path); };
   if (kind_ == "tokens" || kind_ == "text") {
     stream_ = kind_ == "tokens" ? read_bin(path) : load_token_stream(path, tok);

@@ -34,7 +34,7 @@ double resolve_rope_factor(const RunConfig& c, const io::ModelConfig& m, const s
   return m.rope_factor;
 }
 
-NamedTensors select_trainable(model::LlamaForCausalLMImpl& m, const RunConfig& c) {
+NamedTensors select_trainable(model::LlamaForCausalLMImpl& m, const RunConfig& c, const std::string& field) {
   std::vector<std::string> subs;
   std::stringstream ss(c.trainable_params);
   for (std::string t; std::getline(ss, t, ',');) {
@@ -48,7 +48,7 @@ NamedTensors select_trainable(model::LlamaForCausalLMImpl& m, const RunConfig& c
   for (const auto& s : subs) {
     bool hit = false;
     for (const auto& item : m.named_parameters()) hit = hit || item.key().find(s) != std::string::npos;
-    if (!hit) throw Error("trainable_params: \"" + s + "\" is in no parameter name of the model");
+    if (!hit) throw Error(field + ": \"" + s + "\" is in no parameter name of the model");
   }
   for (auto& item : m.named_parameters()) {
     const std::string& n = item.key();
@@ -66,6 +66,37 @@ NamedTensors select_trainable(model::LlamaForCausalLMImpl& m, const RunConfig& c
     }
   }
   return out;
+}
+
+void preflight(const RunConfig& c, const ConfigOrigin& o) {
+  const std::string cfg_path = model_config_path(c);
+  const auto mcfg = io::load_model_config(cfg_path);
+  const double factor = resolve_rope_factor(c, mcfg, o.at("data.seq_len"));
+  (void)factor;
+  if (c.attention.s2 && mcfg.num_attention_heads % 2 != 0 && c.attention.group_ratio < 1)
+    throw Error(o.at("attention.s2") + ": S2-Attn shifts half of the heads, and " + cfg_path + " has " +
+                std::to_string(mcfg.num_attention_heads) + " (odd)");
+  // Parameter names depend on the layer count, tied embeddings and LoRA's targets, not
+  // on the widths: a stand-in of width 4 has the same names in a few kilobytes.
+  {
+    io::ModelConfig t = mcfg;
+    t.hidden_size = 4;
+    t.intermediate_size = 4;
+    t.num_attention_heads = 2;
+    t.num_key_value_heads = 2;
+    t.head_dim = 2;
+    t.vocab_size = 4;
+    model::LoadOptions lo;
+    lo.rope_factor = 1.0;
+    auto stand_in = model::random_model(t, lo);
+    if (c.lora.enabled) model::add_lora(*stand_in, c.lora);
+    select_trainable(*stand_in, c, o.at("trainable_params"));
+  }
+  if (!c.model.path.empty()) {
+    const auto tok_path = fs::path(c.model.path) / "tokenizer.model";
+    if (fs::exists(tok_path)) data::Tokenizer(tok_path.string()).check_fits(mcfg.vocab_size, cfg_path);
+  }
+  data::data_reader(c.data.train, c.data.format);
 }
 
 Session make_session(const RunConfig& c, bool with_data) {
@@ -86,7 +117,7 @@ Session make_session(const RunConfig& c, bool with_data) {
   if (!s.device.is_cuda() || c.model.init == "random") lo.weight_dtype = s.dtype;
   if (c.model.init == "random") {
     mcfg.rope_factor = *lo.rope_factor;
-    s.model = model::random_model(mcfg, lo);
+    s.model = model::random_model(mcfg, lo, cfg_path);
   } else {
     s.model = model::load_model(c.model.path, lo);
   }

@@ -22,6 +22,7 @@
 #include "longlora/common/device.h"
 #include "longlora/common/error.h"
 #include "longlora/common/interrupt.h"
+#include "longlora/common/strings.h"
 #include "longlora/data/dataset.h"
 #include "longlora/data/tokenizer.h"
 #include "longlora/eval/perplexity.h"
@@ -126,15 +127,33 @@ void validate_for_training(const RunConfig& c, const ConfigOrigin& o) {
     throw Error(o.at("output.dir") + ": " + c.output.dir + ": cannot write in " + w.string() + ": " +
                 std::strerror(errno));
   if (c.attention.s2) {
+    // Both keys named: either may be the one given by --set.
+    const std::string where = fmt::format("{} x {}: {} x {}", o.at("attention.group_ratio"), o.at("data.seq_len"),
+                                          c.attention.group_ratio, c.data.seq_len);
     const double g = c.data.seq_len * c.attention.group_ratio;
-    if (std::abs(g - std::round(g)) > 1e-9)
-      throw Error(o.at("attention.group_ratio") + ": seq_len " + std::to_string(c.data.seq_len) + " x " +
-                  std::to_string(c.attention.group_ratio) + " is not a whole group size");
+    if (std::abs(g - std::round(g)) > 1e-9) throw Error(where + " is not a whole group size");
     const int64_t G = static_cast<int64_t>(std::llround(g));
+    if (G < 1) throw Error(where + " is a group of no tokens");
+    if (c.data.seq_len % G != 0)
+      throw Error(where + ": seq_len is not a multiple of the group size " + std::to_string(G));
     if (G < c.data.seq_len && G % 2 != 0)
-      throw Error(o.at("attention.group_ratio") + ": group size " + std::to_string(G) +
-                  " is odd; the half-group shift needs it even");
+      throw Error(where + ": group size " + std::to_string(G) + " is odd; the half-group shift needs it even");
   }
+  // Paths go into run_config.json made absolute; JSON holds only UTF-8, so a name that
+  // is not (here, or in the working directory above it) would fail the first save.
+  for (const auto& [key, path] : {std::pair<const char*, const std::string*>{"model.path", &c.model.path},
+                                  {"model.config", &c.model.config},
+                                  {"data.train", &c.data.train},
+                                  {"data.eval", &c.data.eval},
+                                  {"output.dir", &c.output.dir}}) {
+    if (path->empty()) continue;
+    const std::string abs = fs::absolute(*path, ec).string();
+    if (const size_t i = invalid_utf8_at(abs); i != std::string::npos)
+      throw Error(o.at(key) + ": " + abs + ": not valid UTF-8 at byte " + std::to_string(i) +
+                  " (run_config.json records it and is JSON, UTF-8 only: rename the directory)");
+  }
+  if (c.device == "cuda" && !torch::cuda::is_available())
+    throw Error(o.at("device") + ": cuda, and no CUDA device is available");
   // Our CUDA kernel runs on CUDA tensors only: said now, not at the first step.
   if (c.attention.backend == "kernel") {
     if (!attention::kernel_compiled())
@@ -146,6 +165,7 @@ void validate_for_training(const RunConfig& c, const ConfigOrigin& o) {
   if (c.train.warmup_steps >= c.train.max_steps)
     spdlog::warn("{}: {} steps of warmup in {} steps: the learning rate never reaches train.lr {}",
                  o.at("train.warmup_steps"), c.train.warmup_steps, c.train.max_steps, c.train.lr);
+  preflight(c, o);
 }
 
 std::optional<std::string> plan_start(const RunConfig& cfg, const ResumeRequest& resume) {

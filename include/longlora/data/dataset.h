@@ -31,6 +31,13 @@ std::string sft_prompt(const SftRecord& r, const std::string& style = "alpaca");
 // Records of a .json (array) or .jsonl file; errors name the record / line.
 std::vector<SftRecord> read_sft_records(const std::string& path);
 
+// The reader a data file gets: "tokens", "text" or "sft" for `format` auto (by the
+// extension; a .jsonl by its first record) or the format given, checked against the
+// extension. Errors name the file (and data.format); nothing past the first record is
+// read, so a dry run can check it. `guessed_sft`: set when auto took a .jsonl as
+// instruction records.
+std::string data_reader(const std::string& path, const std::string& format, bool* guessed_sft = nullptr);
+
 class Dataset {
  public:
   // format: auto | tokens | text | sft; prompt_style: sft_prompt's, for instruction records.

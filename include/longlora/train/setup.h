@@ -37,8 +37,17 @@ double resolve_rope_factor(const RunConfig& c, const io::ModelConfig& m,
 
 // Marks parameters trainable (LoRA factors + names containing one of the
 // trainable_params substrings; everything when LoRA is off), turns them into fp32
-// masters, and returns them in a fixed order.
-NamedTensors select_trainable(model::LlamaForCausalLMImpl& m, const RunConfig& c);
+// masters, and returns them in a fixed order. `field` names trainable_params in the
+// error for an entry that matches nothing.
+NamedTensors select_trainable(model::LlamaForCausalLMImpl& m, const RunConfig& c,
+                              const std::string& field = "trainable_params");
+
+// What make_session would refuse, checked without the weights or the data rows: the
+// model's config.json and tokenizer, the RoPE factor seq_len needs, the S2 shape, the
+// trainable_params entries (on a stand-in model of the same layers), the data file's
+// format. Run by `--dry-run` and before a run loads anything; errors name the key as
+// `origin` says where it was set.
+void preflight(const RunConfig& c, const ConfigOrigin& origin);
 
 Session make_session(const RunConfig& c, bool with_data = true);
 

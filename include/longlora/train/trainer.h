@@ -15,7 +15,8 @@ struct ResumeRequest {
 };
 
 // Checks what the schema cannot (paths exist, output.dir can be one, seq_len fits the
-// S2 grouping); warns of a warmup as long as the run.
+// S2 grouping, then setup.h's preflight: what the model and data files must agree
+// with); warns of a warmup as long as the run. `--dry-run` stops after it.
 void validate_for_training(const RunConfig& c, const ConfigOrigin& origin);
 
 // The checkpoint the run starts from (none: step 0). Refuses an output.dir whose
