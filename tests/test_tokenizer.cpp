@@ -34,6 +34,25 @@ TEST(Tokenizer, EncodesTheGoldenTextToPythonSentencepiecesIds) {
   EXPECT_EQ(pieces, "\xe2\x96\x81GNU");
 }
 
+// Without the piece sentencepiece says -1, which went into the data as a token id and
+// was blamed on the model's vocabulary ("token 0 is id -1").
+TEST(Tokenizer, AMissingBosOrEosPieceIsNamed) {
+  const std::string dir = testutil::data("tokenizer-without-bos-eos/");
+  data::Tokenizer no_bos(dir + "no_bos.model"), no_eos(dir + "no_eos.model");
+  EXPECT_EQ(testutil::error_of([&] { (void)no_bos.bos_id(); }),
+            dir + "no_bos.model: bos_piece: the tokenizer has no BOS piece, which starts every document and prompt");
+  EXPECT_EQ(testutil::error_of([&] { (void)no_eos.eos_id(); }),
+            dir + "no_eos.model: eos_piece: the tokenizer has no EOS piece, which ends every document");
+  EXPECT_TRUE(no_bos.has_eos());
+  EXPECT_FALSE(no_eos.has_eos());
+  EXPECT_GE(no_eos.bos_id(), 0);
+  // Documents of a text file start with BOS: the loader says so, not the vocabulary check.
+  const auto tmp = testutil::temp_dir("tok-no-bos");
+  testutil::write_file(tmp + "/d.txt", "the grass is green");
+  EXPECT_NE(testutil::error_of([&] { (void)data::load_token_stream(tmp + "/d.txt", &no_bos); }).find("no BOS piece"),
+            std::string::npos);
+}
+
 TEST(Tokenizer, SentencepieceDoesNotShareLibTorchsNames) {
   // Linked into the binary, libsentencepiece's absl FLAGS_minloglevel bound to libc10's
   // int of that name and its constructor set the flag beside it, which turns every

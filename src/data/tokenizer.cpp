@@ -145,8 +145,17 @@ std::string Tokenizer::piece(int id) const {
   return std::string(text, n);
 }
 
-int Tokenizer::bos_id() const { return impl_->api->bos_id(impl_->sp); }
-int Tokenizer::eos_id() const { return impl_->api->eos_id(impl_->sp); }
+int Tokenizer::bos_id() const {
+  const int id = impl_->api->bos_id(impl_->sp);
+  if (id < 0) fail(path_, "bos_piece", "the tokenizer has no BOS piece, which starts every document and prompt");
+  return id;
+}
+int Tokenizer::eos_id() const {
+  const int id = impl_->api->eos_id(impl_->sp);
+  if (id < 0) fail(path_, "eos_piece", "the tokenizer has no EOS piece, which ends every document");
+  return id;
+}
+bool Tokenizer::has_eos() const { return impl_->api->eos_id(impl_->sp) >= 0; }
 int Tokenizer::vocab_size() const { return impl_->api->piece_size(impl_->sp); }
 
 void Tokenizer::check_fits(int64_t model_vocab_size, const std::string& config_path) const {

@@ -53,7 +53,7 @@ int sample_token(const torch::Tensor& logits_in, double temperature, double top_
 
 bool is_stop_token(const model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok, int id) {
   const auto& l = m.cfg.eos_token_ids;
-  return id == tok.eos_id() || std::find(l.begin(), l.end(), id) != l.end();
+  return (tok.has_eos() && id == tok.eos_id()) || std::find(l.begin(), l.end(), id) != l.end();
 }
 
 std::vector<int> generate(model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok,

@@ -19,8 +19,11 @@ class Tokenizer {
   std::vector<std::vector<int>> encode_all(const std::vector<std::string>& texts, int threads = 0) const;
   std::string decode(const std::vector<int>& ids) const;
   std::string piece(int id) const;
+  // BOS and EOS ids; an Error naming the file when the model has no such piece
+  // (sentencepiece says -1, which went on into the data as a token id).
   int bos_id() const;
   int eos_id() const;
+  bool has_eos() const;
   int vocab_size() const;
   // Refuses a tokenizer with more pieces than the model's embedding has rows
   // (vocab_size, read from config_path): its ids past that would fail mid-prompt, or
