@@ -318,7 +318,7 @@ TEST(ExportGolden, PeftNamesOfModulesAndTargetsMergeAsPeftDoes) {
   acfg["target_modules"].push_back("attn.q_proj");
   testutil::write_file(ad + "/adapter_config.json", acfg.dump());
   auto r = testutil::run_cli(export_cmd(ad, dir + "/bad", "--base " + kBase));
-  expect_clean_failure(r, dir, "bad", {ad + "/adapter_model.safetensors", "target_modules", "'attn.q_proj'"});
+  expect_clean_failure(r, dir, "bad", {ad + "/adapter_config.json: target_modules", "'attn.q_proj'"});
   // A saved weight whose module's name no entry ends is still refused.
   acfg["target_modules"].erase(acfg["target_modules"].size() - 1);
   acfg["modules_to_save"] = {"embed_tokens", "model.norm"};
@@ -1073,7 +1073,7 @@ TEST(ExportErrors, NonFiniteMergedWeightsAreRefused) {
   const std::string down = "model.layers.0.mlp.down_proj.weight";
   const std::string nan_base = testutil::golden_model_with_a_nan(dir + "/nanbase", down);
   r = testutil::run_cli(export_cmd(kAdapter, dir + "/copied", "--base " + nan_base + " --dtype fp32"));
-  expect_clean_failure(r, dir, "copied", {down, "non-finite values in the source weight"});
+  expect_clean_failure(r, dir, "copied", {nan_base + "/model", "tensor '" + down + "'", "non-finite values in the source weight"});
 }
 
 // Without a base, a peft export still checks the factors against r and each other.

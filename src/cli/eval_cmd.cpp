@@ -60,6 +60,8 @@ int run_passkey(const EvalArgs& a, model::LlamaForCausalLMImpl& m) {
 int run_eval(const EvalArgs& a) {
   // Checked here rather than by CLI11 so that each is one line on stderr.
   if (a.model.empty()) throw Error("eval: --model DIR is required");
+  if (a.task != "perplexity" && a.task != "passkey")
+    throw Error("eval: --task must be perplexity or passkey, got '" + a.task + "'");
   // A flag of the other task would be ignored: a run that is not the one asked for.
   const std::vector<std::string> perplexity_only{"--data", "--seq-len", "--stride", "--protocol", "--batch-size"};
   const std::vector<std::string> passkey_only{"--lengths", "--trials", "--seed"};

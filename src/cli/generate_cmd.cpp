@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <sstream>
 
 #include "longlora/cli/commands.h"
@@ -58,7 +59,11 @@ int run_generate(const GenerateArgs& a) {
   // As eval and passkey warn: positions past the context were never trained. The
   // last new token is never fed back, so total - 1 positions run.
   const double context = m->cfg.max_position_embeddings * m->cfg.rope_factor;
-  const int64_t total = static_cast<int64_t>(ids.size()) + a.max_new_tokens;
+  // Saturating: 2^63 - 1 new tokens wrapped the sum negative, and the warning went.
+  const auto prompt_len = static_cast<int64_t>(ids.size());
+  const int64_t total = a.max_new_tokens > std::numeric_limits<int64_t>::max() - prompt_len
+                            ? std::numeric_limits<int64_t>::max()
+                            : prompt_len + a.max_new_tokens;
   if (context > 0 && static_cast<double>(total - 1) > context)
     spdlog::warn("prompt ({} tokens) + --max-new-tokens {} = {} is past the model's context ({} positions x rope "
                  "factor {:g} = {:g})",

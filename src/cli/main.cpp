@@ -10,9 +10,12 @@
 #include <c10/util/Exception.h>
 
 #include <charconv>
+#include <cmath>
 #include <cstdint>
+#include <functional>
 #include <iostream>
 #include <limits>
+#include <sstream>
 
 #include "longlora/attention/bench.h"
 #include "longlora/train/bench.h"
@@ -47,6 +50,24 @@ CLI::Validator integer_in(int64_t lo, int64_t hi = std::numeric_limits<int64_t>:
       "INT " + range);
 }
 
+// A number flag in [lo, hi]: CLI::Range let "nan" through (every comparison with it is
+// false), and --rope-factor nan fell back to the model's factor silently.
+CLI::Validator number_in(double lo, double hi) {
+  std::ostringstream r;
+  r << "in [" << lo << ", " << hi << "]";
+  const std::string range = r.str();
+  return CLI::Validator(
+      [lo, hi, range](std::string& s) -> std::string {
+        char* end = nullptr;
+        errno = 0;
+        const double v = std::strtod(s.c_str(), &end);
+        if (s.empty() || end != s.c_str() + s.size() || !std::isfinite(v) || v < lo || v > hi)
+          return "expected a number " + range + ", got '" + s + "'";
+        return {};
+      },
+      "NUMBER " + range);
+}
+
 // The options every command that loads a model for inference takes.
 void add_model_options(CLI::App* cmd, std::string& model, std::string& adapter, double& rope_factor,
                        std::string& device, std::string& dtype, const std::string& model_help) {
@@ -54,7 +75,7 @@ void add_model_options(CLI::App* cmd, std::string& model, std::string& adapter, 
   cmd->add_option("--adapter", adapter, "peft adapter directory (or training checkpoint)");
   cmd->add_option("--rope-factor", rope_factor,
                   "linear position interpolation factor (overrides config.json and a checkpoint's)")
-      ->check(CLI::Range(1.0, 1024.0));
+      ->check(number_in(1.0, 1024.0));
   cmd->add_option("--device", device, "auto | cpu | cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   cmd->add_option("--dtype", dtype, "compute dtype: auto | fp32 | bf16 | fp16")
       ->check(CLI::IsMember({"auto", "fp32", "bf16", "fp16"}));
@@ -147,7 +168,7 @@ int run(int argc, char** argv) {
   exp->add_option("--base", ex.base, "base model directory (default: model.path of the checkpoint's run_config.json)");
   exp->add_option("--rope-factor", ex.rope_factor,
                   "linear RoPE factor written to config.json (default: the training run's; peft dir: the base's)")
-      ->check(CLI::Range(1.0, 1024.0));
+      ->check(number_in(1.0, 1024.0));
   exp->add_flag("--overwrite", ex.overwrite, "replace an existing output directory");
 
   attention::AttentionBenchOptions ab;
@@ -174,7 +195,7 @@ int run(int argc, char** argv) {
       ->check(integer_in(0, data::kMaxDocumentTokens));
   mk->add_option("--copy-frac", pc.copy_frac,
                  "fraction of documents that are copy drills (a random string repeated line after line)")
-      ->check(CLI::Range(0.0, 1.0));
+      ->check(number_in(0.0, 1.0));
   mk->add_option("--seed", pc.seed, "random seed")->check(integer_in(0));
   train::TrainBenchOptions tb;
   auto* bench = app.add_subcommand(
@@ -200,7 +221,7 @@ int run(int argc, char** argv) {
   bench_attn->add_option("--batch", ab.batch)->check(integer_in(1));
   bench_attn->add_option("--dtype", ab.dtype)->check(CLI::IsMember({"bf16", "fp16"}));
   bench_attn->add_option("--mode", ab.mode)->check(CLI::IsMember({"segments", "roll", "full"}));
-  bench_attn->add_option("--group-ratio", ab.group_ratio)->check(CLI::Range(0.0, 1.0));
+  bench_attn->add_option("--group-ratio", ab.group_ratio)->check(number_in(0.0, 1.0));
   bench_attn->add_option("--warmup", ab.warmup)->check(integer_in(0, std::numeric_limits<int>::max()));
   bench_attn->add_option("--iters", ab.iters)->check(integer_in(1, std::numeric_limits<int>::max()));
   bench_attn->add_flag("--json", ab.json);
@@ -212,6 +233,28 @@ int run(int argc, char** argv) {
   }
 
   try {
+    // The training flags belong to the command without a subcommand: given before one
+    // ("--config c.json eval ..."), they were parsed and then ignored.
+    if (const CLI::App* sub = app.get_subcommands().empty() ? nullptr : app.get_subcommands().front())
+      for (const auto* opt : app.get_options())
+        if (opt->count() > 0 && opt->get_name() != "--help" && opt->get_name() != "--version")
+          throw Error(opt->get_name() + ": a training flag, which does not go with the " + sub->get_name() +
+                      " subcommand");
+    // Likewise bench's own flags before `attention`: that benchmark has its own.
+    if (*bench_attn)
+      for (const auto* opt : bench->get_options())
+        if (opt->count() > 0 && opt->get_name() != "--help")
+          throw Error("bench " + opt->get_name() + ": not a flag of `bench attention` (its flags follow it)");
+    // An empty value read as "not given": --resume-from "" started a fresh run and
+    // --adapter "" ran without the adapter. No flag takes an empty value.
+    std::function<void(const CLI::App*)> no_empty = [&](const CLI::App* a) {
+      for (const auto* opt : a->get_options())
+        for (const auto& r : opt->results())
+          if (r.empty() && opt->get_type_size() != 0)
+            throw Error((a == &app ? "" : a->get_name() + " ") + opt->get_name() + ": empty value");
+      for (const auto* sub : a->get_subcommands()) no_empty(sub);
+    };
+    no_empty(&app);
     if (*eval) {
       // Which flags were given, so that run_eval can refuse the other task's.
       for (const auto* opt : eval->get_options())

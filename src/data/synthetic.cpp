@@ -127,7 +127,8 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
     auto check = [&](const std::string& what, double keys, double asks) {
       const double n = need(keys, asks);
       if (n > static_cast<double>(limit))
-        throw Error("make-data: " + what + " need at least " + std::to_string(static_cast<int64_t>(n)) +
+        throw Error("make-data: " + what + " need at least " +
+                    (n < 9e18 ? std::to_string(static_cast<int64_t>(n)) : std::string("2^63")) +
                     " tokens without filler, more than " + limit_flag + ": lower them or raise " +
                     (exact ? "--row-tokens" : "--max-tokens"));
     };

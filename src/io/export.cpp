@@ -69,7 +69,8 @@ uint64_t parse_size(const std::string& s, const std::string& what) {
   auto it = units.find(unit);
   if (it == units.end()) return bad();
   const double bytes = std::floor(value * it->second);
-  if (!(bytes >= 1.0) || bytes > 1.8e19) fail(what, "", "'" + s + "': must be at least 1 byte");
+  if (!(bytes >= 1.0)) fail(what, "", "'" + s + "': must be at least 1 byte");
+  if (bytes > 1.8e19) fail(what, "", "'" + s + "': past 2^64 bytes");
   return static_cast<uint64_t>(bytes);
 }
 
@@ -227,6 +228,7 @@ struct OutTensor {
   DType dtype;
   const TensorInfo* src = nullptr;
   std::shared_ptr<const void> owner;  // keeps src's bytes alive
+  std::string file;                   // where src was read, for messages ("" if not known)
   const TensorInfo* lora_a = nullptr;
   const TensorInfo* lora_b = nullptr;
   std::shared_ptr<const void> lora_owner;
@@ -260,7 +262,7 @@ void write_tensor(const OutTensor& t, const Sink& sink) {
       check_interrupt();  // a signal stops at the next chunk; OutputDir removes the temporary
       const size_t n = std::min(chunk, s.nbytes - off);
       if (!all_finite(p + off, n / esize, s.dtype))
-        fail(t.name, "", "non-finite values in the source weight (exported as stored); nothing written");
+        fail(t.file, "tensor '" + t.name + "'", "non-finite values in the source weight (exported as stored); nothing written");
       sink(p + off, n);
       if (t.release) release_pages(p + off, n);
     }
@@ -305,7 +307,7 @@ void write_tensor(const OutTensor& t, const Sink& sink) {
     // A NaN in the adapter, or a merged value past fp16's range, would be written as
     // a model that loads and produces garbage.
     if (!torch::isfinite(out).all().item<bool>())
-      fail(t.name, "", std::string("non-finite values after the ") + (merge ? "merge" : "cast") + " to " +
+      fail(t.file, "tensor '" + t.name + "'", std::string("non-finite values after the ") + (merge ? "merge" : "cast") + " to " +
                            torch_dtype_name(t.dtype) + (merge ? " (in the adapter's factors, or past the dtype's range)" : "") +
                            "; nothing written");
     sink(out.data_ptr(), static_cast<size_t>(out.numel()) * out.element_size());
@@ -575,7 +577,8 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
   }
   for (const auto& t : ap.cfg.target_modules)
     if (!targets_hit.count(t))
-      fail(st, "target_modules", "'" + t + "' has no LoRA factors in the adapter / matches no weight of the base model " +
+      fail((fs::path(ap.file_path).parent_path() / "adapter_config.json").string(), "target_modules",
+           "'" + t + "' has no LoRA factors in the adapter / matches no weight of the base model " +
                                      base_dir);
 
   // lm_head.weight of a merge that parts a tied base's embeddings.
@@ -599,6 +602,7 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
     } else {
       o.src = &base->get(name);
       o.owner = base;
+      o.file = base->file_of(name).path();
       o.release = base->file_of(name).mapped();
       if (auto a = lora_a.find(name); a != lora_a.end()) {
         o.lora_a = a->second;
@@ -611,6 +615,7 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
       o.src = head_src;
       o.owner = owner_of(head_src);
       o.release = false;  // not the base's tensor, maybe not a mapping
+      o.file.clear();
     }
     o.dtype = is_float(o.src->dtype) ? out_dtype : o.src->dtype;
     out.push_back(std::move(o));
@@ -933,6 +938,7 @@ void export_checkpoint(const ExportOptions& opt) {
       o.name = t.name;
       o.src = &t;
       o.owner = ap->file;
+      o.file = ap->file->path();
       o.dtype = has_flag_dtype ? flag_dtype : t.dtype;
       ts.push_back(std::move(o));
     }
@@ -965,6 +971,7 @@ void export_checkpoint(const ExportOptions& opt) {
         o.name = key;
         o.src = &t;
         o.owner = ap->trainable;
+        o.file = ap->trainable->path();
         o.dtype = has_flag_dtype ? flag_dtype : t.dtype;
         ts.push_back(std::move(o));
         add_module_to_save(cfg, param);
@@ -1040,6 +1047,7 @@ void export_checkpoint(const ExportOptions& opt) {
       o.name = name;
       o.src = &t;
       o.owner = full;
+      o.file = full->file_of(name).path();
       o.release = full->file_of(name).mapped();
       o.dtype = is_float(t.dtype) ? out_dtype : t.dtype;
       ts.push_back(std::move(o));

@@ -65,7 +65,14 @@ int run_train_bench(const TrainBenchOptions& o) {
   c.train.micro_batch_size = 1;  // a --set may raise it
   c.train.max_steps = o.warmup + o.steps;
   c.device = o.device;
-  for (const auto& s : o.overrides) apply_override(c, s);
+  for (const auto& s : o.overrides) {
+    const std::string key = apply_override(c, s);
+    // What bench's own flags set: an override would time another model or length
+    // than the report names (or, data.*, nothing at all).
+    for (const char* own : {"model.path", "model.init", "model.config", "data.", "device"})
+      if (key.rfind(own, 0) == 0)
+        throw Error("bench --set " + key + ": set by bench's flags (--shape, --seq-len, --device); not a --set key here");
+  }
   resolve_rope_factor(c, io::load_model_config(o.shape), "--seq-len");  // named as bench's flag
   Session s = make_session(c, /*with_data=*/false);
   auto& m = *s.model;
