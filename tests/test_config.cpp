@@ -104,12 +104,43 @@ TEST(RunConfig, CliDryRunAndErrors) {
   // The value at fault came from --set, not from the file.
   r = testutil::run_cli("--config " + dir + "/ok.json --set attention.group_ratio=0.3 --dry-run");
   EXPECT_EQ(r.code, 1);
-  EXPECT_NE(r.err.find("error: --set attention.group_ratio x " + dir + "/ok.json: data.seq_len: 0.3 x 64 is not a whole group size"),
+  EXPECT_NE(r.err.find("error: --set attention.group_ratio 0.3 with " + dir +
+                       "/ok.json: data.seq_len 64: the S2 group (19.2 tokens) is not a whole number"),
             std::string::npos)
       << r.err;
   r = testutil::run_cli("--config " + dir + "/ok.json --set attention.group_ratio=1e-300 --dry-run");
   EXPECT_EQ(r.code, 1);  // rounds to a group of 0 tokens; the run failed only after loading the model
-  EXPECT_NE(r.err.find("is a group of no tokens"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("--set attention.group_ratio 1e-300 with " + dir +
+                       "/ok.json: data.seq_len 64: S2 group size 0 must be in [1, seq_len 64]"),
+            std::string::npos)
+      << r.err;
+  r = testutil::run_cli("--config " + dir + "/ok.json --set attention.group_ratio=0.75 --dry-run");
+  EXPECT_EQ(r.code, 1);  // a whole group of 48 that does not divide 64
+  EXPECT_NE(r.err.find("sequence length 64 is not a multiple of the S2 group size 48"), std::string::npos) << r.err;
+  // Heads come from config.json: an odd count cannot be split in two halves.
+  std::filesystem::create_directories(dir + "/m3");
+  auto odd_heads = testutil::read_json(dir + "/m/config.json");
+  odd_heads["num_attention_heads"] = 3;
+  odd_heads["num_key_value_heads"] = 1;
+  odd_heads["head_dim"] = 16;
+  testutil::write_file(dir + "/m3/config.json", odd_heads.dump());
+  r = testutil::run_cli("--config " + dir + "/ok.json --set model.path=" + dir + "/m3 --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find(dir + "/m3/config.json: attention: S2-Attn shifts half of the heads; 3 query heads is odd"),
+            std::string::npos)
+      << r.err;
+  // Text data is read with the model's tokenizer; the run found it missing after loading.
+  testutil::write_file(dir + "/d.txt", "some text");
+  r = testutil::run_cli("--config " + dir + "/ok.json --set data.train=" + dir + "/d.txt --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find(dir + "/d.txt: text data needs the model's tokenizer.model (none in " + dir + "/m)"),
+            std::string::npos)
+      << r.err;
+  if (!torch::cuda::is_available()) {
+    r = testutil::run_cli("--config " + dir + "/ok.json --set device=cuda --dry-run");
+    EXPECT_EQ(r.code, 1);
+    EXPECT_NE(r.err.find("--set device: cuda, and no CUDA device is available"), std::string::npos) << r.err;
+  }
   // A dry run checks what a run would open first.
   r = testutil::run_cli("--config " + dir + "/ok.json --set data.train=" + dir + "/missing.bin --dry-run");
   EXPECT_EQ(r.code, 1);
@@ -296,10 +327,18 @@ TEST(ModelConfig, WeightsLargerThanTheDeviceAreRefusedAtOnce) {
   EXPECT_EQ(model::parameter_count(c), 68976648192.0);  // LLaMA-2-70B, as transformers counts it
   j["tie_word_embeddings"] = true;
   EXPECT_EQ(model::parameter_count(io::parse_model_config(j, "70b.json")), 68976648192.0 - 32000.0 * 8192);
-  model::LoadOptions lo;  // CPU, fp32: 257 GiB, past this machine's memory (and CI's)
+  // 65536 layers of LLaMA-3-405B's width: 760 TiB in fp32, past any machine's memory.
+  j["num_hidden_layers"] = 65536;
+  j["hidden_size"] = 16384;
+  j["num_attention_heads"] = 128;
+  j["intermediate_size"] = 53248;
+  const auto huge = io::parse_model_config(j, "huge.json");
+  model::LoadOptions lo;  // CPU, fp32
   const auto t0 = std::chrono::steady_clock::now();
-  const auto e = testutil::error_of([&] { (void)model::random_model(c, lo, "70b.json"); });
-  EXPECT_EQ(e.rfind("70b.json: the weights alone take 257 GiB in fp32 (69B parameters), more than the ", 0), 0u) << e;
+  const auto e = testutil::error_of([&] { (void)model::random_model(huge, lo, "huge.json"); });
+  EXPECT_EQ(e.rfind("huge.json: the weights alone take 7.78e+05 GiB in fp32 (2.09e+05B parameters), more than the ", 0),
+            0u)
+      << e;
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
 }
 
@@ -326,6 +365,9 @@ TEST(Cli, FlagsAreNotSilentlyDroppedOrMisread) {
       // bench reported the --shape it did not time.
       {"bench --shape " + model + "/config.json --seq-len 16 --set model.config=" + model + "/config.json",
        "error: bench --set model.config: set by bench's flags"},
+      {"bench --shape " + model + "/config.json --seq-len 16 --set device=cpu", "error: bench --set device: set by bench's flags"},
+      {"bench --shape " + model + "/config.json --seq-len 16 --set data.train=x.bin",
+       "error: bench --set data.train: bench trains on random tokens and reads no data"},
       {"eval --task PASSKEY --model " + model + " --lengths 64", "error: eval: --task must be perplexity or passkey"},
   };
   for (const auto& c : cases) {

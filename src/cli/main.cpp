@@ -59,7 +59,6 @@ CLI::Validator number_in(double lo, double hi) {
   return CLI::Validator(
       [lo, hi, range](std::string& s) -> std::string {
         char* end = nullptr;
-        errno = 0;
         const double v = std::strtod(s.c_str(), &end);
         if (s.empty() || end != s.c_str() + s.size() || !std::isfinite(v) || v < lo || v > hi)
           return "expected a number " + range + ", got '" + s + "'";

@@ -61,7 +61,9 @@ double peak_gib(const torch::Device& d, bool reserved) {
 
 double device_memory_gib(const torch::Device& d) {
 #ifdef LONGLORA_WITH_CUDA
-  if (d.is_cuda()) return at::cuda::getDeviceProperties(d.index())->totalGlobalMem / double(1 << 30);
+  if (d.is_cuda())
+    return at::cuda::getDeviceProperties(d.has_index() ? d.index() : at::cuda::current_device())->totalGlobalMem /
+           double(1 << 30);
 #endif
   return static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGESIZE)) / double(1 << 30);
 }

@@ -2,7 +2,7 @@
 
 #include <cmath>
 #include <fstream>
-#include <iterator>
+#include <sstream>
 #include <set>
 #include <vector>
 
@@ -44,7 +44,9 @@ nlohmann::json read_json_file(const std::string& path, bool reject_duplicate_key
     }
     return true;
   };
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::ostringstream buf;
+  buf << in.rdbuf();
+  const std::string text = std::move(buf).str();
   // nlohmann takes a NUL for the end of the input and ignores what follows.
   if (const auto z = text.find('\0'); z != std::string::npos)
     fail(path, "", "a NUL byte at offset " + std::to_string(z) + ": not a JSON text");

@@ -228,7 +228,7 @@ struct OutTensor {
   DType dtype;
   const TensorInfo* src = nullptr;
   std::shared_ptr<const void> owner;  // keeps src's bytes alive
-  std::string file;                   // where src was read, for messages ("" if not known)
+  std::string file;                   // where src was read, for messages
   const TensorInfo* lora_a = nullptr;
   const TensorInfo* lora_b = nullptr;
   std::shared_ptr<const void> lora_owner;
@@ -489,6 +489,11 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
     if (base->contains(t->name) && &base->get(t->name) == t) return base;
     return ap.file;
   };
+  auto file_of = [&](const TensorInfo* t) -> std::string {
+    if (from_trainable(t)) return ap.trainable->path();
+    if (base->contains(t->name) && &base->get(t->name) == t) return base->file_of(t->name).path();
+    return st;
+  };
   // A tensor that takes the place of the base's `base_name` must have its shape.
   auto check_against = [&](const TensorInfo* t, const std::string& base_name) {
     const std::string field = "tensor '" + t->name + "'";
@@ -587,6 +592,7 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
     o.name = head;
     o.src = head_src;
     o.owner = owner_of(head_src);
+    o.file = file_of(head_src);
     o.dtype = is_float(o.src->dtype) ? out_dtype : o.src->dtype;
     return o;
   };
@@ -599,6 +605,7 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
     if (auto it = replace.find(name); it != replace.end()) {
       o.src = it->second;
       o.owner = owner_of(it->second);
+      o.file = file_of(it->second);
     } else {
       o.src = &base->get(name);
       o.owner = base;
@@ -615,7 +622,7 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
       o.src = head_src;
       o.owner = owner_of(head_src);
       o.release = false;  // not the base's tensor, maybe not a mapping
-      o.file.clear();
+      o.file = file_of(head_src);
     }
     o.dtype = is_float(o.src->dtype) ? out_dtype : o.src->dtype;
     out.push_back(std::move(o));

@@ -11,8 +11,6 @@
 
 namespace longlora::io {
 
-// Onto the CPU: older peft saved an adapter where the model was, often on a GPU
-// (map_location="cpu").
 namespace {
 // LibTorch's reader takes a record's bytes as they are: a record cut short (an empty
 // data/N entry) left a tensor whose view ran past its storage, and reading it
@@ -38,6 +36,8 @@ void check_within_storage(const torch::Tensor& t, const std::string& path, const
 }
 }  // namespace
 
+// Onto the CPU: older peft saved an adapter where the model was, often on a GPU
+// (map_location="cpu").
 std::shared_ptr<SafetensorsFile> read_pickled_tensors(const std::string& path) {
   if (!std::filesystem::is_regular_file(path)) fail(path, "", "cannot read: not a file");
   // LibTorch's unpickler has no OrderedDict, the type of a module's state_dict(): it

@@ -80,16 +80,24 @@ double parameter_count(const io::ModelConfig& c) {
   return v * h * (c.tie_word_embeddings ? 1 : 2) + static_cast<double>(c.num_hidden_layers) * layer + h;
 }
 
-void check_weights_fit(const io::ModelConfig& c, const torch::Device& device, torch::ScalarType dtype,
-                       const std::string& source) {
-  const double n = parameter_count(c), gib = n * static_cast<double>(c10::elementSize(dtype)) / double(1 << 30),
-               have = device_memory_gib(device);
+namespace {
+// `how`: "in bf16", "as stored".
+void check_bytes_fit(double bytes, double params, const torch::Device& device, const std::string& how,
+                     const std::string& source) {
+  const double gib = bytes / double(1 << 30), have = device_memory_gib(device);
   if (gib <= have) return;
   std::ostringstream m;
-  m << std::setprecision(3) << "the weights alone take " << gib << " GiB in " << dtype_string(dtype) << " ("
-    << n / 1e9 << "B parameters), more than the " << have << " GiB of " << device.str()
+  m << std::setprecision(3) << "the weights alone take " << gib << " GiB " << how << " (" << params / 1e9
+    << "B parameters), more than the " << have << " GiB of " << device.str()
     << (device.is_cuda() ? ": training and evaluation run on one GPU; a larger one is needed" : "");
   fail(source, "", m.str());
+}
+}  // namespace
+
+void check_weights_fit(const io::ModelConfig& c, const torch::Device& device, torch::ScalarType dtype,
+                       const std::string& source) {
+  const double n = parameter_count(c);
+  check_bytes_fit(n * static_cast<double>(c10::elementSize(dtype)), n, device, "in " + dtype_string(dtype), source);
 }
 
 LlamaForCausalLM random_model(const io::ModelConfig& cfg, const LoadOptions& opt, const std::string& source) {
@@ -158,12 +166,24 @@ LlamaForCausalLM load_model(const std::string& dir, const LoadOptions& opt) {
   if (opt.random_init) return random_model(cfg, opt, cfg_path);
   io::verify_checkpoint_files(dir, false);  // a full fine-tuning checkpoint as the model
 
-  // On the CPU a checkpoint stored in the compute dtype stays mapped, and the page
-  // cache can hold less than all of it.
-  if (opt.device.is_cuda())
-    check_weights_fit(cfg, opt.device, opt.weight_dtype.value_or(opt.compute_dtype), cfg_path);
   auto ckpt = opt.checkpoint ? opt.checkpoint : io::open_checkpoint(dir);
   check_layer_count(*ckpt, cfg, cfg_path);
+  // On a GPU the weights sit as stored (or cast to weight_dtype): their real size,
+  // before any is copied there. On the CPU a checkpoint stored in the compute dtype
+  // stays mapped, and the page cache can hold less than all of it.
+  if (opt.device.is_cuda()) {
+    double bytes = 0, params = 0;
+    for (const auto& name : ckpt->names()) {
+      if (io::is_stale_buffer(name)) continue;
+      const auto& info = ckpt->get(name);
+      const double n = static_cast<double>(info.numel());
+      params += n;
+      bytes += opt.weight_dtype ? n * static_cast<double>(c10::elementSize(*opt.weight_dtype))
+                                : static_cast<double>(info.nbytes);
+    }
+    check_bytes_fit(bytes, params, opt.device,
+                    opt.weight_dtype ? "in " + dtype_string(*opt.weight_dtype) : std::string("as stored"), cfg_path);
+  }
   LlamaForCausalLM m(cfg);
   m->compute_dtype = opt.compute_dtype;
   auto shapes = base_shapes(*m);

@@ -69,8 +69,10 @@ int run_train_bench(const TrainBenchOptions& o) {
     const std::string key = apply_override(c, s);
     // What bench's own flags set: an override would time another model or length
     // than the report names (or, data.*, nothing at all).
-    for (const char* own : {"model.path", "model.init", "model.config", "data.", "device"})
-      if (key.rfind(own, 0) == 0)
+    if (key.rfind("data.", 0) == 0 && key != "data.seq_len")
+      throw Error("bench --set " + key + ": bench trains on random tokens and reads no data");
+    for (const char* own : {"model.path", "model.init", "model.config", "data.seq_len", "device"})
+      if (key == own)
         throw Error("bench --set " + key + ": set by bench's flags (--shape, --seq-len, --device); not a --set key here");
   }
   resolve_rope_factor(c, io::load_model_config(o.shape), "--seq-len");  // named as bench's flag

@@ -68,16 +68,41 @@ NamedTensors select_trainable(model::LlamaForCausalLMImpl& m, const RunConfig& c
   return out;
 }
 
+std::string s2_group_where(const RunConfig& c, const ConfigOrigin& o) {
+  return fmt::format("{} {} with {} {}", o.at("attention.group_ratio"), c.attention.group_ratio, o.at("data.seq_len"),
+                     c.data.seq_len);
+}
+
 void preflight(const RunConfig& c, const ConfigOrigin& o) {
   const std::string cfg_path = model_config_path(c);
   const auto mcfg = io::load_model_config(cfg_path);
-  const double factor = resolve_rope_factor(c, mcfg, o.at("data.seq_len"));
-  (void)factor;
-  if (c.attention.s2 && mcfg.num_attention_heads % 2 != 0 && c.attention.group_ratio < 1)
-    throw Error(o.at("attention.s2") + ": S2-Attn shifts half of the heads, and " + cfg_path + " has " +
-                std::to_string(mcfg.num_attention_heads) + " (odd)");
+  resolve_rope_factor(c, mcfg, o.at("data.seq_len"));
+  // The weights as they will sit on the device: random ones in the compute dtype; on a
+  // GPU a checkpoint's as stored (config.json's torch_dtype; loading checks the real
+  // sizes). On the CPU a checkpoint stays mapped where it can.
+  const auto device = pick_device(c.device);
+  const auto dtype = pick_dtype(c.model.dtype, device);
+  if (c.model.init == "random")
+    model::check_weights_fit(mcfg, device, dtype, cfg_path);
+  else if (device.is_cuda())
+    model::check_weights_fit(mcfg, device,
+                             mcfg.torch_dtype == "float32"   ? torch::kFloat32
+                             : mcfg.torch_dtype == "float16" ? torch::kFloat16
+                                                             : torch::kBFloat16,
+                             cfg_path);
+  if (c.attention.s2) {
+    // check_s2_shape's own messages, with where the two keys were set.
+    try {
+      attention::check_s2_shape(mcfg.num_attention_heads, mcfg.num_key_value_heads, c.data.seq_len,
+                                std::llround(c.data.seq_len * c.attention.group_ratio),
+                                attention::parse_mode(c.attention.shift_mode));
+    } catch (const Error& e) {
+      const std::string m = e.what(), ratio = "attention.group_ratio: ";
+      throw Error(m.rfind(ratio, 0) == 0 ? s2_group_where(c, o) + ": " + m.substr(ratio.size()) : cfg_path + ": " + m);
+    }
+  }
   // Parameter names depend on the layer count, tied embeddings and LoRA's targets, not
-  // on the widths: a stand-in of width 4 has the same names in a few kilobytes.
+  // on the widths or the rank: a stand-in of width 4 and rank 1 has the same names.
   {
     io::ModelConfig t = mcfg;
     t.hidden_size = 4;
@@ -89,14 +114,26 @@ void preflight(const RunConfig& c, const ConfigOrigin& o) {
     model::LoadOptions lo;
     lo.rope_factor = 1.0;
     auto stand_in = model::random_model(t, lo);
-    if (c.lora.enabled) model::add_lora(*stand_in, c.lora);
+    if (c.lora.enabled) {
+      auto spec = c.lora;
+      spec.r = 1;
+      model::add_lora(*stand_in, spec);
+    }
     select_trainable(*stand_in, c, o.at("trainable_params"));
   }
-  if (!c.model.path.empty()) {
-    const auto tok_path = fs::path(c.model.path) / "tokenizer.model";
-    if (fs::exists(tok_path)) data::Tokenizer(tok_path.string()).check_fits(mcfg.vocab_size, cfg_path);
+  const auto tok_path = c.model.path.empty() ? fs::path() : fs::path(c.model.path) / "tokenizer.model";
+  const bool has_tok = !tok_path.empty() && fs::exists(tok_path);
+  const std::string reader = data::data_reader(c.data.train, c.data.format);
+  if (has_tok) {
+    data::Tokenizer tok(tok_path.string());
+    tok.check_fits(mcfg.vocab_size, cfg_path);
+    // Text and instruction rows start with BOS and end with EOS.
+    if (reader != "tokens") (void)tok.bos_id(), (void)tok.eos_id();
+  } else if (reader != "tokens") {
+    fail(c.data.train, "", reader + " data needs the model's tokenizer.model" +
+                               (c.model.path.empty() ? std::string(" (model.path names no directory)")
+                                                     : " (none in " + c.model.path + ")"));
   }
-  data::data_reader(c.data.train, c.data.format);
 }
 
 Session make_session(const RunConfig& c, bool with_data) {

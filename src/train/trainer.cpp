@@ -127,17 +127,9 @@ void validate_for_training(const RunConfig& c, const ConfigOrigin& o) {
     throw Error(o.at("output.dir") + ": " + c.output.dir + ": cannot write in " + w.string() + ": " +
                 std::strerror(errno));
   if (c.attention.s2) {
-    // Both keys named: either may be the one given by --set.
-    const std::string where = fmt::format("{} x {}: {} x {}", o.at("attention.group_ratio"), o.at("data.seq_len"),
-                                          c.attention.group_ratio, c.data.seq_len);
     const double g = c.data.seq_len * c.attention.group_ratio;
-    if (std::abs(g - std::round(g)) > 1e-9) throw Error(where + " is not a whole group size");
-    const int64_t G = static_cast<int64_t>(std::llround(g));
-    if (G < 1) throw Error(where + " is a group of no tokens");
-    if (c.data.seq_len % G != 0)
-      throw Error(where + ": seq_len is not a multiple of the group size " + std::to_string(G));
-    if (G < c.data.seq_len && G % 2 != 0)
-      throw Error(where + ": group size " + std::to_string(G) + " is odd; the half-group shift needs it even");
+    if (std::abs(g - std::round(g)) > 1e-9)
+      throw Error(s2_group_where(c, o) + ": the S2 group (" + fmt::format("{}", g) + " tokens) is not a whole number");
   }
   // Paths go into run_config.json made absolute; JSON holds only UTF-8, so a name that
   // is not (here, or in the working directory above it) would fail the first save.

@@ -44,7 +44,8 @@ LlamaForCausalLM load_for_inference(const std::string& dir, const std::string& a
 double parameter_count(const io::ModelConfig& c);
 // An Error naming `source` (the config.json) when the weights alone, in `dtype`, take
 // more than all of the device's memory: said at once, not after minutes of loading
-// (a 70B model in bf16 on one 80 GB GPU).
+// (a 70B model in bf16 on one 80 GB GPU). load_model checks a checkpoint's own sizes
+// on a GPU.
 void check_weights_fit(const io::ModelConfig& c, const torch::Device& device, torch::ScalarType dtype,
                        const std::string& source);
 

@@ -48,6 +48,9 @@ NamedTensors select_trainable(model::LlamaForCausalLMImpl& m, const RunConfig& c
 // format. Run by `--dry-run` and before a run loads anything; errors name the key as
 // `origin` says where it was set.
 void preflight(const RunConfig& c, const ConfigOrigin& origin);
+// "FILE: attention.group_ratio R with --set data.seq_len L": the S2 group's two keys
+// and where each was set, for its errors.
+std::string s2_group_where(const RunConfig& c, const ConfigOrigin& origin);
 
 Session make_session(const RunConfig& c, bool with_data = true);
 
