@@ -477,6 +477,23 @@ TEST(DataBadInput, LongAlpacaJsonIsParsedWhole) {
   longlora::remove_tree(d);
 }
 
+// nlohmann stops at a NUL: the rest of the line or file was dropped, unread.
+TEST(DataBadInput, ANulByteInJsonIsRefused) {
+  const auto d = testutil::temp_dir("json-nul");
+  data::Tokenizer tok(testutil::golden("tokenizer.model"));
+  const std::string nul("\0junk", 5);
+  testutil::write_file(d + "/text.jsonl", "{\"text\": \"a b c\"}\n{\"text\": \"d\"}" + nul + "\n");
+  testutil::write_file(d + "/sft.jsonl", "{\"instruction\": \"Say hi.\", \"output\": \"hi\"}" + nul + "\n");
+  testutil::write_file(d + "/sft.json", R"([{"instruction": "Say hi.", "output": "hi"}])" + nul);
+  EXPECT_EQ(testutil::error_of([&] { (void)data::load_token_stream(d + "/text.jsonl", &tok); }),
+            d + "/text.jsonl:2: a NUL byte at column 14: not a JSON text");
+  EXPECT_EQ(testutil::error_of([&] { data::Dataset(d + "/sft.jsonl", "sft", 128, &tok, 512); }),
+            d + "/sft.jsonl:1: a NUL byte at column 43: not a JSON text");
+  EXPECT_EQ(testutil::error_of([&] { data::Dataset(d + "/sft.json", "auto", 128, &tok, 512); }),
+            d + "/sft.json: a NUL byte at offset 44: not a JSON text");
+  longlora::remove_tree(d);
+}
+
 TEST(DataBadInput, SupervisedRecordsDroppedOrTruncatedAreCounted) {
   const auto d = testutil::temp_dir("sft-counts");
   data::Tokenizer tok(testutil::golden("tokenizer.model"));

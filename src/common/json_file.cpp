@@ -59,6 +59,16 @@ nlohmann::json read_json_file(const std::string& path, bool reject_duplicate_key
 
 using nlohmann::json;
 
+json parse_json_line(const std::string& line, const std::string& where) {
+  if (const auto z = line.find('\0'); z != std::string::npos)
+    fail(where, "", "a NUL byte at column " + std::to_string(z + 1) + ": not a JSON text");
+  try {
+    return json::parse(line);
+  } catch (const json::exception& e) {
+    fail(where, "", std::string("bad JSON: ") + e.what());
+  }
+}
+
 // ---------------------------------------------------------------------------
 // JsonFields
 

@@ -80,13 +80,7 @@ std::vector<SftRecord> read_sft_records(const std::string& path) {
     ++n;
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     const std::string where = path + ":" + std::to_string(n);
-    json j;
-    try {
-      j = json::parse(line);
-    } catch (const json::exception& e) {
-      fail(where, "", std::string("bad JSON: ") + e.what());
-    }
-    out.push_back(parse_record(j, where));
+    out.push_back(parse_record(parse_json_line(line, where), where));
   }
   return out;
 }

@@ -8,6 +8,7 @@
 
 #include "longlora/common/error.h"
 #include "longlora/common/fs.h"
+#include "longlora/common/json_file.h"
 #include "longlora/common/strings.h"
 #include "longlora/data/tokenizer.h"
 
@@ -86,12 +87,7 @@ std::vector<std::string> read_documents(const std::string& path) {
   while (std::getline(in, line)) {
     ++lineno;
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::exception& e) {
-      fail(path + ":" + std::to_string(lineno), "", std::string("bad JSON: ") + e.what());
-    }
+    const nlohmann::json j = parse_json_line(line, path + ":" + std::to_string(lineno));
     if (!j.is_object() || !j.contains("text") || !j["text"].is_string())
       fail(path + ":" + std::to_string(lineno), "text", "missing or not a string");
     docs.push_back(j["text"].get<std::string>());

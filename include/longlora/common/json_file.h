@@ -14,6 +14,10 @@ namespace longlora {
 // the last silently; for our own config files that hides a mistake).
 nlohmann::json read_json_file(const std::string& path, bool reject_duplicate_keys = false);
 
+// One line of a .jsonl file; `where` ("FILE:LINE") names it in the error for bad JSON
+// or a NUL byte (nlohmann stops at one and ignores the rest of the line).
+nlohmann::json parse_json_line(const std::string& line, const std::string& where);
+
 // A value as JSON for a one-line message, cut after about max_chars. Safe for any
 // value a file can hold: nlohmann's dump() recurses once per nesting level, and a
 // value nested 100000 deep (a 200 KB file) overflowed the stack.
