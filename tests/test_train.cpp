@@ -550,6 +550,73 @@ TEST(Train, BadCheckpointFieldsAndTrainableNamesAreNamed) {
   EXPECT_NE(r.err.find("trainable_params: \"nrom\" is in no parameter name"), std::string::npos) << r.err;
 }
 
+// A resume on other frozen weights than the checkpoint trained on: the adapter went
+// on training against a different model, and only the loss said so.
+TEST(Train, AResumeOnAnotherBaseIsRefused) {
+  const auto d = testutil::temp_dir("other-base");
+  const std::string q = "model.layers.0.self_attn.q_proj.weight";
+  testutil::golden_model_with(d + "/base", q, [](torch::Tensor&) {});
+  const std::string cfg = "--config " + tiny_config(d) + " --set model.path=" + d + "/base";
+  ASSERT_EQ(testutil::run_cli(cfg + " --set train.max_steps=3").code, 0);
+  // The same weights in another place are the same base (and order-only changes of
+  // the set-valued keys are the same config).
+  fs::rename(d + "/base", d + "/moved");
+  auto r = testutil::run_cli("--config " + tiny_config(d) + " --set model.path=" + d +
+                             "/moved --set train.max_steps=4 --set trainable_params=norm,embed --resume");
+  EXPECT_EQ(r.code, 0) << r.err;
+  fs::rename(d + "/moved", d + "/base");
+  testutil::golden_model_with(d + "/other", q, [](torch::Tensor& w) { w.mul_(2); });
+  remove_tree(d + "/base");
+  fs::rename(d + "/other", d + "/base");
+  r = testutil::run_cli(cfg + " --set train.max_steps=5 --resume");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("checkpoint-4/trainer_state.json: base_sample: the base weights differ from those this "
+                       "checkpoint trained on (model.path " + d + "/base holds other weights now)"),
+            std::string::npos)
+      << r.err;
+  // A checkpoint that lost its record of sizes and checksums is damaged, not unchecked.
+  fs::remove(d + "/out/checkpoint-4/trainer_state.json");
+  r = testutil::run_cli("eval --model " + testutil::golden("tiny-llama/model") + " --adapter " + d +
+                        "/out/checkpoint-4 --data " + testutil::golden("tiny-llama/eval.bin") + " --seq-len 64");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find(d + "/out/checkpoint-4: trainer_state.json: missing beside COMPLETE"), std::string::npos)
+      << r.err;
+  // Random init draws the base from train.seed: another seed is another base.
+  const auto rd = testutil::temp_dir("other-seed");
+  const std::string rcfg = "--config " + tiny_config(rd) + " --set model.init=random";
+  ASSERT_EQ(testutil::run_cli(rcfg + " --set train.max_steps=3").code, 0);
+  r = testutil::run_cli(rcfg + " --set train.seed=7 --resume");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("train.seed or the config changed"), std::string::npos) << r.err;
+  EXPECT_EQ(testutil::run_cli(rcfg + " --resume").code, 0);
+}
+
+// The sample tells other weights from the same ones rounded to bf16 (a base stored in
+// fp32, resumed where it is cast).
+TEST(Train, TheBaseSampleSeesOtherWeightsNotRounding) {
+  auto m = model::load_model(testutil::golden("tiny-llama/model"), {});
+  const auto want = train::base_weight_sample(*m);
+  ASSERT_EQ(want.size(), 2 * m->named_parameters().size());
+  torch::NoGradGuard ng;
+  for (auto& p : m->parameters()) p.set_data(p.to(torch::kBFloat16).to(torch::kFloat32));
+  EXPECT_TRUE(train::same_base_sample(want, train::base_weight_sample(*m)));
+  auto w = m->named_parameters()["model.layers.1.mlp.up_proj.weight"];
+  w.set_data(w.neg());
+  EXPECT_FALSE(train::same_base_sample(want, train::base_weight_sample(*m)));
+  EXPECT_FALSE(train::same_base_sample(want, {}));
+}
+
+// Ctrl-C on `longlora-train ... | tee log` ends tee too; the run's next log line then
+// killed it with SIGPIPE, before the save the signal asks for.
+TEST(Train, AClosedLogPipeDoesNotKillTheRun) {
+  const auto d = testutil::temp_dir("closed-pipe");
+  const std::string cmd = "bash -c 'set -o pipefail; " + std::string(LONGLORA_BINARY) + " --config " + tiny_config(d) +
+                          " 2>&1 | head -c 20 >/dev/null'";
+  const int status = std::system(cmd.c_str());
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  EXPECT_EQ(train::latest_checkpoint(d + "/out").value_or(""), d + "/out/checkpoint-6");
+}
+
 TEST(Train, EvalDataAndModelConfigAreCheckedBeforeTheFirstStep) {
   const auto d = testutil::temp_dir("early-checks");
   // Until then a bad eval file failed at the first save, after the training steps.

@@ -21,10 +21,13 @@ void on_signal(int sig) {
 
 }  // namespace
 
+void ignore_sigpipe() { ::signal(SIGPIPE, SIG_IGN); }
+
 void install_interrupt_handlers() {
   static bool installed = false;
   if (installed) return;
   installed = true;
+  ignore_sigpipe();
   for (int sig : {SIGINT, SIGTERM, SIGHUP}) {
     struct sigaction old {};
     if (::sigaction(sig, nullptr, &old) == 0 && old.sa_handler == SIG_IGN) continue;

@@ -58,7 +58,13 @@ nlohmann::json digest_directory(const std::string& dir, const std::map<std::stri
 
 void verify_checkpoint_files(const std::string& dir, bool with_optimizer_state) {
   const std::string ts = (fs::path(dir) / "trainer_state.json").string();
-  if (!fs::exists(ts)) return;
+  if (!fs::exists(ts)) {
+    // A Hugging Face or peft directory has neither; a training checkpoint that lost its
+    // record would otherwise be used unchecked.
+    if (fs::exists(fs::path(dir) / "COMPLETE"))
+      fail(dir, "trainer_state.json", "missing beside COMPLETE: the training checkpoint is damaged");
+    return;
+  }
   verify_checkpoint_files(dir, read_json_file(ts), ts, with_optimizer_state);
 }
 

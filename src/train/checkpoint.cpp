@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include "longlora/common/error.h"
@@ -175,6 +176,7 @@ void write_checkpoint_files(const fs::path& tmp, const model::LlamaForCausalLMIm
              {"data", {{"rows", st.data_rows}, {"bytes", st.data_bytes}}},
              // The resolved linear RoPE factor the run trained with (export writes it down).
              {"rope_factor", m.cfg.rope_factor},
+             {"base_sample", st.base_sample},
              // Every file written so far: weights, optimizer state, configs, tokenizer.
              {"files", io::digest_directory(tmp.string(), written)}};
   write_text((tmp / "trainer_state.json").string(), ts.dump(2));
@@ -294,10 +296,47 @@ json read_state_file(const std::string& dir, TrainerState& st) {
     st.data_bytes = n("bytes");
   }
   if (!ts.contains("model") || !ts["model"].is_object()) fail(file, "model", "missing");
+  if (ts.contains("base_sample")) {  // absent before it was recorded
+    const json& b = ts["base_sample"];
+    if (!b.is_array()) f.expected("base_sample", "a list of numbers");
+    for (const auto& x : b) {
+      if (!x.is_number()) f.expected("base_sample", "a list of numbers");
+      st.base_sample.push_back(x.get<double>());
+    }
+  }
   return ts;
 }
 
 }  // namespace
+
+std::vector<double> base_weight_sample(const model::LlamaForCausalLMImpl& m) {
+  torch::NoGradGuard ng;
+  std::vector<double> out;
+  for (const auto& item : m.named_parameters()) {
+    const auto flat = item.value().detach().reshape(-1);
+    const int64_t n = flat.numel();
+    if (n == 0) continue;
+    const auto idx = torch::linspace(0, static_cast<double>(n - 1), std::min<int64_t>(n, 16),
+                                     torch::dtype(torch::kFloat64).device(flat.device()))
+                         .round()
+                         .to(torch::kLong);
+    const auto v = flat.index_select(0, idx).to(torch::kCPU, torch::kFloat64);
+    out.push_back(v.sum().item<double>());
+    out.push_back(v.abs().sum().item<double>());
+  }
+  return out;
+}
+
+bool same_base_sample(const std::vector<double>& a, const std::vector<double>& b) {
+  if (a.size() != b.size() || a.size() % 2 != 0) return false;
+  // Pairs (sum, sum of magnitudes). Rounding each entry to bf16 moves either sum by at
+  // most 2^-8 of the magnitudes' sum, however the signed one cancels.
+  for (size_t i = 0; i < a.size(); i += 2) {
+    const double tol = 1e-2 * std::max(std::abs(a[i + 1]), std::abs(b[i + 1])) + 1e-12;
+    if (std::abs(a[i] - b[i]) > tol || std::abs(a[i + 1] - b[i + 1]) > tol) return false;
+  }
+  return true;
+}
 
 TrainerState read_trainer_state(const std::string& dir) {
   TrainerState st;
@@ -307,6 +346,22 @@ TrainerState read_trainer_state(const std::string& dir) {
 
 namespace {
 
+// The keys whose values are sets: the order they are written in changes nothing
+// ("norm,embed" trains what "embed, norm" does), so a resume compares them as sets.
+json as_compared(const std::string& key, const json& v) {
+  if (key == "lora.targets" && v.is_array()) {
+    std::set<std::string> names;
+    for (const auto& t : v)
+      if (t.is_string()) names.insert(t.get<std::string>());
+    return json(names);
+  }
+  if (key == "trainable_params" && v.is_string()) {
+    const auto e = trainable_entries(v.get<std::string>());
+    return json(std::set<std::string>(e.begin(), e.end()));
+  }
+  return v;
+}
+
 // "a.b.c" leaves of a run config whose values differ (arrays compared whole).
 void config_diffs(const json& was, const json& now, const std::string& prefix,
                   std::vector<std::tuple<std::string, json, json>>& out) {
@@ -314,7 +369,7 @@ void config_diffs(const json& was, const json& now, const std::string& prefix,
     const std::string key = prefix.empty() ? it.key() : prefix + "." + it.key();
     const json old = was.is_object() && was.contains(it.key()) ? was[it.key()] : json(nullptr);
     if (it.value().is_object()) config_diffs(old, it.value(), key, out);
-    else if (old != it.value()) out.emplace_back(key, old, it.value());
+    else if (as_compared(key, old) != as_compared(key, it.value())) out.emplace_back(key, old, it.value());
   }
 }
 

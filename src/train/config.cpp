@@ -332,6 +332,17 @@ std::string model_config_path(const RunConfig& c) {
   return !c.model.config.empty() ? c.model.config : (std::filesystem::path(c.model.path) / "config.json").string();
 }
 
+std::vector<std::string> trainable_entries(const std::string& trainable_params) {
+  std::vector<std::string> out;
+  std::stringstream ss(trainable_params);
+  for (std::string t; std::getline(ss, t, ',');) {
+    t.erase(0, t.find_first_not_of(" \t"));
+    t.erase(t.find_last_not_of(" \t") + 1);
+    if (!t.empty()) out.push_back(t);
+  }
+  return out;
+}
+
 std::string config_reference() {
   RunConfig d;
   std::ostringstream o;

@@ -35,13 +35,7 @@ double resolve_rope_factor(const RunConfig& c, const io::ModelConfig& m, const s
 }
 
 NamedTensors select_trainable(model::LlamaForCausalLMImpl& m, const RunConfig& c, const std::string& field) {
-  std::vector<std::string> subs;
-  std::stringstream ss(c.trainable_params);
-  for (std::string t; std::getline(ss, t, ',');) {
-    t.erase(0, t.find_first_not_of(" \t"));
-    t.erase(t.find_last_not_of(" \t") + 1);
-    if (!t.empty()) subs.push_back(t);
-  }
+  const std::vector<std::string> subs = trainable_entries(c.trainable_params);
   NamedTensors out;
   torch::NoGradGuard ng;
   // An entry that names nothing (a typo: "nrom") would train less than asked, silently.
@@ -159,6 +153,7 @@ Session make_session(const RunConfig& c, bool with_data) {
     s.model = model::load_model(c.model.path, lo);
   }
   auto& m = *s.model;
+  s.base_sample = base_weight_sample(m);
   if (c.lora.enabled) {
     model::add_lora(m, c.lora);
   }

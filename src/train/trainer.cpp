@@ -238,6 +238,7 @@ void trim_metrics(const fs::path& path, int64_t step) {
 }  // namespace
 
 int train(const RunConfig& cfg, const ResumeRequest& resume) {
+  ignore_sigpipe();
   std::error_code ec;
   fs::create_directories(cfg.output.dir, ec);
   if (ec) throw Error("output.dir: " + cfg.output.dir + ": cannot create: " + ec.message());
@@ -252,6 +253,14 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
   auto save = [&] { return save_checkpoint(cfg.output.dir, m, s.trainable, *s.optimizer, st, cfg, model_config); };
   if (from) {
     st = load_checkpoint(*from, s.trainable, *s.optimizer, cfg, m.cfg);
+    // Its adapter (or optimizer state) continued on other frozen weights than it
+    // trained with: the loss jumped, and nothing said why.
+    if (!st.base_sample.empty() && !same_base_sample(st.base_sample, s.base_sample))
+      throw Error(*from + "/trainer_state.json: base_sample: the base weights differ from those this checkpoint "
+                  "trained on (" +
+                  (cfg.model.init == "random" ? "random init from " + model_config_path(cfg) + ": train.seed or the config changed"
+                                              : "model.path " + cfg.model.path + " holds other weights now") +
+                  "): resume on the same base");
     spdlog::info("resumed from {} at step {}", *from, st.step);
     if (st.step >= tc.max_steps)
       spdlog::warn("{} is at step {}, train.max_steps is {}: nothing left to train", *from, st.step, tc.max_steps);
@@ -268,6 +277,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
     st.data_rows = rows;
     st.data_bytes = bytes;
   }
+  st.base_sample = s.base_sample;  // recorded from this save on
   trim_metrics(fs::path(cfg.output.dir) / "metrics.jsonl", st.step);
 
   install_interrupt_handlers();

@@ -21,8 +21,14 @@ class Interrupted : public std::runtime_error {
   int signal_;
 };
 
+// Ctrl-C on `longlora-train ... | tee log` stops tee too, and the next log line
+// killed the process with SIGPIPE before it could save or clean up. With SIGPIPE
+// ignored, writes to a closed pipe fail instead (stdout's are reported at exit).
+// Part of install_interrupt_handlers; a run calls it first thing, as it logs while
+// loading.
+void ignore_sigpipe();
 // Installs the handlers (once; a signal the parent set to be ignored, as nohup does,
-// stays ignored). A second signal exits at once with 128 + signal.
+// stays ignored), SIGPIPE ignored too. A second signal exits at once with 128 + signal.
 void install_interrupt_handlers();
 
 // The first signal received since install_interrupt_handlers(), or 0.

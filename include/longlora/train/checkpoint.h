@@ -39,7 +39,19 @@ struct TrainerState {
   // What data.train held when saved (0: not recorded): the cursor counts its rows.
   int64_t data_rows = 0;
   int64_t data_bytes = 0;
+  // A sample of the frozen base weights (base_weight_sample), so that a resume on
+  // another base (a replaced model.path, or random init from another train.seed) is
+  // refused. Empty: not recorded (checkpoints before it).
+  std::vector<double> base_sample;
 };
+
+// Two sums (values, magnitudes) of 16 evenly spaced entries of every parameter, in
+// the model's order: cheap, the same across devices and the fp32/bf16/fp16 copies of
+// one checkpoint within rounding, and far apart for other weights.
+std::vector<double> base_weight_sample(const model::LlamaForCausalLMImpl& m);
+// Whether two samples are of the same weights: each sum within 1% of the magnitudes'
+// sum, room for the bf16 rounding of every entry.
+bool same_base_sample(const std::vector<double>& a, const std::vector<double>& b);
 
 // peft adapter (LoRA + modules_to_save) of the trainable parameters. With a tied base
 // (`tied_embeddings`) a trained embedding is also saved as lm_head: peft copies each

@@ -100,6 +100,8 @@ nlohmann::json to_json(const RunConfig& c);
 // The model's config.json: model.config when given (a run from drawn weights), else
 // model.path's.
 std::string model_config_path(const RunConfig& c);
+// trainable_params' entries: comma-separated, trimmed, empty ones dropped.
+std::vector<std::string> trainable_entries(const std::string& trainable_params);
 // Markdown table of every key: path, type, default, meaning (README reference).
 std::string config_reference();
 
