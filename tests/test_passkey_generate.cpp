@@ -716,9 +716,12 @@ TEST(EvalCli, FlagsAreCheckedBeforeAnyResultInOneLine) {
 TEST(GenerateCli, EmptyPromptFilesAndOutOfRangeSamplingAreRefused) {
   const auto dir = testutil::temp_dir("generate-bad");
   testutil::write_file(dir + "/empty.txt", "");
+  testutil::write_file(dir + "/spaces.txt", "\xef\xbb\xbf  \n");  // a BOM and spaces: no tokens
   const std::string m = "generate --model " + model_dir() + " --device cpu";
   for (const auto& [args, want] : std::vector<std::pair<std::string, std::string>>{
            {" --prompt-file " + dir + "/empty.txt", dir + "/empty.txt: --prompt-file: the prompt file is empty"},
+           {" --prompt-file " + dir + "/spaces.txt", dir + "/spaces.txt: --prompt-file: the prompt gives no tokens"},
+           {" --prompt '  '", "generate: --prompt: the prompt gives no tokens"},
            {" --prompt-file " + dir, dir + ": --prompt-file: is a directory, a file is expected"},
            {" --prompt hi --temperature inf", "--temperature must be finite and >= 0"},
            {" --prompt hi --seed -1", "--seed: expected an integer >= 0, got -1"}}) {

@@ -54,6 +54,10 @@ int run_generate(const GenerateArgs& a) {
 
   std::vector<int> ids{tok.bos_id()};
   const auto body = tok.encode(prompt);
+  // A prompt of spaces (or a BOM) is no tokens: BOS alone again, as an empty one.
+  if (body.empty())
+    throw Error((a.prompt_file.empty() ? std::string("generate: --prompt") : a.prompt_file + ": --prompt-file") +
+                ": the prompt gives no tokens (only whitespace?)");
   ids.insert(ids.end(), body.begin(), body.end());
 
   // As eval and passkey warn: positions past the context were never trained. The
