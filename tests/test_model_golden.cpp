@@ -495,6 +495,11 @@ TEST(LoadErrors, TrainingCheckpointAsAdapterIsChecked) {
   EXPECT_EQ(model::load_for_inference(model, ck, "cpu", "fp32", 0)->cfg.rope_factor, 2.0);
   EXPECT_EQ(model::load_for_inference(model, testutil::golden("tiny-llama/adapter"), "cpu", "fp32", 0)->cfg.rope_factor,
             1.0);
+  // The adapter where the model goes said only "config.json: cannot open".
+  const std::string adapter = testutil::golden("tiny-llama/adapter");
+  EXPECT_EQ(testutil::error_of([&] { model::load_for_inference(adapter, "", "cpu", "fp32", 0); }),
+            adapter + ": holds an adapter (adapter_config.json), not a model: give it as the adapter (--adapter) and "
+                      "its base model as the model");
 }
 
 TEST(LoadErrors, CliRefusesAZeroRopeFactorInOneLine) {

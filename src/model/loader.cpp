@@ -161,6 +161,11 @@ void check_layer_count(const io::SafetensorsCheckpoint& ckpt, const io::ModelCon
 LlamaForCausalLM load_model(const std::string& dir, const LoadOptions& opt) {
   const std::string cfg_path = (fs::path(dir) / "config.json").string();
   if (!fs::is_directory(dir)) fail(dir, "", "model directory not found");
+  // An adapter (peft's, or a LoRA training checkpoint) given where the model goes said
+  // only "config.json: cannot open".
+  if (!fs::exists(cfg_path) && fs::exists(fs::path(dir) / "adapter_config.json"))
+    fail(dir, "", "holds an adapter (adapter_config.json), not a model: give it as the adapter (--adapter) and its "
+                  "base model as the model");
   auto cfg = io::load_model_config(cfg_path);
   if (opt.rope_factor) cfg.rope_factor = *opt.rope_factor;
   if (opt.random_init) return random_model(cfg, opt, cfg_path);
