@@ -44,23 +44,24 @@ std::string to_string(Backend b) {
   return "?";
 }
 
-int64_t check_s2_shape(int64_t H, int64_t Hkv, int64_t L, int64_t group, Mode mode) {
+int64_t check_s2_shape(int64_t H, int64_t Hkv, int64_t L, int64_t group, Mode mode, const std::string& group_field,
+                       const std::string& heads_field) {
   if (Hkv <= 0 || H % Hkv != 0)
-    throw Error("attention: " + std::to_string(H) + " query heads are not a multiple of " +
+    throw Error(heads_field + ": " + std::to_string(H) + " query heads are not a multiple of " +
                 std::to_string(Hkv) + " kv heads");
   if (mode == Mode::Full) return L;
   if (group <= 0 || group > L)
-    throw Error("attention.group_ratio: S2 group size " + std::to_string(group) +
+    throw Error(group_field + ": S2 group size " + std::to_string(group) +
                 " must be in [1, seq_len " + std::to_string(L) + "]");
   if (L % group != 0)
-    throw Error("attention.group_ratio: sequence length " + std::to_string(L) +
+    throw Error(group_field + ": sequence length " + std::to_string(L) +
                 " is not a multiple of the S2 group size " + std::to_string(group));
   if (group == L) return L;  // ratio 1: full attention, nothing shifted, any L and H
   if (group % 2 != 0)
-    throw Error("attention.group_ratio: S2 group size " + std::to_string(group) +
+    throw Error(group_field + ": S2 group size " + std::to_string(group) +
                 " is odd; the shift of half a group needs it even");
   if (H % 2 != 0)
-    throw Error("attention: S2-Attn shifts half of the heads; " + std::to_string(H) +
+    throw Error(heads_field + ": S2-Attn shifts half of the heads; " + std::to_string(H) +
                 " query heads is odd");
   return group;
 }

@@ -84,17 +84,11 @@ void preflight(const RunConfig& c, const ConfigOrigin& o) {
                              : mcfg.torch_dtype == "float16" ? torch::kFloat16
                                                              : torch::kBFloat16,
                              cfg_path);
-  if (c.attention.s2) {
-    // check_s2_shape's own messages, with where the two keys were set.
-    try {
-      attention::check_s2_shape(mcfg.num_attention_heads, mcfg.num_key_value_heads, c.data.seq_len,
-                                std::llround(c.data.seq_len * c.attention.group_ratio),
-                                attention::parse_mode(c.attention.shift_mode));
-    } catch (const Error& e) {
-      const std::string m = e.what(), ratio = "attention.group_ratio: ";
-      throw Error(m.rfind(ratio, 0) == 0 ? s2_group_where(c, o) + ": " + m.substr(ratio.size()) : cfg_path + ": " + m);
-    }
-  }
+  if (c.attention.s2)  // the group's two keys named as set, the heads as config.json has them
+    attention::check_s2_shape(mcfg.num_attention_heads, mcfg.num_key_value_heads, c.data.seq_len,
+                              std::llround(c.data.seq_len * c.attention.group_ratio),
+                              attention::parse_mode(c.attention.shift_mode), s2_group_where(c, o),
+                              cfg_path + ": attention");
   // Parameter names depend on the layer count, tied embeddings and LoRA's targets, not
   // on the widths or the rank: a stand-in of width 4 and rank 1 has the same names.
   {

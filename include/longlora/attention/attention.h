@@ -30,8 +30,12 @@ std::string to_string(Mode m);
 std::string to_string(Backend b);
 
 // Checks the S2 shape rules and returns G. Full mode returns L.
-// Throws longlora::Error for L % G != 0, odd G, odd H (non-Full modes).
-int64_t check_s2_shape(int64_t H, int64_t Hkv, int64_t L, int64_t group, Mode mode);
+// Throws longlora::Error for L % G != 0, odd G, odd H (non-Full modes); its messages
+// start with `group_field` (group size errors) or `heads_field` (head counts), which
+// a run names with where its keys were set.
+int64_t check_s2_shape(int64_t H, int64_t Hkv, int64_t L, int64_t group, Mode mode,
+                       const std::string& group_field = "attention.group_ratio",
+                       const std::string& heads_field = "attention");
 
 struct Options {
   Mode mode = Mode::Full;
