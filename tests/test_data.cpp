@@ -16,6 +16,7 @@
 #include <functional>
 #include <limits>
 #include <fstream>
+#include <sstream>
 #include <nlohmann/json.hpp>
 #include <iterator>
 #include <numeric>
@@ -336,6 +337,38 @@ TEST(Data, MakeDataRowTokensGiveRowsThatAreWholeDocuments) {
   const std::string text = testutil::read_file(o.out);
   EXPECT_NE(text.find("What is the pass key? The pass key is"), std::string::npos);
   EXPECT_NE(text.find("\\n"), std::string::npos);
+}
+
+// Copy drills alone: keys that could not fit do not matter (the check was refusing
+// --max-keys 100 here), and long drills land exactly on the length, each line the
+// same string, the last one cut short.
+TEST(Data, MakeDataCopyDrillsOnlyAreExactAtLongRows) {
+  const auto d = testutil::temp_dir("make-data-drills");
+  data::PasskeyCorpusOptions o;
+  o.tokenizer = testutil::golden("tokenizer.model");
+  o.out = d + "/c.jsonl";
+  o.docs = 3;
+  o.row_tokens = 8192;
+  o.max_keys = 100;
+  o.min_keys = 100;
+  o.copy_frac = 1;
+  o.seed = 1;
+  EXPECT_EQ(data::write_passkey_corpus(o), 3);
+  data::Tokenizer tok(o.tokenizer);
+  std::ifstream in(o.out);
+  int docs = 0;
+  for (std::string row; std::getline(in, row); ++docs) {
+    const auto text = nlohmann::json::parse(row)["text"].get<std::string>();
+    EXPECT_EQ(tok.encode(text).size(), 8190u) << docs;
+    const std::string first = text.substr(0, text.find('\n'));
+    std::vector<std::string> lines;
+    std::stringstream ss(text);
+    for (std::string l; std::getline(ss, l);) lines.push_back(l);
+    ASSERT_GT(lines.size(), 100u);
+    for (size_t i = 0; i + 1 < lines.size(); ++i) EXPECT_EQ(lines[i], first) << docs << " line " << i;
+    EXPECT_EQ(first.rfind(lines.back(), 0), 0u) << docs;  // a prefix of the line
+  }
+  EXPECT_EQ(docs, 3);
 }
 
 // ---------------------------------------------------------------- bad input (review of the data loaders)

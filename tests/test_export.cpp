@@ -852,6 +852,15 @@ TEST(ExportErrors, PeftDirWithoutBase) {
   expect_clean_failure(r, dir, "out", {kAdapter, "--base"});
 }
 
+// peft writes an adapter as one file: a shard limit given with --format peft was ignored.
+TEST(ExportErrors, AShardLimitForAPeftAdapterIsRefused) {
+  const auto dir = testutil::temp_dir("export-err-peft-shards");
+  auto r = testutil::run_cli(export_cmd(kAdapter, dir + "/out", "--base " + kBase + " --format peft --max-shard-size 1KB"));
+  expect_clean_failure(r, dir, "out", {"--max-shard-size", "--format merged"});
+  r = testutil::run_cli(export_cmd(kAdapter, dir + "/out", "--base " + kBase + " --format peft"));
+  EXPECT_EQ(r.code, 0) << r.err;
+}
+
 TEST(ExportErrors, BaseWithOtherShapes) {
   const auto dir = testutil::temp_dir("export-err-shapes");
   auto cfg = testutil::read_json(kBase + "/config.json");
@@ -1061,11 +1070,14 @@ TEST(ExportErrors, NonFiniteMergedWeightsAreRefused) {
     t[q + ".lora_B"].view(-1)[3] = NAN;
   });
   auto r = testutil::run_cli(export_cmd(nan_ad, dir + "/out", "--base " + kBase));
-  expect_clean_failure(r, dir, "out", {q + ".weight", "non-finite values after the merge"});
+  // Named as the adapter's tensor, not the base weight it would be merged into.
+  expect_clean_failure(r, dir, "out",
+                       {nan_ad + "/adapter_model.safetensors", std::string(io::kPeftPrefix) + q + ".lora_B.weight",
+                        "non-finite values in the adapter"});
   // B = 1e8 takes the merged weight past fp16's largest value (65504), not fp32's.
   const std::string big = copy_adapter(dir + "/big", [&](Tensors& t) { t[q + ".lora_B"] = torch::full_like(t[q + ".lora_B"], 1e8); });
   r = testutil::run_cli(export_cmd(big, dir + "/out", "--base " + kBase + " --dtype fp16"));
-  expect_clean_failure(r, dir, "out", {q + ".weight", "to float16"});
+  expect_clean_failure(r, dir, "out", {q + ".weight", "non-finite values after the merge", "to float16"});
   r = testutil::run_cli(export_cmd(big, dir + "/out32", "--base " + kBase + " --dtype fp32"));
   EXPECT_EQ(r.code, 0) << r.err;
   // A NaN in a base weight no adapter touches, exported as stored (fp32 as the base):

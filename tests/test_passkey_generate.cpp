@@ -774,6 +774,11 @@ TEST(EvalCli, ANonFiniteLossNamesTheTensorThatHoldsIt) {
                              " --seq-len 64 --device cpu");
   EXPECT_EQ(r.code, 1) << r.out;
   EXPECT_NE(r.err.find(nan_weight), std::string::npos) << r.err;
+  // The passkey test names its trial, not "generate".
+  auto p = testutil::run_cli("eval --task passkey --model " + m + " --lengths 100 --trials 2 --device cpu");
+  EXPECT_EQ(p.code, 1) << p.out;
+  EXPECT_NE(p.err.find("passkey length 100 trial 1: non-finite logits at new token 1: " + nan_weight),
+            std::string::npos) << p.err;
   longlora::remove_tree(d);
 }
 

@@ -892,6 +892,65 @@ TEST(Train, MetricsThatCannotBeWrittenStopTheRunWithACheckpoint) {
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.err.find("metrics.jsonl: write failed: checkpoint saved at step 1"), std::string::npos) << r.err;
   EXPECT_TRUE(fs::exists(d + "/out/checkpoint-1/COMPLETE"));
+  // The record the failed write lost is in the checkpoint, and the resume (room on
+  // the disk again) appends it: every step's record is there once.
+  const json state = json::parse(testutil::read_file(d + "/out/checkpoint-1/trainer_state.json"));
+  ASSERT_TRUE(state.contains("unlogged_metrics")) << state.dump();
+  ASSERT_EQ(state["unlogged_metrics"].size(), 1u);
+  EXPECT_EQ(state["unlogged_metrics"][0]["step"], 1);
+  r = testutil::run_cli("--config " + tiny_config(d) + " --resume");
+  ASSERT_EQ(r.code, 0) << r.err;
+  std::vector<int64_t> steps;
+  for (const auto& rec : testutil::metric_records(d + "/out/metrics.jsonl")) steps.push_back(rec["step"]);
+  EXPECT_EQ(steps, (std::vector<int64_t>{1, 2, 3, 4, 5, 6}));
+  EXPECT_DOUBLE_EQ(testutil::metric_records(d + "/out/metrics.jsonl")[0]["loss"].get<double>(),
+                   state["unlogged_metrics"][0]["loss"].get<double>());
+  // Its next checkpoints carry nothing over.
+  EXPECT_FALSE(json::parse(testutil::read_file(d + "/out/checkpoint-3/trainer_state.json")).contains("unlogged_metrics"));
+  longlora::remove_tree(d);
+}
+
+TEST(Train, AResumeRunsTheEvalThatTheStoppedRunSavedButNeverRan) {
+  // A run killed after a save and before its eval: the checkpoint has no eval record,
+  // and the resume (from that step on) would never score it.
+  const auto d = testutil::temp_dir("eval-resume");
+  const std::string eval_bin = testutil::golden("tiny-llama/eval.bin");
+  auto r = testutil::run_cli("--config " + tiny_config(d) + " --set data.eval=" + eval_bin);
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto evals = [&] {
+    std::map<int64_t, std::vector<double>> out;
+    std::ifstream in(d + "/out/metrics.jsonl");
+    for (std::string line; std::getline(in, line);)
+      if (json j = json::parse(line); j.contains("eval_loss")) out[j["step"]].push_back(j["eval_loss"]);
+    return out;
+  };
+  const auto before = evals();
+  ASSERT_EQ(before.size(), 2u);
+  // As the kill left it: checkpoint-3 the latest, its eval not written.
+  longlora::remove_tree(d + "/out/checkpoint-6");
+  std::string kept;
+  {
+    std::ifstream in(d + "/out/metrics.jsonl");
+    for (std::string line; std::getline(in, line);)
+      if (json j = json::parse(line); j["step"].get<int64_t>() < 3 || (j["step"] == 3 && !j.contains("eval_loss")))
+        kept += line + "\n";
+  }
+  testutil::write_file(d + "/out/metrics.jsonl", kept);
+  r = testutil::run_cli("--config " + tiny_config(d) + " --set data.eval=" + eval_bin + " --resume");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("eval at step 3 (not in metrics.jsonl"), std::string::npos) << r.err;
+  const auto after = evals();
+  ASSERT_EQ(after.size(), 2u);
+  for (int64_t step : {3, 6}) {
+    ASSERT_EQ(after.at(step).size(), 1u) << step;
+    EXPECT_NEAR(after.at(step)[0], before.at(step)[0], 1e-6 * before.at(step)[0]) << step;
+  }
+  // A resume whose checkpoint has its eval does not run it again.
+  longlora::remove_tree(d + "/out/checkpoint-6");
+  r = testutil::run_cli("--config " + tiny_config(d) + " --set data.eval=" + eval_bin + " --resume");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.err.find("not in metrics.jsonl"), std::string::npos) << r.err;
+  EXPECT_EQ(evals().at(3).size(), 1u);
   longlora::remove_tree(d);
 }
 

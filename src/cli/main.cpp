@@ -190,7 +190,8 @@ int run(int argc, char** argv) {
   mk->add_option("--max-asks", pc.max_asks, "each key is asked for 1..N times")->check(integer_in(1));
   mk->add_option("--row-tokens", pc.row_tokens,
                  "make every document exactly N-2 tokens, so rows of seq_len N are whole documents "
-                 "(--min/--max-tokens unused)")
+                 "(BOS, text, EOS; the last document has no EOS after it, so D documents make D-1 rows; "
+                 "--min/--max-tokens unused)")
       ->check(integer_in(0, data::kMaxDocumentTokens));
   mk->add_option("--copy-frac", pc.copy_frac,
                  "fraction of documents that are copy drills (a random string repeated line after line)")
@@ -261,7 +262,13 @@ int run(int argc, char** argv) {
       return cli::run_eval(ev);
     }
     if (*gen_cmd) return cli::run_generate(gen);
-    if (*exp) return cli::run_export(ex);
+    if (*exp) {
+      // peft writes an adapter as one adapter_model.safetensors; a limit would be ignored.
+      if (ex.format == "peft" && exp->get_option("--max-shard-size")->count() > 0)
+        throw Error("export --max-shard-size: a peft adapter is written as one file (as peft writes it); "
+                    "the limit is for --format merged");
+      return cli::run_export(ex);
+    }
     if (*bench_attn) return attention::run_attention_bench(ab);
     if (*mk) {
       install_interrupt_handlers();  // so that the temporary .jsonl is removed

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <optional>
 #include <unordered_map>
 #include <nlohmann/json.hpp>
@@ -83,6 +84,50 @@ std::string render(const std::vector<Part>& parts, int64_t filler_chars) {
   return s;
 }
 
+// A copy drill: `line` repeated, one per line, as many times as fit `target` tokens,
+// then the next repetition cut short to come closest to it from below; nullopt when
+// one line alone is too long. Lines join at "\n", which sentencepiece tokenizers that
+// split on whitespace never merge across, so counts add and the drill is planned
+// from the counts of one line and of its prefixes; the plan is confirmed by counting
+// the whole text. Where that disagrees (a tokenizer whose counts do not add), the
+// drill is built line by line on whole-text counts, which the plan reproduces where
+// counts add (whole-text counting alone is quadratic: minutes a drill at 100k tokens).
+template <class Count>
+std::optional<std::string> copy_drill(const std::string& line, int64_t target, const Count& count) {
+  auto repeat = [&](int64_t k) {
+    std::string t = line;
+    for (int64_t i = 1; i < k; ++i) t += "\n" + line;
+    return t;
+  };
+  // The first prefix of the next line that reaches (or passes) the target; the longest one within it.
+  auto cut = [&](const std::string& text, const std::function<int64_t(size_t)>& tokens) {
+    std::string best = text;
+    for (size_t c = 1; c < line.size(); ++c) {
+      const int64_t n = tokens(c);
+      if (n > target) break;
+      best = text + "\n" + line.substr(0, c);
+      if (n == target) break;
+    }
+    return best;
+  };
+  const int64_t head = count(line), per = count("\n" + line);
+  if (head > target) return std::nullopt;
+  if (per > 0) {
+    const int64_t k = 1 + (target - head) / per;
+    std::string text = repeat(k);
+    const int64_t n = count(text);
+    if (n == head + (k - 1) * per && count(text + "\n" + line) == n + per) {
+      const std::string planned =
+          cut(text, [&](size_t c) { return n + count("\n" + line.substr(0, c)); });
+      if (count(planned) == n + (planned.size() == text.size() ? 0 : count(planned.substr(text.size()))))
+        return planned;
+    }
+  }
+  std::string text = line;
+  while (count(text + "\n" + line) <= target) text += "\n" + line;
+  return cut(text, [&](size_t c) { return count(text + "\n" + line.substr(0, c)); });
+}
+
 }  // namespace
 
 int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
@@ -112,7 +157,8 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
   // shortest key "1") must fit the longest document, for the fewest and the most keys
   // and for the most questions; otherwise documents would exceed the length or
   // (exact mode) never be found. Counted per part, as the search below does.
-  {
+  // --copy-frac 1 writes copy drills only: no skeleton to fit.
+  if (o.copy_frac < 1) {
     const bool exact = o.row_tokens > 0;
     const int64_t limit = exact ? o.row_tokens - 2 : o.max_tokens;
     const std::string limit_flag = exact ? "--row-tokens " + std::to_string(o.row_tokens) + " (" +
@@ -180,22 +226,12 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
       std::string line;
       for (int64_t n = uniform(8, 40); n > 0; --n)
         line += kChars[static_cast<size_t>(uniform(0, static_cast<int64_t>(kChars.size()) - 1))];
-      std::string text = line;
-      if (count(text) > target) {
+      const auto drill = copy_drill(line, target, count);
+      if (!drill) {
         missed();
         continue;
       }
-      while (count(text + "\n" + line) <= target) text += "\n" + line;
-      // The last line cut short to land on the length (exactly, where a cut does).
-      std::string best = text;
-      for (size_t c = 1; c < line.size(); ++c) {
-        const std::string longer = text + "\n" + line.substr(0, c);
-        const int64_t n = count(longer);
-        if (n > target) break;
-        best = longer;
-        if (n == target) break;
-      }
-      text = best;
+      std::string text = *drill;
       if (exact && count(text) != target) {
         missed();
         continue;

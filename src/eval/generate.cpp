@@ -59,10 +59,10 @@ bool is_stop_token(const model::LlamaForCausalLMImpl& m, const data::Tokenizer& 
 std::vector<int> generate(model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok,
                           const std::vector<int>& prompt_ids, const GenerateOptions& o,
                           const std::function<bool(int)>& on_token) {
-  if (prompt_ids.empty()) throw Error("generate: the prompt has no tokens");
+  if (prompt_ids.empty()) throw Error(o.context + ": the prompt has no tokens");
   for (int id : prompt_ids)
     if (id < 0 || id >= m.cfg.vocab_size)
-      throw Error("generate: prompt token id " + std::to_string(id) + " is outside the model's vocab_size " +
+      throw Error(o.context + ": prompt token id " + std::to_string(id) + " is outside the model's vocab_size " +
                   std::to_string(m.cfg.vocab_size));
   std::vector<int> out;
   if (o.max_new_tokens <= 0) return out;
@@ -98,7 +98,7 @@ std::vector<int> generate(model::LlamaForCausalLMImpl& m, const data::Tokenizer&
     if (!o.use_cache) logits = last_logits(m.hidden(as_tensor(seq.data(), static_cast<int64_t>(seq.size())), {}));
     // NaN logits would sample garbage (or argmax id 0) and print it as an answer.
     if (!torch::isfinite(logits).all().item<bool>())
-      throw Error("generate: non-finite logits at new token " + std::to_string(step + 1) + ": " +
+      throw Error(o.context + ": non-finite logits at new token " + std::to_string(step + 1) + ": " +
                   model::explain_non_finite(m));
     const int id = sample_token(logits, o.temperature, o.top_p, rng, tok.vocab_size(), o.top_k);
     out.push_back(id);

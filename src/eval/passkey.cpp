@@ -90,7 +90,7 @@ PasskeyDraw passkey_draw(int64_t target_tokens, uint64_t seed, int64_t trial, do
 }
 
 bool passkey_trial(model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok, const PasskeyPrompt& p,
-                   bool use_cache, int64_t* prompt_tokens, std::string* answered) {
+                   bool use_cache, int64_t* prompt_tokens, std::string* answered, const std::string& context) {
   std::vector<int> ids{tok.bos_id()};
   const auto body = tok.encode(p.prompt);
   ids.insert(ids.end(), body.begin(), body.end());
@@ -102,6 +102,7 @@ bool passkey_trial(model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok, c
   g.max_new_tokens = static_cast<int64_t>(answer.size());
   g.temperature = 0;  // greedy (num_beams=1, no sampling)
   g.use_cache = use_cache;
+  g.context = context;
   // An EOS before the last answer token makes the output shorter: a miss either way.
   const auto out = generate(m, tok, ids, g);
   if (answered) *answered = tok.decode(out);
@@ -182,7 +183,8 @@ PasskeyResult passkey_eval(model::LlamaForCausalLMImpl& m, const data::Tokenizer
       const auto p = passkey_prompt(L, d.key, d.split, r.chars_per_token);
       int64_t n = 0;
       std::string said;
-      const bool ok = passkey_trial(m, tok, p, o.use_cache, &n, &said);
+      const bool ok = passkey_trial(m, tok, p, o.use_cache, &n, &said,
+                                    fmt::format("passkey length {} trial {}", L, t + 1));
       warn_context(li, n);
       passed += ok;
       tokens += n;

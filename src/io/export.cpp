@@ -232,6 +232,7 @@ struct OutTensor {
   const TensorInfo* lora_a = nullptr;
   const TensorInfo* lora_b = nullptr;
   std::shared_ptr<const void> lora_owner;
+  std::string lora_file;  // the adapter's weights file, for messages
   double scale = 0;
   // Drop the source pages after writing: for large inputs, and only where they are a
   // file mapping (SafetensorsFile::mapped); madvise on a pickle's heap memory frees it.
@@ -275,6 +276,10 @@ void write_tensor(const OutTensor& t, const Sink& sink) {
   if (merge) {
     a = view_tensor(*t.lora_a, t.lora_owner).to(torch::kFloat32);  // [r, in]
     b = view_tensor(*t.lora_b, t.lora_owner).to(torch::kFloat32);  // [out, r]
+    // Checked before the merge so the message names the adapter, not the base weight.
+    for (const auto* f : {t.lora_a, t.lora_b})
+      if (!torch::isfinite(f == t.lora_a ? a : b).all().item<bool>())
+        fail(t.lora_file, "tensor '" + f->name + "'", "non-finite values in the adapter; nothing written");
   }
   const int64_t step = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(1, cols));
   const size_t row_bytes = static_cast<size_t>(cols) * dtype_size(s.dtype);
@@ -308,7 +313,7 @@ void write_tensor(const OutTensor& t, const Sink& sink) {
     // a model that loads and produces garbage.
     if (!torch::isfinite(out).all().item<bool>())
       fail(t.file, "tensor '" + t.name + "'", std::string("non-finite values after the ") + (merge ? "merge" : "cast") + " to " +
-                           torch_dtype_name(t.dtype) + (merge ? " (in the adapter's factors, or past the dtype's range)" : "") +
+                           torch_dtype_name(t.dtype) + (merge ? " (past the dtype's range)" : "") +
                            "; nothing written");
     sink(out.data_ptr(), static_cast<size_t>(out.numel()) * out.element_size());
     if (t.release)
@@ -615,6 +620,7 @@ std::vector<OutTensor> plan_merge(const AdapterPlan& ap, const std::shared_ptr<S
         o.lora_a = a->second;
         o.lora_b = lora_b.at(name);
         o.lora_owner = ap.file;
+        o.lora_file = ap.file_path;
         o.scale = scale;
       }
     }

@@ -179,6 +179,11 @@ void write_checkpoint_files(const fs::path& tmp, const model::LlamaForCausalLMIm
              {"base_sample", st.base_sample},
              // Every file written so far: weights, optimizer state, configs, tokenizer.
              {"files", io::digest_directory(tmp.string(), written)}};
+  if (!st.unlogged_metrics.empty()) {
+    json lost = json::array();
+    for (const auto& line : st.unlogged_metrics) lost.push_back(json::parse(line));
+    ts["unlogged_metrics"] = lost;
+  }
   write_text((tmp / "trainer_state.json").string(), ts.dump(2));
   write_text((tmp / "run_config.json").string(), with_absolute_paths(to_json(cfg)).dump(2));
   write_text((tmp / "COMPLETE").string(), "ok\n");
@@ -302,6 +307,17 @@ json read_state_file(const std::string& dir, TrainerState& st) {
     for (const auto& x : b) {
       if (!x.is_number()) f.expected("base_sample", "a list of numbers");
       st.base_sample.push_back(x.get<double>());
+    }
+  }
+  if (ts.contains("unlogged_metrics")) {
+    const json& u = ts["unlogged_metrics"];
+    if (!u.is_array()) f.expected("unlogged_metrics", "a list of metrics records");
+    for (const auto& r : u) {
+      // Appended to metrics.jsonl on resume, where every record has a step at or before this one.
+      if (!r.is_object() || !r.contains("step") || !r["step"].is_number_integer() || r["step"].get<int64_t>() < 0 ||
+          r["step"].get<int64_t>() > st.step)
+        f.expected("unlogged_metrics", "a list of records (objects) with a step from 0 to step");
+      st.unlogged_metrics.push_back(r.dump());
     }
   }
   return ts;

@@ -194,21 +194,23 @@ bool all_finite(const std::vector<torch::Tensor>& params) {
 // metrics.jsonl keeps the records of steps up to `step`: those logged after the
 // resumed checkpoint (or by a run that saved none) are replaced by this run's. A last
 // line without its newline is a record cut short by a crash: dropped too, or the next
-// record would be appended to it.
-void trim_metrics(const fs::path& path, int64_t step) {
+// record would be appended to it. `unlogged` (records a failed write lost, kept in the
+// checkpoint) are appended unless there already. Returns whether an eval record of
+// `step` is there: a run stopped between its save and its eval lacks one.
+bool trim_metrics(const fs::path& path, int64_t step, const std::vector<std::string>& unlogged) {
   std::error_code ec;
   // A FIFO blocked the run before its first step; a device reads without end.
   if (fs::exists(path, ec) && !fs::is_regular_file(path, ec))
     throw Error(path.string() + ": not a regular file (the run appends its metrics there)");
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return;
-  std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  in.close();
+  std::string all;
+  if (std::ifstream in(path, std::ios::binary); in)
+    all.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
   const bool cut_short = !all.empty() && all.back() != '\n';
   if (cut_short) all.erase(all.rfind('\n') + 1);  // npos + 1 == 0: the one line goes
   std::istringstream lines(all);
   std::string kept, line;
-  int64_t dropped = cut_short;
+  std::vector<nlohmann::json> records;
+  int64_t dropped = cut_short, appended = 0;
   while (std::getline(lines, line)) {
     const auto rec = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
     if (rec.is_object() && rec.contains("step") && rec["step"].is_number_integer() &&
@@ -217,8 +219,19 @@ void trim_metrics(const fs::path& path, int64_t step) {
       continue;
     }
     kept += line + "\n";
+    records.push_back(rec);
   }
-  if (dropped == 0) return;
+  for (const auto& u : unlogged) {
+    const auto rec = nlohmann::json::parse(u);
+    if (std::find(records.begin(), records.end(), rec) != records.end()) continue;
+    kept += u + "\n";
+    records.push_back(rec);
+    ++appended;
+  }
+  const bool has_eval = std::any_of(records.begin(), records.end(), [&](const nlohmann::json& r) {
+    return r.is_object() && r.contains("eval_loss") && r.value("step", nlohmann::json()) == nlohmann::json(step);
+  });
+  if (dropped == 0 && appended == 0) return has_eval;
   const fs::path tmp = path.string() + ".tmp";
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
@@ -231,8 +244,12 @@ void trim_metrics(const fs::path& path, int64_t step) {
     }
   }
   fs::rename(tmp, path);
-  spdlog::info("{}: {} records past step {} removed{} (this run logs those steps again)", path.string(), dropped,
-               step, cut_short ? ", the last one cut short" : "");
+  if (dropped > 0)
+    spdlog::info("{}: {} records past step {} removed{} (this run logs those steps again)", path.string(), dropped,
+                 step, cut_short ? ", the last one cut short" : "");
+  if (appended > 0)
+    spdlog::info("{}: {} records a failed write lost appended from the checkpoint", path.string(), appended);
+  return has_eval;
 }
 
 }  // namespace
@@ -278,7 +295,8 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
     st.data_bytes = bytes;
   }
   st.base_sample = s.base_sample;  // recorded from this save on
-  trim_metrics(fs::path(cfg.output.dir) / "metrics.jsonl", st.step);
+  const bool has_eval = trim_metrics(fs::path(cfg.output.dir) / "metrics.jsonl", st.step, st.unlogged_metrics);
+  st.unlogged_metrics.clear();
 
   install_interrupt_handlers();
   const std::string metrics_path = (fs::path(cfg.output.dir) / "metrics.jsonl").string();
@@ -289,9 +307,12 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
   bool metrics_failed = false;
   auto record = [&](const nlohmann::json& rec) {
     metrics << rec.dump() << std::endl;
-    if (!metrics && !metrics_failed) {
+    if (!metrics) {
+      // Kept in the checkpoint about to be saved; its resume appends it.
+      st.unlogged_metrics.push_back(rec.dump());
+      if (!metrics_failed)
+        spdlog::error("{}: write failed ({}): saving a checkpoint and stopping", metrics_path, std::strerror(errno));
       metrics_failed = true;
-      spdlog::error("{}: write failed ({}): saving a checkpoint and stopping", metrics_path, std::strerror(errno));
     }
   };
 
@@ -316,6 +337,15 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
   else if (st.loss_scale == 0) st.loss_scale = tc.initial_loss_scale;
   const double fixed_scale = tc.loss_scale > 0 ? tc.loss_scale : 1.0;
   int64_t last_saved = from ? st.step : -1;
+  // Every save is followed by an eval (when data.eval is set): a run killed between
+  // the two left its checkpoint without one, and the resume would never run it.
+  if (from && s.eval_data && !has_eval) {
+    auto r = eval::perplexity(m, *s.eval_data, L, L, cfg.data.eval, tc.loss_chunk);
+    m.train();
+    spdlog::info("eval at step {} (not in metrics.jsonl: the run stopped before it): loss {:.4f}, perplexity {:.3f}",
+                 st.step, r.loss, r.perplexity);
+    record({{"step", st.step}, {"eval_loss", r.loss}, {"eval_perplexity", r.perplexity}});
+  }
   int64_t last_update = st.step;  // the weights are those after this step
   // Tests make every step from this one on non-finite (a NaN loss is hard to cause in fp32).
   const char* nonfinite_env = std::getenv("LONGLORA_TEST_NONFINITE_FROM_STEP");

@@ -29,6 +29,7 @@ struct GenerateOptions {
   // chunk's (heads, chunk, chunk) scores. Later chunks attend through the cache with
   // (heads, chunk, T) fp32 scores: 6.5 GB a chunk of 512 for a 7B at 100k tokens.
   int64_t prefill_chunk = 0;
+  std::string context = "generate";  // what errors start with (passkey names its trial)
 };
 
 // Generates after `prompt_ids` (used as given: the caller prepends BOS) and returns

@@ -88,10 +88,10 @@ struct PasskeyResult {
 // One trial: BOS + the prompt, greedy generation of as many tokens as the answer
 // encodes to (the tokenizer's encoding of the key alone, without BOS), exact match.
 // `prompt_tokens` receives the prompt's length in tokens (with BOS); `answered` the
-// generated text, decoded.
+// generated text, decoded; `context` starts generation's error messages.
 bool passkey_trial(model::LlamaForCausalLMImpl& m, const data::Tokenizer& tok,
                    const PasskeyPrompt& p, bool use_cache, int64_t* prompt_tokens = nullptr,
-                   std::string* answered = nullptr);
+                   std::string* answered = nullptr, const std::string& context = "passkey");
 
 // A trial's verdict for the log: "correct", or "wrong (answered "...")" with the answer
 // quoted and escaped. A dropped last digit and swapped digits are different failures.
