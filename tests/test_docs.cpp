@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <nlohmann/json.hpp>
 #include <regex>
+#include <sstream>
 
 #include "longlora/train/config.h"
 #include "test_util.h"
@@ -18,6 +19,18 @@ TEST(Docs, ReadmeDocumentsEveryConfigKey) {
     EXPECT_NE(readme.find((*it)[0].str()), std::string::npos)
         << (*it)[1] << ": README's configuration reference lacks the row " << (*it)[0];
   EXPECT_GT(n, 30);
+  // Every row of the table has its four cells: a bare "|" between choices split a
+  // row into more on GitHub, shifting the default into the meaning's place.
+  std::istringstream lines(readme);
+  int rows = 0;
+  for (std::string line; std::getline(lines, line);) {
+    if (!std::regex_search(line, std::regex("^\\| `[a-z_.]+` \\|"))) continue;  // a config key's row
+    int bars = 0;
+    for (size_t i = 0; i < line.size(); ++i) bars += line[i] == '|' && (i == 0 || line[i - 1] != '\\');
+    EXPECT_EQ(bars, 5) << line;
+    ++rows;
+  }
+  EXPECT_GE(rows, n);
 }
 
 TEST(Docs, ShippedConfigsLoad) {

@@ -180,9 +180,9 @@ int run(int argc, char** argv) {
   mk->add_flag("--overwrite", pc.overwrite, "replace an existing --out (only once the new corpus is complete)");
   mk->add_option("--docs", pc.docs, "number of documents")->check(integer_in(1));
   mk->add_option("--min-tokens", pc.min_tokens, "shortest document (tokens)")
-      ->check(integer_in(1, data::kMaxDocumentTokens));
+      ->check(integer_in(16, data::kMaxDocumentTokens));
   mk->add_option("--max-tokens", pc.max_tokens, "longest document (tokens)")
-      ->check(integer_in(1, data::kMaxDocumentTokens));
+      ->check(integer_in(16, data::kMaxDocumentTokens));
   mk->add_option("--min-keys", pc.min_keys, "fewest keys in a document (each with its info line and questions)")
       ->check(integer_in(1));
   mk->add_option("--max-keys", pc.max_keys, "most keys in a document (1: LongLoRA's prompt with its answer)")
@@ -191,7 +191,7 @@ int run(int argc, char** argv) {
   mk->add_option("--row-tokens", pc.row_tokens,
                  "make every document exactly N-2 tokens, so rows of seq_len N are whole documents "
                  "(BOS, text, EOS; the last document has no EOS after it, so D documents make D-1 rows; "
-                 "--min/--max-tokens unused)")
+                 "--min/--max-tokens unused; 0 = off, else at least 64)")
       ->check(integer_in(0, data::kMaxDocumentTokens));
   mk->add_option("--copy-frac", pc.copy_frac,
                  "fraction of documents that are copy drills (a random string repeated line after line)")

@@ -347,8 +347,13 @@ std::string config_reference() {
   RunConfig d;
   std::ostringstream o;
   o << "| key | type | default | meaning |\n|---|---|---|---|\n";
+  // A bare "|" between choices would start a new cell in a Markdown table.
+  auto cell = [](std::string s) {
+    for (size_t i = 0; (i = s.find('|', i)) != std::string::npos; i += 2) s.insert(i, "\\");
+    return s;
+  };
   for (const auto& f : schema())
-    o << "| `" << f.path << "` | " << f.type << " | `" << f.get(d).dump() << "` | " << f.doc << " |\n";
+    o << "| `" << f.path << "` | " << cell(f.type) << " | `" << f.get(d).dump() << "` | " << cell(f.doc) << " |\n";
   return o.str();
 }
 

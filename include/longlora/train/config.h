@@ -17,7 +17,8 @@ struct ModelSection {
   std::string init = "pretrained";  // pretrained | random
   std::string config;             // config.json for init=random (default: <path>/config.json)
   std::string dtype = "auto";     // compute dtype: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
-  double rope_factor = 0;         // 0: ceil(seq_len / max_position_embeddings)
+  double rope_factor = 0;         // 0: the model's own, or ceil(seq_len / max_position_embeddings)
+                                  // where seq_len is past its context (resolve_rope_factor)
 };
 
 using LoraSection = lora::LoraSpec;
@@ -35,7 +36,7 @@ struct DataSection {
   std::string sft_prompt = "alpaca";  // alpaca | none (instruction records)
   int64_t seq_len = 8192;
   bool shuffle = true;
-  std::string eval;               // optional held-out data for eval_steps
+  std::string eval;               // optional held-out data, scored after every save
 };
 
 struct TrainSection {
