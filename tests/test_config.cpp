@@ -1,6 +1,9 @@
 // Run config and model config.json: validation names the file, key and expectation.
 #include <chrono>
 #include <functional>
+#include <regex>
+#include <set>
+#include <sstream>
 #include <nlohmann/json.hpp>
 
 #include "longlora/common/error.h"
@@ -79,6 +82,128 @@ TEST(RunConfig, JsonRoundTripAndReference) {
   auto back = train::parse_run_config(train::to_json(c), "roundtrip");
   EXPECT_EQ(train::to_json(back), train::to_json(c));
   EXPECT_NE(train::config_reference().find("`lora.r`"), std::string::npos);
+}
+
+// Every key of the reference, each given a non-default value (pairwise distinct where
+// not boolean), lands in its own struct member: read here from the members themselves,
+// not through the schema that parses and prints them (a key bound to the wrong member
+// round-trips through to_json unnoticed). A key added to the schema and not here fails
+// the first check.
+TEST(RunConfig, EveryKeyLandsInItsOwnMember) {
+  const auto dir = testutil::temp_dir("cfg-every-key");
+  std::filesystem::create_directories(dir + "/out");
+  std::string ids;
+  for (int i = 0; i < 100; ++i) ids += {static_cast<char>(i), '\0'};
+  testutil::write_file(dir + "/train.bin", ids);
+  testutil::write_file(dir + "/eval.bin", ids);
+  struct Key {
+    std::string key;
+    json value;
+    std::function<json(const train::RunConfig&)> member;
+  };
+  using C = const train::RunConfig&;
+  const std::vector<Key> keys = {
+      {"model.path", testutil::golden("tiny-llama/model"), [](C c) { return json(c.model.path); }},
+      {"model.init", "random", [](C c) { return json(c.model.init); }},
+      {"model.config", testutil::golden("tiny-llama/model/config.json"), [](C c) { return json(c.model.config); }},
+      {"model.dtype", "bf16", [](C c) { return json(c.model.dtype); }},
+      {"model.rope_factor", 2.5, [](C c) { return json(c.model.rope_factor); }},
+      {"lora.enabled", false, [](C c) { return json(c.lora.enabled); }},
+      {"lora.r", 7, [](C c) { return json(c.lora.r); }},
+      {"lora.alpha", 12.5, [](C c) { return json(c.lora.alpha); }},
+      {"lora.dropout", 0.05, [](C c) { return json(c.lora.dropout); }},
+      {"lora.targets", json::array({"v_proj", "down_proj"}), [](C c) { return json(c.lora.targets); }},
+      {"trainable_params", "norm", [](C c) { return json(c.trainable_params); }},
+      {"attention.s2", false, [](C c) { return json(c.attention.s2); }},
+      {"attention.group_ratio", 0.125, [](C c) { return json(c.attention.group_ratio); }},
+      {"attention.shift_mode", "roll", [](C c) { return json(c.attention.shift_mode); }},
+      {"attention.backend", "sdpa", [](C c) { return json(c.attention.backend); }},
+      {"data.train", dir + "/train.bin", [](C c) { return json(c.data.train); }},
+      {"data.format", "tokens", [](C c) { return json(c.data.format); }},
+      {"data.seq_len", 48, [](C c) { return json(c.data.seq_len); }},
+      {"data.sft_prompt", "none", [](C c) { return json(c.data.sft_prompt); }},
+      {"data.shuffle", false, [](C c) { return json(c.data.shuffle); }},
+      {"data.eval", dir + "/eval.bin", [](C c) { return json(c.data.eval); }},
+      // adamw is the only choice, so the default: see below.
+      {"train.optimizer", "adamw", [](C c) { return json(c.train.optimizer); }},
+      {"train.lr", 3.5e-4, [](C c) { return json(c.train.lr); }},
+      {"train.weight_decay", 0.02, [](C c) { return json(c.train.weight_decay); }},
+      {"train.betas", json::array({0.8, 0.95}), [](C c) { return json(c.train.betas); }},
+      {"train.eps", 1e-7, [](C c) { return json(c.train.eps); }},
+      {"train.warmup_steps", 3, [](C c) { return json(c.train.warmup_steps); }},
+      {"train.scheduler", "cosine", [](C c) { return json(c.train.scheduler); }},
+      {"train.max_steps", 11, [](C c) { return json(c.train.max_steps); }},
+      {"train.micro_batch_size", 5, [](C c) { return json(c.train.micro_batch_size); }},
+      {"train.grad_accum", 6, [](C c) { return json(c.train.grad_accum); }},
+      {"train.max_grad_norm", 0.75, [](C c) { return json(c.train.max_grad_norm); }},
+      {"train.seed", 13, [](C c) { return json(c.train.seed); }},
+      {"train.activation_checkpointing", false, [](C c) { return json(c.train.activation_checkpointing); }},
+      {"train.offload_activations", false, [](C c) { return json(c.train.offload_activations); }},
+      {"train.mlp_chunk", 17, [](C c) { return json(c.train.mlp_chunk); }},
+      {"train.max_bad_steps", 19, [](C c) { return json(c.train.max_bad_steps); }},
+      {"train.loss_scale", 128.0, [](C c) { return json(c.train.loss_scale); }},
+      {"train.initial_loss_scale", 4096.0, [](C c) { return json(c.train.initial_loss_scale); }},
+      {"train.loss_scale_window", 23, [](C c) { return json(c.train.loss_scale_window); }},
+      {"train.loss_chunk", 29, [](C c) { return json(c.train.loss_chunk); }},
+      {"output.dir", dir + "/out", [](C c) { return json(c.output.dir); }},
+      {"output.save_steps", 31, [](C c) { return json(c.output.save_steps); }},
+      {"output.keep_last", 37, [](C c) { return json(c.output.keep_last); }},
+      {"output.log_steps", 41, [](C c) { return json(c.output.log_steps); }},
+      {"device", "cpu", [](C c) { return json(c.device); }},
+  };
+
+  // The keys here are the reference's, each once.
+  const std::string ref = train::config_reference();
+  std::set<std::string> documented, here;
+  std::istringstream lines(ref);
+  std::string optimizer_row;
+  for (std::string line; std::getline(lines, line);) {
+    std::smatch m;
+    if (!std::regex_search(line, m, std::regex("^\\| `([a-z0-9_.]+)` \\|"))) continue;
+    EXPECT_TRUE(documented.insert(m[1]).second) << m[1];
+    if (m[1] == "train.optimizer") optimizer_row = line;
+  }
+  for (const auto& k : keys) EXPECT_TRUE(here.insert(k.key).second) << k.key;
+  EXPECT_EQ(here, documented);
+  EXPECT_GT(documented.size(), 40u);
+  // Non-default values: all but train.optimizer, whose one choice is its default (a
+  // second optimizer must be given here).
+  const train::RunConfig d;
+  for (const auto& k : keys)
+    if (k.key != "train.optimizer") EXPECT_NE(k.member(d), k.value) << k.key << " is given its default";
+  EXPECT_EQ(optimizer_row.rfind("| `train.optimizer` | adamw | `\"adamw\"` |", 0), 0u) << optimizer_row;
+  // Distinct, so that a key read into another member of its type shows.
+  for (size_t a = 0; a < keys.size(); ++a)
+    for (size_t b = a + 1; b < keys.size(); ++b)
+      if (!keys[a].value.is_boolean()) EXPECT_NE(keys[a].value, keys[b].value) << keys[a].key << ", " << keys[b].key;
+
+  // One file with every key, loaded as a run loads it.
+  json file = json::object();
+  for (const auto& k : keys) {
+    std::string ptr = "/" + k.key;
+    std::replace(ptr.begin(), ptr.end(), '.', '/');
+    file[json::json_pointer(ptr)] = k.value;
+  }
+  testutil::write_file(dir + "/every.json", file.dump(2));
+  const auto c = train::load_run_config(dir + "/every.json");
+  for (const auto& k : keys) EXPECT_EQ(k.member(c), k.value) << k.key;
+  // What to_json writes of it reads back into the same members (the writing side's
+  // binding, which the round trip of a default config cannot see).
+  const auto back = train::parse_run_config(train::to_json(c), "to_json");
+  for (const auto& k : keys) EXPECT_EQ(k.member(back), k.value) << k.key << " after to_json";
+  // Each key alone, as --set gives it: its member takes the value and no other member
+  // moves off its default (booleans, all false here, show a swap only this way).
+  for (const auto& k : keys) {
+    train::RunConfig one;
+    EXPECT_EQ(train::apply_override(one, k.key + "=" + k.value.dump()), k.key);
+    EXPECT_EQ(k.member(one), k.value) << "--set " << k.key;
+    for (const auto& other : keys)
+      if (other.key != k.key) EXPECT_EQ(other.member(one), other.member(d)) << "--set " << k.key << " moved " << other.key;
+  }
+  // And the values are a run's: a dry run accepts the file and prints it back.
+  const auto r = testutil::run_cli("--config " + dir + "/every.json --dry-run");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(json::parse(r.out), train::to_json(c));
 }
 
 TEST(RunConfig, CliDryRunAndErrors) {

@@ -597,9 +597,10 @@ TEST(DataBadInput, MakeDataFlagsAreCheckedInOneLine) {
            {" --docs abc", "error: --docs: expected an integer, got 'abc'\n"},
            {" --max-asks 0", "error: --max-asks: expected an integer >= 1, got 0\n"},
            {" --seed -1", "error: --seed: expected an integer >= 0, got -1\n"},
-           {" --max-tokens 5000000000", "error: --max-tokens: expected an integer in [1, 4194304], got 5000000000\n"}}) {
+           {" --max-tokens 5000000000", "error: --max-tokens: expected an integer in [16, 4194304], got 5000000000\n"},
+           {" --min-tokens 8", "error: --min-tokens: expected an integer in [16, 4194304], got 8\n"}}) {
     const auto r = testutil::run_cli(base + flag);
-    EXPECT_NE(r.code, 0) << flag;
+    EXPECT_EQ(r.code, 2) << flag;  // a command line that does not parse
     EXPECT_EQ(r.err, want) << flag;
   }
   EXPECT_FALSE(std::filesystem::exists("/tmp/never.jsonl"));

@@ -2,6 +2,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <filesystem>
 #include <map>
 #include <set>
 #include <sstream>
@@ -86,6 +87,31 @@ model::LlamaForCausalLM chain_model(const std::vector<int>& chain) {
   }
   EXPECT_TRUE(torch::equal(params["model.norm.weight"], torch::ones({cfg.hidden_size})));
   return m;
+}
+
+// chain_model(chain) saved as a model directory the command line loads: a copy of the
+// golden one (config, tokenizer, shards) whose every weight is the chain model's, in
+// the file's dtype (the chain's 0, 1 and 10 are exact in any of them).
+std::string save_chain_model(const std::string& dst, const std::vector<int>& chain) {
+  auto m = chain_model(chain);
+  const auto params = m->named_parameters();
+  std::filesystem::copy(model_dir(), dst);
+  size_t written = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dst)) {
+    if (e.path().extension() != ".safetensors") continue;
+    std::vector<std::pair<std::string, torch::Tensor>> ts;
+    for (auto& [name, t] : io::load_tensors(e.path().string())) {
+      const auto* p = params.find(name);
+      EXPECT_NE(p, nullptr) << name << " is no parameter of the model";
+      if (p == nullptr) continue;
+      EXPECT_EQ(p->sizes(), t.sizes()) << name;
+      ts.emplace_back(name, p->detach().to(t.scalar_type()).contiguous());
+      ++written;
+    }
+    io::save_tensors(e.path().string(), ts);
+  }
+  EXPECT_EQ(written, params.size()) << "the shards lack some of the model's weights";
+  return dst;
 }
 
 }  // namespace
@@ -595,59 +621,126 @@ TEST(GenerateCli, TopKReachesTheSampler) {
 }
 
 TEST(GenerateCli, BadInputIsOneLine) {
-  for (const std::string& args : std::vector<std::string>{"generate --prompt hi", "generate --model " + model_dir(),
-        "generate --model " + model_dir() + " --prompt hi --prompt-file /nonexistent",
-        "generate --model " + model_dir() + " --prompt hi --top-p 0",
-        "generate --model " + model_dir() + " --prompt hi --top-k -1",
-        "generate --model " + model_dir() + " --prompt hi --max-new-tokens 0"}) {
+  const std::string m = "generate --model " + model_dir();
+  for (const auto& [args, want] : std::vector<std::pair<std::string, std::string>>{
+           {"generate --prompt hi", "error: generate: --model DIR is required\n"},
+           {m, "error: generate: give exactly one of --prompt TEXT (not empty) and --prompt-file FILE\n"},
+           // Both given: refused as such before the file is looked at.
+           {m + " --prompt hi --prompt-file /nonexistent",
+            "error: generate: give exactly one of --prompt TEXT (not empty) and --prompt-file FILE\n"},
+           {m + " --prompt-file /nonexistent", "error: /nonexistent: cannot read the prompt file: No such file or directory\n"},
+           {m + " --prompt hi --top-p 0", "error: generate: --top-p must be in (0, 1]\n"},
+           {m + " --prompt hi --top-k -1", "error: --top-k: expected an integer >= 0, got -1\n"},
+           {m + " --prompt hi --max-new-tokens 0", "error: generate: --max-new-tokens must be positive, got 0\n"}}) {
     auto r = testutil::run_cli(args);
-    EXPECT_NE(r.code, 0) << args;
-    EXPECT_EQ(lines(r.err), 1u) << args << "\n" << r.err;
+    // 2 where the command line does not parse (a value outside its flag's range), else 1.
+    EXPECT_EQ(r.code, want.find(": expected ") != std::string::npos ? 2 : 1) << args;
+    EXPECT_EQ(r.err, want) << args;  // one line, naming the flag and the reason
+    EXPECT_EQ(r.out, "") << args;
   }
 }
 
 TEST(PasskeyCli, PrintsJsonAccuracyPerLength) {
-  auto r = testutil::run_cli("eval --task passkey --model " + model_dir() +
-                             " --lengths 300,600 --trials 3 --seed 1 --json --device cpu");
+  // A saved chain_model that answers one key, trial 0's, after the question: over 4
+  // trials whose other keys are as many tokens but other tokens it scores exactly 1/4
+  // at each length (the oracle: which trial it answers is known before it runs). The
+  // seed is the first for which the draws are so; the CLI measures the tokenizer's
+  // characters a token, as here. The lengths hold 1024 and 2048 filler characters
+  // (300 and 600 held none: the same 157-token prompt twice), so the key sits at a
+  // drawn depth in prompts of two sizes.
+  const double cpt = eval::passkey_chars_per_token(tokenizer());
+  const std::vector<int64_t> L{700, 1400};
+  const int64_t trials = 4;
+  uint64_t seed = 0;
+  std::vector<int> key0;
+  for (;; ++seed) {
+    ASSERT_LT(seed, 200u);
+    key0 = tokenizer().encode(std::to_string(eval::passkey_draw(L[0], seed, 0, cpt).key));
+    bool fits = std::set<int>(key0.begin(), key0.end()).size() == key0.size();
+    for (int64_t len : L) {
+      fits = fits && tokenizer().encode(std::to_string(eval::passkey_draw(len, seed, 0, cpt).key)) == key0;
+      for (int64_t t = 1; t < trials; ++t) {
+        const auto k = tokenizer().encode(std::to_string(eval::passkey_draw(len, seed, t, cpt).key));
+        fits = fits && k.size() == key0.size() && k != key0;
+      }
+    }
+    if (fits) break;
+  }
+  const auto d0 = eval::passkey_draw(L[0], seed, 0, cpt);
+  const int question_end = with_bos(eval::passkey_prompt(L[0], d0.key, d0.split, cpt).prompt).back();
+  // Every trial's prompt ends with the same token, the one the chain starts from.
+  for (int64_t len : L)
+    for (int64_t t = 0; t < trials; ++t) {
+      const auto d = eval::passkey_draw(len, seed, t, cpt);
+      ASSERT_EQ(with_bos(eval::passkey_prompt(len, d.key, d.split, cpt).prompt).back(), question_end) << len << " " << t;
+    }
+  std::vector<int> chain{question_end};
+  chain.insert(chain.end(), key0.begin(), key0.end());
+  const auto dir = testutil::temp_dir("passkey-chain");
+  const std::string m = save_chain_model(dir + "/model", chain);
+  const std::string key0_text = std::to_string(d0.key);
+
+  const std::string args = "eval --task passkey --model " + m + " --lengths 700,1400 --trials " +
+                           std::to_string(trials) + " --seed " + std::to_string(seed) + " --device cpu";
+  auto r = testutil::run_cli(args + " --json");
   ASSERT_EQ(r.code, 0) << r.err;
   auto j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j["task"], "passkey");
-  EXPECT_EQ(j["lengths"], nlohmann::json({300, 600}));
-  EXPECT_EQ(j["trials"], 3);
-  EXPECT_EQ(j["prompt_tokens"].size(), 2u);
-  ASSERT_EQ(j["accuracy"].size(), 2u);
-  for (auto& a : j["accuracy"]) {
-    EXPECT_GE(a.get<double>(), 0.0);
-    EXPECT_LE(a.get<double>(), 1.0);
-  }
+  EXPECT_EQ(j["lengths"], nlohmann::json({700, 1400}));
+  EXPECT_EQ(j["trials"], trials);
+  EXPECT_EQ(j["seed"], seed);
+  ASSERT_EQ(j["prompt_tokens"].size(), 2u);
+  EXPECT_LT(j["prompt_tokens"][0], j["prompt_tokens"][1]);  // two prompt sizes ran
+  EXPECT_EQ(j["accuracy"], nlohmann::json({0.25, 0.25})) << "seed " << seed << ", key " << key0_text;
   // Readable form: one line per length.
-  auto t = testutil::run_cli("eval --task passkey --model " + model_dir() + " --lengths 300,600 --trials 1 --device cpu");
+  auto t = testutil::run_cli(args);
   ASSERT_EQ(t.code, 0) << t.err;
   EXPECT_EQ(lines(t.out), 2u) << t.out;
-  EXPECT_EQ(t.out.rfind("passkey length 300: accuracy ", 0), 0u) << t.out;
+  EXPECT_EQ(t.out.rfind("passkey length 700: accuracy 0.25 (1/4 trials, prompts of ", 0), 0u) << t.out;
+  EXPECT_NE(t.out.find("\npasskey length 1400: accuracy 0.25 (1/4 trials, prompts of "), std::string::npos) << t.out;
   // Progress on stderr: a wrong trial says what the model answered, escaped, so every
   // line is a log record of its own (spdlog's "[time]" prefix) even if the answer has a newline.
   std::istringstream err(t.err);
   for (std::string line; std::getline(err, line);) EXPECT_EQ(line.rfind('[', 0), 0u) << line;
-  // The tiny model's context is 128 positions: both lengths are past it, and it says so.
-  EXPECT_NE(t.err.find("passkey length 300 is past the model's context (128 positions x rope factor 1 = 128)"),
-            std::string::npos) << t.err;
-  EXPECT_NE(t.err.find("passkey length 600 is past"), std::string::npos) << t.err;
-  for (const char* w : {"wrong (answered \"", "correct"}) {
-    if (t.err.find(w) != std::string::npos) return;
+  // One verdict a trial: trial 1 (the key the model says) correct, the others wrong
+  // with trial 1's key as the answer, so "correct" comes accuracy x trials = 1 time a length.
+  for (int64_t len : L) {
+    for (int64_t k = 0; k < trials; ++k) {
+      const std::string head = "passkey length " + std::to_string(len) + ": trial " + std::to_string(k + 1) + "/4 (";
+      const std::string verdict = k == 0 ? "): correct [" : "): wrong (answered \"" + key0_text + "\") [";
+      const auto at = t.err.find(head);
+      ASSERT_NE(at, std::string::npos) << head << "\n" << t.err;
+      const auto line = t.err.substr(at, t.err.find('\n', at) - at);
+      EXPECT_NE(line.find(", key " + std::to_string(eval::passkey_draw(len, seed, k, cpt).key) + " after "),
+                std::string::npos) << line;
+      EXPECT_NE(line.find(verdict), std::string::npos) << line;
+    }
   }
-  ADD_FAILURE() << "no trial verdict in the log:\n" << t.err;
+  EXPECT_EQ(count_of(t.err, "): correct ["), 2u) << t.err;
+  EXPECT_EQ(count_of(t.err, "): wrong (answered \""), 6u) << t.err;
+  // The tiny model's context is 128 positions: both lengths are past it, and it says so.
+  EXPECT_NE(t.err.find("passkey length 700 is past the model's context (128 positions x rope factor 1 = 128)"),
+            std::string::npos) << t.err;
+  EXPECT_NE(t.err.find("passkey length 1400 is past"), std::string::npos) << t.err;
+  EXPECT_EQ(t.err.find("give the same prompts"), std::string::npos) << t.err;
+  longlora::remove_tree(dir);
 }
 
 TEST(PasskeyCli, BadInputIsOneLine) {
   const std::string m = " --model " + model_dir();
-  for (const std::string& args : std::vector<std::string>{"eval --task passkey" + m + " --lengths 0", "eval --task passkey --lengths 1024",
-                                 "eval --task passkey" + m, "eval --task passkey" + m + " --lengths 512 --trials 0",
-                                 "eval --task nope" + m, "eval" + m + " --seq-len 64",
-                                 "eval" + m + " --data x.bin"}) {
+  for (const auto& [args, want] : std::vector<std::pair<std::string, std::string>>{
+           {"eval --task passkey" + m + " --lengths 0", "error: --lengths: expected an integer in [1, 4194304], got 0\n"},
+           {"eval --task passkey --lengths 1024", "error: eval: --model DIR is required\n"},
+           {"eval --task passkey" + m, "error: eval: --task passkey needs --lengths L[,L2,...] (tokens)\n"},
+           {"eval --task passkey" + m + " --lengths 512 --trials 0", "error: --trials: expected an integer >= 1, got 0\n"},
+           {"eval --task nope" + m, "error: eval: --task must be perplexity or passkey, got 'nope'\n"},
+           {"eval" + m + " --seq-len 64", "error: eval: --task perplexity needs --data FILE\n"},
+           {"eval" + m + " --data x.bin", "error: eval: --task perplexity needs --seq-len L[,L2,...]\n"}}) {
     auto r = testutil::run_cli(args);
-    EXPECT_NE(r.code, 0) << args;
-    EXPECT_EQ(lines(r.err), 1u) << args << "\n" << r.err;
+    // 2 where the command line does not parse (a value outside its flag's range), else 1.
+    EXPECT_EQ(r.code, want.find(": expected ") != std::string::npos ? 2 : 1) << args;
+    EXPECT_EQ(r.err, want) << args;  // one line, naming the flag and the reason
+    EXPECT_EQ(r.out, "") << args;
   }
 }
 
@@ -699,7 +792,8 @@ TEST(EvalCli, FlagsAreCheckedBeforeAnyResultInOneLine) {
            {"eval --task passkey" + m + " --lengths 256 --protocol longlora",
             "error: eval: --protocol is for --task perplexity, not passkey\n"}}) {
     const auto r = testutil::run_cli(args);
-    EXPECT_NE(r.code, 0) << args;
+    // 2 where the command line does not parse (a value outside its flag's range), else 1.
+    EXPECT_EQ(r.code, want.find(": expected ") != std::string::npos ? 2 : 1) << args;
     EXPECT_EQ(r.err, want) << args;
     EXPECT_EQ(r.out, "") << args;
   }
@@ -726,7 +820,8 @@ TEST(GenerateCli, EmptyPromptFilesAndOutOfRangeSamplingAreRefused) {
            {" --prompt hi --temperature inf", "--temperature must be finite and >= 0"},
            {" --prompt hi --seed -1", "--seed: expected an integer >= 0, got -1"}}) {
     const auto r = testutil::run_cli(m + args);
-    EXPECT_NE(r.code, 0) << args;
+    // 2 where the command line does not parse (a value outside its flag's range), else 1.
+    EXPECT_EQ(r.code, want.find(": expected ") != std::string::npos ? 2 : 1) << args;
     EXPECT_EQ(r.out, "") << args;
     EXPECT_EQ(lines(r.err), 1u) << args << "\n" << r.err;
     EXPECT_NE(r.err.find(want), std::string::npos) << args << "\n" << r.err;

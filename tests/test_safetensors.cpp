@@ -1,6 +1,8 @@
 // safetensors reader/writer: round trip, and every malformed file is a one-line
 // error naming the file and the tensor.
+#include <algorithm>
 #include <chrono>
+#include <tuple>
 #include <functional>
 #include <nlohmann/json.hpp>
 
@@ -59,6 +61,178 @@ TEST(Safetensors, RoundTripAllDtypes) {
     EXPECT_EQ(back[n].scalar_type(), t.scalar_type()) << n;
     EXPECT_TRUE(torch::equal(back[n], t)) << n;
   }
+}
+
+namespace {
+
+// A safetensors file split as the specification lays it out, by hand (not io's reader):
+// 8-byte little-endian header length N, N bytes of JSON header, then the data.
+struct RawFile {
+  uint64_t n = 0;
+  std::string header;  // the N bytes, padding included
+  nlohmann::json json;
+  std::string data;
+};
+
+RawFile split_raw(const std::string& bytes) {
+  RawFile r;
+  EXPECT_GE(bytes.size(), 8u);
+  if (bytes.size() < 8) return r;
+  for (int i = 0; i < 8; ++i) r.n |= static_cast<uint64_t>(static_cast<uint8_t>(bytes[i])) << (8 * i);
+  EXPECT_LE(8 + r.n, bytes.size());
+  if (8 + r.n > bytes.size()) return r;
+  r.header = bytes.substr(8, r.n);
+  r.data = bytes.substr(8 + r.n);
+  r.json = nlohmann::json::parse(r.header);  // trailing spaces are JSON whitespace
+  return r;
+}
+
+// The header as the spec allows it to be padded: '{' first, then the JSON object, then
+// spaces only, so that the data starts 8-byte aligned (as Python safetensors writes it).
+void expect_spec_header(const RawFile& r, const std::string& what) {
+  ASSERT_FALSE(r.header.empty()) << what;
+  EXPECT_EQ(r.header.front(), '{') << what;
+  const size_t close = r.header.find_last_not_of(' ');
+  ASSERT_NE(close, std::string::npos) << what;
+  EXPECT_EQ(r.header[close], '}') << what;
+  EXPECT_EQ(r.header.find_first_not_of(' ', close + 1), std::string::npos) << what;
+  EXPECT_LT(r.header.size() - close - 1, 8u) << what << ": more padding than alignment needs";
+  EXPECT_EQ((8 + r.n) % 8, 0u) << what;
+}
+
+std::string bytes_of(std::initializer_list<uint8_t> b) { return std::string(b.begin(), b.end()); }
+
+}  // namespace
+
+TEST(Safetensors, WriterBytesFollowTheSpecification) {
+  // The writer against the safetensors specification, not against our reader (a bug
+  // both share, in a dtype tag, the header or the offsets, would round-trip): every
+  // tensor's bytes are spelled out here as IEEE / two's-complement little-endian.
+  const auto dir = testutil::temp_dir("st-spec");
+  std::vector<std::pair<std::string, torch::Tensor>> ts = {
+      {"w.f32", torch::tensor({1.0f, -2.5f, 0.15625f, 3.0f}).reshape({2, 2})},
+      {"b.bf16", torch::tensor({1.0f, -2.0f, 0.5f}).to(torch::kBFloat16)},
+      {"h.f16", torch::tensor({1.0f, -2.0f}).to(torch::kFloat16).reshape({1, 2})},
+      {"ids.i64", torch::tensor({int64_t{1}, int64_t{-2}, int64_t{0x0102030405060708}}, torch::kInt64).reshape({3, 1})},
+      {"n.i32", torch::tensor({-1, 0x01020304}, torch::kInt32)}};
+  // name -> (spec dtype, shape, the little-endian bytes)
+  const std::map<std::string, std::tuple<std::string, std::vector<int64_t>, std::string>> want = {
+      {"w.f32",
+       {"F32",
+        {2, 2},
+        bytes_of({0x00, 0x00, 0x80, 0x3f,     // 1.0    0x3f800000
+                  0x00, 0x00, 0x20, 0xc0,     // -2.5   0xc0200000
+                  0x00, 0x00, 0x20, 0x3e,     // 0.15625 0x3e200000
+                  0x00, 0x00, 0x40, 0x40})}},  // 3.0   0x40400000
+      {"b.bf16", {"BF16", {3}, bytes_of({0x80, 0x3f, 0x00, 0xc0, 0x00, 0x3f})}},  // 0x3f80 0xc000 0x3f00
+      {"h.f16", {"F16", {1, 2}, bytes_of({0x00, 0x3c, 0x00, 0xc0})}},             // 0x3c00 0xc000
+      {"ids.i64",
+       {"I64",
+        {3, 1},
+        bytes_of({0x01, 0, 0, 0, 0, 0, 0, 0,                             // 1
+                  0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,        // -2
+                  0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01})}},    // 0x0102030405060708
+      {"n.i32", {"I32", {2}, bytes_of({0xff, 0xff, 0xff, 0xff, 0x04, 0x03, 0x02, 0x01})}}};
+
+  const std::string path = dir + "/spec.safetensors";
+  io::save_tensors(path, ts, {{"format", "pt"}});
+  const std::string bytes = testutil::read_file(path);
+  const RawFile raw = split_raw(bytes);
+  expect_spec_header(raw, path);
+
+  // The header, offsets aside: exactly these entries and the metadata, nothing more.
+  nlohmann::json header = raw.json;
+  nlohmann::json want_header = {{"__metadata__", {{"format", "pt"}}}};
+  std::vector<std::tuple<uint64_t, uint64_t, std::string>> spans;  // begin, end, name
+  for (const auto& [name, w] : want) {
+    const auto& [dtype, shape, data] = w;
+    ASSERT_TRUE(header.contains(name)) << name << " in " << raw.header;
+    ASSERT_TRUE(header[name].contains("data_offsets")) << name;
+    const auto off = header[name]["data_offsets"].get<std::vector<uint64_t>>();
+    ASSERT_EQ(off.size(), 2u) << name;
+    header[name].erase("data_offsets");
+    want_header[name] = {{"dtype", dtype}, {"shape", shape}};
+    // Offsets are relative to the start of the data section.
+    ASSERT_EQ(off[1] - off[0], data.size()) << name;
+    ASSERT_LE(off[1], raw.data.size()) << name;
+    EXPECT_EQ(raw.data.substr(off[0], off[1] - off[0]), data) << name;
+    spans.emplace_back(off[0], off[1], name);
+  }
+  EXPECT_EQ(header, want_header);
+  // The entries tile the data section with no gap or overlap, and nothing follows it.
+  std::sort(spans.begin(), spans.end());
+  uint64_t at = 0;
+  for (const auto& [b, e, name] : spans) {
+    EXPECT_EQ(b, at) << name;
+    at = e;
+  }
+  EXPECT_EQ(at, raw.data.size());
+  EXPECT_EQ(bytes.size(), 8 + raw.n + at);
+}
+
+TEST(Safetensors, ReadsFilesThePythonLibraryWrote) {
+  // golden/ was written by Python safetensors (transformers / torch). Its layout is the
+  // one expect_spec_header checks our writer against; and our reader finds in it what
+  // config.json, eval.bin and the golden README say is there, at the bytes the header
+  // (parsed by hand) points to.
+  const std::string golden = testutil::golden("tiny-llama/golden.safetensors");
+  const RawFile raw = split_raw(testutil::read_file(golden));
+  expect_spec_header(raw, golden);
+  io::SafetensorsFile f(golden);
+  // input_ids: I64 [1, 128], the first 128 uint16 token ids of eval.bin.
+  const auto& ids = f.get("input_ids");
+  EXPECT_EQ(ids.dtype, io::DType::I64);
+  EXPECT_EQ(ids.shape, (std::vector<int64_t>{1, 128}));
+  const std::string eval = testutil::read_file(testutil::golden("tiny-llama/eval.bin"));
+  ASSERT_GE(eval.size(), 256u);
+  ASSERT_EQ(ids.nbytes, 128u * 8);
+  std::string want_ids;
+  for (int i = 0; i < 128; ++i) {
+    want_ids += eval.substr(2 * i, 2);  // uint16 LE widened to int64 LE: zero-extended
+    want_ids.append(6, '\0');
+  }
+  EXPECT_EQ(std::string(static_cast<const char*>(ids.data), ids.nbytes), want_ids);
+  const auto off = raw.json["input_ids"]["data_offsets"].get<std::vector<uint64_t>>();
+  EXPECT_EQ(raw.data.substr(off[0], off[1] - off[0]), want_ids);
+  const auto cfg = testutil::read_json(testutil::golden("tiny-llama/model/config.json"));
+  const int64_t vocab = cfg["vocab_size"], hidden = cfg["hidden_size"], inter = cfg["intermediate_size"];
+  const int64_t heads = cfg["num_attention_heads"], kv = cfg["num_key_value_heads"], hd = hidden / heads;
+  EXPECT_EQ(f.get("logits").dtype, io::DType::F32);
+  EXPECT_EQ(f.get("logits").shape, (std::vector<int64_t>{1, 128, vocab}));
+
+  // The merged model (transformers' save_pretrained): every weight's shape follows from
+  // config.json, fp32 as its torch_dtype says, and its bytes are where the header says.
+  const std::string merged = testutil::golden("tiny-llama/merged/model.safetensors");
+  const RawFile mraw = split_raw(testutil::read_file(merged));
+  expect_spec_header(mraw, merged);
+  ASSERT_EQ(cfg["torch_dtype"], "float32");
+  std::map<std::string, std::vector<int64_t>> shapes = {{"model.embed_tokens.weight", {vocab, hidden}},
+                                                        {"model.norm.weight", {hidden}},
+                                                        {"lm_head.weight", {vocab, hidden}}};
+  for (int l = 0; l < cfg["num_hidden_layers"].get<int>(); ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    shapes[p + "self_attn.q_proj.weight"] = {heads * hd, hidden};
+    shapes[p + "self_attn.k_proj.weight"] = {kv * hd, hidden};
+    shapes[p + "self_attn.v_proj.weight"] = {kv * hd, hidden};
+    shapes[p + "self_attn.o_proj.weight"] = {hidden, heads * hd};
+    shapes[p + "mlp.gate_proj.weight"] = {inter, hidden};
+    shapes[p + "mlp.up_proj.weight"] = {inter, hidden};
+    shapes[p + "mlp.down_proj.weight"] = {hidden, inter};
+    shapes[p + "input_layernorm.weight"] = {hidden};
+    shapes[p + "post_attention_layernorm.weight"] = {hidden};
+  }
+  io::SafetensorsFile m(merged);
+  std::map<std::string, std::vector<int64_t>> got;
+  for (const auto& t : m.tensors()) {
+    if (io::is_stale_buffer(t.name)) continue;
+    got[t.name] = t.shape;
+    EXPECT_EQ(t.dtype, io::DType::F32) << t.name;
+    const auto o = mraw.json[t.name]["data_offsets"].get<std::vector<uint64_t>>();
+    EXPECT_EQ(t.nbytes, o[1] - o[0]) << t.name;
+    EXPECT_EQ(std::string(static_cast<const char*>(t.data), t.nbytes), mraw.data.substr(o[0], o[1] - o[0])) << t.name;
+  }
+  EXPECT_EQ(got, shapes);
+  EXPECT_EQ(m.metadata().at("format"), mraw.json["__metadata__"]["format"].get<std::string>());
 }
 
 TEST(Safetensors, AllFiniteAgreesWithTorchOnEveryBitPattern) {

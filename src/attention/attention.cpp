@@ -44,6 +44,13 @@ std::string to_string(Backend b) {
   return "?";
 }
 
+int64_t visible_pairs(int64_t L, int64_t G, Mode mode, bool shifted) {
+  auto tri = [](int64_t n) { return n * (n + 1) / 2; };
+  if (mode == Mode::Full || G == L) return tri(L);
+  if (!shifted || mode == Mode::Roll) return (L / G) * tri(G);  // Roll: whole rolled groups
+  return 2 * tri(G / 2) + (L / G - 1) * tri(G);                  // Segments: two half groups at the ends
+}
+
 int64_t check_s2_shape(int64_t H, int64_t Hkv, int64_t L, int64_t group, Mode mode, const std::string& group_field,
                        const std::string& heads_field) {
   if (Hkv <= 0 || H % Hkv != 0)

@@ -3,6 +3,8 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 #include <iostream>
 #include <limits>
@@ -36,7 +38,7 @@ int run_generate(const GenerateArgs& a) {
   if (!a.prompt_file.empty()) {
     check_not_directory(a.prompt_file, "--prompt-file");
     std::ifstream in(a.prompt_file, std::ios::binary);
-    if (!in) throw Error(a.prompt_file + ": cannot read the prompt file");
+    if (!in) throw Error(a.prompt_file + ": cannot read the prompt file: " + std::strerror(errno));
     std::ostringstream ss;
     ss << in.rdbuf();
     prompt = ss.str();

@@ -229,7 +229,9 @@ int run(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    // CLI11's own codes (105 for a failed check, 109 for an unknown flag) mean nothing
+    // to a script; a command-line error exits 2, as a missing --config does.
+    return app.exit(e) == 0 ? 0 : 2;
   }
 
   try {

@@ -133,10 +133,14 @@ int run_train_bench(const TrainBenchOptions& o) {
   // Model FLOPs: matmul params (6 per token: fwd + bwd) + attention over visible pairs.
   const double per_layer_w = mc.hidden_size * ((H + 2 * Hkv) * D) + H * D * mc.hidden_size +
                              3.0 * mc.hidden_size * mc.intermediate_size;
-  const double G = c.attention.s2 ? static_cast<double>(s.train_forward.attn.group) : static_cast<double>(L);
-  const double pairs = L * (G + 1) / 2.0;  // causal inside groups, per head
+  // Per head: in segments mode the shifted half sees fewer pairs (its end segments are half groups).
+  const auto& attn = s.train_forward.attn;
+  const int64_t G = c.attention.s2 ? attn.group : L;
+  const attention::Mode mode = c.attention.s2 ? attn.mode : attention::Mode::Full;
+  double pairs = 0;  // summed over the heads
+  for (int64_t h = 0; h < H; ++h) pairs += static_cast<double>(attention::visible_pairs(L, G, mode, h >= H / 2));
   const double flops = 6.0 * L * (per_layer_w * mc.num_hidden_layers + mc.hidden_size * mc.vocab_size) +
-                       mc.num_hidden_layers * 4.0 * 3.0 * H * D * pairs;
+                       mc.num_hidden_layers * 4.0 * 3.0 * D * pairs;
   const std::string dev = device_name(s.device);
   // Counted on the batch the step ran, not from the config that asked for it.
   const int64_t step_tokens = ids.numel();

@@ -37,6 +37,10 @@ int64_t check_s2_shape(int64_t H, int64_t Hkv, int64_t L, int64_t group, Mode mo
                        const std::string& group_field = "attention.group_ratio",
                        const std::string& heads_field = "attention");
 
+// Visible (query, key) pairs of one head (the causal diagonal included): what the
+// benchmarks count as work. `shifted`: a head of the second half.
+int64_t visible_pairs(int64_t L, int64_t G, Mode mode, bool shifted);
+
 struct Options {
   Mode mode = Mode::Full;
   int64_t group = 0;  // tokens per group; ignored in Full mode

@@ -30,14 +30,6 @@ namespace longlora::attention {
 #ifdef LONGLORA_WITH_CUDA
 namespace {
 
-// Visible (query, key) pairs of one head: the S2 rule of attention.h.
-int64_t visible_pairs(int64_t L, int64_t G, Mode mode, bool shifted) {
-  auto tri = [](int64_t n) { return n * (n + 1) / 2; };
-  if (mode == Mode::Full || G == L) return tri(L);
-  if (!shifted || mode == Mode::Roll) return (L / G) * tri(G);  // Roll: whole rolled groups
-  return 2 * tri(G / 2) + (L / G - 1) * tri(G);                  // Segments: two halves
-}
-
 struct BenchResult {
   std::string backend;
   double fwd_ms = NAN, fwdbwd_ms = NAN;
