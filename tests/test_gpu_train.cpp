@@ -125,6 +125,19 @@ TEST(GpuTrain, AResumeMovesBetweenTheCpuAndTheGpu) {
     const auto got = testutil::metric_losses(d + "/out/metrics.jsonl");
     ASSERT_EQ(got.size(), 6u);
     for (size_t i = 3; i < 6; ++i) EXPECT_NEAR(got[i], want[i], 0.02 * want[i]) << first << " -> " << second;
+    // The losses alone cannot tell: a resume that restored nothing was measured within
+    // 0.3% of them. The weights can: after the resumed steps they must lie far closer
+    // to the uninterrupted run's than those three steps moved it.
+    auto dist = [](const std::string& a, const std::string& b) {
+      const auto ta = testutil::load(a + "/adapter_model.safetensors"), tb = testutil::load(b + "/adapter_model.safetensors");
+      EXPECT_EQ(ta.size(), tb.size());
+      double sq = 0;
+      for (const auto& [name, t] : ta) sq += (t.to(torch::kFloat64) - tb.at(name).to(torch::kFloat64)).pow(2).sum().item<double>();
+      return std::sqrt(sq);
+    };
+    const double moved = dist(ref + "/out/checkpoint-6", ref + "/out/checkpoint-3");
+    ASSERT_GT(moved, 0);
+    EXPECT_LT(dist(d + "/out/checkpoint-6", ref + "/out/checkpoint-6"), 0.1 * moved) << first << " -> " << second;
   }
 }
 
@@ -139,6 +152,12 @@ TEST(GpuTrain, Fp16WithItsLossScaleFollowsTheCpuRun) {
   const auto cpu = testutil::metric_losses(c + "/out/metrics.jsonl"), gpu = testutil::metric_losses(g + "/out/metrics.jsonl");
   ASSERT_EQ(cpu.size(), 60u);
   ASSERT_EQ(gpu.size(), 60u);
+  // It ran in fp16 with the dynamic scale (a run that ignored model.dtype would follow too).
+  for (const auto& rec : testutil::metric_records(g + "/out/metrics.jsonl"))
+    ASSERT_TRUE(rec.contains("loss_scale")) << rec.dump();
+  const auto state = testutil::read_json(g + "/out/checkpoint-60/trainer_state.json");
+  EXPECT_GT(state.at("loss_scale").get<double>(), 0) << state.dump();
+  EXPECT_FALSE(testutil::metric_records(c + "/out/metrics.jsonl").front().contains("loss_scale"));
   for (size_t s = 0; s < 60; s += 20) {
     double a = 0, b = 0;
     for (size_t i = s; i < s + 20; ++i) a += cpu[i] / 20, b += gpu[i] / 20;
