@@ -544,6 +544,51 @@ TEST(DataBadInput, SupervisedRecordsDroppedOrTruncatedAreCounted) {
   longlora::remove_tree(d);
 }
 
+// The cut row: the first seq_len tokens of BOS + prompt + output, no EOS (it fell past
+// the cut), every output token in the row predicted but the last position's (its next
+// token is not in the row); the dropped record is not in the rows at all.
+TEST(DataBadInput, ATruncatedSupervisedRowIsTheRecordsFirstTokens) {
+  const auto d = testutil::temp_dir("sft-cut");
+  data::Tokenizer tok(testutil::golden("tokenizer.model"));
+  std::string long_text;
+  for (int i = 0; i < 60; ++i) long_text += "The grass is green. ";
+  nlohmann::json recs = nlohmann::json::array();
+  recs.push_back({{"instruction", "Say hi."}, {"input", long_text}, {"output", "hi"}});  // dropped
+  recs.push_back({{"instruction", "Say hi."}, {"output", long_text}});
+  testutil::write_file(d + "/a.json", recs.dump());
+  data::Dataset ds(d + "/a.json", "auto", 128, &tok, 512);
+  ASSERT_EQ(ds.size(), 1);
+  const auto r = ds.row_at(0, false, 0);
+  const std::string prompt = data::sft_prompt({"Say hi.", "", long_text});
+  std::vector<int> want{tok.bos_id()};
+  for (int id : tok.encode(prompt + long_text)) want.push_back(id);
+  ASSERT_GT(want.size(), 128u);
+  const size_t p = 1 + tok.encode(prompt).size();
+  ASSERT_EQ(r.ids.size(), 128u);
+  for (size_t i = 0; i < 128; ++i) EXPECT_EQ(r.ids[i], want[i]) << i;
+  for (size_t i = 0; i + 1 < p; ++i) EXPECT_EQ(r.targets[i], -1) << i;
+  for (size_t i = p - 1; i < 127; ++i) EXPECT_EQ(r.targets[i], want[i + 1]) << i;
+  EXPECT_EQ(r.targets[127], -1);
+  EXPECT_EQ(std::count(r.ids.begin(), r.ids.end(), tok.eos_id()), 0);
+  // Every record dropped: an error naming the file, not an empty run.
+  testutil::write_file(d + "/b.json", nlohmann::json::array({recs[0]}).dump());
+  EXPECT_EQ(testutil::error_of([&] { data::Dataset(d + "/b.json", "auto", 128, &tok, 512); }),
+            d + "/b.json: no record has output tokens within seq_len 128");
+  longlora::remove_tree(d);
+}
+
+TEST(DataBadInput, AnUnknownExtensionOrAJsonThatIsNoListIsNamed) {
+  const auto d = testutil::temp_dir("data-kinds");
+  data::Tokenizer tok(testutil::golden("tokenizer.model"));
+  testutil::write_file(d + "/a.csv", "text\nThe grass is green.\n");
+  EXPECT_EQ(testutil::error_of([&] { data::Dataset(d + "/a.csv", "auto", 8, &tok, 512); }),
+            d + "/a.csv: unknown data extension '.csv' (expected .bin, .txt, .json or .jsonl)");
+  testutil::write_file(d + "/a.json", R"({"instruction": "Say hi.", "output": "hi"})");
+  EXPECT_EQ(testutil::error_of([&] { data::Dataset(d + "/a.json", "auto", 8, &tok, 512); }),
+            d + "/a.json: expected a JSON array of {instruction, input, output} records");
+  longlora::remove_tree(d);
+}
+
 TEST(DataBadInput, ADirectoryIsNamedAsSuch) {
   const auto d = testutil::temp_dir("data-dir");
   data::Tokenizer tok(testutil::golden("tokenizer.model"));

@@ -470,6 +470,48 @@ TEST(Train, ResumeIsBitIdentical) {
   for (size_t i = 0; i < 6; ++i) EXPECT_EQ(la[i], lb[i]) << "step " << i + 1;  // bit-identical
 }
 
+// --resume where nothing was saved yet (a run killed before its first save, started
+// again by the same script) starts at step 0, as a fresh run, and says so; a resume of
+// a checkpoint at max_steps trains nothing and writes nothing.
+TEST(Train, ResumeWithNothingToResumeOrNothingLeftToTrain) {
+  const auto a = testutil::temp_dir("resume-none-a"), b = testutil::temp_dir("resume-none-b");
+  auto r = testutil::run_cli("--config " + tiny_config(a) + " --set train.max_steps=3");
+  ASSERT_EQ(r.code, 0) << r.err;
+  r = testutil::run_cli("--config " + tiny_config(b) + " --set train.max_steps=3 --resume");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("--resume: no complete checkpoint in " + b + "/out: starting from step 0"), std::string::npos)
+      << r.err;
+  EXPECT_EQ(testutil::metric_losses(a + "/out/metrics.jsonl"), testutil::metric_losses(b + "/out/metrics.jsonl"));
+  const std::string metrics = testutil::read_file(b + "/out/metrics.jsonl");
+  r = testutil::run_cli("--config " + tiny_config(b) + " --set train.max_steps=3 --resume");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("checkpoint-3 is at step 3, train.max_steps is 3: nothing left to train"), std::string::npos)
+      << r.err;
+  EXPECT_EQ(r.err.find("step 4/"), std::string::npos) << r.err;
+  EXPECT_EQ(testutil::read_file(b + "/out/metrics.jsonl"), metrics);
+  size_t checkpoints = 0;
+  for (const auto& e : fs::directory_iterator(b + "/out")) checkpoints += e.path().filename().string().rfind("checkpoint-", 0) == 0;
+  EXPECT_EQ(checkpoints, 1u);
+  longlora::remove_tree(a);
+  longlora::remove_tree(b);
+}
+
+// train.max_grad_norm 0 turns clipping off: the same steps as a bound no gradient
+// reaches, and not those of a bound that clips.
+TEST(Train, MaxGradNormZeroDoesNotClip) {
+  std::vector<std::vector<double>> losses;
+  for (const char* norm : {"0", "1e9", "0.05"}) {
+    const auto d = testutil::temp_dir(std::string("clip-") + norm);
+    auto r = testutil::run_cli("--config " + tiny_config(d) + " --set train.max_steps=4 --set train.max_grad_norm=" + norm);
+    ASSERT_EQ(r.code, 0) << r.err;
+    losses.push_back(testutil::metric_losses(d + "/out/metrics.jsonl"));
+    longlora::remove_tree(d);
+  }
+  ASSERT_EQ(losses[0].size(), 4u);
+  EXPECT_EQ(losses[0], losses[1]);  // bit for bit
+  EXPECT_NE(losses[0][3], losses[2][3]);
+}
+
 TEST(Train, ResumeTakesTheConfigsOptimizerSettingsAndSaysWhatChanged) {
   const auto a = testutil::temp_dir("resume-eps-a"), b = testutil::temp_dir("resume-eps-b");
   ASSERT_EQ(testutil::run_cli("--config " + tiny_config(a)).code, 0);
