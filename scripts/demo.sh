@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 # no tests built.
 bash scripts/install-deps.sh
 bash scripts/build.sh longlora-train
-B=build/longlora-train
+B="${BUILD_DIR:-build}/longlora-train"
 # One floating-point path, so that a rerun, or another CPU of the same maker and kind,
 # gives the same numbers: two threads (the thread count changes how sums are split), and ATen's
 # and MKL's AVX-512 code (MKL_CBWR: identical results on every Intel CPU with it).
@@ -38,6 +38,7 @@ if [ -z "${ATEN_CPU_CAPABILITY:-}" ]; then
 fi
 OUT=runs/demo
 TOK=configs/demo/tokenizer.model
+if [ -e "$OUT" ]; then echo "demo: replacing the earlier run in $OUT"; fi
 rm -rf "$OUT"
 mkdir -p "$OUT/data"
 start=$(date +%s)

@@ -9,17 +9,23 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-PKGS=(build-essential cmake pkg-config git python3 python3-venv
-      libsentencepiece-dev sentencepiece nlohmann-json3-dev libcli11-dev
+PKGS=(build-essential cmake pkg-config python3 python3-venv
+      libsentencepiece-dev nlohmann-json3-dev libcli11-dev
       libspdlog-dev libfmt-dev libgtest-dev)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
+  if [ -n "$SUDO" ] && ! command -v sudo >/dev/null 2>&1; then
+    echo "install-deps: missing packages, and neither root nor sudo to install them; as root run:" >&2
+    echo "  apt-get install -y ${missing[*]}" >&2
+    exit 2
+  fi
   echo "install-deps: installing ${missing[*]}"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+  # env: sudo resets the environment, which would drop the variable.
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
 if [ -n "${LIBTORCH_DIR:-}" ]; then
@@ -28,19 +34,24 @@ if [ -n "${LIBTORCH_DIR:-}" ]; then
 fi
 
 TORCH_SPEC="${TORCH_SPEC:-torch==2.11.*}"
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
+# A venv without pip (made before python3-venv was there, or cut short) is made again.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+  python3 -m venv --clear .venv
 fi
 if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
   # --no-cache-dir: the CUDA wheels are ~3 GB; pip's cache would hold a second copy
   # of them beside the 4.6 GB install (a CI run once ran out of disk doing that).
   if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
     # PyPI's Linux wheel is the CUDA 13 build: the kernels compile against it.
-    .venv/bin/pip install --no-cache-dir --progress-bar off "$TORCH_SPEC"
+    .venv/bin/python -m pip install --no-cache-dir --progress-bar off "$TORCH_SPEC"
   else
     # No CUDA toolkit: a CUDA LibTorch cannot be configured without one; take the CPU wheel.
-    .venv/bin/pip install --no-cache-dir --progress-bar off "$TORCH_SPEC" --index-url https://download.pytorch.org/whl/cpu
+    .venv/bin/python -m pip install --no-cache-dir --progress-bar off "$TORCH_SPEC" --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
 # -W: the wheel warns that NumPy is missing; we use LibTorch, not NumPy.
 .venv/bin/python -W ignore -c 'import torch; print("install-deps: torch", torch.__version__, "cuda", torch.version.cuda)'
+# A torch installed earlier is kept: say so when it is not the one asked for.
+if [ "$TORCH_SPEC" = "torch==2.11.*" ] && ! .venv/bin/python -W ignore -c 'import sys, torch; sys.exit(not torch.__version__.startswith("2.11."))'; then
+  echo "install-deps: warning: .venv holds another torch than 2.11 (remove .venv to install 2.11)" >&2
+fi

@@ -636,7 +636,8 @@ TEST(DataBadInput, WindowStartsDoNotOverflow) {
 }
 
 TEST(DataBadInput, MakeDataFlagsAreCheckedInOneLine) {
-  const std::string base = "make-data --tokenizer " + testutil::golden("tokenizer.model") + " --out /tmp/never.jsonl";
+  const auto d = testutil::temp_dir("make-data-flags");
+  const std::string base = "make-data --tokenizer " + testutil::golden("tokenizer.model") + " --out " + d + "/never.jsonl";
   for (const auto& [flag, want] : std::vector<std::pair<std::string, std::string>>{
            {" --docs 0", "error: --docs: expected an integer >= 1, got 0\n"},
            {" --docs abc", "error: --docs: expected an integer, got 'abc'\n"},
@@ -648,5 +649,5 @@ TEST(DataBadInput, MakeDataFlagsAreCheckedInOneLine) {
     EXPECT_EQ(r.code, 2) << flag;  // a command line that does not parse
     EXPECT_EQ(r.err, want) << flag;
   }
-  EXPECT_FALSE(std::filesystem::exists("/tmp/never.jsonl"));
+  EXPECT_FALSE(std::filesystem::exists(d + "/never.jsonl"));
 }
