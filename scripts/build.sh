@@ -27,4 +27,9 @@ printf '%s' "$PREFIX" > "$BUILD_DIR/.libtorch-prefix"
 # LONGLORA_CUDA only when given: a build configured with OFF stays so for test.sh and demo.sh.
 cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$PREFIX" \
   ${LONGLORA_CUDA:+-DLONGLORA_CUDA="$LONGLORA_CUDA"} ${CMAKE_ARGS:-}
-cmake --build "$BUILD_DIR" -j"$(nproc)" ${1:+--target "$@"}
+# A compiler with the precompiled LibTorch header (0.7 GB) takes up to about 2 GB: no
+# more jobs than the available memory holds, however many cores there are.
+JOBS=$(nproc)
+MEM_GB=$(awk '/MemAvailable/ {print int($2 / 1048576)}' /proc/meminfo 2>/dev/null || echo 0)
+if [ "$MEM_GB" -gt 0 ] && [ $((MEM_GB / 2)) -lt "$JOBS" ]; then JOBS=$((MEM_GB / 2 > 0 ? MEM_GB / 2 : 1)); fi
+cmake --build "$BUILD_DIR" -j"$JOBS" ${1:+--target "$@"}

@@ -41,12 +41,18 @@ fi
 if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
   # --no-cache-dir: the CUDA wheels are ~3 GB; pip's cache would hold a second copy
   # of them beside the 4.6 GB install (a CI run once ran out of disk doing that).
-  if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
+  NVCC="$(command -v nvcc || true)"
+  if [ -z "$NVCC" ] && [ -x /usr/local/cuda/bin/nvcc ]; then NVCC=/usr/local/cuda/bin/nvcc; fi
+  CUDA_MAJOR="$([ -n "$NVCC" ] && "$NVCC" --version | sed -n 's/.*release \([0-9]*\)\..*/\1/p' || true)"
+  if [ "$CUDA_MAJOR" = 13 ]; then
     # PyPI's Linux wheel is the CUDA 13 build: the kernels compile against it.
     .venv/bin/python -m pip install --no-cache-dir --progress-bar off "$TORCH_SPEC"
   else
-    # No CUDA toolkit: a CUDA LibTorch cannot be configured without one; take the CPU wheel.
-    .venv/bin/python -m pip install --no-cache-dir --progress-bar off "$TORCH_SPEC" --index-url https://download.pytorch.org/whl/cpu
+    # No CUDA 13 toolkit: a CUDA LibTorch cannot be configured without one (nor built
+    # against another major); take the CPU wheel. TORCH_INDEX_URL: a mirror of it.
+    if [ -n "$NVCC" ]; then echo "install-deps: $NVCC is CUDA ${CUDA_MAJOR:-?}, not 13: installing the CPU LibTorch"; fi
+    .venv/bin/python -m pip install --no-cache-dir --progress-bar off "$TORCH_SPEC" \
+      --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
   fi
 fi
 # -W: the wheel warns that NumPy is missing; we use LibTorch, not NumPy.
