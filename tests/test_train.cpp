@@ -6,6 +6,7 @@
 #include <functional>
 #include <chrono>
 #include <limits>
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -498,6 +499,30 @@ TEST(Train, ResumeWithNothingToResumeOrNothingLeftToTrain) {
 
 // train.max_grad_norm 0 turns clipping off: the same steps as a bound no gradient
 // reaches, and not those of a bound that clips.
+// At log_steps 2 a record's loss is the mean of its two steps' losses (Hugging Face's
+// Trainer logs so), step_loss the second's; the steps themselves are those of a run
+// that logs every step.
+TEST(Train, ALoggedLossIsTheMeanSinceThePreviousRecord) {
+  const auto a = testutil::temp_dir("log-every"), b = testutil::temp_dir("log-two");
+  ASSERT_EQ(testutil::run_cli("--config " + tiny_config(a) + " --set train.max_steps=4 --set output.save_steps=4").code, 0);
+  auto r = testutil::run_cli("--config " + tiny_config(b) + " --set train.max_steps=4 --set output.save_steps=4 --set output.log_steps=2");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto every = testutil::metric_records(a + "/out/metrics.jsonl"), two = testutil::metric_records(b + "/out/metrics.jsonl");
+  ASSERT_EQ(every.size(), 4u);
+  ASSERT_EQ(two.size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    const double first = every[2 * i]["loss"].get<double>(), second = every[2 * i + 1]["loss"].get<double>();
+    EXPECT_EQ(two[i]["step"], 2 * i + 2);
+    EXPECT_DOUBLE_EQ(two[i]["loss"].get<double>(), (first + second) / 2) << i;
+    EXPECT_EQ(two[i]["step_loss"].get<double>(), second) << i;
+    EXPECT_EQ(every[2 * i]["step_loss"].get<double>(), first) << i;  // one step: the same
+    EXPECT_EQ(two[i]["grad_norm"], every[2 * i + 1]["grad_norm"]) << i;
+  }
+  EXPECT_NE(r.err.find(fmt::format("step 2/4 | loss {:.4f} |", two[0]["loss"].get<double>())), std::string::npos) << r.err;
+  longlora::remove_tree(a);
+  longlora::remove_tree(b);
+}
+
 TEST(Train, MaxGradNormZeroDoesNotClip) {
   std::vector<std::vector<double>> losses;
   for (const char* norm : {"0", "1e9", "0.05"}) {

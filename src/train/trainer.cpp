@@ -356,6 +356,10 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
   // is noisy), from the steps' own time (a save or eval between them is left out).
   double interval_s = 0;
   int64_t interval_steps = 0, interval_positions = 0, interval_loss_tokens = 0;
+  // The logged loss is the mean of the steps' losses since the previous record, as
+  // Hugging Face's Trainer logs it (the last step's alone is noisy at log_steps > 1).
+  double interval_loss = 0;
+  int64_t interval_finite = 0;
   m.train();
 
   while (st.step < tc.max_steps) {
@@ -453,6 +457,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
     interval_steps += 1;
     interval_positions += positions;
     interval_loss_tokens += count;
+    if (std::isfinite(loss)) interval_loss += loss, ++interval_finite;  // skipped steps are flagged apart
     // Every step a checkpoint may hold is recorded (a resume logs from the step after
     // it): the saved ones and the one a run stops at.
     if (st.step % cfg.output.log_steps == 0 || st.step % cfg.output.save_steps == 0 || st.step == tc.max_steps ||
@@ -470,12 +475,14 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
       const std::string with_loss =
           interval_loss_tokens < packed_targets ? fmt::format(" ({:.0f} with loss)", loss_tps) : "";
       const std::string scale_note = dynamic_scale ? fmt::format(" | loss scale {:g}", st.loss_scale) : "";
+      const double mean_loss = interval_finite > 0 ? interval_loss / static_cast<double>(interval_finite) : loss;
       spdlog::info("step {}/{} | loss {:.4f} | lr {:.3e} | grad norm {:.3f}{} | {:.0f} tokens/s{} | "
                    "peak mem {:.2f} GiB | ETA {}",
-                   st.step, tc.max_steps, loss, lr, norm, scale_note, tps, with_loss, mem,
+                   st.step, tc.max_steps, mean_loss, lr, norm, scale_note, tps, with_loss, mem,
                    eta(per_step * static_cast<double>(tc.max_steps - st.step)));
       nlohmann::json rec = {{"step", st.step},
-                            {"loss", loss},
+                            {"loss", mean_loss},
+                            {"step_loss", loss},
                             {"lr", lr},
                             {"grad_norm", norm},
                             {"tokens_per_s", tps},
@@ -487,7 +494,8 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
       if (dynamic_scale) rec["loss_scale"] = st.loss_scale;  // after this step's change
       record(rec);
       interval_s = 0;
-      interval_steps = interval_positions = interval_loss_tokens = 0;
+      interval_steps = interval_positions = interval_loss_tokens = interval_finite = 0;
+      interval_loss = 0;
     }
 
     if (stop_bad) {
