@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+if [ "$(id -u)" -eq 0 ] && [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then
+  echo "install-deps: warning: run through sudo, so .venv/, build/ and runs/ will belong to root;" \
+       "run the scripts as $SUDO_USER (they use sudo for the packages alone)" >&2
+fi
 
 PKGS=(build-essential cmake pkg-config python3 python3-venv
       libsentencepiece-dev nlohmann-json3-dev libcli11-dev
