@@ -99,13 +99,14 @@ std::optional<std::string> copy_drill(const std::string& line, int64_t target, c
     for (int64_t i = 1; i < k; ++i) t += "\n" + line;
     return t;
   };
-  // The first prefix of the next line that reaches (or passes) the target; the longest one within it.
-  auto cut = [&](const std::string& text, const std::function<int64_t(size_t)>& tokens) {
-    std::string best = text;
+  // `text` (of `text_tokens`) and the longest prefix of the next line within the
+  // target (the first that reaches it), with its count by `tokens(prefix length)`.
+  auto cut = [&](const std::string& text, int64_t text_tokens, const std::function<int64_t(size_t)>& tokens) {
+    std::pair<std::string, int64_t> best{text, text_tokens};
     for (size_t c = 1; c < line.size(); ++c) {
       const int64_t n = tokens(c);
       if (n > target) break;
-      best = text + "\n" + line.substr(0, c);
+      best = {text + "\n" + line.substr(0, c), n};
       if (n == target) break;
     }
     return best;
@@ -117,15 +118,14 @@ std::optional<std::string> copy_drill(const std::string& line, int64_t target, c
     std::string text = repeat(k);
     const int64_t n = count(text);
     if (n == head + (k - 1) * per && count(text + "\n" + line) == n + per) {
-      const std::string planned =
-          cut(text, [&](size_t c) { return n + count("\n" + line.substr(0, c)); });
-      if (count(planned) == n + (planned.size() == text.size() ? 0 : count(planned.substr(text.size()))))
-        return planned;
+      const auto planned = cut(text, n, [&](size_t c) { return n + count("\n" + line.substr(0, c)); });
+      if (count(planned.first) == planned.second) return planned.first;
     }
   }
   std::string text = line;
   while (count(text + "\n" + line) <= target) text += "\n" + line;
-  return cut(text, [&](size_t c) { return count(text + "\n" + line.substr(0, c)); });
+  // The count is not confirmed here: 0 stands for the text's, unused.
+  return cut(text, 0, [&](size_t c) { return count(text + "\n" + line.substr(0, c)); }).first;
 }
 
 }  // namespace

@@ -277,9 +277,9 @@ void write_tensor(const OutTensor& t, const Sink& sink) {
     a = view_tensor(*t.lora_a, t.lora_owner).to(torch::kFloat32);  // [r, in]
     b = view_tensor(*t.lora_b, t.lora_owner).to(torch::kFloat32);  // [out, r]
     // Checked before the merge so the message names the adapter, not the base weight.
-    for (const auto* f : {t.lora_a, t.lora_b})
-      if (!torch::isfinite(f == t.lora_a ? a : b).all().item<bool>())
-        fail(t.lora_file, "tensor '" + f->name + "'", "non-finite values in the adapter; nothing written");
+    for (const auto& [info, f] : {std::pair{t.lora_a, a}, std::pair{t.lora_b, b}})
+      if (!torch::isfinite(f).all().item<bool>())
+        fail(t.lora_file, "tensor '" + info->name + "'", "non-finite values in the adapter; nothing written");
   }
   const int64_t step = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(1, cols));
   const size_t row_bytes = static_cast<size_t>(cols) * dtype_size(s.dtype);

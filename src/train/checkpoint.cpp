@@ -179,11 +179,7 @@ void write_checkpoint_files(const fs::path& tmp, const model::LlamaForCausalLMIm
              {"base_sample", st.base_sample},
              // Every file written so far: weights, optimizer state, configs, tokenizer.
              {"files", io::digest_directory(tmp.string(), written)}};
-  if (!st.unlogged_metrics.empty()) {
-    json lost = json::array();
-    for (const auto& line : st.unlogged_metrics) lost.push_back(json::parse(line));
-    ts["unlogged_metrics"] = lost;
-  }
+  if (!st.unlogged_metrics.empty()) ts["unlogged_metrics"] = st.unlogged_metrics;
   write_text((tmp / "trainer_state.json").string(), ts.dump(2));
   write_text((tmp / "run_config.json").string(), with_absolute_paths(to_json(cfg)).dump(2));
   write_text((tmp / "COMPLETE").string(), "ok\n");
@@ -317,7 +313,7 @@ json read_state_file(const std::string& dir, TrainerState& st) {
       if (!r.is_object() || !r.contains("step") || !r["step"].is_number_integer() || r["step"].get<int64_t>() < 0 ||
           r["step"].get<int64_t>() > st.step)
         f.expected("unlogged_metrics", "a list of records (objects) with a step from 0 to step");
-      st.unlogged_metrics.push_back(r.dump());
+      st.unlogged_metrics.push_back(r);
     }
   }
   return ts;

@@ -197,7 +197,7 @@ bool all_finite(const std::vector<torch::Tensor>& params) {
 // record would be appended to it. `unlogged` (records a failed write lost, kept in the
 // checkpoint) are appended unless there already. Returns whether an eval record of
 // `step` is there: a run stopped between its save and its eval lacks one.
-bool trim_metrics(const fs::path& path, int64_t step, const std::vector<std::string>& unlogged) {
+bool trim_metrics(const fs::path& path, int64_t step, const std::vector<nlohmann::json>& unlogged) {
   std::error_code ec;
   // A FIFO blocked the run before its first step; a device reads without end.
   if (fs::exists(path, ec) && !fs::is_regular_file(path, ec))
@@ -221,10 +221,9 @@ bool trim_metrics(const fs::path& path, int64_t step, const std::vector<std::str
     kept += line + "\n";
     records.push_back(rec);
   }
-  for (const auto& u : unlogged) {
-    const auto rec = nlohmann::json::parse(u);
+  for (const auto& rec : unlogged) {
     if (std::find(records.begin(), records.end(), rec) != records.end()) continue;
-    kept += u + "\n";
+    kept += rec.dump() + "\n";
     records.push_back(rec);
     ++appended;
   }
@@ -309,7 +308,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
     metrics << rec.dump() << std::endl;
     if (!metrics) {
       // Kept in the checkpoint about to be saved; its resume appends it.
-      st.unlogged_metrics.push_back(rec.dump());
+      st.unlogged_metrics.push_back(rec);
       if (!metrics_failed)
         spdlog::error("{}: write failed ({}): saving a checkpoint and stopping", metrics_path, std::strerror(errno));
       metrics_failed = true;
@@ -337,15 +336,16 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
   else if (st.loss_scale == 0) st.loss_scale = tc.initial_loss_scale;
   const double fixed_scale = tc.loss_scale > 0 ? tc.loss_scale : 1.0;
   int64_t last_saved = from ? st.step : -1;
-  // Every save is followed by an eval (when data.eval is set): a run killed between
-  // the two left its checkpoint without one, and the resume would never run it.
-  if (from && s.eval_data && !has_eval) {
+  // data.eval scored at the current step, as every save is followed by.
+  auto eval_saved = [&](const char* note) {
     auto r = eval::perplexity(m, *s.eval_data, L, L, cfg.data.eval, tc.loss_chunk);
     m.train();
-    spdlog::info("eval at step {} (not in metrics.jsonl: the run stopped before it): loss {:.4f}, perplexity {:.3f}",
-                 st.step, r.loss, r.perplexity);
+    spdlog::info("eval at step {}{}: loss {:.4f}, perplexity {:.3f}", st.step, note, r.loss, r.perplexity);
     record({{"step", st.step}, {"eval_loss", r.loss}, {"eval_perplexity", r.perplexity}});
-  }
+  };
+  // A run killed between a save and its eval left the checkpoint without one, and the
+  // resume would never run it.
+  if (from && s.eval_data && !has_eval) eval_saved(" (not in metrics.jsonl: the run stopped before it)");
   int64_t last_update = st.step;  // the weights are those after this step
   // Tests make every step from this one on non-finite (a NaN loss is hard to cause in fp32).
   const char* nonfinite_env = std::getenv("LONGLORA_TEST_NONFINITE_FROM_STEP");
@@ -520,12 +520,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
       prune_checkpoints(cfg.output.dir, cfg.output.keep_last);
       last_saved = st.step;
       spdlog::info("saved {}", dir);
-      if (s.eval_data) {
-        auto r = eval::perplexity(m, *s.eval_data, L, L, cfg.data.eval, tc.loss_chunk);
-        m.train();
-        spdlog::info("eval at step {}: loss {:.4f}, perplexity {:.3f}", st.step, r.loss, r.perplexity);
-        record({{"step", st.step}, {"eval_loss", r.loss}, {"eval_perplexity", r.perplexity}});
-      }
+      if (s.eval_data) eval_saved("");
     }
     // Read again after the save and the eval: a signal or a failed metrics write during
     // them stops at the checkpoint just written, not one step and one save later.

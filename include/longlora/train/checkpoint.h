@@ -11,6 +11,7 @@
 // a save never damages the previous checkpoint.
 #pragma once
 
+#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include <optional>
@@ -43,9 +44,9 @@ struct TrainerState {
   // another base (a replaced model.path, or random init from another train.seed) is
   // refused. Empty: not recorded (checkpoints before it).
   std::vector<double> base_sample;
-  // metrics.jsonl records a failed write (a full disk) lost, one JSON object a line:
-  // a resume from this checkpoint appends them.
-  std::vector<std::string> unlogged_metrics;
+  // metrics.jsonl records a failed write (a full disk) lost: a resume from this
+  // checkpoint appends them.
+  std::vector<nlohmann::json> unlogged_metrics;
 };
 
 // Two sums (values, magnitudes) of 16 evenly spaced entries of every parameter, in
