@@ -85,15 +85,17 @@ std::string render(const std::vector<Part>& parts, int64_t filler_chars) {
 }
 
 // A copy drill: `line` repeated, one per line, as many times as fit `target` tokens,
-// then the next repetition cut short to come closest to it from below; nullopt when
-// one line alone is too long. Lines join at "\n", which sentencepiece tokenizers that
-// split on whitespace never merge across, so counts add and the drill is planned
-// from the counts of one line and of its prefixes; the plan is confirmed by counting
-// the whole text. Where that disagrees (a tokenizer whose counts do not add), the
-// drill is built line by line on whole-text counts, which the plan reproduces where
-// counts add (whole-text counting alone is quadratic: minutes a drill at 100k tokens).
+// then the next repetition cut short to come closest to it from below; returned with
+// its token count, nullopt when one line alone is too long. Lines join at "\n", which
+// sentencepiece tokenizers that split on whitespace never merge across, so counts add
+// and the drill is planned from the counts of one line and of its prefixes; the plan
+// is confirmed by counting the whole text. Where that disagrees (a tokenizer whose
+// counts do not add), the drill is built line by line on whole-text counts, which the
+// plan reproduces where counts add (whole-text counting alone is quadratic: minutes a
+// drill at 100k tokens).
 template <class Count>
-std::optional<std::string> copy_drill(const std::string& line, int64_t target, const Count& count) {
+std::optional<std::pair<std::string, int64_t>> copy_drill(const std::string& line, int64_t target,
+                                                          const Count& count) {
   auto repeat = [&](int64_t k) {
     std::string t = line;
     for (int64_t i = 1; i < k; ++i) t += "\n" + line;
@@ -119,13 +121,13 @@ std::optional<std::string> copy_drill(const std::string& line, int64_t target, c
     const int64_t n = count(text);
     if (n == head + (k - 1) * per && count(text + "\n" + line) == n + per) {
       const auto planned = cut(text, n, [&](size_t c) { return n + count("\n" + line.substr(0, c)); });
-      if (count(planned.first) == planned.second) return planned.first;
+      if (count(planned.first) == planned.second) return planned;
     }
   }
   std::string text = line;
-  while (count(text + "\n" + line) <= target) text += "\n" + line;
-  // The count is not confirmed here: 0 stands for the text's, unused.
-  return cut(text, 0, [&](size_t c) { return count(text + "\n" + line.substr(0, c)); }).first;
+  int64_t n = head;
+  for (int64_t m; (m = count(text + "\n" + line)) <= target; n = m) text += "\n" + line;
+  return cut(text, n, [&](size_t c) { return count(text + "\n" + line.substr(0, c)); });
 }
 
 }  // namespace
@@ -231,12 +233,11 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
         missed();
         continue;
       }
-      std::string text = *drill;
-      if (exact && count(text) != target) {
+      if (exact && drill->second != target) {
         missed();
         continue;
       }
-      emit(text);
+      emit(drill->first);
       continue;
     }
     // Layout: task line, then per key: filler, info line, and 1..max_asks times
