@@ -433,6 +433,9 @@ TEST(ModelConfig, SizesAndRopeValuesAreBounded) {
       {[](json& j) { j["rope_theta"] = 1e308; }, "c.json: rope_theta: expected a number in [1, 1e30]"},
       {[](json& j) { j["rope_scaling"] = {{"type", "linear"}, {"factor", 1e300}}; },
        "c.json: rope_scaling.factor: expected a number in [1, 1024], got 1e+300"},
+      // 1e300 zeroed every hidden state: eval printed ln(vocab) and exited 0.
+      {[](json& j) { j["rms_norm_eps"] = 1e300; }, "c.json: rms_norm_eps: expected a number in (0, 1), got 1e+300"},
+      {[](json& j) { j["rms_norm_eps"] = 0; }, "c.json: rms_norm_eps: expected a number in (0, 1), got 0"},
   };
   for (const auto& c : cases) {
     auto j = base;

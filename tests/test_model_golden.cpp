@@ -341,6 +341,23 @@ TEST(LoadErrors, AdapterConfigFieldsAreCheckedNotIgnored) {
     const auto err = adapter_error("adapter-bad-" + std::to_string(i++), edit);
     EXPECT_NE(err.find("adapter_config.json: " + want), std::string::npos) << "want '" << want << "', got: " << err;
   }
+  // An r the saved factors do not have: 2^40 made add_lora ask for petabytes, and the
+  // message named no file.
+  for (const int64_t r : {int64_t{1} << 40, int64_t{2}}) {
+    const auto err = adapter_error("adapter-r", [&](auto& j) { j["r"] = r; });
+    EXPECT_NE(err.find("adapter_model.safetensors: tensor 'base_model.model.model.layers."), std::string::npos) << err;
+    EXPECT_NE(err.find(".lora_A.weight': shape [4, 64] but r is " + std::to_string(r) + " in "), std::string::npos)
+        << err;
+  }
+  // Finite weights whose activations overflow in fp32: the message blamed fp16.
+  {
+    const auto dir = adapter_copy("adapter-alpha-huge", [](auto& j) { j["lora_alpha"] = 1e38; });
+    auto m = tiny();
+    model::apply_adapter(*m, dir);
+    const auto why = model::explain_non_finite(*m);
+    EXPECT_EQ(why.rfind("every weight is finite, yet the activations overflowed; the largest weight is ", 0), 0u) << why;
+    EXPECT_NE(why.find("(LoRA scale lora_alpha / r: 2.5e+37)"), std::string::npos) << why;
+  }
   // Defaults written out in full are fine.
   EXPECT_EQ(adapter_error("adapter-defaults", [](auto& j) {
               j["exclude_modules"] = nlohmann::json::array();
@@ -477,11 +494,11 @@ TEST(LoadErrors, TrainingCheckpointAsAdapterIsChecked) {
   auto load = [&](const std::string& ck) {
     return testutil::error_of([&] { model::load_for_inference(model, ck, "cpu", "fp32", 0); });
   };
-  // trainer_state.json's rope_factor, the rule export applies: a number >= 1.
+  // trainer_state.json's rope_factor, the rule export applies: a number in [1, 1024].
   for (const std::string v : {"0", "-1", "0.5", "\"x\"", "null"}) {
     const auto ck = adapter_copy("ck-factor", noop,
                                  {{"trainer_state.json", "{\"step\": 2, \"rope_factor\": " + v + "}"}, {"COMPLETE", "ok\n"}});
-    EXPECT_NE(load(ck).find(ck + "/trainer_state.json: rope_factor: expected a number >= 1, got " + v),
+    EXPECT_NE(load(ck).find(ck + "/trainer_state.json: rope_factor: expected a number in [1, 1024], got " + v),
               std::string::npos)
         << v << ": " << load(ck);
   }
@@ -509,7 +526,7 @@ TEST(LoadErrors, CliRefusesAZeroRopeFactorInOneLine) {
   auto r = testutil::run_cli("eval --model " + testutil::golden("tiny-llama/model") + " --adapter " + ck +
                              " --data " + testutil::golden("tiny-llama/eval.bin") + " --seq-len 128 --device cpu");
   EXPECT_EQ(r.code, 1);
-  EXPECT_EQ(r.err, "error: " + ck + "/trainer_state.json: rope_factor: expected a number >= 1, got 0\n");
+  EXPECT_EQ(r.err, "error: " + ck + "/trainer_state.json: rope_factor: expected a number in [1, 1024], got 0\n");
 }
 
 // ---------------------------------------------------------------------------

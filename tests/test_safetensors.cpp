@@ -1,5 +1,7 @@
 // safetensors reader/writer: round trip, and every malformed file is a one-line
 // error naming the file and the tensor.
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <chrono>
 #include <tuple>
@@ -439,6 +441,24 @@ TEST(SafetensorsMalformed, DirectoryWhereAFileBelongs) {
   std::filesystem::create_directories(tok + "/tokenizer.model");
   EXPECT_NE(testutil::error_of([&] { data::Tokenizer t(tok + "/tokenizer.model"); }).find(tok + "/tokenizer.model: " + want),
             std::string::npos);
+}
+
+// A FIFO where a shard or the tokenizer belongs waited forever for a writer (open()
+// and sentencepiece's read block); nothing can be mapped from it.
+TEST(SafetensorsMalformed, AFifoWhereAFileBelongsIsRefusedNotWaitedOn) {
+  const auto shard = golden_model_copy("st-fifo-shard", [](nlohmann::json&) {});
+  std::filesystem::remove(shard + "/model-00002-of-00004.safetensors");
+  ASSERT_EQ(::mkfifo((shard + "/model-00002-of-00004.safetensors").c_str(), 0600), 0);
+  EXPECT_EQ(testutil::error_of([&] { model::load_model(shard, {}); }),
+            shard + "/model-00002-of-00004.safetensors: is not a regular file");
+  const auto tok = testutil::temp_dir("st-fifo-tok");
+  ASSERT_EQ(::mkfifo((tok + "/tokenizer.model").c_str(), 0600), 0);
+  EXPECT_EQ(testutil::error_of([&] { data::Tokenizer t(tok + "/tokenizer.model"); }),
+            tok + "/tokenizer.model: is not a regular file");
+  // Not a sentencepiece model at all: sentencepiece's message named its own source line.
+  testutil::write_file(tok + "/other.model", std::string(100, '\x07'));
+  EXPECT_EQ(testutil::error_of([&] { data::Tokenizer t(tok + "/other.model"); }),
+            tok + "/other.model: not a sentencepiece model (damaged, or another kind of file)");
 }
 
 TEST(SafetensorsMalformed, EmptyShardNameInIndex) {

@@ -610,7 +610,26 @@ TEST(Train, BadCheckpointFieldsAndTrainableNamesAreNamed) {
   testutil::write_file(ts, j.dump());
   r = testutil::run_cli("--config " + tiny_config(d) + " --resume --set train.max_steps=5");
   EXPECT_EQ(r.code, 1);
-  EXPECT_NE(r.err.find("trainer_state.json: rope_factor: expected a number >= 1, got \"x\""), std::string::npos)
+  EXPECT_NE(r.err.find("trainer_state.json: rope_factor: expected a number in [1, 1024], got \"x\""),
+            std::string::npos)
+      << r.err;
+  // Past the bound every reader takes: export wrote a config.json eval then refused.
+  j["rope_factor"] = 1e6;
+  testutil::write_file(ts, j.dump());
+  r = testutil::run_cli("export --checkpoint " + d + "/out/checkpoint-3 --output " + d + "/exported");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("trainer_state.json: rope_factor: expected a number in [1, 1024], got 1000000.0"),
+            std::string::npos)
+      << r.err;
+  EXPECT_FALSE(fs::exists(d + "/exported"));
+  // checkpoint-3 saying step 2: the resume would repeat a step and shift the schedule.
+  j["rope_factor"] = 1.0;
+  j["step"] = 2;
+  testutil::write_file(ts, j.dump());
+  r = testutil::run_cli("--config " + tiny_config(d) + " --resume --set train.max_steps=5");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("checkpoint-3/trainer_state.json: step: 2, but the directory is checkpoint-3"),
+            std::string::npos)
       << r.err;
   // A trainable_params entry that names no parameter would train less than asked.
   r = testutil::run_cli("--config " + tiny_config(testutil::temp_dir("bad-trainable")) +
@@ -621,6 +640,31 @@ TEST(Train, BadCheckpointFieldsAndTrainableNamesAreNamed) {
 
 // A resume on other frozen weights than the checkpoint trained on: the adapter went
 // on training against a different model, and only the loss said so.
+// A NaN in a frozen base weight made every step a skipped one; the run printed
+// "training done" and exited 0 with nothing trained.
+TEST(Train, ABaseWithNonFiniteWeightsIsRefusedBeforeTraining) {
+  const auto d = testutil::temp_dir("nan-base");
+  fs::copy(testutil::golden("tiny-llama/model"), d + "/m", fs::copy_options::recursive);
+  const std::string shard = d + "/m/model-00001-of-00004.safetensors";
+  auto t = io::load_tensors(shard);
+  std::string name;
+  for (auto& [n, x] : t)
+    if (n.find("q_proj") != std::string::npos) {
+      x = x.clone();  // load_tensors maps the file read-only
+      x.view(-1)[5] = std::numeric_limits<float>::quiet_NaN();
+      name = n;
+      break;
+    }
+  ASSERT_FALSE(name.empty());
+  io::save_tensors(shard, std::vector<std::pair<std::string, torch::Tensor>>(t.begin(), t.end()));
+  auto r = testutil::run_cli("--config " + tiny_config(d) + " --set model.path=" + d + "/m");
+  EXPECT_EQ(r.code, 1) << r.err;
+  EXPECT_NE(r.err.find("error: " + d + "/m: tensor '" + name + "': holds non-finite values (NaN or inf) as loaded"),
+            std::string::npos)
+      << r.err;
+  EXPECT_FALSE(train::latest_checkpoint(d + "/out").has_value());
+}
+
 TEST(Train, AResumeOnAnotherBaseIsRefused) {
   const auto d = testutil::temp_dir("other-base");
   const std::string q = "model.layers.0.self_attn.q_proj.weight";
@@ -1028,6 +1072,45 @@ TEST(Train, ADamagedCheckpointWithoutChecksumsIsRefusedByName) {
   expect_refused([&](const std::string& c, json&) {
     fs::copy_file(d + "/r8/checkpoint-3/state.pt", c + "/state.pt", fs::copy_options::overwrite_existing);
   }, "state.pt: optimizer moments of shape");
+  // copy_ took any dtype: integer factors went in as weights near 1e9, saved with exit 0.
+  expect_refused([&](const std::string& c, json&) {
+    rewrite_adapter(c, [&](auto& t) { t[q] = t[q].to(torch::kInt32); });
+  }, "tensor '" + q + "' is not floating point (Int)");
+  // A NaN made every step a skipped one, and the NaN was saved again.
+  expect_refused([&](const std::string& c, json&) {
+    rewrite_adapter(c, [&](auto& t) {
+      t[q] = t[q].clone();  // load_tensors maps the file read-only
+      t[q][0][0] = std::nan("");
+    });
+  }, "tensor '" + q + "' is not finite");
+  // The optimizer's own state: a step count below 0 gave NaN bias corrections, and
+  // negative second moments NaN updates. Rewritten through an AdamW of as many
+  // parameters in its two groups, matrices and the rest (the moments are carried by
+  // position, whatever the parameters' order).
+  auto rewrite_state = [&](const std::string& c, const std::function<void(torch::optim::AdamWParamState&)>& f) {
+    std::vector<torch::Tensor> decay, no_decay;
+    for (const auto& [name, t] : io::load_tensors(c + "/adapter_model.safetensors"))
+      (t.dim() >= 2 ? decay : no_decay).push_back(torch::zeros(t.sizes()));
+    std::vector<torch::optim::OptimizerParamGroup> groups;
+    groups.emplace_back(decay);
+    if (!no_decay.empty()) groups.emplace_back(no_decay);
+    torch::optim::AdamW opt(groups);
+    torch::serialize::InputArchive in;
+    in.load_from(c + "/state.pt");
+    opt.load(in);
+    torch::Tensor rng;
+    in.read("rng_cpu", rng);
+    for (auto& [key, s] : opt.state()) f(static_cast<torch::optim::AdamWParamState&>(*s));
+    torch::serialize::OutputArchive out;
+    opt.save(out);
+    out.write("rng_cpu", rng);
+    out.save_to(c + "/state.pt");
+  };
+  expect_refused([&](const std::string& c, json&) { rewrite_state(c, [](auto& s) { s.step(-5); }); },
+                 "state.pt: optimizer step count -5 outside [0, 3]");
+  expect_refused([&](const std::string& c, json&) {
+    rewrite_state(c, [](auto& s) { s.exp_avg_sq(-s.exp_avg_sq() - 1); });
+  }, "state.pt: optimizer moments that are not finite (or a negative second moment)");
   expect_refused([](const std::string&, json& st) { st["format_version"] = 99; }, "trainer_state.json: format_version");
   expect_refused([](const std::string&, json& st) { st["overflow_steps"] = 4; }, "overflow_steps: more than step");
   longlora::remove_tree(d);

@@ -25,6 +25,7 @@
 #include "longlora/common/error.h"
 #include "longlora/common/interrupt.h"
 #include "longlora/eval/passkey.h"
+#include "longlora/io/hf_config.h"
 
 using namespace longlora;
 
@@ -74,7 +75,7 @@ void add_model_options(CLI::App* cmd, std::string& model, std::string& adapter, 
   cmd->add_option("--adapter", adapter, "peft adapter directory (or training checkpoint)");
   cmd->add_option("--rope-factor", rope_factor,
                   "linear position interpolation factor (overrides config.json and a checkpoint's)")
-      ->check(number_in(1.0, 1024.0));
+      ->check(number_in(1.0, io::kMaxRopeFactor));
   cmd->add_option("--device", device, "auto | cpu | cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   cmd->add_option("--dtype", dtype, "compute dtype: auto | fp32 | bf16 | fp16")
       ->check(CLI::IsMember({"auto", "fp32", "bf16", "fp16"}));
@@ -167,7 +168,7 @@ int run(int argc, char** argv) {
   exp->add_option("--base", ex.base, "base model directory (default: model.path of the checkpoint's run_config.json)");
   exp->add_option("--rope-factor", ex.rope_factor,
                   "linear RoPE factor written to config.json (default: the training run's; peft dir: the base's)")
-      ->check(number_in(1.0, 1024.0));
+      ->check(number_in(1.0, io::kMaxRopeFactor));
   exp->add_flag("--overwrite", ex.overwrite, "replace an existing output directory");
 
   attention::AttentionBenchOptions ab;

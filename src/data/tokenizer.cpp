@@ -1,6 +1,7 @@
 #include "longlora/data/tokenizer.h"
 
 #include <dlfcn.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -69,9 +70,18 @@ struct Tokenizer::Impl {
 
 Tokenizer::Tokenizer(const std::string& path) : impl_(std::make_unique<Impl>()), path_(path) {
   check_not_directory(path);  // sentencepiece's own message names no path
+  // A FIFO blocked in sentencepiece's read until a writer came, forever in a model folder.
+  if (struct stat st {}; ::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
+    fail(path, "", "is not a regular file");
   impl_->api = &module_api();
   impl_->sp = impl_->api->load(path.c_str());
-  if (!impl_->sp) fail(path, "", std::string("cannot load sentencepiece model: ") + impl_->api->error());
+  if (!impl_->sp) {
+    const std::string e = impl_->api->error();
+    // sentencepiece says "Internal: ./src/sentencepiece_processor.cc(1101) [model_proto->ParseFromArray(...)]".
+    if (e.find("ParseFromArray") != std::string::npos)
+      fail(path, "", "not a sentencepiece model (damaged, or another kind of file)");
+    fail(path, "", "cannot load sentencepiece model: " + e);
+  }
 }
 
 Tokenizer::~Tokenizer() = default;

@@ -38,7 +38,7 @@ int64_t get_int(const JsonFields& f, const std::string& key, bool required, int6
 double parse_factor(const JsonFields& r) {
   const auto f = r.number("factor");
   if (!f) r.fail("factor", "missing: linear RoPE scaling needs a numeric factor");
-  if (!(*f >= 1.0) || *f > 1024) r.fail("factor", "expected a number in [1, 1024], got " + json_brief(r.at("factor")));
+  if (!(*f >= 1.0) || *f > kMaxRopeFactor) r.fail("factor", "expected a number in [1, 1024], got " + json_brief(r.at("factor")));
   return *f;
 }
 
@@ -89,7 +89,9 @@ ModelConfig parse_model_config(const json& j, const std::string& src) {
   if (c.num_attention_heads % c.num_key_value_heads != 0)
     f.fail("num_key_value_heads", "must divide num_attention_heads");
   c.rms_norm_eps = f.number("rms_norm_eps").value_or(1e-6);
-  if (!(c.rms_norm_eps > 0)) f.fail("rms_norm_eps", "must be > 0");
+  // Past 1 the epsilon outweighs any normalized activation (1e300 zeroed every hidden state).
+  if (!(c.rms_norm_eps > 0 && c.rms_norm_eps < 1))
+    f.fail("rms_norm_eps", "expected a number in (0, 1), got " + json_brief(f.at("rms_norm_eps")));
   c.initializer_range = f.number("initializer_range").value_or(0.02);
   if (!(c.initializer_range > 0)) f.fail("initializer_range", "must be > 0");
   c.tie_word_embeddings = f.boolean("tie_word_embeddings").value_or(false);

@@ -88,7 +88,8 @@ size_t tensor_nbytes(DType dtype, const std::vector<int64_t>& shape) {
 }
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: a FIFO in a shard's place waited forever in open() for a writer.
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) fail(path, "", std::string("cannot open: ") + std::strerror(errno));
   struct stat st {};
   if (::fstat(fd, &st) != 0) {
@@ -98,6 +99,10 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   if (S_ISDIR(st.st_mode)) {  // open() takes a directory; mmap would say "No such device"
     ::close(fd);
     fail(path, "", "is a directory, a file is expected");
+  }
+  if (!S_ISREG(st.st_mode)) {  // a FIFO, socket or device: nothing to map
+    ::close(fd);
+    fail(path, "", "is not a regular file");
   }
   map_size_ = static_cast<size_t>(st.st_size);
   if (map_size_ < 8) {

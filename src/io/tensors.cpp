@@ -85,6 +85,10 @@ std::shared_ptr<SafetensorsFile> read_pickled_tensors(const std::string& path) {
     const std::string name = kv.key().toStringRef();
     if (!kv.value().isTensor()) fail(path, "tensor '" + name + "'", "not a tensor");
     const auto& raw = kv.value().toTensor();
+    // Every storage is read onto the CPU from its record; a "meta" location makes a
+    // tensor without data, which nothing can copy.
+    if (!raw.device().is_cpu())
+      fail(path, "tensor '" + name + "'", "stored on device " + raw.device().str() + ", which holds no data");
     check_within_storage(raw, path, name);
     auto t = raw.to(torch::kCPU).contiguous();
     const auto st = t.scalar_type();

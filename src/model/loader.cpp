@@ -234,8 +234,8 @@ std::optional<double> trained_rope_factor(const std::string& dir) {
   if (!st.contains("rope_factor")) return std::nullopt;  // older checkpoints: config.json's factor
   const auto& v = f.at("rope_factor");
   // A factor below 1 compresses nothing and 0 divides positions by zero (loss -nan).
-  if (!v.is_number() || !std::isfinite(v.get<double>()) || !(v.get<double>() >= 1.0))
-    fail(ts, "rope_factor", "expected a number >= 1, got " + json_brief(v));
+  if (!v.is_number() || !(v.get<double>() >= 1.0) || v.get<double>() > io::kMaxRopeFactor)
+    fail(ts, "rope_factor", "expected a number in [1, 1024], got " + json_brief(v));
   return v.get<double>();
 }
 
@@ -332,6 +332,15 @@ io::AdapterConfig apply_adapter(LlamaForCausalLMImpl& m, const std::string& dir)
   auto file = io::open_adapter_weights(dir);
   const std::string st_path = file->path();
 
+  // The rank the factors were saved with, before add_lora allocates r x width for
+  // every target: an r of 2^40 asked for petabytes and failed naming no file.
+  for (const auto& t : file->tensors()) {
+    const bool a = t.name.find(".lora_A.") != std::string::npos, b = t.name.find(".lora_B.") != std::string::npos;
+    if ((a || b) && (t.shape.size() != 2 || t.shape[a ? 0 : 1] != acfg.r))
+      fail(st_path, "tensor '" + t.name + "'",
+           "shape " + shape_str(t.shape) + " but r is " + std::to_string(acfg.r) + " in " + cfg_path + " (lora_" +
+               (a ? "A is [r, in]" : "B is [out, r]") + ")");
+  }
   lora::LoraSpec spec;
   spec.r = acfg.r;
   spec.alpha = acfg.lora_alpha;
@@ -417,7 +426,22 @@ std::string explain_non_finite(const LlamaForCausalLMImpl& m) {
   torch::NoGradGuard ng;
   for (const auto& p : m.named_parameters())
     if (!torch::isfinite(p.value()).all().item<bool>()) return "the model's " + p.key() + " holds non-finite values";
-  return "every weight is finite (an fp16 overflow? --dtype bf16 or fp32)";
+  if (m.compute_dtype == torch::kFloat16) return "every weight is finite (an fp16 overflow? --dtype bf16 or fp32)";
+  // In fp32 or bf16 the activations overflowed: name the largest weight (a LoRA scale
+  // lora_alpha / r of 1e38 merges to weights near 1e35, finite yet overflowing).
+  std::string name;
+  double most = 0;
+  for (const auto& p : m.named_parameters())
+    if (p.value().numel() > 0)
+      if (const double a = p.value().abs().max().item<double>(); a > most) most = a, name = p.key();
+  std::ostringstream s;
+  s << "every weight is finite, yet the activations overflowed; the largest weight is " << name << " at " << most;
+  for (const auto& item : m.named_modules())
+    if (auto* l = dynamic_cast<lora::LinearImpl*>(item.value().get()); l && l->has_lora()) {
+      s << " (LoRA scale lora_alpha / r: " << l->scale << ")";
+      break;
+    }
+  return s.str();
 }
 
 }  // namespace longlora::model

@@ -76,10 +76,10 @@ io::FileDigest write_archive(torch::serialize::OutputArchive& ar, const std::str
 }
 
 // A libtorch error's first line (no C++ backtrace) for a one-line message.
-std::string first_line(const c10::Error& e) {
-  std::string m = e.what_without_backtrace();
-  return m.substr(0, m.find('\n'));
-}
+std::string first_line(const std::string& m) { return m.substr(0, m.find('\n')); }
+std::string first_line(const c10::Error& e) { return first_line(std::string(e.what_without_backtrace())); }
+
+std::string dtype_name(const torch::Tensor& t) { return std::string(c10::toString(t.scalar_type())); }
 
 // `p` made absolute (and normalized) against the working directory; "" stays "".
 std::string absolute_path(const std::string& p) {
@@ -276,6 +276,12 @@ json read_state_file(const std::string& dir, TrainerState& st) {
     return *v;
   };
   st.step = count("step", true);
+  // A resume picks checkpoint-N by its name: a step that disagrees would skip or
+  // repeat steps (and shift the schedule) without a word. Other names (a copy the
+  // user renamed, given to --resume-from) are taken at their word.
+  const std::string name = fs::path(dir).lexically_normal().filename().string();
+  if (std::regex_match(name, std::regex("checkpoint-[0-9]+")) && name != "checkpoint-" + std::to_string(st.step))
+    f.fail("step", std::to_string(st.step) + ", but the directory is " + name);
   st.cursor = count("cursor", true);
   st.bad_steps = count("bad_steps", false);
   st.tokens_seen = count("tokens_seen", false);
@@ -439,6 +445,11 @@ TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainab
     if (it == tensors.end()) throw Error(dir + ": tensor '" + key + "' missing from the checkpoint");
     if (it->second.sizes() != p.sizes())
       throw Error(dir + ": tensor '" + key + "' has another shape than the model's");
+    // copy_ converts anything: integers went in as huge weights. Only a finite float
+    // is a state to continue from (a NaN would make every step a skipped one).
+    if (!it->second.is_floating_point() || !torch::isfinite(it->second).all().item<bool>())
+      throw Error(dir + ": tensor '" + key + "' is " +
+                  (it->second.is_floating_point() ? "not finite" : "not floating point (" + dtype_name(it->second) + ")"));
     p.copy_(it->second);
   }
   const std::string state = (d / "state.pt").string();
@@ -462,6 +473,8 @@ TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainab
     }
   } catch (const c10::Error& e) {
     throw Error(state + ": cannot restore the optimizer and RNG state: " + first_line(e));
+  } catch (const std::exception& e) {  // TorchScript's parser and std::out_of_range
+    throw Error(state + ": cannot restore the optimizer and RNG state: " + first_line(e.what()));
   }
   if (opt.param_groups().size() != asked.size())
     throw Error(state + ": " + std::to_string(opt.param_groups().size()) + " optimizer parameter groups, " +
@@ -473,9 +486,18 @@ TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainab
       auto it = opt.state().find(p.unsafeGetTensorImpl());
       if (it == opt.state().end()) continue;
       auto& ps = static_cast<torch::optim::AdamWParamState&>(*it->second);
-      if (ps.exp_avg().sizes() != p.sizes())
+      if (ps.exp_avg().sizes() != p.sizes() || ps.exp_avg_sq().sizes() != p.sizes())
         throw Error(state + ": optimizer moments of shape " + c10::str(ps.exp_avg().sizes()) +
                     " for a parameter of shape " + c10::str(p.sizes()) + ": the state of another run?");
+      // Each update counts one step; skipped steps count none. A negative count gave
+      // NaN bias corrections, and NaN or negative moments NaN updates, saved with exit 0.
+      if (ps.step() < 0 || ps.step() > st.step)
+        throw Error(state + ": optimizer step count " + std::to_string(ps.step()) + " outside [0, " +
+                    std::to_string(st.step) + "], the checkpoint's step");
+      if (!ps.exp_avg().is_floating_point() || !ps.exp_avg_sq().is_floating_point() ||
+          !torch::isfinite(ps.exp_avg()).all().item<bool>() ||
+          !(ps.exp_avg_sq() >= 0).all().item<bool>() || !torch::isfinite(ps.exp_avg_sq()).all().item<bool>())
+        throw Error(state + ": optimizer moments that are not finite (or a negative second moment)");
       if (ps.exp_avg().device() != p.device()) {
         ps.exp_avg(ps.exp_avg().to(p.device()));
         ps.exp_avg_sq(ps.exp_avg_sq().to(p.device()));

@@ -12,6 +12,7 @@
 #include "longlora/common/error.h"
 #include "longlora/common/json_file.h"
 #include "longlora/common/strings.h"
+#include "longlora/io/hf_config.h"
 
 using nlohmann::json;
 
@@ -128,7 +129,7 @@ const std::vector<Field>& schema() {
     // Below 1 a factor would stretch positions, and no reader of the checkpoint (eval,
     // export, Hugging Face) takes such a factor: refused here, not after the training.
     f.push_back(zero_or_number("model.rope_factor", [](RunConfig& c) -> auto& { return c.model.rope_factor; }, 1,
-                               1024,
+                               io::kMaxRopeFactor,
                                "linear position interpolation factor; 0 = the model's own (1 without rope_scaling), "
                                "raised to ceil(seq_len / max_position_embeddings) where seq_len needs more"));
     f.push_back(boolean("lora.enabled", [](RunConfig& c) -> auto& { return c.lora.enabled; },

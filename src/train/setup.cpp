@@ -145,6 +145,12 @@ Session make_session(const RunConfig& c, bool with_data) {
     s.model = model::random_model(mcfg, lo, cfg_path);
   } else {
     s.model = model::load_model(c.model.path, lo);
+    // A NaN in a frozen weight makes every step a skipped one; the run then ended
+    // "done" with nothing trained. One pass over the weights, on their device.
+    torch::NoGradGuard ng;
+    for (const auto& p : s.model->named_parameters())
+      if (!torch::isfinite(p.value()).all().item<bool>())
+        fail(c.model.path, "tensor '" + p.key() + "'", "holds non-finite values (NaN or inf) as loaded");
   }
   auto& m = *s.model;
   s.base_sample = base_weight_sample(m);

@@ -11,6 +11,10 @@
 
 namespace longlora::io {
 
+// The largest linear RoPE factor anything takes (config.json, run config, flags,
+// checkpoints): 1024 x 4096 positions is past any context trained.
+inline constexpr double kMaxRopeFactor = 1024;
+
 struct ModelConfig {
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;
