@@ -6,6 +6,7 @@
 #include <chrono>
 #include <tuple>
 #include <functional>
+#include <caffe2/serialize/inline_container.h>
 #include <nlohmann/json.hpp>
 
 #include "longlora/common/error.h"
@@ -604,4 +605,29 @@ TEST(SafetensorsMalformed, DamagedPicklesAreRefusedNotRead) {
   EXPECT_EQ(testutil::error_of([&] { (void)io::read_pickled_tensors(dir + "legacy.bin"); })
                 .rfind(dir + "legacy.bin: a torch.save file in the legacy (non-zip) format, which LibTorch cannot read", 0),
             0u);
+}
+
+// A pickle of lists nested 10^6 deep (2 MB) crashed the process: LibTorch frees a
+// nested value recursively. Refused from a count of its containers, before unpickling.
+TEST(SafetensorsMalformed, APickleNestedPastAnyStateDictIsRefused) {
+  const auto dir = testutil::temp_dir("pickle-deep");
+  auto write = [&](const std::string& name, const std::string& pkl) {
+    caffe2::serialize::PyTorchStreamWriter w(dir + "/" + name);
+    w.writeRecord("data.pkl", pkl.data(), pkl.size());
+    w.writeEndOfFile();
+    return dir + "/" + name;
+  };
+  const size_t depth = 1000000;
+  const auto deep = write("deep.bin", "\x80\x02" + std::string(depth, ']') + std::string(depth - 1, 'a') + ".");
+  EXPECT_EQ(testutil::error_of([&] { (void)io::read_pickled_tensors(deep); }),
+            deep + ": data.pkl: more than 100000 containers (a state dict has some six a tensor): refused, as "
+                   "nesting that deep crashes LibTorch");
+  const auto junk = write("junk.bin", std::string("\x80\x02}\xff.", 5));
+  EXPECT_EQ(testutil::error_of([&] { (void)io::read_pickled_tensors(junk); }),
+            junk + ": data.pkl: byte 255 at offset 3 is no pickle opcode: the file is damaged");
+  // The scan walks the arguments of every opcode a state dict uses: the golden files,
+  // written by Python's torch.save, still read.
+  EXPECT_FALSE(io::read_pickled_tensors(testutil::data("pickled-model/pytorch_model-00001-of-00002.bin"))
+                   ->tensors()
+                   .empty());
 }

@@ -12,6 +12,73 @@
 namespace longlora::io {
 
 namespace {
+// A state dict's pickle builds some six containers a tensor (the rebuild call's
+// argument tuples, sizes, strides, an empty OrderedDict). LibTorch frees a nested
+// value recursively: a 2 MB pickle of lists nested 10^6 deep overflowed the stack and
+// crashed. Containers bound the depth; this allows ~16000 tensors a file (LLaMA-2-70B
+// has 723).
+constexpr size_t kMaxPickleContainers = 100000;
+
+// Walks the pickle's opcodes (every protocol's, 0 to 5) and counts those that make a
+// container or object; refuses more than kMaxPickleContainers, and bytes that are no
+// opcode (the unpickler refuses them too, after building what came before).
+void check_pickle_size(const uint8_t* p, size_t n, const std::string& path) {
+  auto le = [&](size_t at, int bytes) {
+    uint64_t v = 0;
+    for (int i = bytes - 1; i >= 0; --i) v = v << 8 | p[at + static_cast<size_t>(i)];
+    return v;
+  };
+  size_t i = 0, containers = 0;
+  auto skip_line = [&] {
+    while (i < n && p[i] != '\n') ++i;
+    ++i;
+  };
+  while (i < n) {
+    const uint8_t op = p[i++];
+    // Argument bytes: a fixed count, or a length prefix of `len` bytes and that many.
+    int fixed = 0, len = 0;
+    switch (op) {
+      case 0x80: case 'K': case 'h': case 'q': case 0x82: fixed = 1; break;  // PROTO BININT1 BINGET BINPUT EXT1
+      case 'M': case 0x83: fixed = 2; break;                                  // BININT2 EXT2
+      case 'J': case 'j': case 'r': case 0x84: fixed = 4; break;              // BININT LONG_BINGET LONG_BINPUT EXT4
+      case 'G': case 0x95: fixed = 8; break;                                  // BINFLOAT FRAME
+      case 0x8a: case 'U': case 'C': case 0x8c: len = 1; break;  // LONG1 SHORT_BINSTRING SHORT_BINBYTES SHORT_BINUNICODE
+      case 0x8b: case 'T': case 'B': case 'X': len = 4; break;   // LONG4 BINSTRING BINBYTES BINUNICODE
+      case 0x8d: case 0x8e: case 0x96: len = 8; break;           // BINUNICODE8 BINBYTES8 BYTEARRAY8
+      case 'I': case 'L': case 'S': case 'V': case 'F': case 'p': case 'g': case 'P':  // protocol 0: one line
+        skip_line();
+        break;
+      case 'c': case 'i':  // GLOBAL, INST: module and name lines
+        skip_line();
+        skip_line();
+        containers += op == 'i';
+        break;
+      case ']': case '}': case ')': case 0x8f: case 'l': case 't': case 'd': case 0x91:  // lists, dicts, tuples, sets
+      case 0x85: case 0x86: case 0x87: case 'R': case 0x81: case 0x92: case 'o': case 'b':  // TUPLE1-3, objects
+        ++containers;
+        break;
+      case '(': case '.': case '0': case '1': case '2': case 'N': case 0x88: case 0x89: case 'a': case 'e':
+      case 's': case 'u': case 'Q': case 0x90: case 0x93: case 0x94: case 0x97: case 0x98:
+        break;  // no argument
+      default:
+        fail(path, "data.pkl", "byte " + std::to_string(op) + " at offset " + std::to_string(i - 1) +
+                                   " is no pickle opcode: the file is damaged");
+    }
+    if (len > 0) {
+      if (i + static_cast<size_t>(len) > n) break;
+      const uint64_t m = le(i, len);
+      i += static_cast<size_t>(len);
+      if (m > n - i) break;  // cut short: the unpickler says so
+      i += static_cast<size_t>(m);
+    }
+    i += static_cast<size_t>(fixed);
+    if (containers > kMaxPickleContainers)
+      fail(path, "data.pkl", "more than " + std::to_string(kMaxPickleContainers) +
+                                 " containers (a state dict has some six a tensor): refused, as nesting that deep "
+                                 "crashes LibTorch");
+    if (op == '.') break;  // STOP
+  }
+}
 // LibTorch's reader takes a record's bytes as they are: a record cut short (an empty
 // data/N entry) left a tensor whose view ran past its storage, and reading it
 // crashed or gave whatever lay beyond.
@@ -58,6 +125,10 @@ std::shared_ptr<SafetensorsFile> read_pickled_tensors(const std::string& path) {
   c10::IValue v;
   try {
     caffe2::serialize::PyTorchStreamReader reader(path);
+    if (reader.hasRecord("data.pkl")) {
+      auto [pkl, size] = reader.getRecord("data.pkl");
+      check_pickle_size(static_cast<const uint8_t*>(pkl.get()), size, path);
+    }
     // The storages from their records, each as long as its record really is: left to
     // itself the unpickler sizes a storage by the element count the pickle states,
     // whatever the record holds, and check_within_storage would pass a cut record.
