@@ -496,7 +496,7 @@ TEST(Cli, FlagsAreNotSilentlyDroppedOrMisread) {
       {"bench --shape " + model + "/config.json --seq-len 16 --set device=cpu", "error: bench --set device: set by bench's flags"},
       {"bench --shape " + model + "/config.json --seq-len 16 --set data.train=x.bin",
        "error: bench --set data.train: bench trains on random tokens and reads no data"},
-      {"eval --task PASSKEY --model " + model + " --lengths 64", "error: eval: --task must be perplexity or passkey"},
+      {"eval --task PASSKEY --model " + model + " --lengths 64", "error: --task: expected one of perplexity, passkey, got 'PASSKEY'"},
   };
   for (const auto& c : cases) {
     const auto r = testutil::run_cli(c.args);

@@ -466,6 +466,27 @@ TEST(DataBadInput, MakeDataInterruptedLeavesNoTemporaryAndTheOldFileWhole) {
   longlora::remove_tree(d);
 }
 
+// A signal was answered between documents only: a 4M-token document counts its
+// tokens ~25 times (seconds each), and SIGTERM took 6 minutes to act (with the demo's
+// tokenizer, on the 2-core machine). Now between counts: ~2 s there. The bound is a
+// liveness check with room for a slow machine, not a timing.
+TEST(DataBadInput, MakeDataAnswersASignalWithinALongDocument) {
+  const auto d = testutil::temp_dir("make-data-long-signal");
+  const pid_t pid = testutil::spawn_cli("make-data --tokenizer " + testutil::data("../../configs/demo/tokenizer.model") +
+                                            " --out " + d +
+                                            "/c.jsonl --docs 1 --min-tokens 4194304 --max-tokens 4194304",
+                                        "", d + "/err");
+  ASSERT_TRUE(testutil::wait_until([&] { return entries(d) == 2; }, 60));  // err and the temporary
+  std::this_thread::sleep_for(std::chrono::seconds(1));  // into the document's counting
+  const auto t0 = std::chrono::steady_clock::now();
+  ::kill(pid, SIGTERM);
+  EXPECT_EQ(testutil::wait_exit(pid), 128 + SIGTERM);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(60));
+  EXPECT_EQ(testutil::read_file(d + "/err"), "interrupted: nothing written to " + d + "/c.jsonl\n");
+  EXPECT_EQ(entries(d), 1u);  // err: no temporary file left
+  longlora::remove_tree(d);
+}
+
 TEST(DataBadInput, MakeDataKeepsEveryDocumentWithinMaxTokens) {
   const auto d = testutil::temp_dir("make-data-max");
   // The keys and questions alone can exceed --max-tokens: five keys never fit 20 tokens.

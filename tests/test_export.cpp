@@ -891,6 +891,20 @@ TEST(ExportErrors, AShardLimitForAPeftAdapterIsRefused) {
   EXPECT_EQ(r.code, 0) << r.err;
 }
 
+// A size that does not parse is a command line that does not parse: exit 2, as any
+// flag's value out of range (it was 1, found after the checkpoint was looked at).
+TEST(ExportErrors, AShardLimitThatIsNoSizeExitsTwo) {
+  const auto dir = testutil::temp_dir("export-err-size");
+  for (const auto& [size, want] : std::vector<std::pair<std::string, std::string>>{
+           {"0", "error: --max-shard-size: '0': must be at least 1 byte\n"},
+           {"5XB", "error: --max-shard-size: '5XB' is not a size (examples: 5GB, 500MB, 100KB, 2GiB, 1048576)\n"}}) {
+    const auto r = testutil::run_cli(export_cmd(kAdapter, dir + "/out", "--base " + kBase + " --max-shard-size " + size));
+    EXPECT_EQ(r.code, 2) << size;
+    EXPECT_EQ(r.err, want) << size;
+    EXPECT_FALSE(fs::exists(dir + "/out")) << size;
+  }
+}
+
 TEST(ExportErrors, BaseWithOtherShapes) {
   const auto dir = testutil::temp_dir("export-err-shapes");
   auto cfg = testutil::read_json(kBase + "/config.json");

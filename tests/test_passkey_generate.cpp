@@ -629,9 +629,14 @@ TEST(GenerateCli, BadInputIsOneLine) {
            {m + " --prompt hi --prompt-file /nonexistent",
             "error: generate: give exactly one of --prompt TEXT (not empty) and --prompt-file FILE\n"},
            {m + " --prompt-file /nonexistent", "error: /nonexistent: cannot read the prompt file: No such file or directory\n"},
-           {m + " --prompt hi --top-p 0", "error: generate: --top-p must be in (0, 1]\n"},
+           {m + " --prompt hi --top-p 0", "error: --top-p: expected a number in (0, 1], got '0'\n"},
+           {m + " --prompt hi --top-p 1.5", "error: --top-p: expected a number in (0, 1], got '1.5'\n"},
+           {m + " --prompt hi --temperature -1", "error: --temperature: expected a number >= 0, got '-1'\n"},
+           // Past 64 bits it was read as 2^63 - 1, silently.
+           {m + " --prompt hi --max-new-tokens 99999999999999999999",
+            "error: --max-new-tokens: expected an integer >= 1, got 99999999999999999999 (past 64 bits)\n"},
            {m + " --prompt hi --top-k -1", "error: --top-k: expected an integer >= 0, got -1\n"},
-           {m + " --prompt hi --max-new-tokens 0", "error: generate: --max-new-tokens must be positive, got 0\n"}}) {
+           {m + " --prompt hi --max-new-tokens 0", "error: --max-new-tokens: expected an integer >= 1, got 0\n"}}) {
     auto r = testutil::run_cli(args);
     // 2 where the command line does not parse (a value outside its flag's range), else 1.
     EXPECT_EQ(r.code, want.find(": expected ") != std::string::npos ? 2 : 1) << args;
@@ -733,7 +738,7 @@ TEST(PasskeyCli, BadInputIsOneLine) {
            {"eval --task passkey --lengths 1024", "error: eval: --model DIR is required\n"},
            {"eval --task passkey" + m, "error: eval: --task passkey needs --lengths L[,L2,...] (tokens)\n"},
            {"eval --task passkey" + m + " --lengths 512 --trials 0", "error: --trials: expected an integer >= 1, got 0\n"},
-           {"eval --task nope" + m, "error: eval: --task must be perplexity or passkey, got 'nope'\n"},
+           {"eval --task nope" + m, "error: --task: expected one of perplexity, passkey, got 'nope'\n"},
            {"eval" + m + " --seq-len 64", "error: eval: --task perplexity needs --data FILE\n"},
            {"eval" + m + " --data x.bin", "error: eval: --task perplexity needs --seq-len L[,L2,...]\n"}}) {
     auto r = testutil::run_cli(args);
@@ -786,7 +791,7 @@ TEST(EvalCli, FlagsAreCheckedBeforeAnyResultInOneLine) {
            {"eval" + m + data + " --seq-len 64 --trials 3", "error: eval: --trials is for --task passkey, not perplexity\n"},
            {"eval" + m + data + " --seq-len 64 --seed 0", "error: eval: --seed is for --task passkey, not perplexity\n"},
            {"eval" + m + data + " --seq-len 64 --protocol lm-eval",
-            "error: eval: --protocol must be plain or longlora, got 'lm-eval'\n"},
+            "error: --protocol: expected one of plain, longlora, got 'lm-eval'\n"},
            {"eval" + m + data + " --seq-len 64 --batch-size 4",
             "error: eval: --batch-size is for --protocol longlora (its batches weigh the average)\n"},
            {"eval --task passkey" + m + " --lengths 256 --protocol longlora",
@@ -817,7 +822,7 @@ TEST(GenerateCli, EmptyPromptFilesAndOutOfRangeSamplingAreRefused) {
            {" --prompt-file " + dir + "/spaces.txt", dir + "/spaces.txt: --prompt-file: the prompt gives no tokens"},
            {" --prompt '  '", "generate: --prompt: the prompt gives no tokens"},
            {" --prompt-file " + dir, dir + ": --prompt-file: is a directory, a file is expected"},
-           {" --prompt hi --temperature inf", "--temperature must be finite and >= 0"},
+           {" --prompt hi --temperature inf", "--temperature: expected a number >= 0, got 'inf'"},
            {" --prompt hi --seed -1", "--seed: expected an integer >= 0, got -1"}}) {
     const auto r = testutil::run_cli(m + args);
     // 2 where the command line does not parse (a value outside its flag's range), else 1.

@@ -1,6 +1,7 @@
 // Training: the golden S2 loss and gradients, a loss that falls, exact resume,
 // crash safety of saves, clean exit on SIGTERM.
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include <functional>
@@ -1244,14 +1245,44 @@ TEST(Train, ARunStoppedByNonFiniteStepsSavesItsLastFiniteState) {
   // A normal save prunes to output.keep_last (1 here): both older checkpoints go.
   EXPECT_FALSE(fs::exists(d + "/out/checkpoint-4"));
   EXPECT_FALSE(fs::exists(d + "/out/checkpoint-8"));
-  // Trainable weights that are not finite are not saved (a full fine-tune of a model
-  // with a NaN in its final norm: every step's loss is NaN).
+  // A model with a NaN in its final norm (every step's loss NaN) is refused before
+  // the first step, naming the tensor.
   const auto nan_model = testutil::golden_model_with_a_nan(d + "/nan-model", "model.norm.weight");
   r = testutil::run_cli("--config " + tiny_config(d + "/five") + " --set model.path=" + nan_model +
                         " --set lora.enabled=false --set train.max_bad_steps=2 --set output.dir=" + d + "/nan-out");
-  EXPECT_EQ(r.code, 3) << r.err;
-  EXPECT_NE(r.err.find("the trainable weights are not finite: nothing saved"), std::string::npos) << r.err;
+  EXPECT_EQ(r.code, 1) << r.err;
+  EXPECT_NE(r.err.find(nan_model + ": tensor 'model.norm.weight': holds non-finite values"), std::string::npos)
+      << r.err;
   EXPECT_FALSE(fs::exists(d + "/nan-out/checkpoint-2"));
+  longlora::remove_tree(d);
+}
+
+// An update that made the weights non-finite from a finite gradient (train.eps 1e-300
+// is 0 in fp32: 0 / 0 for every parameter without gradient): every later step was
+// skipped, and the NaN weights were saved, pruning the good checkpoints.
+TEST(Train, AnUpdateThatMakesTheWeightsNonFiniteStopsTheRunAndSavesNothing) {
+  const auto d = testutil::temp_dir("nan-update");
+  const std::string cfg = tiny_config(d, "") + " --set train.max_steps=20 --set output.save_steps=4 "
+                          "--set output.keep_last=1";
+  auto r = testutil::run_cli("--config " + cfg, "LONGLORA_TEST_NAN_UPDATE_AT_STEP=6 ");
+  EXPECT_EQ(r.code, 3) << r.err;
+  EXPECT_NE(r.err.find("step 6: the update made the trainable weights non-finite, though the loss ("),
+            std::string::npos)
+      << r.err;
+  EXPECT_NE(r.err.find("stopping; nothing saved, no checkpoint removed"), std::string::npos) << r.err;
+  EXPECT_EQ(train::latest_checkpoint(d + "/out"), std::optional<std::string>(d + "/out/checkpoint-4"));
+  EXPECT_EQ(r.err.find("step 7/"), std::string::npos) << r.err;
+  // The config that caused it is refused now.
+  r = testutil::run_cli("--config " + cfg + " --set train.eps=1e-300 --dry-run");
+  EXPECT_EQ(r.code, 1) << r.err;
+  EXPECT_NE(r.err.find("train.eps: expected a number in [1e-30, 1]"), std::string::npos) << r.err;
+  // A run whose every step was skipped (fewer than train.max_bad_steps) trained
+  // nothing, yet said "training done" and exited 0.
+  fs::create_directories(d + "/all-bad");
+  r = testutil::run_cli("--config " + tiny_config(d + "/all-bad") + " --set train.max_steps=2",
+                        "LONGLORA_TEST_NONFINITE_FROM_STEP=1 ");
+  EXPECT_EQ(r.code, 3) << r.err;
+  EXPECT_NE(r.err.find("none of this run's 2 steps was finite: nothing trained"), std::string::npos) << r.err;
   longlora::remove_tree(d);
 }
 
@@ -1331,6 +1362,46 @@ TEST(Train, ConfigsThatCannotRunAreSaidBeforeTheFirstStep) {
   r = testutil::run_cli("--config " + tiny_config(d) + " --set attention.group_ratio=1 --set data.seq_len=63" +
                         " --set train.max_steps=1 --set output.dir=" + d + "/odd");
   EXPECT_EQ(r.code, 0) << r.err;
+  // data.eval's format: --dry-run passed an unknown extension, and the run failed after
+  // loading the model with a message that named neither key nor role; instruction
+  // records (which the eval cannot score) likewise.
+  testutil::write_file(d + "/e.csv", "hello");
+  r = testutil::run_cli("--config " + tiny_config(d) + " --set data.eval=" + d + "/e.csv --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("--set data.eval: " + d + "/e.csv: unknown data extension '.csv'"), std::string::npos)
+      << r.err;
+  r = testutil::run_cli("--config " + tiny_config(d) + " --set data.eval=" + d + "/a.json --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("--set data.eval: " + d + "/a.json: instruction records, which the eval does not score"),
+            std::string::npos)
+      << r.err;
+  // Its records' errors say which file of the two they are in.
+  testutil::write_file(d + "/odd.bin", "abc");
+  r = testutil::run_cli("--config " + tiny_config(d) + " --set data.eval=" + d + "/odd.bin --set output.dir=" + d +
+                        "/odd-eval");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("error: data.eval: " + d + "/odd.bin: odd byte count 3"), std::string::npos) << r.err;
+  // Data is read more than once (sniffed, then read): a FIFO blocked the run for good.
+  ASSERT_EQ(::mkfifo((d + "/fifo.jsonl").c_str(), 0600), 0);
+  r = testutil::run_cli("--config " + tiny_config(d) + " --set data.train=" + d + "/fifo.jsonl --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find(d + "/fifo.jsonl: is not a regular file"), std::string::npos) << r.err;
+  longlora::remove_tree(d);
+}
+
+// A checkpoint-N folder without COMPLETE is no save of ours (ours are renamed into
+// place whole): a new run's save of step N replaced it, and what it held was lost.
+TEST(Train, AFolderNamedLikeACheckpointIsNotReplaced) {
+  const auto d = testutil::temp_dir("foreign-ckpt");
+  fs::create_directories(d + "/out/checkpoint-3");
+  testutil::write_file(d + "/out/checkpoint-3/notes.txt", "mine");
+  auto r = testutil::run_cli("--config " + tiny_config(d));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("output.dir: " + d + "/out/checkpoint-3 is not a complete checkpoint (no COMPLETE file) and "
+                       "a save would replace it"),
+            std::string::npos)
+      << r.err;
+  EXPECT_EQ(testutil::read_file(d + "/out/checkpoint-3/notes.txt"), "mine");
   longlora::remove_tree(d);
 }
 

@@ -25,6 +25,7 @@
 #include "longlora/common/error.h"
 #include "longlora/common/interrupt.h"
 #include "longlora/eval/passkey.h"
+#include "longlora/io/export.h"
 #include "longlora/io/hf_config.h"
 
 using namespace longlora;
@@ -51,17 +52,32 @@ CLI::Validator integer_in(int64_t lo, int64_t hi = std::numeric_limits<int64_t>:
       "INT " + range);
 }
 
-// A number flag in [lo, hi]: CLI::Range let "nan" through (every comparison with it is
-// false), and --rope-factor nan fell back to the model's factor silently.
-CLI::Validator number_in(double lo, double hi) {
+// A flag that takes one of `values`; the message as integer_in's (CLI::IsMember's
+// "x not in {a,b}" reads as a different kind of error).
+CLI::Validator one_of(const std::vector<std::string>& values) {
+  std::string list;
+  for (const auto& v : values) list += (list.empty() ? "" : ", ") + v;
+  return CLI::Validator(
+      [values, list](std::string& s) -> std::string {
+        if (std::find(values.begin(), values.end(), s) != values.end()) return {};
+        return "expected one of " + list + ", got '" + s + "'";
+      },
+      "one of " + list);
+}
+
+// A number flag in [lo, hi] ((lo, hi] when `lo_open`; no upper end when hi is
+// infinite): CLI::Range let "nan" through (every comparison with it is false), and
+// --rope-factor nan fell back to the model's factor silently.
+CLI::Validator number_in(double lo, double hi, bool lo_open = false) {
   std::ostringstream r;
-  r << "in [" << lo << ", " << hi << "]";
+  if (std::isinf(hi)) r << (lo_open ? "> " : ">= ") << lo;
+  else r << "in " << (lo_open ? "(" : "[") << lo << ", " << hi << "]";
   const std::string range = r.str();
   return CLI::Validator(
-      [lo, hi, range](std::string& s) -> std::string {
+      [lo, hi, lo_open, range](std::string& s) -> std::string {
         char* end = nullptr;
         const double v = std::strtod(s.c_str(), &end);
-        if (s.empty() || end != s.c_str() + s.size() || !std::isfinite(v) || v < lo || v > hi)
+        if (s.empty() || end != s.c_str() + s.size() || !std::isfinite(v) || v < lo || v > hi || (lo_open && v == lo))
           return "expected a number " + range + ", got '" + s + "'";
         return {};
       },
@@ -115,7 +131,8 @@ int run(int argc, char** argv) {
   // --model, --data, --seq-len, --lengths are checked in run_eval (one-line errors, per task).
   auto* eval = app.add_subcommand(
       "eval", "perplexity of a model (full attention) on a data file, or passkey retrieval (--task passkey)");
-  eval->add_option("--task", ev.task, "perplexity (default) | passkey (LongLoRA's passkey retrieval test)");
+  eval->add_option("--task", ev.task, "perplexity (default) | passkey (LongLoRA's passkey retrieval test)")
+      ->check(one_of({"perplexity", "passkey"}));
   add_model_options(eval, ev.model, ev.adapter, ev.rope_factor, ev.device, ev.dtype,
                     "Hugging Face model directory (required)");
   eval->add_option("--data", ev.data, "perplexity: data: .bin (uint16 ids), .txt or .jsonl (text field)");
@@ -130,7 +147,8 @@ int run(int argc, char** argv) {
       ->check(integer_in(1));
   eval->add_option("--protocol", ev.protocol,
                    "perplexity: plain (default: every window's L predictions, one mean) | longlora (LongLoRA's "
-                   "eval.py: L - 1 predictions a window, the last start dropped, batch means averaged, 2.71828^loss)");
+                   "eval.py: L - 1 predictions a window, the last start dropped, batch means averaged, 2.71828^loss)")
+      ->check(one_of({"plain", "longlora"}));
   eval->add_option("--batch-size", ev.batch_size, "perplexity, --protocol longlora: windows per batch (default 32)")
       ->check(integer_in(1));
   eval->add_flag("--json", ev.json, "print one JSON object per seq-len (passkey: one for all lengths)");
@@ -142,9 +160,12 @@ int run(int argc, char** argv) {
                     "Hugging Face model directory with tokenizer.model (required)");
   gen_cmd->add_option("--prompt", gen.prompt, "prompt text (or --prompt-file)");
   gen_cmd->add_option("--prompt-file", gen.prompt_file, "file whose whole content is the prompt");
-  gen_cmd->add_option("--max-new-tokens", gen.max_new_tokens, "stop after this many new tokens (default 512) or at EOS");
-  gen_cmd->add_option("--temperature", gen.temperature, "sampling temperature (default 0.6); 0 = greedy");
-  gen_cmd->add_option("--top-p", gen.top_p, "nucleus sampling: keep the most probable tokens up to this mass (default 0.9)");
+  gen_cmd->add_option("--max-new-tokens", gen.max_new_tokens, "stop after this many new tokens (default 512) or at EOS")
+      ->check(integer_in(1));
+  gen_cmd->add_option("--temperature", gen.temperature, "sampling temperature (default 0.6); 0 = greedy")
+      ->check(number_in(0, std::numeric_limits<double>::infinity()));
+  gen_cmd->add_option("--top-p", gen.top_p, "nucleus sampling: keep the most probable tokens up to this mass (default 0.9)")
+      ->check(number_in(0, 1, /*lo_open=*/true));
   gen_cmd->add_option("--top-k", gen.top_k,
                       "sample among the k most probable tokens, before --top-p (default 50, as transformers' "
                       "generate; 0 = off)")
@@ -164,7 +185,17 @@ int run(int argc, char** argv) {
                                        "peft: as stored)")
       ->check(CLI::IsMember({"bf16", "fp16", "fp32"}));
   exp->add_option("--max-shard-size", ex.max_shard_size,
-                  "largest safetensors shard, e.g. 5GB, 500MB, 100KB (powers of 1000) or 2GiB (1024)");
+                  "largest safetensors shard, e.g. 5GB, 500MB, 100KB (powers of 1000) or 2GiB (1024)")
+      ->check(CLI::Validator(
+          [](std::string& s) -> std::string {
+            try {
+              (void)io::parse_size(s, "");
+              return {};
+            } catch (const Error& e) {
+              return e.what();
+            }
+          },
+          "SIZE"));
   exp->add_option("--base", ex.base, "base model directory (default: model.path of the checkpoint's run_config.json)");
   exp->add_option("--rope-factor", ex.rope_factor,
                   "linear RoPE factor written to config.json (default: the training run's; peft dir: the base's)")

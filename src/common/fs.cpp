@@ -26,4 +26,10 @@ void check_not_directory(const std::string& path, const std::string& field) {
   if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) fail(path, field, "is a directory, a file is expected");
 }
 
+void check_regular_file(const std::string& path, const std::string& field) {
+  check_not_directory(path, field);
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) fail(path, field, "is not a regular file");
+}
+
 }  // namespace longlora

@@ -61,7 +61,7 @@ bool looks_like_sft(const std::string& path) {
 }  // namespace
 
 std::vector<SftRecord> read_sft_records(const std::string& path) {
-  check_not_directory(path);
+  check_regular_file(path);
   std::ifstream in(path);
   if (!in) fail(path, "", "cannot open");
   std::vector<SftRecord> out;
@@ -87,7 +87,7 @@ std::vector<SftRecord> read_sft_records(const std::string& path) {
 
 std::string data_reader(const std::string& path, const std::string& format, bool* guessed_sft) {
   if (!fs::exists(path)) fail(path, "", "data file not found");
-  check_not_directory(path);
+  check_regular_file(path);
   const std::string ext = fs::path(path).extension().string();
   std::string kind = format;
   // The formats that read each extension, one table for auto's choice and the check of

@@ -154,7 +154,13 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
   }
   Tokenizer tok(o.tokenizer);
   const double cpt = eval::passkey_chars_per_token(tok);
-  auto count = [&](const std::string& t) { return static_cast<int64_t>(tok.encode(t).size()); };
+  // Each count encodes a whole document (seconds at 4M tokens, ~25 per document): a
+  // signal is answered between counts, not only between documents (minutes).
+  const std::string interrupted = "interrupted: nothing written to " + o.out;
+  auto count = [&](const std::string& t) {
+    check_interrupt(interrupted);
+    return static_cast<int64_t>(tok.encode(t).size());
+  };
   // The shortest skeleton (task line, info lines and questions, no filler; the
   // shortest key "1") must fit the longest document, for the fewest and the most keys
   // and for the most questions; otherwise documents would exceed the length or
@@ -218,7 +224,7 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
   };
   while (written < o.docs) {
     // A signal stops before the next document; ~AsideFile removes the temporary.
-    check_interrupt("interrupted: nothing written to " + o.out);
+    check_interrupt(interrupted);
     interrupt_test_pause();
     const bool exact = o.row_tokens > 0;
     const int64_t target = exact ? o.row_tokens - 2 : uniform(o.min_tokens, o.max_tokens);
@@ -327,7 +333,7 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
     }
     emit(found->first);
   }
-  check_interrupt("interrupted: nothing written to " + o.out);
+  check_interrupt(interrupted);
   file.commit();
   return written;
 }

@@ -1,7 +1,6 @@
 #include "longlora/data/tokenizer.h"
 
 #include <dlfcn.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -69,10 +68,7 @@ struct Tokenizer::Impl {
 };
 
 Tokenizer::Tokenizer(const std::string& path) : impl_(std::make_unique<Impl>()), path_(path) {
-  check_not_directory(path);  // sentencepiece's own message names no path
-  // A FIFO blocked in sentencepiece's read until a writer came, forever in a model folder.
-  if (struct stat st {}; ::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
-    fail(path, "", "is not a regular file");
+  check_regular_file(path);  // sentencepiece's own message names no path; a FIFO blocked its read
   impl_->api = &module_api();
   impl_->sp = impl_->api->load(path.c_str());
   if (!impl_->sp) {

@@ -36,7 +36,7 @@ void check_utf8(const std::string& text, const std::string& source) {
 }
 
 std::vector<int32_t> read_bin(const std::string& path) {
-  check_not_directory(path);
+  check_regular_file(path);
   std::ifstream in(path, std::ios::binary);
   if (!in) fail(path, "", "cannot open");
   std::error_code ec;
@@ -70,7 +70,7 @@ void write_bin(const std::string& path, const std::vector<int32_t>& ids) {
 }
 
 std::vector<std::string> read_documents(const std::string& path) {
-  check_not_directory(path);
+  check_regular_file(path);
   std::ifstream in(path);
   if (!in) fail(path, "", "cannot open");
   const std::string ext = ext_of(path);

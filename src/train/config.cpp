@@ -200,7 +200,9 @@ const std::vector<Field>& schema() {
                    c.train.betas = {v[0].get<double>(), v[1].get<double>()};
                  },
                  [](const RunConfig& c) { return json(c.train.betas); }});
-    f.push_back(number("train.eps", [](RunConfig& c) -> auto& { return c.train.eps; }, 0, 1, true,
+    // Below fp32's range eps is 0, and a parameter without gradient got 0 / 0 = NaN
+    // in its first update.
+    f.push_back(number("train.eps", [](RunConfig& c) -> auto& { return c.train.eps; }, 1e-30, 1, false,
                        "AdamW epsilon"));
     f.push_back(integer("train.warmup_steps", [](RunConfig& c) -> auto& { return c.train.warmup_steps; },
                         0, "linear warmup steps"));
@@ -211,7 +213,7 @@ const std::vector<Field>& schema() {
     f.push_back(integer("train.micro_batch_size", [](RunConfig& c) -> auto& { return c.train.micro_batch_size; },
                         1, "rows per forward pass", 65536));
     f.push_back(integer("train.grad_accum", [](RunConfig& c) -> auto& { return c.train.grad_accum; }, 1,
-                        "micro-batches per optimizer step"));
+                        "micro-batches per optimizer step", 65536));
     f.push_back(number("train.max_grad_norm", [](RunConfig& c) -> auto& { return c.train.max_grad_norm; },
                        0, 1e9, false, "gradient-norm clipping; 0 disables"));
     f.push_back(integer("train.seed", [](RunConfig& c) -> auto& { return c.train.seed; }, 0,

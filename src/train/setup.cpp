@@ -122,6 +122,22 @@ void preflight(const RunConfig& c, const ConfigOrigin& o) {
                                (c.model.path.empty() ? std::string(" (model.path names no directory)")
                                                      : " (none in " + c.model.path + ")"));
   }
+  // data.eval's format, now: it was first read after the model, and an unknown
+  // extension failed then without naming the key.
+  if (!c.data.eval.empty()) {
+    std::string eval_reader;
+    try {
+      eval_reader = data::data_reader(c.data.eval, "auto");
+    } catch (const Error& e) {
+      throw Error(o.at("data.eval") + ": " + e.what());
+    }
+    if (eval_reader == "sft")
+      throw Error(o.at("data.eval") + ": " + c.data.eval +
+                  ": instruction records, which the eval does not score: it takes tokens (.bin) or text (.txt, or "
+                  ".jsonl with a \"text\" field)");
+    if (eval_reader != "tokens" && !has_tok)
+      throw Error(o.at("data.eval") + ": " + c.data.eval + ": text needs the model's tokenizer.model");
+  }
 }
 
 Session make_session(const RunConfig& c, bool with_data) {
@@ -207,10 +223,13 @@ Session make_session(const RunConfig& c, bool with_data) {
     spdlog::info("data: {} ({}), {} rows of {} tokens", c.data.train, s.data->kind(), s.data->size(),
                  c.data.seq_len);
     if (!c.data.eval.empty()) {
-      s.eval_data = std::make_unique<std::vector<int32_t>>(
-          data::load_token_stream(c.data.eval, s.tokenizer.get()));
-      // Checked now, not at the first save after hours of training.
       const std::string source = "data.eval: " + c.data.eval;
+      try {
+        s.eval_data = std::make_unique<std::vector<int32_t>>(data::load_token_stream(c.data.eval, s.tokenizer.get()));
+      } catch (const Error& e) {
+        throw Error("data.eval: " + std::string(e.what()));  // which of the two files it is
+      }
+      // Checked now, not at the first save after hours of training.
       eval::check_windows(static_cast<int64_t>(s.eval_data->size()), c.data.seq_len, source);
       data::check_token_ids(*s.eval_data, m.cfg.vocab_size, source);
     }

@@ -16,6 +16,7 @@
 #include <fstream>
 #include <iterator>
 #include <nlohmann/json.hpp>
+#include <regex>
 #include <sstream>
 
 #include "longlora/attention/attention.h"
@@ -172,6 +173,19 @@ std::optional<std::string> plan_start(const RunConfig& cfg, const ResumeRequest&
   // This run's checkpoints must not mix with another's in output.dir: keep_last would
   // prune the newer-numbered ones (a new run's own), and --resume would pick them.
   const auto done = complete_checkpoints(cfg.output.dir);
+  // A save replaces a checkpoint-N folder of the same step; one without COMPLETE is no
+  // save of ours (ours are renamed into place whole), and what it holds is not ours to
+  // delete.
+  std::error_code ec;
+  if (fs::is_directory(cfg.output.dir, ec))
+    for (const auto& e : fs::directory_iterator(cfg.output.dir, ec)) {
+      const std::string n = e.path().filename().string();
+      if (e.is_directory(ec) && std::regex_match(n, std::regex("checkpoint-[0-9]+")) &&
+          !fs::exists(e.path() / "COMPLETE", ec))
+        throw Error("output.dir: " + e.path().string() +
+                    " is not a complete checkpoint (no COMPLETE file) and a save would replace it: move it out of " +
+                    cfg.output.dir + " first");
+    }
   if (!done.empty() && !from)
     throw Error("output.dir: " + cfg.output.dir + " holds " + fs::path(done.back().second).filename().string() +
                 " of an earlier run: --resume continues it; for a new run, choose another output.dir or remove it");
@@ -184,11 +198,12 @@ std::optional<std::string> plan_start(const RunConfig& cfg, const ResumeRequest&
 
 namespace {
 
+// One host sync for all of them: it runs after every update.
 bool all_finite(const std::vector<torch::Tensor>& params) {
   torch::NoGradGuard no_grad;
-  for (const auto& p : params)
-    if (!torch::isfinite(p).all().item<bool>()) return false;
-  return true;
+  std::vector<torch::Tensor> ok;
+  for (const auto& p : params) ok.push_back(torch::isfinite(p).all());
+  return ok.empty() || torch::stack(ok).all().item<bool>();
 }
 
 // metrics.jsonl keeps the records of steps up to `step`: those logged after the
@@ -350,6 +365,9 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
   // Tests make every step from this one on non-finite (a NaN loss is hard to cause in fp32).
   const char* nonfinite_env = std::getenv("LONGLORA_TEST_NONFINITE_FROM_STEP");
   const int64_t test_nonfinite_from = nonfinite_env ? std::atoll(nonfinite_env) : 0;
+  // And an update that leaves a NaN in the weights (validated configs give none).
+  const char* nan_update_env = std::getenv("LONGLORA_TEST_NAN_UPDATE_AT_STEP");
+  const int64_t test_nan_update_at = nan_update_env ? std::atoll(nan_update_env) : 0;
   const auto t_start = std::chrono::steady_clock::now();
   const int64_t first_step = st.step;
   // Throughput over the steps since the last record (not the last step alone: its rate
@@ -370,46 +388,56 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
     for (auto& g : s.optimizer->param_groups())
       static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
 
-    // ---- the step: gather rows, normalize by the number of target tokens
-    std::vector<torch::Tensor> ids, tgts;
+    // ---- the step: count the target tokens (the loss is normalized by them before
+    // the first backward) and each micro-batch's width, then gather each micro-batch
+    // just before its forward: a step holds one micro-batch's ids, not grad_accum's
+    // (at grad_accum 2^62 the gathering alone filled the host's memory).
+    const int64_t first_row = st.cursor;
+    const auto seed = static_cast<uint64_t>(tc.seed);
     std::vector<int64_t> widths;
     int64_t count = 0, positions = 0;
     for (int64_t a = 0; a < tc.grad_accum; ++a) {
-      // Filled through raw pointers: indexing a tensor element by element (ib[b][i] = ...)
-      // goes through the dispatcher twice per token: 8-12% of the demo's step time.
-      auto ib = torch::empty({mbs, L}, torch::kInt64), tb = torch::empty({mbs, L}, torch::kInt64);
-      int64_t* ip = ib.data_ptr<int64_t>();
-      int64_t* tp = tb.data_ptr<int64_t>();
       int64_t need = 1;  // up to the rows' last position with a target (for the cut)
       for (int64_t b = 0; b < mbs; ++b) {
         if (st.cursor > 0 && st.cursor % s.data->size() == 0)
           spdlog::info("data: epoch {} begins at step {} ({} rows an epoch{})", st.cursor / s.data->size() + 1,
                        st.step + 1, s.data->size(), cfg.data.shuffle ? ", reshuffled" : "");
-        auto row = s.data->row_at(st.cursor++, cfg.data.shuffle, static_cast<uint64_t>(tc.seed));
-        for (int64_t i = 0; i < L; ++i) {
-          ip[b * L + i] = row.ids[i];
-          tp[b * L + i] = row.targets[i];
+        const auto row = s.data->row_at(st.cursor++, cfg.data.shuffle, seed);
+        for (int64_t i = 0; i < L; ++i)
           if (row.targets[i] >= 0) {
             ++count;
             need = std::max(need, i + 1);
           }
-        }
       }
       const int64_t width = trim ? std::min(L, (need + trim_unit - 1) / trim_unit * trim_unit) : L;
       widths.push_back(width);
       positions += mbs * width;
-      ids.push_back(ib.slice(1, 0, width).contiguous().to(s.device));
-      tgts.push_back(tb.slice(1, 0, width).contiguous().to(s.device));
     }
+    // Micro-batch a's rows, cut to its width, on the device.
+    auto gather = [&](int64_t a) {
+      // Filled through raw pointers: indexing a tensor element by element (ib[b][i] = ...)
+      // goes through the dispatcher twice per token: 8-12% of the demo's step time.
+      const int64_t w = widths[static_cast<size_t>(a)];
+      auto ib = torch::empty({mbs, w}, torch::kInt64), tb = torch::empty({mbs, w}, torch::kInt64);
+      int64_t* ip = ib.data_ptr<int64_t>();
+      int64_t* tp = tb.data_ptr<int64_t>();
+      for (int64_t b = 0; b < mbs; ++b) {
+        const auto row = s.data->row_at(first_row + a * mbs + b, cfg.data.shuffle, seed);
+        std::copy(row.ids.begin(), row.ids.begin() + w, ip + b * w);
+        std::copy(row.targets.begin(), row.targets.begin() + w, tp + b * w);
+      }
+      return std::make_pair(ib.to(s.device), tb.to(s.device));
+    };
     s.optimizer->zero_grad();
     const double scale = dynamic_scale ? st.loss_scale : fixed_scale;
     double nll = 0;
-    for (size_t a = 0; a < ids.size(); ++a) {
+    for (int64_t a = 0; a < tc.grad_accum; ++a) {
+      const auto [ids, tgts] = gather(a);
       auto fwd = s.train_forward;
       // Ungrouped (ratio 1) the group is the whole row, the cut one included.
-      fwd.attn.group = grouped ? widths[a] / n_groups : widths[a];
-      auto h = m.hidden(ids[a], fwd);
-      auto [sum, n] = model::chunked_nll(m, h, tgts[a], tc.loss_chunk);
+      fwd.attn.group = grouped ? widths[static_cast<size_t>(a)] / n_groups : widths[static_cast<size_t>(a)];
+      auto h = m.hidden(ids, fwd);
+      auto [sum, n] = model::chunked_nll(m, h, tgts, tc.loss_chunk);
       (sum * (scale / static_cast<double>(std::max<int64_t>(count, 1)))).backward();
       nll += sum.item<double>();
     }
@@ -428,6 +456,20 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
     const bool overflow = dynamic_scale && !finite && std::isfinite(loss) && st.loss_scale > 1;
     if (finite) {
       s.optimizer->step();
+      if (st.step + 1 == test_nan_update_at) {
+        torch::NoGradGuard ng;
+        params.front().view(-1)[0] = std::numeric_limits<float>::quiet_NaN();
+      }
+      // A finite gradient can still give a non-finite update (an eps that is 0 in the
+      // weights' dtype: 0 / 0); left alone, every later step was skipped and the NaN
+      // weights saved over good checkpoints.
+      if (!all_finite(params)) {
+        spdlog::error("step {}: the update made the trainable weights non-finite, though the loss ({}) and gradient "
+                      "norm ({}) were finite (train.lr {:g}, train.eps {:g}): stopping; nothing saved, no checkpoint "
+                      "removed",
+                      st.step + 1, loss, norm, lr, tc.eps);
+        return 3;
+      }
       last_update = st.step + 1;
       st.bad_steps = 0;
       if (dynamic_scale && ++st.loss_scale_good_steps >= tc.loss_scale_window) {
@@ -531,6 +573,13 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
     }
   }
   if (last_saved != st.step) save();
+  // Every step skipped (fewer than train.max_bad_steps): the run trained nothing.
+  if (last_update == first_step && st.step > first_step) {
+    spdlog::error("none of this run's {} steps was finite: nothing trained (its checkpoints hold the weights it "
+                  "started from)",
+                  st.step - first_step);
+    return 3;
+  }
   spdlog::info("training done: {} steps", st.step);
   return 0;
 }

@@ -17,4 +17,9 @@ bool remove_tree(const std::string& path);
 // `field` (a flag, say) goes in the message after the path when given.
 void check_not_directory(const std::string& path, const std::string& field = "");
 
+// check_not_directory, and "PATH: is not a regular file" for a FIFO, socket or device:
+// data is read more than once (its format sniffed, then its rows), and a FIFO without
+// a writer blocked the run for good.
+void check_regular_file(const std::string& path, const std::string& field = "");
+
 }  // namespace longlora
