@@ -725,6 +725,10 @@ TEST(ExportRoundTrip, ARunFromDrawnWeightsExportsWithoutABase) {
   expect_clean_failure(r, dir, "lmerged", {"run_config.json: model.init", "never saved", "--format peft"});
   r = testutil::run_cli(export_cmd(dir + "/lora/checkpoint-2", dir + "/lpeft", "--format peft"));
   EXPECT_EQ(r.code, 0) << r.err;
+  // Into the training checkpoint itself: output.keep_last deletes the checkpoint with
+  // all it holds, the export with it.
+  r = testutil::run_cli(export_cmd(ck, ck + "/merged", "--dtype fp32"));
+  expect_clean_failure(r, ck, "merged", {"lies inside the training checkpoint", "keep_last"});
   longlora::remove_tree(dir);
 }
 

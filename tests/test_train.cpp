@@ -1375,6 +1375,11 @@ TEST(Train, ConfigsThatCannotRunAreSaidBeforeTheFirstStep) {
   EXPECT_NE(r.err.find("--set data.eval: " + d + "/a.json: instruction records, which the eval does not score"),
             std::string::npos)
       << r.err;
+  // The training data itself is allowed, with a word.
+  r = testutil::run_cli("--config " + tiny_config(d) + " --set data.eval=" + testutil::golden("tiny-llama/eval.bin") +
+                        " --dry-run");
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("--set data.eval: the training data itself"), std::string::npos) << r.err;
   // Its records' errors say which file of the two they are in.
   testutil::write_file(d + "/odd.bin", "abc");
   r = testutil::run_cli("--config " + tiny_config(d) + " --set data.eval=" + d + "/odd.bin --set output.dir=" + d +

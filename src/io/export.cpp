@@ -799,6 +799,14 @@ bool is_within(const fs::path& p, const fs::path& dir) {
 void refuse_output_over_inputs(const ExportOptions& opt, const std::string& base) {
   fs::path out = fs::absolute(fs::path(opt.output)).lexically_normal();
   std::error_code ec;
+  // Inside a training checkpoint the export is deleted with it when output.keep_last
+  // prunes the checkpoint.
+  const fs::path ck = resolved(opt.checkpoint);
+  if (fs::exists(ck / "trainer_state.json", ec) && is_within(fs::weakly_canonical(out, ec), ck) &&
+      fs::weakly_canonical(out, ec) != ck)
+    fail(opt.output, "--output",
+         "lies inside the training checkpoint " + opt.checkpoint +
+             ", which output.keep_last deletes with all it holds; choose a directory outside it");
   if (!fs::exists(out, ec)) return;  // a new directory holds nothing yet
   out = resolved(out);
   const std::pair<const char*, std::string> inputs[] = {{"--checkpoint", opt.checkpoint}, {"--base", base}};

@@ -137,6 +137,10 @@ void preflight(const RunConfig& c, const ConfigOrigin& o) {
                   ".jsonl with a \"text\" field)");
     if (eval_reader != "tokens" && !has_tok)
       throw Error(o.at("data.eval") + ": " + c.data.eval + ": text needs the model's tokenizer.model");
+    std::error_code ec;
+    if (fs::equivalent(c.data.eval, c.data.train, ec))
+      spdlog::warn("{}: the training data itself: its eval loss measures fit to the training rows, not held-out text",
+                   o.at("data.eval"));
   }
 }
 
