@@ -433,9 +433,10 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
     double nll = 0;
     for (int64_t a = 0; a < tc.grad_accum; ++a) {
       const auto [ids, tgts] = gather(a);
+      const int64_t w = ids.size(1);
       auto fwd = s.train_forward;
       // Ungrouped (ratio 1) the group is the whole row, the cut one included.
-      fwd.attn.group = grouped ? widths[static_cast<size_t>(a)] / n_groups : widths[static_cast<size_t>(a)];
+      fwd.attn.group = grouped ? w / n_groups : w;
       auto h = m.hidden(ids, fwd);
       auto [sum, n] = model::chunked_nll(m, h, tgts, tc.loss_chunk);
       (sum * (scale / static_cast<double>(std::max<int64_t>(count, 1)))).backward();
