@@ -632,6 +632,10 @@ TEST(Train, BadCheckpointFieldsAndTrainableNamesAreNamed) {
   EXPECT_NE(r.err.find("checkpoint-3/trainer_state.json: step: 2, but the directory is checkpoint-3"),
             std::string::npos)
       << r.err;
+  // Named with a trailing slash too.
+  r = testutil::run_cli("--config " + tiny_config(d) + " --resume-from " + d + "/out/checkpoint-3/ --set train.max_steps=5");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("trainer_state.json: step: 2, but the directory is checkpoint-3"), std::string::npos) << r.err;
   // A trainable_params entry that names no parameter would train less than asked.
   r = testutil::run_cli("--config " + tiny_config(testutil::temp_dir("bad-trainable")) +
                         " --set trainable_params=embed,nrom");
@@ -1368,13 +1372,20 @@ TEST(Train, ConfigsThatCannotRunAreSaidBeforeTheFirstStep) {
   testutil::write_file(d + "/e.csv", "hello");
   r = testutil::run_cli("--config " + tiny_config(d) + " --set data.eval=" + d + "/e.csv --dry-run");
   EXPECT_EQ(r.code, 1);
-  EXPECT_NE(r.err.find("--set data.eval: " + d + "/e.csv: unknown data extension '.csv'"), std::string::npos)
+  EXPECT_NE(r.err.find("--set data.eval: " + d + "/e.csv: unknown data extension '.csv' (expected .bin, .txt or .jsonl)"),
+            std::string::npos)
       << r.err;
   r = testutil::run_cli("--config " + tiny_config(d) + " --set data.eval=" + d + "/a.json --dry-run");
   EXPECT_EQ(r.code, 1);
-  EXPECT_NE(r.err.find("--set data.eval: " + d + "/a.json: instruction records, which the eval does not score"),
+  EXPECT_NE(r.err.find("--set data.eval: " + d + "/a.json: instruction records (.json), which the eval does not score"),
             std::string::npos)
       << r.err;
+  // A .jsonl is read for its "text" fields, whatever else its records hold (an Alpaca
+  // export has instruction, input, output and text).
+  testutil::write_file(d + "/alpaca.jsonl", json({{"instruction", "Say hi."}, {"input", ""}, {"output", "hi"},
+                                                  {"text", "Say hi. hi"}}).dump() + "\n");
+  r = testutil::run_cli("--config " + tiny_config(d) + " --set data.eval=" + d + "/alpaca.jsonl --dry-run");
+  EXPECT_EQ(r.code, 0) << r.err;
   // The training data itself is allowed, with a word.
   r = testutil::run_cli("--config " + tiny_config(d) + " --set data.eval=" + testutil::golden("tiny-llama/eval.bin") +
                         " --dry-run");
@@ -1407,6 +1418,14 @@ TEST(Train, AFolderNamedLikeACheckpointIsNotReplaced) {
             std::string::npos)
       << r.err;
   EXPECT_EQ(testutil::read_file(d + "/out/checkpoint-3/notes.txt"), "mine");
+  // Below the resumed step such a folder is a prune killed mid-deletion (COMPLETE
+  // gone first): no save will touch it, and it does not block the resume.
+  longlora::remove_tree(d + "/out/checkpoint-3");
+  ASSERT_EQ(testutil::run_cli("--config " + tiny_config(d) + " --set train.max_steps=6").code, 0);
+  fs::remove(d + "/out/checkpoint-3/COMPLETE");
+  r = testutil::run_cli("--config " + tiny_config(d) + " --set train.max_steps=7 --resume");
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_TRUE(fs::exists(d + "/out/checkpoint-7/COMPLETE"));
   longlora::remove_tree(d);
 }
 
@@ -1538,6 +1557,13 @@ TEST(Train, Fp16LossScaleHalvesAtAnOverflowGrowsAfterItsWindowAndResumes) {
     EXPECT_EQ(again[i]["loss_scale"], recs[i]["loss_scale"]) << "step " << i + 1;
     EXPECT_EQ(again[i]["lr"], recs[i]["lr"]) << "step " << i + 1;
   }
+  // A run whose steps all overflowed (the scale still coming down) is not one that
+  // trained nothing for a fault: it ends as usual.
+  const auto c = testutil::temp_dir("fp16-overflow-c");
+  r = testutil::run_cli("--config " + tiny_config(c) + flags + " --set train.max_steps=1");
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("step 1: gradient overflow"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("training done: 1 steps"), std::string::npos) << r.err;
 }
 
 TEST(Train, AResumeOnRewrittenDataSaysTheCursorCountsTheOldRows) {

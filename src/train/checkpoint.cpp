@@ -279,7 +279,9 @@ json read_state_file(const std::string& dir, TrainerState& st) {
   // A resume picks checkpoint-N by its name: a step that disagrees would skip or
   // repeat steps (and shift the schedule) without a word. Other names (a copy the
   // user renamed, given to --resume-from) are taken at their word.
-  const std::string name = fs::path(dir).lexically_normal().filename().string();
+  fs::path normal = fs::path(dir).lexically_normal();
+  if (normal.filename().empty()) normal = normal.parent_path();  // "checkpoint-3/"
+  const std::string name = normal.filename().string();
   if (std::regex_match(name, std::regex("checkpoint-[0-9]+")) && name != "checkpoint-" + std::to_string(st.step))
     f.fail("step", std::to_string(st.step) + ", but the directory is " + name);
   st.cursor = count("cursor", true);

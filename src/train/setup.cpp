@@ -8,6 +8,7 @@
 
 #include "longlora/common/device.h"
 #include "longlora/common/error.h"
+#include "longlora/common/fs.h"
 #include "longlora/data/tokens.h"
 #include "longlora/eval/perplexity.h"
 #include "longlora/model/loader.h"
@@ -124,17 +125,23 @@ void preflight(const RunConfig& c, const ConfigOrigin& o) {
   }
   // data.eval's format, now: it was first read after the model, and an unknown
   // extension failed then without naming the key.
+  // The eval reads by extension (a .jsonl's "text" fields, whatever else its records
+  // hold: an Alpaca export has instruction fields and a "text").
   if (!c.data.eval.empty()) {
-    std::string eval_reader;
     try {
-      eval_reader = data::data_reader(c.data.eval, "auto");
+      check_regular_file(c.data.eval);
     } catch (const Error& e) {
       throw Error(o.at("data.eval") + ": " + e.what());
     }
-    if (eval_reader == "sft")
+    const std::string ext = fs::path(c.data.eval).extension().string();
+    if (ext == ".json")
       throw Error(o.at("data.eval") + ": " + c.data.eval +
-                  ": instruction records, which the eval does not score: it takes tokens (.bin) or text (.txt, or "
-                  ".jsonl with a \"text\" field)");
+                  ": instruction records (.json), which the eval does not score: it takes tokens (.bin) or text "
+                  "(.txt, or .jsonl with a \"text\" field)");
+    if (ext != ".bin" && ext != ".txt" && ext != ".jsonl")
+      throw Error(o.at("data.eval") + ": " + c.data.eval + ": unknown data extension '" + ext +
+                  "' (expected .bin, .txt or .jsonl)");
+    const std::string eval_reader = ext == ".bin" ? "tokens" : "text";
     if (eval_reader != "tokens" && !has_tok)
       throw Error(o.at("data.eval") + ": " + c.data.eval + ": text needs the model's tokenizer.model");
     std::error_code ec;

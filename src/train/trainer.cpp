@@ -173,14 +173,17 @@ std::optional<std::string> plan_start(const RunConfig& cfg, const ResumeRequest&
   // This run's checkpoints must not mix with another's in output.dir: keep_last would
   // prune the newer-numbered ones (a new run's own), and --resume would pick them.
   const auto done = complete_checkpoints(cfg.output.dir);
-  // A save replaces a checkpoint-N folder of the same step; one without COMPLETE is no
-  // save of ours (ours are renamed into place whole), and what it holds is not ours to
-  // delete.
+  // A save of step N replaces a checkpoint-N folder; one without COMPLETE past the
+  // start (where this run saves) is no save of ours (ours are renamed into place
+  // whole), and what it holds is not ours to delete. Below the start one is a prune
+  // (or re-save) killed mid-deletion: left alone.
   std::error_code ec;
+  const std::regex numbered("checkpoint-([0-9]{1,18})");
   if (fs::is_directory(cfg.output.dir, ec))
     for (const auto& e : fs::directory_iterator(cfg.output.dir, ec)) {
       const std::string n = e.path().filename().string();
-      if (e.is_directory(ec) && std::regex_match(n, std::regex("checkpoint-[0-9]+")) &&
+      std::smatch m;
+      if (e.is_directory(ec) && std::regex_match(n, m, numbered) && std::stoll(m[1].str()) > start &&
           !fs::exists(e.path() / "COMPLETE", ec))
         throw Error("output.dir: " + e.path().string() +
                     " is not a complete checkpoint (no COMPLETE file) and a save would replace it: move it out of " +
@@ -370,6 +373,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
   const int64_t test_nan_update_at = nan_update_env ? std::atoll(nan_update_env) : 0;
   const auto t_start = std::chrono::steady_clock::now();
   const int64_t first_step = st.step;
+  int64_t bad_this_run = 0;  // non-finite steps, fp16 overflows of the loss scale aside
   // Throughput over the steps since the last record (not the last step alone: its rate
   // is noisy), from the steps' own time (a save or eval between them is left out).
   double interval_s = 0;
@@ -485,6 +489,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
                    scale, st.loss_scale);
     } else {
       ++st.bad_steps;
+      ++bad_this_run;
       st.loss_scale_good_steps = 0;
       spdlog::warn("step {}: non-finite {} ({}), update skipped ({} in a row)", st.step + 1,
                    std::isfinite(loss) ? "gradient norm" : "loss", std::isfinite(loss) ? norm : loss,
@@ -574,8 +579,9 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
     }
   }
   if (last_saved != st.step) save();
-  // Every step skipped (fewer than train.max_bad_steps): the run trained nothing.
-  if (last_update == first_step && st.step > first_step) {
+  // Every step skipped (fewer than train.max_bad_steps): the run trained nothing. fp16
+  // overflows alone are the loss scale coming down, routine in a run's first steps.
+  if (last_update == first_step && st.step > first_step && bad_this_run > 0) {
     spdlog::error("none of this run's {} steps was finite: nothing trained (its checkpoints hold the weights it "
                   "started from)",
                   st.step - first_step);
