@@ -69,19 +69,24 @@ void write_bin(const std::string& path, const std::vector<int32_t>& ids) {
   if (!out) fail(path, "", "write failed");
 }
 
+std::string token_stream_reader(const std::string& path) {
+  const std::string ext = ext_of(path);
+  if (ext == ".bin") return "tokens";
+  if (ext == ".txt" || ext == ".jsonl") return "text";
+  fail(path, "", "unknown data extension '" + ext + "' (expected .bin, .txt or .jsonl)");
+}
+
 std::vector<std::string> read_documents(const std::string& path) {
   check_regular_file(path);
+  if (token_stream_reader(path) != "text") fail(path, "", "token ids (.bin), not text documents");
   std::ifstream in(path);
   if (!in) fail(path, "", "cannot open");
-  const std::string ext = ext_of(path);
   std::vector<std::string> docs;
-  if (ext == ".txt") {
+  if (ext_of(path) == ".txt") {
     docs.emplace_back((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     check_utf8(docs.back(), path);  // as .jsonl's parser checks its strings
     return docs;
   }
-  if (ext != ".jsonl")
-    fail(path, "", "unknown data format '" + ext + "' (expected .bin, .txt or .jsonl)");
   std::string line;
   int64_t lineno = 0;
   while (std::getline(in, line)) {
@@ -96,7 +101,7 @@ std::vector<std::string> read_documents(const std::string& path) {
 }
 
 std::vector<int32_t> load_token_stream(const std::string& path, const Tokenizer* tok) {
-  if (ext_of(path) == ".bin") return read_bin(path);
+  if (token_stream_reader(path) == "tokens") return read_bin(path);
   auto docs = read_documents(path);
   if (!tok) fail(path, "", "text data needs the model's tokenizer.model");
   std::vector<int32_t> out;

@@ -801,9 +801,8 @@ void refuse_output_over_inputs(const ExportOptions& opt, const std::string& base
   std::error_code ec;
   // Inside a training checkpoint the export is deleted with it when output.keep_last
   // prunes the checkpoint.
-  const fs::path ck = resolved(opt.checkpoint);
-  if (fs::exists(ck / "trainer_state.json", ec) && is_within(fs::weakly_canonical(out, ec), ck) &&
-      fs::weakly_canonical(out, ec) != ck)
+  const fs::path ck = resolved(opt.checkpoint), out_resolved = fs::weakly_canonical(out, ec);
+  if (fs::exists(ck / "trainer_state.json", ec) && is_within(out_resolved, ck) && out_resolved != ck)
     fail(opt.output, "--output",
          "lies inside the training checkpoint " + opt.checkpoint +
              ", which output.keep_last deletes with all it holds; choose a directory outside it");

@@ -15,6 +15,7 @@
 #include <sstream>
 #include <thread>
 
+#include "longlora/common/device.h"
 #include "longlora/common/error.h"
 #include "longlora/common/json_file.h"
 #include "longlora/common/fs.h"
@@ -78,8 +79,6 @@ io::FileDigest write_archive(torch::serialize::OutputArchive& ar, const std::str
 // A libtorch error's first line (no C++ backtrace) for a one-line message.
 std::string first_line(const std::string& m) { return m.substr(0, m.find('\n')); }
 std::string first_line(const c10::Error& e) { return first_line(std::string(e.what_without_backtrace())); }
-
-std::string dtype_name(const torch::Tensor& t) { return std::string(c10::toString(t.scalar_type())); }
 
 // `p` made absolute (and normalized) against the working directory; "" stays "".
 std::string absolute_path(const std::string& p) {
@@ -218,24 +217,36 @@ std::string save_checkpoint(const std::string& output_dir, const model::LlamaFor
   return final_dir.string();
 }
 
-std::vector<std::pair<int64_t, std::string>> complete_checkpoints(const std::string& output_dir) {
+namespace {
+// The directories checkpoint-N under output_dir with COMPLETE (`complete`) or
+// without, by step.
+std::vector<std::pair<int64_t, std::string>> checkpoint_dirs(const std::string& output_dir, bool complete) {
   static const std::regex re("checkpoint-([0-9]+)");
   std::vector<std::pair<int64_t, std::string>> out;
   if (!fs::is_directory(output_dir)) return out;
   for (const auto& e : fs::directory_iterator(output_dir)) {
     std::smatch m;
     const std::string n = e.path().filename().string();
-    if (!(e.is_directory() && std::regex_match(n, m, re) && fs::exists(e.path() / "COMPLETE"))) continue;
+    if (!(e.is_directory() && std::regex_match(n, m, re) && fs::exists(e.path() / "COMPLETE") == complete)) continue;
     // 20 digits overflow int64 (std::stoll threw "stoll", naming nothing); no run of
     // ours saves such a step, so the directory is not one of ours.
     if (m[1].length() > 18) {
-      spdlog::warn("{}: step number too large: not a checkpoint of this tool, ignored", e.path().string());
+      if (complete) spdlog::warn("{}: step number too large: not a checkpoint of this tool, ignored", e.path().string());
       continue;
     }
     out.emplace_back(std::stoll(m[1]), e.path().string());
   }
   std::sort(out.begin(), out.end());
   return out;
+}
+}  // namespace
+
+std::vector<std::pair<int64_t, std::string>> complete_checkpoints(const std::string& output_dir) {
+  return checkpoint_dirs(output_dir, true);
+}
+
+std::vector<std::pair<int64_t, std::string>> incomplete_checkpoints(const std::string& output_dir) {
+  return checkpoint_dirs(output_dir, false);
 }
 
 std::optional<std::string> latest_checkpoint(const std::string& output_dir) {
@@ -451,7 +462,7 @@ TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainab
     // is a state to continue from (a NaN would make every step a skipped one).
     if (!it->second.is_floating_point() || !torch::isfinite(it->second).all().item<bool>())
       throw Error(dir + ": tensor '" + key + "' is " +
-                  (it->second.is_floating_point() ? "not finite" : "not floating point (" + dtype_name(it->second) + ")"));
+                  (it->second.is_floating_point() ? "not finite" : "not floating point (" + dtype_string(it->second.scalar_type()) + ")"));
     p.copy_(it->second);
   }
   const std::string state = (d / "state.pt").string();

@@ -124,24 +124,21 @@ void preflight(const RunConfig& c, const ConfigOrigin& o) {
                                                      : " (none in " + c.model.path + ")"));
   }
   // data.eval's format, now: it was first read after the model, and an unknown
-  // extension failed then without naming the key.
-  // The eval reads by extension (a .jsonl's "text" fields, whatever else its records
-  // hold: an Alpaca export has instruction fields and a "text").
+  // extension failed then without naming the key. The eval reads by extension (a
+  // .jsonl's "text" fields, whatever else its records hold: an Alpaca export has
+  // instruction fields and a "text").
   if (!c.data.eval.empty()) {
+    std::string eval_reader;
     try {
       check_regular_file(c.data.eval);
+      if (fs::path(c.data.eval).extension() == ".json")
+        fail(c.data.eval, "",
+             "instruction records (.json), which the eval does not score: it takes tokens (.bin) or text (.txt, or "
+             ".jsonl with a \"text\" field)");
+      eval_reader = data::token_stream_reader(c.data.eval);
     } catch (const Error& e) {
       throw Error(o.at("data.eval") + ": " + e.what());
     }
-    const std::string ext = fs::path(c.data.eval).extension().string();
-    if (ext == ".json")
-      throw Error(o.at("data.eval") + ": " + c.data.eval +
-                  ": instruction records (.json), which the eval does not score: it takes tokens (.bin) or text "
-                  "(.txt, or .jsonl with a \"text\" field)");
-    if (ext != ".bin" && ext != ".txt" && ext != ".jsonl")
-      throw Error(o.at("data.eval") + ": " + c.data.eval + ": unknown data extension '" + ext +
-                  "' (expected .bin, .txt or .jsonl)");
-    const std::string eval_reader = ext == ".bin" ? "tokens" : "text";
     if (eval_reader != "tokens" && !has_tok)
       throw Error(o.at("data.eval") + ": " + c.data.eval + ": text needs the model's tokenizer.model");
     std::error_code ec;

@@ -16,7 +16,6 @@
 #include <fstream>
 #include <iterator>
 #include <nlohmann/json.hpp>
-#include <regex>
 #include <sstream>
 
 #include "longlora/attention/attention.h"
@@ -177,18 +176,11 @@ std::optional<std::string> plan_start(const RunConfig& cfg, const ResumeRequest&
   // start (where this run saves) is no save of ours (ours are renamed into place
   // whole), and what it holds is not ours to delete. Below the start one is a prune
   // (or re-save) killed mid-deletion: left alone.
-  std::error_code ec;
-  const std::regex numbered("checkpoint-([0-9]{1,18})");
-  if (fs::is_directory(cfg.output.dir, ec))
-    for (const auto& e : fs::directory_iterator(cfg.output.dir, ec)) {
-      const std::string n = e.path().filename().string();
-      std::smatch m;
-      if (e.is_directory(ec) && std::regex_match(n, m, numbered) && std::stoll(m[1].str()) > start &&
-          !fs::exists(e.path() / "COMPLETE", ec))
-        throw Error("output.dir: " + e.path().string() +
-                    " is not a complete checkpoint (no COMPLETE file) and a save would replace it: move it out of " +
-                    cfg.output.dir + " first");
-    }
+  for (const auto& [step, dir] : incomplete_checkpoints(cfg.output.dir))
+    if (step > start)
+      throw Error("output.dir: " + dir +
+                  " is not a complete checkpoint (no COMPLETE file) and a save would replace it: move it out of " +
+                  cfg.output.dir + " first");
   if (!done.empty() && !from)
     throw Error("output.dir: " + cfg.output.dir + " holds " + fs::path(done.back().second).filename().string() +
                 " of an earlier run: --resume continues it; for a new run, choose another output.dir or remove it");

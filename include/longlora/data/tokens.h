@@ -28,6 +28,10 @@ void write_bin(const std::string& path, const std::vector<int32_t>& ids);
 // Documents of a .txt (one) or .jsonl (one per line) file, with line numbers in errors.
 std::vector<std::string> read_documents(const std::string& path);
 
+// How load_token_stream reads `path`, by its extension: "tokens" (.bin) or "text"
+// (.txt; a .jsonl's "text" fields). Any other extension fails, naming it.
+std::string token_stream_reader(const std::string& path);
+
 // The whole file as one stream; .txt/.jsonl documents each start with BOS and are
 // joined with EOS. Training and evaluation both read text this way, so a held-out
 // file is scored on the stream a model trained on such files has seen.

@@ -76,6 +76,8 @@ std::string save_checkpoint(const std::string& output_dir, const model::LlamaFor
 
 // The directories checkpoint-N with COMPLETE under output_dir, by step.
 std::vector<std::pair<int64_t, std::string>> complete_checkpoints(const std::string& output_dir);
+// Those without it (no save of ours, or one a prune was deleting), by step.
+std::vector<std::pair<int64_t, std::string>> incomplete_checkpoints(const std::string& output_dir);
 
 // Newest directory checkpoint-N with COMPLETE under output_dir, if any.
 std::optional<std::string> latest_checkpoint(const std::string& output_dir);
