@@ -132,8 +132,9 @@ TEST(Docs, ShippedConfigsLoad) {
   EXPECT_EQ(recipes, listed);
 }
 
-// Every figure of the report, against arithmetic from the shape file and the report's
-// own step time. Batch 2, so that the counts must take the batch; S2 in roll mode,
+// Every count and rate of the report, against arithmetic from the shape file and the
+// report's own step time (the breakdown's two timings are measurements: only that they
+// are there and how "rest" follows from them). Batch 2, so that the counts must take the batch; S2 in roll mode,
 // where each head's visible (query, key) pairs are exactly L (G + 1) / 2 (segments
 // mode's shifted half sees fewer: TrainBenchHonoursTheMicroBatch counts those).
 TEST(Bench, TrainBenchRunsOnCpuAndReportsEveryFigure) {
@@ -182,7 +183,6 @@ TEST(Bench, TrainBenchRunsOnCpuAndReportsEveryFigure) {
   EXPECT_GT(attn, 0);
   EXPECT_GT(lin, 0);
   EXPECT_NEAR(rest, std::max(0.0, step_ms - attn - lin), 1e-9 * step_ms);
-  if (rest > 0) EXPECT_NEAR(attn + lin + rest, step_ms, 1e-9 * step_ms);
 }
 
 // A --set of the micro batch is honoured (it was once ignored: always batch 1), and the

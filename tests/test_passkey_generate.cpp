@@ -212,20 +212,24 @@ TEST(PasskeyPrompt, TokenCountNearTheTargetWithTheGoldenTokenizer) {
 }
 
 TEST(PasskeyTrial, ReportsWhatTheModelAnswered) {
-  // The answer is the greedy continuation of BOS + prompt, as many tokens as the key encodes to.
-  auto m = tiny();
-  torch::NoGradGuard ng;
+  // The answer is the greedy continuation of BOS + prompt, as many tokens as the key
+  // encodes to: a model made to say ids 100, 101, ... there (as many) misses, and the
+  // trial reports those tokens' text and the prompt's length.
   const auto p = eval::passkey_prompt(300, 27183, 100);
+  const auto key = tokenizer().encode(p.answer);
+  const auto prompt = with_bos(p.prompt);
+  std::vector<int> wrong;
+  for (size_t i = 0; i < key.size(); ++i) wrong.push_back(100 + static_cast<int>(i));
+  std::vector<int> chain{prompt.back()};
+  chain.insert(chain.end(), wrong.begin(), wrong.end());
+  auto m = chain_model(chain);
   std::string said;
   int64_t n = 0;
-  const bool ok = eval::passkey_trial(*m, tokenizer(), p, true, &n, &said);
-  eval::GenerateOptions o;
-  o.max_new_tokens = static_cast<int64_t>(tokenizer().encode(p.answer).size());
-  o.temperature = 0;
-  const auto out = eval::generate(*m, tokenizer(), with_bos(p.prompt), o);
-  EXPECT_EQ(said, tokenizer().decode(out));
-  EXPECT_EQ(ok, out == tokenizer().encode(p.answer));
-  EXPECT_EQ(n, static_cast<int64_t>(with_bos(p.prompt).size()));
+  EXPECT_FALSE(eval::passkey_trial(*m, tokenizer(), p, true, &n, &said));
+  EXPECT_EQ(said, tokenizer().decode(wrong));
+  EXPECT_NE(said, "27183");
+  // BOS, then the prompt's own tokens.
+  EXPECT_EQ(n, 1 + static_cast<int64_t>(tokenizer().encode(p.prompt).size()));
 }
 
 TEST(PasskeyTrial, CountsTheKeyWhenTheModelAnswersIt) {
@@ -368,20 +372,27 @@ TEST(Generate, StopsAtEosMaxTokensOrCallback) {
   o.stop_at_eos = false;
   const auto all = eval::generate(*m, tokenizer(), ids, o);
   EXPECT_EQ(all.size(), 7u);
-  // Stopping at EOS: the same greedy ids, cut right after the first EOS if there is one.
+  // The golden model picks no EOS in these 7: stopping at EOS changes nothing.
+  ASSERT_EQ(std::find(all.begin(), all.end(), tokenizer().eos_id()), all.end());
   o.stop_at_eos = true;
-  const auto eos_at = std::find(all.begin(), all.end(), tokenizer().eos_id());
-  EXPECT_EQ(eval::generate(*m, tokenizer(), ids, o),
-            std::vector<int>(all.begin(), eos_at == all.end() ? all.end() : eos_at + 1));
+  EXPECT_EQ(eval::generate(*m, tokenizer(), ids, o), all);
   int calls = 0;
   const auto out = eval::generate(*m, tokenizer(), ids, o, [&](int) { return ++calls < 3; });
   EXPECT_EQ(calls, 3);
-  EXPECT_EQ(out.size(), 3u);
-  // Force an EOS: a logits row whose argmax is EOS ends the generation right there.
-  torch::Tensor logits = torch::zeros({512});
-  logits[tokenizer().eos_id()] = 10;
-  std::mt19937_64 rng(0);
-  EXPECT_EQ(eval::sample_token(logits, 0, 1, rng), tokenizer().eos_id());
+  EXPECT_EQ(out, std::vector<int>(all.begin(), all.begin() + 3));
+  // An EOS after the first token (chain_model: 100, then EOS) ends the generation right
+  // after it; without stop_at_eos it goes on to max_new_tokens.
+  const int eos = tokenizer().eos_id();
+  auto chain = chain_model({ids.back(), 100, eos});
+  for (bool cache : {true, false}) {
+    o.use_cache = cache;
+    o.stop_at_eos = true;
+    EXPECT_EQ(eval::generate(*chain, tokenizer(), ids, o), (std::vector<int>{100, eos})) << "cache " << cache;
+    o.stop_at_eos = false;
+    const auto on = eval::generate(*chain, tokenizer(), ids, o);
+    ASSERT_EQ(on.size(), 7u) << "cache " << cache;
+    EXPECT_EQ(std::vector<int>(on.begin(), on.begin() + 2), (std::vector<int>{100, eos})) << "cache " << cache;
+  }
 }
 
 TEST(Generate, StopsRightAfterTheEosTheModelPicks) {

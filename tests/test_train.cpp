@@ -13,6 +13,7 @@
 
 #include "longlora/data/dataset.h"
 #include "longlora/data/tokenizer.h"
+#include "longlora/eval/perplexity.h"
 #include "longlora/io/checksum.h"
 #include "longlora/io/tensors.h"
 #include "longlora/model/loader.h"
@@ -85,10 +86,23 @@ TEST(TrainGolden, S2RollLossAndGradientsMatchTransformers) {
   }
 }
 
-TEST(TrainGolden, EvaluationModeUsesFullAttention) {
+TEST(TrainGolden, FullAttentionLossMatchesTransformersAndEvalUsesIt) {
   auto j = testutil::golden_json();
-  const double loss = golden_step(attention::Mode::Full, {}, nullptr);
-  EXPECT_NEAR(loss, j["loss_full_lora"].get<double>(), 1e-4 * j["loss_full_lora"].get<double>());
+  const double full = j["loss_full_lora"].get<double>(), s2 = j["loss_s2"].get<double>();
+  ASSERT_GT(std::abs(full - s2), 1e-3 * full);  // else the eval check below tells nothing
+  EXPECT_NEAR(golden_step(attention::Mode::Full, {}, nullptr), full, 1e-4 * full);
+  // Evaluation's own entry point: one window of the 128 golden ids scores their 127 next
+  // tokens, and must give transformers' full-attention loss, not an S2 one.
+  auto g = testutil::load(testutil::golden("tiny-llama/golden.safetensors"));
+  auto m = model::load_model(testutil::golden("tiny-llama/model"), {});
+  model::apply_adapter(*m, testutil::golden("tiny-llama/adapter"));
+  const auto ids64 = g["input_ids"].flatten().to(torch::kInt32).contiguous();
+  const std::vector<int32_t> ids(ids64.data_ptr<int32_t>(), ids64.data_ptr<int32_t>() + ids64.numel());
+  ASSERT_EQ(ids.size(), 128u);
+  torch::NoGradGuard ng;
+  const auto r = eval::perplexity(*m, ids, 127, 127, "golden input_ids");
+  EXPECT_EQ(r.windows, 1);
+  EXPECT_NEAR(r.loss, full, 1e-4 * full);
 }
 
 // Every trainable grad (the post-attention norms too, which the golden set lacks):
@@ -364,12 +378,12 @@ TEST(Train, InstructionBatchesAreCutToTheirLongestRow) {
       return (-(logp.gather(2, t.clamp_min(0).unsqueeze(2)).squeeze(2) * t.ge(0)).sum() / t.ge(0).sum())
           .item<double>();
     };
+    // Step 2 ran on checkpoint-1's weights, the ones loaded: its loss checks the second
+    // micro-batches' gathering, cut and S2 group as step 1's checks the first.
     const double want = loss_at(width, width / 4);
-    if (step == 0) {
-      EXPECT_NEAR(recs[0]["loss"].get<double>(), want, 2e-6 * want);
-      // Uncut, S2's groups of 64 see the rows otherwise: the check above tells them apart.
-      EXPECT_GT(std::abs(loss_at(256, 64) - want), 1e-3 * want);
-    }
+    EXPECT_NEAR(recs[step]["loss"].get<double>(), want, 2e-6 * want) << "step " << step + 1;
+    // Uncut, S2's groups of 64 see the rows otherwise: the check above tells them apart.
+    EXPECT_GT(std::abs(loss_at(256, 64) - want), 1e-3 * want) << "step " << step + 1;
     // The positions computed are the cut rows'.
     EXPECT_NEAR(recs[step]["tokens_per_s"].get<double>() * recs[step]["step_time_s"].get<double>(), 2.0 * width,
                 1e-6 * width)
@@ -417,7 +431,9 @@ TEST(Train, EvalDataIsScoredAtEverySaveAsEvalScoresThatCheckpoint) {
   }
   // Evaluating changes nothing in training: the steps after it (LoRA dropout back on)
   // are those of a run without eval data, bit for bit.
-  EXPECT_EQ(testutil::metric_losses(a + "/out/metrics.jsonl"), testutil::metric_losses(b + "/out/metrics.jsonl"));
+  const auto la = testutil::metric_losses(a + "/out/metrics.jsonl");
+  ASSERT_EQ(la.size(), 6u);
+  EXPECT_EQ(la, testutil::metric_losses(b + "/out/metrics.jsonl"));
   longlora::remove_tree(a);
   longlora::remove_tree(b);
 }
@@ -483,7 +499,9 @@ TEST(Train, ResumeWithNothingToResumeOrNothingLeftToTrain) {
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.err.find("--resume: no complete checkpoint in " + b + "/out: starting from step 0"), std::string::npos)
       << r.err;
-  EXPECT_EQ(testutil::metric_losses(a + "/out/metrics.jsonl"), testutil::metric_losses(b + "/out/metrics.jsonl"));
+  const auto la = testutil::metric_losses(a + "/out/metrics.jsonl");
+  ASSERT_EQ(la.size(), 3u);
+  EXPECT_EQ(la, testutil::metric_losses(b + "/out/metrics.jsonl"));
   const std::string metrics = testutil::read_file(b + "/out/metrics.jsonl");
   r = testutil::run_cli("--config " + tiny_config(b) + " --set train.max_steps=3 --resume");
   ASSERT_EQ(r.code, 0) << r.err;
@@ -547,6 +565,7 @@ TEST(Train, ResumeTakesTheConfigsOptimizerSettingsAndSaysWhatChanged) {
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.err.find("resume: train.eps is 0.5 now, 1e-08 in"), std::string::npos) << r.err;
   auto la = testutil::metric_losses(a + "/out/metrics.jsonl"), lb = testutil::metric_losses(b + "/out/metrics.jsonl");
+  ASSERT_EQ(la.size(), 6u);
   ASSERT_EQ(lb.size(), 6u);
   EXPECT_EQ(la[3], lb[3]);  // step 4 ran before the first update with the new eps
   EXPECT_NE(la[5], lb[5]);
