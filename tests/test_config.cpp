@@ -281,6 +281,38 @@ TEST(RunConfig, CliDryRunAndErrors) {
   r = testutil::run_cli("--config " + dir + "/ok.json --set output.dir=" + dir + "/d.bin --dry-run");
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.err.find("exists and is not a directory"), std::string::npos) << r.err;
+  // What it can see of the data without reading it all: a .bin's size, a .jsonl's first
+  // record (the run found these after loading the model). Text needs a tokenizer: mt.
+  std::filesystem::create_directories(dir + "/mt");
+  std::filesystem::copy_file(testutil::golden("tiny-llama/model/config.json"), dir + "/mt/config.json");
+  std::filesystem::copy_file(testutil::golden("tiny-llama/model/tokenizer.model"), dir + "/mt/tokenizer.model");
+  const std::string mt = " --set model.path=" + dir + "/mt";
+  testutil::write_file(dir + "/odd.bin", "abc");
+  r = testutil::run_cli("--config " + dir + "/ok.json --set data.train=" + dir + "/odd.bin --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find(dir + "/odd.bin: odd byte count 3: not a uint16 token file"), std::string::npos) << r.err;
+  testutil::write_file(dir + "/notext.jsonl", "\n{\"foo\": \"bar\"}\n");
+  r = testutil::run_cli("--config " + dir + "/ok.json" + mt + " --set data.train=" + dir + "/notext.jsonl --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find(dir + "/notext.jsonl:2: text: missing or not a string"), std::string::npos) << r.err;
+  r = testutil::run_cli("--config " + dir + "/ok.json" + mt + " --set data.eval=" + dir + "/notext.jsonl --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("--set data.eval: " + dir + "/notext.jsonl:2: text: missing or not a string"), std::string::npos)
+      << r.err;
+  testutil::write_file(dir + "/sft.jsonl", R"({"instruction": "a", "input": "b", "output": "c"})" "\n");
+  r = testutil::run_cli("--config " + dir + "/ok.json" + mt + " --set data.train=" + dir + "/sft.jsonl --dry-run");
+  EXPECT_EQ(r.code, 0) << r.err;
+  r = testutil::run_cli("--config " + dir + "/ok.json" + mt + " --set data.train=" + dir +
+                        "/sft.jsonl --set data.sft_prompt=none --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find(dir + "/sft.jsonl:1: input: not empty, but data.sft_prompt \"none\""), std::string::npos)
+      << r.err;
+  // A file on the way to it is not a permission problem (access() said so).
+  r = testutil::run_cli("--config " + dir + "/ok.json --set output.dir=" + dir + "/d.bin/sub --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("--set output.dir: " + dir + "/d.bin/sub: " + dir + "/d.bin is a file, not a directory"),
+            std::string::npos)
+      << r.err;
   // JSON parsers keep the last of two equal keys; in a run config that hides a typo'd copy.
   testutil::write_file(dir + "/dup.json", R"({"train": {"lr": 0.001, "max_steps": 5, "lr": 5}})");
   r = testutil::run_cli("--config " + dir + "/dup.json --dry-run");
@@ -508,7 +540,10 @@ TEST(Cli, FlagsAreNotSilentlyDroppedOrMisread) {
   };
   for (const auto& c : cases) {
     const auto r = testutil::run_cli(c.args);
-    EXPECT_NE(r.code, 0) << c.args;
+    // Flags where they do not belong and empty values are a command line that does not
+    // parse, as CLI11's refusals (exit 2); --set values are checked as the config's (1).
+    const bool usage = c.want.find("--set") == std::string::npos;
+    EXPECT_EQ(r.code, usage ? 2 : 1) << c.args;
     EXPECT_NE(r.err.find(c.want), std::string::npos) << c.args << "\n" << r.err;
     EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   }

@@ -532,6 +532,8 @@ TEST(ExportRoundTrip, TrainedCheckpointMergedAndPeftEvalLikeTheCheckpoint) {
   ASSERT_EQ(r.code, 0) << r.err;
   // config.json records the factor: no hint to pass --rope-factor (a peft export's warning).
   EXPECT_EQ(r.err.find("--rope-factor"), std::string::npos) << r.err;
+  const std::string other_base = "base_sample: the adapter was trained on other base weights";
+  EXPECT_EQ(r.err.find(other_base), std::string::npos) << r.err;  // its own base
   auto cfg = testutil::read_json(merged + "/config.json");
   EXPECT_EQ(cfg["rope_scaling"], json({{"type", "linear"}, {"factor", 2.0}}));
   // The base's, as LongLoRA's merge writes it: the context is 128 x 2. (It was 256,
@@ -551,6 +553,20 @@ TEST(ExportRoundTrip, TrainedCheckpointMergedAndPeftEvalLikeTheCheckpoint) {
   EXPECT_NEAR(got, want, 1e-5 * want);
   const double base_pi = eval_loss("--model " + kBase + " --rope-factor 2");
   EXPECT_GT(std::abs(want - base_pi), 1e-3);  // the checkpoint does change the model
+
+  // The merged model taken as the adapter's base applies the LoRA twice: eval and export
+  // warn (the checkpoint records a sample of the weights it trained on); on its own base
+  // eval says nothing.
+  const std::string eval_args = " --data " + kEvalBin + " --seq-len 128 --device cpu";
+  r = testutil::run_cli("eval --model " + merged + " --adapter " + ck + eval_args);
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find(ck + "/trainer_state.json: " + other_base), std::string::npos) << r.err;
+  r = testutil::run_cli("eval --model " + kBase + " --adapter " + ck + eval_args);
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.err.find(other_base), std::string::npos) << r.err;
+  r = testutil::run_cli(export_cmd(ck, dir + "/twice", "--base " + merged));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find(ck + "/trainer_state.json: " + other_base), std::string::npos) << r.err;
 
   // peft: the adapter as peft writes it; re-imports to the same loss.
   const std::string peft = dir + "/peft";

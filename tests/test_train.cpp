@@ -732,15 +732,15 @@ TEST(Train, AResumeOnAnotherBaseIsRefused) {
 // fp32, resumed where it is cast).
 TEST(Train, TheBaseSampleSeesOtherWeightsNotRounding) {
   auto m = model::load_model(testutil::golden("tiny-llama/model"), {});
-  const auto want = train::base_weight_sample(*m);
+  const auto want = model::base_weight_sample(*m);
   ASSERT_EQ(want.size(), 2 * m->named_parameters().size());
   torch::NoGradGuard ng;
   for (auto& p : m->parameters()) p.set_data(p.to(torch::kBFloat16).to(torch::kFloat32));
-  EXPECT_TRUE(train::same_base_sample(want, train::base_weight_sample(*m)));
+  EXPECT_TRUE(model::same_base_sample(want, model::base_weight_sample(*m)));
   auto w = m->named_parameters()["model.layers.1.mlp.up_proj.weight"];
   w.set_data(w.neg());
-  EXPECT_FALSE(train::same_base_sample(want, train::base_weight_sample(*m)));
-  EXPECT_FALSE(train::same_base_sample(want, {}));
+  EXPECT_FALSE(model::same_base_sample(want, model::base_weight_sample(*m)));
+  EXPECT_FALSE(model::same_base_sample(want, {}));
 }
 
 // Ctrl-C on `longlora-train ... | tee log` ends tee too; the run's next log line then
@@ -783,6 +783,34 @@ TEST(Train, ASeqLenPastRopeFactor1024IsRefused) {
   EXPECT_NE(r.err.find("data.seq_len: 131073 needs a RoPE factor of 1025 over max_position_embeddings 128, past "
                        "the limit of 1024: at most 131072"),
             std::string::npos) << r.err;
+  longlora::remove_tree(d);
+}
+
+// trainable_params is compared by the parameters it selects: other words for the same
+// set resume (with a note of the change); a set that drops what the checkpoint trained,
+// or adds what it did not, is refused by name.
+TEST(Train, AResumeComparesWhatTrainableParamsSelects) {
+  const auto d = testutil::temp_dir("resume-trainable");
+  ASSERT_EQ(testutil::run_cli("--config " + tiny_config(d) + " --set train.max_steps=3").code, 0);
+  auto r = testutil::run_cli("--config " + tiny_config(d) +
+                             " --set trainable_params=embed_tokens,norm --set train.max_steps=4 --resume");
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("resume: trainable_params is \"embed_tokens,norm\" now, \"embed,norm\" in"), std::string::npos)
+      << r.err;
+  r = testutil::run_cli("--config " + tiny_config(d) + " --set trainable_params=embed --set train.max_steps=5 --resume");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("checkpoint-4: tensor 'base_model.model.model.layers.0.input_layernorm.weight' was trained by "
+                       "the checkpoint's run, not by this one (trainable_params \"embed_tokens,norm\" there, \"embed\" "
+                       "here)"),
+            std::string::npos)
+      << r.err;
+  r = testutil::run_cli("--config " + tiny_config(d) +
+                        " --set trainable_params=embed,norm,lm_head --set train.max_steps=5 --resume");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("checkpoint-4: tensor 'base_model.model.lm_head.weight' missing from the checkpoint "
+                       "(trainable_params \"embed_tokens,norm\" there, \"embed,norm,lm_head\" here)"),
+            std::string::npos)
+      << r.err;
   longlora::remove_tree(d);
 }
 

@@ -90,10 +90,13 @@ int run_generate(const GenerateArgs& a) {
     // Text that cannot be written is lost: stop here, main() reports it.
     return static_cast<bool>(std::cout);
   });
+  const bool written = static_cast<bool>(std::cout);
   std::cout << dec.finish() << std::endl;
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  spdlog::info("{} prompt tokens, {} new tokens ({}) in {:.2f} s, {:.1f} tokens/s", ids.size(), out.size(),
-               !out.empty() && eval::is_stop_token(*m, tok, out.back()) ? "stopped at EOS" : "max tokens", secs,
+  const char* why = !written ? "stdout failed"
+                    : !out.empty() && eval::is_stop_token(*m, tok, out.back()) ? "stopped at EOS"
+                                                                                : "max tokens";
+  spdlog::info("{} prompt tokens, {} new tokens ({}) in {:.2f} s, {:.1f} tokens/s", ids.size(), out.size(), why, secs,
                static_cast<double>(out.size()) / std::max(secs, 1e-9));
   return 0;
 }

@@ -32,6 +32,12 @@ using namespace longlora;
 
 namespace {
 
+// A command line that does not parse as our commands do (a flag where it does not
+// belong, an empty value): exit 2, as CLI11's own refusals.
+struct UsageError : Error {
+  using Error::Error;
+};
+
 // An integer flag in [lo, hi], checked on the text: CLI::PositiveNumber printed
 // "Value 0 not in range 0.000000 to 1797693...(309 digits)" for 0, -1 and "abc" alike,
 // and an unsigned option took "-1" as 2^64 - 1.
@@ -272,20 +278,20 @@ int run(int argc, char** argv) {
     if (const CLI::App* sub = app.get_subcommands().empty() ? nullptr : app.get_subcommands().front())
       for (const auto* opt : app.get_options())
         if (opt->count() > 0 && opt->get_name() != "--help" && opt->get_name() != "--version")
-          throw Error(opt->get_name() + ": a training flag, which does not go with the " + sub->get_name() +
+          throw UsageError(opt->get_name() + ": a training flag, which does not go with the " + sub->get_name() +
                       " subcommand");
     // Likewise bench's own flags before `attention`: that benchmark has its own.
     if (*bench_attn)
       for (const auto* opt : bench->get_options())
         if (opt->count() > 0 && opt->get_name() != "--help")
-          throw Error("bench " + opt->get_name() + ": not a flag of `bench attention` (its flags follow it)");
+          throw UsageError("bench " + opt->get_name() + ": not a flag of `bench attention` (its flags follow it)");
     // An empty value read as "not given": --resume-from "" started a fresh run and
     // --adapter "" ran without the adapter. No flag takes an empty value.
     std::function<void(const CLI::App*)> no_empty = [&](const CLI::App* a) {
       for (const auto* opt : a->get_options())
         for (const auto& r : opt->results())
           if (r.empty() && opt->get_type_size() != 0)
-            throw Error((a == &app ? "" : a->get_name() + " ") + opt->get_name() + ": empty value");
+            throw UsageError((a == &app ? "" : a->get_name() + " ") + opt->get_name() + ": empty value");
       for (const auto* sub : a->get_subcommands()) no_empty(sub);
     };
     no_empty(&app);
@@ -325,6 +331,9 @@ int run(int argc, char** argv) {
   } catch (const Interrupted& e) {
     std::cerr << e.what() << "\n";
     return e.exit_code();
+  } catch (const UsageError& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 2;
   } catch (const Error& e) {
     std::cerr << "error: " << e.what() << "\n";
     return 1;

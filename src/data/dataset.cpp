@@ -43,6 +43,13 @@ SftRecord parse_record(const json& j, const std::string& where) {
   return {get("instruction", true), get("input", false), get("output", true), where};
 }
 
+void check_prompt_style(const SftRecord& r, const std::string& style) {
+  if (style == "none" && !r.input.empty())
+    fail(r.where, "input",
+         "not empty, but data.sft_prompt \"none\" has no place for it (LongLoRA's script drops it): "
+         "put it in the instruction, or use data.sft_prompt \"alpaca\"");
+}
+
 bool looks_like_sft(const std::string& path) {
   std::ifstream in(path);
   std::string line;
@@ -83,6 +90,14 @@ std::vector<SftRecord> read_sft_records(const std::string& path) {
     out.push_back(parse_record(parse_json_line(line, where), where));
   }
   return out;
+}
+
+void check_data_head(const std::string& path, const std::string& reader, const std::string& sft_prompt_style) {
+  if (reader != "sft") return check_token_stream_head(path);
+  // A .json of records is one value: its check is the run's whole parse.
+  if (fs::path(path).extension() != ".jsonl") return;
+  if (const auto first = first_jsonl_line(path))
+    check_prompt_style(parse_record(parse_json_line(first->first, first->second), first->second), sft_prompt_style);
 }
 
 std::string data_reader(const std::string& path, const std::string& format, bool* guessed_sft) {
@@ -147,10 +162,7 @@ Dataset::Dataset(const std::string& path, const std::string& format, int64_t L,
     const size_t n = std::min(kSlice, records.size() - s0);
     std::vector<std::string> texts;
     for (size_t j = 0; j < n; ++j) {
-      if (prompt_style == "none" && !records[s0 + j].input.empty())
-        fail(records[s0 + j].where, "input",
-             "not empty, but data.sft_prompt \"none\" has no place for it (LongLoRA's script drops it): "
-             "put it in the instruction, or use data.sft_prompt \"alpaca\"");
+      check_prompt_style(records[s0 + j], prompt_style);
       const std::string prompt = sft_prompt(records[s0 + j], prompt_style);
       texts.push_back(prompt);
       texts.push_back(prompt + records[s0 + j].output);

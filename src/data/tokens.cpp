@@ -35,14 +35,47 @@ void check_utf8(const std::string& text, const std::string& source) {
               ": not valid UTF-8 (convert the file, e.g. iconv -f latin1 -t utf-8)");
 }
 
-std::vector<int32_t> read_bin(const std::string& path) {
-  check_regular_file(path);
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail(path, "", "cannot open");
+namespace {
+
+// A .bin's size in bytes, which must be whole uint16 ids.
+size_t token_file_size(const std::string& path) {
   std::error_code ec;
   const auto size = static_cast<size_t>(fs::file_size(path, ec));
   if (ec) fail(path, "", "cannot read its size: " + ec.message());
   if (size % 2 != 0) fail(path, "", "odd byte count " + std::to_string(size) + ": not a uint16 token file");
+  return size;
+}
+
+// A .jsonl document: its record's "text".
+std::string document_text(const nlohmann::json& j, const std::string& where) {
+  if (!j.is_object() || !j.contains("text") || !j["text"].is_string()) fail(where, "text", "missing or not a string");
+  return j["text"].get<std::string>();
+}
+
+}  // namespace
+
+std::optional<std::pair<std::string, std::string>> first_jsonl_line(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) fail(path, "", "cannot open");
+  std::string line;
+  for (int64_t n = 1; std::getline(in, line); ++n)
+    if (line.find_first_not_of(" \t\r") != std::string::npos) return std::make_pair(line, path + ":" + std::to_string(n));
+  return std::nullopt;
+}
+
+void check_token_stream_head(const std::string& path) {
+  check_regular_file(path);
+  const std::string reader = token_stream_reader(path);
+  if (reader == "tokens") (void)token_file_size(path);
+  else if (ext_of(path) == ".jsonl")
+    if (const auto first = first_jsonl_line(path)) (void)document_text(parse_json_line(first->first, first->second), first->second);
+}
+
+std::vector<int32_t> read_bin(const std::string& path) {
+  check_regular_file(path);
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail(path, "", "cannot open");
+  const size_t size = token_file_size(path);
   // Read in slices straight into the ids: the whole file as bytes beside them (grown by
   // doubling) took up to 3.8x the file's size at the peak, GBs for a large corpus.
   std::vector<int32_t> ids(size / 2);
@@ -92,10 +125,8 @@ std::vector<std::string> read_documents(const std::string& path) {
   while (std::getline(in, line)) {
     ++lineno;
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    const nlohmann::json j = parse_json_line(line, path + ":" + std::to_string(lineno));
-    if (!j.is_object() || !j.contains("text") || !j["text"].is_string())
-      fail(path + ":" + std::to_string(lineno), "text", "missing or not a string");
-    docs.push_back(j["text"].get<std::string>());
+    const std::string where = path + ":" + std::to_string(lineno);
+    docs.push_back(document_text(parse_json_line(line, where), where));
   }
   return docs;
 }

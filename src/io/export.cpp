@@ -948,6 +948,11 @@ void export_checkpoint(const ExportOptions& opt) {
     base_ckpt = open_checkpoint(src.base);
     check_model_dir(src.base, base_ckpt);
   }
+  if (src.adapter && base_ckpt)  // a training checkpoint knows the weights it trained on
+    model::warn_if_other_base(
+        src.dir, src.base,
+        model::base_weight_sample(load_model_config((fs::path(src.base) / "config.json").string()),
+                                  [&](const std::string& name) { return view_tensor(base_ckpt->get(name), base_ckpt); }));
 
   if (opt.format == "peft") {
     // Validate against the base when we know it (shapes, targets), then write the adapter.

@@ -256,7 +256,10 @@ LlamaForCausalLM load_for_inference(const std::string& dir, const std::string& a
     spdlog::info("rope factor {} from {}", *lo.rope_factor, adapter);
   }
   auto m = load_model(dir, lo);
-  if (!adapter.empty()) apply_adapter(*m, adapter);
+  if (!adapter.empty()) {
+    warn_if_other_base(adapter, dir, base_weight_sample(*m));
+    apply_adapter(*m, adapter);
+  }
   return m;
 }
 
@@ -442,6 +445,83 @@ std::string explain_non_finite(const LlamaForCausalLMImpl& m) {
       break;
     }
   return s.str();
+}
+
+namespace {
+
+// Two sums of 16 evenly spaced entries of `weight` (all of them when fewer).
+void add_sample(std::vector<double>& out, const torch::Tensor& weight) {
+  const auto flat = weight.detach().reshape(-1);
+  const int64_t n = flat.numel();
+  if (n == 0) return;
+  const auto idx = torch::linspace(0, static_cast<double>(n - 1), std::min<int64_t>(n, 16),
+                                   torch::dtype(torch::kFloat64).device(flat.device()))
+                       .round()
+                       .to(torch::kLong);
+  const auto v = flat.index_select(0, idx).to(torch::kCPU, torch::kFloat64);
+  out.push_back(v.sum().item<double>());
+  out.push_back(v.abs().sum().item<double>());
+}
+
+}  // namespace
+
+std::vector<double> base_weight_sample(const LlamaForCausalLMImpl& m) {
+  torch::NoGradGuard ng;
+  std::vector<double> out;
+  for (const auto& item : m.named_parameters()) add_sample(out, item.value());
+  return out;
+}
+
+std::vector<double> base_weight_sample(const io::ModelConfig& cfg,
+                                       const std::function<torch::Tensor(const std::string&)>& tensor) {
+  // The parameter names and their order depend on the layer count and tied embeddings,
+  // not on the widths: a stand-in of width 4 has them.
+  io::ModelConfig t = cfg;
+  t.hidden_size = 4;
+  t.intermediate_size = 4;
+  t.num_attention_heads = 2;
+  t.num_key_value_heads = 2;
+  t.head_dim = 2;
+  t.vocab_size = 4;
+  LoadOptions lo;
+  lo.rope_factor = 1.0;
+  const auto stand_in = random_model(t, lo);
+  torch::NoGradGuard ng;
+  std::vector<double> out;
+  for (const auto& item : stand_in->named_parameters()) add_sample(out, tensor(item.key()));
+  return out;
+}
+
+bool same_base_sample(const std::vector<double>& a, const std::vector<double>& b) {
+  if (a.size() != b.size() || a.size() % 2 != 0) return false;
+  // Pairs (sum, sum of magnitudes). Rounding each entry to bf16 moves either sum by at
+  // most 2^-8 of the magnitudes' sum, however the signed one cancels.
+  for (size_t i = 0; i < a.size(); i += 2) {
+    const double tol = 1e-2 * std::max(std::abs(a[i + 1]), std::abs(b[i + 1])) + 1e-12;
+    if (std::abs(a[i] - b[i]) > tol || std::abs(a[i + 1] - b[i + 1]) > tol) return false;
+  }
+  return true;
+}
+
+void warn_if_other_base(const std::string& adapter, const std::string& base, const std::vector<double>& sample) {
+  if (!is_training_checkpoint(adapter)) return;  // a peft adapter records no sample
+  const std::string ts = (fs::path(adapter) / "trainer_state.json").string();
+  if (!fs::exists(ts)) return;
+  const auto st = read_json_file(ts);
+  if (!st.contains("base_sample")) return;  // saved before it was recorded
+  const JsonFields f(st, ts);
+  const auto& b = f.at("base_sample");
+  std::vector<double> recorded;
+  if (b.is_array())
+    for (const auto& x : b) {
+      if (!x.is_number()) break;
+      recorded.push_back(x.get<double>());
+    }
+  if (!b.is_array() || recorded.size() != b.size()) f.expected("base_sample", "a list of numbers");
+  if (!same_base_sample(recorded, sample))
+    spdlog::warn("{}: base_sample: the adapter was trained on other base weights than {}'s (another model, or "
+                 "one with this adapter merged already): its LoRA is applied to weights it did not train on",
+                 ts, base);
 }
 
 }  // namespace longlora::model

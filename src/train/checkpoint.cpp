@@ -340,35 +340,6 @@ json read_state_file(const std::string& dir, TrainerState& st) {
 
 }  // namespace
 
-std::vector<double> base_weight_sample(const model::LlamaForCausalLMImpl& m) {
-  torch::NoGradGuard ng;
-  std::vector<double> out;
-  for (const auto& item : m.named_parameters()) {
-    const auto flat = item.value().detach().reshape(-1);
-    const int64_t n = flat.numel();
-    if (n == 0) continue;
-    const auto idx = torch::linspace(0, static_cast<double>(n - 1), std::min<int64_t>(n, 16),
-                                     torch::dtype(torch::kFloat64).device(flat.device()))
-                         .round()
-                         .to(torch::kLong);
-    const auto v = flat.index_select(0, idx).to(torch::kCPU, torch::kFloat64);
-    out.push_back(v.sum().item<double>());
-    out.push_back(v.abs().sum().item<double>());
-  }
-  return out;
-}
-
-bool same_base_sample(const std::vector<double>& a, const std::vector<double>& b) {
-  if (a.size() != b.size() || a.size() % 2 != 0) return false;
-  // Pairs (sum, sum of magnitudes). Rounding each entry to bf16 moves either sum by at
-  // most 2^-8 of the magnitudes' sum, however the signed one cancels.
-  for (size_t i = 0; i < a.size(); i += 2) {
-    const double tol = 1e-2 * std::max(std::abs(a[i + 1]), std::abs(b[i + 1])) + 1e-12;
-    if (std::abs(a[i] - b[i]) > tol || std::abs(a[i + 1] - b[i + 1]) > tol) return false;
-  }
-  return true;
-}
-
 TrainerState read_trainer_state(const std::string& dir) {
   TrainerState st;
   read_state_file(dir, st);
@@ -423,7 +394,9 @@ TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainab
   const std::string saved_path = (d / "run_config.json").string();
   const json saved = with_absolute_paths(read_json_file(saved_path));
   const json now = with_absolute_paths(to_json(cfg));
-  const std::vector<std::string> fatal{"lora.enabled", "lora.r", "lora.alpha", "lora.targets", "trainable_params"};
+  // trainable_params is compared by what it selects, below: "embed_tokens,norm" trains
+  // what "embed,norm" does.
+  const std::vector<std::string> fatal{"lora.enabled", "lora.r", "lora.alpha", "lora.targets"};
   std::vector<std::tuple<std::string, json, json>> changed;
   config_diffs(saved, now, "", changed);
   for (const auto& [key, was, is] : changed)
@@ -452,10 +425,28 @@ TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainab
   auto tensors = io::load_tensors(
       (d / (cfg.lora.enabled ? "adapter_model.safetensors" : "model.safetensors")).string());
   torch::NoGradGuard ng;
+  // The checkpoint holds what its run trained: a tensor this run does not train would
+  // be dropped, its training lost (trainable_params selecting less than it did).
+  {
+    std::set<std::string> keys;
+    for (const auto& [name, p] : trainable) keys.insert(cfg.lora.enabled ? io::kPeftPrefix + name : name);
+    // save_adapter's second name for a tied embedding.
+    if (cfg.lora.enabled && keys.count(io::kPeftPrefix + std::string("model.embed_tokens.weight")) &&
+        model_cfg.tie_word_embeddings)
+      keys.insert(io::kPeftPrefix + std::string("lm_head.weight"));
+    for (const auto& [key, t] : tensors)
+      if (!keys.count(key))
+        throw Error(dir + ": tensor '" + key + "' was trained by the checkpoint's run, not by this one (trainable_params " +
+                    json_brief(saved.value("trainable_params", json(nullptr))) + " there, \"" + cfg.trainable_params +
+                    "\" here)");
+  }
   for (const auto& [name, p] : trainable) {
     const std::string key = cfg.lora.enabled ? io::kPeftPrefix + name : name;
     auto it = tensors.find(key);
-    if (it == tensors.end()) throw Error(dir + ": tensor '" + key + "' missing from the checkpoint");
+    if (it == tensors.end())
+      throw Error(dir + ": tensor '" + key + "' missing from the checkpoint (trainable_params " +
+                  json_brief(saved.value("trainable_params", json(nullptr))) + " there, \"" + cfg.trainable_params +
+                  "\" here)");
     if (it->second.sizes() != p.sizes())
       throw Error(dir + ": tensor '" + key + "' has another shape than the model's");
     // copy_ converts anything: integers went in as huge weights. Only a finite float

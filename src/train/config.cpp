@@ -117,7 +117,10 @@ const std::vector<Field>& schema() {
   static const std::vector<Field> fields = [] {
     std::vector<Field> f;
     f.push_back(str("model.path", [](RunConfig& c) -> auto& { return c.model.path; },
-                    "Hugging Face checkpoint directory (config.json, tokenizer.model, weights as safetensors or pytorch_model.bin)"));
+                    "Hugging Face checkpoint directory (config.json, tokenizer.model, and the weights as "
+                    "transformers looks for them: model.safetensors, the shards model.safetensors.index.json "
+                    "lists, pytorch_model.bin, or the shards pytorch_model.bin.index.json lists; safetensors "
+                    "are mapped, `.bin` pickles read whole into memory while loading)"));
     f.push_back(str("model.init", [](RunConfig& c) -> auto& { return c.model.init; },
                     "`random`: weights drawn from model.config alone (smoke tests, benchmarks)",
                     {"pretrained", "random"}));
@@ -175,12 +178,13 @@ const std::vector<Field>& schema() {
                     "auto: .bin = tokens, .txt = text, .json = sft, .jsonl = text or sft by its fields; "
                     "tokens reads .bin, text .txt/.jsonl, sft .json/.jsonl",
                     {"auto", "tokens", "text", "sft"}));
+    f.push_back(str("data.sft_prompt", [](RunConfig& c) -> auto& { return c.data.sft_prompt; },
+                    "instruction records: `alpaca` puts them in the Alpaca template (LongLoRA's first "
+                    "script); `none` takes the instruction as it is, then the output (LongLoRA's "
+                    "`supervised-fine-tune.py` since Nov 2023; a record with an `input` is refused)",
+                    {"alpaca", "none"}));
     f.push_back(integer("data.seq_len", [](RunConfig& c) -> auto& { return c.data.seq_len; }, 2,
                         "training context length in tokens"));
-    f.push_back(str("data.sft_prompt", [](RunConfig& c) -> auto& { return c.data.sft_prompt; },
-                    "instruction records: alpaca = in the Alpaca template (LongLoRA's first script); "
-                    "none = the instruction as it is, then the output (LongLoRA's script since Nov 2023)",
-                    {"alpaca", "none"}));
     f.push_back(boolean("data.shuffle", [](RunConfig& c) -> auto& { return c.data.shuffle; },
                         "shuffle rows each epoch (deterministic from train.seed)"));
     f.push_back(str("data.eval", [](RunConfig& c) -> auto& { return c.data.eval; },
@@ -203,7 +207,7 @@ const std::vector<Field>& schema() {
     // Below fp32's range eps is 0, and a parameter without gradient got 0 / 0 = NaN
     // in its first update.
     f.push_back(number("train.eps", [](RunConfig& c) -> auto& { return c.train.eps; }, 1e-30, 1, false,
-                       "AdamW epsilon"));
+                       "AdamW epsilon (smaller is 0 in fp32, and 0 / 0 a NaN update)"));
     f.push_back(integer("train.warmup_steps", [](RunConfig& c) -> auto& { return c.train.warmup_steps; },
                         0, "linear warmup steps"));
     f.push_back(str("train.scheduler", [](RunConfig& c) -> auto& { return c.train.scheduler; },
@@ -213,7 +217,7 @@ const std::vector<Field>& schema() {
     f.push_back(integer("train.micro_batch_size", [](RunConfig& c) -> auto& { return c.train.micro_batch_size; },
                         1, "rows per forward pass", 65536));
     f.push_back(integer("train.grad_accum", [](RunConfig& c) -> auto& { return c.train.grad_accum; }, 1,
-                        "micro-batches per optimizer step", 65536));
+                        "micro-batches per optimizer step (each gathered just before its forward)", 65536));
     f.push_back(number("train.max_grad_norm", [](RunConfig& c) -> auto& { return c.train.max_grad_norm; },
                        0, 1e9, false, "gradient-norm clipping; 0 disables"));
     f.push_back(integer("train.seed", [](RunConfig& c) -> auto& { return c.train.seed; }, 0,
@@ -225,13 +229,22 @@ const std::vector<Field>& schema() {
                         [](RunConfig& c) -> auto& { return c.train.offload_activations; },
                         "keep checkpointed layer inputs in pinned host memory (CUDA; for the longest contexts)"));
     f.push_back(integer("train.mlp_chunk", [](RunConfig& c) -> auto& { return c.train.mlp_chunk; }, 0,
-                        "tokens per MLP chunk in recompute and no-grad forward (0 = whole sequence)"));
+                        "tokens per MLP chunk in recompute and no-grad forward (0 = whole sequence); the same "
+                        "gradients, except that with LoRA dropout on two or more MLP layers the chunks draw the "
+                        "dropout masks in another order (another random draw, as a different seed would give)"));
     f.push_back(integer("train.max_bad_steps", [](RunConfig& c) -> auto& { return c.train.max_bad_steps; },
-                        1, "consecutive non-finite steps skipped before the run stops"));
+                        1, "consecutive non-finite steps skipped before the run stops (exit 3), saving a checkpoint "
+                        "of the state after the last finite step and removing none. A run whose every step was "
+                        "skipped exits 3 too, and an update that makes the weights non-finite stops the run at "
+                        "once (exit 3, nothing saved)"));
     // Below 1 a fixed scale shrinks the gradients: fp16 would lose more of them, not fewer.
     f.push_back(zero_or_number("train.loss_scale", [](RunConfig& c) -> auto& { return c.train.loss_scale; }, 1, 1e30,
-                               "loss scale; 0 = dynamic with fp16 (halved at a gradient overflow, doubled after "
-                               "train.loss_scale_window finite steps), none otherwise"));
+                               "loss scale; 0 = dynamic with `model.dtype` fp16 (as torch's GradScaler: halved, and the "
+                               "update skipped, at a gradient overflow, which is not a bad step unless the scale is "
+                               "already 1 and, as in HF's Trainer, does not advance the learning-rate schedule; doubled "
+                               "after `train.loss_scale_window` finite steps; kept in the checkpoint), none with fp32 or "
+                               "bf16; > 0 = that fixed scale. Unscaled, fp16 gradients below 6e-8 are lost: a long "
+                               "context's per-token share of the loss makes many of them that small"));
     f.push_back(number("train.initial_loss_scale",
                        [](RunConfig& c) -> auto& { return c.train.initial_loss_scale; }, 1, 1e30, false,
                        "the dynamic loss scale's start"));

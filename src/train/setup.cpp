@@ -113,6 +113,7 @@ void preflight(const RunConfig& c, const ConfigOrigin& o) {
   const auto tok_path = c.model.path.empty() ? fs::path() : fs::path(c.model.path) / "tokenizer.model";
   const bool has_tok = !tok_path.empty() && fs::exists(tok_path);
   const std::string reader = data::data_reader(c.data.train, c.data.format);
+  data::check_data_head(c.data.train, reader, c.data.sft_prompt);
   if (has_tok) {
     data::Tokenizer tok(tok_path.string());
     tok.check_fits(mcfg.vocab_size, cfg_path);
@@ -136,6 +137,7 @@ void preflight(const RunConfig& c, const ConfigOrigin& o) {
              "instruction records (.json), which the eval does not score: it takes tokens (.bin) or text (.txt, or "
              ".jsonl with a \"text\" field)");
       eval_reader = data::token_stream_reader(c.data.eval);
+      data::check_token_stream_head(c.data.eval);
     } catch (const Error& e) {
       throw Error(o.at("data.eval") + ": " + e.what());
     }
@@ -177,7 +179,7 @@ Session make_session(const RunConfig& c, bool with_data) {
         fail(c.model.path, "tensor '" + p.key() + "'", "holds non-finite values (NaN or inf) as loaded");
   }
   auto& m = *s.model;
-  s.base_sample = base_weight_sample(m);
+  s.base_sample = model::base_weight_sample(m);
   if (c.lora.enabled) {
     model::add_lora(m, c.lora);
   }

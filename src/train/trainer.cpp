@@ -123,6 +123,9 @@ void validate_for_training(const RunConfig& c, const ConfigOrigin& o) {
   // exists. Found now, not at the first save hours later.
   fs::path w = fs::absolute(c.output.dir, ec);
   while (!w.empty() && !fs::exists(w, ec) && w.has_parent_path() && w.parent_path() != w) w = w.parent_path();
+  // A file where a folder of the path should be: access() says "Permission denied".
+  if (fs::exists(w, ec) && !fs::is_directory(w, ec))
+    throw Error(o.at("output.dir") + ": " + c.output.dir + ": " + w.string() + " is a file, not a directory");
   if (::access(w.c_str(), W_OK | X_OK) != 0)
     throw Error(o.at("output.dir") + ": " + c.output.dir + ": cannot write in " + w.string() + ": " +
                 std::strerror(errno));
@@ -281,7 +284,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
     st = load_checkpoint(*from, s.trainable, *s.optimizer, cfg, m.cfg);
     // Its adapter (or optimizer state) continued on other frozen weights than it
     // trained with: the loss jumped, and nothing said why.
-    if (!st.base_sample.empty() && !same_base_sample(st.base_sample, s.base_sample))
+    if (!st.base_sample.empty() && !model::same_base_sample(st.base_sample, s.base_sample))
       throw Error(*from + "/trainer_state.json: base_sample: the base weights differ from those this checkpoint "
                   "trained on (" +
                   (cfg.model.init == "random" ? "random init from " + model_config_path(cfg) + ": train.seed or the config changed"

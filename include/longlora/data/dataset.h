@@ -37,6 +37,10 @@ std::vector<SftRecord> read_sft_records(const std::string& path);
 // read, so a dry run can check it. `guessed_sft`: set when auto took a .jsonl as
 // instruction records.
 std::string data_reader(const std::string& path, const std::string& format, bool* guessed_sft = nullptr);
+// What a run's preflight can check of the data without reading it all, as `reader`
+// (data_reader's) reads it: a .bin's size, a .jsonl's first record (its "text", or an
+// instruction record's fields and data.sft_prompt's rule for `input`).
+void check_data_head(const std::string& path, const std::string& reader, const std::string& sft_prompt_style);
 
 class Dataset {
  public:

@@ -5,7 +5,9 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace longlora::data {
@@ -31,6 +33,12 @@ std::vector<std::string> read_documents(const std::string& path);
 // How load_token_stream reads `path`, by its extension: "tokens" (.bin) or "text"
 // (.txt; a .jsonl's "text" fields). Any other extension fails, naming it.
 std::string token_stream_reader(const std::string& path);
+
+// A .jsonl's first line that is not blank, with "path:N" for errors; nullopt if none.
+std::optional<std::pair<std::string, std::string>> first_jsonl_line(const std::string& path);
+// What can be checked of a token stream without reading it all (a run's preflight): a
+// .bin's size is whole uint16 ids, a .jsonl's first record has its "text".
+void check_token_stream_head(const std::string& path);
 
 // The whole file as one stream; .txt/.jsonl documents each start with BOS and are
 // joined with EOS. Training and evaluation both read text this way, so a held-out

@@ -4,6 +4,7 @@
 
 #include <torch/torch.h>
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -79,6 +80,23 @@ bool is_training_checkpoint(const std::string& dir);
 std::optional<double> trained_rope_factor(const std::string& dir);
 
 bool is_module_to_save(const std::string& param_name, const std::vector<std::string>& modules);
+
+// Two sums (values, magnitudes) of 16 evenly spaced entries of every parameter, in
+// the model's order: cheap, the same across devices and the fp32/bf16/fp16 copies of
+// one checkpoint within rounding, and far apart for other weights. A training
+// checkpoint records its base's (trainer_state.json's base_sample).
+std::vector<double> base_weight_sample(const LlamaForCausalLMImpl& m);
+// The same from weight files, without building the model: `tensor` gives each
+// parameter's weights by name (a view of the file).
+std::vector<double> base_weight_sample(const io::ModelConfig& cfg,
+                                       const std::function<torch::Tensor(const std::string&)>& tensor);
+// Whether two samples are of the same weights: each sum within 1% of the magnitudes'
+// sum, room for the bf16 rounding of every entry.
+bool same_base_sample(const std::vector<double>& a, const std::vector<double>& b);
+// Warns when `adapter` is a training checkpoint recording the sample of another base
+// than `base` (whose sample is `sample`): its LoRA is applied to weights it did not
+// train on (another model, or one with the adapter merged already).
+void warn_if_other_base(const std::string& adapter, const std::string& base, const std::vector<double>& sample);
 
 // For a base that ties its embeddings: whether, loaded as peft loads it, the adapter
 // gives embed_tokens and lm_head matrices of their own. peft wraps each modules_to_save

@@ -49,13 +49,6 @@ struct TrainerState {
   std::vector<nlohmann::json> unlogged_metrics;
 };
 
-// Two sums (values, magnitudes) of 16 evenly spaced entries of every parameter, in
-// the model's order: cheap, the same across devices and the fp32/bf16/fp16 copies of
-// one checkpoint within rounding, and far apart for other weights.
-std::vector<double> base_weight_sample(const model::LlamaForCausalLMImpl& m);
-// Whether two samples are of the same weights: each sum within 1% of the magnitudes'
-// sum, room for the bf16 rounding of every entry.
-bool same_base_sample(const std::vector<double>& a, const std::vector<double>& b);
 
 // peft adapter (LoRA + modules_to_save) of the trainable parameters. With a tied base
 // (`tied_embeddings`) a trained embedding is also saved as lm_head: peft copies each
