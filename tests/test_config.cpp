@@ -218,7 +218,7 @@ TEST(RunConfig, CliDryRunAndErrors) {
   const auto dir = testutil::temp_dir("cfg-cli");
   std::filesystem::create_directories(dir + "/m");
   std::filesystem::copy_file(testutil::golden("tiny-llama/model/config.json"), dir + "/m/config.json");
-  testutil::write_file(dir + "/d.bin", "");
+  testutil::write_file(dir + "/d.bin", std::string(2 * 64, '\0'));  // one row of 64 token ids
   testutil::write_file(dir + "/ok.json", R"({"model": {"path": ")" + dir + R"(/m"}, "data": {"train": ")" + dir +
                                              R"(/d.bin", "seq_len": 64}, "output": {"dir": ")" + dir + R"(/out"}})");
   auto r = testutil::run_cli("--config " + dir + "/ok.json --set lora.r=4 --dry-run");
@@ -291,6 +291,10 @@ TEST(RunConfig, CliDryRunAndErrors) {
   r = testutil::run_cli("--config " + dir + "/ok.json --set data.train=" + dir + "/odd.bin --dry-run");
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.err.find(dir + "/odd.bin: odd byte count 3: not a uint16 token file"), std::string::npos) << r.err;
+  testutil::write_file(dir + "/short.bin", std::string(2 * 63, '\0'));
+  r = testutil::run_cli("--config " + dir + "/ok.json --set data.train=" + dir + "/short.bin --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find(dir + "/short.bin: 63 tokens make no complete row of seq_len 64"), std::string::npos) << r.err;
   testutil::write_file(dir + "/notext.jsonl", "\n{\"foo\": \"bar\"}\n");
   r = testutil::run_cli("--config " + dir + "/ok.json" + mt + " --set data.train=" + dir + "/notext.jsonl --dry-run");
   EXPECT_EQ(r.code, 1);

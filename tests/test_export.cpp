@@ -742,6 +742,13 @@ TEST(ExportRoundTrip, ARunFromDrawnWeightsExportsWithoutABase) {
   expect_clean_failure(r, dir, "lmerged", {"run_config.json: model.init", "never saved", "--format peft"});
   r = testutil::run_cli(export_cmd(dir + "/lora/checkpoint-2", dir + "/lpeft", "--format peft"));
   EXPECT_EQ(r.code, 0) << r.err;
+  // Merged onto a base given by hand, it says the weights it trained on were drawn.
+  r = testutil::run_cli(export_cmd(dir + "/lora/checkpoint-2", dir + "/lbase", "--base " + kBase));
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("base_sample: the adapter was trained on drawn weights (model.init \"random\"), not on " +
+                       kBase + "'s"),
+            std::string::npos)
+      << r.err;
   // Into the training checkpoint itself: output.keep_last deletes the checkpoint with
   // all it holds, the export with it.
   r = testutil::run_cli(export_cmd(ck, ck + "/merged", "--dtype fp32"));

@@ -329,6 +329,15 @@ TEST(Train, ATiedBasesTrainedEmbeddingIsSavedForBothLayers) {
   EXPECT_GT(testutil::max_abs_diff(embed, m->head_weight()), 0);
   model::apply_adapter(*m, ck);
   EXPECT_TRUE(torch::equal(m->head_weight(), embed));
+  // It resumes: the file's second name for the embedding (lm_head) is no tensor the run
+  // would drop. On its own base, eval has no word about other base weights.
+  r = testutil::run_cli("--config " + tiny_config(dir) + " --set model.path=" + base +
+                        " --set train.max_steps=3 --set output.save_steps=3 --resume");
+  EXPECT_EQ(r.code, 0) << r.err;
+  r = testutil::run_cli("eval --model " + base + " --adapter " + dir + "/out/checkpoint-3 --data " +
+                        testutil::golden("tiny-llama/eval.bin") + " --seq-len 64 --device cpu");
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.err.find("base_sample"), std::string::npos) << r.err;
   longlora::remove_tree(dir);
 }
 
@@ -1438,12 +1447,19 @@ TEST(Train, ConfigsThatCannotRunAreSaidBeforeTheFirstStep) {
                         " --dry-run");
   EXPECT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.err.find("--set data.eval: the training data itself"), std::string::npos) << r.err;
-  // Its records' errors say which file of the two they are in.
+  // Its errors say which file of the two they are in: the preflight's (a .bin's size),
+  // and the read's, past the first record.
   testutil::write_file(d + "/odd.bin", "abc");
   r = testutil::run_cli("--config " + tiny_config(d) + " --set data.eval=" + d + "/odd.bin --set output.dir=" + d +
                         "/odd-eval");
   EXPECT_EQ(r.code, 1);
-  EXPECT_NE(r.err.find("error: data.eval: " + d + "/odd.bin: odd byte count 3"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("error: --set data.eval: " + d + "/odd.bin: odd byte count 3"), std::string::npos) << r.err;
+  testutil::write_file(d + "/second.jsonl", R"({"text": "one"})" "\n" R"({"txt": "two"})" "\n");
+  r = testutil::run_cli("--config " + tiny_config(d) + " --set data.eval=" + d + "/second.jsonl --set output.dir=" +
+                        d + "/second-eval");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("error: data.eval: " + d + "/second.jsonl:2: text: missing or not a string"), std::string::npos)
+      << r.err;
   // Data is read more than once (sniffed, then read): a FIFO blocked the run for good.
   ASSERT_EQ(::mkfifo((d + "/fifo.jsonl").c_str(), 0600), 0);
   r = testutil::run_cli("--config " + tiny_config(d) + " --set data.train=" + d + "/fifo.jsonl --dry-run");

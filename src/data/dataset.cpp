@@ -43,6 +43,11 @@ SftRecord parse_record(const json& j, const std::string& where) {
   return {get("instruction", true), get("input", false), get("output", true), where};
 }
 
+void check_rows(int64_t tokens, int64_t seq_len, const std::string& path) {
+  if (tokens / seq_len == 0)
+    fail(path, "", std::to_string(tokens) + " tokens make no complete row of seq_len " + std::to_string(seq_len));
+}
+
 void check_prompt_style(const SftRecord& r, const std::string& style) {
   if (style == "none" && !r.input.empty())
     fail(r.where, "input",
@@ -92,8 +97,19 @@ std::vector<SftRecord> read_sft_records(const std::string& path) {
   return out;
 }
 
-void check_data_head(const std::string& path, const std::string& reader, const std::string& sft_prompt_style) {
-  if (reader != "sft") return check_token_stream_head(path);
+void check_data_head(const std::string& path, const std::string& reader, const std::string& sft_prompt_style,
+                     int64_t seq_len) {
+  if (reader == "tokens") {
+    check_token_stream_head(path);
+    check_rows(static_cast<int64_t>(fs::file_size(path) / 2), seq_len, path);
+    return;
+  }
+  if (reader != "sft") {
+    check_token_stream_head(path);
+    // Documents' token counts need the tokenizer; a file of none is seen without.
+    if (fs::path(path).extension() == ".jsonl" && !first_jsonl_line(path)) check_rows(0, seq_len, path);
+    return;
+  }
   // A .json of records is one value: its check is the run's whole parse.
   if (fs::path(path).extension() != ".jsonl") return;
   if (const auto first = first_jsonl_line(path))
@@ -138,9 +154,7 @@ Dataset::Dataset(const std::string& path, const std::string& format, int64_t L,
     stream_ = kind_ == "tokens" ? read_bin(path) : load_token_stream(path, tok);
     check_ids(stream_);
     n_rows_ = static_cast<int64_t>(stream_.size()) / L;
-    if (n_rows_ == 0)
-      fail(path, "", std::to_string(stream_.size()) + " tokens make no complete row of seq_len " +
-                         std::to_string(L));
+    check_rows(static_cast<int64_t>(stream_.size()), L, path);
     return;
   }
   if (!tok) fail(path, "", "instruction data needs the model's tokenizer.model");

@@ -948,9 +948,10 @@ void export_checkpoint(const ExportOptions& opt) {
     base_ckpt = open_checkpoint(src.base);
     check_model_dir(src.base, base_ckpt);
   }
-  if (src.adapter && base_ckpt)  // a training checkpoint knows the weights it trained on
+  // A training checkpoint knows the weights it trained on.
+  if (const auto recorded = src.adapter && base_ckpt ? model::recorded_base_sample(src.dir) : std::nullopt)
     model::warn_if_other_base(
-        src.dir, src.base,
+        src.dir, src.base, *recorded,
         model::base_weight_sample(load_model_config((fs::path(src.base) / "config.json").string()),
                                   [&](const std::string& name) { return view_tensor(base_ckpt->get(name), base_ckpt); }));
 

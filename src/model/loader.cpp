@@ -257,8 +257,11 @@ LlamaForCausalLM load_for_inference(const std::string& dir, const std::string& a
   }
   auto m = load_model(dir, lo);
   if (!adapter.empty()) {
-    warn_if_other_base(adapter, dir, base_weight_sample(*m));
+    // The base's sample before the adapter changes it; the warning once the adapter fits.
+    const auto recorded = recorded_base_sample(adapter);
+    const auto sample = recorded ? base_weight_sample(*m) : std::vector<double>{};
     apply_adapter(*m, adapter);
+    if (recorded) warn_if_other_base(adapter, dir, *recorded, sample);
   }
   return m;
 }
@@ -503,12 +506,12 @@ bool same_base_sample(const std::vector<double>& a, const std::vector<double>& b
   return true;
 }
 
-void warn_if_other_base(const std::string& adapter, const std::string& base, const std::vector<double>& sample) {
-  if (!is_training_checkpoint(adapter)) return;  // a peft adapter records no sample
+std::optional<std::vector<double>> recorded_base_sample(const std::string& adapter) {
+  if (!is_training_checkpoint(adapter)) return std::nullopt;  // a peft adapter records none
   const std::string ts = (fs::path(adapter) / "trainer_state.json").string();
-  if (!fs::exists(ts)) return;
+  if (!fs::exists(ts)) return std::nullopt;
   const auto st = read_json_file(ts);
-  if (!st.contains("base_sample")) return;  // saved before it was recorded
+  if (!st.contains("base_sample")) return std::nullopt;  // saved before it was recorded
   const JsonFields f(st, ts);
   const auto& b = f.at("base_sample");
   std::vector<double> recorded;
@@ -518,10 +521,26 @@ void warn_if_other_base(const std::string& adapter, const std::string& base, con
       recorded.push_back(x.get<double>());
     }
   if (!b.is_array() || recorded.size() != b.size()) f.expected("base_sample", "a list of numbers");
-  if (!same_base_sample(recorded, sample))
-    spdlog::warn("{}: base_sample: the adapter was trained on other base weights than {}'s (another model, or "
-                 "one with this adapter merged already): its LoRA is applied to weights it did not train on",
-                 ts, base);
+  if (recorded.empty()) return std::nullopt;  // as a resume takes it: nothing recorded
+  return recorded;
+}
+
+void warn_if_other_base(const std::string& adapter, const std::string& base, const std::vector<double>& recorded,
+                        const std::vector<double>& sample) {
+  if (same_base_sample(recorded, sample)) return;
+  // A run on drawn weights (model.init "random") has no base but those.
+  const std::string rc = (fs::path(adapter) / "run_config.json").string();
+  bool drawn = false;
+  if (fs::exists(rc)) {
+    const auto j = read_json_file(rc);
+    drawn = j.contains("model") && j["model"].is_object() && j["model"].value("init", nlohmann::json("")) == "random";
+  }
+  spdlog::warn("{}/trainer_state.json: base_sample: the adapter was trained on {} {}'s: its LoRA is applied to "
+               "weights it did not train on",
+               adapter,
+               drawn ? "drawn weights (model.init \"random\"), not on"
+                     : "other base weights (another model, or one with this adapter merged already) than",
+               base);
 }
 
 }  // namespace longlora::model

@@ -113,7 +113,7 @@ void preflight(const RunConfig& c, const ConfigOrigin& o) {
   const auto tok_path = c.model.path.empty() ? fs::path() : fs::path(c.model.path) / "tokenizer.model";
   const bool has_tok = !tok_path.empty() && fs::exists(tok_path);
   const std::string reader = data::data_reader(c.data.train, c.data.format);
-  data::check_data_head(c.data.train, reader, c.data.sft_prompt);
+  data::check_data_head(c.data.train, reader, c.data.sft_prompt, c.data.seq_len);
   if (has_tok) {
     data::Tokenizer tok(tok_path.string());
     tok.check_fits(mcfg.vocab_size, cfg_path);

@@ -38,9 +38,11 @@ std::vector<SftRecord> read_sft_records(const std::string& path);
 // instruction records.
 std::string data_reader(const std::string& path, const std::string& format, bool* guessed_sft = nullptr);
 // What a run's preflight can check of the data without reading it all, as `reader`
-// (data_reader's) reads it: a .bin's size, a .jsonl's first record (its "text", or an
-// instruction record's fields and data.sft_prompt's rule for `input`).
-void check_data_head(const std::string& path, const std::string& reader, const std::string& sft_prompt_style);
+// (data_reader's) reads it: a .bin's size (whole ids, at least one row of seq_len), a
+// .jsonl's first record (its "text", or an instruction record's fields and
+// data.sft_prompt's rule for `input`).
+void check_data_head(const std::string& path, const std::string& reader, const std::string& sft_prompt_style,
+                     int64_t seq_len);
 
 class Dataset {
  public:

@@ -93,10 +93,15 @@ std::vector<double> base_weight_sample(const io::ModelConfig& cfg,
 // Whether two samples are of the same weights: each sum within 1% of the magnitudes'
 // sum, room for the bf16 rounding of every entry.
 bool same_base_sample(const std::vector<double>& a, const std::vector<double>& b);
-// Warns when `adapter` is a training checkpoint recording the sample of another base
-// than `base` (whose sample is `sample`): its LoRA is applied to weights it did not
-// train on (another model, or one with the adapter merged already).
-void warn_if_other_base(const std::string& adapter, const std::string& base, const std::vector<double>& sample);
+// The base sample a training checkpoint recorded (trainer_state.json's base_sample);
+// nullopt for a peft adapter or a checkpoint saved before it was recorded.
+std::optional<std::vector<double>> recorded_base_sample(const std::string& adapter);
+// Warns when `recorded` (an adapter's) is not `sample`, `base`'s: its LoRA goes on
+// weights it did not train on (another model, or one with the adapter merged already;
+// a merge that moved the sampled weights by less than about 1% of their magnitude goes
+// unseen).
+void warn_if_other_base(const std::string& adapter, const std::string& base, const std::vector<double>& recorded,
+                        const std::vector<double>& sample);
 
 // For a base that ties its embeddings: whether, loaded as peft loads it, the adapter
 // gives embed_tokens and lm_head matrices of their own. peft wraps each modules_to_save
