@@ -541,6 +541,9 @@ TEST(Cli, FlagsAreNotSilentlyDroppedOrMisread) {
       {"bench --shape " + model + "/config.json --seq-len 16 --set data.train=x.bin",
        "error: bench --set data.train: bench trains on random tokens and reads no data"},
       {"eval --task PASSKEY --model " + model + " --lengths 64", "error: --task: expected one of perplexity, passkey, got 'PASSKEY'"},
+      // --config-reference prints and exits: a --config beside it was ignored.
+      {"--config-reference --config " + model + "/config.json",
+       "error: --config: not a flag of --config-reference, which prints the keys and exits"},
   };
   for (const auto& c : cases) {
     const auto r = testutil::run_cli(c.args);

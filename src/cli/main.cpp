@@ -320,6 +320,10 @@ int run(int argc, char** argv) {
       return train::run_train_bench(tb);
     }
     if (config_reference) {
+      // It prints and exits: a --config beside it (or any training flag) was ignored.
+      for (const auto* opt : app.get_options())
+        if (opt->count() > 0 && opt->get_name() != "--config-reference")
+          throw UsageError(opt->get_name() + ": not a flag of --config-reference, which prints the keys and exits");
       std::cout << train::config_reference();
       return 0;
     }
