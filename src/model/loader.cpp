@@ -259,7 +259,7 @@ LlamaForCausalLM load_for_inference(const std::string& dir, const std::string& a
   if (!adapter.empty()) {
     // The base's sample before the adapter changes it; the warning once the adapter fits.
     const auto recorded = recorded_base_sample(adapter);
-    const auto sample = recorded ? base_weight_sample(*m) : std::vector<double>{};
+    const auto sample = recorded ? base_weight_sample(*m) : BaseSample{};
     apply_adapter(*m, adapter);
     if (recorded) warn_if_other_base(adapter, dir, *recorded, sample);
   }
@@ -452,8 +452,8 @@ std::string explain_non_finite(const LlamaForCausalLMImpl& m) {
 
 namespace {
 
-// Two sums of 16 evenly spaced entries of `weight` (all of them when fewer).
-void add_sample(std::vector<double>& out, const torch::Tensor& weight) {
+// 16 evenly spaced entries of `weight` (all of them when fewer) and their two sums.
+void add_sample(BaseSample& out, const torch::Tensor& weight) {
   const auto flat = weight.detach().reshape(-1);
   const int64_t n = flat.numel();
   if (n == 0) return;
@@ -461,22 +461,48 @@ void add_sample(std::vector<double>& out, const torch::Tensor& weight) {
                                    torch::dtype(torch::kFloat64).device(flat.device()))
                        .round()
                        .to(torch::kLong);
-  const auto v = flat.index_select(0, idx).to(torch::kCPU, torch::kFloat64);
-  out.push_back(v.sum().item<double>());
-  out.push_back(v.abs().sum().item<double>());
+  const auto v = flat.index_select(0, idx).to(torch::kCPU, torch::kFloat64).contiguous();
+  out.sums.push_back(v.sum().item<double>());
+  out.sums.push_back(v.abs().sum().item<double>());
+  out.entries.emplace_back(v.data_ptr<double>(), v.data_ptr<double>() + v.numel());
+}
+
+bool same_sums(const std::vector<double>& a, const std::vector<double>& b) {
+  if (a.size() != b.size() || a.size() % 2 != 0) return false;
+  // Pairs (sum, sum of magnitudes). Rounding each entry to bf16 moves either sum by at
+  // most 2^-8 of the magnitudes' sum, however the signed one cancels.
+  for (size_t i = 0; i < a.size(); i += 2) {
+    const double tol = 1e-2 * std::max(std::abs(a[i + 1]), std::abs(b[i + 1])) + 1e-12;
+    if (std::abs(a[i] - b[i]) > tol || std::abs(a[i + 1] - b[i + 1]) > tol) return false;
+  }
+  return true;
+}
+
+bool same_entries(const std::vector<std::vector<double>>& a, const std::vector<std::vector<double>>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t p = 0; p < a.size(); ++p) {
+    if (a[p].size() != b[p].size() || a[p].empty()) return false;
+    double mean = 0;
+    for (double x : a[p]) mean += std::abs(x);
+    mean /= static_cast<double>(a[p].size());
+    for (size_t i = 0; i < a[p].size(); ++i)
+      if (!(std::abs(a[p][i] - b[p][i]) <= std::ldexp(std::max(std::abs(a[p][i]), std::abs(b[p][i])), -8) +
+                                                std::ldexp(mean, -10) + 1e-30))
+        return false;
+  }
+  return true;
 }
 
 }  // namespace
 
-std::vector<double> base_weight_sample(const LlamaForCausalLMImpl& m) {
+BaseSample base_weight_sample(const LlamaForCausalLMImpl& m) {
   torch::NoGradGuard ng;
-  std::vector<double> out;
+  BaseSample out;
   for (const auto& item : m.named_parameters()) add_sample(out, item.value());
   return out;
 }
 
-std::vector<double> base_weight_sample(const io::ModelConfig& cfg,
-                                       const std::function<torch::Tensor(const std::string&)>& tensor) {
+BaseSample base_weight_sample(const io::ModelConfig& cfg, const std::function<torch::Tensor(const std::string&)>& tensor) {
   // The parameter names and their order depend on the layer count and tied embeddings,
   // not on the widths: a stand-in of width 4 has them.
   io::ModelConfig t = cfg;
@@ -490,44 +516,54 @@ std::vector<double> base_weight_sample(const io::ModelConfig& cfg,
   lo.rope_factor = 1.0;
   const auto stand_in = random_model(t, lo);
   torch::NoGradGuard ng;
-  std::vector<double> out;
+  BaseSample out;
   for (const auto& item : stand_in->named_parameters()) add_sample(out, tensor(item.key()));
   return out;
 }
 
-bool same_base_sample(const std::vector<double>& a, const std::vector<double>& b) {
-  if (a.size() != b.size() || a.size() % 2 != 0) return false;
-  // Pairs (sum, sum of magnitudes). Rounding each entry to bf16 moves either sum by at
-  // most 2^-8 of the magnitudes' sum, however the signed one cancels.
-  for (size_t i = 0; i < a.size(); i += 2) {
-    const double tol = 1e-2 * std::max(std::abs(a[i + 1]), std::abs(b[i + 1])) + 1e-12;
-    if (std::abs(a[i] - b[i]) > tol || std::abs(a[i + 1] - b[i + 1]) > tol) return false;
-  }
-  return true;
+bool same_base(const BaseSample& recorded, const BaseSample& now) {
+  if (!recorded.entries.empty()) return same_entries(recorded.entries, now.entries);
+  return same_sums(recorded.sums, now.sums);
 }
 
-std::optional<std::vector<double>> recorded_base_sample(const std::string& adapter) {
+BaseSample parse_base_sample(const nlohmann::json& ts, const std::string& file) {
+  const JsonFields f(ts, file);
+  BaseSample s;
+  auto numbers = [&](const nlohmann::json& v, const char* key, std::vector<double>& out) {
+    if (!v.is_array()) f.expected(key, "a list of numbers");
+    for (const auto& x : v) {
+      if (!x.is_number()) f.expected(key, "a list of numbers");
+      out.push_back(x.get<double>());
+    }
+  };
+  if (ts.contains("base_sample")) numbers(ts["base_sample"], "base_sample", s.sums);  // absent before it was recorded
+  if (ts.contains("base_entries")) {
+    const auto& e = ts["base_entries"];
+    if (!e.is_array()) f.expected("base_entries", "a list of lists of numbers");
+    for (const auto& p : e) {
+      s.entries.emplace_back();
+      numbers(p, "base_entries", s.entries.back());
+    }
+  }
+  return s;
+}
+
+nlohmann::json base_sample_json(const BaseSample& s) {
+  return {{"base_sample", s.sums}, {"base_entries", s.entries}};
+}
+
+std::optional<BaseSample> recorded_base_sample(const std::string& adapter) {
   if (!is_training_checkpoint(adapter)) return std::nullopt;  // a peft adapter records none
   const std::string ts = (fs::path(adapter) / "trainer_state.json").string();
   if (!fs::exists(ts)) return std::nullopt;
-  const auto st = read_json_file(ts);
-  if (!st.contains("base_sample")) return std::nullopt;  // saved before it was recorded
-  const JsonFields f(st, ts);
-  const auto& b = f.at("base_sample");
-  std::vector<double> recorded;
-  if (b.is_array())
-    for (const auto& x : b) {
-      if (!x.is_number()) break;
-      recorded.push_back(x.get<double>());
-    }
-  if (!b.is_array() || recorded.size() != b.size()) f.expected("base_sample", "a list of numbers");
-  if (recorded.empty()) return std::nullopt;  // as a resume takes it: nothing recorded
-  return recorded;
+  auto s = parse_base_sample(read_json_file(ts), ts);
+  if (s.empty()) return std::nullopt;  // as a resume takes it: nothing recorded
+  return s;
 }
 
-void warn_if_other_base(const std::string& adapter, const std::string& base, const std::vector<double>& recorded,
-                        const std::vector<double>& sample) {
-  if (same_base_sample(recorded, sample)) return;
+void warn_if_other_base(const std::string& adapter, const std::string& base, const BaseSample& recorded,
+                        const BaseSample& now) {
+  if (same_base(recorded, now)) return;
   // A run on drawn weights (model.init "random") has no base but those.
   const std::string rc = (fs::path(adapter) / "run_config.json").string();
   bool drawn = false;

@@ -175,9 +175,9 @@ void write_checkpoint_files(const fs::path& tmp, const model::LlamaForCausalLMIm
              {"data", {{"rows", st.data_rows}, {"bytes", st.data_bytes}}},
              // The resolved linear RoPE factor the run trained with (export writes it down).
              {"rope_factor", m.cfg.rope_factor},
-             {"base_sample", st.base_sample},
              // Every file written so far: weights, optimizer state, configs, tokenizer.
              {"files", io::digest_directory(tmp.string(), written)}};
+  ts.update(model::base_sample_json(st.base_sample));
   if (!st.unlogged_metrics.empty()) ts["unlogged_metrics"] = st.unlogged_metrics;
   write_text((tmp / "trainer_state.json").string(), ts.dump(2));
   write_text((tmp / "run_config.json").string(), with_absolute_paths(to_json(cfg)).dump(2));
@@ -316,14 +316,7 @@ json read_state_file(const std::string& dir, TrainerState& st) {
     st.data_bytes = n("bytes");
   }
   if (!ts.contains("model") || !ts["model"].is_object()) fail(file, "model", "missing");
-  if (ts.contains("base_sample")) {  // absent before it was recorded
-    const json& b = ts["base_sample"];
-    if (!b.is_array()) f.expected("base_sample", "a list of numbers");
-    for (const auto& x : b) {
-      if (!x.is_number()) f.expected("base_sample", "a list of numbers");
-      st.base_sample.push_back(x.get<double>());
-    }
-  }
+  st.base_sample = model::parse_base_sample(ts, file);
   if (ts.contains("unlogged_metrics")) {
     const json& u = ts["unlogged_metrics"];
     if (!u.is_array()) f.expected("unlogged_metrics", "a list of metrics records");

@@ -284,7 +284,7 @@ int train(const RunConfig& cfg, const ResumeRequest& resume) {
     st = load_checkpoint(*from, s.trainable, *s.optimizer, cfg, m.cfg);
     // Its adapter (or optimizer state) continued on other frozen weights than it
     // trained with: the loss jumped, and nothing said why.
-    if (!st.base_sample.empty() && !model::same_base_sample(st.base_sample, s.base_sample))
+    if (!st.base_sample.empty() && !model::same_base(st.base_sample, s.base_sample))
       throw Error(*from + "/trainer_state.json: base_sample: the base weights differ from those this checkpoint "
                   "trained on (" +
                   (cfg.model.init == "random" ? "random init from " + model_config_path(cfg) + ": train.seed or the config changed"

@@ -2,6 +2,7 @@
 // from a config.json alone), and applying peft adapters.
 #pragma once
 
+#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include <functional>
@@ -81,27 +82,37 @@ std::optional<double> trained_rope_factor(const std::string& dir);
 
 bool is_module_to_save(const std::string& param_name, const std::vector<std::string>& modules);
 
-// Two sums (values, magnitudes) of 16 evenly spaced entries of every parameter, in
-// the model's order: cheap, the same across devices and the fp32/bf16/fp16 copies of
-// one checkpoint within rounding, and far apart for other weights. A training
-// checkpoint records its base's (trainer_state.json's base_sample).
-std::vector<double> base_weight_sample(const LlamaForCausalLMImpl& m);
+// A fingerprint of a model's weights: 16 evenly spaced entries of every parameter, in
+// the model's order, and their two sums (values, magnitudes). Cheap, the same across
+// devices and the fp32/bf16/fp16 copies of one checkpoint within rounding. A training
+// checkpoint records its base's (trainer_state.json: base_entries and base_sample, the
+// sums; checkpoints before base_entries have the sums alone).
+struct BaseSample {
+  std::vector<double> sums;                  // (sum, sum of magnitudes) per parameter
+  std::vector<std::vector<double>> entries;  // the entries per parameter
+  bool empty() const { return sums.empty() && entries.empty(); }
+};
+BaseSample base_weight_sample(const LlamaForCausalLMImpl& m);
 // The same from weight files, without building the model: `tensor` gives each
 // parameter's weights by name (a view of the file).
-std::vector<double> base_weight_sample(const io::ModelConfig& cfg,
-                                       const std::function<torch::Tensor(const std::string&)>& tensor);
-// Whether two samples are of the same weights: each sum within 1% of the magnitudes'
-// sum, room for the bf16 rounding of every entry.
-bool same_base_sample(const std::vector<double>& a, const std::vector<double>& b);
-// The base sample a training checkpoint recorded (trainer_state.json's base_sample);
-// nullopt for a peft adapter or a checkpoint saved before it was recorded.
-std::optional<std::vector<double>> recorded_base_sample(const std::string& adapter);
-// Warns when `recorded` (an adapter's) is not `sample`, `base`'s: its LoRA goes on
-// weights it did not train on (another model, or one with the adapter merged already;
-// a merge that moved the sampled weights by less than about 1% of their magnitude goes
-// unseen).
-void warn_if_other_base(const std::string& adapter, const std::string& base, const std::vector<double>& recorded,
-                        const std::vector<double>& sample);
+BaseSample base_weight_sample(const io::ModelConfig& cfg, const std::function<torch::Tensor(const std::string&)>& tensor);
+// Whether `now` is of the weights `recorded` sampled. Entry by entry where both have
+// them: each within 2^-8 of itself (bf16 rounds by at most 2^-9) plus 2^-10 of its
+// parameter's mean magnitude (fp16's small values); a fine-tune or a merged adapter
+// moves entries by more. With the sums alone: each within 1% of the magnitudes' sum,
+// which only other models pass outside of.
+bool same_base(const BaseSample& recorded, const BaseSample& now);
+// trainer_state.json's base_sample and base_entries (`ts`, read from `file`); empty
+// where it records neither. An Error naming the field for malformed ones.
+BaseSample parse_base_sample(const nlohmann::json& ts, const std::string& file);
+nlohmann::json base_sample_json(const BaseSample& s);  // the two fields, as recorded
+// The base sample a training checkpoint recorded; nullopt for a peft adapter or a
+// checkpoint saved before it was recorded.
+std::optional<BaseSample> recorded_base_sample(const std::string& adapter);
+// Warns when `recorded` (an adapter's) is not of `now`, `base`'s: its LoRA goes on
+// weights it did not train on (another model, or one with the adapter merged already).
+void warn_if_other_base(const std::string& adapter, const std::string& base, const BaseSample& recorded,
+                        const BaseSample& now);
 
 // For a base that ties its embeddings: whether, loaded as peft loads it, the adapter
 // gives embed_tokens and lm_head matrices of their own. peft wraps each modules_to_save

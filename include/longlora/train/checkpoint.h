@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "longlora/model/llama.h"
+#include "longlora/model/loader.h"
 #include "longlora/train/config.h"
 
 namespace longlora::train {
@@ -43,7 +44,7 @@ struct TrainerState {
   // A sample of the frozen base weights (base_weight_sample), so that a resume on
   // another base (a replaced model.path, or random init from another train.seed) is
   // refused. Empty: not recorded (checkpoints before it).
-  std::vector<double> base_sample;
+  model::BaseSample base_sample;
   // metrics.jsonl records a failed write (a full disk) lost: a resume from this
   // checkpoint appends them.
   std::vector<nlohmann::json> unlogged_metrics;

@@ -26,7 +26,7 @@ struct Session {
   std::unique_ptr<data::Dataset> data;                  // null with `with_data` false
   std::unique_ptr<std::vector<int32_t>> eval_data;      // data.eval, if set
   model::ForwardOptions train_forward;                  // S2-Attn and checkpointing
-  std::vector<double> base_sample;                      // base_weight_sample, before LoRA
+  model::BaseSample base_sample;                        // base_weight_sample, before LoRA
 };
 
 // Linear RoPE factor for the run: model.rope_factor, or ceil(seq_len / max_pos)
