@@ -756,6 +756,14 @@ TEST(Train, TheBaseSampleSeesOtherWeightsNotRounding) {
     EXPECT_TRUE(model::same_base(want, model::base_weight_sample(*r))) << dt;
     EXPECT_TRUE(model::same_base(sums_only, model::base_weight_sample(*r))) << dt;
   }
+  // A copy rounded twice (fp16, then bf16 as a bf16 run casts it) lands a bf16 step
+  // from one rounded once: the same base.
+  {
+    auto once = load(), twice = load();
+    for (auto& p : once->parameters()) p.set_data(p.to(torch::kBFloat16));
+    for (auto& p : twice->parameters()) p.set_data(p.to(torch::kFloat16).to(torch::kBFloat16));
+    EXPECT_TRUE(model::same_base(model::base_weight_sample(*once), model::base_weight_sample(*twice)));
+  }
   // One matrix moved by 1% (a fine-tune, a small merged adapter): the entries see it,
   // the sums alone do not.
   auto w = m->named_parameters()["model.layers.1.mlp.up_proj.weight"];
@@ -1134,6 +1142,17 @@ TEST(Train, ADamagedCheckpointWithoutChecksumsIsRefusedByName) {
   // Undamaged, it resumes: the refusals below are the damage's.
   expect_refused([](const std::string&, json&) {}, "");
   EXPECT_TRUE(fs::exists(d + "/run1/checkpoint-6/COMPLETE"));
+  // A checkpoint from before base_entries (the sums alone) resumes, and the next save
+  // records both.
+  expect_refused([](const std::string&, json& st) { st.erase("base_entries"); }, "");
+  const json next = json::parse(testutil::read_file(d + "/run2/checkpoint-6/trainer_state.json"));
+  ASSERT_TRUE(next.contains("base_entries"));
+  EXPECT_EQ(next["base_sample"].size(), 2 * next["base_entries"].size());
+  // A damaged record is named as such, not taken for other base weights.
+  expect_refused([](const std::string&, json& st) { st["base_entries"][0] = json::array(); },
+                 "trainer_state.json: base_entries: item 0: expected 1 to 16 numbers, got []");
+  expect_refused([](const std::string&, json& st) { st["base_entries"].erase(0); },
+                 "trainer_state.json: base_entries: ");
   const std::string q = std::string(io::kPeftPrefix) + "model.layers.0.self_attn.q_proj.lora_A.weight";
   auto rewrite_adapter = [&](const std::string& c, const std::function<void(std::map<std::string, torch::Tensor>&)>& f) {
     auto t = io::load_tensors(c + "/adapter_model.safetensors");

@@ -486,7 +486,7 @@ bool same_entries(const std::vector<std::vector<double>>& a, const std::vector<s
     for (double x : a[p]) mean += std::abs(x);
     mean /= static_cast<double>(a[p].size());
     for (size_t i = 0; i < a[p].size(); ++i)
-      if (!(std::abs(a[p][i] - b[p][i]) <= std::ldexp(std::max(std::abs(a[p][i]), std::abs(b[p][i])), -8) +
+      if (!(std::abs(a[p][i] - b[p][i]) <= std::ldexp(std::max(std::abs(a[p][i]), std::abs(b[p][i])), -7) +
                                                 std::ldexp(mean, -10) + 1e-30))
         return false;
   }
@@ -540,10 +540,20 @@ BaseSample parse_base_sample(const nlohmann::json& ts, const std::string& file) 
   if (ts.contains("base_entries")) {
     const auto& e = ts["base_entries"];
     if (!e.is_array()) f.expected("base_entries", "a list of lists of numbers");
-    for (const auto& p : e) {
+    for (size_t i = 0; i < e.size(); ++i) {
+      const auto& p = e[i];
+      bool ok = p.is_array() && !p.empty() && p.size() <= 16;
+      for (size_t k = 0; ok && k < p.size(); ++k) ok = p[k].is_number();
+      if (!ok)
+        f.fail("base_entries", "item " + std::to_string(i) + ": expected 1 to 16 numbers, got " + json_brief(p));
       s.entries.emplace_back();
-      numbers(p, "base_entries", s.entries.back());
+      for (const auto& x : p) s.entries.back().push_back(x.get<double>());
     }
+    // Two sums of each parameter's entries: a record whose counts disagree is damaged,
+    // not a sample of other weights.
+    if (ts.contains("base_sample") && s.sums.size() != 2 * s.entries.size())
+      f.fail("base_entries", std::to_string(s.entries.size()) + " parameters, but base_sample has sums of " +
+                                 std::to_string(s.sums.size() / 2));
   }
   return s;
 }
@@ -563,6 +573,9 @@ std::optional<BaseSample> recorded_base_sample(const std::string& adapter) {
 
 void warn_if_other_base(const std::string& adapter, const std::string& base, const BaseSample& recorded,
                         const BaseSample& now) {
+  // Non-finite weights are not "other weights": the forward names them.
+  for (double x : now.sums)
+    if (!std::isfinite(x)) return;
   if (same_base(recorded, now)) return;
   // A run on drawn weights (model.init "random") has no base but those.
   const std::string rc = (fs::path(adapter) / "run_config.json").string();

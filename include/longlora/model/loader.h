@@ -97,9 +97,10 @@ BaseSample base_weight_sample(const LlamaForCausalLMImpl& m);
 // parameter's weights by name (a view of the file).
 BaseSample base_weight_sample(const io::ModelConfig& cfg, const std::function<torch::Tensor(const std::string&)>& tensor);
 // Whether `now` is of the weights `recorded` sampled. Entry by entry where both have
-// them: each within 2^-8 of itself (bf16 rounds by at most 2^-9) plus 2^-10 of its
-// parameter's mean magnitude (fp16's small values); a fine-tune or a merged adapter
-// moves entries by more. With the sums alone: each within 1% of the magnitudes' sum,
+// them: each within 2^-7 of itself (one bf16 step: a copy rounded twice, fp16 then
+// bf16, lands a step from one rounded once) plus 2^-10 of its parameter's mean
+// magnitude (fp16's small values); a fine-tune or a merged adapter moving entries by
+// 1% is seen. With the sums alone: each within 1% of the magnitudes' sum,
 // which only other models pass outside of.
 bool same_base(const BaseSample& recorded, const BaseSample& now);
 // trainer_state.json's base_sample and base_entries (`ts`, read from `file`); empty
