@@ -502,9 +502,7 @@ BaseSample base_weight_sample(const LlamaForCausalLMImpl& m) {
   return out;
 }
 
-BaseSample base_weight_sample(const io::ModelConfig& cfg, const std::function<torch::Tensor(const std::string&)>& tensor) {
-  // The parameter names and their order depend on the layer count and tied embeddings,
-  // not on the widths: a stand-in of width 4 has them.
+LlamaForCausalLM stand_in_model(const io::ModelConfig& cfg) {
   io::ModelConfig t = cfg;
   t.hidden_size = 4;
   t.intermediate_size = 4;
@@ -514,7 +512,11 @@ BaseSample base_weight_sample(const io::ModelConfig& cfg, const std::function<to
   t.vocab_size = 4;
   LoadOptions lo;
   lo.rope_factor = 1.0;
-  const auto stand_in = random_model(t, lo);
+  return random_model(t, lo);
+}
+
+BaseSample base_weight_sample(const io::ModelConfig& cfg, const std::function<torch::Tensor(const std::string&)>& tensor) {
+  const auto stand_in = stand_in_model(cfg);
   torch::NoGradGuard ng;
   BaseSample out;
   for (const auto& item : stand_in->named_parameters()) add_sample(out, tensor(item.key()));

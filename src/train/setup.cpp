@@ -90,19 +90,9 @@ void preflight(const RunConfig& c, const ConfigOrigin& o) {
                               std::llround(c.data.seq_len * c.attention.group_ratio),
                               attention::parse_mode(c.attention.shift_mode), s2_group_where(c, o),
                               cfg_path + ": attention");
-  // Parameter names depend on the layer count, tied embeddings and LoRA's targets, not
-  // on the widths or the rank: a stand-in of width 4 and rank 1 has the same names.
+  // Parameter names depend on LoRA's targets too, not on the rank: rank 1 will do.
   {
-    io::ModelConfig t = mcfg;
-    t.hidden_size = 4;
-    t.intermediate_size = 4;
-    t.num_attention_heads = 2;
-    t.num_key_value_heads = 2;
-    t.head_dim = 2;
-    t.vocab_size = 4;
-    model::LoadOptions lo;
-    lo.rope_factor = 1.0;
-    auto stand_in = model::random_model(t, lo);
+    auto stand_in = model::stand_in_model(mcfg);
     if (c.lora.enabled) {
       auto spec = c.lora;
       spec.r = 1;

@@ -93,6 +93,9 @@ struct BaseSample {
   bool empty() const { return sums.empty() && entries.empty(); }
 };
 BaseSample base_weight_sample(const LlamaForCausalLMImpl& m);
+// A model of `cfg`'s parameter names, in their order, at width 4: the names depend on
+// the layer count and tied embeddings, not on the widths (random weights, tiny).
+LlamaForCausalLM stand_in_model(const io::ModelConfig& cfg);
 // The same from weight files, without building the model: `tensor` gives each
 // parameter's weights by name (a view of the file).
 BaseSample base_weight_sample(const io::ModelConfig& cfg, const std::function<torch::Tensor(const std::string&)>& tensor);
