@@ -9,6 +9,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstdint>
@@ -37,6 +38,15 @@ namespace {
 struct UsageError : Error {
   using Error::Error;
 };
+
+// UsageError(message(NAME)) for the first of `a`'s options given on the command line
+// but those `allowed`: a flag that the command taken does not read.
+void refuse_given(const CLI::App& a, const std::vector<std::string>& allowed,
+                  const std::function<std::string(const std::string&)>& message) {
+  for (const auto* opt : a.get_options())
+    if (opt->count() > 0 && std::find(allowed.begin(), allowed.end(), opt->get_name()) == allowed.end())
+      throw UsageError(message(opt->get_name()));
+}
 
 // An integer flag in [lo, hi], checked on the text: CLI::PositiveNumber printed
 // "Value 0 not in range 0.000000 to 1797693...(309 digits)" for 0, -1 and "abc" alike,
@@ -276,15 +286,14 @@ int run(int argc, char** argv) {
     // The training flags belong to the command without a subcommand: given before one
     // ("--config c.json eval ..."), they were parsed and then ignored.
     if (const CLI::App* sub = app.get_subcommands().empty() ? nullptr : app.get_subcommands().front())
-      for (const auto* opt : app.get_options())
-        if (opt->count() > 0 && opt->get_name() != "--help" && opt->get_name() != "--version")
-          throw UsageError(opt->get_name() + ": a training flag, which does not go with the " + sub->get_name() +
-                      " subcommand");
+      refuse_given(app, {"--help", "--version"}, [&](const std::string& flag) {
+        return flag + ": a training flag, which does not go with the " + sub->get_name() + " subcommand";
+      });
     // Likewise bench's own flags before `attention`: that benchmark has its own.
     if (*bench_attn)
-      for (const auto* opt : bench->get_options())
-        if (opt->count() > 0 && opt->get_name() != "--help")
-          throw UsageError("bench " + opt->get_name() + ": not a flag of `bench attention` (its flags follow it)");
+      refuse_given(*bench, {"--help"}, [](const std::string& flag) {
+        return "bench " + flag + ": not a flag of `bench attention` (its flags follow it)";
+      });
     // An empty value read as "not given": --resume-from "" started a fresh run and
     // --adapter "" ran without the adapter. No flag takes an empty value.
     std::function<void(const CLI::App*)> no_empty = [&](const CLI::App* a) {
@@ -321,9 +330,9 @@ int run(int argc, char** argv) {
     }
     if (config_reference) {
       // It prints and exits: a --config beside it (or any training flag) was ignored.
-      for (const auto* opt : app.get_options())
-        if (opt->count() > 0 && opt->get_name() != "--config-reference")
-          throw UsageError(opt->get_name() + ": not a flag of --config-reference, which prints the keys and exits");
+      refuse_given(app, {"--config-reference"}, [](const std::string& flag) {
+        return flag + ": not a flag of --config-reference, which prints the keys and exits";
+      });
       std::cout << train::config_reference();
       return 0;
     }

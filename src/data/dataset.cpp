@@ -56,18 +56,14 @@ void check_prompt_style(const SftRecord& r, const std::string& style) {
 }
 
 bool looks_like_sft(const std::string& path) {
-  std::ifstream in(path);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    try {
-      auto j = json::parse(line);
-      return j.is_object() && j.contains("instruction");
-    } catch (const json::exception&) {
-      return false;
-    }
+  const auto first = first_jsonl_line(path);
+  if (!first) return false;
+  try {
+    const auto j = json::parse(first->first);
+    return j.is_object() && j.contains("instruction");
+  } catch (const json::exception&) {
+    return false;
   }
-  return false;
 }
 
 }  // namespace
@@ -99,15 +95,10 @@ std::vector<SftRecord> read_sft_records(const std::string& path) {
 
 void check_data_head(const std::string& path, const std::string& reader, const std::string& sft_prompt_style,
                      int64_t seq_len) {
-  if (reader == "tokens") {
-    check_token_stream_head(path);
-    check_rows(static_cast<int64_t>(fs::file_size(path) / 2), seq_len, path);
-    return;
-  }
   if (reader != "sft") {
-    check_token_stream_head(path);
-    // Documents' token counts need the tokenizer; a file of none is seen without.
-    if (fs::path(path).extension() == ".jsonl" && !first_jsonl_line(path)) check_rows(0, seq_len, path);
+    if (const auto ids = check_token_stream_head(path)) check_rows(*ids, seq_len, path);
+    // Documents' token counts need the tokenizer; a .jsonl of none is seen without.
+    else if (fs::path(path).extension() == ".jsonl" && !first_jsonl_line(path)) check_rows(0, seq_len, path);
     return;
   }
   // A .json of records is one value: its check is the run's whole parse.

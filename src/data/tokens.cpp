@@ -63,12 +63,12 @@ std::optional<std::pair<std::string, std::string>> first_jsonl_line(const std::s
   return std::nullopt;
 }
 
-void check_token_stream_head(const std::string& path) {
+std::optional<int64_t> check_token_stream_head(const std::string& path) {
   check_regular_file(path);
-  const std::string reader = token_stream_reader(path);
-  if (reader == "tokens") (void)token_file_size(path);
-  else if (ext_of(path) == ".jsonl")
+  if (token_stream_reader(path) == "tokens") return static_cast<int64_t>(token_file_size(path) / 2);
+  if (ext_of(path) == ".jsonl")
     if (const auto first = first_jsonl_line(path)) (void)document_text(parse_json_line(first->first, first->second), first->second);
+  return std::nullopt;
 }
 
 std::vector<int32_t> read_bin(const std::string& path) {

@@ -418,6 +418,8 @@ TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainab
   auto tensors = io::load_tensors(
       (d / (cfg.lora.enabled ? "adapter_model.safetensors" : "model.safetensors")).string());
   torch::NoGradGuard ng;
+  const std::string trainable_sets = "(trainable_params " + json_brief(saved.value("trainable_params", json(nullptr))) +
+                                     " there, \"" + cfg.trainable_params + "\" here)";
   // The checkpoint holds what its run trained: a tensor this run does not train would
   // be dropped, its training lost (trainable_params selecting less than it did).
   {
@@ -429,17 +431,13 @@ TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainab
       keys.insert(io::kPeftPrefix + std::string("lm_head.weight"));
     for (const auto& [key, t] : tensors)
       if (!keys.count(key))
-        throw Error(dir + ": tensor '" + key + "' was trained by the checkpoint's run, not by this one (trainable_params " +
-                    json_brief(saved.value("trainable_params", json(nullptr))) + " there, \"" + cfg.trainable_params +
-                    "\" here)");
+        throw Error(dir + ": tensor '" + key + "' was trained by the checkpoint's run, not by this one " + trainable_sets);
   }
   for (const auto& [name, p] : trainable) {
     const std::string key = cfg.lora.enabled ? io::kPeftPrefix + name : name;
     auto it = tensors.find(key);
     if (it == tensors.end())
-      throw Error(dir + ": tensor '" + key + "' missing from the checkpoint (trainable_params " +
-                  json_brief(saved.value("trainable_params", json(nullptr))) + " there, \"" + cfg.trainable_params +
-                  "\" here)");
+      throw Error(dir + ": tensor '" + key + "' missing from the checkpoint " + trainable_sets);
     if (it->second.sizes() != p.sizes())
       throw Error(dir + ": tensor '" + key + "' has another shape than the model's");
     // copy_ converts anything: integers went in as huge weights. Only a finite float

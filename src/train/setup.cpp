@@ -127,7 +127,7 @@ void preflight(const RunConfig& c, const ConfigOrigin& o) {
              "instruction records (.json), which the eval does not score: it takes tokens (.bin) or text (.txt, or "
              ".jsonl with a \"text\" field)");
       eval_reader = data::token_stream_reader(c.data.eval);
-      data::check_token_stream_head(c.data.eval);
+      (void)data::check_token_stream_head(c.data.eval);
     } catch (const Error& e) {
       throw Error(o.at("data.eval") + ": " + e.what());
     }

@@ -37,8 +37,9 @@ std::string token_stream_reader(const std::string& path);
 // A .jsonl's first line that is not blank, with "path:N" for errors; nullopt if none.
 std::optional<std::pair<std::string, std::string>> first_jsonl_line(const std::string& path);
 // What can be checked of a token stream without reading it all (a run's preflight): a
-// .bin's size is whole uint16 ids, a .jsonl's first record has its "text".
-void check_token_stream_head(const std::string& path);
+// .bin's size is whole uint16 ids (returned: their count), a .jsonl's first record has
+// its "text" (nullopt for text: its count needs the tokenizer).
+std::optional<int64_t> check_token_stream_head(const std::string& path);
 
 // The whole file as one stream; .txt/.jsonl documents each start with BOS and are
 // joined with EOS. Training and evaluation both read text this way, so a held-out
