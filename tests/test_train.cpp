@@ -57,6 +57,34 @@ std::string sft_flags(const std::string& dir) {
   return " --set data.train=" + dir + "/sft.jsonl --set data.seq_len=256 --set lora.dropout=0 --set data.shuffle=false";
 }
 
+// Rewrites checkpoint `ck` of the run `config` as the format-1 writer did: state.pt, a
+// LibTorch archive of the optimizer (moments by position) and the CPU RNG, in place of
+// optimizer.safetensors. `edit` may change the restored states before they are written;
+// `sets` are --set overrides of the config.
+void to_format_1(const std::string& ck, const std::string& config,
+                 const std::function<void(torch::optim::AdamWParamState&)>& edit = nullptr,
+                 const std::vector<std::string>& sets = {}) {
+  auto cfg = train::load_run_config(config);
+  for (const auto& a : sets) train::apply_override(cfg, a);
+  auto s = train::make_session(cfg, false);
+  train::load_checkpoint(ck, s.trainable, *s.optimizer, cfg, s.model->cfg);
+  if (edit)
+    for (auto& [key, st] : s.optimizer->state()) edit(static_cast<torch::optim::AdamWParamState&>(*st));
+  torch::serialize::OutputArchive ar;
+  s.optimizer->save(ar);
+  ar.write("rng_cpu", at::detail::getDefaultCPUGenerator().get_state());
+  ar.save_to(ck + "/state.pt");
+  fs::remove(ck + "/optimizer.safetensors");
+  json st = testutil::read_json(ck + "/trainer_state.json");
+  st["format_version"] = 1;
+  if (st.contains("files")) {
+    st["files"].erase("optimizer.safetensors");
+    const auto dg = io::digest_file(ck + "/state.pt");
+    st["files"]["state.pt"] = {{"bytes", dg.bytes}, {"crc32", fmt::format("{:08x}", dg.crc32)}};
+  }
+  testutil::write_file(ck + "/trainer_state.json", st.dump(2));
+}
+
 
 }  // namespace
 
@@ -495,6 +523,27 @@ TEST(Train, ResumeIsBitIdentical) {
   ASSERT_EQ(la.size(), 6u);
   ASSERT_EQ(lb.size(), 6u);
   for (size_t i = 0; i < 6; ++i) EXPECT_EQ(la[i], lb[i]) << "step " << i + 1;  // bit-identical
+  // The state is by name now: the moments, counts and RNG of every parameter the run
+  // trains (LoRA on q and v, embed and norms), nothing else.
+  io::SafetensorsFile opt(b + "/out/checkpoint-3/optimizer.safetensors");
+  EXPECT_TRUE(opt.contains("model.layers.0.self_attn.q_proj.lora_A.weight.exp_avg_sq"));
+  EXPECT_TRUE(opt.contains("model.norm.weight.step"));
+  ASSERT_TRUE(opt.contains("rng.cpu"));
+  EXPECT_EQ(opt.get("rng.cpu").dtype, io::DType::U8);
+  // A checkpoint of format 1 (state.pt) resumes the same, bit for bit.
+  const auto c = testutil::temp_dir("resume-c");
+  ASSERT_EQ(testutil::run_cli("--config " + tiny_config(c) + " --set train.max_steps=3").code, 0);
+  to_format_1(c + "/out/checkpoint-3", tiny_config(c));
+  ASSERT_FALSE(fs::exists(c + "/out/checkpoint-3/optimizer.safetensors"));
+  r = testutil::run_cli("--config " + tiny_config(c) + " --resume");
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto lc = testutil::metric_losses(c + "/out/metrics.jsonl");
+  ASSERT_EQ(lc.size(), 6u);
+  for (size_t i = 0; i < 6; ++i) EXPECT_EQ(la[i], lc[i]) << "step " << i + 1;
+  // Its next saves are of the current format.
+  EXPECT_TRUE(fs::exists(c + "/out/checkpoint-6/optimizer.safetensors"));
+  EXPECT_EQ(testutil::read_json(c + "/out/checkpoint-6/trainer_state.json")["format_version"], 2);
+  for (const auto& dir : {a, b, c}) longlora::remove_tree(dir);
 }
 
 // --resume where nothing was saved yet (a run killed before its first save, started
@@ -605,7 +654,7 @@ TEST(Train, AFailedSaveIsAnErrorAndKeepsThePreviousCheckpoint) {
   // abort the process from a destructor.
   auto r = testutil::run_cli("--config " + tiny_config(d), "trap '' XFSZ; ulimit -f 400; ");
   EXPECT_EQ(r.code, 1) << r.err;
-  EXPECT_NE(r.err.find(".tmp-checkpoint-3/state.pt: write failed: File too large"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find(".tmp-checkpoint-3/optimizer.safetensors: write failed: File too large"), std::string::npos) << r.err;
   EXPECT_FALSE(train::latest_checkpoint(d + "/out").has_value());
   // Nor does the failed save keep the space it took: on a full disk the stale folder
   // made the next --resume fail too.
@@ -873,7 +922,7 @@ TEST(Checksum, Crc32MatchesZlib) {
 }
 
 TEST(Checksum, TheBigFilesAreDigestedAsTheyAreWritten) {
-  // model.safetensors and state.pt are digested by their writers, not read back; each
+  // model.safetensors and optimizer.safetensors are digested by their writers, not read back; each
   // recorded digest must still be the file's, as a read finds it.
   const auto d = testutil::temp_dir("crc-written");
   const auto w = io::save_tensors(d + "/x.safetensors", {{"a", torch::randn({300, 7})}, {"b", torch::ones({5})}});
@@ -883,7 +932,7 @@ TEST(Checksum, TheBigFilesAreDigestedAsTheyAreWritten) {
   ASSERT_EQ(testutil::run_cli("--config " + tiny_config(d) + " --set train.max_steps=1 --set lora.enabled=false").code, 0);
   const std::string ck = d + "/out/checkpoint-1";
   const auto files = testutil::read_json(ck + "/trainer_state.json")["files"];
-  for (const char* f : {"model.safetensors", "state.pt", "config.json", "tokenizer.model"}) {
+  for (const char* f : {"model.safetensors", "optimizer.safetensors", "config.json", "tokenizer.model"}) {
     ASSERT_TRUE(files.contains(f)) << f;
     const auto want = io::digest_file(ck + "/" + f);
     char hex[9];
@@ -901,7 +950,7 @@ TEST(Train, ACheckpointFileChangedAfterTheSaveIsRefusedWhereverItIsRead) {
   ASSERT_EQ(testutil::run_cli("--config " + tiny_config(d) + " --set train.max_steps=3").code, 0);
   const std::string ck = d + "/out/checkpoint-3";
   const auto ts = testutil::read_json(ck + "/trainer_state.json");
-  for (const char* f : {"adapter_model.safetensors", "adapter_config.json", "state.pt"})
+  for (const char* f : {"adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors"})
     EXPECT_EQ(ts["files"][f]["bytes"], fs::file_size(ck + "/" + f)) << f;
   auto zero_tail = [](const std::string& path) {
     std::string b = testutil::read_file(path);
@@ -923,15 +972,15 @@ TEST(Train, ACheckpointFileChangedAfterTheSaveIsRefusedWhereverItIsRead) {
   }
   testutil::write_file(ck + "/adapter_model.safetensors", adapter_bytes);
   // The optimizer state matters to a resume only.
-  const std::string state_bytes = testutil::read_file(ck + "/state.pt");
-  zero_tail(ck + "/state.pt");
+  const std::string state_bytes = testutil::read_file(ck + "/optimizer.safetensors");
+  zero_tail(ck + "/optimizer.safetensors");
   auto r = testutil::run_cli(eval);
   EXPECT_EQ(r.code, 0) << r.err;
   r = testutil::run_cli("--config " + tiny_config(d) + " --resume");
   EXPECT_EQ(r.code, 1);
-  EXPECT_NE(r.err.find(ck + "/state.pt: " + std::to_string(state_bytes.size()) + " bytes with CRC-32 "),
+  EXPECT_NE(r.err.find(ck + "/optimizer.safetensors: " + std::to_string(state_bytes.size()) + " bytes with CRC-32 "),
             std::string::npos) << r.err;
-  testutil::write_file(ck + "/state.pt", state_bytes);
+  testutil::write_file(ck + "/optimizer.safetensors", state_bytes);
   // A checkpoint saved before checksums were recorded resumes as before.
   auto old = ts;
   old.erase("files");
@@ -1165,10 +1214,11 @@ TEST(Train, ADamagedCheckpointWithoutChecksumsIsRefusedByName) {
   expect_refused([&](const std::string& c, json&) {
     rewrite_adapter(c, [&](auto& t) { t[q] = t[q].reshape({-1, 2}).contiguous(); });
   }, "tensor '" + q + "' has another shape than the model's");
+  const std::string opt = "optimizer.safetensors: tensor '";
   expect_refused([&](const std::string& c, json&) {
-    fs::copy_file(d + "/r8/checkpoint-3/state.pt", c + "/state.pt", fs::copy_options::overwrite_existing);
-  }, "state.pt: optimizer moments of shape");
-  // copy_ took any dtype: integer factors went in as weights near 1e9, saved with exit 0.
+    fs::copy_file(d + "/r8/checkpoint-3/optimizer.safetensors", c + "/optimizer.safetensors",
+                  fs::copy_options::overwrite_existing);
+  }, opt + "model.layers.0.self_attn.q_proj.lora_A.weight.exp_avg' has shape [8, 64], the parameter [4, 64]");
   expect_refused([&](const std::string& c, json&) {
     rewrite_adapter(c, [&](auto& t) { t[q] = t[q].to(torch::kInt32); });
   }, "tensor '" + q + "' is not floating point (Int)");
@@ -1179,34 +1229,67 @@ TEST(Train, ADamagedCheckpointWithoutChecksumsIsRefusedByName) {
       t[q][0][0] = std::nan("");
     });
   }, "tensor '" + q + "' is not finite");
-  // The optimizer's own state: a step count below 0 gave NaN bias corrections, and
-  // negative second moments NaN updates. Rewritten through an AdamW of as many
-  // parameters in its two groups, matrices and the rest (the moments are carried by
-  // position, whatever the parameters' order).
-  auto rewrite_state = [&](const std::string& c, const std::function<void(torch::optim::AdamWParamState&)>& f) {
-    std::vector<torch::Tensor> decay, no_decay;
-    for (const auto& [name, t] : io::load_tensors(c + "/adapter_model.safetensors"))
-      (t.dim() >= 2 ? decay : no_decay).push_back(torch::zeros(t.sizes()));
-    std::vector<torch::optim::OptimizerParamGroup> groups;
-    groups.emplace_back(decay);
-    if (!no_decay.empty()) groups.emplace_back(no_decay);
-    torch::optim::AdamW opt(groups);
-    torch::serialize::InputArchive in;
-    in.load_from(c + "/state.pt");
-    opt.load(in);
-    torch::Tensor rng;
-    in.read("rng_cpu", rng);
-    for (auto& [key, s] : opt.state()) f(static_cast<torch::optim::AdamWParamState&>(*s));
-    torch::serialize::OutputArchive out;
-    opt.save(out);
-    out.write("rng_cpu", rng);
-    out.save_to(c + "/state.pt");
+  // The optimizer's own state, read by name through the safetensors reader: a step
+  // count below 0 gave NaN bias corrections, negative second moments NaN updates; a
+  // state of a parameter this run does not train, or half a parameter's, is no state
+  // to continue from; LibTorch checks the RNG state's bytes.
+  auto rewrite_state = [&](const std::string& c, const std::function<void(std::map<std::string, torch::Tensor>&)>& f) {
+    std::map<std::string, torch::Tensor> t;
+    for (const auto& [name, v] : io::load_tensors(c + "/optimizer.safetensors")) t[name] = v.clone();
+    f(t);
+    io::save_tensors(c + "/optimizer.safetensors", std::vector<std::pair<std::string, torch::Tensor>>(t.begin(), t.end()));
   };
-  expect_refused([&](const std::string& c, json&) { rewrite_state(c, [](auto& s) { s.step(-5); }); },
-                 "state.pt: optimizer step count -5 outside [0, 3]");
+  const std::string qa = "model.layers.0.self_attn.q_proj.lora_A.weight";
   expect_refused([&](const std::string& c, json&) {
-    rewrite_state(c, [](auto& s) { s.exp_avg_sq(-s.exp_avg_sq() - 1); });
+    rewrite_state(c, [&](auto& t) { t[qa + ".step"] = torch::tensor({int64_t{-5}}); });
+  }, opt + qa + ".step': step count -5 outside [0, 3]");
+  expect_refused([&](const std::string& c, json&) {
+    rewrite_state(c, [&](auto& t) { t[qa + ".step"] = torch::tensor({3.0}); });
+  }, opt + qa + ".step' is not one I64 step count");
+  expect_refused([&](const std::string& c, json&) {
+    rewrite_state(c, [&](auto& t) { t[qa + ".exp_avg_sq"] = -t[qa + ".exp_avg_sq"] - 1; });
+  }, opt + qa + ".exp_avg_sq' has negative entries");
+  expect_refused([&](const std::string& c, json&) {
+    rewrite_state(c, [&](auto& t) { t[qa + ".exp_avg"][0][0] = std::numeric_limits<float>::infinity(); });
+  }, opt + qa + ".exp_avg' is not finite");
+  expect_refused([&](const std::string& c, json&) {
+    rewrite_state(c, [&](auto& t) { t[qa + ".exp_avg"] = t[qa + ".exp_avg"].to(torch::kInt32); });
+  }, opt + qa + ".exp_avg' is I32, not floating point");
+  expect_refused([&](const std::string& c, json&) {
+    rewrite_state(c, [&](auto& t) { t.erase(qa + ".exp_avg_sq"); });
+  }, opt + qa + ".exp_avg_sq' missing beside the others of its parameter");
+  expect_refused([&](const std::string& c, json&) {
+    rewrite_state(c, [&](auto& t) { t["model.layers.0.mlp.up_proj.lora_A.weight.exp_avg"] = torch::zeros({4, 64}); });
+  }, opt + "model.layers.0.mlp.up_proj.lora_A.weight.exp_avg' is the state of no parameter this run trains");
+  expect_refused([&](const std::string& c, json&) {
+    rewrite_state(c, [&](auto& t) { t["rng.cpu"] = t["rng.cpu"].slice(0, 0, 100).clone(); });
+  }, opt + "rng.cpu' is no CPU generator state");
+  expect_refused([&](const std::string& c, json&) {
+    rewrite_state(c, [&](auto& t) { t["rng.cpu"] = t["rng.cpu"].to(torch::kInt32); });
+  }, opt + "rng.cpu' is not a list of bytes (U8)");
+  expect_refused([&](const std::string& c, json&) { rewrite_state(c, [&](auto& t) { t.erase("rng.cpu"); }); },
+                 opt + "rng.cpu' missing");
+  // Damaged bytes the reader refuses (no checksum record in these copies).
+  expect_refused([&](const std::string& c, json&) {
+    testutil::write_file(c + "/optimizer.safetensors", testutil::read_file(c + "/optimizer.safetensors").substr(0, 5000));
+  }, "optimizer.safetensors: ");
+  expect_refused([&](const std::string& c, json&) { fs::remove(c + "/optimizer.safetensors"); },
+                 "optimizer.safetensors: missing: the checkpoint has no optimizer state");
+  // A format-1 checkpoint's state.pt is checked as before: the count, the moments, and
+  // the shapes (its moments go to parameters by position).
+  expect_refused([&](const std::string& c, json& st) {
+    to_format_1(c, tiny_config(d), [](auto& s) { s.step(-5); });
+    st["format_version"] = 1;
+  }, "state.pt: optimizer step count -5 outside [0, 3]");
+  expect_refused([&](const std::string& c, json& st) {
+    to_format_1(c, tiny_config(d), [](auto& s) { s.exp_avg_sq(-s.exp_avg_sq() - 1); });
+    st["format_version"] = 1;
   }, "state.pt: optimizer moments that are not finite (or a negative second moment)");
+  expect_refused([&](const std::string& c, json& st) {
+    to_format_1(d + "/r8/checkpoint-3", tiny_config(d), nullptr, {"lora.r=8"});
+    fs::copy_file(d + "/r8/checkpoint-3/state.pt", c + "/state.pt", fs::copy_options::overwrite_existing);
+    st["format_version"] = 1;
+  }, "state.pt: optimizer moments of shape");
   expect_refused([](const std::string&, json& st) { st["format_version"] = 99; }, "trainer_state.json: format_version");
   expect_refused([](const std::string&, json& st) { st["overflow_steps"] = 4; }, "overflow_steps: more than step");
   longlora::remove_tree(d);

@@ -74,7 +74,7 @@ void verify_checkpoint_files(const std::string& dir, const nlohmann::json& j, co
   const auto files = top.object("files");
   if (!files) return;  // saved before checksums were recorded
   for (const auto& [name, rec] : j.at("files").items()) {
-    if (!with_optimizer_state && name == "state.pt") continue;
+    if (!with_optimizer_state && (name == "optimizer.safetensors" || name == "state.pt")) continue;
     if (name.empty() || name.find('/') != std::string::npos || name == "." || name == "..")
       fail(ts, "files", "'" + name + "' is not a file name");
     const JsonFields r(rec, ts, "files." + name);

@@ -34,8 +34,9 @@ DType parse_dtype(const std::string& s, const std::string& file, const std::stri
   if (s == "BF16") return DType::BF16;
   if (s == "I64") return DType::I64;
   if (s == "I32") return DType::I32;
+  if (s == "U8") return DType::U8;
   fail(file, "tensor '" + tensor + "'",
-       "unsupported dtype '" + s + "' (supported: F32, F16, BF16, and I64/I32 for token ids)");
+       "unsupported dtype '" + s + "' (supported: F32, F16, BF16, I64/I32 for token ids, U8 for RNG states)");
 }
 
 const char* dtype_name(DType d) {
@@ -45,6 +46,7 @@ const char* dtype_name(DType d) {
     case DType::BF16: return "BF16";
     case DType::I64: return "I64";
     case DType::I32: return "I32";
+    case DType::U8: return "U8";
   }
   return "?";
 }
@@ -54,6 +56,7 @@ size_t dtype_size(DType d) {
     case DType::F32: case DType::I32: return 4;
     case DType::F16: case DType::BF16: return 2;
     case DType::I64: return 8;
+    case DType::U8: return 1;
   }
   return 0;
 }

@@ -201,6 +201,7 @@ torch::ScalarType to_torch_dtype(DType d) {
     case DType::BF16: return torch::kBFloat16;
     case DType::I64: return torch::kInt64;
     case DType::I32: return torch::kInt32;
+    case DType::U8: return torch::kUInt8;
   }
   return torch::kFloat32;
 }
@@ -212,6 +213,7 @@ DType from_torch_dtype(torch::ScalarType t, const std::string& what) {
     case torch::kBFloat16: return DType::BF16;
     case torch::kInt64: return DType::I64;
     case torch::kInt32: return DType::I32;
+    case torch::kUInt8: return DType::U8;
     default: throw Error(what + ": dtype " + std::string(c10::toString(t)) + " cannot be saved");
   }
 }

@@ -32,7 +32,11 @@ using nlohmann::json;
 namespace longlora::train {
 namespace {
 
-constexpr int kFormatVersion = 1;
+// 2: the optimizer state in optimizer.safetensors. 1: in state.pt (LibTorch's
+// archive), still read.
+constexpr int kFormatVersion = 2;
+constexpr int kLegacyStateVersion = 1;
+constexpr const char* kOptimizerFile = "optimizer.safetensors";
 
 bool is_lora(const std::string& n) {
   return n.find(".lora_A.") != std::string::npos || n.find(".lora_B.") != std::string::npos;
@@ -54,26 +58,6 @@ void write_text(const std::string& path, const std::string& text) {
     if (!out) throw Error(path + ": write failed (disk full?)");
   }
   fsync_path(path);
-}
-
-// The archive goes through a write function we check: when the archive writer writes
-// the file itself, a short write (disk full) makes it throw from its destructor,
-// which aborts the process. Here the writer never sees a failure; we report it.
-io::FileDigest write_archive(torch::serialize::OutputArchive& ar, const std::string& path) {
-  FILE* f = std::fopen(path.c_str(), "wb");
-  if (!f) throw Error(path + ": cannot create: " + std::strerror(errno));
-  int err = 0;
-  io::FileDigest digest;
-  ar.save_to([&](const void* buf, size_t n) -> size_t {
-    digest.add(buf, n);
-    if (err == 0 && n > 0 && std::fwrite(buf, 1, n, f) != n) err = errno ? errno : EIO;
-    return n;
-  });
-  if (std::fflush(f) != 0 && err == 0) err = errno;
-  if (::fsync(::fileno(f)) != 0 && err == 0) err = errno;
-  if (std::fclose(f) != 0 && err == 0) err = errno;
-  if (err != 0) throw Error(path + ": write failed: " + std::strerror(err));
-  return digest;
 }
 
 // A libtorch error's first line (no C++ backtrace) for a one-line message.
@@ -141,6 +125,27 @@ void save_adapter(const std::string& dir, const NamedTensors& trainable, const R
 
 namespace {
 
+// AdamW's moments and step count per trainable parameter, by name, and the RNG states,
+// as safetensors. A resume reads them through the validating reader: LibTorch's
+// archive (state.pt until format 2) trusted its file, and a crafted one crashed the
+// process; it also matched moments to parameters by position.
+io::FileDigest save_optimizer_state(const std::string& path, const NamedTensors& trainable,
+                                    torch::optim::Optimizer& opt) {
+  NamedTensors out;
+  for (const auto& [name, p] : trainable) {
+    auto it = opt.state().find(p.unsafeGetTensorImpl());
+    if (it == opt.state().end()) continue;  // no update yet (every step so far skipped)
+    const auto& ps = static_cast<const torch::optim::AdamWParamState&>(*it->second);
+    out.emplace_back(name + ".exp_avg", ps.exp_avg());
+    out.emplace_back(name + ".exp_avg_sq", ps.exp_avg_sq());
+    out.emplace_back(name + ".step", torch::tensor({ps.step()}, torch::kInt64));
+  }
+  out.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
+  if (torch::cuda::is_available())
+    out.emplace_back("rng.cuda", at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, 0)).get_state());
+  return io::save_tensors(path, out, {{"format", "longlora-train optimizer state"}, {"optimizer", "adamw"}});
+}
+
 void write_checkpoint_files(const fs::path& tmp, const model::LlamaForCausalLMImpl& m, const NamedTensors& trainable,
                             torch::optim::Optimizer& opt, const TrainerState& st, const RunConfig& cfg,
                             const std::string& model_config) {
@@ -158,14 +163,7 @@ void write_checkpoint_files(const fs::path& tmp, const model::LlamaForCausalLMIm
     if (!cfg.model.path.empty() && fs::exists(tok)) fs::copy_file(tok, tmp / "tokenizer.model");
   }
   test_pause();
-  {
-    torch::serialize::OutputArchive ar;
-    opt.save(ar);
-    ar.write("rng_cpu", at::detail::getDefaultCPUGenerator().get_state());
-    if (torch::cuda::is_available())
-      ar.write("rng_cuda", at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, 0)).get_state());
-    written["state.pt"] = write_archive(ar, (tmp / "state.pt").string());
-  }
+  written[kOptimizerFile] = save_optimizer_state((tmp / kOptimizerFile).string(), trainable, opt);
   test_pause();
   json ts = {{"format_version", kFormatVersion}, {"step", st.step},
              {"cursor", st.cursor},              {"bad_steps", st.bad_steps},
@@ -272,9 +270,10 @@ json read_state_file(const std::string& dir, TrainerState& st) {
   if (!fs::exists(fs::path(dir) / "COMPLETE")) throw Error(dir + ": not a complete checkpoint (no COMPLETE marker)");
   const json ts = read_json_file(file);
   const JsonFields f(ts, file);
-  if (f.integer("format_version") != kFormatVersion)
+  if (const auto v = f.integer("format_version"); v != kFormatVersion && v != kLegacyStateVersion)
     f.fail("format_version", json_brief(ts.value("format_version", json(nullptr))) + " is not " +
-                                 std::to_string(kFormatVersion));
+                                 std::to_string(kFormatVersion) + " (or " + std::to_string(kLegacyStateVersion) +
+                                 ", before the optimizer state was safetensors)");
   auto count = [&](const char* key, bool required) -> int64_t {
     const auto v = f.integer(key);
     if (!v) {
@@ -370,6 +369,145 @@ void config_diffs(const json& was, const json& now, const std::string& prefix,
 
 }  // namespace
 
+// A format-1 checkpoint's state.pt: LibTorch's archive, moments by position. Its
+// bytes were checked against the recorded CRC-32 (where recorded); the archive reader
+// trusts them.
+void load_legacy_state(const std::string& state, torch::optim::Optimizer& opt, int64_t step) {
+  // The archive brings its param groups' options back too (betas, eps, weight decay);
+  // the config's are the ones the run asked for (the learning rate is set every step).
+  std::vector<std::unique_ptr<torch::optim::OptimizerOptions>> asked;
+  for (auto& g : opt.param_groups()) asked.push_back(g.options().clone());
+  try {
+    torch::serialize::InputArchive ar;
+    // Onto the CPU whatever device saved it (a GPU run's state loads where there is no
+    // CUDA), then the moments go to their parameters' device below.
+    ar.load_from(state, torch::Device(torch::kCPU));
+    opt.load(ar);
+    torch::Tensor rng;
+    ar.read("rng_cpu", rng);
+    at::Generator cpu = at::detail::getDefaultCPUGenerator();
+    cpu.set_state(rng);
+    if (torch::cuda::is_available() && ar.try_read("rng_cuda", rng)) {
+      at::Generator g = at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, 0));
+      g.set_state(rng);
+    }
+  } catch (const c10::Error& e) {
+    throw Error(state + ": cannot restore the optimizer and RNG state: " + first_line(e));
+  } catch (const std::exception& e) {  // TorchScript's parser and std::out_of_range
+    throw Error(state + ": cannot restore the optimizer and RNG state: " + first_line(e.what()));
+  }
+  if (opt.param_groups().size() != asked.size())
+    throw Error(state + ": " + std::to_string(opt.param_groups().size()) + " optimizer parameter groups, " +
+                std::to_string(asked.size()) + " expected");
+  for (size_t i = 0; i < asked.size(); ++i) opt.param_groups()[i].set_options(std::move(asked[i]));
+  // A state.pt of another run loads by position; its moments must fit the parameters.
+  for (const auto& g : opt.param_groups())
+    for (const auto& p : g.params()) {
+      auto it = opt.state().find(p.unsafeGetTensorImpl());
+      if (it == opt.state().end()) continue;
+      auto& ps = static_cast<torch::optim::AdamWParamState&>(*it->second);
+      if (ps.exp_avg().sizes() != p.sizes() || ps.exp_avg_sq().sizes() != p.sizes())
+        throw Error(state + ": optimizer moments of shape " + c10::str(ps.exp_avg().sizes()) +
+                    " for a parameter of shape " + c10::str(p.sizes()) + ": the state of another run?");
+      // Each update counts one step; skipped steps count none. A negative count gave
+      // NaN bias corrections, and NaN or negative moments NaN updates, saved with exit 0.
+      if (ps.step() < 0 || ps.step() > step)
+        throw Error(state + ": optimizer step count " + std::to_string(ps.step()) + " outside [0, " +
+                    std::to_string(step) + "], the checkpoint's step");
+      if (!ps.exp_avg().is_floating_point() || !ps.exp_avg_sq().is_floating_point() ||
+          !torch::isfinite(ps.exp_avg()).all().item<bool>() ||
+          !(ps.exp_avg_sq() >= 0).all().item<bool>() || !torch::isfinite(ps.exp_avg_sq()).all().item<bool>())
+        throw Error(state + ": optimizer moments that are not finite (or a negative second moment)");
+      if (ps.exp_avg().device() != p.device()) {
+        ps.exp_avg(ps.exp_avg().to(p.device()));
+        ps.exp_avg_sq(ps.exp_avg_sq().to(p.device()));
+        if (ps.max_exp_avg_sq().defined()) ps.max_exp_avg_sq(ps.max_exp_avg_sq().to(p.device()));
+      }
+    }
+}
+
+// What save_optimizer_state wrote, each entry checked before use: a name this run
+// trains, the parameter's shape, finite moments (the second >= 0), a step count in
+// [0, step], RNG states LibTorch takes. Every entry is read before any is applied.
+void load_optimizer_state(const std::string& path, const NamedTensors& trainable, torch::optim::Optimizer& opt,
+                          int64_t step) {
+  if (!fs::exists(path)) throw Error(path + ": missing: the checkpoint has no optimizer state");
+  auto file = std::make_shared<io::SafetensorsFile>(path);
+  auto entry = [&](const std::string& name) -> const io::TensorInfo* {
+    return file->contains(name) ? &file->get(name) : nullptr;
+  };
+  const char* kParts[] = {".exp_avg", ".exp_avg_sq", ".step"};
+  std::set<std::string> known{"rng.cpu", "rng.cuda"};
+  for (const auto& [name, p] : trainable)
+    for (const char* part : kParts) known.insert(name + part);
+  for (const auto& t : file->tensors())
+    if (!known.count(t.name))
+      throw Error(path + ": tensor '" + t.name + "' is the state of no parameter this run trains");
+  std::vector<std::pair<void*, std::unique_ptr<torch::optim::AdamWParamState>>> restored;
+  for (const auto& [name, p] : trainable) {
+    const io::TensorInfo* m = entry(name + ".exp_avg");
+    const io::TensorInfo* v = entry(name + ".exp_avg_sq");
+    const io::TensorInfo* n = entry(name + ".step");
+    if (!m && !v && !n) continue;  // never updated
+    if (!m || !v || !n)
+      throw Error(path + ": tensor '" + name + (!m ? ".exp_avg" : !v ? ".exp_avg_sq" : ".step") +
+                  "' missing beside the others of its parameter");
+    for (const io::TensorInfo* t : {m, v}) {
+      if (t->dtype != io::DType::F32 && t->dtype != io::DType::BF16 && t->dtype != io::DType::F16)
+        throw Error(path + ": tensor '" + t->name + "' is " + io::dtype_name(t->dtype) + ", not floating point");
+      if (t->shape != p.sizes().vec())
+        throw Error(path + ": tensor '" + t->name + "' has shape " + c10::str(c10::IntArrayRef(t->shape)) +
+                    ", the parameter " + c10::str(p.sizes()) + ": the state of another run?");
+      if (!io::all_finite(t->data, static_cast<size_t>(t->numel()), t->dtype))
+        throw Error(path + ": tensor '" + t->name + "' is not finite");
+    }
+    if (n->dtype != io::DType::I64 || n->numel() != 1)
+      throw Error(path + ": tensor '" + n->name + "' is not one I64 step count");
+    int64_t count = 0;
+    std::memcpy(&count, n->data, sizeof count);
+    // Each update counts one step; skipped steps count none. A negative count gave NaN
+    // bias corrections.
+    if (count < 0 || count > step)
+      throw Error(path + ": tensor '" + n->name + "': step count " + std::to_string(count) + " outside [0, " +
+                  std::to_string(step) + "], the checkpoint's step");
+    // Copies onto the parameter's device and dtype: the views read the mapping.
+    auto ps = std::make_unique<torch::optim::AdamWParamState>();
+    ps->step(count);
+    ps->exp_avg(io::view_tensor(*m, file).to(p.options(), false, true));
+    ps->exp_avg_sq(io::view_tensor(*v, file).to(p.options(), false, true));
+    if (!(ps->exp_avg_sq() >= 0).all().item<bool>())  // NaN updates otherwise
+      throw Error(path + ": tensor '" + v->name + "' has negative entries (a second moment is >= 0)");
+    restored.emplace_back(p.unsafeGetTensorImpl(), std::move(ps));
+  }
+  auto rng = [&](const char* name) -> std::optional<torch::Tensor> {
+    const io::TensorInfo* t = entry(name);
+    if (!t) return std::nullopt;
+    if (t->dtype != io::DType::U8 || t->shape.size() != 1)
+      throw Error(path + ": tensor '" + std::string(name) + "' is not a list of bytes (U8)");
+    return io::view_tensor(*t, file).clone();
+  };
+  const auto cpu_state = rng("rng.cpu");
+  if (!cpu_state) throw Error(path + ": tensor 'rng.cpu' missing");
+  const auto cuda_state = rng("rng.cuda");
+  // set_state checks a state's size and contents (the CPU's: its mt19937 state).
+  try {
+    at::Generator g = at::detail::getDefaultCPUGenerator();
+    g.set_state(*cpu_state);
+  } catch (const c10::Error& e) {
+    throw Error(path + ": tensor 'rng.cpu' is no CPU generator state: " + first_line(e));
+  }
+  if (cuda_state && torch::cuda::is_available()) {
+    try {
+      at::Generator g = at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, 0));
+      g.set_state(*cuda_state);
+    } catch (const c10::Error& e) {
+      throw Error(path + ": tensor 'rng.cuda' is no CUDA generator state: " + first_line(e));
+    }
+  }
+  opt.state().clear();
+  for (auto& [key, ps] : restored) opt.state()[key] = std::move(ps);
+}
+
 TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainable,
                              torch::optim::Optimizer& opt, const RunConfig& cfg,
                              const io::ModelConfig& model_cfg) {
@@ -447,58 +585,10 @@ TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainab
                   (it->second.is_floating_point() ? "not finite" : "not floating point (" + dtype_string(it->second.scalar_type()) + ")"));
     p.copy_(it->second);
   }
-  const std::string state = (d / "state.pt").string();
-  // The archive brings its param groups' options back too (betas, eps, weight decay);
-  // the config's are the ones the run asked for (the learning rate is set every step).
-  std::vector<std::unique_ptr<torch::optim::OptimizerOptions>> asked;
-  for (auto& g : opt.param_groups()) asked.push_back(g.options().clone());
-  try {
-    torch::serialize::InputArchive ar;
-    // Onto the CPU whatever device saved it (a GPU run's state loads where there is no
-    // CUDA), then the moments go to their parameters' device below.
-    ar.load_from(state, torch::Device(torch::kCPU));
-    opt.load(ar);
-    torch::Tensor rng;
-    ar.read("rng_cpu", rng);
-    at::Generator cpu = at::detail::getDefaultCPUGenerator();
-    cpu.set_state(rng);
-    if (torch::cuda::is_available() && ar.try_read("rng_cuda", rng)) {
-      at::Generator g = at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, 0));
-      g.set_state(rng);
-    }
-  } catch (const c10::Error& e) {
-    throw Error(state + ": cannot restore the optimizer and RNG state: " + first_line(e));
-  } catch (const std::exception& e) {  // TorchScript's parser and std::out_of_range
-    throw Error(state + ": cannot restore the optimizer and RNG state: " + first_line(e.what()));
-  }
-  if (opt.param_groups().size() != asked.size())
-    throw Error(state + ": " + std::to_string(opt.param_groups().size()) + " optimizer parameter groups, " +
-                std::to_string(asked.size()) + " expected");
-  for (size_t i = 0; i < asked.size(); ++i) opt.param_groups()[i].set_options(std::move(asked[i]));
-  // A state.pt of another run loads by position; its moments must fit the parameters.
-  for (const auto& g : opt.param_groups())
-    for (const auto& p : g.params()) {
-      auto it = opt.state().find(p.unsafeGetTensorImpl());
-      if (it == opt.state().end()) continue;
-      auto& ps = static_cast<torch::optim::AdamWParamState&>(*it->second);
-      if (ps.exp_avg().sizes() != p.sizes() || ps.exp_avg_sq().sizes() != p.sizes())
-        throw Error(state + ": optimizer moments of shape " + c10::str(ps.exp_avg().sizes()) +
-                    " for a parameter of shape " + c10::str(p.sizes()) + ": the state of another run?");
-      // Each update counts one step; skipped steps count none. A negative count gave
-      // NaN bias corrections, and NaN or negative moments NaN updates, saved with exit 0.
-      if (ps.step() < 0 || ps.step() > st.step)
-        throw Error(state + ": optimizer step count " + std::to_string(ps.step()) + " outside [0, " +
-                    std::to_string(st.step) + "], the checkpoint's step");
-      if (!ps.exp_avg().is_floating_point() || !ps.exp_avg_sq().is_floating_point() ||
-          !torch::isfinite(ps.exp_avg()).all().item<bool>() ||
-          !(ps.exp_avg_sq() >= 0).all().item<bool>() || !torch::isfinite(ps.exp_avg_sq()).all().item<bool>())
-        throw Error(state + ": optimizer moments that are not finite (or a negative second moment)");
-      if (ps.exp_avg().device() != p.device()) {
-        ps.exp_avg(ps.exp_avg().to(p.device()));
-        ps.exp_avg_sq(ps.exp_avg_sq().to(p.device()));
-        if (ps.max_exp_avg_sq().defined()) ps.max_exp_avg_sq(ps.max_exp_avg_sq().to(p.device()));
-      }
-    }
+  if (ts.value("format_version", kFormatVersion) == kLegacyStateVersion)
+    load_legacy_state((d / "state.pt").string(), opt, st.step);
+  else
+    load_optimizer_state((d / kOptimizerFile).string(), trainable, opt, st.step);
   return st;
 }
 

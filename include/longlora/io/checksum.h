@@ -26,7 +26,8 @@ FileDigest digest_file(const std::string& path);
 nlohmann::json digest_directory(const std::string& dir, const std::map<std::string, FileDigest>& written = {});
 
 // Checks the files that dir/trainer_state.json's "files" records (all of them, or
-// all but state.pt when with_optimizer_state is false: eval and export read no
+// all but the optimizer state (optimizer.safetensors, or state.pt before format 2)
+// when with_optimizer_state is false: eval and export read no
 // optimizer state). Checkpoints saved before checksums were recorded pass unchecked.
 void verify_checkpoint_files(const std::string& dir, bool with_optimizer_state);
 // The same, from a trainer_state.json already read (its path names it in errors).

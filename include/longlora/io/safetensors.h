@@ -17,7 +17,7 @@
 
 namespace longlora::io {
 
-enum class DType { F32, F16, BF16, I64, I32 };
+enum class DType { F32, F16, BF16, I64, I32, U8 };
 
 // Throws longlora::Error (naming `file` and `tensor`) for dtypes we do not take.
 DType parse_dtype(const std::string& s, const std::string& file, const std::string& tensor);

@@ -3,7 +3,9 @@
 //                      trainable embed/norm as modules_to_save; `eval --adapter` and
 //                      peft load it) -- or, for full fine-tuning, config.json +
 //                      model.safetensors (a Hugging Face checkpoint);
-//   state.pt           optimizer state and RNG states (libtorch archive);
+//   optimizer.safetensors  AdamW moments and step counts by parameter name, RNG
+//                      states (format 2; format 1 wrote state.pt, a LibTorch
+//                      archive, which a resume still reads);
 //   trainer_state.json format version, step, data cursor, counters;
 //   run_config.json    the resolved run configuration;
 //   COMPLETE           written last: a directory without it is not a checkpoint.
