@@ -1340,6 +1340,21 @@ TEST(Train, AResumeRunsTheEvalThatTheStoppedRunSavedButNeverRan) {
 }
 
 TEST(Train, AnOutputDirItCannotWriteIsFoundBeforeTheFirstStep) {
+  {
+    // Where the permission bits allow it and the file system does not: access() said
+    // /proc was writable, and the dry run passed a run that then failed.
+    const auto d = testutil::temp_dir("procdir");
+    auto r = testutil::run_cli("--config " + tiny_config(d) + " --set output.dir=/proc/longlora-out --dry-run");
+    EXPECT_EQ(r.code, 1) << r.err;
+    EXPECT_NE(r.err.find("output.dir: /proc/longlora-out: cannot create folders in /proc: "), std::string::npos) << r.err;
+    // A folder it can write in passes, and the probe leaves nothing behind.
+    r = testutil::run_cli("--config " + tiny_config(d) + " --dry-run");
+    EXPECT_EQ(r.code, 0) << r.err;
+    std::vector<std::string> left;
+    for (const auto& e : fs::directory_iterator(d)) left.push_back(e.path().filename().string());
+    EXPECT_EQ(left, std::vector<std::string>{"run.json"});
+    longlora::remove_tree(d);
+  }
   // As an unprivileged user (root writes anywhere): the run found out at its first save.
   const std::string as_nobody = "setpriv --reuid=65534 --regid=65534 --clear-groups ";
   if (std::system((as_nobody + LONGLORA_BINARY + " --version >/dev/null 2>&1").c_str()) != 0)

@@ -129,6 +129,16 @@ void validate_for_training(const RunConfig& c, const ConfigOrigin& o) {
   if (::access(w.c_str(), W_OK | X_OK) != 0)
     throw Error(o.at("output.dir") + ": " + c.output.dir + ": cannot write in " + w.string() + ": " +
                 std::strerror(errno));
+  // access() answers for the permission bits (always yes for root), not for what the
+  // file system allows: under /proc it said writable and the run failed to create the
+  // folder. A folder made and removed there is the real test.
+  {
+    std::string probe = (w / ".longlora-probe-XXXXXX").string();
+    if (::mkdtemp(probe.data()) == nullptr)
+      throw Error(o.at("output.dir") + ": " + c.output.dir + ": cannot create folders in " + w.string() + ": " +
+                  std::strerror(errno));
+    ::rmdir(probe.c_str());
+  }
   if (c.attention.s2) {
     const double g = c.data.seq_len * c.attention.group_ratio;
     if (std::abs(g - std::round(g)) > 1e-9)
