@@ -22,6 +22,7 @@
 #include "longlora/train/bench.h"
 #include "longlora/data/synthetic.h"
 #include "longlora/train/config.h"
+#include "longlora/train/legacy_state.h"
 #include "longlora/cli/commands.h"
 #include "longlora/common/error.h"
 #include "longlora/common/interrupt.h"
@@ -372,6 +373,9 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // A child of a resume, reading a format-1 checkpoint's state.pt (legacy_state.h).
+  if (argc >= 2 && std::strcmp(argv[1], longlora::train::kLegacyStateCommand) == 0)
+    return longlora::train::legacy_state_reader_main(argc, argv);
   const int rc = run(argc, argv);
   // Results that never reached stdout (a full disk, a closed pipe) must not end in
   // exit 0: the caller would take the missing output for an empty result.

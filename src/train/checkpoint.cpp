@@ -25,6 +25,7 @@
 #include "longlora/io/tensors.h"
 #include "longlora/io/hf_config.h"
 #include "longlora/model/loader.h"
+#include "longlora/train/legacy_state.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -369,116 +370,81 @@ void config_diffs(const json& was, const json& now, const std::string& prefix,
 
 }  // namespace
 
-// A format-1 checkpoint's state.pt: LibTorch's archive, moments by position. Its
-// bytes were checked against the recorded CRC-32 (where recorded); the archive reader
-// trusts them.
-void load_legacy_state(const std::string& state, torch::optim::Optimizer& opt, int64_t step) {
-  // The archive brings its param groups' options back too (betas, eps, weight decay);
-  // the config's are the ones the run asked for (the learning rate is set every step).
-  std::vector<std::unique_ptr<torch::optim::OptimizerOptions>> asked;
-  for (auto& g : opt.param_groups()) asked.push_back(g.options().clone());
-  try {
-    torch::serialize::InputArchive ar;
-    // Onto the CPU whatever device saved it (a GPU run's state loads where there is no
-    // CUDA), then the moments go to their parameters' device below.
-    ar.load_from(state, torch::Device(torch::kCPU));
-    opt.load(ar);
-    torch::Tensor rng;
-    ar.read("rng_cpu", rng);
-    at::Generator cpu = at::detail::getDefaultCPUGenerator();
-    cpu.set_state(rng);
-    if (torch::cuda::is_available() && ar.try_read("rng_cuda", rng)) {
-      at::Generator g = at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, 0));
-      g.set_state(rng);
-    }
-  } catch (const c10::Error& e) {
-    throw Error(state + ": cannot restore the optimizer and RNG state: " + first_line(e));
-  } catch (const std::exception& e) {  // TorchScript's parser and std::out_of_range
-    throw Error(state + ": cannot restore the optimizer and RNG state: " + first_line(e.what()));
-  }
-  if (opt.param_groups().size() != asked.size())
-    throw Error(state + ": " + std::to_string(opt.param_groups().size()) + " optimizer parameter groups, " +
-                std::to_string(asked.size()) + " expected");
-  for (size_t i = 0; i < asked.size(); ++i) opt.param_groups()[i].set_options(std::move(asked[i]));
-  // A state.pt of another run loads by position; its moments must fit the parameters.
-  for (const auto& g : opt.param_groups())
-    for (const auto& p : g.params()) {
-      auto it = opt.state().find(p.unsafeGetTensorImpl());
-      if (it == opt.state().end()) continue;
-      auto& ps = static_cast<torch::optim::AdamWParamState&>(*it->second);
-      if (ps.exp_avg().sizes() != p.sizes() || ps.exp_avg_sq().sizes() != p.sizes())
-        throw Error(state + ": optimizer moments of shape " + c10::str(ps.exp_avg().sizes()) +
-                    " for a parameter of shape " + c10::str(p.sizes()) + ": the state of another run?");
-      // Each update counts one step; skipped steps count none. A negative count gave
-      // NaN bias corrections, and NaN or negative moments NaN updates, saved with exit 0.
-      if (ps.step() < 0 || ps.step() > step)
-        throw Error(state + ": optimizer step count " + std::to_string(ps.step()) + " outside [0, " +
-                    std::to_string(step) + "], the checkpoint's step");
-      if (!ps.exp_avg().is_floating_point() || !ps.exp_avg_sq().is_floating_point() ||
-          !torch::isfinite(ps.exp_avg()).all().item<bool>() ||
-          !(ps.exp_avg_sq() >= 0).all().item<bool>() || !torch::isfinite(ps.exp_avg_sq()).all().item<bool>())
-        throw Error(state + ": optimizer moments that are not finite (or a negative second moment)");
-      if (ps.exp_avg().device() != p.device()) {
-        ps.exp_avg(ps.exp_avg().to(p.device()));
-        ps.exp_avg_sq(ps.exp_avg_sq().to(p.device()));
-        if (ps.max_exp_avg_sq().defined()) ps.max_exp_avg_sq(ps.max_exp_avg_sq().to(p.device()));
-      }
-    }
-}
+// One parameter's entries in an optimizer-state file: KEY.exp_avg, KEY.exp_avg_sq and
+// KEY.step, KEY its name (format 2) or its position in the optimizer (format 1).
+struct StateSlot {
+  std::string key, name;
+  torch::Tensor param;
+};
 
-// What save_optimizer_state wrote, each entry checked before use: a name this run
-// trains, the parameter's shape, finite moments (the second >= 0), a step count in
-// [0, step], RNG states LibTorch takes. Every entry is read before any is applied.
-void load_optimizer_state(const std::string& path, const NamedTensors& trainable, torch::optim::Optimizer& opt,
-                          int64_t step) {
-  if (!fs::exists(path)) throw Error(path + ": missing: the checkpoint has no optimizer state");
-  auto file = std::make_shared<io::SafetensorsFile>(path);
+// Checks every entry of `file` (named `path` in errors) and only then sets the
+// optimizer's state and the RNGs: a name this run trains, every parameter's state or
+// none, the parameter's shape, finite float moments (the second >= 0), one step count
+// for all in [0, step], RNG states LibTorch takes.
+void apply_optimizer_state(const std::shared_ptr<io::SafetensorsFile>& file, const std::string& path,
+                           const std::vector<StateSlot>& slots, torch::optim::Optimizer& opt, int64_t step) {
   auto entry = [&](const std::string& name) -> const io::TensorInfo* {
     return file->contains(name) ? &file->get(name) : nullptr;
   };
+  auto tensor = [&](const StateSlot& s, const char* part) {
+    return "tensor '" + s.key + part + "'" + (s.key == s.name ? "" : " (of " + s.name + ")");
+  };
   const char* kParts[] = {".exp_avg", ".exp_avg_sq", ".step"};
   std::set<std::string> known{"rng.cpu", "rng.cuda"};
-  for (const auto& [name, p] : trainable)
-    for (const char* part : kParts) known.insert(name + part);
+  for (const auto& s : slots)
+    for (const char* part : kParts) known.insert(s.key + part);
   for (const auto& t : file->tensors())
     if (!known.count(t.name))
       throw Error(path + ": tensor '" + t.name + "' is the state of no parameter this run trains");
   std::vector<std::pair<void*, std::unique_ptr<torch::optim::AdamWParamState>>> restored;
-  for (const auto& [name, p] : trainable) {
-    const io::TensorInfo* m = entry(name + ".exp_avg");
-    const io::TensorInfo* v = entry(name + ".exp_avg_sq");
-    const io::TensorInfo* n = entry(name + ".step");
-    if (!m && !v && !n) continue;  // never updated
+  const StateSlot* without = nullptr;  // a parameter without state, if any
+  std::optional<int64_t> counted;      // the step count of those with state
+  for (const auto& s : slots) {
+    const io::TensorInfo* m = entry(s.key + ".exp_avg");
+    const io::TensorInfo* v = entry(s.key + ".exp_avg_sq");
+    const io::TensorInfo* n = entry(s.key + ".step");
+    if (!m && !v && !n) {
+      without = without ? without : &s;
+      continue;
+    }
     if (!m || !v || !n)
-      throw Error(path + ": tensor '" + name + (!m ? ".exp_avg" : !v ? ".exp_avg_sq" : ".step") +
-                  "' missing beside the others of its parameter");
-    for (const io::TensorInfo* t : {m, v}) {
+      throw Error(path + ": " + tensor(s, !m ? ".exp_avg" : !v ? ".exp_avg_sq" : ".step") +
+                  " missing beside the others of its parameter");
+    for (const auto& [t, part] : {std::pair{m, ".exp_avg"}, std::pair{v, ".exp_avg_sq"}}) {
       if (t->dtype != io::DType::F32 && t->dtype != io::DType::BF16 && t->dtype != io::DType::F16)
-        throw Error(path + ": tensor '" + t->name + "' is " + io::dtype_name(t->dtype) + ", not floating point");
-      if (t->shape != p.sizes().vec())
-        throw Error(path + ": tensor '" + t->name + "' has shape " + c10::str(c10::IntArrayRef(t->shape)) +
-                    ", the parameter " + c10::str(p.sizes()) + ": the state of another run?");
+        throw Error(path + ": " + tensor(s, part) + " is " + io::dtype_name(t->dtype) + ", not floating point");
+      if (t->shape != s.param.sizes().vec())
+        throw Error(path + ": " + tensor(s, part) + " has shape " + c10::str(c10::IntArrayRef(t->shape)) +
+                    ", the parameter " + c10::str(s.param.sizes()) + ": the state of another run?");
       if (!io::all_finite(t->data, static_cast<size_t>(t->numel()), t->dtype))
-        throw Error(path + ": tensor '" + t->name + "' is not finite");
+        throw Error(path + ": " + tensor(s, part) + " is not finite");
     }
     if (n->dtype != io::DType::I64 || n->numel() != 1)
-      throw Error(path + ": tensor '" + n->name + "' is not one I64 step count");
+      throw Error(path + ": " + tensor(s, ".step") + " is not one I64 step count");
     int64_t count = 0;
     std::memcpy(&count, n->data, sizeof count);
     // Each update counts one step; skipped steps count none. A negative count gave NaN
-    // bias corrections.
+    // bias corrections. Every update steps every parameter.
     if (count < 0 || count > step)
-      throw Error(path + ": tensor '" + n->name + "': step count " + std::to_string(count) + " outside [0, " +
+      throw Error(path + ": " + tensor(s, ".step") + ": step count " + std::to_string(count) + " outside [0, " +
                   std::to_string(step) + "], the checkpoint's step");
+    if (counted && *counted != count)
+      throw Error(path + ": " + tensor(s, ".step") + ": step count " + std::to_string(count) + ", another parameter's " +
+                  std::to_string(*counted) + " (every update counts for all)");
+    counted = count;
     // Copies onto the parameter's device and dtype: the views read the mapping.
     auto ps = std::make_unique<torch::optim::AdamWParamState>();
     ps->step(count);
-    ps->exp_avg(io::view_tensor(*m, file).to(p.options(), false, true));
-    ps->exp_avg_sq(io::view_tensor(*v, file).to(p.options(), false, true));
+    ps->exp_avg(io::view_tensor(*m, file).to(s.param.options(), false, true));
+    ps->exp_avg_sq(io::view_tensor(*v, file).to(s.param.options(), false, true));
     if (!(ps->exp_avg_sq() >= 0).all().item<bool>())  // NaN updates otherwise
-      throw Error(path + ": tensor '" + v->name + "' has negative entries (a second moment is >= 0)");
-    restored.emplace_back(p.unsafeGetTensorImpl(), std::move(ps));
+      throw Error(path + ": " + tensor(s, ".exp_avg_sq") + " has negative entries (a second moment is >= 0)");
+    restored.emplace_back(s.param.unsafeGetTensorImpl(), std::move(ps));
   }
+  // Every update steps every trainable parameter (each has a gradient): a state that
+  // lacks some restarted their moments from zero, and the run went on, silently other.
+  if (without && !restored.empty())
+    throw Error(path + ": " + tensor(*without, ".exp_avg") + " missing: the state of some parameters, not of all");
   auto rng = [&](const char* name) -> std::optional<torch::Tensor> {
     const io::TensorInfo* t = entry(name);
     if (!t) return std::nullopt;
@@ -496,16 +462,48 @@ void load_optimizer_state(const std::string& path, const NamedTensors& trainable
   } catch (const c10::Error& e) {
     throw Error(path + ": tensor 'rng.cpu' is no CPU generator state: " + first_line(e));
   }
-  if (cuda_state && torch::cuda::is_available()) {
-    try {
-      at::Generator g = at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, 0));
-      g.set_state(*cuda_state);
-    } catch (const c10::Error& e) {
-      throw Error(path + ": tensor 'rng.cuda' is no CUDA generator state: " + first_line(e));
+  if (torch::cuda::is_available()) {
+    if (!cuda_state) {
+      spdlog::warn("{}: no CUDA generator state (saved where there was no GPU): dropout draws other masks than "
+                   "an uninterrupted run would", path);
+    } else {
+      try {
+        at::Generator g = at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, 0));
+        g.set_state(*cuda_state);
+      } catch (const c10::Error& e) {
+        throw Error(path + ": tensor 'rng.cuda' is no CUDA generator state: " + first_line(e));
+      }
     }
   }
   opt.state().clear();
   for (auto& [key, ps] : restored) opt.state()[key] = std::move(ps);
+}
+
+// Format 2: optimizer.safetensors, by parameter name.
+void load_optimizer_state(const std::string& path, const NamedTensors& trainable, torch::optim::Optimizer& opt,
+                          int64_t step) {
+  if (!fs::exists(path)) throw Error(path + ": missing: the checkpoint has no optimizer state");
+  std::vector<StateSlot> slots;
+  for (const auto& [name, p] : trainable) slots.push_back({name, name, p});
+  apply_optimizer_state(std::make_shared<io::SafetensorsFile>(path), path, slots, opt, step);
+}
+
+// Format 1: state.pt, by position in the optimizer's groups, read in a child process
+// (legacy_state.h) and then checked as format 2's.
+void load_legacy_state(const std::string& path, const NamedTensors& trainable, torch::optim::Optimizer& opt,
+                       int64_t step, const std::string& scratch_dir) {
+  std::map<void*, std::string> names;
+  for (const auto& [name, p] : trainable) names[p.unsafeGetTensorImpl()] = name;
+  std::vector<StateSlot> slots;
+  std::vector<size_t> group_sizes;
+  for (const auto& g : opt.param_groups()) {
+    group_sizes.push_back(g.params().size());
+    for (const auto& p : g.params()) {
+      auto it = names.find(p.unsafeGetTensorImpl());
+      slots.push_back({std::to_string(slots.size()), it == names.end() ? "?" : it->second, p});
+    }
+  }
+  apply_optimizer_state(read_legacy_state(path, group_sizes, scratch_dir), path, slots, opt, step);
 }
 
 TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainable,
@@ -586,7 +584,7 @@ TrainerState load_checkpoint(const std::string& dir, const NamedTensors& trainab
     p.copy_(it->second);
   }
   if (ts.value("format_version", kFormatVersion) == kLegacyStateVersion)
-    load_legacy_state((d / "state.pt").string(), opt, st.step);
+    load_legacy_state((d / "state.pt").string(), trainable, opt, st.step, cfg.output.dir);
   else
     load_optimizer_state((d / kOptimizerFile).string(), trainable, opt, st.step);
   return st;
