@@ -363,8 +363,13 @@ TEST(RunConfig, CliDryRunAndErrors) {
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.err.find("dot.json: train.lr: appears twice"), std::string::npos) << r.err;
   // nlohmann's dump() recursed once per level: printing this value overflowed the stack.
+  // Nothing nested past 64 levels is read; below that the value is named, cut short.
   testutil::write_file(dir + "/deep.json", R"({"train": {"lr": )" + std::string(100000, '[') +
                                                std::string(100000, ']') + "}}");
+  r = testutil::run_cli("--config " + dir + "/deep.json --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("deep.json: JSON nested deeper than 64 levels: refused"), std::string::npos) << r.err;
+  testutil::write_file(dir + "/deep.json", R"({"train": {"lr": )" + std::string(60, '[') + std::string(60, ']') + "}}");
   r = testutil::run_cli("--config " + dir + "/deep.json --dry-run");
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.err.find("deep.json: train.lr: expected a number in (0, 10], got [[[["), std::string::npos) << r.err;

@@ -1274,6 +1274,16 @@ TEST(Train, ADamagedCheckpointWithoutChecksumsIsRefusedByName) {
   }, opt + "rng.cpu' is not a list of bytes (U8)");
   expect_refused([&](const std::string& c, json&) { rewrite_state(c, [&](auto& t) { t.erase("rng.cpu"); }); },
                  opt + "rng.cpu' missing");
+  // LibTorch checks mt19937's position and count each alone: 624 and 624 passed, and
+  // the next draw read past the state (valgrind).
+  expect_refused([&](const std::string& c, json&) {
+    rewrite_state(c, [&](auto& t) {
+      ASSERT_EQ(t["rng.cpu"].numel(), 5056);
+      const int32_t left = 624, next = 624;
+      std::memcpy(t["rng.cpu"].template data_ptr<uint8_t>() + 8, &left, 4);
+      std::memcpy(t["rng.cpu"].template data_ptr<uint8_t>() + 16, &next, 4);
+    });
+  }, opt + "rng.cpu' is no CPU generator state: mt19937 position 624 with 624 left runs past its 624 words");
   // Every update steps every parameter: a state that lacks one (its moments restarted
   // from zero, silently) or whose counts differ is no state of a run.
   expect_refused([&](const std::string& c, json&) {
@@ -1322,6 +1332,25 @@ TEST(Train, ADamagedCheckpointWithoutChecksumsIsRefusedByName) {
     testutil::write_file(c + "/state.pt", "not a zip");
     st["format_version"] = 1;
   }, "checkpoint-3/state.pt: cannot restore the optimizer and RNG state: ");
+  // nlohmann copies and prints values recursively: a record nested 60,000 deep (a run
+  // config 200,000 deep) crashed the resume. Nothing of ours is 64 levels deep.
+  auto nested = [](int depth) {
+    json v = json::array();
+    for (int i = 1; i < depth; ++i) v = json::array({v});
+    return v;
+  };
+  expect_refused([&](const std::string&, json& st) {
+    st["unlogged_metrics"] = json::array({{{"step", 1}, {"x", nested(65)}}});
+  }, "trainer_state.json: JSON nested deeper than 64 levels: refused");
+  expect_refused([&](const std::string& c, json&) {
+    json rc = testutil::read_json(c + "/run_config.json");
+    rc["device"] = nested(100);
+    testutil::write_file(c + "/run_config.json", rc.dump());
+  }, "run_config.json: JSON nested deeper than 64 levels: refused");
+  // 64 levels in all are read as before (here: a record the resume appends to metrics.jsonl).
+  expect_refused([&](const std::string&, json& st) {
+    st["unlogged_metrics"] = json::array({{{"step", 1}, {"x", nested(61)}}});
+  }, "");
   expect_refused([](const std::string&, json& st) { st["format_version"] = 99; }, "trainer_state.json: format_version");
   expect_refused([](const std::string&, json& st) { st["overflow_steps"] = 4; }, "overflow_steps: more than step");
   longlora::remove_tree(d);

@@ -11,6 +11,17 @@
 
 namespace longlora {
 
+template <typename Json>
+typename Json::parser_callback_t json_depth_limit(const std::string& where) {
+  return [where](int depth, typename Json::parse_event_t ev, Json&) {
+    if ((ev == Json::parse_event_t::object_start || ev == Json::parse_event_t::array_start) && depth >= kMaxJsonDepth)
+      fail(where, "", "JSON nested deeper than " + std::to_string(kMaxJsonDepth) + " levels: refused");
+    return true;
+  };
+}
+template nlohmann::json::parser_callback_t json_depth_limit<nlohmann::json>(const std::string&);
+template nlohmann::ordered_json::parser_callback_t json_depth_limit<nlohmann::ordered_json>(const std::string&);
+
 nlohmann::json read_json_file(const std::string& path, bool reject_duplicate_keys) {
   using nlohmann::json;
   check_not_directory(path);
@@ -20,7 +31,10 @@ nlohmann::json read_json_file(const std::string& path, bool reject_duplicate_key
   std::vector<std::set<std::string>> keys;
   std::vector<std::string> where;
   std::string last_key;
-  json::parser_callback_t cb = [&](int, json::parse_event_t ev, json& v) {
+  const auto too_deep = json_depth_limit<json>(path);
+  json::parser_callback_t cb = [&](int depth, json::parse_event_t ev, json& v) {
+    too_deep(depth, ev, v);
+    if (!reject_duplicate_keys) return true;
     switch (ev) {
       case json::parse_event_t::object_start:
         where.push_back(keys.empty() ? "" : last_key);
@@ -51,7 +65,7 @@ nlohmann::json read_json_file(const std::string& path, bool reject_duplicate_key
   if (const auto z = text.find('\0'); z != std::string::npos)
     fail(path, "", "a NUL byte at offset " + std::to_string(z) + ": not a JSON text");
   try {
-    return reject_duplicate_keys ? json::parse(text, cb) : json::parse(text);
+    return json::parse(text, cb);
   } catch (const json::exception& e) {
     fail(path, "", std::string("bad JSON: ") + e.what());
   }
@@ -63,7 +77,7 @@ json parse_json_line(const std::string& line, const std::string& where) {
   if (const auto z = line.find('\0'); z != std::string::npos)
     fail(where, "", "a NUL byte at column " + std::to_string(z + 1) + ": not a JSON text");
   try {
-    return json::parse(line);
+    return json::parse(line, json_depth_limit<json>(where));
   } catch (const json::exception& e) {
     fail(where, "", std::string("bad JSON: ") + e.what());
   }

@@ -651,7 +651,9 @@ ordered_json merged_config(const std::string& template_path, DType dtype, const 
   const std::string text = read_text(template_path);
   ordered_json j;
   try {
-    j = ordered_json::parse(text);
+    j = ordered_json::parse(text, json_depth_limit<ordered_json>(template_path));
+  } catch (const Error&) {
+    throw;
   } catch (const std::exception& e) {
     fail(template_path, "", std::string("bad JSON: ") + e.what());
   }

@@ -455,7 +455,19 @@ void apply_optimizer_state(const std::shared_ptr<io::SafetensorsFile>& file, con
   const auto cpu_state = rng("rng.cpu");
   if (!cpu_state) throw Error(path + ": tensor 'rng.cpu' missing");
   const auto cuda_state = rng("rng.cuda");
-  // set_state checks a state's size and contents (the CPU's: its mt19937 state).
+  // set_state checks a state's size and each field alone: a crafted state with
+  // next + left > 625 passed, and dropout read past the 624 words of the mt19937
+  // state. With draws, next + left is 625 (1 and 0 before the first); next and left
+  // lie at bytes 16 and 8 of LibTorch's 5056-byte CPU state (CPUGeneratorImplState).
+  if (cpu_state->numel() == 5056) {
+    int32_t left = 0;
+    uint32_t next = 0;
+    std::memcpy(&left, cpu_state->data_ptr<uint8_t>() + 8, 4);
+    std::memcpy(&next, cpu_state->data_ptr<uint8_t>() + 16, 4);
+    if (left < 1 || left > 624 || next > static_cast<uint32_t>(625 - left))
+      throw Error(path + ": tensor 'rng.cpu' is no CPU generator state: mt19937 position " + std::to_string(next) +
+                  " with " + std::to_string(left) + " left runs past its 624 words");
+  }
   try {
     at::Generator g = at::detail::getDefaultCPUGenerator();
     g.set_state(*cpu_state);

@@ -22,6 +22,7 @@
 #include "longlora/common/device.h"
 #include "longlora/common/error.h"
 #include "longlora/common/interrupt.h"
+#include "longlora/common/json_file.h"
 #include "longlora/common/strings.h"
 #include "longlora/data/dataset.h"
 #include "longlora/data/tokenizer.h"
@@ -235,7 +236,15 @@ bool trim_metrics(const fs::path& path, int64_t step, const std::vector<nlohmann
   std::vector<nlohmann::json> records;
   int64_t dropped = cut_short, appended = 0;
   while (std::getline(lines, line)) {
-    const auto rec = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    // Our own lines; one that is not a record (damaged, or nested too deep to copy
+    // safely) is kept as it is.
+    nlohmann::json rec;
+    try {
+      rec = nlohmann::json::parse(line, json_depth_limit<nlohmann::json>(path.string()), /*allow_exceptions=*/false);
+    } catch (const Error&) {
+      kept += line + "\n";
+      continue;
+    }
     if (rec.is_object() && rec.contains("step") && rec["step"].is_number_integer() &&
         rec["step"].get<int64_t>() > step) {
       ++dropped;

@@ -10,12 +10,25 @@
 
 namespace longlora {
 
+// JSON nested deeper than this is refused where it is read. nlohmann copies, compares
+// and prints values recursively: a run_config.json nested 200,000 deep (or a
+// trainer_state.json record 60,000 deep) crashed a resume. Our files and Hugging
+// Face's are a few levels deep.
+inline constexpr int kMaxJsonDepth = 64;
+
+// A parser callback that refuses JSON nested deeper than kMaxJsonDepth, naming
+// `where` (a file, or FILE:LINE), for nlohmann's parse(text, callback).
+template <typename Json>
+typename Json::parser_callback_t json_depth_limit(const std::string& where);
+
 // reject_duplicate_keys: a key twice in one object is an error (JSON parsers keep
-// the last silently; for our own config files that hides a mistake).
+// the last silently; for our own config files that hides a mistake). Nested deeper
+// than kMaxJsonDepth: an error.
 nlohmann::json read_json_file(const std::string& path, bool reject_duplicate_keys = false);
 
-// One line of a .jsonl file; `where` ("FILE:LINE") names it in the error for bad JSON
-// or a NUL byte (nlohmann stops at one and ignores the rest of the line).
+// One line of a .jsonl file; `where` ("FILE:LINE") names it in the error for bad JSON,
+// a NUL byte (nlohmann stops at one and ignores the rest of the line) or nesting
+// deeper than kMaxJsonDepth.
 nlohmann::json parse_json_line(const std::string& line, const std::string& where);
 
 // A value as JSON for a one-line message, cut after about max_chars. Safe for any
