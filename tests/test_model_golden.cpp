@@ -349,6 +349,20 @@ TEST(LoadErrors, AdapterConfigFieldsAreCheckedNotIgnored) {
     EXPECT_NE(err.find(".lora_A.weight': shape [4, 64] but r is " + std::to_string(r) + " in "), std::string::npos)
         << err;
   }
+  // ... and without any factor to confirm r, r went to add_lora unchecked (2^40 asked
+  // for 256 TB, and the message named no file).
+  {
+    const auto dir = adapter_copy("adapter-no-factors", [](auto& j) { j["r"] = int64_t{1} << 40; });
+    auto all = io::load_tensors(dir + "/adapter_model.safetensors");
+    std::vector<std::pair<std::string, torch::Tensor>> kept;
+    for (const auto& [name, t] : all)
+      if (name.find(".lora_") == std::string::npos) kept.emplace_back(name, t.clone());
+    io::save_tensors(dir + "/adapter_model.safetensors", kept);
+    auto m = tiny();
+    EXPECT_EQ(testutil::error_of([&] { model::apply_adapter(*m, dir); }),
+              dir + "/adapter_model.safetensors: no LoRA factors (lora_A, lora_B), but " + dir +
+                  "/adapter_config.json targets modules with them");
+  }
   // Finite weights whose activations overflow in fp32: the message blamed fp16.
   {
     const auto dir = adapter_copy("adapter-alpha-huge", [](auto& j) { j["lora_alpha"] = 1e38; });

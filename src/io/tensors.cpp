@@ -100,6 +100,15 @@ void check_within_storage(const torch::Tensor& t, const std::string& path, const
     fail(path, "tensor '" + name + "'",
          "its shape and strides need " + (overflow ? std::string("more than 2^64") : std::to_string(need)) +
              " bytes of its storage record, which holds " + std::to_string(have) + ": the file is damaged");
+  // Strides of 0 (or overlapping rows) repeat elements: a 320 KB shard claiming a
+  // (2^31, 64) tensor of stride (0, 1) fit its storage, and making it contiguous asked
+  // for 512 GB. A state dict's tensors never overlap.
+  uint64_t bytes = 0;
+  if (__builtin_mul_overflow(static_cast<uint64_t>(t.numel()), static_cast<uint64_t>(t.element_size()), &bytes) ||
+      bytes > have)
+    fail(path, "tensor '" + name + "'",
+         "its " + std::to_string(t.numel()) + " elements are more than its storage record holds (" +
+             std::to_string(have) + " bytes): strides that repeat elements; the file is damaged");
 }
 }  // namespace
 

@@ -339,14 +339,19 @@ io::AdapterConfig apply_adapter(LlamaForCausalLMImpl& m, const std::string& dir)
   const std::string st_path = file->path();
 
   // The rank the factors were saved with, before add_lora allocates r x width for
-  // every target: an r of 2^40 asked for petabytes and failed naming no file.
+  // every target: an r of 2^40 asked for petabytes and failed naming no file. So r is
+  // taken only as some factor confirms it (without any, r 2^40 still went to add_lora).
+  bool has_factors = false;
   for (const auto& t : file->tensors()) {
     const bool a = t.name.find(".lora_A.") != std::string::npos, b = t.name.find(".lora_B.") != std::string::npos;
+    has_factors = has_factors || a || b;
     if ((a || b) && (t.shape.size() != 2 || t.shape[a ? 0 : 1] != acfg.r))
       fail(st_path, "tensor '" + t.name + "'",
            "shape " + shape_str(t.shape) + " but r is " + std::to_string(acfg.r) + " in " + cfg_path + " (lora_" +
                (a ? "A is [r, in]" : "B is [out, r]") + ")");
   }
+  if (!has_factors && !acfg.target_modules.empty())
+    fail(st_path, "", "no LoRA factors (lora_A, lora_B), but " + cfg_path + " targets modules with them");
   lora::LoraSpec spec;
   spec.r = acfg.r;
   spec.alpha = acfg.lora_alpha;
