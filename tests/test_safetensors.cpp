@@ -605,8 +605,8 @@ TEST(SafetensorsMalformed, DamagedPicklesAreRefusedNotRead) {
   // Strides of 0 fit any storage: a 320 KB shard of a (2^31, 64) tensor asked for
   // 512 GB when made contiguous. A state dict's tensors never repeat elements.
   EXPECT_EQ(testutil::error_of([&] { (void)io::read_pickled_tensors(dir + "repeated.bin"); }),
-            dir + "repeated.bin: tensor 'w': its 800000 elements are more than its storage record holds (32 bytes): "
-                  "strides that repeat elements; the file is damaged");
+            dir + "repeated.bin: tensor 'w': its 800000 elements need 3200000 bytes, more than its storage record "
+                  "holds (32): strides that repeat elements; the file is damaged");
   EXPECT_EQ(testutil::error_of([&] { (void)io::read_pickled_tensors(dir + "legacy.bin"); })
                 .rfind(dir + "legacy.bin: a torch.save file in the legacy (non-zip) format, which LibTorch cannot read", 0),
             0u);

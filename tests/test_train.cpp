@@ -1327,6 +1327,14 @@ TEST(Train, ADamagedCheckpointWithoutChecksumsIsRefusedByName) {
     w.writeEndOfFile();
     st["format_version"] = 1;
   }, "checkpoint-3/state.pt: ");
+  {
+    // (Crashed, "LibTorch's reader crashed on it", or refused; either way) the child's
+    // folder in output.dir is gone.
+    const std::string run = d + "/run" + std::to_string(n);
+    if (fs::exists(run))
+      for (const auto& e : fs::directory_iterator(run))
+        EXPECT_EQ(e.path().filename().string().rfind(".legacy-state-", 0), std::string::npos) << e.path();
+  }
   expect_refused([&](const std::string& c, json& st) {
     fs::remove(c + "/optimizer.safetensors");
     testutil::write_file(c + "/state.pt", "not a zip");

@@ -107,8 +107,9 @@ void check_within_storage(const torch::Tensor& t, const std::string& path, const
   if (__builtin_mul_overflow(static_cast<uint64_t>(t.numel()), static_cast<uint64_t>(t.element_size()), &bytes) ||
       bytes > have)
     fail(path, "tensor '" + name + "'",
-         "its " + std::to_string(t.numel()) + " elements are more than its storage record holds (" +
-             std::to_string(have) + " bytes): strides that repeat elements; the file is damaged");
+         "its " + std::to_string(t.numel()) + " elements need " + std::to_string(bytes) +
+             " bytes, more than its storage record holds (" + std::to_string(have) +
+             "): strides that repeat elements; the file is damaged");
 }
 }  // namespace
 

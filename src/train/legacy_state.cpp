@@ -15,6 +15,7 @@
 
 #include "longlora/common/error.h"
 #include "longlora/common/fs.h"
+#include "longlora/common/interrupt.h"
 #include "longlora/io/tensors.h"
 
 extern char** environ;
@@ -88,8 +89,7 @@ std::shared_ptr<io::SafetensorsFile> read_legacy_state(const std::string& state_
     ~Remove() { remove_tree(d); }
   } remove{dir};
   const std::string out = dir + "/state.safetensors", err = dir + "/stderr";
-  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
-  if (ec) throw Error(state_pt + ": cannot find this binary (/proc/self/exe) to read it: " + ec.message());
+  const fs::path exe = "/proc/self/exe";
 
   std::vector<std::string> args{exe.string(), kLegacyStateCommand, state_pt, out};
   for (size_t n : group_sizes) args.push_back(std::to_string(n));
@@ -101,12 +101,20 @@ std::shared_ptr<io::SafetensorsFile> read_legacy_state(const std::string& state_
   posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
   posix_spawn_file_actions_addopen(&fa, 2, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
   pid_t pid = 0;
-  const int rc = ::posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ);
+  // /proc/self/exe itself, not the path it names: a binary replaced since the start
+  // has that path gone (" (deleted)") or another build there.
+  const int rc = ::posix_spawn(&pid, "/proc/self/exe", &fa, nullptr, argv.data(), environ);
   posix_spawn_file_actions_destroy(&fa);
   if (rc != 0) throw Error(state_pt + ": cannot start " + exe.string() + " to read it: " + std::strerror(rc));
   int status = 0;
-  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  pid_t waited = 0;
+  while ((waited = ::waitpid(pid, &status, 0)) < 0 && errno == EINTR) {
   }
+  if (waited < 0)  // ECHILD where SIGCHLD is ignored: the child's end is unknown
+    throw Error(state_pt + ": cannot learn how the process reading it ended: " + std::strerror(errno));
+  // Ctrl-C (or a hangup, a kill) reaches the child too: this process's signal is
+  // the reason, whatever the child did, and ends the run as any interruption does.
+  check_interrupt("interrupted while reading " + state_pt);
   // The child's error is its last line (LibTorch may warn before it).
   std::string why;
   {
@@ -116,8 +124,8 @@ std::shared_ptr<io::SafetensorsFile> read_legacy_state(const std::string& state_
   }
   if (WIFSIGNALED(status)) {
     const int sig = WTERMSIG(status);
-    if (sig == SIGINT || sig == SIGTERM || sig == SIGKILL)
-      throw Error(state_pt + ": reading it was interrupted (" + strsignal(sig) + ")");
+    if (sig == SIGKILL)
+      throw Error(state_pt + ": the process reading it was killed (SIGKILL; out of memory?)");
     throw Error(state_pt + ": LibTorch's reader crashed on it (" + strsignal(sig) +
                 "): the file is damaged (a format-1 checkpoint's state.pt is read in a process of its own)");
   }
