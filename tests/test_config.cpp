@@ -374,6 +374,10 @@ TEST(RunConfig, CliDryRunAndErrors) {
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.err.find("deep.json: train.lr: expected a number in (0, 10], got [[[["), std::string::npos) << r.err;
   EXPECT_LT(r.err.size(), 200u) << r.err;
+  r = testutil::run_cli("--config " + dir + "/ok.json --set lora.targets=" + std::string(100, '[') +
+                        std::string(100, ']') + " --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("--set lora.targets: JSON nested deeper than 64 levels: refused"), std::string::npos) << r.err;
   r = testutil::run_cli("--version");
   EXPECT_EQ(r.code, 0);
   EXPECT_NE(r.out.find("longlora-train"), std::string::npos);

@@ -548,6 +548,35 @@ TEST(DataBadInput, ANulByteInJsonIsRefused) {
   longlora::remove_tree(d);
 }
 
+// sentencepiece failing on one text (here out of memory: ~350 bytes a character on a
+// 12 MB line, under a 4 GB limit) named only tokenizer.model, not the data.
+TEST(DataBadInput, ATextTheTokenizerFailsOnIsNamed) {
+  // A GPU driver reserves more address space than the limit leaves.
+  if (std::filesystem::exists("/dev/nvidiactl")) GTEST_SKIP() << "address-space limit with a GPU driver";
+  const auto d = testutil::temp_dir("encode-fails");
+  const std::string huge(12000000, 'a');
+  testutil::write_file(d + "/text.jsonl", R"({"text": "a b c"})" "\n" + nlohmann::json({{"text", huge}}).dump() + "\n");
+  testutil::write_file(d + "/sft.jsonl", R"({"instruction": "Say hi.", "output": "hi"})" "\n" +
+                                             nlohmann::json({{"instruction", "Say it."}, {"output", huge}}).dump() + "\n");
+  // Text documents through eval, instruction records through a training run.
+  testutil::write_file(d + "/run.json", nlohmann::json({{"device", "cpu"},
+                                                         {"model", {{"path", testutil::golden("tiny-llama/model")}}},
+                                                         {"data", {{"train", d + "/sft.jsonl"}, {"seq_len", 64}}},
+                                                         {"output", {{"dir", d + "/out"}}}})
+                                            .dump());
+  for (const char* f : {"text.jsonl", "sft.jsonl"}) {
+    const std::string args = f[0] == 't' ? "eval --model " + testutil::golden("tiny-llama/model") + " --data " + d +
+                                               "/text.jsonl --seq-len 16 --device cpu"
+                                         : "--config " + d + "/run.json";
+    auto r = testutil::run_cli(args, "ulimit -v 4000000; OMP_NUM_THREADS=1 ");
+    EXPECT_EQ(r.code, 1) << r.err;
+    const std::string want = d + "/" + f + (f[0] == 't' ? ": document 2: " : ": record 2: ");
+    EXPECT_NE(r.err.find(want), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("tokenizer.model: encode failed: "), std::string::npos) << r.err;
+  }
+  longlora::remove_tree(d);
+}
+
 TEST(DataBadInput, SupervisedRecordsDroppedOrTruncatedAreCounted) {
   const auto d = testutil::temp_dir("sft-counts");
   data::Tokenizer tok(testutil::golden("tokenizer.model"));

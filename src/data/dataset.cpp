@@ -172,7 +172,8 @@ Dataset::Dataset(const std::string& path, const std::string& format, int64_t L,
       texts.push_back(prompt);
       texts.push_back(prompt + records[s0 + j].output);
     }
-    const auto encoded = tok->encode_all(texts);
+    const auto encoded =
+        tok->encode_all(texts, 0, [&](size_t i) { return path + ": record " + std::to_string(s0 + i / 2 + 1); });
     for (size_t j = 0; j < n; ++j) {
       const auto& whole = encoded[2 * j + 1];
       std::vector<int32_t> ids{tok->bos_id()};

@@ -102,7 +102,16 @@ int worker_count() {
 
 }  // namespace
 
-std::vector<std::vector<int>> Tokenizer::encode_all(const std::vector<std::string>& texts, int threads) const {
+std::vector<std::vector<int>> Tokenizer::encode_all(const std::vector<std::string>& texts, int threads,
+                                                    const std::function<std::string(size_t)>& where) const {
+  auto encode_one = [&](size_t i) {
+    try {
+      return encode(texts[i]);
+    } catch (const Error& e) {
+      if (!where) throw;
+      throw Error(where(i) + ": " + e.what());
+    }
+  };
   // Texts are handed out in blocks from a shared counter (documents differ in length);
   // no more workers than blocks. The first failure stops every worker and is rethrown here.
   constexpr size_t kBlock = 16;
@@ -110,7 +119,7 @@ std::vector<std::vector<int>> Tokenizer::encode_all(const std::vector<std::strin
   const size_t workers = std::min<size_t>(static_cast<size_t>(threads > 0 ? threads : worker_count()),
                                           (texts.size() + kBlock - 1) / kBlock);
   if (workers <= 1) {
-    for (size_t i = 0; i < texts.size(); ++i) out[i] = encode(texts[i]);
+    for (size_t i = 0; i < texts.size(); ++i) out[i] = encode_one(i);
     return out;
   }
   std::atomic<size_t> next{0};
@@ -120,7 +129,7 @@ std::vector<std::vector<int>> Tokenizer::encode_all(const std::vector<std::strin
   auto work = [&] {
     try {
       for (size_t b; !failed && (b = next.fetch_add(kBlock)) < texts.size();)
-        for (size_t i = b; i < std::min(b + kBlock, texts.size()); ++i) out[i] = encode(texts[i]);
+        for (size_t i = b; i < std::min(b + kBlock, texts.size()); ++i) out[i] = encode_one(i);
     } catch (...) {
       std::lock_guard<std::mutex> lock(error_mutex);
       if (!error) error = std::current_exception();

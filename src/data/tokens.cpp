@@ -142,7 +142,8 @@ std::vector<int32_t> load_token_stream(const std::string& path, const Tokenizer*
   for (size_t s = 0; s < docs.size(); s += kSlice) {
     const std::vector<std::string> slice(std::make_move_iterator(docs.begin() + s),
                                         std::make_move_iterator(docs.begin() + std::min(docs.size(), s + kSlice)));
-    const auto encoded = tok->encode_all(slice);
+    const auto encoded =
+        tok->encode_all(slice, 0, [&](size_t j) { return path + ": document " + std::to_string(s + j + 1); });
     for (size_t j = 0; j < encoded.size(); ++j) {
       if (s + j > 0) out.push_back(tok->eos_id());
       out.push_back(tok->bos_id());

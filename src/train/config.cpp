@@ -326,7 +326,7 @@ std::string apply_override(RunConfig& c, const std::string& a) {
   if (!f) throw Error("--set " + key + ": unknown key");
   json v;
   try {
-    v = json::parse(raw);
+    v = json::parse(raw, json_depth_limit<json>("--set " + key));
   } catch (const json::exception&) {
     v = raw;  // bare words are strings
   }
