@@ -69,6 +69,43 @@ TEST(Tokenizer, AMissingBosOrEosPieceIsNamed) {
             std::string::npos);
 }
 
+// sentencepiece walks its normalization trie (precompiled_charsmap) without bounds
+// checks: a tokenizer.model whose trie units were all 0xffffffff crashed every command
+// that tokenizes (fuzzing). The module checks the trie at load.
+TEST(Tokenizer, ADamagedNormalizationTrieIsRefusedAtLoad) {
+  const std::string good = testutil::read_file(testutil::golden("tokenizer.model"));
+  // NormalizerSpec: name (field 1) "nmt_nfkc", then precompiled_charsmap (field 2):
+  // a varint length, a uint32 trie size, the trie, the rules' strings.
+  const std::string head("\n\x08nmt_nfkc\x12", 11);
+  size_t at = good.find(head);
+  ASSERT_NE(at, std::string::npos);
+  at += head.size();
+  uint64_t len = 0;
+  for (int shift = 0;; shift += 7) {
+    const auto b = static_cast<uint8_t>(good[at++]);
+    len |= static_cast<uint64_t>(b & 0x7f) << shift;
+    if (!(b & 0x80)) break;
+  }
+  uint32_t trie_bytes = 0;
+  std::memcpy(&trie_bytes, good.data() + at, 4);
+  ASSERT_LT(trie_bytes + 4, len);
+  const auto d = testutil::temp_dir("tok-trie");
+  auto refused = [&](const std::function<void(std::string&)>& damage) {
+    std::string bytes = good;
+    damage(bytes);
+    testutil::write_file(d + "/t.model", bytes);
+    return testutil::error_of([&] { data::Tokenizer t(d + "/t.model"); });
+  };
+  const std::string says = d + "/t.model: cannot load sentencepiece model: Invalid argument: "
+                               "normalizer_spec.precompiled_charsmap: ";
+  EXPECT_EQ(refused([](std::string&) {}), "");
+  EXPECT_EQ(refused([&](std::string& b) { std::fill_n(b.begin() + at + 4, trie_bytes, '\xff'); }),
+            says + "a trie node past the trie's end (the file is damaged)");
+  EXPECT_EQ(refused([&](std::string& b) { std::fill_n(b.begin() + at + 4 + trie_bytes, len - 4 - trie_bytes, 'x'); }),
+            says + "a rule pointing past its strings (the file is damaged)");
+  longlora::remove_tree(d);
+}
+
 TEST(Tokenizer, SentencepieceDoesNotShareLibTorchsNames) {
   // Linked into the binary, libsentencepiece's absl FLAGS_minloglevel bound to libc10's
   // int of that name and its constructor set the flag beside it, which turns every
