@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <torch/torch.h>
 #include <unistd.h>
@@ -33,6 +34,11 @@ std::string first_line(const std::string& m) { return m.substr(0, m.find('\n'));
 // same sizes take them; they go out by position. Whatever goes wrong is one line on
 // stderr (which the parent reads) and exit 1; a crash is the parent's to report.
 int legacy_state_reader_main(int argc, char** argv) {
+  // Ends with the resume that started it: a second Ctrl-C exits the parent at once,
+  // and an orphan would go on writing a copy of the moments into output.dir.
+  const pid_t parent = ::getppid();
+  ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (::getppid() != parent) return 1;  // the parent was gone already
   try {
     if (argc < 4) throw std::runtime_error(std::string("usage: ") + kLegacyStateCommand + " IN OUT GROUP_SIZE...");
     std::vector<torch::Tensor> params;
