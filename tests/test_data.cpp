@@ -577,6 +577,17 @@ TEST(DataBadInput, ATextTheTokenizerFailsOnIsNamed) {
   longlora::remove_tree(d);
 }
 
+TEST(DataBadInput, MakeDataDoesNotWriteOverItsTokenizer) {
+  // `--tokenizer t --out t --overwrite` replaced the tokenizer it was reading.
+  const auto d = testutil::temp_dir("md-tok");
+  std::filesystem::copy_file(testutil::golden("tokenizer.model"), d + "/tok.jsonl");
+  auto r = testutil::run_cli("make-data --tokenizer " + d + "/tok.jsonl --out " + d + "/tok.jsonl --overwrite --docs 2");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find(d + "/tok.jsonl: --out: is the --tokenizer file"), std::string::npos) << r.err;
+  EXPECT_EQ(testutil::read_file(d + "/tok.jsonl"), testutil::read_file(testutil::golden("tokenizer.model")));
+  longlora::remove_tree(d);
+}
+
 TEST(DataBadInput, SupervisedRecordsDroppedOrTruncatedAreCounted) {
   const auto d = testutil::temp_dir("sft-counts");
   data::Tokenizer tok(testutil::golden("tokenizer.model"));

@@ -519,7 +519,7 @@ TEST(LoadErrors, TrainingCheckpointAsAdapterIsChecked) {
   auto ck = adapter_copy("ck-array", noop, {{"trainer_state.json", "[1]"}, {"COMPLETE", "ok\n"}});
   EXPECT_NE(load(ck).find(ck + "/trainer_state.json: expected a JSON object"), std::string::npos) << load(ck);
   // An interrupted save has no COMPLETE: refused, as export refuses it.
-  ck = adapter_copy("ck-incomplete", noop, {{"trainer_state.json", R"({"step": 2, "rope_factor": 2})"}});
+  ck = adapter_copy("ck-incomplete", noop, {{"trainer_state.json", R"({"format_version": 2, "step": 2, "rope_factor": 2})"}});
   EXPECT_NE(load(ck).find(ck + ": COMPLETE: missing"), std::string::npos) << load(ck);
   // A complete one runs at its trained factor; a peft adapter has no COMPLETE and loads.
   ck = adapter_copy("ck-good", noop, {{"trainer_state.json", R"({"step": 2, "rope_factor": 2})"}, {"COMPLETE", "ok\n"}});

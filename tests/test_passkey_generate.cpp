@@ -294,6 +294,28 @@ TEST(PasskeyTrial, VerdictQuotesAndEscapesTheAnswer) {
 
 // ---------------------------------------------------------------- generation
 
+// Unbounded or closed streams (an audit of the CLI): /dev/zero as a prompt was read until
+// memory ran out (the error blamed tokenizer.model); a closed stdout pipe killed eval
+// and generate with SIGPIPE, exit 141 and no word.
+TEST(GenerateCli, UnboundedPromptsAndClosedPipesAreOneLine) {
+  const std::string model = testutil::golden("tiny-llama/model");
+  auto r = testutil::run_cli("generate --model " + model + " --prompt-file /dev/zero --max-new-tokens 2 --device cpu");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("/dev/zero: --prompt-file: more than 16 MiB of prompt"), std::string::npos) << r.err;
+  const auto d = testutil::temp_dir("sigpipe");
+  for (const std::string args : {"eval --model " + model + " --data " + testutil::golden("tiny-llama/eval.bin") +
+                                     " --seq-len 64 --device cpu",
+                                 "generate --model " + model + " --prompt \"The sky\" --max-new-tokens 4 --device cpu"}) {
+    // The reader is gone long before the model has loaded and the result is written.
+    const std::string cmd = "bash -c '" + std::string(LONGLORA_BINARY) + " " + args + " 2>" + d +
+                            "/err | (exec 0<&-; true); exit ${PIPESTATUS[0]}'";
+    const int status = std::system(cmd.c_str());
+    EXPECT_EQ(WEXITSTATUS(status), 1) << args;
+    EXPECT_NE(testutil::read_file(d + "/err").find("stdout"), std::string::npos) << testutil::read_file(d + "/err");
+  }
+  longlora::remove_tree(d);
+}
+
 TEST(Generate, CachedForwardEqualsFullForward) {
   // Prefill in pieces through the cache: query i of n new tokens sees keys up to T - n + i.
   auto m = tiny();

@@ -1,6 +1,8 @@
 // Training: the golden S2 loss and gradients, a loss that falls, exact resume,
 // crash safety of saves, clean exit on SIGTERM.
 #include <signal.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 
@@ -1444,6 +1446,82 @@ TEST(Train, AnOutputDirItCannotWriteIsFoundBeforeTheFirstStep) {
     EXPECT_EQ(out.find("step 1/"), std::string::npos) << out;
   }
   longlora::remove_tree(d);
+}
+
+// Outputs that used to land on what a run or an export must keep (an audit of the CLI):
+// each is refused in one line, nothing lost.
+TEST(Train, OutputsNeverLandOnCheckpointsOrUnfinishedSaves) {
+  const auto d = testutil::temp_dir("out-safety");
+  ASSERT_EQ(testutil::run_cli("--config " + tiny_config(d) + " --set train.max_steps=3").code, 0);
+  const std::string ck = d + "/out/checkpoint-3";
+  // A run inside a checkpoint: its run's output.keep_last deleted it with the checkpoint.
+  auto r = testutil::run_cli("--config " + tiny_config(d) + " --set output.dir=" + ck + "/nested --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("--set output.dir: " + ck + "/nested: lies inside the training checkpoint " + ck), std::string::npos)
+      << r.err;
+  // A file named as one of the run's saves: the save replaced it.
+  const auto f = testutil::temp_dir("out-file");
+  testutil::write_file(f + "/checkpoint-3", "mine");
+  r = testutil::run_cli("--config " + tiny_config(d) + " --set output.dir=" + f + " --dry-run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find(f + "/checkpoint-3 is not a directory, but the name of one of this run's saves"), std::string::npos)
+      << r.err;
+  EXPECT_EQ(testutil::read_file(f + "/checkpoint-3"), "mine");
+  // A dry run while another run holds output.dir passed; the run is refused.
+  {
+    const int fd = ::open((d + "/out/.lock").c_str(), O_RDWR | O_CLOEXEC);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::flock(fd, LOCK_EX | LOCK_NB), 0);
+    r = testutil::run_cli("--config " + tiny_config(d) + " --resume --dry-run");
+    EXPECT_EQ(r.code, 1);
+    EXPECT_NE(r.err.find("output.dir: " + d + "/out is in use by another longlora-train run"), std::string::npos) << r.err;
+    ::close(fd);
+    EXPECT_EQ(testutil::run_cli("--config " + tiny_config(d) + " --resume --dry-run").code, 0);
+  }
+  // A save killed partway (.tmp-checkpoint-N), or one of ours without COMPLETE, taken
+  // as an adapter without a word.
+  const std::string eval = "eval --model " + testutil::golden("tiny-llama/model") + " --data " +
+                           testutil::golden("tiny-llama/eval.bin") + " --seq-len 64 --device cpu --adapter ";
+  fs::create_directories(d + "/out/.tmp-checkpoint-6");
+  for (const char* file : {"adapter_config.json", "adapter_model.safetensors"})
+    fs::copy_file(ck + "/" + file, d + "/out/.tmp-checkpoint-6/" + file);
+  r = testutil::run_cli(eval + d + "/out/.tmp-checkpoint-6");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find(d + "/out/.tmp-checkpoint-6: an unfinished save"), std::string::npos) << r.err;
+  fs::copy(ck, d + "/cut", fs::copy_options::recursive);
+  fs::remove(d + "/cut/COMPLETE");
+  r = testutil::run_cli(eval + d + "/cut");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find(d + "/cut: COMPLETE: missing"), std::string::npos) << r.err;
+  // A Hugging Face Trainer checkpoint (LongLoRA's scripts save peft adapters in them)
+  // has a trainer_state.json of its own and no COMPLETE: it is an adapter, not a cut
+  // save of ours.
+  fs::create_directories(d + "/hf/checkpoint-1000");
+  for (const char* file : {"adapter_config.json", "adapter_model.safetensors"})
+    fs::copy_file(ck + "/" + file, d + "/hf/checkpoint-1000/" + file);
+  testutil::write_file(d + "/hf/checkpoint-1000/trainer_state.json", R"({"global_step": 1000, "log_history": []})");
+  r = testutil::run_cli(eval + d + "/hf/checkpoint-1000");
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(testutil::run_cli(eval + ck).code, 0);
+  // export --overwrite onto another training checkpoint made it a merged model.
+  ASSERT_EQ(testutil::run_cli("--config " + tiny_config(d) + " --set train.max_steps=6 --resume").code, 0);
+  r = testutil::run_cli("export --checkpoint " + d + "/out/checkpoint-6 --output " + ck + " --overwrite");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find(ck + ": --output: is a training checkpoint"), std::string::npos) << r.err;
+  EXPECT_TRUE(fs::exists(ck + "/optimizer.safetensors"));
+  // --output through a symlink and "..": the check and the replacement meant two
+  // directories (the one named as text was replaced).
+  fs::create_directories(d + "/elsewhere/x");
+  fs::create_directories(d + "/x");
+  testutil::write_file(d + "/x/keep.txt", "mine");
+  fs::create_directory_symlink(d + "/elsewhere/sub", d + "/link");
+  fs::create_directories(d + "/elsewhere/sub");
+  r = testutil::run_cli("export --checkpoint " + ck + " --output " + d + "/link/../x --overwrite");
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(testutil::read_file(d + "/x/keep.txt"), "mine");
+  EXPECT_TRUE(fs::exists(d + "/elsewhere/x/model.safetensors"));
+  longlora::remove_tree(d);
+  longlora::remove_tree(f);
 }
 
 TEST(Train, ScheduleFollowsTransformers) {

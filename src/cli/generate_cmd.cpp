@@ -39,9 +39,15 @@ int run_generate(const GenerateArgs& a) {
     check_not_directory(a.prompt_file, "--prompt-file");
     std::ifstream in(a.prompt_file, std::ios::binary);
     if (!in) throw Error(a.prompt_file + ": cannot read the prompt file: " + std::strerror(errno));
-    std::ostringstream ss;
-    ss << in.rdbuf();
-    prompt = ss.str();
+    // At most 16 MiB (some 4M tokens, past any context): /dev/zero was read until
+    // memory ran out, and the failure blamed tokenizer.model.
+    constexpr size_t kMaxPrompt = size_t{16} << 20;
+    prompt.assign(kMaxPrompt + 1, '\0');
+    in.read(prompt.data(), static_cast<std::streamsize>(prompt.size()));
+    if (in.bad()) throw Error(a.prompt_file + ": cannot read the prompt file: " + std::strerror(errno));
+    prompt.resize(static_cast<size_t>(in.gcount()));
+    if (prompt.size() > kMaxPrompt)
+      fail(a.prompt_file, "--prompt-file", "more than 16 MiB of prompt: no model's context holds that much text");
     // As --prompt "" is refused: generating from BOS alone is not what was asked.
     if (prompt.empty()) fail(a.prompt_file, "--prompt-file", "the prompt file is empty");
   }

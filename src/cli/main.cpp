@@ -120,6 +120,9 @@ int run(int argc, char** argv) {
   // allocator from reserving far more than it holds. The user's own setting wins.
   if (!std::getenv("PYTORCH_CUDA_ALLOC_CONF") && !std::getenv("PYTORCH_ALLOC_CONF"))
     setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True", 0);
+  // Every command: `eval ... | head` killed eval and generate with SIGPIPE (exit 141,
+  // no word); with it ignored, a write to a closed pipe fails and is reported at exit.
+  ignore_sigpipe();
   // Logs go to stderr so stdout carries only results (--json).
   spdlog::set_default_logger(spdlog::stderr_color_mt("longlora"));
   spdlog::set_pattern("[%H:%M:%S] %v");

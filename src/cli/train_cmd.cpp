@@ -20,6 +20,7 @@ int run_train(const TrainArgs& a) {
   r.from = a.resume_from;
   if (a.dry_run) {
     // What a run would start from, checked as a run checks it (not the tensors).
+    train::refuse_if_in_use(cfg.output.dir);
     if (auto from = train::plan_start(cfg, r)) spdlog::info("would resume from {}", *from);
     std::cout << train::to_json(cfg).dump(2) << std::endl;
     return 0;

@@ -6,6 +6,7 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <filesystem>
 
 #include "longlora/common/error.h"
 
@@ -30,6 +31,20 @@ void check_regular_file(const std::string& path, const std::string& field) {
   check_not_directory(path, field);
   struct stat st {};
   if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) fail(path, field, "is not a regular file");
+}
+
+std::string resolved_path(const std::string& path) {
+  namespace fs = std::filesystem;
+  if (path.empty()) return path;
+  fs::path p = fs::absolute(fs::path(path));
+  if (p.filename().empty()) p = p.parent_path();  // "dir/"
+  std::error_code ec;
+  if (p.filename() == "." || p.filename() == "..") {
+    const fs::path r = fs::weakly_canonical(p, ec);
+    return (ec ? p.lexically_normal() : r).string();
+  }
+  const fs::path parent = fs::weakly_canonical(p.parent_path(), ec);
+  return ((ec ? p.parent_path().lexically_normal() : parent) / p.filename()).string();
 }
 
 }  // namespace longlora

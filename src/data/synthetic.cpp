@@ -150,6 +150,9 @@ int64_t write_passkey_corpus(const PasskeyCorpusOptions& o) {
       if (!o.overwrite) fail(o.out, "--out", "already exists (pass --overwrite to replace it)");
       // The finished file is renamed over --out: that must not replace a device or a link's target.
       if (!fs::is_regular_file(st)) fail(o.out, "--out", "is not a regular file");
+      // --overwrite replaced the tokenizer it was reading (`--tokenizer t --out t`).
+      if (fs::equivalent(o.out, o.tokenizer, ec))
+        fail(o.out, "--out", "is the --tokenizer file; writing it would destroy the tokenizer");
     }
   }
   Tokenizer tok(o.tokenizer);

@@ -57,6 +57,13 @@ nlohmann::json digest_directory(const std::string& dir, const std::map<std::stri
 }
 
 void verify_checkpoint_files(const std::string& dir, bool with_optimizer_state) {
+  // A save killed partway: its folder holds what was written so far (the adapter
+  // first), and eval, generate and export took it without a word.
+  fs::path name = fs::path(dir).lexically_normal();
+  if (name.filename().empty()) name = name.parent_path();
+  if (name.filename().string().rfind(".tmp-checkpoint-", 0) == 0)
+    fail(dir, "", "an unfinished save (the run writes .tmp-checkpoint-N and renames it checkpoint-N once "
+                  "complete): take a checkpoint-N");
   const std::string ts = (fs::path(dir) / "trainer_state.json").string();
   if (!fs::exists(ts)) {
     // A Hugging Face or peft directory has neither; a training checkpoint that lost its

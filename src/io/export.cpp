@@ -24,6 +24,7 @@
 #include <sstream>
 
 #include "longlora/common/error.h"
+#include "longlora/common/fs.h"
 #include "longlora/common/interrupt.h"
 #include "longlora/common/json_file.h"
 #include "longlora/common/strings.h"
@@ -791,6 +792,10 @@ fs::path resolved(const fs::path& p) {
   return ec ? fs::absolute(p).lexically_normal() : c;
 }
 
+// The output directory as the OS finds it (resolved_path): its existence check and
+// --overwrite's replacement must mean the same directory.
+fs::path output_path(const std::string& output) { return resolved_path(output); }
+
 // Whether `p` is `dir` or lies below it (both resolved).
 bool is_within(const fs::path& p, const fs::path& dir) {
   return std::mismatch(dir.begin(), dir.end(), p.begin(), p.end()).first == dir.end();
@@ -799,7 +804,7 @@ bool is_within(const fs::path& p, const fs::path& dir) {
 // --overwrite replaces the output directory with everything below it: an output
 // that is or contains the checkpoint or the base model would delete that input.
 void refuse_output_over_inputs(const ExportOptions& opt, const std::string& base) {
-  fs::path out = fs::absolute(fs::path(opt.output)).lexically_normal();
+  fs::path out = output_path(opt.output);
   std::error_code ec;
   // Inside a training checkpoint the export is deleted with it when output.keep_last
   // prunes the checkpoint.
@@ -810,6 +815,12 @@ void refuse_output_over_inputs(const ExportOptions& opt, const std::string& base
              ", which output.keep_last deletes with all it holds; choose a directory outside it");
   if (!fs::exists(out, ec)) return;  // a new directory holds nothing yet
   out = resolved(out);
+  // Another training checkpoint: --overwrite would turn it into a merged model, its
+  // optimizer state (the run's resume) lost.
+  if (fs::exists(out / "trainer_state.json", ec) || fs::exists(out / "COMPLETE", ec))
+    fail(opt.output, "--output",
+         "is a training checkpoint; replacing it would lose the run's state to resume from; choose another output "
+         "directory");
   const std::pair<const char*, std::string> inputs[] = {{"--checkpoint", opt.checkpoint}, {"--base", base}};
   for (const auto& [flag, in] : inputs) {
     if (in.empty() || !is_within(resolved(in), out)) continue;
@@ -825,9 +836,7 @@ void refuse_output_over_inputs(const ExportOptions& opt, const std::string& base
 class OutputDir {
  public:
   explicit OutputDir(const ExportOptions& opt) : opt_(opt) {
-    fs::path out = fs::absolute(fs::path(opt.output)).lexically_normal();
-    if (out.filename().empty()) out = out.parent_path();
-    final_ = out;
+    final_ = output_path(opt.output);
     std::error_code ec;
     if (fs::exists(final_, ec) || fs::is_symlink(final_, ec)) {
       if (!opt.overwrite) fail(opt.output, "", "already exists (pass --overwrite to replace it)");
@@ -1011,7 +1020,7 @@ void export_checkpoint(const ExportOptions& opt) {
       }
     }
     if (cfg.base_model_name_or_path.empty() && !src.base.empty())
-      cfg.base_model_name_or_path = fs::absolute(src.base).lexically_normal().string();
+      cfg.base_model_name_or_path = resolved_path(src.base);
     spdlog::info("export: peft adapter {} (r {}, lora_alpha {}, {} tensors) -> {}", opt.checkpoint, cfg.r,
                  cfg.lora_alpha, ts.size(), opt.output);
     OutputDir out(opt);

@@ -219,7 +219,14 @@ LlamaForCausalLM load_model(const std::string& dir, const LoadOptions& opt) {
 }
 
 bool is_training_checkpoint(const std::string& dir) {
-  return fs::exists(fs::path(dir) / "trainer_state.json") || fs::exists(fs::path(dir) / "run_config.json");
+  if (fs::exists(fs::path(dir) / "run_config.json") || fs::exists(fs::path(dir) / "COMPLETE")) return true;
+  // Hugging Face Trainer's checkpoint-N folders (LongLoRA's scripts save peft adapters
+  // in them) hold a trainer_state.json of their own, without our format_version: they
+  // were refused as unfinished saves of ours.
+  const fs::path ts = fs::path(dir) / "trainer_state.json";
+  if (!fs::exists(ts)) return false;
+  const nlohmann::json j = read_json_file(ts.string());
+  return j.is_object() && j.contains("format_version");
 }
 
 std::optional<double> trained_rope_factor(const std::string& dir) {

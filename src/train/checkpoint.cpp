@@ -65,10 +65,8 @@ void write_text(const std::string& path, const std::string& text) {
 std::string first_line(const std::string& m) { return m.substr(0, m.find('\n')); }
 std::string first_line(const c10::Error& e) { return first_line(std::string(e.what_without_backtrace())); }
 
-// `p` made absolute (and normalized) against the working directory; "" stays "".
-std::string absolute_path(const std::string& p) {
-  return p.empty() ? p : fs::absolute(p).lexically_normal().string();
-}
+// `p` made absolute against the working directory (resolved_path); "" stays "".
+std::string absolute_path(const std::string& p) { return resolved_path(p); }
 
 // A run config with its file paths made absolute. Written so into run_config.json:
 // export reads the base model from it, and a relative model.path was resolved against

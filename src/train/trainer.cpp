@@ -43,6 +43,16 @@ namespace {
 // losing the steps since the last checkpoint. A second signal leaves at once.
 bool signalled() { return interrupt_signal() != 0; }
 
+// The refusal of a run whose output.dir another run holds (`fd` on its .lock, which
+// holds that run's pid).
+Error in_use(const std::string& dir, int fd) {
+  char buf[32] = {};
+  const ssize_t n = ::pread(fd, buf, sizeof buf - 1, 0);
+  const std::string pid = n > 0 ? std::string(buf, static_cast<size_t>(n)) : "?";
+  return Error("output.dir: " + dir + " is in use by another longlora-train run (pid " + pid.substr(0, pid.find('\n')) +
+               "); wait for it to end, or choose another output.dir");
+}
+
 // Holds an exclusive lock on OUTPUT_DIR/.lock for the run: two runs in one output.dir
 // pruned, overwrote and trimmed each other's checkpoints and metrics. Creating the file
 // also finds an output.dir we cannot write before the first step, not at the first save.
@@ -52,12 +62,9 @@ class RunLock {
     fd_ = ::open(path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (fd_ < 0) throw Error("output.dir: " + dir + ": cannot write there: " + std::strerror(errno));
     if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
-      char buf[32] = {};
-      const ssize_t n = ::pread(fd_, buf, sizeof buf - 1, 0);
-      const std::string pid = n > 0 ? std::string(buf, static_cast<size_t>(n)) : "?";
+      Error e = in_use(dir, fd_);
       ::close(fd_);
-      throw Error("output.dir: " + dir + " is in use by another longlora-train run (pid " +
-                  pid.substr(0, pid.find('\n')) + "); wait for it to end, or choose another output.dir");
+      throw e;
     }
     const std::string me = std::to_string(::getpid()) + "\n";
     if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, me.data(), me.size(), 0) != static_cast<ssize_t>(me.size()))
@@ -80,6 +87,19 @@ std::string eta(double seconds) {
 }
 
 }  // namespace
+
+void refuse_if_in_use(const std::string& dir) {
+  const int fd = ::open((fs::path(dir) / ".lock").c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return;  // no run has used it
+  // A shared lock, let go at once: it fails while a run holds the exclusive one.
+  const bool busy = ::flock(fd, LOCK_SH | LOCK_NB) != 0;
+  if (busy) {
+    Error e = in_use(dir, fd);
+    ::close(fd);
+    throw e;
+  }
+  ::close(fd);
+}
 
 double lr_at(const TrainSection& t, int64_t step) {
   // As transformers' schedulers (the first step's multiplier is 0 with warmup).
@@ -130,6 +150,24 @@ void validate_for_training(const RunConfig& c, const ConfigOrigin& o) {
   if (::access(w.c_str(), W_OK | X_OK) != 0)
     throw Error(o.at("output.dir") + ": " + c.output.dir + ": cannot write in " + w.string() + ": " +
                 std::strerror(errno));
+  // A file named as a save of this run: the save replaced it.
+  if (fs::is_directory(c.output.dir, ec))
+    for (const auto& e : fs::directory_iterator(c.output.dir, ec)) {
+      const std::string n = e.path().filename().string();
+      if (n.rfind("checkpoint-", 0) == 0 && n.size() > 11 &&
+          n.find_first_not_of("0123456789", 11) == std::string::npos && !e.is_directory(ec))
+        throw Error(o.at("output.dir") + ": " + e.path().string() +
+                    " is not a directory, but the name of one of this run's saves; move it away");
+    }
+  // A run writing inside a training checkpoint (its own resume source, or another
+  // run's) lost everything there when that run pruned the checkpoint.
+  for (fs::path a = fs::weakly_canonical(fs::absolute(c.output.dir, ec), ec); !a.empty(); a = a.parent_path()) {
+    if (fs::exists(a / "COMPLETE", ec) || (a.filename().string().rfind("checkpoint-", 0) == 0 &&
+                                           fs::exists(a / "trainer_state.json", ec)))
+      throw Error(o.at("output.dir") + ": " + c.output.dir + ": lies inside the training checkpoint " + a.string() +
+                  ", which output.keep_last deletes with all it holds; choose a directory outside it");
+    if (a == a.parent_path()) break;
+  }
   // access() answers for the permission bits (always yes for root), not for what the
   // file system allows: under /proc it said writable and the run failed to create the
   // folder. A folder made and removed there is the real test.

@@ -22,4 +22,9 @@ void check_not_directory(const std::string& path, const std::string& field = "")
 // a writer blocked the run for good.
 void check_regular_file(const std::string& path, const std::string& field = "");
 
+// `path` made absolute, with the folder it lies in as the OS resolves it (symlinks,
+// ".."), and its own name kept (a symlink there stays one). Normalized as text,
+// "link/../model" named another directory than the one the OS opens. "" stays "".
+std::string resolved_path(const std::string& path);
+
 }  // namespace longlora

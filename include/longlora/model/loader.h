@@ -71,8 +71,9 @@ io::AdapterConfig apply_adapter(LlamaForCausalLMImpl& m, const std::string& dir)
 
 // Whether a parameter name belongs to a module listed in `modules` (peft's
 // modules_to_save / LongLoRA's "embed,norm" substring rule is in train/).
-// A training checkpoint: a directory with trainer_state.json or run_config.json (a
-// peft adapter directory has neither).
+// A training checkpoint of ours: a directory with run_config.json or COMPLETE, or a
+// trainer_state.json with our format_version (a peft adapter directory has neither;
+// a Hugging Face Trainer checkpoint has a trainer_state.json of its own).
 bool is_training_checkpoint(const std::string& dir);
 // The linear RoPE factor a training checkpoint was trained with (its
 // trainer_state.json's rope_factor, a number >= 1), if it records one; an Error when

@@ -27,4 +27,7 @@ std::optional<std::string> plan_start(const RunConfig& c, const ResumeRequest& r
 // Runs to train.max_steps (or a signal); returns the exit code.
 int train(const RunConfig& c, const ResumeRequest& resume);
 
+// Refuses, as a run would, an output.dir whose .lock another run holds (--dry-run).
+void refuse_if_in_use(const std::string& dir);
+
 }  // namespace longlora::train
