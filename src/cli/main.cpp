@@ -179,7 +179,7 @@ int run(int argc, char** argv) {
   add_model_options(gen_cmd, gen.model, gen.adapter, gen.rope_factor, gen.device, gen.dtype,
                     "Hugging Face model directory with tokenizer.model (required)");
   gen_cmd->add_option("--prompt", gen.prompt, "prompt text (or --prompt-file)");
-  gen_cmd->add_option("--prompt-file", gen.prompt_file, "file whose whole content is the prompt");
+  gen_cmd->add_option("--prompt-file", gen.prompt_file, "file whose whole content is the prompt (at most 16 MiB)");
   gen_cmd->add_option("--max-new-tokens", gen.max_new_tokens, "stop after this many new tokens (default 512) or at EOS")
       ->check(integer_in(1));
   gen_cmd->add_option("--temperature", gen.temperature, "sampling temperature (default 0.6); 0 = greedy")

@@ -129,8 +129,6 @@ std::string shape_str(const std::vector<int64_t>& s) {
   return o + "]";
 }
 
-bool is_float(DType d) { return d == DType::F32 || d == DType::F16 || d == DType::BF16; }
-
 DType dtype_from_flag(const std::string& s) {
   if (s == "bf16" || s == "bfloat16") return DType::BF16;
   if (s == "fp16" || s == "float16") return DType::F16;
@@ -792,10 +790,6 @@ fs::path resolved(const fs::path& p) {
   return ec ? fs::absolute(p).lexically_normal() : c;
 }
 
-// The output directory as the OS finds it (resolved_path): its existence check and
-// --overwrite's replacement must mean the same directory.
-fs::path output_path(const std::string& output) { return resolved_path(output); }
-
 // Whether `p` is `dir` or lies below it (both resolved).
 bool is_within(const fs::path& p, const fs::path& dir) {
   return std::mismatch(dir.begin(), dir.end(), p.begin(), p.end()).first == dir.end();
@@ -804,7 +798,9 @@ bool is_within(const fs::path& p, const fs::path& dir) {
 // --overwrite replaces the output directory with everything below it: an output
 // that is or contains the checkpoint or the base model would delete that input.
 void refuse_output_over_inputs(const ExportOptions& opt, const std::string& base) {
-  fs::path out = output_path(opt.output);
+  // As the OS finds it (resolved_path), here and in OutputDir: the existence check and
+  // --overwrite's replacement must mean the same directory.
+  fs::path out = resolved_path(opt.output);
   std::error_code ec;
   // Inside a training checkpoint the export is deleted with it when output.keep_last
   // prunes the checkpoint.
@@ -836,7 +832,7 @@ void refuse_output_over_inputs(const ExportOptions& opt, const std::string& base
 class OutputDir {
  public:
   explicit OutputDir(const ExportOptions& opt) : opt_(opt) {
-    final_ = output_path(opt.output);
+    final_ = resolved_path(opt.output);
     std::error_code ec;
     if (fs::exists(final_, ec) || fs::is_symlink(final_, ec)) {
       if (!opt.overwrite) fail(opt.output, "", "already exists (pass --overwrite to replace it)");

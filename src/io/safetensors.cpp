@@ -51,6 +51,8 @@ const char* dtype_name(DType d) {
   return "?";
 }
 
+bool is_float(DType d) { return d == DType::F32 || d == DType::F16 || d == DType::BF16; }
+
 size_t dtype_size(DType d) {
   switch (d) {
     case DType::F32: case DType::I32: return 4;

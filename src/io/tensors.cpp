@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "longlora/common/strings.h"
 #include "longlora/common/error.h"
 
 namespace longlora::io {
@@ -154,7 +155,7 @@ std::shared_ptr<SafetensorsFile> read_pickled_tensors(const std::string& path) {
   } catch (const c10::Error& e) {
     const std::string what = e.what_without_backtrace();
     if (what.find("got None") != std::string::npos) fail(path, "", ordered);
-    fail(path, "", "cannot read it as a torch.save file: " + what.substr(0, what.find('\n')));
+    fail(path, "", "cannot read it as a torch.save file: " + first_line(what));
   }
   if (v.isNone()) fail(path, "", ordered);
   if (!v.isGenericDict()) fail(path, "", "expected a dict of tensors (torch.save of a state dict)");

@@ -66,10 +66,6 @@ torch::Tensor param_ref(const torch::OrderedDict<std::string, torch::Tensor>& pa
   return *p;
 }
 
-bool is_float(io::DType d) {
-  return d == io::DType::F32 || d == io::DType::F16 || d == io::DType::BF16;
-}
-
 }  // namespace
 
 double parameter_count(const io::ModelConfig& c) {
@@ -197,7 +193,7 @@ LlamaForCausalLM load_model(const std::string& dir, const LoadOptions& opt) {
     if (!ckpt->contains(name)) fail(dir, "tensor '" + name + "'", "missing from the checkpoint");
     const auto& info = ckpt->get(name);
     const std::string& file = ckpt->file_of(name).path();
-    if (!is_float(info.dtype))
+    if (!io::is_float(info.dtype))
       fail(file, "tensor '" + name + "'",
            std::string("dtype ") + io::dtype_name(info.dtype) + " is not a float type");
     if (info.shape != shape)
@@ -417,7 +413,7 @@ io::AdapterConfig apply_adapter(LlamaForCausalLMImpl& m, const std::string& dir)
       fail(st_path, "tensor '" + key + "'",
            "replaces a base weight but its module is not in modules_to_save");
     const auto& info = file->get(key);
-    if (!is_float(info.dtype))
+    if (!io::is_float(info.dtype))
       fail(st_path, "tensor '" + key + "'", "dtype is not a float type");
     auto& p = item.value();
     check_saved_shape(st_path, key, name, info.shape, is_lora ? p.sizes().vec() : shapes.at(name));

@@ -19,6 +19,7 @@
 #include "longlora/common/error.h"
 #include "longlora/common/json_file.h"
 #include "longlora/common/fs.h"
+#include "longlora/common/strings.h"
 #include "longlora/io/adapter.h"
 #include "longlora/io/checksum.h"
 #include "longlora/io/export.h"
@@ -62,11 +63,7 @@ void write_text(const std::string& path, const std::string& text) {
 }
 
 // A libtorch error's first line (no C++ backtrace) for a one-line message.
-std::string first_line(const std::string& m) { return m.substr(0, m.find('\n')); }
-std::string first_line(const c10::Error& e) { return first_line(std::string(e.what_without_backtrace())); }
-
-// `p` made absolute against the working directory (resolved_path); "" stays "".
-std::string absolute_path(const std::string& p) { return resolved_path(p); }
+std::string first_line(const c10::Error& e) { return longlora::first_line(e.what_without_backtrace()); }
 
 // A run config with its file paths made absolute. Written so into run_config.json:
 // export reads the base model from it, and a relative model.path was resolved against
@@ -77,7 +74,7 @@ json with_absolute_paths(json j) {
                                  {"data", "train"}, {"data", "eval"}, {"output", "dir"}}) {
     if (!j.contains(sec) || !j[sec].is_object() || !j[sec].contains(key) || !j[sec][key].is_string()) continue;
     const std::string p = j[sec][key].get<std::string>();
-    if (fs::path(p).is_relative()) j[sec][key] = absolute_path(p);
+    if (fs::path(p).is_relative()) j[sec][key] = resolved_path(p);
   }
   return j;
 }
@@ -107,7 +104,7 @@ void save_adapter(const std::string& dir, const NamedTensors& trainable, const R
   a.lora_dropout = cfg.lora.dropout;
   a.target_modules = cfg.lora.targets;
   // Absolute, as in run_config.json: peft loads the base from it, from any directory.
-  a.base_model_name_or_path = absolute_path(cfg.model.path);
+  a.base_model_name_or_path = resolved_path(cfg.model.path);
   NamedTensors out;
   for (const auto& [name, p] : trainable) {
     out.emplace_back(io::kPeftPrefix + name, p);
@@ -238,6 +235,11 @@ std::vector<std::pair<int64_t, std::string>> checkpoint_dirs(const std::string& 
 }
 }  // namespace
 
+bool is_checkpoint_name(const std::string& name) {
+  static const std::regex re("checkpoint-[0-9]+");
+  return std::regex_match(name, re);
+}
+
 std::vector<std::pair<int64_t, std::string>> complete_checkpoints(const std::string& output_dir) {
   return checkpoint_dirs(output_dir, true);
 }
@@ -291,7 +293,7 @@ json read_state_file(const std::string& dir, TrainerState& st) {
   fs::path normal = fs::path(dir).lexically_normal();
   if (normal.filename().empty()) normal = normal.parent_path();  // "checkpoint-3/"
   const std::string name = normal.filename().string();
-  if (std::regex_match(name, std::regex("checkpoint-[0-9]+")) && name != "checkpoint-" + std::to_string(st.step))
+  if (is_checkpoint_name(name) && name != "checkpoint-" + std::to_string(st.step))
     f.fail("step", std::to_string(st.step) + ", but the directory is " + name);
   st.cursor = count("cursor", true);
   st.bad_steps = count("bad_steps", false);
@@ -409,7 +411,7 @@ void apply_optimizer_state(const std::shared_ptr<io::SafetensorsFile>& file, con
       throw Error(path + ": " + tensor(s, !m ? ".exp_avg" : !v ? ".exp_avg_sq" : ".step") +
                   " missing beside the others of its parameter");
     for (const auto& [t, part] : {std::pair{m, ".exp_avg"}, std::pair{v, ".exp_avg_sq"}}) {
-      if (t->dtype != io::DType::F32 && t->dtype != io::DType::BF16 && t->dtype != io::DType::F16)
+      if (!io::is_float(t->dtype))
         throw Error(path + ": " + tensor(s, part) + " is " + io::dtype_name(t->dtype) + ", not floating point");
       if (t->shape != s.param.sizes().vec())
         throw Error(path + ": " + tensor(s, part) + " has shape " + c10::str(c10::IntArrayRef(t->shape)) +

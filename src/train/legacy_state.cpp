@@ -17,6 +17,7 @@
 #include "longlora/common/error.h"
 #include "longlora/common/fs.h"
 #include "longlora/common/interrupt.h"
+#include "longlora/common/strings.h"
 #include "longlora/io/tensors.h"
 
 extern char** environ;
@@ -24,10 +25,6 @@ extern char** environ;
 namespace fs = std::filesystem;
 
 namespace longlora::train {
-
-namespace {
-std::string first_line(const std::string& m) { return m.substr(0, m.find('\n')); }
-}  // namespace
 
 // The child: argv = exe, command, IN, OUT, then each group's parameter count. The
 // archive matches moments to parameters by position, so stand-ins in groups of the
@@ -109,7 +106,7 @@ std::shared_ptr<io::SafetensorsFile> read_legacy_state(const std::string& state_
   pid_t pid = 0;
   // /proc/self/exe itself, not the path it names: a binary replaced since the start
   // has that path gone (" (deleted)") or another build there.
-  const int rc = ::posix_spawn(&pid, "/proc/self/exe", &fa, nullptr, argv.data(), environ);
+  const int rc = ::posix_spawn(&pid, exe.c_str(), &fa, nullptr, argv.data(), environ);
   posix_spawn_file_actions_destroy(&fa);
   if (rc != 0) throw Error(state_pt + ": cannot start " + exe.string() + " to read it: " + std::strerror(rc));
   int status = 0;

@@ -49,7 +49,7 @@ Error in_use(const std::string& dir, int fd) {
   char buf[32] = {};
   const ssize_t n = ::pread(fd, buf, sizeof buf - 1, 0);
   const std::string pid = n > 0 ? std::string(buf, static_cast<size_t>(n)) : "?";
-  return Error("output.dir: " + dir + " is in use by another longlora-train run (pid " + pid.substr(0, pid.find('\n')) +
+  return Error("output.dir: " + dir + " is in use by another longlora-train run (pid " + first_line(pid) +
                "); wait for it to end, or choose another output.dir");
 }
 
@@ -153,9 +153,7 @@ void validate_for_training(const RunConfig& c, const ConfigOrigin& o) {
   // A file named as a save of this run: the save replaced it.
   if (fs::is_directory(c.output.dir, ec))
     for (const auto& e : fs::directory_iterator(c.output.dir, ec)) {
-      const std::string n = e.path().filename().string();
-      if (n.rfind("checkpoint-", 0) == 0 && n.size() > 11 &&
-          n.find_first_not_of("0123456789", 11) == std::string::npos && !e.is_directory(ec))
+      if (is_checkpoint_name(e.path().filename().string()) && !e.is_directory(ec))
         throw Error(o.at("output.dir") + ": " + e.path().string() +
                     " is not a directory, but the name of one of this run's saves; move it away");
     }

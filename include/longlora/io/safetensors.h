@@ -22,6 +22,7 @@ enum class DType { F32, F16, BF16, I64, I32, U8 };
 // Throws longlora::Error (naming `file` and `tensor`) for dtypes we do not take.
 DType parse_dtype(const std::string& s, const std::string& file, const std::string& tensor);
 const char* dtype_name(DType d);
+bool is_float(DType d);  // F32, F16 or BF16
 size_t dtype_size(DType d);
 // True when none of the n elements at p (raw bits of dtype d) is inf or NaN; always
 // true for integers. Tested on the bits, not through torch::isfinite: a LLaMA-7B

@@ -75,6 +75,9 @@ std::vector<std::pair<int64_t, std::string>> complete_checkpoints(const std::str
 // Those without it (no save of ours, or one a prune was deleting), by step.
 std::vector<std::pair<int64_t, std::string>> incomplete_checkpoints(const std::string& output_dir);
 
+// Whether `name` is a save's folder name, checkpoint-N.
+bool is_checkpoint_name(const std::string& name);
+
 // Newest directory checkpoint-N with COMPLETE under output_dir, if any.
 std::optional<std::string> latest_checkpoint(const std::string& output_dir);
 

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "longlora/attention/attention.h"
+#include "longlora/common/strings.h"
 #include "longlora/common/error.h"
 
 #ifdef LONGLORA_WITH_CUDA
@@ -129,7 +130,7 @@ int run_attention_bench(const AttentionBenchOptions& opt) {
           opt.warmup, opt.iters);
     } catch (const std::exception& e) {
       std::string what = e.what();
-      r.error = what.substr(0, what.find('\n'));
+      r.error = first_line(what);
       std::replace(r.error.begin(), r.error.end(), '"', '\'');  // JSON-safe
       std::replace(r.error.begin(), r.error.end(), '\\', '/');
     }
