@@ -63,7 +63,7 @@ void run_kernels(ek::S2BwdParams& p) {
 }
 
 // The tile configurations the dispatch (s2_fwd.cu, s2_bwd.cu) can choose.
-enum class Tiles { Default, Alt, Bwd2D, FwdWgmma, Wgmma, FwdPipe, Pipe, Bulk, PipeBulk };
+enum class Tiles { Default, Alt, Bwd2D, FwdWgmma, Wgmma, FwdPipe, Pipe, Bulk, PipeBulk, Stagger, Rows };
 
 template <typename T, int D>
 void dispatch(ek::S2BwdParams& p, Tiles tiles) {
@@ -97,6 +97,19 @@ void dispatch(ek::S2BwdParams& p, Tiles tiles) {
         return;
       }
       throw std::invalid_argument("the wgmma backward has D = 128 only");
+    case Tiles::Rows:  // the pipelined wgmma backward adding dQ a row segment at a time
+      if constexpr (D == 128) {
+        run_kernels<T, D, ek::S2FwdWgmmaStaggerTraits<T, D>, ek::S2BwdWgmmaPipeRowsTraits<T, D>>(p);
+        return;
+      }
+      throw std::invalid_argument("the wgmma backward has D = 128 only");
+    case Tiles::Stagger:  // the staggered wgmma forward; at D = 128 the pipelined wgmma backward
+      if constexpr (D == 128) {
+        run_kernels<T, D, ek::S2FwdWgmmaStaggerTraits<T, D>, ek::S2BwdWgmmaPipeTraits<T, D>>(p);
+      } else {
+        run_kernels<T, D, ek::S2FwdWgmmaStaggerTraits<T, D>, ek::S2BwdConfig<T, D>>(p);
+      }
+      return;
   }
 }
 
@@ -319,6 +332,8 @@ std::string case_name(const EmuCase& c) {
           : c.tiles == Tiles::Pipe     ? "_pipe"
           : c.tiles == Tiles::Bulk     ? "_bulkdq"
           : c.tiles == Tiles::PipeBulk ? "_pipebulkdq"
+          : c.tiles == Tiles::Stagger  ? "_stagger"
+          : c.tiles == Tiles::Rows     ? "_rowdq"
                                      : "");
 }
 void PrintTo(const EmuCase& c, std::ostream* os) { *os << case_name(c); }
@@ -385,6 +400,18 @@ std::vector<EmuCase> emu_cases() {
   cs.push_back({{1, 4, 2, 384, 128, 192, M::Roll, fp16}, Tiles::Bulk});
   cs.push_back({{1, 6, 2, 300, 128, 100, M::Segments, fp16}, Tiles::PipeBulk});
   cs.push_back({{1, 2, 1, 512, 128, 0, M::Full, bf16}, Tiles::PipeBulk});
+  // The staggered forward (warpgroups taking turns at a named barrier): one tile and
+  // several, Roll's wrap, GQA, ragged lengths; with the pipelined backward at D = 128.
+  cs.push_back({{1, 2, 2, 64, 128, 16, M::Segments, bf16}, Tiles::Stagger});
+  cs.push_back({{1, 4, 2, 384, 64, 192, M::Roll, fp16}, Tiles::Stagger});
+  cs.push_back({{1, 6, 2, 300, 128, 100, M::Segments, fp16}, Tiles::Stagger});
+  cs.push_back({{1, 2, 1, 512, 128, 0, M::Full, bf16}, Tiles::Stagger});
+  // dQ a row segment at a time, each step's rows added in the next step (D = 128): one
+  // step per CTA (added after the loop), many steps (each warp's rows rewritten after
+  // the next step read them), a ragged last query tile.
+  cs.push_back({{1, 2, 2, 64, 128, 16, M::Segments, bf16}, Tiles::Rows});
+  cs.push_back({{1, 6, 2, 300, 128, 100, M::Segments, fp16}, Tiles::Rows});
+  cs.push_back({{1, 4, 2, 384, 128, 192, M::Roll, bf16}, Tiles::Rows});
   return cs;
 }
 

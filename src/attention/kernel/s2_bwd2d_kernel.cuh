@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd2d_kernel(const S2BwdP
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             const int e = 2 * rr + c;
-            float pv = exp2f(fmaf(s[mt][nt][e], scale_log2, -lse_log2));
+            float pv = s2_exp2(fmaf(s[mt][nt][e], scale_log2, -lse_log2));
             if (masked && !keys.contains(k0 + wn * 32 + nt * 8 + 2 * t + c)) pv = 0.f;
             pe[c] = pv;
             dse[c] = pv * (dp[mt][nt][e] - delta) * p.softmax_scale;

@@ -107,6 +107,18 @@ __device__ __forceinline__ void s2_atomic_add2(float* dst, float x, float y) {
 #endif
 }
 
+// dst[0 .. 3] += v (dQ's fp32 accumulator, 16-byte aligned): one 16-byte atomic on sm_90.
+__device__ __forceinline__ void s2_atomic_add4(float* dst, float4 v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(dst), v);
+#else
+  atomicAdd(dst, v.x);
+  atomicAdd(dst + 1, v.y);
+  atomicAdd(dst + 2, v.z);
+  atomicAdd(dst + 3, v.w);
+#endif
+}
+
 // dst[8 nd + 2 t, + 1] += row rr of an accumulator of kN 8-column C tiles (dQ's rows).
 template <int kN>
 __device__ __forceinline__ void s2_atomic_add_acc_row(float* dst, const float (&acc)[kN][4], int rr) {

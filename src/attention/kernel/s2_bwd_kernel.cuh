@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(Traits::kThreads) s2_bwd_kernel(const S2BwdPar
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int il = nt * 8 + 2 * t + (e & 1);
-        st[nt][e] = exp2f(fmaf(st[nt][e], scale_log2, -sLse[il] * kS2Log2e));
+        st[nt][e] = s2_exp2(fmaf(st[nt][e], scale_log2, -sLse[il] * kS2Log2e));
       }
     // Boundary tiles: zero P where the query does not see the key (one interval pair
     // per key, two compares per element), in a branch of its own.

@@ -15,7 +15,16 @@
 //                                 transposed, B = K transposed; fp32 atomics.
 // Two barriers per step: at the top (this step's copies visible; every warp done with
 // the previous step's stage and dS^T), and before dQ (both warpgroups' dS^T stored).
-// The dV/dK products run while the warpgroups wait at the second one.
+// The dV/dK products run while the warpgroups wait at the second one. The next step's
+// copies are issued after this step's first products, so that their address arithmetic
+// overlaps the tensor cores' work (issued before them, it left the tensor cores idle
+// after every barrier: 17.5 -> 14.2 ms at L = 32768 on the H200, docs/benchmarks.md).
+// Row dQ (Traits::kDqRows: S2BwdWgmmaPipeRowsTraits, the default on H100/H200;
+// LONGLORA_S2_BWD_DQROWS=0 turns it off): each warp stores its 16 x 64 block of dQ to its
+// own part of shared memory and adds it in the next step, while that step's products
+// run, in 16-byte atomics that cover whole 128-byte lines (4 lines a warp instruction,
+// where the accumulator layout's 8-byte atomics touch 8 rows): 14.0-14.2 -> 12.7-13.2 ms
+// at L = 32768, 126-127 -> 114 ms at 100000.
 // Pipelined (Traits::kPipelined: S2BwdWgmmaPipeTraits, the default on H100/H200,
 // LONGLORA_S2_BWD_PIPE=0 turns it off; 3-4% faster there): S^T and dP^T are two groups,
 // P^T is computed while dP^T runs, and dV is issued before dS^T is made, so that it
@@ -96,15 +105,56 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_bwd_wgmma_kernel(const
   S2TileSpan span;
   steps.first_from(hq, m_block, span);
   if (m_block >= 0) steps.load(hq, m_block, 0);
+  // A step's copies are waited for and fenced by each thread before the barrier at the
+  // top of the step: here for the first, at the end of the previous step for the others,
+  // before that step's dQ atomics (ncu showed the fence waiting behind them; moving it
+  // changed no timing measurably, but it waits for nothing it need not).
+  cp_async_wait<0>();
+  fence_proxy_async();
+
+  // kDqRows: the rows of dQ waiting in this warp's part of sDq, added back two rows per
+  // instruction, 4 floats a lane, so that each atomic instruction covers four whole
+  // 128-byte lines: where they go (this lane's rows: dst + 2 i D), how many of them lie
+  // before the end of the sequence, and whether any wait.
+  struct DqRows {
+    float* dst;
+    int left;
+    bool pending;
+  } dq_rows{nullptr, 0, false};
+  const int lane = threadIdx.x % 32;
+  float* const sDqW = sDq + (warp % 4) * 16 * Traits::kDqLd;
+  auto flush_dq = [&] {
+    if (!dq_rows.pending) return;
+    __syncwarp();  // every lane's rows stored
+    // All eight loads first: with one register quad reused, each load waited for the
+    // previous atomic to read it.
+    float4 v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      v[i] = *reinterpret_cast<const float4*>(sDqW + (lane / 16 + 2 * i) * Traits::kDqLd + (lane % 16) * 4);
+    if (dq_rows.left >= 16) {  // a whole tile (all but a ragged last one): no branches
+#pragma unroll
+      for (int i = 0; i < 8; ++i) s2_atomic_add4(dq_rows.dst + 2 * i * D, v[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (2 * i < dq_rows.left) s2_atomic_add4(dq_rows.dst + 2 * i * D, v[i]);
+    }
+    dq_rows.pending = false;
+  };
 
   for (int stage = 0; m_block >= 0; stage ^= 1) {
     int hq_next = hq, m_next = m_block;
     S2TileSpan span_next = span;
     steps.advance(hq_next, m_next, span_next);
-    cp_async_wait<0>();   // this step's copies (the first time, K and V too) have landed
-    fence_proxy_async();  // ... visible to the tensor cores
-    __syncthreads();      // ... for every thread; every warp is done with stage ^ 1 and sdS
-    if (m_next >= 0) steps.load(hq_next, m_next, stage ^ 1);
+    __syncthreads();  // every thread's copies of this step landed and fenced (visible to the
+                      // tensor cores); every warp is done with stage ^ 1 and sdS
+    // The next step's copies are issued once this step's first products are: their
+    // address arithmetic then runs while the tensor cores work, where issuing them first
+    // left the tensor cores idle after every barrier.
+    auto prefetch = [&] {
+      if (m_next >= 0) steps.load(hq_next, m_next, stage ^ 1);
+    };
 
     const int h = hk * ratio + hq;
     const S2HeadMask mask = S2HeadMask::make(p.L, p.group, p.mode, h, p.H);
@@ -124,6 +174,20 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_bwd_wgmma_kernel(const
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) wgmma_ss<T, BM>(dpt, desc_kv(sV, kk), desc_qo(sdO, kk), kk > 0);
     wgmma_commit();
+    prefetch();
+    // kDqRows: the previous step's dQ rows, added while this step's products run (the
+    // rows wait in shared memory, not in registers: a wgmma in flight across the loop's
+    // back edge, as dQ's own would be, makes ptxas serialize every wgmma, C7514).
+    if constexpr (Traits::kDqRows) flush_dq();
+
+    // Where this tile needs the mask: the rows that see this thread's two keys (worked
+    // out while the products run).
+    const bool masked = s2_tile_needs_mask(mask, q0, k0, BM, BN);
+    S2Bounds rows[2] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
+    if (masked) {
+      rows[0] = mask.key_rows(k0 + krow);
+      rows[1] = mask.key_rows(k0 + krow + 8);
+    }
     if constexpr (Traits::kPipelined) {
       wgmma_wait<1>();  // S^T; dP^T may still run
     } else {
@@ -135,14 +199,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_bwd_wgmma_kernel(const
     // P^T = exp2(s scale log2(e) - lse log2(e)), zero where the query does not see the key
     // (boundary tiles only); dS^T = P^T (dP^T - delta) scale. Element 4 j + 2 rr + c is key
     // krow + 8 rr, query 8 j + 2 t + c.
-    const bool masked = s2_tile_needs_mask(mask, q0, k0, BM, BN);
-    S2Bounds rows[2] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
-    if (masked) {
-      rows[0] = mask.key_rows(k0 + krow);
-      rows[1] = mask.key_rows(k0 + krow + 8);
-    }
-    // P^T from S^T (in st) where kP, dS^T from dP^T (in dpt, with P^T in st) where kDs.
-    auto elementwise = [&](auto kP, auto kDs) {
+    // P^T from S^T (in st) where kP, dS^T from dP^T (in dpt, with P^T in st) where kDs;
+    // the mask only where kMasked (a boundary tile), without branches: the unmasked
+    // tiles, nearly all, run no compares.
+    auto elementwise = [&](auto kP, auto kDs, auto kMasked) {
 #pragma unroll
       for (int j = 0; j < kNQ; ++j)
 #pragma unroll
@@ -152,8 +212,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_bwd_wgmma_kernel(const
           for (int rr = 0; rr < 2; ++rr) {
             const int e = 4 * j + 2 * rr + c;
             if constexpr (decltype(kP)::value) {
-              const float pv = exp2f(fmaf(st[e], scale_log2, -sLse[ql] * kS2Log2e));
-              st[e] = masked && !rows[rr].contains(q0 + ql) ? 0.f : pv;
+              const float pv = s2_exp2(fmaf(st[e], scale_log2, -sLse[ql] * kS2Log2e));
+              if constexpr (decltype(kMasked)::value) {
+                const int x = q0 + ql;
+                const S2Bounds& r = rows[rr];
+                st[e] = ((x >= r.lo) & (x <= r.hi)) | ((x >= r.wlo) & (x <= r.whi)) ? pv : 0.f;
+              } else {
+                st[e] = pv;
+              }
             }
             if constexpr (decltype(kDs)::value) dpt[e] = st[e] * (dpt[e] - sDelta[ql]) * p.softmax_scale;
           }
@@ -191,8 +257,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_bwd_wgmma_kernel(const
       for (int kk = 0; kk < BM / 16; ++kk) wgmma_rs<T, D>(dk, dsa[kk], desc_qo_mn(sQ, kk), 1);
     };
 
+    auto make_p = [&] {
+      if (masked) elementwise(kYes, kNo, kYes);
+      else elementwise(kYes, kNo, kNo);
+    };
     if constexpr (!Traits::kPipelined) {
-      elementwise(kYes, kYes);
+      make_p();
+      elementwise(kNo, kYes, kNo);
       pack_p();
       pack_and_store_ds();
       // dV and dK, one group, run while the warpgroups meet at the barrier below.
@@ -203,14 +274,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_bwd_wgmma_kernel(const
     } else {
       // P^T while dP^T runs; dV issued as soon as P^T is packed, and run while dS^T is
       // made; then dK, which runs while the warpgroups meet at the barrier below.
-      elementwise(kYes, kNo);
+      make_p();
       pack_p();
       wgmma_fence();
       issue_dv();
       wgmma_commit();
       wgmma_wait<1>();  // dP^T; dV may still run
       wgmma_reg_fence(dpt);
-      elementwise(kNo, kYes);
+      elementwise(kNo, kYes, kNo);
       pack_and_store_ds();
       wgmma_fence();
       issue_dk();
@@ -235,6 +306,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_bwd_wgmma_kernel(const
     wgmma_reg_fence(dq);
     wgmma_reg_fence(pa);  // P^T and dS^T registers stay untouched until their wgmmas are done
     wgmma_reg_fence(dsa);
+    cp_async_wait<0>();   // the next step's copies (see above the loop)
+    fence_proxy_async();
     if constexpr (Traits::kBulkDq) {
       // dQ's rows to sDq, then row r of the warpgroup's 64 added to dq_accum by thread
       // r of it, one bulk add each.
@@ -254,19 +327,33 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_bwd_wgmma_kernel(const
                               64 * static_cast<int>(sizeof(float)));
         bulk_commit();
       }
-    } else {
+    } else if constexpr (Traits::kDqRows) {
+      // This warp's 16 rows (queries q0 + 16 (warp % 4) ..) of the warpgroup's 64 dims
+      // to its own part of sDq; added from there (flush_dq).
+      __syncwarp();  // every lane has read the previous step's rows
 #pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        const int i = q0 + qrow + 8 * rr;
-        if (i < p.L)
-          s2_atomic_add_acc_row(dq_acc + static_cast<int64_t>(i) * D + 64 * wg,
-                                reinterpret_cast<const float(&)[8][4]>(dq), rr);
-      }
+      for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          *reinterpret_cast<float2*>(sDqW + (g + 8 * rr) * Traits::kDqLd + 8 * j + 2 * t) =
+              make_float2(dq[4 * j + 2 * rr], dq[4 * j + 2 * rr + 1]);
+      const int r0 = q0 + 16 * (warp % 4) + lane / 16;
+      dq_rows = {dq_acc + static_cast<int64_t>(r0) * D + 64 * wg + (lane % 16) * 4, p.L - r0, true};
+    } else {
+      // One base address; the other 15 atomics at constant offsets from it (per-row
+      // addresses overwrote registers earlier atomics still had to read).
+      float* base = dq_acc + static_cast<int64_t>(q0 + qrow) * D + 64 * wg + 2 * t;
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr)
+        if (q0 + qrow + 8 * rr < p.L)
+#pragma unroll
+          for (int j = 0; j < 8; ++j) s2_atomic_add2(base + 8 * rr * D + 8 * j, dq[4 * j + 2 * rr], dq[4 * j + 2 * rr + 1]);
     }
     hq = hq_next;
     m_block = m_next;
     span = span_next;
   }
+  if constexpr (Traits::kDqRows) flush_dq();  // the last step's
   cp_async_wait<0>();  // no copy may outlive the CTA (none is pending here: defensive)
   if constexpr (Traits::kBulkDq)
     if (dq_issuer) bulk_wait<0>();  // nor a bulk add reading sDq

@@ -166,6 +166,16 @@ inline void named_barrier(int id, int n) {
   if (id <= 0 || id >= 16) throw std::runtime_error("emu::named_barrier: id must be in 1..15");
   barrier(c.named_arrived[id], c.named_gen[id], n);
 }
+// bar.arrive id, n: counts this thread at barrier id without waiting for it.
+inline void named_barrier_arrive(int id, int n) {
+  Cta& c = *cta();
+  if (id <= 0 || id >= 16) throw std::runtime_error("emu::named_barrier_arrive: id must be in 1..15");
+  c.progress = true;
+  if (++c.named_arrived[id] == n) {
+    c.named_arrived[id] = 0;
+    ++c.named_gen[id];
+  }
+}
 
 template <typename T>
 inline float elem_to_float(uint16_t bits) {
@@ -468,6 +478,7 @@ inline void launch(Dim3 grid, int threads, const std::function<void()>& body) {
 #define __syncthreads() ::longlora::attention::kernel::emu::syncthreads()
 #define __shfl_xor_sync(mask, v, m) ::longlora::attention::kernel::emu::shfl_xor((v), (m))
 #define __any_sync(mask, p) ::longlora::attention::kernel::emu::any(p)
+#define __syncwarp(...) ::longlora::attention::kernel::emu::warp_sync()
 #define __launch_bounds__(...)
 inline float atomicAdd(float* p, float v) {  // one OS thread: no other fiber runs meanwhile
   const float old = *p;

@@ -37,19 +37,22 @@ bool s2_wgmma_available() {
   return ok;
 }
 
-// The forward kernel for this process. On H100/H200 the wgmma kernel
-// (s2_fwd_wgmma_kernel.cuh; 5.1 ms against 7.5 ms for the mma.sync kernel at L = 32768,
-// docs/benchmarks.md); LONGLORA_S2_FWD_MMA=1 forces the mma.sync kernel there. The
+// The forward kernel for this process. On H100/H200 the wgmma kernel with its warpgroups
+// taking turns (s2_fwd_wgmma_kernel.cuh, kStagger; 4.5 ms against 4.9 ms without the
+// turns and 7.4 ms for the mma.sync kernel at L = 32768 on the H200, docs/benchmarks.md;
+// LONGLORA_S2_FWD_STAGGER=0 drops the turns); LONGLORA_S2_FWD_MMA=1 forces the mma.sync kernel there. The
 // alternative tiles (s2_traits.cuh, LONGLORA_S2_FWD_ALT=1) keep the mma.sync kernel's two
 // code paths tested and comparable. LONGLORA_S2_FWD_PIPE=1 picks the wgmma kernel
 // pipelined within each warpgroup (S2FwdWgmmaPipeTraits), an experiment: correct on the
 // H100 but slower there (5.38-5.46 ms against 5.20-5.23 ms at L = 32768). Read once.
-enum class S2FwdKind { kWgmma, kWgmmaPipe, kMma, kMmaAlt };
+enum class S2FwdKind { kWgmma, kWgmmaPipe, kWgmmaStagger, kMma, kMmaAlt };
 static S2FwdKind s2_fwd_kind() {
   static const S2FwdKind kind = [] {
     if (s2_env_flag("LONGLORA_S2_FWD_ALT")) return S2FwdKind::kMmaAlt;
     if (!s2_env_flag("LONGLORA_S2_FWD_MMA") && s2_wgmma_available())
-      return s2_env_flag("LONGLORA_S2_FWD_PIPE") ? S2FwdKind::kWgmmaPipe : S2FwdKind::kWgmma;
+      return s2_env_flag("LONGLORA_S2_FWD_PIPE")      ? S2FwdKind::kWgmmaPipe
+             : s2_env_default_on("LONGLORA_S2_FWD_STAGGER") ? S2FwdKind::kWgmmaStagger
+                                                             : S2FwdKind::kWgmma;
     return S2FwdKind::kMma;
   }();
   return kind;
@@ -59,6 +62,7 @@ const char* s2_fwd_kernel_name(int /*head_dim*/) {
   switch (s2_fwd_kind()) {
     case S2FwdKind::kWgmma: return "wgmma";
     case S2FwdKind::kWgmmaPipe: return "wgmma pipelined";
+    case S2FwdKind::kWgmmaStagger: return "wgmma staggered";
     case S2FwdKind::kMmaAlt: return "mma.sync alt";
     default: return "mma.sync";
   }
@@ -69,6 +73,7 @@ static void s2_fwd_dim(const S2FwdParams& p, cudaStream_t stream) {
   switch (s2_fwd_kind()) {
     case S2FwdKind::kWgmma: launch_s2_fwd<S2FwdWgmmaTraits<T, D>>(p, stream); return;
     case S2FwdKind::kWgmmaPipe: launch_s2_fwd<S2FwdWgmmaPipeTraits<T, D>>(p, stream); return;
+    case S2FwdKind::kWgmmaStagger: launch_s2_fwd<S2FwdWgmmaStaggerTraits<T, D>>(p, stream); return;
     case S2FwdKind::kMmaAlt: launch_s2_fwd<S2FwdAltConfig<T, D>>(p, stream); return;
     default: launch_s2_fwd<S2FwdConfig<T, D>>(p, stream); return;
   }

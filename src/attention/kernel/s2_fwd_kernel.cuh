@@ -72,14 +72,14 @@ __device__ __forceinline__ bool s2_online_softmax(float (&s)[kNS][4], float (&m_
     const float m_new = fmaxf(m_run[rr], m * scale_log2);  // base-2 units
     // A row with nothing visible so far keeps max -inf: subtract 0, not -inf.
     const float m_use = (m_new == -INFINITY) ? 0.f : m_new;
-    alpha[rr] = exp2f(m_run[rr] - m_use);
+    alpha[rr] = s2_exp2(m_run[rr] - m_use);
     rescale |= m_new != m_run[rr];
     m_run[rr] = m_new;
     float sum[kNS];
 #pragma unroll
     for (int nt = 0; nt < kNS; ++nt) {
 #pragma unroll
-      for (int e = 2 * rr; e < 2 * rr + 2; ++e) s[nt][e] = exp2f(fmaf(s[nt][e], scale_log2, -m_use));
+      for (int e = 2 * rr; e < 2 * rr + 2; ++e) s[nt][e] = s2_exp2(fmaf(s[nt][e], scale_log2, -m_use));
       sum[nt] = s[nt][2 * rr] + s[nt][2 * rr + 1];
     }
 #pragma unroll

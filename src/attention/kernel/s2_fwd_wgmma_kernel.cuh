@@ -15,6 +15,12 @@
 // experiment, 3-5% slower on the H100, so off by default): each warpgroup's tensor cores compute P V of the
 // previous tile while it does this tile's softmax, instead of idling through it; V then
 // needs a third stage (Q, 2 K and 3 V tiles: 193 KB at D = 128 in bf16).
+// Staggered (Traits::kStagger: S2FwdWgmmaStaggerTraits, the default on H100/H200;
+// LONGLORA_S2_FWD_STAGGER=0 turns it off; 4.5 against 4.9 ms at L = 32768 on the H200): the
+// second warpgroup issues a tile's S only once the first one's is done (named barrier 1:
+// the first arrives, the second syncs), so that the warpgroups take turns: one's
+// softmax runs while the other's S or P V keeps the tensor cores busy, where both
+// used to do their softmax at once with the tensor cores idle.
 // The mask, the online softmax and the epilogue are the mma.sync kernel's
 // (s2_mask_block, s2_online_softmax, s2_store_out_block in s2_fwd_kernel.cuh).
 #pragma once
@@ -141,14 +147,29 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_fwd_wgmma_kernel(const
     fence_proxy_async();  // ... and are visible to the tensor cores
     __syncthreads();      // ... for every thread; every warpgroup has retired iteration
                           // i - 1's wgmmas, so the stages tile i + 1 goes to are free
-    if (n_next >= 0) load_kv(i + 1, n_next);
+    // Tile i + 1's copies are issued once this tile's first product is: their address
+    // arithmetic then runs while the tensor cores work, where issuing them first left the
+    // tensor cores idle after every barrier.
+    auto prefetch = [&] {
+      if (n_next >= 0) load_kv(i + 1, n_next);
+    };
 
     if constexpr (!Traits::kPipelined) {
-      // Product, wait, softmax, product, wait: the tensor cores idle during the softmax.
+      // Product, wait, softmax, product, wait: the tensor cores idle during the softmax
+      // (unless staggered).
+      if constexpr (Traits::kStagger) {
+        if (wg == 1) {
+          prefetch();  // while waiting for its turn
+          named_barrier_sync<1>(Traits::kThreads);  // the first warpgroup's S is done
+        }
+      }
       wgmma_fence();
       issue_s(i);
+      if (!Traits::kStagger || wg == 0) prefetch();
       wgmma_wait<0>();
       wgmma_reg_fence(s);
+      if constexpr (Traits::kStagger)
+        if (wg == 0) named_barrier_arrive<1>(Traits::kThreads);
       if (softmax(k0)) rescale_o();
       pack_p();
       wgmma_fence();
@@ -165,8 +186,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_fwd_wgmma_kernel(const
       if (i > 0) {
         wgmma_fence();  // as flash-attention 3 does before each product; ptxas adds it otherwise
         issue_pv(i - 1);
+        prefetch();
         wgmma_wait<1>();  // S_i done; P_{i-1} V_{i-1} may still run
       } else {
+        prefetch();
         wgmma_wait<0>();
       }
       wgmma_reg_fence(s);

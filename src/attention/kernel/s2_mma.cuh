@@ -85,6 +85,19 @@ __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t 
 #endif
 
 __device__ __forceinline__ int lane_g() { return (threadIdx.x & 31) >> 2; }
+
+// 2^x by the special-function unit alone (ex2.approx.ftz): exp2f adds a compare and two
+// multiplies around it per element to keep results below 2^-126, which the kernels'
+// softmax arguments (<= 0) only produce for probabilities that round to 0 anyway.
+__device__ __forceinline__ float s2_exp2(float x) {
+#if defined(__CUDA_ARCH__) && !defined(LONGLORA_S2_EMULATE)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
 __device__ __forceinline__ int lane_t() { return threadIdx.x & 3; }
 
 // Fragment loads use ldmatrix: one instruction moves two or four 8x8 blocks of 16-bit

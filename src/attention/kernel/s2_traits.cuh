@@ -54,11 +54,16 @@ struct S2FwdTraits {
 // 128-byte-swizzled layout (unpadded), plus 1 KB to align them to 1024 bytes.
 // kPipelined_ (S2FwdWgmmaPipeTraits below): pipelined within each warpgroup, which reads
 // V of the previous tile while the next one is copied: a third stage of V.
-template <typename T_, int kHeadDim_, bool kPipelined_ = false>
+// kStagger_ (S2FwdWgmmaStaggerTraits): the second warpgroup issues a tile's S = Q K^T
+// only once the first one's is done, so that each one's softmax runs while the other
+// one's products keep the tensor cores busy (a named barrier per tile).
+template <typename T_, int kHeadDim_, bool kPipelined_ = false, bool kStagger_ = false>
 struct S2FwdWgmmaTraits {
   using T = T_;
   static constexpr bool kWgmma = true;
   static constexpr bool kPipelined = kPipelined_;
+  static constexpr bool kStagger = kStagger_;
+  static_assert(!(kPipelined && kStagger), "the staggered forward is the unpipelined one");
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 128;
   static constexpr int kBlockN = 128;
@@ -73,6 +78,8 @@ struct S2FwdWgmmaTraits {
 };
 template <typename T, int D>
 using S2FwdWgmmaPipeTraits = S2FwdWgmmaTraits<T, D, true>;
+template <typename T, int D>
+using S2FwdWgmmaStaggerTraits = S2FwdWgmmaTraits<T, D, false, true>;
 
 template <typename T_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
 struct S2BwdTraits {
@@ -159,7 +166,10 @@ struct S2Bwd2DTraits {
 // kBulkDq_: dQ's fp32 rows staged in shared memory (kDqLd floats a row, padded against
 // bank conflicts) and added to dq_accum by the bulk-copy engine, a row per
 // cp.reduce.async.bulk, instead of by the threads' atomics.
-template <typename T_, int kHeadDim_, bool kPipelined_ = false, bool kBulkDq_ = false>
+// kDqRows_: each warp passes its 16 x 64 block of dQ through shared memory (kDqLd floats a
+// row) and adds it in 16-byte atomics that cover whole 128-byte lines (two rows of 64
+// floats a warp instruction): 4 lines an instruction instead of 8 rows' 32-byte pieces.
+template <typename T_, int kHeadDim_, bool kPipelined_ = false, bool kBulkDq_ = false, bool kDqRows_ = false>
 struct S2BwdWgmmaTraits {
   using T = T_;
   static constexpr bool kTiled2D = false;
@@ -167,6 +177,8 @@ struct S2BwdWgmmaTraits {
   static constexpr bool kSwizzled = true;
   static constexpr bool kPipelined = kPipelined_;
   static constexpr bool kBulkDq = kBulkDq_;
+  static constexpr bool kDqRows = kDqRows_;
+  static_assert(!(kBulkDq && kDqRows), "one dQ path");
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 64;
   static constexpr int kBlockN = 128;
@@ -180,7 +192,7 @@ struct S2BwdWgmmaTraits {
   // dQ staging (kBulkDq): per warpgroup kBlockM rows of its 64 dims. A row of 72 floats
   // puts the float2 stores of a half-warp (4 rows x 4 column pairs) in 32 distinct banks.
   static constexpr int kDqLd = 72;
-  static constexpr int kSmemDqFloats = kBulkDq ? 2 * kBlockM * kDqLd : 0;
+  static constexpr int kSmemDqFloats = (kBulkDq || kDqRows) ? 2 * kBlockM * kDqLd : 0;
   static constexpr int kSmemBytes = kSmemElems * static_cast<int>(sizeof(T)) +
                                     (4 * kBlockM + kSmemDqFloats) * static_cast<int>(sizeof(float)) + 1024;
 
@@ -195,6 +207,8 @@ template <typename T, int D>
 using S2BwdWgmmaBulkTraits = S2BwdWgmmaTraits<T, D, false, true>;
 template <typename T, int D>
 using S2BwdWgmmaPipeBulkTraits = S2BwdWgmmaTraits<T, D, true, true>;
+template <typename T, int D>
+using S2BwdWgmmaPipeRowsTraits = S2BwdWgmmaTraits<T, D, true, false, true>;
 
 // The mma.sync configurations the dispatch instantiates (on H100/H200 the wgmma kernels
 // above replace them: S2FwdWgmmaTraits, and S2BwdWgmmaTraits at D = 128), the fastest

@@ -55,14 +55,32 @@ __device__ __forceinline__ void load_tile_sw128_async(T* s, const T* gp, int64_t
   constexpr int kChunksPerRow = kCols / 8;
   constexpr int kChunks = kRows * kChunksPerRow;
   static_assert(kCols % 64 == 0 && kRows % 8 == 0, "SW128 tiles: 64-element column blocks of 8-row atoms");
+  constexpr int kRowStep = kThreads / kChunksPerRow;
+  if constexpr (kThreads % kChunksPerRow == 0 && kChunks % kThreads == 0 && kRowStep % 8 == 0) {
+    // Each thread copies one chunk column of rows r0, r0 + kRowStep, ...; the swizzle
+    // repeats every 8 rows, so both addresses advance by constants (a 64-bit multiply per
+    // chunk was most of the kernels' copy cost).
+    const int r0 = static_cast<int>(threadIdx.x) / kChunksPerRow;
+    const int chunk = static_cast<int>(threadIdx.x) % kChunksPerRow;
+    T* dst = s + sw128_offset(r0, chunk, kRows);
+    const T* src = gp + r0 * gstride + chunk * 8;
+    const int64_t step = kRowStep * gstride;
 #pragma unroll
-  for (int it = 0; it < (kChunks + kThreads - 1) / kThreads; ++it) {
-    const int c = threadIdx.x + it * kThreads;
-    if (kChunks % kThreads == 0 || c < kChunks) {
-      const int r = c / kChunksPerRow;
-      const int chunk = c % kChunksPerRow;
-      const bool in = r < rows;
-      cp_async_16(s + sw128_offset(r, chunk, kRows), gp + (in ? r * gstride : 0) + chunk * 8, in);
+    for (int it = 0; it < kChunks / kThreads; ++it) {
+      const bool in = r0 + it * kRowStep < rows;
+      cp_async_16(dst + it * kRowStep * 64, in ? src : gp, in);
+      src += step;
+    }
+  } else {
+#pragma unroll
+    for (int it = 0; it < (kChunks + kThreads - 1) / kThreads; ++it) {
+      const int c = threadIdx.x + it * kThreads;
+      if (kChunks % kThreads == 0 || c < kChunks) {
+        const int r = c / kChunksPerRow;
+        const int chunk = c % kChunksPerRow;
+        const bool in = r < rows;
+        cp_async_16(s + sw128_offset(r, chunk, kRows), gp + (in ? r * gstride : 0) + chunk * 8, in);
+      }
     }
   }
 }
@@ -116,6 +134,10 @@ __device__ __forceinline__ void bulk_wait() {
 template <int kId>
 __device__ __forceinline__ void named_barrier_sync(int n) {
   emu::named_barrier(kId, n);
+}
+template <int kId>
+__device__ __forceinline__ void named_barrier_arrive(int n) {
+  emu::named_barrier_arrive(kId, n);
 }
 #elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // The accumulator of a wgmma: its 32 (N = 64) or 64 (N = 128) fp32 registers as named
@@ -245,6 +267,12 @@ template <int kId>
 __device__ __forceinline__ void named_barrier_sync(int n) {
   asm volatile("bar.sync %0, %1;\n" ::"n"(kId), "r"(n) : "memory");
 }
+// Counts this thread's arrival at barrier kId (of n threads) without waiting: the
+// threads that bar.sync there go on once n have arrived or synced.
+template <int kId>
+__device__ __forceinline__ void named_barrier_arrive(int n) {
+  asm volatile("bar.arrive %0, %1;\n" ::"n"(kId), "r"(n) : "memory");
+}
 #else
 // Not sm_90a: never launched (the dispatch probes for sm_90a code first).
 template <typename T, int N>
@@ -270,6 +298,8 @@ template <int N>
 __device__ __forceinline__ void bulk_wait() {}
 template <int kId>
 __device__ __forceinline__ void named_barrier_sync(int) {}
+template <int kId>
+__device__ __forceinline__ void named_barrier_arrive(int) {}
 #endif
 
 template <typename T, int N, int kTransA = 0, int kTransB = 0>

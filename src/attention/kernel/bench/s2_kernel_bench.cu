@@ -99,6 +99,7 @@ struct Opts {
   bool bwd_2d = false;     // the alternative backward is the 2-D-tiled kernel
   bool fwd_wgmma = false;  // the alternative forward is the wgmma kernel (sm_90a)
   bool fwd_pipe = false;   // ... the wgmma kernel pipelined within each warpgroup
+  bool fwd_stagger = false;  // ... the wgmma kernel with its warpgroups taking turns
   bool bwd_wgmma = false;  // the alternative backward is the wgmma kernel (sm_90a, D = 128)
   bool bwd_pipe = false;   // ... with its elementwise work overlapped
   bool bwd_bulk = false;   // with --bwd-wgmma or --bwd-pipe: dQ by bulk adds (kBulkDq)
@@ -140,6 +141,8 @@ std::vector<Config> configs(const Opts& o) {
       cs.push_back(config<S2FwdWgmmaPipeTraits<bf16, D>, S2BwdWgmmaPipeTraits<bf16, D>>("pipe/pipe"));
       cs.push_back(config<S2FwdWgmmaTraits<bf16, D>, S2BwdWgmmaBulkTraits<bf16, D>>("wgmma/wgmma+bulk"));
       cs.push_back(config<S2FwdWgmmaPipeTraits<bf16, D>, S2BwdWgmmaPipeBulkTraits<bf16, D>>("pipe/pipe+bulk"));
+      cs.push_back(config<S2FwdWgmmaStaggerTraits<bf16, D>, S2BwdWgmmaPipeTraits<bf16, D>>("stagger/pipe"));
+      cs.push_back(config<S2FwdWgmmaStaggerTraits<bf16, D>, S2BwdWgmmaPipeRowsTraits<bf16, D>>("stagger/pipe+rows"));
       return cs;
     }
   }
@@ -154,6 +157,10 @@ std::vector<Config> configs(const Opts& o) {
   if (o.fwd_pipe) {
     c.fwd = fwd_with<kn::S2FwdWgmmaPipeTraits<bf16, D>>();
     fname = "pipe";
+  }
+  if (o.fwd_stagger) {
+    c.fwd = fwd_with<kn::S2FwdWgmmaStaggerTraits<bf16, D>>();
+    fname = "stagger";
   }
   if (o.bwd_2d) {
     c.bwd = bwd_with<kn::S2Bwd2DTraits<bf16, D>>();
@@ -185,16 +192,19 @@ int run(const Opts& o) {
     throw std::runtime_error("bad shape: S2 needs L % G == 0 with G = L * ratio even, and H even");
 
   // The flags first, then the device: a bad combination is reported as such anywhere.
-  const bool second_flags = o.fwd_wgmma || o.fwd_pipe || o.bwd_wgmma || o.bwd_pipe || o.bwd_2d || o.bwd_bulk;
+  const bool second_flags =
+      o.fwd_wgmma || o.fwd_pipe || o.fwd_stagger || o.bwd_wgmma || o.bwd_pipe || o.bwd_2d || o.bwd_bulk;
   if (o.all_wgmma && second_flags) throw std::runtime_error("--all-wgmma runs every wgmma configuration: no other kernel flag");
   if (o.bwd_wgmma + o.bwd_pipe + o.bwd_2d > 1) throw std::runtime_error("--bwd-wgmma, --bwd-pipe, --bwd-2d: one backward at a time");
-  if (o.fwd_wgmma && o.fwd_pipe) throw std::runtime_error("--fwd-wgmma and --fwd-pipe: one forward at a time");
+  if (o.fwd_wgmma + o.fwd_pipe + o.fwd_stagger > 1)
+    throw std::runtime_error("--fwd-wgmma, --fwd-pipe, --fwd-stagger: one forward at a time");
   if ((o.bwd_wgmma || o.bwd_pipe || o.all_wgmma) && D != 128)
     throw std::runtime_error("--bwd-wgmma, --bwd-pipe, --all-wgmma: head dim 128 only");
   if (o.bwd_bulk && !o.bwd_wgmma && !o.bwd_pipe) throw std::runtime_error("--bwd-bulk goes with --bwd-wgmma or --bwd-pipe");
   cudaDeviceProp prop;
   check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
-  if ((o.fwd_wgmma || o.fwd_pipe || o.bwd_wgmma || o.bwd_pipe || o.all_wgmma) && (prop.major != 9 || prop.minor != 0))
+  if ((o.fwd_wgmma || o.fwd_pipe || o.fwd_stagger || o.bwd_wgmma || o.bwd_pipe || o.all_wgmma) &&
+      (prop.major != 9 || prop.minor != 0))
     throw std::runtime_error("--fwd-wgmma, --fwd-pipe, --bwd-wgmma, --bwd-pipe and --all-wgmma need an sm_90 GPU (and a build with 9.0a)");
   const std::vector<Config> cs = configs<D>(o);
   const int nc = static_cast<int>(cs.size());
@@ -315,6 +325,9 @@ int main(int argc, char** argv) {
   app.add_flag("--fwd-pipe", o.fwd_pipe,
                "second configuration's forward: the wgmma kernel pipelined within each warpgroup "
                "(s2_fwd_wgmma_kernel.cuh, kPipelined)");
+  app.add_flag("--fwd-stagger", o.fwd_stagger,
+               "second configuration's forward: the wgmma kernel whose warpgroups take turns at the "
+               "tensor cores (s2_fwd_wgmma_kernel.cuh, kStagger)");
   app.add_flag("--bwd-wgmma", o.bwd_wgmma,
                "second configuration's backward: the wgmma kernel (s2_bwd_wgmma_kernel.cuh)");
   app.add_flag("--bwd-pipe", o.bwd_pipe,
@@ -325,7 +338,7 @@ int main(int argc, char** argv) {
                "(cp.reduce.async.bulk, kBulkDq) instead of atomics");
   app.add_flag("--all-wgmma", o.all_wgmma,
                "instead of one second configuration, every wgmma one (default, pipelined, bulk dQ, "
-               "both) against the mma.sync baseline, in one run on the same inputs");
+               "staggered forward) against the mma.sync baseline, in one run on the same inputs");
   app.add_flag("--bwd-2d", o.bwd_2d,
                "second configuration's backward: the 2-D-tiled kernel (s2_bwd2d_kernel.cuh), "
                "not the alternative tiles'");
