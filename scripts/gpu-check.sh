@@ -5,7 +5,7 @@
 # printed last. Stages are skipped once DEADLINE seconds (default 400) would be
 # passed, so a slow stage cannot eat the others' time.
 #   STAGES="build kernel attn train checks suite" scripts/gpu-check.sh   (also: sft)
-#   KERNEL_VARIANTS="pipe bulkdq" limits the kernel switches tested again (default: all seven)
+#   KERNEL_VARIANTS="pipe bulkdq" limits the kernel switches tested again (default: all nine)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-out}"
@@ -50,7 +50,7 @@ if want kernel; then
     variant() {
       local name=$1 label=$2
       shift 2
-      [[ " ${KERNEL_VARIANTS:-alt 2d mma nopipe pipe bulkdq bulknopipe} " == *" $name "* ]] && [ "$(left)" -gt 60 ] || return 0
+      [[ " ${KERNEL_VARIANTS:-alt 2d mma nopipe pipe bulkdq bulknopipe nostagger norows} " == *" $name "* ]] && [ "$(left)" -gt 60 ] || return 0
       env "$@" timeout 100 ctest --test-dir "$B" -R 'S2Kernel' -j8 --output-on-failure \
         >"$OUT/kernel_$name.log" 2>&1
       note "kernel tests, $label: $(grep -E 'tests passed|tests failed' "$OUT/kernel_$name.log")"
@@ -71,6 +71,10 @@ if want kernel; then
     variant pipe "pipelined wgmma forward" LONGLORA_S2_FWD_PIPE=1
     variant bulkdq "pipelined wgmma backward with bulk dQ" LONGLORA_S2_BWD_BULKDQ=1
     variant bulknopipe "unpipelined wgmma backward with bulk dQ" LONGLORA_S2_BWD_PIPE=0 LONGLORA_S2_BWD_BULKDQ=1
+    # The defaults' predecessors: the wgmma forward without the warpgroups' turns, the
+    # pipelined backward with dQ's atomics straight from the accumulators.
+    variant nostagger "unstaggered wgmma forward" LONGLORA_S2_FWD_STAGGER=0
+    variant norows "pipelined wgmma backward, dQ atomics from the accumulators" LONGLORA_S2_BWD_DQROWS=0
   fi
   # The torch-free kernel bench: default and alternative tiles must agree (GQA, roll).
   for D in 64 128; do
@@ -91,8 +95,10 @@ fi
 # One attention run per line: seq_len mode [VAR=value ...] (environment for the run).
 ATTN_RUNS="${ATTN_RUNS:-8192 segments
 32768 segments
+100000 segments
 102400 segments
 32768 roll
+32768 segments LONGLORA_S2_FWD_STAGGER=0 LONGLORA_S2_BWD_DQROWS=0
 32768 segments LONGLORA_S2_BWD_PIPE=0
 32768 segments LONGLORA_S2_FWD_PIPE=1
 32768 segments LONGLORA_S2_BWD_BULKDQ=1
