@@ -12,7 +12,8 @@ namespace longlora::attention::kernel {
 // wgmma kernel pipelined within each warpgroup, adding dQ a row segment at a time
 // (s2_bwd_wgmma_kernel.cuh, kPipelined and kDqRows: 12.7-13.0 ms against 14.0 ms with the
 // plain atomics and 22.3 ms for the 2-D-tiled mma.sync kernel at L = 32768 on the H200;
-// docs/benchmarks.md). LONGLORA_S2_BWD_DQROWS=0 keeps the plain atomics,
+// docs/benchmarks.md). LONGLORA_S2_BWD_DQROWS=0 keeps the plain atomics (as do the
+// unpipelined and the bulk-dQ kernels, which have no row dQ),
 // LONGLORA_S2_BWD_PIPE=0 picks the unpipelined wgmma kernel, LONGLORA_S2_BWD_MMA=1 the
 // mma.sync kernels. Otherwise the mma.sync default (s2_traits.cuh: 2-D-tiled at
 // D = 128, one-dimensional at 64); LONGLORA_S2_BWD_2D=1 forces the 2-D tiling,

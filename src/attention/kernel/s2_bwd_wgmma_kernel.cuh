@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_bwd_wgmma_kernel(const
   const int k0 = n_block * BN;
   const int warp = threadIdx.x / 32;
   const int wg = warp / 4;  // warpgroup: keys 64 wg .. of the CTA; dQ dims 64 wg ..
-  float* sDq = sDelta0 + 2 * BM + wg * BM * Traits::kDqLd;  // kBulkDq: this warpgroup's dQ rows
+  float* sDq = sDelta0 + 2 * BM + wg * BM * Traits::kDqLd;  // kBulkDq, kDqRows: this warpgroup's dQ rows
   const int g = lane_g(), t = lane_t();
   const int ratio = p.H / p.Hkv;
   const float scale_log2 = p.softmax_scale * kS2Log2e;
@@ -107,20 +107,23 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_bwd_wgmma_kernel(const
   if (m_block >= 0) steps.load(hq, m_block, 0);
   // A step's copies are waited for and fenced by each thread before the barrier at the
   // top of the step: here for the first, at the end of the previous step for the others,
-  // before that step's dQ atomics (ncu showed the fence waiting behind them; moving it
-  // changed no timing measurably, but it waits for nothing it need not).
+  // before that step's dQ atomics or stores (ncu showed the fence waiting behind the
+  // atomics; moving it changed no timing measurably, but it waits for nothing it need not).
   cp_async_wait<0>();
   fence_proxy_async();
 
   // kDqRows: the rows of dQ waiting in this warp's part of sDq, added back two rows per
   // instruction, 4 floats a lane, so that each atomic instruction covers four whole
-  // 128-byte lines: where they go (this lane's rows: dst + 2 i D), how many of them lie
-  // before the end of the sequence, and whether any wait.
+  // 128-byte lines: where they go (this lane's rows: dst + 2 i D), how many rows of the
+  // sequence are left from this lane's first (L - r0), whether the step's query tile lies
+  // wholly inside the sequence (the same for every lane: no divergence before the next
+  // wgmma wait), and whether any wait.
   struct DqRows {
     float* dst;
     int left;
+    bool whole;
     bool pending;
-  } dq_rows{nullptr, 0, false};
+  } dq_rows{nullptr, 0, false, false};
   const int lane = threadIdx.x % 32;
   float* const sDqW = sDq + (warp % 4) * 16 * Traits::kDqLd;
   auto flush_dq = [&] {
@@ -132,7 +135,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_bwd_wgmma_kernel(const
 #pragma unroll
     for (int i = 0; i < 8; ++i)
       v[i] = *reinterpret_cast<const float4*>(sDqW + (lane / 16 + 2 * i) * Traits::kDqLd + (lane % 16) * 4);
-    if (dq_rows.left >= 16) {  // a whole tile (all but a ragged last one): no branches
+    if (dq_rows.whole) {  // all but a ragged last tile: no branches
 #pragma unroll
       for (int i = 0; i < 8; ++i) s2_atomic_add4(dq_rows.dst + 2 * i * D, v[i]);
     } else {
@@ -338,7 +341,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) s2_bwd_wgmma_kernel(const
           *reinterpret_cast<float2*>(sDqW + (g + 8 * rr) * Traits::kDqLd + 8 * j + 2 * t) =
               make_float2(dq[4 * j + 2 * rr], dq[4 * j + 2 * rr + 1]);
       const int r0 = q0 + 16 * (warp % 4) + lane / 16;
-      dq_rows = {dq_acc + static_cast<int64_t>(r0) * D + 64 * wg + (lane % 16) * 4, p.L - r0, true};
+      dq_rows = {dq_acc + static_cast<int64_t>(r0) * D + 64 * wg + (lane % 16) * 4, p.L - r0, q0 + BM <= p.L, true};
     } else {
       // One base address; the other 15 atomics at constant offsets from it (per-row
       // addresses overwrote registers earlier atomics still had to read).

@@ -19,7 +19,10 @@
 //     latest the hardware may read its operands, so writes to them in between show.
 //   - cp.reduce.async.bulk (dQ's bulk adds) runs at the cp.async.bulk.wait_group that
 //     retires its group, and throws if its shared-memory source changed after the issue.
-//   - bar.sync with an id (a named barrier over n threads) as __syncthreads over n.
+//   - bar.sync with an id (a named barrier over n threads) as __syncthreads over n;
+//     bar.arrive counts a thread there without waiting; __syncwarp waits for the warp.
+//     Neither carries data here: a missing arrive deadlocks (and throws), a missing
+//     sync shows only where it orders shared-memory writes the scheduler reorders.
 //   - cp.async copies at once; commit and wait are no-ops. A kernel that overwrites a
 //     stage still being read is therefore caught here as often as on the GPU, or more.
 //   - Shared memory is filled with 0xff bytes (NaN in bf16/fp16/fp32) before each CTA,

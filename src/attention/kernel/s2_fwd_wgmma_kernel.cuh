@@ -10,7 +10,8 @@
 //     operand's layout) and V from shared memory, transposed by the descriptor;
 //   - Q, K and V live in the 128-byte-swizzled layout wgmma reads without bank
 //     conflicts; K and V are double-buffered: the copies of tile n + 1 run while tile n
-//     is computed, with one barrier per tile.
+//     is computed, with one barrier per tile (and, staggered, a named one between the
+//     warpgroups).
 // Pipelined (Traits::kPipelined: S2FwdWgmmaPipeTraits, LONGLORA_S2_FWD_PIPE=1; an
 // experiment, 3-5% slower on the H100, so off by default): each warpgroup's tensor cores compute P V of the
 // previous tile while it does this tile's softmax, instead of idling through it; V then

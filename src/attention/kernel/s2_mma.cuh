@@ -85,6 +85,7 @@ __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t 
 #endif
 
 __device__ __forceinline__ int lane_g() { return (threadIdx.x & 31) >> 2; }
+__device__ __forceinline__ int lane_t() { return threadIdx.x & 3; }
 
 // 2^x by the special-function unit alone (ex2.approx.ftz): exp2f adds a compare and two
 // multiplies around it per element to keep results below 2^-126, which the kernels'
@@ -98,7 +99,6 @@ __device__ __forceinline__ float s2_exp2(float x) {
   return exp2f(x);
 #endif
 }
-__device__ __forceinline__ int lane_t() { return threadIdx.x & 3; }
 
 // Fragment loads use ldmatrix: one instruction moves two or four 8x8 blocks of 16-bit
 // elements from shared memory into exactly the mma fragment layout (lane l supplies

@@ -12,7 +12,8 @@
 //   dout       (B, H,   L, D)  backward input
 //   dq         (B, H,   L, D)  backward output (=)
 //   dk, dv     (B, Hkv, L, D)  backward outputs (=)
-//   dq_accum   (B, H,   L, D)  fp32, contiguous, must be ZEROED by the caller (+= atomics)
+//   dq_accum   (B, H,   L, D)  fp32, contiguous, 16-byte aligned (16-byte atomics), must be
+//                               ZEROED by the caller (+= atomics)
 //   delta      (B, H,   L)     fp32, contiguous scratch: rowsum(dout * o) (=)
 //
 // Row/batch/head strides must be multiples of 8 elements and the base pointers

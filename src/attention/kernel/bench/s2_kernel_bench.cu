@@ -205,7 +205,7 @@ int run(const Opts& o) {
   check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
   if ((o.fwd_wgmma || o.fwd_pipe || o.fwd_stagger || o.bwd_wgmma || o.bwd_pipe || o.all_wgmma) &&
       (prop.major != 9 || prop.minor != 0))
-    throw std::runtime_error("--fwd-wgmma, --fwd-pipe, --bwd-wgmma, --bwd-pipe and --all-wgmma need an sm_90 GPU (and a build with 9.0a)");
+    throw std::runtime_error("--fwd-wgmma, --fwd-pipe, --fwd-stagger, --bwd-wgmma, --bwd-pipe and --all-wgmma need an sm_90 GPU (and a build with 9.0a)");
   const std::vector<Config> cs = configs<D>(o);
   const int nc = static_cast<int>(cs.size());
 
@@ -337,8 +337,9 @@ int main(int argc, char** argv) {
                "with --bwd-wgmma or --bwd-pipe: dQ added to its fp32 accumulator by bulk copies "
                "(cp.reduce.async.bulk, kBulkDq) instead of atomics");
   app.add_flag("--all-wgmma", o.all_wgmma,
-               "instead of one second configuration, every wgmma one (default, pipelined, bulk dQ, "
-               "staggered forward) against the mma.sync baseline, in one run on the same inputs");
+               "instead of one second configuration, every wgmma one (unpipelined, pipelined, bulk dQ, "
+               "staggered forward, and the dispatch's default: stagger/pipe+rows) against the mma.sync baseline, "
+               "in one run on the same inputs");
   app.add_flag("--bwd-2d", o.bwd_2d,
                "second configuration's backward: the 2-D-tiled kernel (s2_bwd2d_kernel.cuh), "
                "not the alternative tiles'");
